@@ -1,0 +1,88 @@
+"""Exact k nearest neighbours and the top-k merge used to combine per-shard results.
+
+Distances are always "smaller is better": inner-product scores are negated, so results from
+any metric merge the same way. Ids are int64 positions chosen by the caller (global row
+positions in vecpress), -1 for "no result".
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kernels._faiss import faiss, num_gpus
+
+METRICS = ("l2", "ip", "cosine")
+
+
+def faiss_metric(metric: str) -> int:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
+def prepare_vectors(x: np.ndarray, metric: str) -> np.ndarray:
+    """float32, C-contiguous, and unit-normalised for cosine (cosine = normalise, then IP)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if metric == "cosine":
+        x = x.copy()
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        np.divide(x, norms, out=x, where=norms > 0)
+    return x
+
+
+def as_distances(D: np.ndarray, metric: str) -> np.ndarray:
+    """faiss scores -> smaller-is-better distances."""
+    return D if metric == "l2" else -D
+
+
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int = 0):
+    """Brute-force k-NN of prepared queries over prepared base vectors.
+
+    Returns (D, I) with D smaller-is-better and I indexes into xb (-1 where xb has < k rows).
+    """
+    k_eff = min(k, xb.shape[0])
+    mt = faiss_metric(metric)
+    if k_eff == 0:
+        return np.full((xq.shape[0], k), np.inf, np.float32), np.full((xq.shape[0], k), -1, np.int64)
+    if num_gpus(ngpu) > 0:
+        res = faiss.StandardGpuResources()
+        D, I = faiss.knn_gpu(res, xq, xb, k_eff, metric=mt)
+    else:
+        D, I = faiss.knn(xq, xb, k_eff, metric=mt)
+    D = as_distances(D, metric).astype(np.float32)
+    if k_eff < k:
+        pad = k - k_eff
+        D = np.hstack([D, np.full((D.shape[0], pad), np.inf, np.float32)])
+        I = np.hstack([I, np.full((I.shape[0], pad), -1, np.int64)])
+    return D, I
+
+
+class TopK:
+    """Running k smallest distances per query, merged from any number of partial results.
+
+    `exclude[q]` is an id never kept for query q (the query's own row, when queries are held
+    out from the corpus itself), so a query does not count itself as its own neighbour.
+    """
+
+    def __init__(self, num_queries: int, k: int, exclude: np.ndarray | None = None):
+        self.k = k
+        self.D = np.full((num_queries, k), np.inf, np.float32)
+        self.I = np.full((num_queries, k), -1, np.int64)
+        self.exclude = None if exclude is None else np.asarray(exclude, np.int64).reshape(-1, 1)
+
+    def add(self, D: np.ndarray, I: np.ndarray) -> None:
+        D = np.asarray(D, np.float32)
+        I = np.asarray(I, np.int64)
+        if self.exclude is not None:
+            D = np.where(I == self.exclude, np.inf, D)
+        D = np.where(I < 0, np.inf, D)
+        allD = np.hstack([self.D, D])
+        allI = np.hstack([self.I, I])
+        # stable sort keeps earlier (lower-position) results first among equal distances
+        order = np.argsort(allD, axis=1, kind="stable")[:, : self.k]
+        self.D = np.take_along_axis(allD, order, axis=1)
+        self.I = np.take_along_axis(allI, order, axis=1)
+        self.I[~np.isfinite(self.D)] = -1
+
+    def result(self):
+        return self.D, self.I

@@ -1,0 +1,29 @@
+"""Quality measures for compressed vectors."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def knn_recall(I_true: np.ndarray, I_found: np.ndarray, k: int) -> float:
+    """k-recall@k: the share of the true k nearest neighbours found among the k returned,
+    averaged over queries. Ids < 0 (missing results) never match."""
+    if I_true.shape[0] == 0:
+        raise ValueError("knn_recall needs at least one query")
+    t = I_true[:, :k]
+    f = I_found[:, :k]
+    hits = 0
+    denom = 0
+    for row_t, row_f in zip(t, f):
+        row_t = row_t[row_t >= 0]
+        denom += len(row_t)
+        hits += np.intersect1d(row_t, row_f[row_f >= 0], assume_unique=False).size
+    return float(hits / denom) if denom else 0.0
+
+
+def relative_error(x: np.ndarray, x_rec: np.ndarray) -> float:
+    """sum ||x - decode(encode(x))||^2 / sum ||x||^2 over the sample (faiss's convention)."""
+    x = np.asarray(x, np.float64)
+    num = float(((x - np.asarray(x_rec, np.float64)) ** 2).sum())
+    den = float((x**2).sum())
+    return num / den if den > 0 else 0.0

@@ -1,0 +1,93 @@
+"""Stage functions as Ray tasks.
+
+Connects to `address` (or RAY_ADDRESS) when given, else starts a local Ray with the dashboard
+off; reuses an already-initialised Ray and only shuts down what it started. Large shared
+inputs go to the object store once. Task results are small (fragment metadata, per-shard
+top-k), never shard data.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pipeline.executor import Progress
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import ray  # noqa: E402
+
+
+@ray.remote(max_retries=2, retry_exceptions=False)
+def _call(fn, item, shared):
+    return fn(item, **shared)
+
+
+class RayExecutor:
+    """`map` runs one Ray task per item with `num_cpus` each (faiss then uses as many threads)."""
+
+    def __init__(self, address: str | None = None, *, num_cpus_per_task: float = 1,
+                 max_in_flight: int | None = None, init_kwargs: dict | None = None):
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.num_cpus_per_task = num_cpus_per_task
+        self.max_in_flight = max_in_flight
+        self.init_kwargs = init_kwargs or {}
+        self._started = False
+
+    def start(self) -> "RayExecutor":
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+            kwargs.update(self.init_kwargs)
+            if self.address:
+                ray.init(address=self.address, **kwargs)
+            else:
+                ray.init(**kwargs)
+            self._started = True
+        return self
+
+    def shutdown(self) -> None:
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+        self._started = False
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+    def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
+        self.start()
+        items = list(items)
+        shared_ref = ray.put(shared or {})
+        task = _call.options(num_cpus=self.num_cpus_per_task)
+        limit = self.max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) * 2))
+        progress = Progress(desc, len(items))
+        results: list = [None] * len(items)
+        pending: dict = {}
+        next_item = 0
+        try:
+            while next_item < len(items) or pending:
+                while next_item < len(items) and len(pending) < limit:
+                    pending[task.remote(fn, items[next_item], shared_ref)] = next_item
+                    next_item += 1
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    results[pending.pop(ref)] = _unwrap(ref)
+                    progress.step()
+        except BaseException:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            raise
+        return results
+
+
+def _unwrap(ref):
+    """ray.get, re-raising a task's own exception (e.g. SourceError) instead of RayTaskError."""
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BaseException):
+            raise cause from None
+        raise

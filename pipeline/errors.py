@@ -1,0 +1,24 @@
+"""Typed errors. Each message names the file(s), column, row count and reason."""
+
+from __future__ import annotations
+
+
+class VecpressError(Exception):
+    """Base class: an error the user can act on (bad input, conflicting output, bad spec)."""
+
+
+class SourceError(VecpressError):
+    """Input Parquet that cannot be compressed as asked: missing/unreadable files, wrong
+    schema, bad vectors. Raised before anything is committed."""
+
+
+class OutputConflictError(VecpressError):
+    """The output table exists and is incompatible with this run (another schema)."""
+
+
+class ConfigError(VecpressError):
+    """Invalid options: unknown metric, impossible codec, bad table name."""
+
+
+class SourceChangedError(VecpressError):
+    """The source files differ from the ones a dataset was built from (re-rank needs them)."""

@@ -1,0 +1,385 @@
+"""The compress job as six stage functions -- plan, sample, train, encode, commit, evaluate --
+and `run_compress`, which runs them in order without Prefect. The Prefect flow in `flows/`
+calls the same functions as tasks. Stage results are small: URIs, manifests, fragment
+metadata; arrays travel through files under the run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import io
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.codec import Codec, CodecSpecError, check_codec_spec
+from kernels.knn import METRICS, TopK, prepare_vectors
+from kernels.metrics import knn_recall, relative_error
+from pipeline import __version__, storage
+from pipeline.codec_store import CodecRef, load_codec, save_codec
+from pipeline.errors import ConfigError, VecpressError
+from pipeline.executor import Executor, LocalExecutor
+from pipeline.lance_io import (
+    check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri,
+)
+from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
+from pipeline.source import SourcePlan, SourceSpec, plan_sources
+from pipeline.stages import CodeSearch, Columns, EncodeJob, encode_shard, sample_rows, search_fragment
+
+log = logging.getLogger("vecpress")
+
+RECALL_KS = (1, 10, 100)
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Knobs of one compress run. Each trades something; defaults suit 10^5..10^9 vectors."""
+
+    #: faiss factory string (PQ32, PQ32x4, OPQ32,PQ32, RQ8x8, SQ8, SQfp16...); None = PQm with
+    #: m = dim/4 capped at 64 (m bytes per vector)
+    codec: str | None = None
+    #: l2, ip, or cosine (= normalise, then inner product)
+    metric: str = "l2"
+    #: training-sample size: more trains better codebooks, slower and with more memory
+    num_train: int = 100_000
+    #: held-out queries for evaluation, disjoint from the training sample (capped at 10% of rows)
+    num_queries: int = 1_000
+    #: seeds sampling and training: same inputs and seed give identical codes
+    seed: int = 0
+    #: neighbours computed exactly per query (recall@k is reported for k in 1, 10, 100 up to it)
+    eval_k: int = 100
+    #: rows per record batch in workers: bounds worker memory (batch_size x dim x 4 bytes)
+    batch_size: int = 65_536
+    #: rows per shard (whole row groups): the unit of parallelism and of retry
+    shard_rows: int = 500_000
+    #: GPUs for training (-1 = all faiss sees; 0 = CPU)
+    ngpu: int = -1
+    #: allow a run to replace an existing table that has another schema
+    allow_schema_change: bool = False
+
+    def __post_init__(self):
+        if self.metric not in METRICS:
+            raise ConfigError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
+        for name in ("num_train", "num_queries", "eval_k", "batch_size", "shard_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+def default_codec(dim: int) -> str:
+    m = max(d for d in range(1, min(64, dim) + 1) if dim % d == 0 and (dim // d >= 4 or d == 1))
+    return f"PQ{m}"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    out: str
+    table: str
+    run_id: str
+
+    @classmethod
+    def new(cls, out: str, table: str, run_id: str | None = None) -> "RunContext":
+        return cls(storage.normalize(out), table, run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
+                   + uuid.uuid4().hex[:8])
+
+    @property
+    def table_uri(self) -> str:
+        return table_uri(self.out, self.table)
+
+    @property
+    def sidecar(self) -> str:
+        return sidecar_uri(self.out, self.table)
+
+    def run_file(self, name: str) -> str:
+        return storage.join(self.sidecar, "runs", self.run_id, name)
+
+
+def relative_to_out(ctx: RunContext, uri: str) -> str:
+    return uri[len(ctx.out) + 1:] if uri.startswith(ctx.out + "/") else uri
+
+
+def save_array(uri: str, a: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def load_array(uri: str) -> np.ndarray:
+    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+
+
+# ---- plan -----------------------------------------------------------------------------------
+
+@dataclass
+class Planned:
+    plan: SourcePlan
+    codec_spec: str
+    code_size: int
+    num_train: int
+    num_queries: int
+    read_version: int | None
+    seconds: float = 0.0
+
+
+def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
+    """Validate every source file and the codec, fix the shard plan, check the output."""
+    start = time.perf_counter()
+    plan = plan_sources(source, shard_rows=opts.shard_rows)
+    if plan.num_rows < 3:
+        raise VecpressError(f"only {plan.num_rows} rows in the input: nothing to compress")
+    num_queries = min(opts.num_queries, max(1, plan.num_rows // 10))
+    num_train = min(opts.num_train, plan.num_rows - num_queries)
+    if num_queries < opts.num_queries:
+        log.warning("only %d rows: holding out %d queries instead of %d", plan.num_rows, num_queries, opts.num_queries)
+    spec = opts.codec or default_codec(plan.dim)
+    try:
+        code_size = check_codec_spec(spec, plan.dim, opts.metric, num_train)
+    except CodecSpecError as exc:
+        raise ConfigError(str(exc)) from None
+    out_fields = plan.output_fields
+    schema = codes_schema(out_fields.field(0), code_size, list(out_fields)[1:])
+    read_version = check_compatible(ctx.out, ctx.table, schema, allow_schema_change=opts.allow_schema_change)
+    storage.write_bytes(ctx.run_file("plan.json"), json.dumps(plan.to_dict(), indent=1).encode())
+    log.info("plan: %d rows in %d files, %d shards, dim %d (%s); codec %s = %d bytes/vector",
+             plan.num_rows, len(plan.files), len(plan.shards), plan.dim, plan.vector_type, spec, code_size)
+    return Planned(plan, spec, code_size, num_train, num_queries, read_version, time.perf_counter() - start)
+
+
+# ---- sample ---------------------------------------------------------------------------------
+
+@dataclass
+class Sampled:
+    train_uri: str
+    queries_uri: str
+    query_positions_uri: str
+    query_ids: list
+    num_train: int
+    num_queries: int
+    seconds: float = 0.0
+
+
+def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int):
+    """Uniform, seeded, disjoint (train, query) global row positions, each sorted."""
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(num_rows, size=num_train + num_queries, replace=False)
+    return np.sort(picked[num_queries:]).astype(np.int64), np.sort(picked[:num_queries]).astype(np.int64)
+
+
+def sample_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Executor) -> Sampled:
+    """Read the training sample and held-out queries, uniformly across the whole corpus."""
+    start = time.perf_counter()
+    plan = planned.plan
+    train_pos, query_pos = choose_positions(plan.num_rows, planned.num_train, planned.num_queries, opts.seed)
+    positions = np.union1d(train_pos, query_pos)
+    items = [(shard, local) for shard, _, local in plan.locate(positions)]
+    parts = executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan)})
+    x = np.concatenate([p[0] for p in parts])
+    ids = [i for p in parts for i in p[1]]
+    is_query = np.isin(positions, query_pos)
+    sampled = Sampled(
+        train_uri=save_array(ctx.run_file("train.npy"), x[~is_query]),
+        queries_uri=save_array(ctx.run_file("queries.npy"), x[is_query]),
+        query_positions_uri=save_array(ctx.run_file("query_positions.npy"), positions[is_query]),
+        query_ids=[ids[i] for i in np.nonzero(is_query)[0]],
+        num_train=int((~is_query).sum()), num_queries=int(is_query.sum()),
+    )
+    sampled.seconds = time.perf_counter() - start
+    log.info("sample: %d training vectors, %d held-out queries (seed %d)", sampled.num_train,
+             sampled.num_queries, opts.seed)
+    return sampled
+
+
+# ---- train ----------------------------------------------------------------------------------
+
+@dataclass
+class Trained:
+    codec: CodecRef
+    seconds: float = 0.0
+
+
+def train_run(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOptions) -> Trained:
+    """Train the codec on the sample and store it content-addressed."""
+    start = time.perf_counter()
+    xt = load_array(sampled.train_uri)
+    codec = Codec.train(xt, planned.codec_spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu)
+    ref = save_codec(codec, ctx.sidecar)
+    log.info("train: %s on %d vectors in %.1fs -> %s", ref.spec, xt.shape[0], time.perf_counter() - start, ref.uri)
+    return Trained(ref, time.perf_counter() - start)
+
+
+# ---- encode ---------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    fragments: list[dict]
+    num_rows: int
+    ground_truth_uri: str
+    seconds: float = 0.0
+
+
+def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
+               executor: Executor) -> Encoded:
+    """Encode every shard into uncommitted Lance fragments; exact neighbours of the held-out
+    queries come from the same pass over the source."""
+    start = time.perf_counter()
+    plan = planned.plan
+    job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
+                    batch_size=opts.batch_size, eval_k=opts.eval_k)
+    qpos = load_array(sampled.query_positions_uri)
+    results = executor.map(encode_shard, plan.shards, desc="encode",
+                           shared={"job": job, "queries": load_array(sampled.queries_uri), "query_positions": qpos})
+    truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
+    for r in results:
+        truth.add(r.knn_D, r.knn_I)
+    gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth.I)
+    fragments = [f for r in sorted(results, key=lambda r: r.shard_index) for f in r.fragments]
+    num_rows = sum(r.num_rows for r in results)
+    seconds = time.perf_counter() - start
+    log.info("encode: %d rows in %d fragments, %.1fs (%.0f rows/s)", num_rows, len(fragments), seconds,
+             num_rows / max(seconds, 1e-9))
+    return Encoded(fragments, num_rows, gt_uri, seconds)
+
+
+# ---- commit ---------------------------------------------------------------------------------
+
+@dataclass
+class Committed:
+    version: int
+    manifest: dict
+    seconds: float = 0.0
+
+
+def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, encoded: Encoded,
+                   opts: CompressOptions, stage_seconds: dict) -> dict:
+    plan = planned.plan
+    return {
+        "format": 1,
+        "vecpress_version": __version__,
+        "run_id": ctx.run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "table": ctx.table,
+        "num_rows": encoded.num_rows,
+        "dim": plan.dim,
+        "metric": opts.metric,
+        "codec": {**trained.codec.to_dict(), "uri": relative_to_out(ctx, trained.codec.uri)},
+        "source": {
+            "uris": sorted({f.uri for f in plan.files}) if len(plan.files) <= 20 else None,
+            "num_files": len(plan.files),
+            "vector_column": plan.vector_column, "id_column": plan.id_column, "keep": plan.keep,
+            "vector_type": plan.vector_type, "bytes_per_vector": plan.source_bytes_per_vector,
+            "plan_uri": relative_to_out(ctx, ctx.run_file("plan.json")),
+        },
+        "sample": {
+            "seed": opts.seed, "num_train": sampled.num_train, "num_queries": sampled.num_queries,
+            "queries_uri": relative_to_out(ctx, sampled.queries_uri),
+            "query_positions_uri": relative_to_out(ctx, sampled.query_positions_uri),
+            "ground_truth_uri": relative_to_out(ctx, encoded.ground_truth_uri),
+        },
+        "code_bytes": trained.codec.code_size,
+        "source_bytes": plan.source_bytes_per_vector,
+        "options": dataclasses.asdict(opts),
+        "stage_seconds": stage_seconds,
+    }
+
+
+def commit_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, encoded: Encoded,
+               opts: CompressOptions, stage_seconds: dict) -> Committed:
+    """One atomic Lance commit: the new version appears whole or not at all, once per run id."""
+    start = time.perf_counter()
+    manifest = build_manifest(ctx, planned, sampled, trained, encoded, opts, stage_seconds)
+    out_fields = planned.plan.output_fields
+    schema = codes_schema(out_fields.field(0), trained.codec.code_size, list(out_fields)[1:],
+                          metadata={MANIFEST_METADATA_KEY: json.dumps(manifest).encode()})
+    version = commit_overwrite(ctx.out, ctx.table, schema, encoded.fragments, run_id=ctx.run_id,
+                               read_version=planned.read_version)
+    manifest["version"] = version
+    storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
+    log.info("commit: %s version %d (%d rows)", ctx.table_uri, version, encoded.num_rows)
+    return Committed(version, manifest, time.perf_counter() - start)
+
+
+# ---- evaluate -------------------------------------------------------------------------------
+
+def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None) -> dict:
+    """Recall of ADC search over the version's stored codes against the exact neighbours
+    recorded for its held-out queries, and the codec's relative reconstruction error."""
+    ds = require_dataset(out, table, version)
+    manifest = json.loads(ds.schema.metadata[MANIFEST_METADATA_KEY])
+    base = storage.normalize(out)
+    codec_ref = CodecRef(**{**manifest["codec"], "uri": storage.join(base, manifest["codec"]["uri"])})
+    sample = manifest["sample"]
+    xq = load_array(storage.join(base, sample["queries_uri"]))
+    qpos = load_array(storage.join(base, sample["query_positions_uri"]))
+    truth = load_array(storage.join(base, sample["ground_truth_uri"]))
+    k = min(k or truth.shape[1], truth.shape[1])
+    job = CodeSearch(table_uri=ds.uri, version=version, codec=codec_ref, k=k)
+    items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
+    found = TopK(len(qpos), k, exclude=qpos)
+    for D, I in executor.map(search_fragment, items, desc="evaluate",
+                             shared={"job": job, "queries": xq, "query_positions": qpos}):
+        found.add(D, I)
+    num_rows = ds.count_rows()
+    recalls = {}
+    for kk in RECALL_KS:
+        usable = kk <= k and kk <= num_rows - 1
+        recalls[f"recall_at_{kk}"] = knn_recall(truth, found.I, kk) if usable else None
+    codec = load_codec(codec_ref)
+    xp = prepare_vectors(xq, codec.metric)
+    return {
+        "num_queries": int(len(qpos)), "k": int(k), "exclude_self": True, **recalls,
+        "relative_error": relative_error(xp, codec.decode(codec.encode(xp))),
+    }
+
+
+def evaluate_run(ctx: RunContext, committed: Committed, executor: Executor, stage_seconds: dict) -> dict:
+    """Evaluate the committed version and store the result beside it (JSON + LanceDB table)."""
+    from pipeline.report import store_eval
+
+    start = time.perf_counter()
+    ev = evaluate_version(ctx.out, ctx.table, committed.version, executor)
+    seconds = {**stage_seconds, "evaluate": round(time.perf_counter() - start, 3)}
+    ev = store_eval(ctx.out, ctx.table, committed.version, committed.manifest, ev, seconds)
+    log.info("evaluate: recall@1 %s recall@10 %s recall@100 %s relative error %.4f", *(
+        _fmt(ev.get(f"recall_at_{k}")) for k in RECALL_KS), ev["relative_error"])
+    return ev
+
+
+def _fmt(v):
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+# ---- all stages -----------------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    run_id: str
+    version: int
+    manifest: dict
+    eval: dict
+    stage_seconds: dict = field(default_factory=dict)
+
+
+def run_compress(source: SourceSpec, out: str, table: str, opts: CompressOptions = CompressOptions(), *,
+                 executor: Executor | None = None, run_id: str | None = None) -> RunResult:
+    """The whole job, in this process, without Prefect (the flow in `flows/` does the same)."""
+    executor = executor or LocalExecutor()
+    ctx = RunContext.new(out, table, run_id)
+    planned = plan_run(ctx, source, opts)
+    sampled = sample_run(ctx, planned, opts, executor)
+    trained = train_run(ctx, planned, sampled, opts)
+    encoded = encode_run(ctx, planned, sampled, trained, opts, executor)
+    times = stage_times(planned, sampled, trained, encoded)
+    committed = commit_run(ctx, planned, sampled, trained, encoded, opts, times)
+    times["commit"] = round(committed.seconds, 3)
+    ev = evaluate_run(ctx, committed, executor, times)
+    return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"])
+
+
+def stage_times(*results) -> dict:
+    names = ("plan", "sample", "train", "encode")
+    return {n: round(r.seconds, 3) for n, r in zip(names, results)}

@@ -1,0 +1,122 @@
+"""The output Lance dataset: locating it, checking compatibility, the one atomic commit, and
+reading a version's manifest back.
+
+Layout under OUT (a LanceDB database directory):
+    OUT/<table>.lance                 the compressed dataset (one version per run)
+    OUT/<table>_eval.lance            evaluation results, one row per version (LanceDB table)
+    OUT/_vecpress/<table>/codecs/     trained codecs, <sha256>.faiss
+    OUT/_vecpress/<table>/runs/<id>/  per-run manifest and samples
+    OUT/_vecpress/<table>/eval/       evaluation JSON per version
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import lance
+import pyarrow as pa
+from lance.fragment import FragmentMetadata
+
+from pipeline import storage
+from pipeline.errors import ConfigError, OutputConflictError, VecpressError
+from pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY, SIDECAR_DIR, same_columns
+
+log = logging.getLogger("vecpress")
+
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+
+
+def check_table_name(table: str) -> str:
+    if not _TABLE_NAME.match(table or "") or table.endswith("_eval"):
+        raise ConfigError(f"invalid table name {table!r}: use letters, digits, '_' and '-' "
+                          "(at most 128, not starting with '-', not ending in '_eval')")
+    return table
+
+
+def table_uri(out: str, table: str) -> str:
+    return storage.join(out, f"{check_table_name(table)}.lance")
+
+
+def sidecar_uri(out: str, table: str) -> str:
+    return storage.join(out, SIDECAR_DIR, check_table_name(table))
+
+
+def open_dataset(out: str, table: str, version: int | str | None = None) -> lance.LanceDataset | None:
+    """The table at `version` (default latest), or None when the table does not exist."""
+    uri = table_uri(out, table)
+    if not storage.exists(storage.join(uri, "_versions")):  # workers' uncommitted files don't count
+        return None
+    try:
+        return lance.dataset(uri, version=version)
+    except ValueError as exc:
+        if version is not None:
+            raise VecpressError(f"{uri}: no version {version!r}: {exc}") from exc
+        raise
+
+
+def require_dataset(out: str, table: str, version: int | str | None = None) -> lance.LanceDataset:
+    ds = open_dataset(out, table, version)
+    if ds is None:
+        raise VecpressError(f"no table {table!r} in {out} (expected {table_uri(out, table)})")
+    return ds
+
+
+def check_compatible(out: str, table: str, schema: pa.Schema, *, allow_schema_change: bool = False) -> int | None:
+    """The latest version of an existing table (None if there is none), or OutputConflictError
+    if it has another schema and `allow_schema_change` is off."""
+    ds = open_dataset(out, table)
+    if ds is None:
+        return None
+    if not same_columns(ds.schema, schema) and not allow_schema_change:
+        have = ", ".join(f"{f.name}: {f.type}" for f in ds.schema)
+        want = ", ".join(f"{f.name}: {f.type}" for f in schema)
+        raise OutputConflictError(
+            f"{table_uri(out, table)} exists with another schema ({ds.count_rows()} rows; has [{have}], "
+            f"this run writes [{want}]); choose another --table or pass --allow-schema-change")
+    return ds.version
+
+
+def committed_by(out: str, table: str, run_id: str) -> int | None:
+    """The version a run already committed (retries must not commit twice), else None."""
+    ds = open_dataset(out, table)
+    if ds is None:
+        return None
+    for v in sorted((v["version"] for v in ds.versions()), reverse=True)[:20]:
+        tx = ds.read_transaction(v)
+        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
+            return v
+    return None
+
+
+def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
+                     read_version: int | None) -> int:
+    """Make the written fragments the table's new version, atomically, once per run id."""
+    done = committed_by(out, table, run_id)
+    if done is not None:
+        log.info("run %s already committed version %d; not committing again", run_id, done)
+        return done
+    frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
+    tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
+                           transaction_properties={RUN_ID_PROPERTY: run_id})
+    ds = lance.LanceDataset.commit(table_uri(out, table), tx, read_version=read_version)
+    return ds.version
+
+
+def version_manifest(ds: lance.LanceDataset) -> dict:
+    """The vecpress manifest stored in a version's schema metadata."""
+    raw = (ds.schema.metadata or {}).get(MANIFEST_METADATA_KEY)
+    if raw is None:
+        raise VecpressError(f"{ds.uri} version {ds.version} was not written by vecpress (no manifest)")
+    return json.loads(raw)
+
+
+def fragment_offsets(ds: lance.LanceDataset) -> list[tuple[int, int, int]]:
+    """[(fragment id, global position of its first row, rows)] in dataset order."""
+    out, offset = [], 0
+    for frag in ds.get_fragments():
+        n = frag.count_rows()
+        out.append((frag.fragment_id, offset, n))
+        offset += n
+    return out

@@ -1,0 +1,123 @@
+"""What a version holds and how good it is: the evaluation sidecar (JSON per version and a
+LanceDB table `<table>_eval`), the `inspect` object and the human summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lancedb
+import pyarrow as pa
+
+from pipeline import storage
+from pipeline.lance_io import require_dataset, sidecar_uri, version_manifest
+from pipeline.schema import EVAL_TABLE_SUFFIX
+
+log = logging.getLogger("vecpress")
+
+
+def eval_uri(out: str, table: str, version: int) -> str:
+    return storage.join(sidecar_uri(out, table), "eval", f"version-{version}.json")
+
+
+def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, stage_seconds: dict) -> dict:
+    """Write the evaluation of `version` as JSON and as a row of the LanceDB eval table
+    (replacing an earlier row for the same version)."""
+    source_bytes, code_bytes = manifest["source_bytes"], manifest["code_bytes"]
+    ev = {
+        "table": table, "version": version, "run_id": manifest["run_id"], "codec": manifest["codec"]["spec"],
+        "metric": manifest["metric"], "num_rows": manifest["num_rows"], **ev,
+        "source_bytes": source_bytes, "code_bytes": code_bytes,
+        "compression_ratio": round(source_bytes / code_bytes, 3), "stage_seconds": stage_seconds,
+    }
+    storage.write_bytes(eval_uri(out, table, version), json.dumps(ev, indent=1).encode())
+    row = {k: v for k, v in ev.items() if k != "stage_seconds"}
+    row["stage_seconds"] = json.dumps(stage_seconds)
+    schema = pa.schema([
+        ("table", pa.string()), ("version", pa.int64()), ("run_id", pa.string()), ("codec", pa.string()),
+        ("metric", pa.string()), ("num_rows", pa.int64()), ("num_queries", pa.int64()), ("k", pa.int64()),
+        ("exclude_self", pa.bool_()), ("recall_at_1", pa.float64()), ("recall_at_10", pa.float64()),
+        ("recall_at_100", pa.float64()), ("relative_error", pa.float64()), ("source_bytes", pa.int64()),
+        ("code_bytes", pa.int64()), ("compression_ratio", pa.float64()), ("stage_seconds", pa.string()),
+    ])
+    data = pa.Table.from_pylist([row], schema=schema)
+    db = lancedb.connect(storage.normalize(out))
+    name = table + EVAL_TABLE_SUFFIX
+    if name in db.list_tables().tables:
+        t = db.open_table(name)
+        t.delete(f"version = {int(version)}")
+        t.add(data)
+    else:
+        db.create_table(name, data)
+    return ev
+
+
+def load_eval(out: str, table: str, version: int) -> dict | None:
+    uri = eval_uri(out, table, version)
+    return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
+
+
+def inspect_table(out: str, table: str, version: int | str | None = None) -> dict:
+    """One JSON-able object describing a version: size, codec, source and its evaluation."""
+    ds = require_dataset(out, table, version)
+    m = version_manifest(ds)
+    base = storage.normalize(out)
+    ev = load_eval(out, table, ds.version)
+    return {
+        "table": table,
+        "uri": ds.uri,
+        "version": ds.version,
+        "latest_version": ds.latest_version,
+        "num_rows": ds.count_rows(),
+        "dim": m["dim"],
+        "metric": m["metric"],
+        "codec": m["codec"]["spec"],
+        "codec_uri": storage.join(base, m["codec"]["uri"]),
+        "codec_sha256": m["codec"]["sha256"],
+        "code_bytes": m["code_bytes"],
+        "source_bytes": m["source_bytes"],
+        "compression_ratio": round(m["source_bytes"] / m["code_bytes"], 3),
+        "run_id": m["run_id"],
+        "created_at": m["created_at"],
+        "id_column": m["source"]["id_column"],
+        "vector_column": m["source"]["vector_column"],
+        "keep": m["source"]["keep"],
+        "source": {k: m["source"][k] for k in ("num_files", "vector_type", "uris")},
+        "sample": {k: m["sample"][k] for k in ("seed", "num_train", "num_queries")},
+        "stage_seconds": (ev or {}).get("stage_seconds", m.get("stage_seconds")),
+        "eval": None if ev is None else {k: ev[k] for k in (
+            "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error")},
+    }
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def summary_table(info: dict) -> str:
+    """A short human summary of `inspect_table` output."""
+    ev = info.get("eval") or {}
+    rows = info["num_rows"]
+
+    def r(k):
+        v = ev.get(f"recall_at_{k}")
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        f"table           {info['table']} (version {info['version']}) at {info['uri']}",
+        f"rows            {rows:,} x {info['dim']}-d, metric {info['metric']}",
+        f"codec           {info['codec']}",
+        f"bytes before    {_human_bytes(rows * info['source_bytes'])} ({info['source_bytes']} B/vector)",
+        f"bytes after     {_human_bytes(rows * info['code_bytes'])} ({info['code_bytes']} B/vector)",
+        f"ratio           {info['compression_ratio']:.1f}x",
+        f"recall@1/10/100 {r(1)} / {r(10)} / {r(100)}  ({ev.get('num_queries', 0)} held-out queries)",
+        f"relative error  {ev['relative_error']:.4f}" if ev else "relative error  n/a (not evaluated)",
+    ]
+    times = info.get("stage_seconds") or {}
+    if times:
+        lines.append("stage seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in times.items()))
+    return "\n".join(lines)

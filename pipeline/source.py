@@ -1,0 +1,390 @@
+"""Source Parquet: listing, per-file schema validation, the shard plan, and the one function
+that turns Arrow vectors into numpy.
+
+Every file's schema is read from its own footer before any work starts; pyarrow datasets are
+never used to read sources, because they take the first file's schema and silently cast the
+rest. A vector column is `fixed_size_list<float32|float16>` or `list<float32|float16>` of one
+dimension; the id column is int64 or string; passthrough columns must have one type everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import posixpath
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import SourceError
+from pipeline.schema import CODE_COLUMN
+
+VALUE_TYPES = {pa.float32(): "float32", pa.float16(): "float16"}
+ID_TYPES = (pa.int64(), pa.string(), pa.large_string())
+MAX_LISTED_PROBLEMS = 10
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Which files and columns to compress."""
+
+    uris: tuple[str, ...]
+    #: vector column; None picks the only float-list column (an error if there are several)
+    vector_column: str | None = None
+    #: id column, int64 or string, copied to the output
+    id_column: str = "id"
+    #: passthrough columns copied unchanged to the output (e.g. text, url)
+    keep: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    uri: str
+    size: int
+    #: sha256 of the file size and its Parquet footer: changes whenever the file is rewritten
+    fingerprint: str
+    num_rows: int
+    row_group_rows: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """A run of row groups of one file: the unit of parallel work."""
+
+    index: int
+    file_uri: str
+    fingerprint: str
+    row_group_start: int
+    row_group_stop: int
+    num_rows: int
+    #: global position of the shard's first row (rows are numbered across the sorted files)
+    row_offset: int
+    #: row index, inside its file, of the shard's first row
+    file_row_start: int
+
+
+@dataclass
+class SourcePlan:
+    """The deterministic plan of a run: sorted files with sizes and fingerprints, and shards."""
+
+    vector_column: str
+    id_column: str
+    keep: list[str]
+    dim: int
+    vector_type: str  # e.g. "fixed_size_list<float32>[384]"
+    value_type: str  # float32 | float16
+    num_rows: int
+    files: list[SourceFile]
+    shards: list[Shard]
+    #: id + passthrough fields as a serialized Arrow schema (base64)
+    fields_b64: str = field(repr=False, default="")
+
+    @property
+    def source_bytes_per_vector(self) -> int:
+        return self.dim * (4 if self.value_type == "float32" else 2)
+
+    @property
+    def output_fields(self) -> pa.Schema:
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.fields_b64)))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SourcePlan":
+        d = dict(d)
+        d["files"] = [SourceFile(**{**f, "row_group_rows": tuple(f["row_group_rows"])}) for f in d["files"]]
+        d["shards"] = [Shard(**s) for s in d["shards"]]
+        return cls(**d)
+
+    def locate(self, positions: np.ndarray) -> list[tuple[Shard, np.ndarray, np.ndarray]]:
+        """Group global row positions by shard: [(shard, indexes into positions, local rows)]."""
+        offsets = np.array([s.row_offset for s in self.shards], np.int64)
+        which = np.searchsorted(offsets, positions, side="right") - 1
+        out = []
+        for si in np.unique(which):
+            sel = np.nonzero(which == si)[0]
+            shard = self.shards[int(si)]
+            out.append((shard, sel, positions[sel] - shard.row_offset))
+        return out
+
+
+# ---- listing ------------------------------------------------------------------------------
+
+def list_parquet_files(uris) -> list[str]:
+    """All Parquet files under the given files/directories, sorted, hidden files skipped."""
+    found: list[str] = []
+    for uri in uris:
+        loc = storage.resolve(uri)
+        try:
+            info = loc.fs.get_file_info(loc.path)
+        except OSError as exc:
+            raise SourceError(f"{uri}: cannot access input: {exc}") from exc
+        if info.type == pafs.FileType.NotFound:
+            raise SourceError(f"{uri}: input does not exist")
+        if info.type == pafs.FileType.File:
+            found.append(loc.uri_for(loc.path))
+            continue
+        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
+        for fi in infos:
+            rel = posixpath.relpath(fi.path, loc.path)
+            if fi.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
+                continue
+            if fi.path.endswith((".parquet", ".parq", ".pq")):
+                found.append(loc.uri_for(fi.path))
+    found = sorted(set(found))
+    if not found:
+        raise SourceError(f"no Parquet files found in {', '.join(map(str, uris))}")
+    return found
+
+
+def open_parquet(uri: str) -> pq.ParquetFile:
+    loc = storage.resolve(uri)
+    return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+
+
+def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
+    """(size, fingerprint, metadata, arrow schema) from the footer only."""
+    loc = storage.resolve(uri)
+    try:
+        f = loc.fs.open_input_file(loc.path)
+        size = f.size()
+        if size < 12:
+            raise SourceError(f"{uri}: not a Parquet file ({size} bytes, truncated or empty)")
+        f.seek(size - 8)
+        tail = f.read(8)
+        if tail[4:] != b"PAR1":
+            raise SourceError(f"{uri}: not a Parquet file or truncated (no PAR1 footer magic)")
+        footer_len = int.from_bytes(tail[:4], "little")
+        if footer_len + 12 > size:
+            raise SourceError(f"{uri}: truncated Parquet file (footer of {footer_len} bytes in a {size}-byte file)")
+        f.seek(size - 8 - footer_len)
+        footer = f.read(footer_len)
+        fingerprint = hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest()
+        f.seek(0)
+        pf = pq.ParquetFile(f)
+        return size, fingerprint, pf.metadata, pf.schema_arrow
+    except SourceError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{uri}: unreadable Parquet file: {exc}") from exc
+
+
+def _vector_type(t: pa.DataType) -> tuple[str, str, int | None] | None:
+    """(kind, value type, fixed dim or None) of a float vector column type, else None."""
+    if pa.types.is_fixed_size_list(t) and t.value_type in VALUE_TYPES:
+        return "fixed_size_list", VALUE_TYPES[t.value_type], t.list_size
+    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and t.value_type in VALUE_TYPES:
+        return ("list" if pa.types.is_list(t) else "large_list"), VALUE_TYPES[t.value_type], None
+    return None
+
+
+def _describe(t: pa.DataType) -> str:
+    return str(t).replace("element: ", "").replace("item: ", "")
+
+
+def _pick_vector_column(uri: str, schema: pa.Schema) -> str:
+    candidates = [f.name for f in schema if _vector_type(f.type) is not None]
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise SourceError(f"{uri}: no float vector column (fixed_size_list/list of float32 or float16); "
+                          f"columns are {schema.names}")
+    raise SourceError(f"{uri}: several vector columns {candidates}: choose one with --vector-column")
+
+
+def _first_list_length(uri: str, column: str) -> int | None:
+    pf = open_parquet(uri)
+    for batch in pf.iter_batches(batch_size=1024, columns=[column]):
+        arr = batch.column(0)
+        for i in range(len(arr)):
+            if arr[i].is_valid:
+                return len(arr[i])
+    return None
+
+
+def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
+    """Read every file's footer, validate the schemas against each other and the spec, and
+    cut the files into shards of about `shard_rows` rows (whole row groups)."""
+    uris = list_parquet_files(spec.uris)
+    footers = {}
+    unreadable = []
+    for uri in uris:
+        try:
+            footers[uri] = _read_footer(uri)
+        except SourceError as exc:
+            unreadable.append(str(exc))
+    if unreadable:
+        raise SourceError(_summarize(f"{len(unreadable)} of {len(uris)} input files are unreadable", unreadable))
+
+    vector_column = spec.vector_column or _pick_vector_column(uris[0], footers[uris[0]][3])
+    if spec.id_column == vector_column or spec.id_column in spec.keep or vector_column in spec.keep:
+        raise SourceError(f"columns must be distinct: id={spec.id_column!r}, vector={vector_column!r}, keep={list(spec.keep)}")
+    if CODE_COLUMN in (spec.id_column, *spec.keep):
+        raise SourceError(f"column name {CODE_COLUMN!r} is reserved for the codes in the output")
+
+    problems: list[str] = []
+    ref_types: dict[str, tuple[pa.DataType, str]] = {}
+    for uri in uris:
+        schema = footers[uri][3]
+        num_rows = footers[uri][2].num_rows
+        for col, role in [(vector_column, "vector"), (spec.id_column, "id"), *((k, "passthrough") for k in spec.keep)]:
+            idx = schema.get_field_index(col)
+            if idx < 0:
+                problems.append(f"{uri}: missing {role} column {col!r} ({num_rows} rows; columns are {schema.names})")
+                continue
+            t = schema.field(idx).type
+            if role == "vector" and _vector_type(t) is None:
+                problems.append(f"{uri}: vector column {col!r} has type {_describe(t)} ({num_rows} rows); expected "
+                                "fixed_size_list or list of float32/float16 (cast other types yourself)")
+                continue
+            if role == "id" and t not in ID_TYPES:
+                problems.append(f"{uri}: id column {col!r} has type {t} ({num_rows} rows); expected int64 or string")
+                continue
+            if col not in ref_types:
+                ref_types[col] = (t, uri)
+            elif ref_types[col][0] != t:
+                ref_t, ref_uri = ref_types[col]
+                what = "dimensions differ" if role == "vector" else "types differ"
+                problems.append(f"{uri}: column {col!r} is {_describe(t)} ({num_rows} rows) but {ref_uri} has "
+                                f"{_describe(ref_t)}: {what} across files")
+    if problems:
+        raise SourceError(_summarize(f"input schema problems in {len({p.split(': ')[0] for p in problems})} file(s)", problems))
+
+    vtype = ref_types[vector_column][0]
+    kind, value_type, dim = _vector_type(vtype)
+    if dim is None:
+        for uri in uris:
+            dim = _first_list_length(uri, vector_column)
+            if dim is not None:
+                break
+    total = sum(footers[u][2].num_rows for u in uris)
+    if total == 0 or dim is None:
+        raise SourceError(f"no rows with vectors in {len(uris)} input file(s)")
+    if dim == 0:
+        raise SourceError(f"{uris[0]}: column {vector_column!r} holds empty vectors (dimension 0)")
+
+    files, shards = [], []
+    offset = 0
+    for uri in uris:
+        size, fp, md, _ = footers[uri]
+        rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
+        files.append(SourceFile(uri=uri, size=size, fingerprint=fp, num_rows=md.num_rows, row_group_rows=rg_rows))
+        start, file_row = 0, 0
+        while start < len(rg_rows):
+            stop, rows = start, 0
+            while stop < len(rg_rows) and (rows == 0 or rows + rg_rows[stop] <= shard_rows):
+                rows += rg_rows[stop]
+                stop += 1
+            if rows:
+                shards.append(Shard(index=len(shards), file_uri=uri, fingerprint=fp, row_group_start=start,
+                                    row_group_stop=stop, num_rows=rows, row_offset=offset, file_row_start=file_row))
+            offset += rows
+            file_row += rows
+            start = stop
+
+    first_schema = footers[uris[0]][3]
+    out_fields = pa.schema([first_schema.field(spec.id_column)] + [first_schema.field(k) for k in spec.keep])
+    return SourcePlan(
+        vector_column=vector_column, id_column=spec.id_column, keep=list(spec.keep), dim=int(dim),
+        vector_type=f"{kind}<{value_type}>[{dim}]", value_type=value_type, num_rows=int(total),
+        files=files, shards=shards, fields_b64=base64.b64encode(out_fields.serialize().to_pybytes()).decode(),
+    )
+
+
+def _summarize(head: str, problems: list[str]) -> str:
+    lines = problems[:MAX_LISTED_PROBLEMS]
+    more = len(problems) - len(lines)
+    tail = [f"... and {more} more"] if more > 0 else []
+    return "\n  ".join([head + ":", *lines, *tail])
+
+
+# ---- reading --------------------------------------------------------------------------------
+
+def vectors_as_numpy(arr: pa.Array, dim: int, *, where: str, column: str, first_row: int = 0) -> np.ndarray:
+    """The one Arrow -> numpy conversion for vectors: exact, float32, shape (n, dim).
+
+    Refuses (SourceError naming file, column, row count and first bad row) null vectors, null
+    components, rows of another dimension, NaN/Inf and non-float types. Handles slices
+    correctly (`FixedSizeListArray.values` ignores slice offsets; `flatten()` drops nulls).
+    """
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    n = len(arr)
+
+    def fail(mask: np.ndarray, reason: str):
+        bad = np.nonzero(mask)[0]
+        raise SourceError(f"{where}: column {column!r}: {len(bad)} of {n} rows {reason} "
+                          f"(first at row {first_row + int(bad[0])})")
+
+    vt = _vector_type(arr.type)
+    if vt is None:
+        raise SourceError(f"{where}: column {column!r} has type {_describe(arr.type)} ({n} rows); "
+                          "expected fixed_size_list or list of float32/float16")
+    if arr.null_count:
+        fail(arr.is_null().to_numpy(zero_copy_only=False), "are null vectors")
+    kind = vt[0]
+    if kind == "fixed_size_list":
+        if arr.type.list_size != dim:
+            raise SourceError(f"{where}: column {column!r} has dimension {arr.type.list_size}, expected {dim} "
+                              f"({n} rows): dimensions differ")
+        values = arr.values.slice(arr.offset * dim, n * dim)
+    else:
+        lengths = np.diff(arr.offsets.to_numpy())
+        if (lengths != dim).any():
+            bad = lengths != dim
+            first = int(np.nonzero(bad)[0][0])
+            fail(bad, f"have a dimension other than {dim} (first has {int(lengths[first])})")
+        values = arr.flatten()
+    if values.null_count:
+        row_has_null = values.is_null().to_numpy(zero_copy_only=False).reshape(n, dim).any(axis=1)
+        fail(row_has_null, "contain null components")
+    x = values.to_numpy(zero_copy_only=False).reshape(n, dim)
+    if x.dtype != np.float32:
+        x = x.astype(np.float32)
+    finite = np.isfinite(x)
+    if not finite.all():
+        fail(~finite.all(axis=1), "contain NaN or Inf")
+    return x
+
+
+def iter_shard_batches(shard: Shard, columns: list[str], batch_size: int):
+    """Stream a shard's rows as RecordBatches of at most `batch_size` rows.
+
+    Yields (first row index within the file, batch). Read errors name the file and row groups.
+    """
+    try:
+        pf = open_parquet(shard.file_uri)
+        row = shard.file_row_start
+        for batch in pf.iter_batches(batch_size=batch_size, columns=columns,
+                                     row_groups=range(shard.row_group_start, shard.row_group_stop),
+                                     use_threads=False):
+            yield row, batch
+            row += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{shard.file_uri}: cannot read row groups {shard.row_group_start}.."
+                          f"{shard.row_group_stop - 1} ({shard.num_rows} rows): {exc}") from exc
+
+
+def read_rows(shard: Shard, local_rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """Rows at sorted shard-local indexes, reading only the row groups that hold them."""
+    pf = open_parquet(shard.file_uri)
+    bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows
+                              for i in range(shard.row_group_start, shard.row_group_stop)])
+    pieces = []
+    try:
+        for j, rg in enumerate(range(shard.row_group_start, shard.row_group_stop)):
+            lo, hi = bounds[j], bounds[j + 1]
+            sel = local_rows[(local_rows >= lo) & (local_rows < hi)]
+            if sel.size:
+                t = pf.read_row_group(rg, columns=columns, use_threads=False)
+                pieces.append(t.take(pa.array(sel - lo)))
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{shard.file_uri}: cannot read row groups {shard.row_group_start}.."
+                          f"{shard.row_group_stop - 1}: {exc}") from exc
+    return pa.concat_tables(pieces) if pieces else None

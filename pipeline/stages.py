@@ -1,0 +1,155 @@
+"""Stage functions over one shard or fragment: plain functions, callable in a REPL, run by any
+Executor. Arguments are small descriptors; big shared inputs (queries) arrive as numpy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import lance
+import lance.fragment
+import numpy as np
+import pyarrow as pa
+
+from kernels.knn import TopK, exact_knn, prepare_vectors
+from pipeline.codec_store import CodecRef, load_codec
+from pipeline.errors import SourceError
+from pipeline.schema import CODE_COLUMN, codes_schema
+from pipeline.source import Shard, SourcePlan, iter_shard_batches, read_rows, vectors_as_numpy
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The source columns a stage reads, and the output fields it writes."""
+
+    vector: str
+    id: str
+    keep: tuple[str, ...]
+    dim: int
+    out_fields: pa.Schema  # id + keep fields
+
+    @classmethod
+    def of(cls, plan: SourcePlan) -> "Columns":
+        return cls(plan.vector_column, plan.id_column, tuple(plan.keep), plan.dim, plan.output_fields)
+
+
+# ---- sample ---------------------------------------------------------------------------------
+
+def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> tuple[np.ndarray, list]:
+    """Vectors (and ids) of the given sorted shard-local rows."""
+    shard, local_rows = item
+    t = read_rows(shard, np.asarray(local_rows, np.int64), [columns.vector, columns.id])
+    x = vectors_as_numpy(t.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
+                         first_row=shard.file_row_start)
+    return x, t.column(1).to_pylist()
+
+
+# ---- encode ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EncodeJob:
+    table_uri: str
+    codec: CodecRef
+    columns: Columns
+    batch_size: int = 65_536
+    max_rows_per_file: int = 1 << 20
+    #: exact neighbours computed in the same pass over the source (0 = off)
+    eval_k: int = 100
+
+
+@dataclass
+class ShardResult:
+    shard_index: int
+    fragments: list[dict]
+    num_rows: int
+    seconds: float
+    #: this shard's exact top-k for the held-out queries (global positions), or None
+    knn_D: np.ndarray | None = None
+    knn_I: np.ndarray | None = None
+
+
+def codes_array(codes: np.ndarray) -> pa.FixedSizeBinaryArray:
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), codes.shape[0],
+                                                [None, pa.py_buffer(codes)])
+
+
+def codes_as_numpy(arr) -> np.ndarray:
+    """fixed_size_binary column -> (n, code_size) uint8, honouring slice offsets."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    size = arr.type.byte_width
+    buf = arr.buffers()[1]
+    return np.frombuffer(buf, np.uint8, count=len(arr) * size, offset=arr.offset * size).reshape(len(arr), size)
+
+
+def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = None,
+                 query_positions: np.ndarray | None = None) -> ShardResult:
+    """Encode one shard into Lance fragments (uncommitted), streaming `batch_size` rows at a time.
+
+    With `queries`, also computes the shard's exact top-k for them in the same read (ground
+    truth for evaluation), excluding each query's own row.
+    """
+    start = time.perf_counter()
+    codec = load_codec(job.codec)
+    cols = job.columns
+    schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:])
+    topk = None
+    xq = None
+    if queries is not None and job.eval_k > 0:
+        xq = prepare_vectors(queries, codec.metric)
+        topk = TopK(xq.shape[0], job.eval_k, exclude=query_positions)
+    read_cols = [cols.vector, cols.id, *cols.keep]
+    num_rows = 0
+
+    def batches():
+        nonlocal num_rows
+        for first_row, batch in iter_shard_batches(shard, read_cols, job.batch_size):
+            ids = batch.column(1)
+            if ids.null_count:
+                raise SourceError(f"{shard.file_uri}: column {cols.id!r}: {ids.null_count} of {batch.num_rows} "
+                                  f"rows have a null id (in rows {first_row}..{first_row + batch.num_rows - 1})")
+            x = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
+                                 first_row=first_row)
+            x = prepare_vectors(x, codec.metric)
+            codes = codec.encode(x)
+            if topk is not None:
+                D, I = exact_knn(xq, x, job.eval_k + 1, codec.metric)  # +1: own row excluded
+                position = shard.row_offset + (first_row - shard.file_row_start)
+                topk.add(D, np.where(I >= 0, I + position, -1))
+            num_rows += batch.num_rows
+            yield pa.record_batch([ids, codes_array(codes), *batch.columns[2:]], schema=schema)
+
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    frags = lance.fragment.write_fragments(reader, job.table_uri, schema=schema,
+                                           max_rows_per_file=job.max_rows_per_file)
+    if num_rows != shard.num_rows:
+        raise SourceError(f"{shard.file_uri}: expected {shard.num_rows} rows in row groups "
+                          f"{shard.row_group_start}..{shard.row_group_stop - 1}, read {num_rows} (file changed?)")
+    return ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
+                       seconds=time.perf_counter() - start,
+                       knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I)
+
+
+# ---- search over stored codes ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CodeSearch:
+    table_uri: str
+    version: int
+    codec: CodecRef
+    k: int
+
+
+def search_fragment(item: tuple[int, int], *, job: CodeSearch, queries: np.ndarray,
+                    query_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ADC top-k of the queries over one committed fragment's codes, as global positions."""
+    fragment_id, row_offset = item
+    codec = load_codec(job.codec)
+    ds = lance.dataset(job.table_uri, version=job.version)
+    codes = codes_as_numpy(ds.get_fragment(fragment_id).to_table(columns=[CODE_COLUMN]).column(0))
+    topk = TopK(queries.shape[0], job.k, exclude=query_positions)
+    # one extra result per query so that excluding the query's own row still leaves k
+    D, I = codec.search_codes(queries, codes, min(job.k + 1, codes.shape[0]))
+    topk.add(D, np.where(I >= 0, I + row_offset, -1))
+    return topk.D, topk.I
