@@ -86,3 +86,22 @@ class TopK:
 
     def result(self):
         return self.D, self.I
+
+
+def rerank(xq: np.ndarray, candidates: np.ndarray, ids: np.ndarray, k: int, metric: str):
+    """Exact re-ranking of per-query candidate vectors.
+
+    xq (nq, d) and candidates (nq, c, d) are prepared vectors; ids (nq, c) with -1 for "none".
+    Returns the k best (D, I) per query by exact distance, D smaller-is-better.
+    """
+    xq = np.asarray(xq, np.float32)
+    if metric == "l2":
+        D = ((candidates - xq[:, None, :]) ** 2).sum(axis=2)
+    else:
+        D = -np.einsum("qcd,qd->qc", candidates, xq)
+    D = np.where(ids < 0, np.inf, D).astype(np.float32)
+    order = np.argsort(D, axis=1, kind="stable")[:, :k]
+    D = np.take_along_axis(D, order, axis=1)
+    I = np.take_along_axis(ids, order, axis=1)
+    I[~np.isfinite(D)] = -1
+    return D, I

@@ -1,0 +1,217 @@
+"""`vecpress`: demo, compress, inspect, search, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+import flows  # noqa: F401  (sets Prefect/Ray environment defaults before they are imported)
+from pipeline.errors import VecpressError
+
+log = logging.getLogger("vecpress")
+
+
+def _csv(s: str) -> list[str]:
+    return [p.strip() for p in s.split(",") if p.strip()]
+
+
+def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
+    g = p.add_argument_group("codec and evaluation")
+    g.add_argument("--codec", default="PQ48" if demo else None,
+                   help="faiss factory string: PQm, PQmxb, OPQm,PQm, RQmxb, SQ8, SQfp16 ... "
+                        + ("(default: %(default)s)" if demo else "(default: PQm with m = dim/4, at most 64 bytes)"))
+    g.add_argument("--metric", choices=["l2", "ip", "cosine"], default="cosine" if demo else "l2",
+                   help="distance the codes are searched with; cosine = normalise then inner product "
+                        "(default: %(default)s)")
+    g.add_argument("--num-train", type=int, default=100_000, help="training-sample size (default: %(default)s)")
+    g.add_argument("--num-queries", type=int, default=1_000,
+                   help="held-out query vectors for evaluation, never trained on (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0, help="seeds sampling and training (default: %(default)s)")
+    g.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
+    g = p.add_argument_group("execution")
+    g.add_argument("--batch-size", type=int, default=65_536,
+                   help="rows per batch in a worker; bounds worker memory (default: %(default)s)")
+    g.add_argument("--shard-rows", type=int, default=500_000,
+                   help="rows per shard, the unit of parallel work (default: %(default)s)")
+    g.add_argument("--ngpu", type=int, default=-1, help="GPUs for training, -1 = all faiss sees (default: %(default)s)")
+    g.add_argument("--ray-address", default=None,
+                   help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
+    g.add_argument("--no-prefect", action="store_true",
+                   help="run the stages directly instead of as a Prefect flow")
+    g.add_argument("--json", action="store_true", help="print the new version's inspect object as JSON")
+
+
+def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
+    return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
+                num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
+                batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu,
+                ray_address=args.ray_address, **extra)
+
+
+def _run(kwargs: dict, no_prefect: bool) -> dict:
+    if no_prefect:
+        from pipeline.distributed import RayExecutor
+        from pipeline.job import CompressOptions, run_compress
+        from pipeline.report import inspect_table
+        from pipeline.source import SourceSpec
+
+        source = SourceSpec(tuple(kwargs["inputs"]), kwargs.get("vector_column"), kwargs.get("id_column", "id"),
+                            tuple(kwargs.get("keep") or ()))
+        opts = CompressOptions(**{k: kwargs[k] for k in (
+            "codec", "metric", "num_train", "num_queries", "seed", "eval_k", "batch_size", "shard_rows", "ngpu")},
+            allow_schema_change=kwargs.get("allow_schema_change", False))
+        with RayExecutor(kwargs.get("ray_address")) as ex:
+            result = run_compress(source, kwargs["out"], kwargs["table"], opts, executor=ex)
+        return inspect_table(kwargs["out"], kwargs["table"], result.version)
+    from flows.compress import compress_flow
+
+    return compress_flow(**kwargs)
+
+
+def _print_result(info: dict, as_json: bool) -> None:
+    from pipeline.report import summary_table
+
+    if as_json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(summary_table(info))
+
+
+def cmd_demo(args) -> None:
+    from pipeline import storage
+    from pipeline.demo import write_corpus
+
+    src = storage.join(args.out, "source")
+    if not storage.exists(src):
+        write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
+    else:
+        log.info("using the sample corpus already in %s", src)
+    info = _run(_flow_kwargs(args, [src], args.out, keep=["text"], allow_schema_change=True), args.no_prefect)
+    _print_result(info, args.json)
+    if not args.json:
+        print(f"\nquery it: python -c \"import lancedb; print(lancedb.connect('{args.out}')"
+              f".open_table('{args.table}').search().where('id < 5').to_pandas())\"")
+
+
+def cmd_compress(args) -> None:
+    *inputs, out = args.paths
+    if not inputs:
+        raise VecpressError("compress needs at least one input and an output: vecpress compress INPUT... OUT")
+    info = _run(_flow_kwargs(args, inputs, out, vector_column=args.vector_column, id_column=args.id_column,
+                             keep=_csv(args.keep), allow_schema_change=args.allow_schema_change), args.no_prefect)
+    _print_result(info, args.json)
+
+
+def cmd_inspect(args) -> None:
+    from pipeline.report import inspect_table
+
+    _print_result(inspect_table(args.out, args.table, args.version), args.json)
+
+
+def cmd_search(args) -> None:
+    from pipeline.lance_io import require_dataset, version_manifest
+    from pipeline.search import read_query_vectors, search
+
+    m = version_manifest(require_dataset(args.out, args.table, args.version))
+    xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"])
+    result = search(args.out, args.table, xq, args.k, rerank=args.rerank, version=args.version)
+    if args.json:
+        for row in result.to_pylist():
+            print(json.dumps(row, default=str))
+    else:
+        print(result.to_pandas().to_string(index=False))
+
+
+def cmd_generate(args) -> None:
+    from pipeline.demo import write_corpus
+
+    for f in write_corpus(args.out, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed):
+        print(f)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vecpress", description="Compress Parquet embeddings into a searchable "
+                                "Lance dataset and measure the recall it costs.")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="generate a sample corpus, compress it, print a summary")
+    d.add_argument("--out", default="demo-out", help="output folder (LanceDB database) (default: %(default)s)")
+    d.add_argument("--table", default="corpus", help="table name (default: %(default)s)")
+    d.add_argument("--rows", type=int, default=100_000, help="vectors to generate (default: %(default)s)")
+    d.add_argument("--dim", type=int, default=384, help="dimension (default: %(default)s)")
+    d.add_argument("--files", type=int, default=4, help="Parquet files to generate (default: %(default)s)")
+    _add_compress_options(d, demo=True)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("compress", help="compress Parquet files into a new version of a Lance table")
+    c.add_argument("paths", nargs="+", metavar="INPUT... OUT",
+                   help="Parquet files/folders (local or URIs like s3://bucket/prefix), then the output folder")
+    c.add_argument("--table", required=True, help="output table name (OUT/<table>.lance)")
+    c.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
+    c.add_argument("--id-column", default="id", help="id column, int64 or string (default: %(default)s)")
+    c.add_argument("--keep", default="", help="comma-separated passthrough columns copied to the output")
+    c.add_argument("--allow-schema-change", action="store_true",
+                   help="replace an existing table even if its schema differs")
+    _add_compress_options(c)
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("inspect", help="describe a table version and its evaluation")
+    i.add_argument("out", help="output folder")
+    i.add_argument("--table", required=True)
+    i.add_argument("--version", type=int, default=None, help="version (default: latest)")
+    i.add_argument("--json", action="store_true", help="print one JSON object")
+    i.set_defaults(func=cmd_inspect)
+
+    s = sub.add_parser("search", help="top-k ids for query vectors, by asymmetric distance over the codes")
+    s.add_argument("out", help="output folder")
+    s.add_argument("--table", required=True)
+    s.add_argument("--queries", required=True, help="Parquet file/folder of query vectors")
+    s.add_argument("--query-column", default=None, help="vector column in the queries (default: the table's)")
+    s.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
+    s.add_argument("--rerank", type=int, default=0, metavar="R",
+                   help="re-rank R x k candidates exactly against the source vectors (default: off)")
+    s.add_argument("--version", type=int, default=None, help="version (default: latest)")
+    s.add_argument("--json", action="store_true", help="one JSON object per result line")
+    s.set_defaults(func=cmd_search)
+
+    g = sub.add_parser("generate", help="write a clustered sample corpus as Parquet")
+    g.add_argument("out", help="folder for the Parquet files")
+    g.add_argument("--rows", type=int, default=100_000)
+    g.add_argument("--dim", type=int, default=384)
+    g.add_argument("--files", type=int, default=4)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING if args.quiet else logging.INFO
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s vecpress %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+    log.setLevel(level)
+    log.propagate = False
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    # Ray starts its processes with fork+exec; lance/lancedb warn about fork-safety in general
+    warnings.filterwarnings("ignore", message=".*not fork-safe.*")
+    warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
+    try:
+        args.func(args)
+    except VecpressError as exc:
+        print(f"vecpress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("vecpress: interrupted; nothing was committed by the unfinished run", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The compress flow: plan -> sample -> train -> encode -> commit -> evaluate, as Prefect tasks.
+
+Runs against Prefect's temporary local server when no PREFECT_API_URL is configured. Ray is
+started (or joined, with `ray_address` / RAY_ADDRESS) by the pipeline inside the flow, not by a
+Prefect task runner: every task here is coarse and passes URIs, never arrays.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NONE
+
+from pipeline.distributed import RayExecutor
+from pipeline.errors import VecpressError
+from pipeline.job import (
+    CompressOptions, RunContext, commit_run, encode_run, evaluate_run, plan_run, sample_run, stage_times, train_run,
+)
+from pipeline.report import inspect_table
+from pipeline.source import SourceSpec
+
+
+def _retry_unless_user_error(task, task_run, state) -> bool:
+    """Retry crashes and I/O hiccups, not bad input: retrying a VecpressError cannot help."""
+    try:
+        state.result()
+    except VecpressError:
+        return False
+    except Exception:
+        return True
+    return True
+
+
+_common = dict(cache_policy=NONE, retry_condition_fn=_retry_unless_user_error, retry_delay_seconds=5)
+
+plan_task = task(plan_run, name="plan", retries=1, **_common)
+sample_task = task(sample_run, name="sample", retries=1, **_common)
+train_task = task(train_run, name="train", retries=1, **_common)
+encode_task = task(encode_run, name="encode", retries=2, **_common)
+commit_task = task(commit_run, name="commit", retries=3, **_common)  # idempotent per run id
+evaluate_task = task(evaluate_run, name="evaluate", retries=1, **_common)
+
+
+@flow(name="vecpress-compress")
+def compress_flow(
+    inputs: list[str],
+    out: str,
+    table: str = "corpus",
+    codec: str | None = None,
+    metric: str = "l2",
+    vector_column: str | None = None,
+    id_column: str = "id",
+    keep: list[str] | None = None,
+    num_train: int = 100_000,
+    num_queries: int = 1_000,
+    seed: int = 0,
+    eval_k: int = 100,
+    batch_size: int = 65_536,
+    shard_rows: int = 500_000,
+    ngpu: int = -1,
+    allow_schema_change: bool = False,
+    ray_address: str | None = None,
+    run_id: str | None = None,
+) -> dict:
+    """Compress Parquet embeddings under `inputs` into the Lance table `out/<table>.lance` and
+    evaluate it; returns what `vecpress inspect --json` prints for the new version."""
+    source = SourceSpec(uris=tuple(inputs), vector_column=vector_column, id_column=id_column, keep=tuple(keep or ()))
+    opts = CompressOptions(codec=codec, metric=metric, num_train=num_train, num_queries=num_queries, seed=seed,
+                           eval_k=eval_k, batch_size=batch_size, shard_rows=shard_rows, ngpu=ngpu,
+                           allow_schema_change=allow_schema_change)
+    ctx = RunContext.new(out, table, run_id)
+    with RayExecutor(ray_address) as executor:
+        planned = plan_task(ctx, source, opts)
+        sampled = sample_task(ctx, planned, opts, executor)
+        trained = train_task(ctx, planned, sampled, opts)
+        encoded = encode_task(ctx, planned, sampled, trained, opts, executor)
+        times = stage_times(planned, sampled, trained, encoded)
+        committed = commit_task(ctx, planned, sampled, trained, encoded, opts, times)
+        times["commit"] = round(committed.seconds, 3)
+        evaluate_task(ctx, committed, executor, times)
+    return inspect_table(ctx.out, table, committed.version)
