@@ -10,4 +10,5 @@ import os as _os
 _os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 _os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 _os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "vecpress")
+_os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 _os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

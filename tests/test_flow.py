@@ -1,0 +1,97 @@
+"""The Prefect flow under Prefect's test harness, and the `vecpress` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lance
+import pyarrow as pa
+import pytest
+
+from flows.cli import main
+from pipeline.errors import SourceError
+
+
+@pytest.fixture
+def corpus(make_corpus):
+    folder, x = make_corpus(num_rows=5000, dim=32, num_files=2)
+    return folder, x
+
+
+def test_flow_runs_every_stage_as_a_task(corpus, tmp_path, prefect_harness, ray_executor):
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from flows.compress import compress_flow
+
+    folder, _ = corpus
+    state = compress_flow(inputs=[str(folder)], out=str(tmp_path / "out"), table="corpus", codec="PQ8",
+                          keep=["text"], num_train=2000, num_queries=100, eval_k=20, return_state=True)
+    assert state.is_completed()
+    info = state.result()
+    assert info["version"] == 1 and info["num_rows"] == 5000 and info["eval"]["recall_at_10"] > 0.2
+
+    import anyio
+
+    async def task_names():
+        async with get_client() as client:
+            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+            return sorted((r.name.rsplit("-", 1)[0], r.state.type.value) for r in runs)
+
+    names = anyio.run(task_names)
+    assert [n for n, _ in names] == sorted(["plan", "sample", "train", "encode", "commit", "evaluate"])
+    assert all(s == "COMPLETED" for _, s in names)
+
+
+def test_flow_fails_on_bad_input_without_retrying(tmp_path, prefect_harness, ray_executor):
+    from flows.compress import compress_flow
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(SourceError, match="x.parquet"):
+        compress_flow(inputs=[str(bad)], out=str(tmp_path / "out"), table="corpus")
+    assert not (tmp_path / "out" / "corpus.lance" / "_versions").exists()
+
+
+def test_cli_compress_inspect_search(corpus, tmp_path, capsys, ray_executor):
+    folder, x = corpus
+    out = tmp_path / "out"
+    rc = main(["compress", str(folder), str(out), "--table", "corpus", "--codec", "PQ8", "--keep", "text",
+               "--num-train", "2000", "--num-queries", "100", "--eval-k", "20", "--no-prefect", "--json"])
+    assert rc == 0
+    made = json.loads(capsys.readouterr().out)
+    rc = main(["inspect", str(out), "--table", "corpus", "--json"])
+    info = json.loads(capsys.readouterr().out)
+    assert rc == 0 and info == made
+    for key in ("table", "version", "num_rows", "dim", "metric", "codec", "codec_uri", "code_bytes", "source_bytes"):
+        assert key in info
+    for key in ("num_queries", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error"):
+        assert key in info["eval"]
+    assert info["eval"]["recall_at_100"] is None  # eval_k=20 cannot measure recall@100
+
+    q = tmp_path / "q.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[:3].ravel()), 32)}), q)
+    rc = main(["search", str(out), "--table", "corpus", "--queries", str(q), "-k", "4", "--rerank", "5", "--json"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and len(rows) == 12
+    assert [r["id"] for r in rows if r["rank"] == 0] == [0, 1, 2]  # exact re-rank finds the vectors themselves
+    assert rows[0]["text"] == "doc 0"
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.parquet").write_bytes(b"PAR1 truncated")
+    rc = main(["compress", str(tmp_path / "src"), str(tmp_path / "out"), "--table", "t", "--no-prefect"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "a.parquet" in err and "error" in err
+
+
+def test_help_lists_every_command():
+    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    for cmd in ("demo", "compress", "inspect", "search", "generate"):
+        assert cmd in out
