@@ -14,6 +14,11 @@ import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("LANCE_LOG", "error")
+# credentials for the local S3-compatible test server (moto); set before Ray starts so that
+# its workers inherit them
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "vecpress-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "vecpress-test")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 warnings.filterwarnings("ignore", message=".*not fork-safe.*")
 warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
 
@@ -82,3 +87,15 @@ def sift5k():
         pytest.skip(f"SIFT sample not found at {path}")
     data = np.loadtxt(path, delimiter="\t", dtype=np.float32)
     return data[:, -1].astype(np.int64), np.ascontiguousarray(data[:, :-1])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` run only where faiss sees a GPU (CI has none)."""
+    from kernels._faiss import num_gpus
+
+    if num_gpus() > 0:
+        return
+    skip = pytest.mark.skip(reason="faiss sees no GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,101 @@
+"""Pipeline throughput against a raw Parquet scan of the same files, measured in one run.
+
+    python benchmarks/pipeline_throughput.py --rows 400000 --dim 384 --codec PQ48
+
+Generates a clustered corpus (not timed), then times on the same files:
+  scan       pyarrow read_table of the vector column, all threads (the I/O + decode floor)
+  sample     the sample stage
+  train      codec training
+  encode     the encode stage over local Ray (read + validate + encode + exact top-k + write)
+  evaluate   ADC search of the held-out queries over the committed codes
+and prints a table plus ratios (encode rows/s / scan rows/s), writing JSON to --results.
+Machines here are noisy: compare ratios from one run, not absolute seconds across runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("LANCE_LOG", "error")
+
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline.demo import write_corpus  # noqa: E402
+from pipeline.distributed import RayExecutor  # noqa: E402
+from pipeline.job import CompressOptions, run_compress  # noqa: E402
+from pipeline.source import SourceSpec  # noqa: E402
+
+
+def scan(files: list[str], column: str) -> float:
+    start = time.perf_counter()
+    rows = 0
+    for f in files:
+        t = pq.read_table(f, columns=[column], use_threads=True)
+        rows += t.num_rows
+        t.column(0).combine_chunks().values.to_numpy()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=400_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--codec", default="PQ48")
+    ap.add_argument("--metric", default="cosine")
+    ap.add_argument("--num-train", type=int, default=50_000)
+    ap.add_argument("--workdir", default=None, help="where to write the corpus (default: a temp dir)")
+    ap.add_argument("--results", default="benchmarks/results/pipeline_throughput.json")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="vecpress-bench-"))
+    src, out = work / "src", work / "out"
+    shutil.rmtree(out, ignore_errors=True)
+    if not src.exists():
+        write_corpus(str(src), num_rows=args.rows, dim=args.dim, num_files=args.files)
+    files = sorted(str(p) for p in src.glob("*.parquet"))
+    scan(files[:1], "embedding")  # warm the page cache
+    scan_s = scan(files, "embedding")
+
+    opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=1000)
+    with RayExecutor() as ex:
+        ex.map(lambda i: i, range(4), desc="warm-up")
+        start = time.perf_counter()
+        result = run_compress(SourceSpec((str(src),)), str(out), "bench", opts, executor=ex)
+        total_s = time.perf_counter() - start
+    st = result.stage_seconds
+    n = result.manifest["num_rows"]
+    raw_bytes = n * args.dim * 4
+    rows = [("scan (read_table)", scan_s), *((k, st[k]) for k in ("plan", "sample", "train", "encode", "commit", "evaluate")),
+            ("whole job", total_s)]
+    print(f"\n{n:,} x {args.dim}-d float32 ({raw_bytes / 2**20:.0f} MiB) in {len(files)} files, codec {args.codec}, "
+          f"{os.cpu_count()} cores")
+    print(f"{'stage':<20}{'seconds':>10}{'rows/s':>14}{'MB/s':>10}")
+    for name, s in rows:
+        print(f"{name:<20}{s:>10.2f}{n / s if s else 0:>14,.0f}{raw_bytes / s / 1e6 if s else 0:>10.1f}")
+    ratios = {
+        "encode_over_scan": scan_s / st["encode"],
+        "job_over_scan": scan_s / total_s,
+    }
+    print(f"\nencode throughput / raw scan throughput: {ratios['encode_over_scan']:.3f}")
+    print(f"whole job throughput / raw scan throughput: {ratios['job_over_scan']:.3f}")
+    print(f"recall@10 {result.eval['recall_at_10']:.3f}")
+    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.results).write_text(json.dumps({
+        "rows": n, "dim": args.dim, "files": len(files), "codec": args.codec, "cpus": os.cpu_count(),
+        "machine": platform.machine(), "scan_seconds": scan_s, "stage_seconds": st, "job_seconds": total_s,
+        "ratios": ratios, "recall_at_10": result.eval["recall_at_10"],
+    }, indent=1))
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
