@@ -157,7 +157,6 @@ class Sampled:
     train_uri: str
     queries_uri: str
     query_positions_uri: str
-    query_ids: list
     num_train: int
     num_queries: int
     seconds: float = 0.0
@@ -178,14 +177,12 @@ def sample_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executo
     positions = np.union1d(train_pos, query_pos)
     items = [(shard, local) for shard, _, local in plan.locate(positions)]
     parts = executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan)})
-    x = np.concatenate([p[0] for p in parts])
-    ids = [i for p in parts for i in p[1]]
+    x = np.concatenate(parts)
     is_query = np.isin(positions, query_pos)
     sampled = Sampled(
         train_uri=save_array(ctx.run_file("train.npy"), x[~is_query]),
         queries_uri=save_array(ctx.run_file("queries.npy"), x[is_query]),
         query_positions_uri=save_array(ctx.run_file("query_positions.npy"), positions[is_query]),
-        query_ids=[ids[i] for i in np.nonzero(is_query)[0]],
         num_train=int((~is_query).sum()), num_queries=int(is_query.sum()),
     )
     sampled.seconds = time.perf_counter() - start

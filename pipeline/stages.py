@@ -35,13 +35,12 @@ class Columns:
 
 # ---- sample ---------------------------------------------------------------------------------
 
-def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> tuple[np.ndarray, list]:
-    """Vectors (and ids) of the given sorted shard-local rows."""
+def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> np.ndarray:
+    """Vectors of the given sorted shard-local rows (validated like every other read)."""
     shard, local_rows = item
-    t = read_rows(shard, np.asarray(local_rows, np.int64), [columns.vector, columns.id])
-    x = vectors_as_numpy(t.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
-                         first_row=shard.file_row_start)
-    return x, t.column(1).to_pylist()
+    t = read_rows(shard, np.asarray(local_rows, np.int64), [columns.vector])
+    return vectors_as_numpy(t.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
+                            first_row=shard.file_row_start)
 
 
 # ---- encode ---------------------------------------------------------------------------------
