@@ -226,7 +226,7 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     start = time.perf_counter()
     plan = planned.plan
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
-                    batch_size=opts.batch_size, eval_k=opts.eval_k)
+                    batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"))
     qpos = load_array(sampled.query_positions_uri)
     results = executor.map(encode_shard, plan.shards, desc="encode",
                            shared={"job": job, "queries": load_array(sampled.queries_uri), "query_positions": qpos})

@@ -3,6 +3,8 @@ Executor. Arguments are small descriptors; big shared inputs (queries) arrive as
 
 from __future__ import annotations
 
+import io
+import json
 import time
 from dataclasses import dataclass
 
@@ -12,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from kernels.knn import TopK, exact_knn, prepare_vectors
+from pipeline import storage
 from pipeline.codec_store import CodecRef, load_codec
 from pipeline.errors import SourceError
 from pipeline.schema import CODE_COLUMN, codes_schema
@@ -54,6 +57,9 @@ class EncodeJob:
     max_rows_per_file: int = 1 << 20
     #: exact neighbours computed in the same pass over the source (0 = off)
     eval_k: int = 100
+    #: folder for per-shard results; a shard with a result there is not encoded again, so a
+    #: retried encode stage only redoes unfinished shards (None = no checkpoints)
+    checkpoint_uri: str | None = None
 
 
 @dataclass
@@ -65,6 +71,20 @@ class ShardResult:
     #: this shard's exact top-k for the held-out queries (global positions), or None
     knn_D: np.ndarray | None = None
     knn_I: np.ndarray | None = None
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        arrays = {} if self.knn_D is None else {"knn_D": self.knn_D, "knn_I": self.knn_I}
+        meta = json.dumps({"shard_index": self.shard_index, "fragments": self.fragments,
+                           "num_rows": self.num_rows, "seconds": self.seconds})
+        np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ShardResult":
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = json.loads(z["meta"].tobytes())
+        return cls(**meta, knn_D=z["knn_D"] if "knn_D" in z else None, knn_I=z["knn_I"] if "knn_I" in z else None)
 
 
 def codes_array(codes: np.ndarray) -> pa.FixedSizeBinaryArray:
@@ -89,6 +109,11 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     With `queries`, also computes the shard's exact top-k for them in the same read (ground
     truth for evaluation), excluding each query's own row.
     """
+    checkpoint = None
+    if job.checkpoint_uri:
+        checkpoint = storage.join(job.checkpoint_uri, f"shard-{shard.index:06d}.npz")
+        if storage.exists(checkpoint):
+            return ShardResult.from_bytes(storage.read_bytes(checkpoint))
     start = time.perf_counter()
     codec = load_codec(job.codec)
     cols = job.columns
@@ -125,9 +150,12 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     if num_rows != shard.num_rows:
         raise SourceError(f"{shard.file_uri}: expected {shard.num_rows} rows in row groups "
                           f"{shard.row_group_start}..{shard.row_group_stop - 1}, read {num_rows} (file changed?)")
-    return ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
-                       seconds=time.perf_counter() - start,
-                       knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I)
+    result = ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
+                         seconds=time.perf_counter() - start,
+                         knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I)
+    if checkpoint:  # written only after the fragments are durable
+        storage.write_bytes(checkpoint, result.to_bytes())
+    return result
 
 
 # ---- search over stored codes ----------------------------------------------------------------

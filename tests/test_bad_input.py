@@ -51,8 +51,13 @@ def rows_of_file(file_index: int, *, sampled: bool, count: int) -> np.ndarray:
     local = np.arange(ROWS_PER_FILE)
     in_sample = np.isin(local + lo, sampled_positions())
     rows = local[in_sample == sampled]
-    assert len(rows) >= count
-    return rows[np.linspace(0, len(rows) - 1, count).astype(int)]
+    assert len(rows) >= 4 * count
+    return rows[np.linspace(len(rows) // 4, 3 * len(rows) // 4, count).astype(int)]
+
+
+def num_sampled_rows_of_file(file_index: int) -> int:
+    lo = file_index * ROWS_PER_FILE
+    return int(np.isin(np.arange(lo, lo + ROWS_PER_FILE), sampled_positions()).sum())
 
 
 def write_part(path: Path, vectors: pa.Array, *, ids=None, text=True, vector_column="embedding",
@@ -166,14 +171,48 @@ def fails_at_plan(base: Base, ray_executor, error=SourceError, spec=None, opts=O
     return message(excinfo)
 
 
-def fails_in_stage(base: Base, ray_executor, stage: str, spec=None) -> str:
-    """Run again, expect SourceError raised in `stage` (sample or encode), nothing committed."""
-    spy = SpyExecutor(ray_executor)
-    with pytest.raises(SourceError) as excinfo:
+def fails_in_stage(base: Base, executor, stage: str, spec=None) -> Exception:
+    """Run again, expect an error raised in `stage` (sample or encode) and nothing committed;
+    the error (its type is checked by the caller with `assert_typed`, after the message)."""
+    spy = SpyExecutor(executor)
+    with pytest.raises(Exception) as excinfo:
         rerun(base, spy, spec)
-    assert spy.calls[-1] == stage, f"failed in {spy.calls[-1]}, expected {stage}"
+    assert spy.calls and spy.calls[-1] == stage, f"failed after stages {spy.calls}, expected in {stage}"
     assert_unchanged(base.snap)
-    return message(excinfo)
+    return excinfo.value
+
+
+class UntypedError(AssertionError):
+    """The run failed with the right message, but not as the typed error it should be."""
+
+
+def assert_typed(exc: Exception, error=SourceError) -> None:
+    if not isinstance(exc, error):
+        raise UntypedError(f"expected {error.__name__}, got {type(exc).__name__}: {exc}")
+
+
+# BUG (pipeline/stages.py, encode_shard): a SourceError raised while encode_shard's batch
+# generator is consumed by lance.fragment.write_fragments comes out of lance as
+# `OSError: LanceError(Arrow): C Data interface error: ... SourceError: ...`: the message is
+# there, the type is lost, so callers cannot catch SourceError for bad rows found by encode.
+ENCODE_ERROR_UNTYPED = pytest.mark.xfail(
+    raises=UntypedError, strict=True,
+    reason="encode-stage SourceError is re-raised by lance as OSError (see module comment)")
+
+
+@pytest.fixture
+def ray_one(ray_executor):
+    """The session's Ray with one task in flight, for runs expected to fail in a Ray stage.
+
+    BUG (pipeline/distributed/ray_executor.py, RayExecutor.map): when a task fails, `map` calls
+    ray.cancel on the tasks still in flight; under Ray 2.60 a cancel racing with a task that
+    is just finishing aborts the driver process (task_manager.cc "Check failed: ... Tried to
+    complete task that was not pending"), taking pytest down with it. With one task in flight
+    there is nothing to cancel. `test_failing_task_does_not_abort_the_driver` covers the bug.
+    """
+    from pipeline.distributed import RayExecutor
+
+    return RayExecutor(max_in_flight=1)
 
 
 # ---- 1, 2: missing columns ------------------------------------------------------------------

@@ -161,3 +161,46 @@ def test_real_sift_data(tmp_path, sift5k, ray_executor):
     # PQ16 (16 B vs 512 B) on SIFT keeps a real but lossy share of the true neighbours
     assert 0.2 < ev["recall_at_10"] < 0.95 and ev["recall_at_100"] > ev["recall_at_10"]
     assert ev["relative_error"] < 0.2
+
+
+class FailAfter:
+    """An executor that runs `n` items of the given stage for real, then dies like a killed driver."""
+
+    def __init__(self, stage: str, n: int):
+        self.stage, self.n = stage, n
+
+    def map(self, fn, items, *, desc, shared=None):
+        items = list(items)
+        if desc != self.stage:
+            return [fn(i, **(shared or {})) for i in items]
+        for i in items[: self.n]:
+            fn(i, **(shared or {}))
+        raise KeyboardInterrupt
+
+
+def test_retried_encode_skips_finished_shards(corpus, tmp_path):
+    from pipeline.executor import LocalExecutor
+    from pipeline.job import RunContext, commit_run, encode_run, plan_run, sample_run, stage_times, train_run
+
+    root, _ = corpus
+    opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1400)
+    ctx = RunContext.new(str(tmp_path / "out"), "corpus")
+    planned = plan_run(ctx, SourceSpec((str(root / "src"),)), opts)
+    assert len(planned.plan.shards) > 3
+    sampled = sample_run(ctx, planned, opts, LocalExecutor())
+    trained = train_run(ctx, planned, sampled, opts)
+    with pytest.raises(KeyboardInterrupt):
+        encode_run(ctx, planned, sampled, trained, opts, FailAfter("encode", 2))
+    done = sorted((tmp_path / "out/_vecpress/corpus/runs" / ctx.run_id / "shards").iterdir())
+    assert len(done) == 2
+    first_fragments = [json.loads(np.load(p)["meta"].tobytes())["fragments"] for p in done]
+    assert not (tmp_path / "out/corpus.lance/_versions").exists()  # nothing committed
+
+    encoded = encode_run(ctx, planned, sampled, trained, opts, LocalExecutor())
+    assert encoded.fragments[: sum(map(len, first_fragments))] == [f for fs in first_fragments for f in fs]
+    committed = commit_run(ctx, planned, sampled, trained, encoded, opts, stage_times(planned, sampled, trained, encoded))
+    ids = lance.dataset(str(tmp_path / "out/corpus.lance")).to_table(columns=["id"]).column(0).to_numpy()
+    assert committed.version == 1 and np.array_equal(ids, np.arange(N))
+    # a retried commit of the same run does not commit again
+    again = commit_run(ctx, planned, sampled, trained, encoded, opts, {})
+    assert again.version == 1 and lance.dataset(str(tmp_path / "out/corpus.lance")).count_rows() == N
