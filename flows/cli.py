@@ -55,15 +55,10 @@ def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
 def _run(kwargs: dict, no_prefect: bool) -> dict:
     if no_prefect:
         from pipeline.distributed import RayExecutor
-        from pipeline.job import CompressOptions, run_compress
+        from pipeline.job import run_compress, specs_from_params
         from pipeline.report import inspect_table
-        from pipeline.source import SourceSpec
 
-        source = SourceSpec(tuple(kwargs["inputs"]), kwargs.get("vector_column"), kwargs.get("id_column", "id"),
-                            tuple(kwargs.get("keep") or ()))
-        opts = CompressOptions(**{k: kwargs[k] for k in (
-            "codec", "metric", "num_train", "num_queries", "seed", "eval_k", "batch_size", "shard_rows", "ngpu")},
-            allow_schema_change=kwargs.get("allow_schema_change", False))
+        source, opts = specs_from_params(kwargs)
         with RayExecutor(kwargs.get("ray_address")) as ex:
             result = run_compress(source, kwargs["out"], kwargs["table"], opts, executor=ex)
         return inspect_table(kwargs["out"], kwargs["table"], result.version)

@@ -13,10 +13,10 @@ from prefect.cache_policies import NONE
 from pipeline.distributed import RayExecutor
 from pipeline.errors import VecpressError
 from pipeline.job import (
-    CompressOptions, RunContext, commit_run, encode_run, evaluate_run, plan_run, sample_run, stage_times, train_run,
+    RunContext, commit_run, encode_run, evaluate_run, plan_run, sample_run, specs_from_params, stage_times,
+    train_run,
 )
 from pipeline.report import inspect_table
-from pipeline.source import SourceSpec
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -63,10 +63,7 @@ def compress_flow(
 ) -> dict:
     """Compress Parquet embeddings under `inputs` into the Lance table `out/<table>.lance` and
     evaluate it; returns what `vecpress inspect --json` prints for the new version."""
-    source = SourceSpec(uris=tuple(inputs), vector_column=vector_column, id_column=id_column, keep=tuple(keep or ()))
-    opts = CompressOptions(codec=codec, metric=metric, num_train=num_train, num_queries=num_queries, seed=seed,
-                           eval_k=eval_k, batch_size=batch_size, shard_rows=shard_rows, ngpu=ngpu,
-                           allow_schema_change=allow_schema_change)
+    source, opts = specs_from_params(locals())
     ctx = RunContext.new(out, table, run_id)
     with RayExecutor(ray_address) as executor:
         planned = plan_task(ctx, source, opts)

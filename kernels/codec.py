@@ -10,6 +10,7 @@ queries stay float, the database stays compressed.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,8 +73,6 @@ def build_index(spec: str, dim: int, metric: str):
 
 
 def _leading_m(spec: str) -> int | None:
-    import re
-
     match = re.search(r"(?:^|,)(?:PQ|RQ|LSQ)(\d+)", spec)
     return int(match.group(1)) if match else None
 
@@ -190,9 +189,7 @@ def _configure_training(chain, inner, *, seed: int, ngpu: int):
             q.cp.seed = seed
     if isinstance(inner, faiss.IndexLocalSearchQuantizer):
         inner.lsq.random_seed = seed
-    for vt in chain:
-        if isinstance(vt, faiss.OPQMatrix) and hasattr(vt, "pq"):
-            pass  # OPQ seeds its rotation and inner k-means deterministically
+    # OPQ's rotation and inner k-means use faiss's fixed internal seeds: deterministic as is
     if num_gpus(ngpu) == 0:
         return None
     res = faiss.StandardGpuResources()

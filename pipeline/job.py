@@ -70,6 +70,14 @@ class CompressOptions:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
+def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
+    """The flow's flat, JSON-able parameters as the pipeline's validated specs."""
+    source = SourceSpec(uris=tuple(params["inputs"]), vector_column=params.get("vector_column"),
+                        id_column=params.get("id_column", "id"), keep=tuple(params.get("keep") or ()))
+    fields = set(CompressOptions.__dataclass_fields__)
+    return source, CompressOptions(**{k: v for k, v in params.items() if k in fields})
+
+
 def default_codec(dim: int) -> str:
     m = max(d for d in range(1, min(64, dim) + 1) if dim % d == 0 and (dim // d >= 4 or d == 1))
     return f"PQ{m}"
