@@ -13,7 +13,7 @@ from prefect.cache_policies import NONE
 from pipeline.distributed import RayExecutor
 from pipeline.errors import VecpressError
 from pipeline.job import (
-    RunContext, commit_run, encode_run, evaluate_run, plan_run, sample_run, specs_from_params, stage_times,
+    RunContext, Stages, commit_run, encode_run, evaluate_run, plan_run, run_stages, sample_run, specs_from_params,
     train_run,
 )
 from pipeline.report import inspect_table
@@ -65,13 +65,8 @@ def compress_flow(
     evaluate it; returns what `vecpress inspect --json` prints for the new version."""
     source, opts = specs_from_params(locals())
     ctx = RunContext.new(out, table, run_id)
+    stages = Stages(plan=plan_task, sample=sample_task, train=train_task, encode=encode_task, commit=commit_task,
+                    evaluate=evaluate_task)
     with RayExecutor(ray_address) as executor:
-        planned = plan_task(ctx, source, opts)
-        sampled = sample_task(ctx, planned, opts, executor)
-        trained = train_task(ctx, planned, sampled, opts)
-        encoded = encode_task(ctx, planned, sampled, trained, opts, executor)
-        times = stage_times(planned, sampled, trained, encoded)
-        committed = commit_task(ctx, planned, sampled, trained, encoded, opts, times)
-        times["commit"] = round(committed.seconds, 3)
-        evaluate_task(ctx, committed, executor, times)
-    return inspect_table(ctx.out, table, committed.version)
+        result = run_stages(ctx, source, opts, executor, stages)
+    return inspect_table(ctx.out, table, result.version)

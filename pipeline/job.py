@@ -14,6 +14,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -369,20 +370,37 @@ class RunResult:
     stage_seconds: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Stages:
+    """The stage functions a run calls; the Prefect flow passes the same functions wrapped as
+    tasks, so both paths run exactly the same sequence."""
+
+    plan: Callable = plan_run
+    sample: Callable = sample_run
+    train: Callable = train_run
+    encode: Callable = encode_run
+    commit: Callable = commit_run
+    evaluate: Callable = evaluate_run
+
+
+def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, executor: Executor,
+               stages: Stages = Stages()) -> RunResult:
+    """plan -> sample -> train -> encode -> commit -> evaluate."""
+    planned = stages.plan(ctx, source, opts)
+    sampled = stages.sample(ctx, planned, opts, executor)
+    trained = stages.train(ctx, planned, sampled, opts)
+    encoded = stages.encode(ctx, planned, sampled, trained, opts, executor)
+    times = stage_times(planned, sampled, trained, encoded)
+    committed = stages.commit(ctx, planned, sampled, trained, encoded, opts, times)
+    times["commit"] = round(committed.seconds, 3)
+    ev = stages.evaluate(ctx, committed, executor, times)
+    return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"])
+
+
 def run_compress(source: SourceSpec, out: str, table: str, opts: CompressOptions = CompressOptions(), *,
                  executor: Executor | None = None, run_id: str | None = None) -> RunResult:
     """The whole job, in this process, without Prefect (the flow in `flows/` does the same)."""
-    executor = executor or LocalExecutor()
-    ctx = RunContext.new(out, table, run_id)
-    planned = plan_run(ctx, source, opts)
-    sampled = sample_run(ctx, planned, opts, executor)
-    trained = train_run(ctx, planned, sampled, opts)
-    encoded = encode_run(ctx, planned, sampled, trained, opts, executor)
-    times = stage_times(planned, sampled, trained, encoded)
-    committed = commit_run(ctx, planned, sampled, trained, encoded, opts, times)
-    times["commit"] = round(committed.seconds, 3)
-    ev = evaluate_run(ctx, committed, executor, times)
-    return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"])
+    return run_stages(RunContext.new(out, table, run_id), source, opts, executor or LocalExecutor())
 
 
 def stage_times(*results) -> dict:
