@@ -306,9 +306,12 @@ def _summarize(head: str, problems: list[str]) -> str:
 
 # ---- reading --------------------------------------------------------------------------------
 
-def vectors_as_numpy(arr: pa.Array, dim: int, *, where: str, column: str, first_row: int = 0) -> np.ndarray:
+def vectors_as_numpy(arr: pa.Array, dim: int, *, where: str, column: str, first_row: int = 0,
+                     rows: np.ndarray | None = None) -> np.ndarray:
     """The one Arrow -> numpy conversion for vectors: exact, float32, shape (n, dim).
 
+    `rows`, when given, holds the file row of each element (for arrays of sampled rows), else
+    the rows are `first_row`, `first_row + 1`, ...
     Refuses (SourceError naming file, column, row count and first bad row) null vectors, null
     components, rows of another dimension, NaN/Inf and non-float types. Handles slices
     correctly (`FixedSizeListArray.values` ignores slice offsets; `flatten()` drops nulls).
@@ -319,8 +322,9 @@ def vectors_as_numpy(arr: pa.Array, dim: int, *, where: str, column: str, first_
 
     def fail(mask: np.ndarray, reason: str):
         bad = np.nonzero(mask)[0]
-        raise SourceError(f"{where}: column {column!r}: {len(bad)} of {n} rows {reason} "
-                          f"(first at row {first_row + int(bad[0])})")
+        first = first_row + int(bad[0]) if rows is None else int(rows[bad[0]])  # rows: file row of each
+        of = f"{n} rows" if rows is None else f"{n} sampled rows"
+        raise SourceError(f"{where}: column {column!r}: {len(bad)} of {of} {reason} (first at row {first})")
 
     vt = _vector_type(arr.type)
     if vt is None:

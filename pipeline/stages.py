@@ -43,7 +43,7 @@ def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> np.ndarr
     shard, local_rows = item
     t = read_rows(shard, np.asarray(local_rows, np.int64), [columns.vector])
     return vectors_as_numpy(t.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
-                            first_row=shard.file_row_start)
+                            rows=shard.file_row_start + np.asarray(local_rows, np.int64))
 
 
 # ---- encode ---------------------------------------------------------------------------------
@@ -125,8 +125,16 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
         topk = TopK(xq.shape[0], job.eval_k, exclude=query_positions)
     read_cols = [cols.vector, cols.id, *cols.keep]
     num_rows = 0
+    failure: list[BaseException] = []
 
     def batches():
+        try:
+            yield from read_and_encode()
+        except BaseException as exc:  # lance re-raises it as OSError(LanceError(Arrow)); keep it
+            failure.append(exc)
+            raise
+
+    def read_and_encode():
         nonlocal num_rows
         for first_row, batch in iter_shard_batches(shard, read_cols, job.batch_size):
             ids = batch.column(1)
@@ -145,8 +153,15 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
             yield pa.record_batch([ids, codes_array(codes), *batch.columns[2:]], schema=schema)
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())
-    frags = lance.fragment.write_fragments(reader, job.table_uri, schema=schema,
-                                           max_rows_per_file=job.max_rows_per_file)
+    try:
+        # mode="overwrite": field ids from this schema, not from the table's current version
+        # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
+        frags = lance.fragment.write_fragments(reader, job.table_uri, schema=schema, mode="overwrite",
+                                               max_rows_per_file=job.max_rows_per_file)
+    except Exception:
+        if failure:
+            raise failure[0] from None
+        raise
     if num_rows != shard.num_rows:
         raise SourceError(f"{shard.file_uri}: expected {shard.num_rows} rows in row groups "
                           f"{shard.row_group_start}..{shard.row_group_stop - 1}, read {num_rows} (file changed?)")

@@ -73,11 +73,16 @@ class RayExecutor:
                     next_item += 1
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
-                    results[pending.pop(ref)] = _unwrap(ref)
+                    index = pending.pop(ref)
+                    results[index] = _unwrap(ref)
                     progress.step()
-        except BaseException:
-            for ref in pending:
-                ray.cancel(ref, force=True)
+        except Exception:
+            # No ray.cancel: under Ray 2.60 cancelling a task that is finishing aborts the driver
+            # (task_manager.cc "Tried to complete task that was not pending"). Give the few tasks
+            # in flight a moment to finish, drop their results, raise the first error. (Their
+            # uncommitted fragments are never referenced by a commit.)
+            if pending:
+                ray.wait(list(pending), num_returns=len(pending), timeout=10)
             raise
         return results
 
