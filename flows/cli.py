@@ -32,6 +32,11 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
                    help="held-out query vectors for evaluation, never trained on (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seeds sampling and training (default: %(default)s)")
     g.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
+    g.add_argument("--rerank-codec", default=None, metavar="SPEC",
+                   help="also store a warm column with this codec (e.g. SQ8, SQfp16) for re-ranking without "
+                        "the source; costs its bytes per vector (default: none)")
+    g.add_argument("--no-eval-rerank", dest="eval_rerank", action="store_false",
+                   help="skip measuring recall after exact re-ranking (it reads candidates' vectors back)")
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=65_536,
                    help="rows per batch in a worker; bounds worker memory (default: %(default)s)")
@@ -49,7 +54,7 @@ def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
     return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
                 num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
                 batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu,
-                ray_address=args.ray_address, **extra)
+                rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, ray_address=args.ray_address, **extra)
 
 
 def _run(kwargs: dict, no_prefect: bool) -> dict:
@@ -113,7 +118,8 @@ def cmd_search(args) -> None:
 
     m = version_manifest(require_dataset(args.out, args.table, args.version))
     xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"])
-    result = search(args.out, args.table, xq, args.k, rerank=args.rerank, version=args.version)
+    result = search(args.out, args.table, xq, args.k, rerank=args.rerank, rerank_from=args.rerank_from,
+                    version=args.version)
     if args.json:
         for row in result.to_pylist():
             print(json.dumps(row, default=str))
@@ -170,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
     s.add_argument("--rerank", type=int, default=0, metavar="R",
                    help="re-rank R x k candidates exactly against the source vectors (default: off)")
+    s.add_argument("--rerank-from", choices=["auto", "source", "column"], default="auto",
+                   help="where re-rank vectors come from: the warm column, the source Parquet, or auto "
+                        "(the warm column when the table has one) (default: %(default)s)")
     s.add_argument("--version", type=int, default=None, help="version (default: latest)")
     s.add_argument("--json", action="store_true", help="one JSON object per result line")
     s.set_defaults(func=cmd_search)

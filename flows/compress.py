@@ -58,6 +58,8 @@ def compress_flow(
     shard_rows: int = 500_000,
     ngpu: int = -1,
     allow_schema_change: bool = False,
+    rerank_codec: str | None = None,
+    eval_rerank: bool = True,
     ray_address: str | None = None,
     run_id: str | None = None,
 ) -> dict:

@@ -1,17 +1,48 @@
 """Trained vector codecs: a faiss standalone codec plus the metric it serves.
 
-A codec is described by a faiss factory string (`PQ32`, `PQ16x4`, `OPQ32,PQ32`, `RQ8x8`,
-`SQ8`, `SQfp16`, ...). Only "flat-code" indexes are accepted: every vector becomes a fixed
-number of bytes (`code_size`) that can be stored, decoded and searched on its own, without a
-coarse quantizer. Search over stored codes is faiss's asymmetric distance computation (ADC):
-queries stay float, the database stays compressed.
+A codec is described by a spec: a faiss factory string, extended with a few vecpress words
+where faiss has none. Every vector becomes a fixed number of bytes (`code_size`) that can be
+stored, decoded and searched on its own, without a coarse quantizer. Search over stored codes
+is faiss's asymmetric distance computation (ADC): queries stay float, the database stays
+compressed -- except for binary codes, which are searched by Hamming distance between the
+query's code and the stored codes (what LanceDB's `distance_type("hamming")` computes).
+
+Spec grammar (comma-separated, `key=value` options anywhere after the first token):
+
+- product quantizers: `PQ32` (8 bits), `PQ32x4`..`PQ32x12`, `OPQ32,PQ32`, `OPQ32_64,PQ32`,
+  and the 4-bit fast-scan layout `PQ32x4fs` (codes stored as plain packed PQ codes, searched
+  with faiss's IndexPQFastScan). Polysemous training is always off.
+- additive quantizers: `RQ8x8`, `LSQ8x8`, `PRQ2x4x8`, `PLSQ2x4x8`. Options: `beam=N` (RQ/PRQ
+  encoding beam, faiss max_beam_size: wider = better codes, slower encoding) and `ils=N`
+  (LSQ/PLSQ local-search iterations per encoding, faiss encode_ils_iters, the LSQ analogue).
+- scalar: `SQ4`, `SQ6`, `SQ8`, `SQfp16`, `SQbf16`. Option `calibrate=q` (SQ4/6/8 only): each
+  dimension's range is the [q, 1-q] quantile range of the training sample instead of min..max,
+  so a few outliers do not waste the levels (faiss RS_quantiles).
+- RaBitQ: `RaBitQ` (1 bit per dim + 8 bytes of factors), `RaBitQ2`..`RaBitQ8` (multi-bit).
+  Option `qb=N` (0..8): bits used to quantize queries during search (0 = float queries).
+  faiss 1.15's decode() of a multi-bit RaBitQ code returns only the 1-bit reconstruction;
+  search_codes uses all bits.
+- binary sign quantization: `BIN` (bit i = x_i > 0) and `BINt` (bit i = x_i > median_i of the
+  training sample); code size ceil(dim/8) bytes, the last byte zero-padded when dim is not a
+  multiple of 8 (padding bits are 0 in every code, so Hamming distances are unaffected).
+  Built as faiss IndexLSH behind a diagonal LinearTransform holding the thresholds and the
+  per-dimension scale mean|x_i - t_i| that decode() uses (t_i +- scale_i).
+  `is_binary` is True. Faiss transforms may come first (`RR64,BIN`, `PCA64,BINt`).
+- Matryoshka truncation: `MRL256,<any of the above>` keeps the first 256 dims (renormalised
+  to unit length for cosine only; ip and l2 use the raw prefix) and codes those. decode()
+  returns the decoded prefix padded with zeros back to the input dim, so
+  `relative_error(prepare_vectors(x), decode(encode(x)))` counts the dropped dims as error.
+- faiss pre-transforms work as in the factory: `PCA64,PQ16`, `PCAR64,PQ16`, `RR64,PQ16`.
+
+`check_codec_spec` rejects impossible specs before any data is read, saying what would fit.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -23,12 +54,91 @@ class CodecSpecError(ValueError):
     """A codec spec that cannot work for this data (raised before any data is read)."""
 
 
+MAX_NBITS = 12  # more bits per sub-quantizer trains for hours and needs 2^nbits x 39 vectors
+
+# option -> (what parses it, which codec families accept it, one-line description)
+OPTIONS = {
+    "beam": (int, "RQ/PRQ", "encoding beam width (faiss max_beam_size)"),
+    "ils": (int, "LSQ/PLSQ", "local-search iterations per encoding (faiss encode_ils_iters)"),
+    "calibrate": (float, "SQ4/SQ6/SQ8", "clip each dim's range to its [q, 1-q] quantiles"),
+    "qb": (int, "RaBitQ", "bits per query component during search, 0 = float queries"),
+}
+
+
 def _divisors(n: int) -> list[int]:
     return [m for m in range(1, n + 1) if n % m == 0]
 
 
+# ---- parsing ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ParsedSpec:
+    """A spec split into its parts: Matryoshka prefix, faiss factory string, vecpress binary
+    word and options."""
+
+    spec: str
+    mrl: int | None  # keep the first `mrl` dims
+    factory: str  # faiss factory string of the codec (BIN/BINt replaced by LSH)
+    binary: str | None  # "BIN" or "BINt"
+    options: dict = field(default_factory=dict)
+
+
+def parse_spec(spec: str, dim: int) -> ParsedSpec:
+    """Split a spec into its parts; CodecSpecError for grammar errors (not faiss's)."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise CodecSpecError("empty codec spec: try PQ32, SQ8, RQ8x8, BIN or MRL256,PQ32")
+    tokens = [t.strip() for t in spec.strip().split(",")]
+    if any(not t for t in tokens):
+        raise CodecSpecError(f"codec {spec!r} has an empty part between commas")
+    options: dict = {}
+    body: list[str] = []
+    for tok in tokens:
+        if "=" not in tok:
+            body.append(tok)
+            continue
+        key, _, raw = tok.partition("=")
+        key = key.strip()
+        if key not in OPTIONS:
+            known = ", ".join(f"{k}= ({fam}: {desc})" for k, (_, fam, desc) in OPTIONS.items())
+            raise CodecSpecError(f"codec {spec!r}: unknown option {key!r}; known options: {known}")
+        if key in options:
+            raise CodecSpecError(f"codec {spec!r}: option {key}= given twice")
+        parse = OPTIONS[key][0]
+        try:
+            options[key] = parse(raw.strip())
+        except ValueError:
+            raise CodecSpecError(f"codec {spec!r}: option {key}= needs a {parse.__name__}, got {raw!r}") from None
+    mrl = None
+    if body and (m := re.fullmatch(r"MRL(\d+)", body[0])):
+        mrl = int(m.group(1))
+        body = body[1:]
+        if not 1 <= mrl < dim:
+            raise CodecSpecError(
+                f"codec {spec!r}: MRL{mrl} must keep fewer dims than the input dim={dim} and at "
+                f"least 1: try MRL{dim // 2} or MRL{dim // 4}, or drop the MRL prefix")
+    if any(re.fullmatch(r"MRL\d*", t) for t in body):
+        raise CodecSpecError(f"codec {spec!r}: MRL<n> must be the first part of the spec, e.g. MRL256,PQ32")
+    if not body:
+        raise CodecSpecError(f"codec {spec!r} has no codec after its prefix/options: add e.g. PQ32 or SQ8")
+    binary = None
+    if body[-1] in ("BIN", "BINt"):
+        binary = body[-1]
+        body = body[:-1] + ["LSH"]
+    elif any(re.match(r"LSH", t) for t in body):
+        raise CodecSpecError(f"codec {spec!r}: use BIN (sign of each dim) or BINt (per-dim median "
+                             "thresholds) for binary codes instead of faiss's LSH")
+    if any(re.match(r"ITQ", t) for t in body):
+        raise CodecSpecError(f"codec {spec!r}: ITQ cannot be decoded (faiss has no inverse); use "
+                             "RR<d> or PCAR<d> before BIN instead")
+    if any(t in ("BIN", "BINt") for t in body[:-1]):
+        raise CodecSpecError(f"codec {spec!r}: BIN/BINt must be the last codec part")
+    return ParsedSpec(spec=spec.strip(), mrl=mrl, factory=",".join(body), binary=binary, options=options)
+
+
+# ---- building ---------------------------------------------------------------------------------
+
 def _innermost(index):
-    """(chain of vector transforms, innermost flat-code index) of a factory-built index."""
+    """(chain of vector transforms, innermost codec index) of a possibly nested index."""
     index = faiss.downcast_index(index)
     chain = []
     while isinstance(index, faiss.IndexPreTransform):
@@ -37,59 +147,193 @@ def _innermost(index):
     return chain, index
 
 
-def _min_train(inner) -> int:
+def _pretransform_levels(index) -> list:
+    levels = []
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        levels.append(index)
+        index = faiss.downcast_index(index.index)
+    return levels
+
+
+def _quantizer_nbits(inner) -> list[int]:
+    """nbits of every sub-quantizer that k-means must train (2^nbits centroids each)."""
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        return [int(inner.pq.nbits)]
+    aq = getattr(inner, "aq", None)
+    if isinstance(inner, faiss.IndexAdditiveQuantizer) and aq is not None:
+        return [int(aq.nbits.at(i)) for i in range(aq.nbits.size())]
+    return []
+
+
+def _min_train(chain, inner) -> int:
     """The fewest training vectors the codec can be trained on at all."""
-    if isinstance(inner, faiss.IndexPQ):
-        return 1 << inner.pq.nbits
-    if isinstance(inner, faiss.IndexResidualQuantizer):
-        return max(1 << int(inner.rq.nbits.at(i)) for i in range(inner.rq.nbits.size()))
-    if isinstance(inner, faiss.IndexLocalSearchQuantizer):
-        return 1 << int(inner.lsq.nbits.at(0))
-    return 1
+    need = max([1 << b for b in _quantizer_nbits(inner)], default=1)
+    for vt in chain:
+        if isinstance(vt, faiss.OPQMatrix):
+            need = max(need, 256)  # OPQ trains an 8-bit PQ internally
+    return need
+
+
+def _leading_m(factory: str) -> int | None:
+    match = re.search(r"(?:^|,)(?:PQ|RQ|LSQ|PRQ|PLSQ)(\d+)", factory)
+    return int(match.group(1)) if match else None
+
+
+def _faiss_index(spec: str, factory: str, dim: int, mt: int, what: str):
+    try:
+        return faiss.index_factory(dim, factory, mt)
+    except RuntimeError as exc:
+        text = str(exc).strip()
+        reason = text.splitlines()[-1] if text else "rejected by faiss"
+        reason = re.sub(r"^Error in .*?: ", "", reason)
+        hint = ""
+        m = _leading_m(factory)
+        sub_dim = dim
+        opq = re.match(r"OPQ\d+_(\d+),", factory)
+        if opq:
+            sub_dim = int(opq.group(1))
+        if m is not None and sub_dim % m:
+            fits = [d for d in _divisors(sub_dim) if 1 < d <= 256]
+            hint = f"; m must divide dim={sub_dim}{what}: try one of {fits}"
+        raise CodecSpecError(f"codec {spec!r} does not work for dim={dim}{what}: {reason}{hint}") from None
+
+
+def _own(parent, *children) -> None:
+    """Hand `children` over to the C++ `parent` (it deletes them), so Python never frees them."""
+    parent.own_fields = True
+    for child in children:
+        child.this.disown()
 
 
 def build_index(spec: str, dim: int, metric: str):
     """An untrained faiss index for `spec`, or CodecSpecError saying what would fit."""
     mt = faiss_metric(metric)
-    spec = spec.strip()
-    try:
-        index = faiss.index_factory(dim, spec, mt)
-    except RuntimeError as exc:
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else "rejected by faiss"
-        hint = ""
-        m = _leading_m(spec)
-        if m is not None and dim % m:
-            fits = [d for d in _divisors(dim) if d <= 256 and d > 1]
-            hint = f"; m must divide dim={dim}: try one of {fits}"
-        raise CodecSpecError(f"codec {spec!r} does not work for dim={dim}: {reason}{hint}") from None
-    _, inner = _innermost(index)
-    if not isinstance(inner, faiss.IndexFlatCodes):
+    p = parse_spec(spec, dim)
+    d_in = p.mrl or dim
+    what = f" (after MRL{p.mrl})" if p.mrl else ""
+    index = _faiss_index(p.spec, p.factory, d_in, mt, what)
+    chain, inner = _innermost(index)
+    if not isinstance(inner, (faiss.IndexFlatCodes, faiss.IndexPQFastScan)):
         raise CodecSpecError(
-            f"codec {spec!r} builds a {type(inner).__name__}, not a standalone codec: use a "
-            "flat-code spec such as PQ32, PQ32x4, OPQ32,PQ32, RQ8x8, SQ8 or SQfp16 "
-            "(IVF/HNSW indexes are search structures, not codecs)"
-        )
+            f"codec {p.spec!r} builds a {type(inner).__name__}, not a standalone codec: use a "
+            "flat-code spec such as PQ32, PQ32x4fs, OPQ32,PQ32, RQ8x8, SQ8, RaBitQ or BIN "
+            "(IVF/HNSW indexes are search structures, not codecs)")
+    if isinstance(inner, faiss.IndexPQFastScan) and inner.pq.nbits != 4:
+        raise CodecSpecError(f"codec {p.spec!r}: fast-scan PQ is 4-bit only: use PQ{inner.pq.M}x4fs")
+    nbits = _quantizer_nbits(inner)
+    if nbits and max(nbits) > MAX_NBITS:
+        raise CodecSpecError(f"codec {p.spec!r}: {max(nbits)} bits per sub-quantizer is too many: "
+                             f"use at most {MAX_NBITS} (e.g. twice the m with half the bits)")
+    _apply_options(p, inner)
+    if p.binary:
+        index = _add_binary_scaling(index, inner)
+    if p.mrl:
+        index = _add_mrl(index, dim, p.mrl, metric)
     return index
 
 
-def _leading_m(spec: str) -> int | None:
-    match = re.search(r"(?:^|,)(?:PQ|RQ|LSQ)(\d+)", spec)
-    return int(match.group(1)) if match else None
+def _add_binary_scaling(index, lsh):
+    """Put an (untrained) per-dimension affine map z = (x - t) / s in front of IndexLSH: the
+    sign of z is the code, t + s * sign is the decoded vector."""
+    d = int(lsh.d)
+    lt = faiss.LinearTransform(d, d, True)
+    lt.is_trained = False
+    if isinstance(index, faiss.IndexPreTransform):
+        index.chain.push_back(lt)  # factory-built: owns its chain
+        lt.this.disown()
+        index.is_trained = False
+        return index
+    outer = faiss.IndexPreTransform(lt, index)
+    _own(outer, lt, index)
+    outer.is_trained = False
+    return outer
+
+
+def _add_mrl(index, dim: int, keep: int, metric: str):
+    """Matryoshka prefix: keep the first `keep` dims (renormalised for cosine), then `index`."""
+    remap = faiss.RemapDimensionsTransform(dim, keep, False)
+    trained = bool(index.is_trained)
+    outer = faiss.IndexPreTransform(remap, index)
+    children = [remap, index]
+    if metric == "cosine":
+        norm = faiss.NormalizationTransform(keep, 2.0)
+        outer.chain.push_back(norm)
+        children.append(norm)
+    _own(outer, *children)
+    outer.is_trained = trained
+    return outer
+
+
+def _apply_options(p: ParsedSpec, inner) -> None:
+    def refuse(key):
+        fam = OPTIONS[key][1]
+        extra = " (LSQ has no beam: use ils=N)" if key == "beam" and isinstance(
+            inner, (faiss.IndexLocalSearchQuantizer, faiss.IndexProductLocalSearchQuantizer)) else ""
+        raise CodecSpecError(f"codec {p.spec!r}: option {key}= applies to {fam} codecs only, "
+                             f"not to {type(inner).__name__}{extra}")
+
+    for key, value in p.options.items():
+        if key == "beam":
+            if isinstance(inner, faiss.IndexResidualQuantizer):
+                qs = [inner.rq]
+            elif isinstance(inner, faiss.IndexProductResidualQuantizer):
+                qs = [faiss.downcast_AdditiveQuantizer(inner.prq.subquantizer(i)) for i in range(inner.prq.nsplits)]
+            else:
+                refuse(key)
+            if value < 1:
+                raise CodecSpecError(f"codec {p.spec!r}: beam= must be >= 1 (faiss default 5)")
+            for q in qs:
+                q.max_beam_size = value
+        elif key == "ils":
+            if isinstance(inner, faiss.IndexLocalSearchQuantizer):
+                qs = [inner.lsq]
+            elif isinstance(inner, faiss.IndexProductLocalSearchQuantizer):
+                qs = [faiss.downcast_AdditiveQuantizer(inner.plsq.subquantizer(i)) for i in range(inner.plsq.nsplits)]
+            else:
+                refuse(key)
+            if value < 1:
+                raise CodecSpecError(f"codec {p.spec!r}: ils= must be >= 1 (faiss default 16)")
+            for q in qs:
+                q.encode_ils_iters = value
+        elif key == "calibrate":
+            sq_types = (faiss.ScalarQuantizer.QT_4bit, faiss.ScalarQuantizer.QT_6bit, faiss.ScalarQuantizer.QT_8bit)
+            if not (isinstance(inner, faiss.IndexScalarQuantizer) and inner.sq.qtype in sq_types):
+                refuse(key)
+            if not 0 < value < 0.5:
+                raise CodecSpecError(f"codec {p.spec!r}: calibrate= is the share clipped at each end, "
+                                     f"0 < q < 0.5 (e.g. 0.001), got {value}")
+            inner.sq.rangestat = faiss.ScalarQuantizer.RS_quantiles
+            inner.sq.rangestat_arg = value
+        elif key == "qb":
+            if not isinstance(inner, faiss.IndexRaBitQ):
+                refuse(key)
+            if not 0 <= value <= 8:
+                raise CodecSpecError(f"codec {p.spec!r}: qb= must be 0 (float queries) to 8, got {value}")
+            inner.qb = value
+
+
+def code_size_of(spec: str, dim: int, metric: str) -> int:
+    """Bytes per vector of `spec` for this dim and metric (no training-size check)."""
+    return int(build_index(spec, dim, metric).sa_code_size())
 
 
 def check_codec_spec(spec: str, dim: int, metric: str, num_train: int) -> int:
     """Validate a spec against the data's dim and the training-sample size, before any data
     is read. Returns the code size in bytes per vector."""
     index = build_index(spec, dim, metric)
-    _, inner = _innermost(index)
-    need = _min_train(inner)
+    chain, inner = _innermost(index)
+    need = _min_train(chain, inner)
     if num_train < need:
+        fits = int(math.floor(math.log2(max(num_train, 1))))
         raise CodecSpecError(
             f"codec {spec!r} needs at least {need} training vectors (2^nbits centroids), "
-            f"only {num_train} available: use fewer bits (e.g. PQmx4) or a larger corpus"
-        )
+            f"only {num_train} available: the largest nbits this sample supports is {fits} "
+            f"(e.g. PQmx{max(min(fits, MAX_NBITS), 1)}), or sample a larger corpus")
     return int(index.sa_code_size())
 
+
+# ---- the codec --------------------------------------------------------------------------------
 
 @dataclass
 class Codec:
@@ -105,6 +349,11 @@ class Codec:
     def code_size(self) -> int:
         return int(self.index.sa_code_size())
 
+    @property
+    def is_binary(self) -> bool:
+        """Bit-packed codes searched by Hamming distance (popcount of xor over the bytes)."""
+        return isinstance(_innermost(self.index)[1], faiss.IndexLSH)
+
     # ---- training -------------------------------------------------------------------------
     @classmethod
     def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1) -> "Codec":
@@ -116,9 +365,12 @@ class Codec:
         dim = xt.shape[1]
         index = build_index(spec, dim, metric)
         chain, inner = _innermost(index)
-        need = _min_train(inner)
+        need = _min_train(chain, inner)
         if xt.shape[0] < need:
             raise CodecSpecError(f"codec {spec!r} needs at least {need} training vectors, got {xt.shape[0]}")
+        if isinstance(inner, faiss.IndexLSH):
+            _train_binary(index, chain, inner, xt, binary=parse_spec(spec, dim).binary)
+            return cls(spec=spec, metric=metric, dim=dim, index=index)
         keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
         index.train(xt)
         _release_gpu(inner)
@@ -135,30 +387,45 @@ class Codec:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, code_size) uint8 -> (n, dim) float32 reconstructions (of the normalised vectors
-        for cosine)."""
+        for cosine; MRL codecs pad the decoded prefix with zeros back to dim)."""
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
         if codes.shape[0] == 0:
             return np.zeros((0, self.dim), np.float32)
-        return self.index.sa_decode(codes)
+        chain, inner = _innermost(self.index)
+        if not isinstance(inner, faiss.IndexLSH):
+            return self.index.sa_decode(codes)
+        scaling = chain[-1]
+        d = int(inner.nbits)
+        signs = np.unpackbits(codes, axis=1, count=d, bitorder="little").astype(np.float32) * 2 - 1
+        scale, shift = _binary_scale_shift(scaling)
+        y = np.ascontiguousarray(signs * scale + shift, dtype=np.float32)
+        for vt in reversed(chain[:-1]):
+            y = vt.reverse_transform(y)
+        return y
 
     def search_codes(self, xq: np.ndarray, codes: np.ndarray, k: int):
-        """Asymmetric search of raw queries over stored codes.
+        """Search of raw queries over stored codes: ADC for quantizers, Hamming distance
+        between the query's code and the stored codes for binary codecs.
 
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """
-        xq = prepare_vectors(xq, self.metric)
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
-        nq = xq.shape[0]
+        nq = np.asarray(xq).shape[0]
         if codes.shape[0] == 0 or k == 0:
             return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        chain, inner = _innermost(self.index)
-        for vt in chain:
-            xq = vt.apply(xq)
-        searcher = faiss.clone_index(inner)
-        searcher.reset()
-        searcher.add_sa_codes(codes)
-        D, I = searcher.search(xq, k)
-        D = as_distances(D, self.metric).astype(np.float32)
+        if self.is_binary:
+            searcher = faiss.IndexBinaryFlat(8 * self.code_size)
+            searcher.add(codes)
+            D, I = searcher.search(self.encode(xq), k)
+            D = D.astype(np.float32)
+        else:
+            xq = prepare_vectors(xq, self.metric)
+            chain, inner = _innermost(self.index)
+            for vt in chain:
+                xq = vt.apply(xq)
+            searcher = _code_searcher(inner, codes)
+            D, I = searcher.search(xq, k)
+            D = as_distances(D, self.metric).astype(np.float32)
         D[I < 0] = np.inf
         return D, I.astype(np.int64)
 
@@ -179,21 +446,79 @@ class Codec:
         return cls(spec=spec, metric=metric, dim=int(index.d), index=index)
 
 
+def _code_searcher(inner, codes: np.ndarray):
+    """An index holding `codes` that searches them with faiss's ADC."""
+    if isinstance(inner, faiss.IndexPQFastScan):
+        # fast-scan stores codes in blocked SIMD layout: load plain PQ codes, then convert
+        plain = faiss.IndexPQ(int(inner.d), int(inner.pq.M), int(inner.pq.nbits), inner.metric_type)
+        plain.pq = inner.pq
+        plain.is_trained = True
+        plain.add_sa_codes(codes)
+        return faiss.IndexPQFastScan(plain)
+    searcher = faiss.clone_index(inner)
+    searcher.reset()
+    searcher.add_sa_codes(codes)
+    return searcher
+
+
+def _binary_scale_shift(scaling) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) of the binary codec's map z = (x - t) / s, read back from its LinearTransform."""
+    d = int(scaling.d_out)
+    a = faiss.vector_to_array(scaling.A).reshape(d, d).diagonal().astype(np.float64)
+    b = faiss.vector_to_array(scaling.b).astype(np.float64)
+    scale = 1.0 / a
+    return scale.astype(np.float32), (-b * scale).astype(np.float32)
+
+
+def _train_binary(index, chain, lsh, xt: np.ndarray, *, binary: str | None) -> None:
+    """Train the transforms before the sign step, then set thresholds t (0 for BIN, the
+    per-dimension median for BINt) and scales s = mean |x - t| (the best reconstruction
+    t + s * sign(x - t) in the least-squares sense)."""
+    x = xt
+    for vt in chain[:-1]:
+        if not vt.is_trained:
+            vt.train(x)
+        x = vt.apply(x)
+    x = x.astype(np.float64)
+    t = np.median(x, axis=0) if binary == "BINt" else np.zeros(x.shape[1])
+    s = np.abs(x - t).mean(axis=0)
+    s = np.where(s > 1e-12, s, 1.0)
+    scaling = chain[-1]
+    d = x.shape[1]
+    faiss.copy_array_to_vector(np.diag(1.0 / s).astype(np.float32).ravel(), scaling.A)
+    faiss.copy_array_to_vector((-t / s).astype(np.float32), scaling.b)
+    scaling.is_trained = True
+    assert int(scaling.d_in) == d  # by construction
+    for level in _pretransform_levels(index):
+        level.is_trained = True
+
+
 def _configure_training(chain, inner, *, seed: int, ngpu: int):
     """Seed every k-means the codec runs; route k-means assignment to the GPU if present."""
     if isinstance(inner, faiss.IndexPQ):
         inner.do_polysemous_training = False  # 6-8x slower training, no benefit for codes
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
         inner.pq.cp.seed = seed
     for q in (getattr(inner, "rq", None), getattr(inner, "lsq", None)):
         if q is not None and hasattr(q, "cp"):
             q.cp.seed = seed
     if isinstance(inner, faiss.IndexLocalSearchQuantizer):
         inner.lsq.random_seed = seed
+    for name in ("prq", "plsq"):
+        paq = getattr(inner, name, None)
+        if paq is None:
+            continue
+        for i in range(paq.nsplits):
+            sub = faiss.downcast_AdditiveQuantizer(paq.subquantizer(i))
+            if hasattr(sub, "cp"):
+                sub.cp.seed = seed + i
+            if hasattr(sub, "random_seed"):
+                sub.random_seed = seed + i
     # OPQ's rotation and inner k-means use faiss's fixed internal seeds: deterministic as is
     if num_gpus(ngpu) == 0:
         return None
     res = faiss.StandardGpuResources()
-    if isinstance(inner, faiss.IndexPQ):
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
         inner.pq.assign_index = faiss.GpuIndexFlatL2(res, inner.pq.dsub)
         return res, inner.pq.assign_index
     if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(faiss, "GpuProgressiveDimIndexFactory"):
@@ -205,7 +530,45 @@ def _configure_training(chain, inner, *, seed: int, ngpu: int):
 
 def _release_gpu(inner) -> None:
     """Drop GPU helpers so the trained index serialises as a plain CPU codec."""
-    if isinstance(inner, faiss.IndexPQ):
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
         inner.pq.assign_index = None
     if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(inner.rq, "assign_index_factory"):
         inner.rq.assign_index_factory = None
+
+
+# ---- default candidates -----------------------------------------------------------------------
+
+def default_grid(dim: int, metric: str, *, min_bytes: int = 8, max_bytes: int = 256) -> list[str]:
+    """Candidate codec specs for the advisor's sweep, sorted by code size then spec.
+
+    One or two of each family at budgets from `min_bytes` to `max_bytes` bytes per vector,
+    keeping only specs valid for `dim` whose code size falls in the range. Chosen to train in
+    a few seconds each on 20k x 384 vectors on 2 cores: RQ/LSQ only small and with a narrow
+    beam, OPQ only at dim <= 256 (its rotation training costs grow with dim^2 x iterations),
+    MRL prefixes only at dim >= 256 (they only pay off on Matryoshka-trained embeddings).
+    """
+    faiss_metric(metric)
+    cands: list[str] = []
+    # PQ, 8 bits: m a divisor of dim with >= 2 dims per sub-vector, at powers of two and 1.5x
+    pq_ms = [m for m in (8, 16, 24, 32, 48, 64, 96, 128, 192, 256) if dim % m == 0 and dim // m >= 2]
+    cands += [f"PQ{m}" for m in pq_ms]
+    cands += [f"PQ{m}x4fs" for m in (16, 32, 64, 128) if dim % m == 0 and dim // m >= 2]
+    if dim <= 256:
+        cands += [f"OPQ{m},PQ{m}" for m in (8, 16, 32) if dim % m == 0 and dim // m >= 2][:2]
+    cands += ["RQ8x8,beam=4"]
+    cands += ["SQ4", "SQ6", "SQ8", "SQfp16", "SQbf16", "SQ8,calibrate=0.001"]
+    cands += ["BIN", "BINt", "RaBitQ", "RaBitQ4"]
+    if dim >= 256:
+        half, quarter = dim // 2, dim // 4
+        cands += [f"MRL{half},SQ8", f"MRL{half},BIN"]
+        cands += [f"MRL{half},PQ{m}" for m in (32, 64) if half % m == 0][:1]
+        cands += [f"MRL{quarter},SQ8"]
+    sized = {}
+    for spec in cands:
+        try:
+            size = code_size_of(spec, dim, metric)
+        except CodecSpecError:
+            continue
+        if min_bytes <= size <= max_bytes:
+            sized[spec] = size
+    return sorted(sized, key=lambda s: (sized[s], s))

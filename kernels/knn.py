@@ -62,15 +62,18 @@ class TopK:
 
     `exclude[q]` is an id never kept for query q (the query's own row, when queries are held
     out from the corpus itself), so a query does not count itself as its own neighbour.
+    With `with_extra`, each result carries one more float (e.g. its exact distance, when D is
+    an approximate one) that follows it through the merge: `E`.
     """
 
-    def __init__(self, num_queries: int, k: int, exclude: np.ndarray | None = None):
+    def __init__(self, num_queries: int, k: int, exclude: np.ndarray | None = None, *, with_extra: bool = False):
         self.k = k
         self.D = np.full((num_queries, k), np.inf, np.float32)
         self.I = np.full((num_queries, k), -1, np.int64)
+        self.E = np.full((num_queries, k), np.inf, np.float32) if with_extra else None
         self.exclude = None if exclude is None else np.asarray(exclude, np.int64).reshape(-1, 1)
 
-    def add(self, D: np.ndarray, I: np.ndarray) -> None:
+    def add(self, D: np.ndarray, I: np.ndarray, E: np.ndarray | None = None) -> None:
         D = np.asarray(D, np.float32)
         I = np.asarray(I, np.int64)
         if self.exclude is not None:
@@ -83,25 +86,26 @@ class TopK:
         self.D = np.take_along_axis(allD, order, axis=1)
         self.I = np.take_along_axis(allI, order, axis=1)
         self.I[~np.isfinite(self.D)] = -1
+        if self.E is not None:
+            if E is None:
+                raise ValueError("this TopK carries an extra value per result: pass E")
+            self.E = np.take_along_axis(np.hstack([self.E, np.asarray(E, np.float32)]), order, axis=1)
 
     def result(self):
         return self.D, self.I
 
 
-def rerank(xq: np.ndarray, candidates: np.ndarray, ids: np.ndarray, k: int, metric: str):
-    """Exact re-ranking of per-query candidate vectors.
-
-    xq (nq, d) and candidates (nq, c, d) are prepared vectors; ids (nq, c) with -1 for "none".
-    Returns the k best (D, I) per query by exact distance, D smaller-is-better.
-    """
-    xq = np.asarray(xq, np.float32)
+def pair_distances(xq: np.ndarray, x: np.ndarray, metric: str) -> np.ndarray:
+    """Exact smaller-is-better distance between row i of xq and row i of x (prepared vectors)."""
     if metric == "l2":
-        D = ((candidates - xq[:, None, :]) ** 2).sum(axis=2)
-    else:
-        D = -np.einsum("qcd,qd->qc", candidates, xq)
-    D = np.where(ids < 0, np.inf, D).astype(np.float32)
-    order = np.argsort(D, axis=1, kind="stable")[:, :k]
-    D = np.take_along_axis(D, order, axis=1)
-    I = np.take_along_axis(ids, order, axis=1)
-    I[~np.isfinite(D)] = -1
-    return D, I
+        return ((xq - x) ** 2).sum(axis=1).astype(np.float32)
+    return -(xq * x).sum(axis=1).astype(np.float32)
+
+
+def candidate_distances(xq: np.ndarray, x: np.ndarray, I: np.ndarray, metric: str) -> np.ndarray:
+    """Exact distances of each query to its candidates I (rows of x, -1 = none -> inf)."""
+    safe = np.where(I >= 0, I, 0)
+    nq, c = I.shape
+    E = pair_distances(np.repeat(xq, c, axis=0), x[safe.ravel()], metric).reshape(nq, c)
+    return np.where(I >= 0, E, np.inf).astype(np.float32)
+

@@ -27,3 +27,13 @@ def relative_error(x: np.ndarray, x_rec: np.ndarray) -> float:
     num = float(((x - np.asarray(x_rec, np.float64)) ** 2).sum())
     den = float((x**2).sum())
     return num / den if den > 0 else 0.0
+
+
+def reranked(I: np.ndarray, E: np.ndarray, k: int, r: int) -> np.ndarray:
+    """The k best of the first r*k candidates (in approximate order) by exact distance E:
+    what a search that re-ranks r x k candidates returns."""
+    c = min(r * k, I.shape[1])
+    order = np.argsort(E[:, :c], axis=1, kind="stable")[:, :k]
+    out = np.take_along_axis(I[:, :c], order, axis=1)
+    out[~np.isfinite(np.take_along_axis(E[:, :c], order, axis=1))] = -1
+    return out

@@ -18,16 +18,17 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.codec import Codec, CodecSpecError, check_codec_spec
+from kernels.codec import Codec, CodecSpecError, check_codec_spec, codec_is_binary
 from kernels.knn import METRICS, TopK, prepare_vectors
-from kernels.metrics import knn_recall, relative_error
+from kernels.metrics import knn_recall, relative_error, reranked
 from pipeline import __version__, storage
 from pipeline.codec_store import CodecRef, load_codec, save_codec
 from pipeline.errors import ConfigError, VecpressError
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.lance_io import (
-    check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri,
+    check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri, version_manifest,
 )
+from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
 from pipeline.source import SourcePlan, SourceSpec, plan_sources
 from pipeline.stages import CodeSearch, Columns, EncodeJob, encode_shard, sample_rows, search_fragment
@@ -62,6 +63,12 @@ class CompressOptions:
     ngpu: int = -1
     #: allow a run to replace an existing table that has another schema
     allow_schema_change: bool = False
+    #: warm column codec (e.g. SQ8, SQfp16) stored beside the codes for re-ranking without the
+    #: source; costs its bytes per vector. None = re-rank against the source Parquet
+    rerank_codec: str | None = None
+    #: also measure recall after exact re-ranking of r x k candidates (r in 1, 2, 4, 10); reads
+    #: the candidates' vectors back from the warm column or the source
+    eval_rerank: bool = True
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -77,6 +84,13 @@ def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
                         id_column=params.get("id_column", "id"), keep=tuple(params.get("keep") or ()))
     fields = set(CompressOptions.__dataclass_fields__)
     return source, CompressOptions(**{k: v for k, v in params.items() if k in fields})
+
+
+def output_schema(plan: SourcePlan, code_size: int, *, binary: bool, rerank_size: int | None,
+                  metadata: dict | None = None):
+    out_fields = plan.output_fields
+    return codes_schema(out_fields.field(0), code_size, list(out_fields)[1:], metadata, binary=binary,
+                        rerank_size=rerank_size)
 
 
 def default_codec(dim: int) -> str:
@@ -148,10 +162,11 @@ def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Plan
     spec = opts.codec or default_codec(plan.dim)
     try:
         code_size = check_codec_spec(spec, plan.dim, opts.metric, num_train)
+        rerank_size = check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, num_train) if opts.rerank_codec else None
+        binary = codec_is_binary(spec, plan.dim, opts.metric)
     except CodecSpecError as exc:
         raise ConfigError(str(exc)) from None
-    out_fields = plan.output_fields
-    schema = codes_schema(out_fields.field(0), code_size, list(out_fields)[1:])
+    schema = output_schema(plan, code_size, binary=binary, rerank_size=rerank_size)
     read_version = check_compatible(ctx.out, ctx.table, schema, allow_schema_change=opts.allow_schema_change)
     storage.write_bytes(ctx.run_file("plan.json"), json.dumps(plan.to_dict(), indent=1).encode())
     log.info("plan: %d rows in %d files, %d shards, dim %d (%s); codec %s = %d bytes/vector",
@@ -205,6 +220,7 @@ def sample_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executo
 @dataclass
 class Trained:
     codec: CodecRef
+    rerank_codec: CodecRef | None = None
     seconds: float = 0.0
 
 
@@ -214,8 +230,11 @@ def train_run(ctx: RunContext, planned: Planned, sampled: Sampled, opts: Compres
     xt = load_array(sampled.train_uri)
     codec = Codec.train(xt, planned.codec_spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu)
     ref = save_codec(codec, ctx.sidecar)
+    warm = None
+    if opts.rerank_codec:
+        warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
     log.info("train: %s on %d vectors in %.1fs -> %s", ref.spec, xt.shape[0], time.perf_counter() - start, ref.uri)
-    return Trained(ref, time.perf_counter() - start)
+    return Trained(ref, warm, time.perf_counter() - start)
 
 
 # ---- encode ---------------------------------------------------------------------------------
@@ -235,7 +254,8 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     start = time.perf_counter()
     plan = planned.plan
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
-                    batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"))
+                    batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
+                    rerank_codec=trained.rerank_codec)
     qpos = load_array(sampled.query_positions_uri)
     results = executor.map(encode_shard, plan.shards, desc="encode",
                            shared={"job": job, "queries": load_array(sampled.queries_uri), "query_positions": qpos})
@@ -273,6 +293,9 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "dim": plan.dim,
         "metric": opts.metric,
         "codec": {**trained.codec.to_dict(), "uri": relative_to_out(ctx, trained.codec.uri)},
+        "codec_binary": codec_is_binary(trained.codec.spec, plan.dim, opts.metric),
+        "rerank_codec": None if trained.rerank_codec is None else {
+            **trained.rerank_codec.to_dict(), "uri": relative_to_out(ctx, trained.rerank_codec.uri)},
         "source": {
             "uris": sorted({f.uri for f in plan.files}) if len(plan.files) <= 20 else None,
             "num_files": len(plan.files),
@@ -287,6 +310,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             "ground_truth_uri": relative_to_out(ctx, encoded.ground_truth_uri),
         },
         "code_bytes": trained.codec.code_size,
+        "rerank_bytes": None if trained.rerank_codec is None else trained.rerank_codec.code_size,
         "source_bytes": plan.source_bytes_per_vector,
         "options": dataclasses.asdict(opts),
         "stage_seconds": stage_seconds,
@@ -298,9 +322,9 @@ def commit_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     """One atomic Lance commit: the new version appears whole or not at all, once per run id."""
     start = time.perf_counter()
     manifest = build_manifest(ctx, planned, sampled, trained, encoded, opts, stage_seconds)
-    out_fields = planned.plan.output_fields
-    schema = codes_schema(out_fields.field(0), trained.codec.code_size, list(out_fields)[1:],
-                          metadata={MANIFEST_METADATA_KEY: json.dumps(manifest).encode()})
+    schema = output_schema(planned.plan, trained.codec.code_size, binary=manifest["codec_binary"],
+                           rerank_size=manifest["rerank_bytes"],
+                           metadata={MANIFEST_METADATA_KEY: json.dumps(manifest).encode()})
     version = commit_overwrite(ctx.out, ctx.table, schema, encoded.fragments, run_id=ctx.run_id,
                                read_version=planned.read_version)
     manifest["version"] = version
@@ -311,13 +335,38 @@ def commit_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
 
 # ---- evaluate -------------------------------------------------------------------------------
 
-def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None) -> dict:
+RERANK_FACTORS = (1, 2, 4, 10)
+
+
+def manifest_codec(out: str, entry: dict | None) -> CodecRef | None:
+    """A codec entry of a version's manifest (uri relative to OUT) as a loadable CodecRef."""
+    if entry is None:
+        return None
+    return CodecRef(**{**entry, "uri": storage.join(storage.normalize(out), entry["uri"])})
+
+
+def recall_table(truth: np.ndarray, I: np.ndarray, num_rows: int, E: np.ndarray | None = None) -> dict:
+    """recall@1/10/100 of ADC results I, and with exact re-ranking of r x k candidates (E: the
+    exact distances of I's candidates) for every r x k that I holds."""
+    k = I.shape[1]
+    ev = {f"recall_at_{kk}": knn_recall(truth, I, kk) if kk <= k and kk <= num_rows - 1 else None
+          for kk in RECALL_KS}
+    if E is not None:
+        ev["rerank"] = {str(r): {f"recall_at_{kk}": knn_recall(truth, reranked(I, E, kk, r), kk)
+                                 for kk in RECALL_KS if r * kk <= k and kk <= num_rows - 1}
+                        for r in RERANK_FACTORS}
+    return ev
+
+
+def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None,
+                     rerank: bool = True) -> dict:
     """Recall of ADC search over the version's stored codes against the exact neighbours
-    recorded for its held-out queries, and the codec's relative reconstruction error."""
+    recorded for its held-out queries (and after exact re-ranking of r x k candidates), and the
+    codec's relative reconstruction error."""
     ds = require_dataset(out, table, version)
-    manifest = json.loads(ds.schema.metadata[MANIFEST_METADATA_KEY])
+    manifest = version_manifest(ds)
     base = storage.normalize(out)
-    codec_ref = CodecRef(**{**manifest["codec"], "uri": storage.join(base, manifest["codec"]["uri"])})
+    codec_ref = manifest_codec(out, manifest["codec"])
     sample = manifest["sample"]
     xq = load_array(storage.join(base, sample["queries_uri"]))
     qpos = load_array(storage.join(base, sample["query_positions_uri"]))
@@ -329,15 +378,19 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     for D, I in executor.map(search_fragment, items, desc="evaluate",
                              shared={"job": job, "queries": xq, "query_positions": qpos}):
         found.add(D, I)
-    num_rows = ds.count_rows()
-    recalls = {}
-    for kk in RECALL_KS:
-        usable = kk <= k and kk <= num_rows - 1
-        recalls[f"recall_at_{kk}"] = knn_recall(truth, found.I, kk) if usable else None
     codec = load_codec(codec_ref)
     xp = prepare_vectors(xq, codec.metric)
+    E, rerank_from = None, None
+    if rerank:
+        warm = manifest_codec(out, manifest.get("rerank_codec"))
+        if warm is not None:
+            E, rerank_from = column_distances(ds, warm, xp, found.I, codec.metric), "column"
+        else:
+            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(storage.join(base, manifest["source"]["plan_uri"]))))
+            E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
     return {
-        "num_queries": int(len(qpos)), "k": int(k), "exclude_self": True, **recalls,
+        "num_queries": int(len(qpos)), "k": int(k), "exclude_self": True,
+        **recall_table(truth, found.I, ds.count_rows(), E), "rerank_from": rerank_from,
         "relative_error": relative_error(xp, codec.decode(codec.encode(xp))),
     }
 
@@ -347,7 +400,8 @@ def evaluate_run(ctx: RunContext, committed: Committed, executor: Executor, stag
     from pipeline.report import store_eval
 
     start = time.perf_counter()
-    ev = evaluate_version(ctx.out, ctx.table, committed.version, executor)
+    ev = evaluate_version(ctx.out, ctx.table, committed.version, executor,
+                          rerank=committed.manifest["options"]["eval_rerank"])
     seconds = {**stage_seconds, "evaluate": round(time.perf_counter() - start, 3)}
     ev = store_eval(ctx.out, ctx.table, committed.version, committed.manifest, ev, seconds)
     log.info("evaluate: recall@1 %s recall@10 %s recall@100 %s relative error %.4f", *(

@@ -31,14 +31,16 @@ def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, sta
         "compression_ratio": round(source_bytes / code_bytes, 3), "stage_seconds": stage_seconds,
     }
     storage.write_bytes(eval_uri(out, table, version), json.dumps(ev, indent=1).encode())
-    row = {k: v for k, v in ev.items() if k != "stage_seconds"}
+    row = {k: v for k, v in ev.items() if k not in ("stage_seconds", "rerank")}
     row["stage_seconds"] = json.dumps(stage_seconds)
+    row["rerank"] = json.dumps(ev.get("rerank"))
     schema = pa.schema([
         ("table", pa.string()), ("version", pa.int64()), ("run_id", pa.string()), ("codec", pa.string()),
         ("metric", pa.string()), ("num_rows", pa.int64()), ("num_queries", pa.int64()), ("k", pa.int64()),
         ("exclude_self", pa.bool_()), ("recall_at_1", pa.float64()), ("recall_at_10", pa.float64()),
         ("recall_at_100", pa.float64()), ("relative_error", pa.float64()), ("source_bytes", pa.int64()),
         ("code_bytes", pa.int64()), ("compression_ratio", pa.float64()), ("stage_seconds", pa.string()),
+        ("rerank_from", pa.string()), ("rerank", pa.string()),
     ])
     data = pa.Table.from_pylist([row], schema=schema)
     db = lancedb.connect(storage.normalize(out))
@@ -85,8 +87,12 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "source": {k: m["source"][k] for k in ("num_files", "vector_type", "uris")},
         "sample": {k: m["sample"][k] for k in ("seed", "num_train", "num_queries")},
         "stage_seconds": (ev or {}).get("stage_seconds", m.get("stage_seconds")),
-        "eval": None if ev is None else {k: ev[k] for k in (
-            "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error")},
+        "rerank_codec": (m.get("rerank_codec") or {}).get("spec"),
+        "rerank_bytes": m.get("rerank_bytes"),
+        "advisor": m.get("advisor"),
+        "eval": None if ev is None else {k: ev.get(k) for k in (
+            "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
+            "rerank_from", "rerank")},
     }
 
 
@@ -117,6 +123,11 @@ def summary_table(info: dict) -> str:
         f"recall@1/10/100 {r(1)} / {r(10)} / {r(100)}  ({ev.get('num_queries', 0)} held-out queries)",
         f"relative error  {ev['relative_error']:.4f}" if ev else "relative error  n/a (not evaluated)",
     ]
+    if ev.get("rerank"):
+        parts = [f"r={r} {v['recall_at_10']:.3f}" for r, v in ev["rerank"].items() if v.get("recall_at_10") is not None]
+        lines.append(f"re-ranked @10   {'  '.join(parts)}  (exact distances from the {ev['rerank_from']})")
+    if info.get("rerank_codec"):
+        lines.insert(5, f"warm column     {info['rerank_codec']} ({info['rerank_bytes']} B/vector, for re-ranking)")
     times = info.get("stage_seconds") or {}
     if times:
         lines.append("stage seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in times.items()))

@@ -57,6 +57,8 @@ class EncodeJob:
     max_rows_per_file: int = 1 << 20
     #: exact neighbours computed in the same pass over the source (0 = off)
     eval_k: int = 100
+    #: optional warm column codec (written as RERANK_COLUMN)
+    rerank_codec: CodecRef | None = None
     #: folder for per-shard results; a shard with a result there is not encoded again, so a
     #: retried encode stage only redoes unfinished shards (None = no checkpoints)
     checkpoint_uri: str | None = None
@@ -87,16 +89,23 @@ class ShardResult:
         return cls(**meta, knn_D=z["knn_D"] if "knn_D" in z else None, knn_I=z["knn_I"] if "knn_I" in z else None)
 
 
-def codes_array(codes: np.ndarray) -> pa.FixedSizeBinaryArray:
+def codes_array(codes: np.ndarray, *, binary: bool = False) -> pa.Array:
+    """(n, code_size) uint8 -> the output's code column type (see schema.code_type)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(codes.shape[1]), codes.shape[0],
-                                                [None, pa.py_buffer(codes)])
+    n, size = codes.shape
+    if binary:
+        return pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()), size)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [None, pa.py_buffer(codes)])
 
 
 def codes_as_numpy(arr) -> np.ndarray:
-    """fixed_size_binary column -> (n, code_size) uint8, honouring slice offsets."""
+    """A code column (fixed_size_binary or fixed_size_list<uint8>) -> (n, code_size) uint8,
+    honouring slice offsets."""
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        size = arr.type.list_size
+        return arr.values.slice(arr.offset * size, len(arr) * size).to_numpy().reshape(len(arr), size)
     size = arr.type.byte_width
     buf = arr.buffers()[1]
     return np.frombuffer(buf, np.uint8, count=len(arr) * size, offset=arr.offset * size).reshape(len(arr), size)
@@ -117,7 +126,9 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     start = time.perf_counter()
     codec = load_codec(job.codec)
     cols = job.columns
-    schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:])
+    warm = load_codec(job.rerank_codec) if job.rerank_codec else None
+    schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
+                          binary=codec.is_binary, rerank_size=warm.code_size if warm else None)
     topk = None
     xq = None
     if queries is not None and job.eval_k > 0:
@@ -150,7 +161,9 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
                 position = shard.row_offset + (first_row - shard.file_row_start)
                 topk.add(D, np.where(I >= 0, I + position, -1))
             num_rows += batch.num_rows
-            yield pa.record_batch([ids, codes_array(codes), *batch.columns[2:]], schema=schema)
+            warm_codes = [codes_array(warm.encode(x))] if warm else []
+            yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_codes, *batch.columns[2:]],
+                                  schema=schema)
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     try:

@@ -204,3 +204,32 @@ def test_retried_encode_skips_finished_shards(corpus, tmp_path):
     # a retried commit of the same run does not commit again
     again = commit_run(ctx, planned, sampled, trained, encoded, opts, {})
     assert again.version == 1 and lance.dataset(str(tmp_path / "out/corpus.lance")).count_rows() == N
+
+
+def test_warm_rerank_column(corpus, tmp_path, ray_executor):
+    root, x = corpus
+    opts = CompressOptions(codec="PQ4", rerank_codec="SQ8", num_train=3000, num_queries=100, eval_k=100)
+    out = str(tmp_path / "out")
+    result = run_compress(SourceSpec((str(root / "src"),)), out, "corpus", opts, executor=ray_executor)
+    ds = lance.dataset(f"{out}/corpus.lance")
+    assert ds.schema.field("rerank_code").type == pa.binary(DIM)
+    info = inspect_table(out, "corpus")
+    assert info["rerank_codec"] == "SQ8" and info["rerank_bytes"] == DIM
+    ev = result.eval
+    assert ev["rerank_from"] == "column"
+    assert ev["rerank"]["1"]["recall_at_10"] == pytest.approx(ev["recall_at_10"])
+    assert ev["rerank"]["10"]["recall_at_10"] > ev["rerank"]["2"]["recall_at_10"] > ev["recall_at_10"]
+    assert ev["rerank"]["10"]["recall_at_10"] > 0.95  # SQ8 distances are nearly exact
+    xq = ClusteredEmbeddings(DIM, seed=11, num_clusters=64).batch(60_000, 20)
+    truth = np.argsort(((xq[:, None] - x[None]) ** 2).sum(-1), axis=1)[:, :10]
+    warm = search(out, "corpus", xq, 10, rerank=10).column("id").to_numpy().reshape(20, 10)
+    source = search(out, "corpus", xq, 10, rerank=10, rerank_from="source").column("id").to_numpy().reshape(20, 10)
+    assert recall(truth, source, 10) > 0.9 and recall(truth, warm, 10) > 0.9
+
+
+def test_eval_rerank_from_source_matches_search(compressed):
+    _, _, result = compressed
+    ev = result.eval
+    assert ev["rerank_from"] == "source"
+    r = [ev["rerank"][f]["recall_at_10"] for f in ("1", "2", "4", "10")]
+    assert r == sorted(r) and r[0] == pytest.approx(ev["recall_at_10"]) and r[-1] > 0.9

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from kernels.codec import Codec, CodecSpecError, check_codec_spec
-from kernels.knn import TopK, exact_knn, prepare_vectors, rerank
-from kernels.metrics import knn_recall, relative_error
+from kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
+from kernels.metrics import knn_recall, relative_error, reranked
 from kernels.synthetic import ClusteredEmbeddings
 
 SPECS = ["PQ8", "PQ8x4", "OPQ8,PQ8", "RQ4x8", "SQ8", "SQfp16"]
@@ -103,11 +103,15 @@ def test_knn_recall_counts_overlap():
     assert knn_recall(truth, found, 1) == pytest.approx(0.5)
 
 
-def test_rerank_orders_by_exact_distance(data):
+def test_rerank_orders_candidates_by_exact_distance(data):
     xb, xq = data
     cand = np.tile(np.arange(40), (len(xq), 1))
-    D, I = rerank(xq, xb[cand], cand, 5, "l2")
-    assert np.array_equal(I, brute_force(xq, xb[:40], 5, "l2"))
+    E = candidate_distances(xq, xb, cand, "l2")
+    assert np.array_equal(reranked(cand, E, 5, 8), brute_force(xq, xb[:40], 5, "l2"))
+    # only the first r x k candidates count
+    assert np.array_equal(reranked(cand, E, 5, 2), brute_force(xq, xb[:10], 5, "l2"))
+    cand[:, 3] = -1
+    assert (reranked(cand, candidate_distances(xq, xb, cand, "l2"), 5, 8) != 3).all()
 
 
 def test_synthetic_data_is_reproducible_and_structured():
