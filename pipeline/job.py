@@ -18,7 +18,7 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.codec import Codec, CodecSpecError, check_codec_spec, codec_is_binary
+from kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec
 from kernels.knn import METRICS, TopK, prepare_vectors
 from kernels.metrics import knn_recall, relative_error, reranked
 from pipeline import __version__, storage
@@ -84,6 +84,11 @@ def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
                         id_column=params.get("id_column", "id"), keep=tuple(params.get("keep") or ()))
     fields = set(CompressOptions.__dataclass_fields__)
     return source, CompressOptions(**{k: v for k, v in params.items() if k in fields})
+
+
+def codec_is_binary(spec: str, dim: int, metric: str) -> bool:
+    """Whether a spec's codes are bit-packed Hamming codes (stored as fixed_size_list<uint8>)."""
+    return Codec(spec=spec, metric=metric, dim=dim, index=build_index(spec, dim, metric)).is_binary
 
 
 def output_schema(plan: SourcePlan, code_size: int, *, binary: bool, rerank_size: int | None,
