@@ -19,11 +19,26 @@ def _csv(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
+def _specs(s: str | None) -> list[str] | None:
+    """Codec specs separated by ';' (specs themselves contain commas: OPQ16,PQ16)."""
+    return [p.strip() for p in s.split(";") if p.strip()] if s else None
+
+
 def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     g = p.add_argument_group("codec and evaluation")
     g.add_argument("--codec", default="PQ48" if demo else None,
-                   help="faiss factory string: PQm, PQmxb, OPQm,PQm, RQmxb, SQ8, SQfp16 ... "
+                   help="codec spec (faiss factory string, extended): PQm, PQmxb, PQmx4fs, OPQm,PQm, RQmxb, "
+                        "LSQmxb, SQ4/6/8, SQfp16, SQbf16, RaBitQ, BIN, MRLn,<codec>..., or auto (with "
+                        "--max-bytes or --min-recall) "
                         + ("(default: %(default)s)" if demo else "(default: PQm with m = dim/4, at most 64 bytes)"))
+    g.add_argument("--max-bytes", type=int, default=None, metavar="B",
+                   help="advisor: sweep candidate codecs, keep the best recall@10 within B bytes per vector")
+    g.add_argument("--min-recall", type=float, default=None, metavar="R",
+                   help="advisor: sweep candidate codecs, keep the fewest bytes reaching recall@10 R")
+    g.add_argument("--advise-rerank", type=int, default=0, choices=[0, 1, 2, 4, 10], metavar="r",
+                   help="advisor: judge recall@10 after exact re-ranking of r x 10 candidates (1, 2, 4, 10)")
+    g.add_argument("--advise-codecs", default=None, metavar="SPECS",
+                   help="advisor: ';'-separated candidates (default: the default grid within the budget)")
     g.add_argument("--metric", choices=["l2", "ip", "cosine"], default="cosine" if demo else "l2",
                    help="distance the codes are searched with; cosine = normalise then inner product "
                         "(default: %(default)s)")
@@ -54,7 +69,9 @@ def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
     return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
                 num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
                 batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu,
-                rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, ray_address=args.ray_address, **extra)
+                rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, max_bytes=args.max_bytes,
+                min_recall=args.min_recall, advise_rerank=args.advise_rerank,
+                advise_codecs=_specs(args.advise_codecs), ray_address=args.ray_address, **extra)
 
 
 def _run(kwargs: dict, no_prefect: bool) -> dict:
@@ -127,6 +144,25 @@ def cmd_search(args) -> None:
         print(result.to_pandas().to_string(index=False))
 
 
+def cmd_sweep(args) -> None:
+    from pipeline.distributed import RayExecutor
+    from pipeline.source import SourceSpec
+    from pipeline.sweep import markdown_table, sweep_corpus
+
+    source = SourceSpec(tuple(args.inputs), args.vector_column, args.id_column)
+    budgets = [int(b) for b in _csv(args.budgets)] if args.budgets else None
+    with RayExecutor(args.ray_address) as ex:
+        result, uris = sweep_corpus(source, args.out, metric=args.metric, codecs=_specs(args.codecs), budgets=budgets,
+                                    num_train=args.num_train, num_queries=args.num_queries, seed=args.seed,
+                                    eval_k=args.eval_k, batch_size=args.batch_size, shard_rows=args.shard_rows,
+                                    ngpu=args.ngpu, executor=ex)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(markdown_table(result, budgets))
+        print("wrote " + ", ".join(uris.values()))
+
+
 def cmd_generate(args) -> None:
     from pipeline.demo import write_corpus
 
@@ -182,6 +218,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--version", type=int, default=None, help="version (default: latest)")
     s.add_argument("--json", action="store_true", help="one JSON object per result line")
     s.set_defaults(func=cmd_search)
+
+    w = sub.add_parser("sweep", help="measure a grid of codecs on your data: bytes, recall, error, speed")
+    w.add_argument("inputs", nargs="+", metavar="INPUT", help="Parquet files/folders or URIs")
+    w.add_argument("--out", required=True, help="folder for sweep.json, sweep.md and sweep.png")
+    w.add_argument("--codecs", default=None, metavar="SPECS",
+                   help="';'-separated codec specs (default: a grid covering 8..256 bytes per vector)")
+    w.add_argument("--budgets", default=None, metavar="B,B,...",
+                   help="byte budgets: narrows the grid to the largest and reports the best codec within each")
+    w.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
+    w.add_argument("--id-column", default="id", help="id column (default: %(default)s)")
+    w.add_argument("--metric", choices=["l2", "ip", "cosine"], default="l2", help="(default: %(default)s)")
+    w.add_argument("--num-train", type=int, default=100_000, help="training-sample size (default: %(default)s)")
+    w.add_argument("--num-queries", type=int, default=1_000, help="held-out queries (default: %(default)s)")
+    w.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    w.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
+    w.add_argument("--batch-size", type=int, default=65_536, help="rows per batch (default: %(default)s)")
+    w.add_argument("--shard-rows", type=int, default=500_000, help="rows per shard (default: %(default)s)")
+    w.add_argument("--ngpu", type=int, default=-1, help="GPUs for training (default: %(default)s)")
+    w.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    w.add_argument("--json", action="store_true", help="print the sweep as JSON instead of Markdown")
+    w.set_defaults(func=cmd_sweep)
 
     g = sub.add_parser("generate", help="write a clustered sample corpus as Parquet")
     g.add_argument("out", help="folder for the Parquet files")

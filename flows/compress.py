@@ -13,7 +13,7 @@ from prefect.cache_policies import NONE
 from pipeline.distributed import RayExecutor
 from pipeline.errors import VecpressError
 from pipeline.job import (
-    RunContext, Stages, commit_run, encode_run, evaluate_run, plan_run, run_stages, sample_run, specs_from_params,
+    RunContext, Stages, advise_run, commit_run, encode_run, evaluate_run, plan_run, run_stages, sample_run, specs_from_params,
     train_run,
 )
 from pipeline.report import inspect_table
@@ -34,6 +34,7 @@ _common = dict(cache_policy=NONE, retry_condition_fn=_retry_unless_user_error, r
 
 plan_task = task(plan_run, name="plan", retries=1, **_common)
 sample_task = task(sample_run, name="sample", retries=1, **_common)
+advise_task = task(advise_run, name="advise", retries=1, **_common)
 train_task = task(train_run, name="train", retries=1, **_common)
 encode_task = task(encode_run, name="encode", retries=2, **_common)
 commit_task = task(commit_run, name="commit", retries=3, **_common)  # idempotent per run id
@@ -60,6 +61,10 @@ def compress_flow(
     allow_schema_change: bool = False,
     rerank_codec: str | None = None,
     eval_rerank: bool = True,
+    max_bytes: int | None = None,
+    min_recall: float | None = None,
+    advise_rerank: int = 0,
+    advise_codecs: list[str] | None = None,
     ray_address: str | None = None,
     run_id: str | None = None,
 ) -> dict:
@@ -67,8 +72,8 @@ def compress_flow(
     evaluate it; returns what `vecpress inspect --json` prints for the new version."""
     source, opts = specs_from_params(locals())
     ctx = RunContext.new(out, table, run_id)
-    stages = Stages(plan=plan_task, sample=sample_task, train=train_task, encode=encode_task, commit=commit_task,
-                    evaluate=evaluate_task)
+    stages = Stages(plan=plan_task, sample=sample_task, advise=advise_task, train=train_task, encode=encode_task,
+                    commit=commit_task, evaluate=evaluate_task)
     with RayExecutor(ray_address) as executor:
         result = run_stages(ctx, source, opts, executor, stages)
     return inspect_table(ctx.out, table, result.version)

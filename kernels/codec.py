@@ -212,7 +212,8 @@ def build_index(spec: str, dim: int, metric: str):
     p = parse_spec(spec, dim)
     d_in = p.mrl or dim
     what = f" (after MRL{p.mrl})" if p.mrl else ""
-    index = _faiss_index(p.spec, p.factory, d_in, mt, what)
+    # binary codes are compared by Hamming distance whatever the metric; faiss's LSH is L2-only
+    index = _faiss_index(p.spec, p.factory, d_in, faiss.METRIC_L2 if p.binary else mt, what)
     chain, inner = _innermost(index)
     if not isinstance(inner, (faiss.IndexFlatCodes, faiss.IndexPQFastScan)):
         raise CodecSpecError(

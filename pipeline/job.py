@@ -31,7 +31,9 @@ from pipeline.lance_io import (
 from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
 from pipeline.source import SourcePlan, SourceSpec, plan_sources
-from pipeline.stages import CodeSearch, Columns, EncodeJob, encode_shard, sample_rows, search_fragment
+from pipeline.stages import CodeSearch, Columns, EncodeJob, encode_shard, search_fragment
+from pipeline.sampling import choose_positions, read_sample, sample_sizes  # noqa: F401 (re-exported)
+from pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
 
 log = logging.getLogger("vecpress")
 
@@ -69,6 +71,14 @@ class CompressOptions:
     #: also measure recall after exact re-ranking of r x k candidates (r in 1, 2, 4, 10); reads
     #: the candidates' vectors back from the warm column or the source
     eval_rerank: bool = True
+    #: codec="auto": the best recall@10 within this many bytes per vector (sweep, then choose)
+    max_bytes: int | None = None
+    #: codec="auto": the fewest bytes per vector reaching this recall@10
+    min_recall: float | None = None
+    #: codec="auto": judge candidates by recall@10 after exact re-ranking of this many x 10
+    advise_rerank: int = 0
+    #: codec="auto": the candidates to sweep (default: the default grid within the budget)
+    advise_codecs: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -76,6 +86,22 @@ class CompressOptions:
         for name in ("num_train", "num_queries", "eval_k", "batch_size", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        wants_advice = self.max_bytes is not None or self.min_recall is not None
+        if self.codec is None and wants_advice:
+            object.__setattr__(self, "codec", "auto")
+        if self.codec == "auto" and not wants_advice:
+            raise ConfigError("--codec auto needs a target: --max-bytes B (best recall within B bytes per vector) "
+                              "or --min-recall R (fewest bytes reaching recall@10 R)")
+        if wants_advice and self.codec != "auto":
+            raise ConfigError(f"--max-bytes/--min-recall choose the codec; they cannot be combined with --codec {self.codec}")
+        if self.max_bytes is not None and self.min_recall is not None:
+            raise ConfigError("give either --max-bytes or --min-recall, not both")
+        if self.min_recall is not None and not 0 < self.min_recall <= 1:
+            raise ConfigError(f"--min-recall must be in (0, 1], got {self.min_recall}")
+        if self.advise_rerank not in (0, 1, 2, 4, 10):
+            raise ConfigError(f"advise_rerank must be one of 0, 1, 2, 4, 10 (the measured factors), got {self.advise_rerank}")
+        if self.advise_codecs is not None:
+            object.__setattr__(self, "advise_codecs", tuple(self.advise_codecs))
 
 
 def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
@@ -146,37 +172,58 @@ def load_array(uri: str) -> np.ndarray:
 @dataclass
 class Planned:
     plan: SourcePlan
-    codec_spec: str
-    code_size: int
+    codec_spec: str | None  # None until the advisor chooses (codec="auto")
+    code_size: int | None
     num_train: int
     num_queries: int
     read_version: int | None
     seconds: float = 0.0
+    #: codec="auto": the advisor's decision and the sweep table behind it
+    advisor: dict | None = None
+    #: codec="auto": the chosen codec as the sweep trained it (same sample and seed)
+    pretrained: CodecRef | None = None
+    advise_seconds: float = 0.0
+
+
+def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOptions) -> Planned:
+    """Check the codec (and warm codec) against the data and the output table's schema."""
+    plan = planned.plan
+    try:
+        code_size = check_codec_spec(spec, plan.dim, opts.metric, planned.num_train)
+        rerank_size = (check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
+                       if opts.rerank_codec else None)
+        binary = codec_is_binary(spec, plan.dim, opts.metric)
+    except CodecSpecError as exc:
+        raise ConfigError(str(exc)) from None
+    schema = output_schema(plan, code_size, binary=binary, rerank_size=rerank_size)
+    planned.read_version = check_compatible(ctx.out, ctx.table, schema, allow_schema_change=opts.allow_schema_change)
+    planned.codec_spec, planned.code_size = spec, code_size
+    return planned
 
 
 def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
     """Validate every source file and the codec, fix the shard plan, check the output."""
     start = time.perf_counter()
     plan = plan_sources(source, shard_rows=opts.shard_rows)
-    if plan.num_rows < 3:
-        raise VecpressError(f"only {plan.num_rows} rows in the input: nothing to compress")
-    num_queries = min(opts.num_queries, max(1, plan.num_rows // 10))
-    num_train = min(opts.num_train, plan.num_rows - num_queries)
-    if num_queries < opts.num_queries:
-        log.warning("only %d rows: holding out %d queries instead of %d", plan.num_rows, num_queries, opts.num_queries)
-    spec = opts.codec or default_codec(plan.dim)
-    try:
-        code_size = check_codec_spec(spec, plan.dim, opts.metric, num_train)
-        rerank_size = check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, num_train) if opts.rerank_codec else None
-        binary = codec_is_binary(spec, plan.dim, opts.metric)
-    except CodecSpecError as exc:
-        raise ConfigError(str(exc)) from None
-    schema = output_schema(plan, code_size, binary=binary, rerank_size=rerank_size)
-    read_version = check_compatible(ctx.out, ctx.table, schema, allow_schema_change=opts.allow_schema_change)
+    num_train, num_queries = sample_sizes(plan.num_rows, opts.num_train, opts.num_queries)
+    planned = Planned(plan, None, None, num_train, num_queries, None)
+    if opts.codec == "auto":
+        candidate_specs(plan.dim, opts.metric, num_train, codecs=list(opts.advise_codecs or []) or None,
+                        budgets=[opts.max_bytes] if opts.max_bytes else None)  # fail before reading data
+        if opts.rerank_codec:
+            try:
+                check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, num_train)
+            except CodecSpecError as exc:
+                raise ConfigError(str(exc)) from None
+        what = "chosen after sampling"
+    else:
+        resolve_codec(ctx, planned, opts.codec or default_codec(plan.dim), opts)
+        what = f"{planned.codec_spec} = {planned.code_size} bytes/vector"
     storage.write_bytes(ctx.run_file("plan.json"), json.dumps(plan.to_dict(), indent=1).encode())
-    log.info("plan: %d rows in %d files, %d shards, dim %d (%s); codec %s = %d bytes/vector",
-             plan.num_rows, len(plan.files), len(plan.shards), plan.dim, plan.vector_type, spec, code_size)
-    return Planned(plan, spec, code_size, num_train, num_queries, read_version, time.perf_counter() - start)
+    log.info("plan: %d rows in %d files, %d shards, dim %d (%s); codec %s", plan.num_rows, len(plan.files),
+             len(plan.shards), plan.dim, plan.vector_type, what)
+    planned.seconds = time.perf_counter() - start
+    return planned
 
 
 # ---- sample ---------------------------------------------------------------------------------
@@ -191,33 +238,56 @@ class Sampled:
     seconds: float = 0.0
 
 
-def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int):
-    """Uniform, seeded, disjoint (train, query) global row positions, each sorted."""
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(num_rows, size=num_train + num_queries, replace=False)
-    return np.sort(picked[num_queries:]).astype(np.int64), np.sort(picked[:num_queries]).astype(np.int64)
-
-
 def sample_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Executor) -> Sampled:
     """Read the training sample and held-out queries, uniformly across the whole corpus."""
     start = time.perf_counter()
-    plan = planned.plan
-    train_pos, query_pos = choose_positions(plan.num_rows, planned.num_train, planned.num_queries, opts.seed)
-    positions = np.union1d(train_pos, query_pos)
-    items = [(shard, local) for shard, _, local in plan.locate(positions)]
-    parts = executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan)})
-    x = np.concatenate(parts)
-    is_query = np.isin(positions, query_pos)
+    xt, xq, qpos = read_sample(planned.plan, planned.num_train, planned.num_queries, opts.seed, executor)
     sampled = Sampled(
-        train_uri=save_array(ctx.run_file("train.npy"), x[~is_query]),
-        queries_uri=save_array(ctx.run_file("queries.npy"), x[is_query]),
-        query_positions_uri=save_array(ctx.run_file("query_positions.npy"), positions[is_query]),
-        num_train=int((~is_query).sum()), num_queries=int(is_query.sum()),
+        train_uri=save_array(ctx.run_file("train.npy"), xt),
+        queries_uri=save_array(ctx.run_file("queries.npy"), xq),
+        query_positions_uri=save_array(ctx.run_file("query_positions.npy"), qpos),
+        num_train=len(xt), num_queries=len(xq),
     )
     sampled.seconds = time.perf_counter() - start
     log.info("sample: %d training vectors, %d held-out queries (seed %d)", sampled.num_train,
              sampled.num_queries, opts.seed)
     return sampled
+
+
+# ---- advise ---------------------------------------------------------------------------------
+
+def advise_run(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOptions,
+               executor: Executor) -> Planned:
+    """codec="auto": sweep the candidates on this run's own sample and choose (a no-op otherwise).
+    The decision and the table behind it go into the manifest; the sweep's reports into the run
+    folder."""
+    if planned.codec_spec is not None:
+        return planned
+    start = time.perf_counter()
+    plan = planned.plan
+    budgets = [opts.max_bytes] if opts.max_bytes else None
+    specs = candidate_specs(plan.dim, opts.metric, planned.num_train,
+                            codecs=list(opts.advise_codecs or []) or None, budgets=budgets)
+    log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
+    result = run_sweep(plan, load_array(sampled.train_uri), load_array(sampled.queries_uri),
+                       load_array(sampled.query_positions_uri), specs, metric=opts.metric, seed=opts.seed,
+                       eval_k=opts.eval_k, batch_size=opts.batch_size, ngpu=opts.ngpu, executor=executor)
+    pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
+    reports = write_reports(result, ctx.run_file("sweep"), budgets)
+    resolve_codec(ctx, planned, pick["codec"], opts)
+    tc = next(c for c in result.trained if c.spec == pick["codec"])
+    planned.pretrained = save_codec(Codec.from_bytes(tc.blob, spec=tc.spec, metric=opts.metric, sha256=tc.sha256),
+                                    ctx.sidecar)
+    planned.advisor = {
+        "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
+        "chosen": pick["codec"], "chosen_recall_at_10": score(pick, opts.advise_rerank),
+        "code_bytes": pick["code_bytes"], "table": result.rows, "failed": result.failed,
+        "report_uri": relative_to_out(ctx, reports["md"]),
+    }
+    planned.advise_seconds = time.perf_counter() - start
+    log.info("advise: chose %s (%d B, recall@10 %.3f%s)", pick["codec"], pick["code_bytes"],
+             score(pick, opts.advise_rerank), f" after re-rank x{opts.advise_rerank}" if opts.advise_rerank > 1 else "")
+    return planned
 
 
 # ---- train ----------------------------------------------------------------------------------
@@ -233,8 +303,10 @@ def train_run(ctx: RunContext, planned: Planned, sampled: Sampled, opts: Compres
     """Train the codec on the sample and store it content-addressed."""
     start = time.perf_counter()
     xt = load_array(sampled.train_uri)
-    codec = Codec.train(xt, planned.codec_spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu)
-    ref = save_codec(codec, ctx.sidecar)
+    if planned.pretrained is not None and planned.pretrained.spec == planned.codec_spec:
+        ref = planned.pretrained  # trained by the advisor's sweep on this same sample and seed
+    else:
+        ref = save_codec(Codec.train(xt, planned.codec_spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
     warm = None
     if opts.rerank_codec:
         warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
@@ -318,6 +390,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "rerank_bytes": None if trained.rerank_codec is None else trained.rerank_codec.code_size,
         "source_bytes": plan.source_bytes_per_vector,
         "options": dataclasses.asdict(opts),
+        "advisor": planned.advisor,
         "stage_seconds": stage_seconds,
     }
 
@@ -436,6 +509,7 @@ class Stages:
 
     plan: Callable = plan_run
     sample: Callable = sample_run
+    advise: Callable = advise_run
     train: Callable = train_run
     encode: Callable = encode_run
     commit: Callable = commit_run
@@ -447,6 +521,7 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
     """plan -> sample -> train -> encode -> commit -> evaluate."""
     planned = stages.plan(ctx, source, opts)
     sampled = stages.sample(ctx, planned, opts, executor)
+    planned = stages.advise(ctx, planned, sampled, opts, executor)
     trained = stages.train(ctx, planned, sampled, opts)
     encoded = stages.encode(ctx, planned, sampled, trained, opts, executor)
     times = stage_times(planned, sampled, trained, encoded)
@@ -462,6 +537,9 @@ def run_compress(source: SourceSpec, out: str, table: str, opts: CompressOptions
     return run_stages(RunContext.new(out, table, run_id), source, opts, executor or LocalExecutor())
 
 
-def stage_times(*results) -> dict:
-    names = ("plan", "sample", "train", "encode")
-    return {n: round(r.seconds, 3) for n, r in zip(names, results)}
+def stage_times(planned: Planned, *results) -> dict:
+    times = {"plan": round(planned.seconds, 3)}
+    if planned.advisor is not None:
+        times["advise"] = round(planned.advise_seconds, 3)
+    times.update({n: round(r.seconds, 3) for n, r in zip(("sample", "train", "encode"), results)})
+    return times

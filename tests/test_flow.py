@@ -41,7 +41,7 @@ def test_flow_runs_every_stage_as_a_task(corpus, tmp_path, prefect_harness, ray_
             return sorted((r.name.rsplit("-", 1)[0], r.state.type.value) for r in runs)
 
     names = anyio.run(task_names)
-    assert [n for n, _ in names] == sorted(["plan", "sample", "train", "encode", "commit", "evaluate"])
+    assert [n for n, _ in names] == sorted(["plan", "sample", "advise", "train", "encode", "commit", "evaluate"])
     assert all(s == "COMPLETED" for _, s in names)
 
 

@@ -1,0 +1,363 @@
+"""The codec sweep and the compression advisor.
+
+A sweep trains every candidate codec on one shared training sample, then makes ONE streaming
+pass over the corpus. For each record batch it computes the exact neighbours of the held-out
+queries and, for every codec, encodes the batch, searches the fresh codes (ADC) for the
+queries and notes the exact distance of each candidate while the raw vectors are at hand. No
+codes are kept and no vector is read twice, so a sweep over a corpus larger than memory holds
+one batch per worker plus, per codec, C candidates per query. Recall with and without exact
+re-ranking of r x k candidates follows from the candidates' ADC order and exact distances.
+
+With the same seed a sweep samples, trains and encodes exactly as `compress` does, so its
+numbers for a codec are those a full run with that codec reports.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kernels.codec import Codec, CodecSpecError, check_codec_spec, default_grid
+from kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
+from kernels.metrics import relative_error
+from pipeline import storage
+from pipeline.errors import ConfigError, VecpressError
+from pipeline.executor import Executor
+from pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
+from pipeline.stages import Columns
+
+log = logging.getLogger("vecpress")
+
+#: ADC candidates kept per query and codec: enough for recall@100 and for re-ranking 10 x 10
+NUM_CANDIDATES = 100
+
+
+@dataclass(frozen=True)
+class TrainedCodec:
+    spec: str
+    blob: bytes
+    sha256: str
+    code_size: int
+    train_seconds: float
+
+
+@functools.lru_cache(maxsize=64)
+def _codec(sha256: str, blob: bytes, spec: str, metric: str) -> Codec:
+    return Codec.from_bytes(blob, spec=spec, metric=metric, sha256=sha256)
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    columns: Columns
+    metric: str
+    codecs: tuple[TrainedCodec, ...]
+    eval_k: int = 100
+    batch_size: int = 65_536
+
+
+@dataclass
+class SweepPart:
+    truth_D: np.ndarray
+    truth_I: np.ndarray
+    #: per codec: (ADC distances, positions, exact distances) of its best candidates
+    candidates: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+    encode_seconds: list[float]
+    num_rows: int
+
+
+def sweep_shard(shard: Shard, *, job: SweepJob, queries: np.ndarray, query_positions: np.ndarray) -> SweepPart:
+    """One shard of the sweep pass: exact top-k, and per codec the ADC candidates over freshly
+    encoded batches with their exact distances."""
+    codecs = [_codec(c.sha256, c.blob, c.spec, job.metric) for c in job.codecs]
+    xq = prepare_vectors(queries, job.metric)
+    nq = xq.shape[0]
+    num_candidates = max(NUM_CANDIDATES, job.eval_k)
+    truth = TopK(nq, job.eval_k, exclude=query_positions)
+    found = [TopK(nq, num_candidates, exclude=query_positions, with_extra=True) for _ in codecs]
+    seconds = [0.0] * len(codecs)
+    cols = job.columns
+    num_rows = 0
+    for first_row, batch in iter_shard_batches(shard, [cols.vector], job.batch_size):
+        x = prepare_vectors(vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
+                                             first_row=first_row), job.metric)
+        position = shard.row_offset + (first_row - shard.file_row_start)
+        D, I = exact_knn(xq, x, job.eval_k + 1, job.metric)
+        truth.add(D, np.where(I >= 0, I + position, -1))
+        for i, codec in enumerate(codecs):
+            start = time.perf_counter()
+            codes = codec.encode(x)
+            seconds[i] += time.perf_counter() - start
+            D, I = codec.search_codes(xq, codes, min(num_candidates + 1, len(x)))
+            E = candidate_distances(xq, x, I, job.metric)
+            found[i].add(D, np.where(I >= 0, I + position, -1), E)
+        num_rows += batch.num_rows
+    return SweepPart(truth.D, truth.I, [(f.D, f.I, f.E) for f in found], seconds, num_rows)
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+@dataclass
+class SweepResult:
+    metric: str
+    dim: int
+    num_rows: int
+    num_train: int
+    num_queries: int
+    seed: int
+    source_bytes: int
+    rows: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    trained: list[TrainedCodec] = field(default_factory=list, repr=False)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "trained"}
+        return {**d, "pareto": [r["codec"] for r in self.rows if r["pareto"]]}
+
+
+def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ngpu: int,
+                     failed: list[dict]) -> list[TrainedCodec]:
+    out = []
+    for spec in specs:
+        start = time.perf_counter()
+        try:
+            codec = Codec.train(xt, spec, metric, seed=seed, ngpu=ngpu)
+        except (CodecSpecError, RuntimeError, ValueError) as exc:
+            failed.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
+            log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])
+            continue
+        blob = codec.to_bytes()
+        out.append(TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), codec.code_size,
+                                time.perf_counter() - start))
+        log.info("sweep: trained %s (%d B) in %.1fs", spec, codec.code_size, out[-1].train_seconds)
+    return out
+
+
+def candidate_specs(dim: int, metric: str, num_train: int, *, codecs: list[str] | None,
+                    budgets: list[int] | None) -> list[str]:
+    """The specs to sweep: `codecs` as given (each validated), else the default grid, cut to
+    the budgets' range."""
+    if codecs:
+        for spec in codecs:
+            try:
+                check_codec_spec(spec, dim, metric, num_train)
+            except CodecSpecError as exc:
+                raise ConfigError(str(exc)) from None
+        specs = list(dict.fromkeys(codecs))
+    else:
+        lo, hi = (min(8, min(budgets)), max(budgets)) if budgets else (8, 256)
+        specs = default_grid(dim, metric, min_bytes=lo, max_bytes=hi)
+    if budgets:
+        specs = [s for s in specs if check_codec_spec(s, dim, metric, num_train) <= max(budgets)]
+    specs = [s for s in specs if _fits(s, dim, metric, num_train)]
+    if not specs:
+        raise ConfigError(f"no codec to sweep within budgets {budgets} for dim={dim}")
+    return specs
+
+
+def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
+    try:
+        check_codec_spec(spec, dim, metric, num_train)
+        return True
+    except CodecSpecError as exc:
+        log.info("sweep: skipping %s: %s", spec, exc)
+        return False
+
+
+def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str], *, metric: str,
+              seed: int, eval_k: int, batch_size: int, ngpu: int, executor: Executor) -> SweepResult:
+    """Train `specs` on xt, make the one streaming pass, and tabulate."""
+    from pipeline.job import recall_table  # the same recall arithmetic as a compress evaluation
+
+    result = SweepResult(metric=metric, dim=plan.dim, num_rows=plan.num_rows, num_train=len(xt),
+                         num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector)
+    trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=result.failed)
+    if not trained:
+        raise VecpressError("no candidate codec could be trained: " + "; ".join(
+            f"{f['codec']}: {f['error']}" for f in result.failed))
+    job = SweepJob(columns=Columns.of(plan), metric=metric, codecs=tuple(trained), eval_k=eval_k,
+                   batch_size=batch_size)
+    parts = executor.map(sweep_shard, plan.shards, desc="sweep",
+                         shared={"job": job, "queries": xq, "query_positions": query_positions})
+    truth = TopK(len(xq), eval_k, exclude=query_positions)
+    for p in parts:
+        truth.add(p.truth_D, p.truth_I)
+    xp = prepare_vectors(xq, metric)
+    for i, tc in enumerate(trained):
+        found = TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True)
+        for p in parts:
+            found.add(*p.candidates[i])
+        codec = _codec(tc.sha256, tc.blob, tc.spec, metric)
+        encode_s = sum(p.encode_seconds[i] for p in parts)
+        ev = recall_table(truth.I, found.I[:, :eval_k], plan.num_rows, None)
+        ev["rerank"] = recall_table(truth.I, found.I, plan.num_rows, found.E)["rerank"]
+        result.rows.append({
+            "codec": tc.spec, "code_bytes": tc.code_size, **ev,
+            "relative_error": relative_error(xp, codec.decode(codec.encode(xp))),
+            "train_seconds": round(tc.train_seconds, 3),
+            "encode_rows_per_second": round(plan.num_rows / encode_s) if encode_s > 0 else None,
+            "sha256": tc.sha256,
+        })
+    result.rows.sort(key=lambda r: (r["code_bytes"], -(r["recall_at_10"] or 0)))
+    mark_pareto(result.rows)
+    return result
+
+
+def mark_pareto(rows: list[dict], key: str = "recall_at_10") -> None:
+    """A codec is on the Pareto front when no other has fewer-or-equal bytes and higher recall
+    (or equal recall and fewer bytes)."""
+    for r in rows:
+        r["pareto"] = not any(
+            o is not r and o["code_bytes"] <= r["code_bytes"] and (o[key] or 0) >= (r[key] or 0)
+            and (o["code_bytes"] < r["code_bytes"] or (o[key] or 0) > (r[key] or 0))
+            for o in rows)
+
+
+def score(row: dict, rerank: int = 0) -> float:
+    """recall@10 of a sweep row, after re-ranking rerank x 10 candidates when rerank > 1."""
+    if rerank > 1:
+        v = row["rerank"].get(str(rerank), {}).get("recall_at_10")
+        if v is None:
+            raise ConfigError(f"re-rank factor {rerank} was not measured: use one of 1, 2, 4, 10")
+        return v
+    return row["recall_at_10"] or 0.0
+
+
+def choose(rows: list[dict], *, max_bytes: int | None = None, min_recall: float | None = None,
+           rerank: int = 0) -> dict:
+    """The advisor: with max_bytes, the best recall@10 within that many bytes per vector (ties:
+    fewer bytes); with min_recall, the fewest bytes reaching it (ties: higher recall)."""
+    if (max_bytes is None) == (min_recall is None):
+        raise ConfigError("the advisor needs exactly one of max_bytes or min_recall")
+    if max_bytes is not None:
+        ok = [r for r in rows if r["code_bytes"] <= max_bytes]
+        if not ok:
+            raise ConfigError(f"no swept codec fits in {max_bytes} bytes per vector; the smallest has "
+                              f"{min(r['code_bytes'] for r in rows)} bytes")
+        return max(ok, key=lambda r: (score(r, rerank), -r["code_bytes"]))
+    ok = [r for r in rows if score(r, rerank) >= min_recall]
+    if not ok:
+        best = max(rows, key=lambda r: score(r, rerank))
+        raise ConfigError(f"no swept codec reaches recall@10 {min_recall}"
+                          f"{f' with re-rank x{rerank}' if rerank > 1 else ''}; the best is {best['codec']} "
+                          f"with {score(best, rerank):.3f} ({best['code_bytes']} B): allow more bytes, re-ranking, "
+                          "or a lower target")
+    return min(ok, key=lambda r: (r["code_bytes"], -score(r, rerank)))
+
+
+def best_per_budget(rows: list[dict], budgets: list[int], rerank: int = 0) -> dict[int, str | None]:
+    out = {}
+    for b in budgets:
+        try:
+            out[b] = choose(rows, max_bytes=b, rerank=rerank)["codec"]
+        except ConfigError:
+            out[b] = None
+    return out
+
+
+# ---- reports --------------------------------------------------------------------------------
+
+def _f(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(result: SweepResult, budgets: list[int] | None = None) -> str:
+    lines = [
+        f"Codec sweep: {result.num_rows:,} rows x {result.dim}-d ({result.source_bytes} B/vector), metric "
+        f"{result.metric}, {result.num_train:,} training vectors, {result.num_queries} held-out queries, seed {result.seed}.",
+        "",
+        "| codec | bytes | ratio | R@1 | R@10 | R@100 | R@10 rerank x2 | x4 | x10 | rel. error | train s | encode rows/s | Pareto |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
+    ]
+    for r in result.rows:
+        rr = r.get("rerank") or {}
+        lines.append(
+            f"| `{r['codec']}` | {r['code_bytes']} | {result.source_bytes / r['code_bytes']:.0f}x | {_f(r['recall_at_1'])} "
+            f"| {_f(r['recall_at_10'])} | {_f(r['recall_at_100'])} | {_f(rr.get('2', {}).get('recall_at_10'))} "
+            f"| {_f(rr.get('4', {}).get('recall_at_10'))} | {_f(rr.get('10', {}).get('recall_at_10'))} "
+            f"| {r['relative_error']:.4f} | {r['train_seconds']:.1f} | {r['encode_rows_per_second'] or 0:,} "
+            f"| {'★' if r['pareto'] else ''} |")
+    for f in result.failed:
+        lines.append(f"| `{f['codec']}` | failed: {f['error']} |||||||||||| ")
+    if budgets:
+        lines += ["", "Best recall@10 within each budget:", ""]
+        for b, spec in best_per_budget(result.rows, budgets).items():
+            lines.append(f"- {b} B: {'none fits' if spec is None else f'`{spec}`'}")
+    return "\n".join(lines) + "\n"
+
+
+def plot_png(result: SweepResult, uri: str) -> None:
+    """recall@10 against bytes per vector (log scale), Pareto front marked; re-ranked x4 too."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result.rows
+    fig, ax = plt.subplots(figsize=(9, 5.5), dpi=110)
+    xs = [r["code_bytes"] for r in rows]
+    ys = [r["recall_at_10"] or 0 for r in rows]
+    y4 = [(r.get("rerank") or {}).get("4", {}).get("recall_at_10") for r in rows]
+    ax.scatter(xs, ys, color="#1f77b4", zorder=3, label="recall@10 (codes only)")
+    if any(v is not None for v in y4):
+        ax.scatter(xs, [v if v is not None else np.nan for v in y4], facecolors="none", edgecolors="#ff7f0e",
+                   zorder=2, label="recall@10, exact re-rank of 4x10")
+    front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["code_bytes"])
+    ax.plot([r["code_bytes"] for r in front], [r["recall_at_10"] for r in front], color="#d62728", lw=1.5,
+            zorder=1, label="Pareto front")
+    for r, x, y in zip(rows, xs, ys):
+        ax.annotate(r["codec"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("bytes per vector")
+    ax.set_ylabel("recall@10 (k-recall@k, held-out queries)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(f"vecpress sweep: {result.num_rows:,} x {result.dim}-d, {result.metric}")
+    ax.legend(loc="lower right", fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def write_reports(result: SweepResult, out: str, budgets: list[int] | None = None) -> dict[str, str]:
+    """sweep.json, sweep.md and sweep.png under `out`."""
+    uris = {k: storage.join(out, f"sweep.{k}") for k in ("json", "md", "png")}
+    storage.write_bytes(uris["json"], json.dumps({**result.to_dict(), "budgets": budgets,
+                                                  "best_per_budget": best_per_budget(result.rows, budgets or [])},
+                                                 indent=1).encode())
+    storage.write_bytes(uris["md"], markdown_table(result, budgets).encode())
+    plot_png(result, uris["png"])
+    return uris
+
+
+def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | None = None,
+                 budgets: list[int] | None = None, num_train: int = 100_000, num_queries: int = 1_000,
+                 seed: int = 0, eval_k: int = 100, batch_size: int = 65_536, shard_rows: int = 500_000,
+                 ngpu: int = -1, executor: Executor) -> tuple[SweepResult, dict[str, str]]:
+    """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),
+    sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
+    from kernels.knn import METRICS
+    from pipeline.sampling import read_sample, sample_sizes
+    from pipeline.source import plan_sources
+
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    if budgets and min(budgets) < 1:
+        raise ConfigError(f"budgets must be positive byte counts, got {budgets}")
+    plan = plan_sources(source, shard_rows=shard_rows)
+    nt, nq = sample_sizes(plan.num_rows, num_train, num_queries)
+    specs = candidate_specs(plan.dim, metric, nt, codecs=codecs, budgets=budgets)
+    log.info("sweep: %d rows x %d-d, %d candidate codecs: %s", plan.num_rows, plan.dim, len(specs), ", ".join(specs))
+    xt, xq, qpos = read_sample(plan, nt, nq, seed, executor)
+    result = run_sweep(plan, xt, xq, qpos, specs, metric=metric, seed=seed, eval_k=eval_k, batch_size=batch_size,
+                       ngpu=ngpu, executor=executor)
+    return result, write_reports(result, out, budgets)
