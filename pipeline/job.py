@@ -469,7 +469,7 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     return {
         "num_queries": int(len(qpos)), "k": int(k), "exclude_self": True,
         **recall_table(truth, found.I, ds.count_rows(), E), "rerank_from": rerank_from,
-        "relative_error": relative_error(xp, codec.decode(codec.encode(xp))),
+        "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
     }
 
 

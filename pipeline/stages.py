@@ -154,10 +154,9 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
                                   f"rows have a null id (in rows {first_row}..{first_row + batch.num_rows - 1})")
             x = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
                                  first_row=first_row)
-            x = prepare_vectors(x, codec.metric)
-            codes = codec.encode(x)
+            codes = codec.encode(x)  # raw vectors: the codec prepares them itself, exactly once
             if topk is not None:
-                D, I = exact_knn(xq, x, job.eval_k + 1, codec.metric)  # +1: own row excluded
+                D, I = exact_knn(xq, prepare_vectors(x, codec.metric), job.eval_k + 1, codec.metric)  # +1: own row
                 position = shard.row_offset + (first_row - shard.file_row_start)
                 topk.add(D, np.where(I >= 0, I + position, -1))
             num_rows += batch.num_rows

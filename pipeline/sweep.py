@@ -84,16 +84,17 @@ def sweep_shard(shard: Shard, *, job: SweepJob, queries: np.ndarray, query_posit
     cols = job.columns
     num_rows = 0
     for first_row, batch in iter_shard_batches(shard, [cols.vector], job.batch_size):
-        x = prepare_vectors(vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
-                                             first_row=first_row), job.metric)
+        raw = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
+                               first_row=first_row)
+        x = prepare_vectors(raw, job.metric)
         position = shard.row_offset + (first_row - shard.file_row_start)
         D, I = exact_knn(xq, x, job.eval_k + 1, job.metric)
         truth.add(D, np.where(I >= 0, I + position, -1))
         for i, codec in enumerate(codecs):
             start = time.perf_counter()
-            codes = codec.encode(x)
+            codes = codec.encode(raw)  # as compress encodes: raw vectors, prepared once by the codec
             seconds[i] += time.perf_counter() - start
-            D, I = codec.search_codes(xq, codes, min(num_candidates + 1, len(x)))
+            D, I = codec.search_codes(queries, codes, min(num_candidates + 1, len(x)))
             E = candidate_distances(xq, x, I, job.metric)
             found[i].add(D, np.where(I >= 0, I + position, -1), E)
         num_rows += batch.num_rows
@@ -198,7 +199,7 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
         ev["rerank"] = recall_table(truth.I, found.I, plan.num_rows, found.E)["rerank"]
         result.rows.append({
             "codec": tc.spec, "code_bytes": tc.code_size, **ev,
-            "relative_error": relative_error(xp, codec.decode(codec.encode(xp))),
+            "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
             "train_seconds": round(tc.train_seconds, 3),
             "encode_rows_per_second": round(plan.num_rows / encode_s) if encode_s > 0 else None,
             "sha256": tc.sha256,

@@ -1,0 +1,198 @@
+"""Issue 3: every codec family through compress -> inspect -> search, the sweep, and the advisor."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import lance
+import lancedb
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kernels.codec import Codec
+from kernels.synthetic import ClusteredEmbeddings
+from pipeline.errors import ConfigError
+from pipeline.job import CompressOptions, manifest_codec, run_compress
+from pipeline.report import inspect_table
+from pipeline.search import search
+from pipeline.source import SourceSpec
+from pipeline.sweep import choose, mark_pareto, sweep_corpus
+from tests.conftest import write_vectors
+
+N, DIM = 6000, 32
+COMMON = dict(num_train=3000, num_queries=150, eval_k=100, seed=3)
+FAST = ["PQ4", "PQ8", "PQ8x4fs", "SQ4", "SQ8", "BIN", "RaBitQ", "MRL16,PQ8"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("advisor")
+    x = ClusteredEmbeddings(DIM, seed=21, num_clusters=48).batch(0, N)
+    for i, (lo, hi) in enumerate([(0, 2000), (2000, 4000), (4000, N)]):
+        write_vectors(root / "src" / f"p{i}.parquet", x[lo:hi], np.arange(lo, hi, dtype=np.int64),
+                      extra={"text": pa.array([f"doc {j}" for j in range(lo, hi)])}, row_group_size=500)
+    return root, x
+
+
+@pytest.fixture(scope="module")
+def swept(corpus, ray_executor):
+    root, _ = corpus
+    result, uris = sweep_corpus(SourceSpec((str(root / "src"),)), str(root / "sweep"), metric="cosine", codecs=FAST,
+                                budgets=[4, 8, 16, 32], executor=ray_executor, **COMMON)
+    return result, uris
+
+
+def exact_top(xq, x, k, metric):
+    if metric == "cosine":
+        xq = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    if metric in ("cosine", "ip"):
+        D = -(xq @ x.T)
+    else:
+        D = ((xq[:, None] - x[None]) ** 2).sum(-1)
+    return np.argsort(D, axis=1, kind="stable")[:, :k]
+
+
+@pytest.mark.parametrize("spec,metric", [
+    ("PQ8", "l2"), ("PQ8x4fs", "cosine"), ("OPQ4,PQ4", "l2"), ("RQ4x8", "l2"), ("LSQ2x8", "l2"),
+    ("SQ4", "cosine"), ("SQ8,calibrate=0.01", "l2"), ("SQfp16", "ip"), ("SQbf16", "l2"), ("RaBitQ", "l2"),
+    ("RaBitQ4", "cosine"), ("BIN", "cosine"), ("BINt", "l2"), ("MRL16,PQ8", "cosine"), ("PCA16,PQ8", "l2"),
+])
+def test_every_family_round_trips(corpus, tmp_path, ray_executor, spec, metric):
+    root, x = corpus
+    out = str(tmp_path / "out")
+    result = run_compress(SourceSpec((str(root / "src"),), keep=("text",)), out, "t",
+                          CompressOptions(codec=spec, metric=metric, **COMMON), executor=ray_executor)
+    info = inspect_table(out, "t")
+    codec = Codec.from_bytes(open(info["codec_uri"], "rb").read(), spec=spec, metric=metric)
+    assert info["codec"] == spec and info["code_bytes"] == codec.code_size and info["num_rows"] == N
+    assert 0 < info["eval"]["recall_at_10"] <= 1 and info["eval"]["relative_error"] >= 0
+    # the stored codes are what the codec file makes of the source
+    ds = lance.dataset(f"{out}/t.lance")
+    code_type = ds.schema.field("code").type
+    assert code_type == (pa.list_(pa.uint8(), codec.code_size) if codec.is_binary else pa.binary(codec.code_size))
+    from pipeline.stages import codes_as_numpy
+
+    # (the first file is one batch: LSQ's encoder is seeded per call, so its codes depend on batching)
+    stored = codes_as_numpy(ds.take(list(range(2000)), columns=["code"]).column(0))
+    assert np.array_equal(stored, codec.encode(x[:2000]))
+    # search with exact re-ranking finds true neighbours of new vectors
+    xq = ClusteredEmbeddings(DIM, seed=21, num_clusters=48).batch(90_000, 10)
+    got = search(out, "t", xq, 10, rerank=10).column("id").to_numpy().reshape(10, 10)
+    truth = exact_top(xq, x, 10, metric)
+    assert np.mean([len(set(a) & set(b)) / 10 for a, b in zip(truth, got)]) > 0.8
+    assert result.eval["rerank"]["10"]["recall_at_10"] >= result.eval["recall_at_10"]
+
+
+def test_binary_codes_search_the_same_in_lancedb(corpus, tmp_path, ray_executor):
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    run_compress(SourceSpec((str(root / "src"),)), out, "bin", CompressOptions(codec="BIN", metric="cosine", **COMMON),
+                 executor=ray_executor)
+    info = inspect_table(out, "bin")
+    codec = Codec.from_bytes(open(info["codec_uri"], "rb").read(), spec="BIN", metric="cosine")
+    xq = ClusteredEmbeddings(DIM, seed=21, num_clusters=48).batch(70_000, 8)
+    ours = search(out, "bin", xq, 10)
+    table = lancedb.connect(out).open_table("bin")
+    for q, qcode in enumerate(codec.encode(xq)):
+        theirs = table.search(qcode, vector_column_name="code").distance_type("hamming").limit(10).to_pandas()
+        mine = ours.filter(pa.compute.equal(ours.column("query"), q))
+        d_mine = mine.column("distance").to_numpy()
+        d_theirs = theirs["_distance"].to_numpy()
+        np.testing.assert_array_equal(d_mine, d_theirs)  # same Hamming distances, in order
+        strict = d_mine < d_mine[-1]  # ids above the last tie must agree exactly
+        assert set(mine.column("id").to_numpy()[strict]) == set(theirs["id"].to_numpy()[strict])
+
+
+def test_sweep_reports(swept):
+    result, uris = swept
+    codecs = [r["codec"] for r in result.rows]
+    assert sorted(codecs) == sorted(FAST) and not result.failed
+    png = open(uris["png"], "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png[16:24])
+    assert width > 400 and height > 300
+    md = open(uris["md"]).read()
+    assert all(f"`{c}`" in md for c in codecs) and "Best recall@10 within each budget" in md
+    data = json.loads(open(uris["json"]).read())
+    assert data["pareto"] == [r["codec"] for r in result.rows if r["pareto"]]
+    for r in result.rows:
+        assert set(r) >= {"code_bytes", "recall_at_1", "recall_at_10", "recall_at_100", "rerank", "relative_error",
+                          "train_seconds", "encode_rows_per_second"}
+        assert r["rerank"]["10"]["recall_at_10"] >= r["recall_at_10"] - 1e-9
+        # Pareto: nothing smaller-or-equal is better
+        dominated = any(o is not r and o["code_bytes"] <= r["code_bytes"] and o["recall_at_10"] >= r["recall_at_10"]
+                        and (o["code_bytes"] < r["code_bytes"] or o["recall_at_10"] > r["recall_at_10"])
+                        for o in result.rows)
+        assert r["pareto"] == (not dominated)
+
+
+def test_advisor_pick_is_best_in_its_own_table_per_budget(corpus, tmp_path, swept, ray_executor):
+    root, _ = corpus
+    result, _ = swept
+    for budget in (8, 16):
+        out = str(tmp_path / f"out{budget}")
+        run = run_compress(SourceSpec((str(root / "src"),)), out, "t",
+                           CompressOptions(codec="auto", max_bytes=budget, metric="cosine", advise_codecs=tuple(FAST),
+                                           **COMMON), executor=ray_executor)
+        advisor = inspect_table(out, "t")["advisor"]
+        table = advisor["table"]
+        best = max(r["recall_at_10"] for r in table if r["code_bytes"] <= budget)
+        assert advisor["code_bytes"] <= budget and advisor["chosen_recall_at_10"] >= best - 0.01
+        assert run.manifest["codec"]["spec"] == advisor["chosen"]
+        # its own table is the standalone sweep's table (same sample, same seed)
+        sweep_best = choose(result.rows, max_bytes=budget)
+        assert advisor["chosen"] == sweep_best["codec"]
+
+
+def test_min_recall_picks_smallest_codec_reaching_it(swept):
+    rows = swept[0].rows
+    target = sorted(r["recall_at_10"] for r in rows)[len(rows) // 2]
+    pick = choose(rows, min_recall=target)
+    assert pick["recall_at_10"] >= target
+    assert all(r["code_bytes"] >= pick["code_bytes"] for r in rows if r["recall_at_10"] >= target)
+    with_rerank = choose(rows, min_recall=target, rerank=10)
+    assert with_rerank["code_bytes"] <= pick["code_bytes"]
+    with pytest.raises(ConfigError, match="no swept codec reaches recall@10 0.99.*the best is"):
+        choose([{**r, "recall_at_10": min(r["recall_at_10"], 0.9)} for r in rows], min_recall=0.99)
+
+
+def test_sweep_matches_full_compress(corpus, swept, tmp_path, ray_executor):
+    root, _ = corpus
+    result, _ = swept
+    for spec in ("PQ8", "SQ4", "BIN"):
+        run = run_compress(SourceSpec((str(root / "src"),)), str(tmp_path / spec.replace(",", "_")), "t",
+                           CompressOptions(codec=spec, metric="cosine", **COMMON), executor=ray_executor)
+        row = next(r for r in result.rows if r["codec"] == spec)
+        assert run.manifest["codec"]["sha256"] == row["sha256"]  # same sample + seed: the same codec
+        assert run.eval["recall_at_10"] == pytest.approx(row["recall_at_10"], abs=0.02)
+        assert run.eval["rerank"]["4"]["recall_at_10"] == pytest.approx(row["rerank"]["4"]["recall_at_10"], abs=0.02)
+
+
+@pytest.mark.parametrize("opts,needle", [
+    (dict(codec="auto"), "needs a target"),
+    (dict(codec="PQ8", max_bytes=8), "cannot be combined"),
+    (dict(max_bytes=8, min_recall=0.5), "not both"),
+    (dict(min_recall=1.5), "must be in"),
+    (dict(max_bytes=8, advise_rerank=3), "advise_rerank"),
+])
+def test_advisor_options_are_validated(opts, needle):
+    with pytest.raises(ConfigError, match=needle):
+        CompressOptions(**opts)
+
+
+def test_advisor_budget_nothing_fits(corpus, tmp_path, ray_executor):
+    root, _ = corpus
+    with pytest.raises(ConfigError, match="no codec to sweep|fits in"):
+        run_compress(SourceSpec((str(root / "src"),)), str(tmp_path / "o"), "t",
+                     CompressOptions(max_bytes=1, advise_codecs=("SQ8",), **COMMON), executor=ray_executor)
+    assert not (tmp_path / "o" / "t.lance" / "_versions").exists()
+
+
+def test_mark_pareto():
+    rows = [{"code_bytes": 8, "recall_at_10": 0.5}, {"code_bytes": 8, "recall_at_10": 0.4},
+            {"code_bytes": 16, "recall_at_10": 0.45}, {"code_bytes": 16, "recall_at_10": 0.7}]
+    mark_pareto(rows)
+    assert [r["pareto"] for r in rows] == [True, False, False, True]
