@@ -1,0 +1,315 @@
+"""kernels.codec: every codec family of the spec grammar, against brute-force references.
+
+Per family: train, encode, decode, serialise, search the stored codes, check determinism and
+code sizes; then the binary (Hamming), Matryoshka, fast-scan and calibration specifics, the
+rejections of impossible specs, and the advisor's default grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kernels._faiss import faiss
+from kernels.codec import Codec, CodecSpecError, check_codec_spec, code_size_of, default_grid
+from kernels.knn import prepare_vectors
+from kernels.metrics import knn_recall, relative_error
+from kernels.synthetic import ClusteredEmbeddings
+
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def data():
+    gen = ClusteredEmbeddings(DIM, seed=7, num_clusters=32)
+    return gen.batch(0, 3000), gen.batch(50_000, 40)
+
+
+def brute_force(xq, xb, k, metric):
+    """Exact top-k of already prepared vectors ("l2" or "ip")."""
+    D = ((xq[:, None, :] - xb[None, :, :]) ** 2).sum(-1) if metric == "l2" else -(xq @ xb.T)
+    return np.argsort(D, axis=1, kind="stable")[:, :k]
+
+
+def popcount_xor(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Hamming distance as LanceDB computes it: popcount(xor) over the bytes, all pairs."""
+    return np.unpackbits(a[:, None, :] ^ b[None, :, :], axis=2).sum(axis=2)
+
+
+# (spec, metric, size at DIM=64, training rows): one or two per family
+FAMILIES = [
+    ("PQ8", "l2", 8, 2000),
+    ("PQ16x6", "cosine", 12, 2000),
+    ("OPQ8,PQ8", "cosine", 8, 2000),
+    ("OPQ8_32,PQ8", "l2", 8, 2000),
+    ("PQ16x4fs", "cosine", 8, 2000),
+    ("PQ16x4fs", "ip", 8, 2000),
+    ("RQ4x8,beam=2", "l2", 4, 2000),
+    ("LSQ4x6,ils=4", "cosine", 3, 1000),
+    ("PRQ2x2x8", "cosine", 4, 1000),
+    ("PLSQ2x2x6,ils=2", "l2", 3, 1000),
+    ("SQ4", "cosine", 32, 2000),
+    ("SQ6", "l2", 48, 2000),
+    ("SQbf16", "cosine", 128, 2000),
+    ("SQ8,calibrate=0.001", "l2", 64, 2000),
+    ("RaBitQ", "l2", 16, 2000),
+    ("RaBitQ,qb=0", "cosine", 16, 2000),
+    ("RaBitQ4", "cosine", 52, 2000),
+    ("PCA32,PQ8", "l2", 8, 2000),
+    ("RR64,PQ8", "cosine", 8, 2000),
+    ("MRL32,PQ8", "cosine", 8, 2000),
+    ("MRL32,SQ8", "ip", 32, 2000),
+    ("MRL48,PQ16x4fs", "l2", 8, 2000),
+]
+
+
+@pytest.mark.parametrize("spec,metric,size,num_train", FAMILIES)
+def test_family_round_trip_and_search(data, spec, metric, size, num_train):
+    xb, xq = data
+    assert check_codec_spec(spec, DIM, metric, num_train) == size == code_size_of(spec, DIM, metric)
+    codec = Codec.train(xb[:num_train], spec, metric, seed=1)
+    assert codec.code_size == size and codec.dim == DIM and not codec.is_binary
+    codes = codec.encode(xb)
+    assert codes.shape == (len(xb), size) and codes.dtype == np.uint8
+    again = Codec.from_bytes(codec.to_bytes(), spec=spec, metric=metric)
+    assert np.array_equal(again.encode(xb), codes), "serialisation round trip changes codes"
+    decoded = again.decode(codes)
+    assert decoded.shape == (len(xb), DIM) and decoded.dtype == np.float32
+    assert np.array_equal(decoded, codec.decode(codes))
+    err = relative_error(prepare_vectors(xb, metric), decoded)
+    assert err < (0.75 if spec.startswith("MRL") else 0.35), err  # MRL: dropped dims count
+
+    D, I = again.search_codes(xq, codes, 10)
+    assert D.dtype == np.float32 and I.dtype == np.int64 and I.shape == (len(xq), 10)
+    assert (I >= 0).all() and (np.diff(D, axis=1) >= -1e-4).all(), "results sorted by distance"
+    exact = brute_force(prepare_vectors(xq, metric), prepare_vectors(xb, metric), 10,
+                        "l2" if metric == "l2" else "ip")
+    if spec.startswith("RaBitQ4"):
+        # faiss 1.15 decodes multi-bit RaBitQ codes to their 1-bit part only; search uses
+        # every bit, so compare with the exact neighbours instead
+        assert knn_recall(exact, I, 10) > 0.7
+        return
+    # search over codes ranks like exact search over the decoded vectors
+    decoded_truth = brute_force(prepare_vectors(xq, metric), decoded, 10, "l2" if metric == "l2" else "ip")
+    assert knn_recall(decoded_truth, I, 10) > (0.8 if spec.startswith("RaBitQ") else 0.9)
+    assert knn_recall(exact, I, 10) > 0.2
+
+
+@pytest.mark.parametrize("spec,num_train", [
+    ("PQ8", 2000), ("PQ16x4fs", 2000), ("OPQ8,PQ8", 1000), ("RQ4x8", 1000), ("LSQ4x6,ils=2", 600),
+    ("PRQ2x2x6", 600), ("RaBitQ", 1000), ("BINt", 1000), ("MRL32,PQ8", 1000),
+])
+def test_training_is_deterministic(data, spec, num_train):
+    xb, _ = data
+    a = Codec.train(xb[:num_train], spec, "l2", seed=3).encode(xb[:500])
+    b = Codec.train(xb[:num_train], spec, "l2", seed=3).encode(xb[:500])
+    assert np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("spec", ["PQ8", "PQ16x4fs", "RQ4x8"])
+def test_seed_changes_kmeans(data, spec):
+    xb, _ = data
+    a = Codec.train(xb[:1000], spec, "l2", seed=3).encode(xb[:500])
+    b = Codec.train(xb[:1000], spec, "l2", seed=4).encode(xb[:500])
+    assert not np.array_equal(a, b)
+
+
+def test_fast_scan_search_matches_plain_pq_adc(data):
+    xb, xq = data
+    codec = Codec.train(xb[:2000], "PQ32x4fs", "l2", seed=1)
+    codes = codec.encode(xb)
+    inner = faiss.downcast_index(codec.index)
+    assert isinstance(inner, faiss.IndexPQFastScan)
+    plain = faiss.IndexPQ(DIM, 32, 4)
+    plain.pq = inner.pq
+    plain.is_trained = True
+    assert np.array_equal(plain.sa_encode(xb), codes), "fast-scan stores plain PQ codes"
+    plain.add_sa_codes(codes)
+    D_ref, I_ref = plain.search(xq, 10)
+    D, I = codec.search_codes(xq, codes, 10)
+    assert knn_recall(I_ref, I, 10) > 0.9
+    # fast-scan quantises its lookup tables to 8 bits: distances agree within a few percent
+    assert np.abs(D - D_ref).max() < 0.05 * D_ref.max()
+
+
+# ---- binary -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_binary_sign_codes_and_hamming(data, metric):
+    xb, xq = data
+    codec = Codec.train(xb[:2000], "BIN", metric)
+    assert codec.is_binary and codec.code_size == DIM // 8 == check_codec_spec("BIN", DIM, metric, 10)
+    codes = codec.encode(xb)
+    expected = np.packbits(prepare_vectors(xb, metric) > 0, axis=1, bitorder="little")
+    assert np.array_equal(codes, expected), "bit i of the code is x_i > 0"
+    D, I = codec.search_codes(xq, codes, 10)
+    ham = popcount_xor(codec.encode(xq), codes)
+    assert np.array_equal(D, np.take_along_axis(ham, I, axis=1).astype(np.float32))
+    assert np.array_equal(np.sort(ham, axis=1)[:, :10], D), "the k smallest Hamming distances"
+    again = Codec.from_bytes(codec.to_bytes(), spec="BIN", metric=metric)
+    assert again.is_binary and np.array_equal(again.encode(xb), codes)
+    # decode is sign times the per-dimension mean magnitude: a usable reconstruction
+    assert relative_error(prepare_vectors(xb, metric), again.decode(codes)) < 0.5
+
+
+def test_binary_thresholds_are_training_medians(data):
+    xb, _ = data
+    codec = Codec.train(xb[:2001], "BINt", "l2")
+    median = np.median(xb[:2001], axis=0)
+    bits = np.unpackbits(codec.encode(xb), axis=1, bitorder="little")
+    # only values at the threshold itself (one per dim in an odd sample) may round either way
+    assert (bits != (xb > median)).mean() < 1e-3
+    bits = bits[:2001]
+    assert abs(bits.mean() - 0.5) < 0.01, "median thresholds balance the bits"
+
+
+def test_binary_pads_dims_not_divisible_by_8():
+    x = ClusteredEmbeddings(36, seed=2, num_clusters=16).batch(0, 800)
+    codec = Codec.train(x, "BIN", "l2")
+    codes = codec.encode(x)
+    assert codec.code_size == code_size_of("BIN", 36, "l2") == 5 and codes.shape == (800, 5)
+    assert not (codes[:, -1] & 0xF0).any(), "padding bits are zero"
+    assert codec.decode(codes).shape == (800, 36)
+    D, I = codec.search_codes(x[:5], codes, 3)
+    assert np.array_equal(D, np.take_along_axis(popcount_xor(codec.encode(x[:5]), codes), I, axis=1))
+
+
+@pytest.mark.parametrize("spec,size", [("RR64,BIN", 8), ("PCA32,BINt", 4), ("MRL32,BIN", 4)])
+def test_binary_after_transforms(data, spec, size):
+    xb, xq = data
+    codec = Codec.train(xb[:2000], spec, "cosine")
+    codes = codec.encode(xb)
+    assert codec.is_binary and codes.shape == (len(xb), size)
+    assert Codec.from_bytes(codec.to_bytes(), spec=spec, metric="cosine").encode(xb).tobytes() == codes.tobytes()
+    assert codec.decode(codes).shape == (len(xb), DIM)
+    D, I = codec.search_codes(xq, codes, 5)
+    assert np.array_equal(D, np.take_along_axis(popcount_xor(codec.encode(xq), codes), I, axis=1))
+
+
+# ---- Matryoshka ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("metric", ["cosine", "l2", "ip"])
+def test_mrl_truncates_and_renormalises_for_cosine_only(data, metric):
+    xb, xq = data
+    codec = Codec.train(xb[:1000], "MRL24,SQfp16", metric)
+    assert codec.code_size == 48 and codec.dim == DIM
+    prefix = prepare_vectors(xb, metric)[:, :24]
+    if metric == "cosine":
+        prefix = prefix / np.linalg.norm(prefix, axis=1, keepdims=True)
+    expected = np.zeros_like(xb)
+    expected[:, :24] = prefix
+    decoded = codec.decode(codec.encode(xb))
+    np.testing.assert_allclose(decoded, expected, atol=2e-3)
+    # search over the codes = exact search over the (renormalised) prefixes
+    q = prepare_vectors(xq, metric)[:, :24]
+    if metric == "cosine":
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    _, I = codec.search_codes(xq, codec.encode(xb), 10)
+    assert knn_recall(brute_force(q, prefix, 10, "l2" if metric == "l2" else "ip"), I, 10) > 0.95
+
+
+# ---- options ------------------------------------------------------------------------------
+
+def test_calibrated_sq_ranges_resist_outliers(data):
+    xb, _ = data
+    x = xb.copy()
+    x[:3] *= 40.0  # a few wild rows stretch min..max ranges
+    plain = Codec.train(x, "SQ8", "l2")
+    calibrated = Codec.train(x, "SQ8,calibrate=0.001", "l2")
+    bulk = x[3:]
+    e_plain = relative_error(bulk, plain.decode(plain.encode(bulk)))
+    e_cal = relative_error(bulk, calibrated.decode(calibrated.encode(bulk)))
+    assert e_cal < 0.2 * e_plain, (e_cal, e_plain)
+
+
+def test_search_options_survive_serialisation(data):
+    xb, _ = data
+    rq = Codec.train(xb[:1000], "RQ4x8,beam=7", "l2")
+    rq = Codec.from_bytes(rq.to_bytes(), spec="RQ4x8,beam=7", metric="l2")
+    assert faiss.downcast_index(rq.index).rq.max_beam_size == 7
+    lsq = Codec.from_bytes(Codec.train(xb[:600], "LSQ2x6,ils=3", "l2").to_bytes(), spec="LSQ2x6,ils=3", metric="l2")
+    assert faiss.downcast_index(lsq.index).lsq.encode_ils_iters == 3
+    rb = Codec.from_bytes(Codec.train(xb[:600], "RaBitQ,qb=2", "l2").to_bytes(), spec="RaBitQ,qb=2", metric="l2")
+    assert faiss.downcast_index(rb.index).qb == 2
+
+
+def test_pq_training_is_never_polysemous(data):
+    codec = Codec.train(data[0][:1000], "MRL32,PQ8", "l2")
+    chain_inner = faiss.downcast_index(faiss.downcast_index(codec.index).index)
+    assert isinstance(chain_inner, faiss.IndexPQ) and not chain_inner.do_polysemous_training
+
+
+# ---- rejections (before any data is read) ---------------------------------------------------
+
+@pytest.mark.parametrize("spec,num_train,needle", [
+    ("PQ7", 5000, r"m must divide dim=64: try one of \[2, 4, 8, 16, 32, 64\]"),
+    ("MRL48,PQ32", 5000, r"dim=48 \(after MRL48\).*m must divide"),
+    ("PRQ3x2x8", 5000, "m must divide dim=64"),
+    ("PQ8x10", 500, "at least 1024 training vectors.*largest nbits this sample supports is 8"),
+    ("RQ4x10", 500, "at least 1024 training vectors"),
+    ("LSQ4x9", 300, "at least 512 training vectors"),
+    ("PRQ2x2x10", 1000, "at least 1024 training vectors"),
+    ("OPQ8,PQ8x4", 100, "at least 256 training vectors"),
+    ("PQ8x13", 10**6, "at most 12"),
+    ("NOPE", 5000, "could not parse"),
+    ("IVF16,PQ8", 5000, "not a standalone codec"),
+    ("PQ8,depth=3", 5000, "unknown option 'depth'.*known options: beam="),
+    ("PQ8,beam=4", 5000, "beam= applies to RQ/PRQ codecs only"),
+    ("LSQ4x8,beam=4", 5000, "LSQ has no beam: use ils=N"),
+    ("SQfp16,calibrate=0.01", 5000, "calibrate= applies to SQ4/SQ6/SQ8"),
+    ("SQ8,calibrate=0.7", 5000, "0 < q < 0.5"),
+    ("RaBitQ,qb=9", 5000, "qb= must be 0"),
+    ("RQ4x8,beam=x", 5000, "beam= needs a int"),
+    ("MRL64,PQ8", 5000, "MRL64 must keep fewer dims than the input dim=64.*try MRL32"),
+    ("PQ8,MRL32", 5000, "MRL<n> must be the first part"),
+    ("MRL32", 5000, "no codec after its prefix"),
+    ("LSH", 5000, "use BIN"),
+    ("ITQ,BIN", 5000, "ITQ cannot be decoded"),
+    ("BIN,PQ8", 5000, "BIN/BINt must be the last"),
+    ("", 5000, "empty codec spec"),
+    ("PQ16x5fs", 5000, "could not parse"),  # fast-scan is 4-bit only
+])
+def test_impossible_specs_are_rejected(spec, num_train, needle):
+    with pytest.raises(CodecSpecError, match=needle):
+        check_codec_spec(spec, DIM, "l2", num_train)
+
+
+@pytest.mark.parametrize("spec,dim,size", [
+    ("BIN", 384, 48), ("MRL256,PQ32", 384, 32), ("PQ64x4fs", 384, 32), ("RaBitQ", 384, 56),
+    ("SQ6", 384, 288), ("MRL128,BIN", 768, 16), ("PRQ2x4x8", 128, 8),
+])
+def test_code_sizes_without_data(spec, dim, size):
+    assert code_size_of(spec, dim, "cosine") == size == check_codec_spec(spec, dim, "cosine", 20_000)
+
+
+# ---- default grid -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim", [32, 64, 128, 384, 768])
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_default_grid_is_valid_and_covers_the_range(dim, metric):
+    grid = default_grid(dim, metric)
+    assert len(grid) == len(set(grid)) and 8 <= len(grid) <= 24, grid
+    sizes = [check_codec_spec(s, dim, metric, 20_000) for s in grid]
+    assert sizes == sorted(sizes) and all(8 <= b <= 256 for b in sizes)
+    assert min(sizes) == 8 and max(sizes) >= 64, "both ends of the budget range"
+    families = {next(f for f in ("MRL", "OPQ", "PCA64,RQ", "RQ", "PQ", "SQ", "BIN", "RaBitQ") if s.startswith(f))
+                for s in grid}
+    assert {"PQ", "RaBitQ"} <= families and ({"RQ", "PCA64,RQ"} & families)
+    assert ("SQ" in families) == (dim <= 512), "SQ4 is dim/2 bytes"
+    assert any(s.endswith("x4fs") for s in grid)
+    assert ("MRL" in families) == (dim >= 256)
+    if dim >= 64:
+        assert "BIN" in grid
+
+
+def test_default_grid_respects_a_narrow_budget():
+    grid = default_grid(384, "cosine", min_bytes=16, max_bytes=48)
+    sizes = [code_size_of(s, 384, "cosine") for s in grid]
+    assert grid and min(sizes) == 16 and max(sizes) == 48
+
+
+def test_default_grid_specs_all_train(data):
+    x = ClusteredEmbeddings(32, seed=1, num_clusters=16).batch(0, 1500)
+    for spec in default_grid(32, "cosine"):
+        codec = Codec.train(x, spec, "cosine")
+        assert codec.decode(codec.encode(x[:10])).shape == (10, 32), spec
