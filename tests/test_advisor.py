@@ -56,7 +56,8 @@ def exact_top(xq, x, k, metric):
 
 
 @pytest.mark.parametrize("spec,metric", [
-    ("PQ8", "l2"), ("PQ8x4fs", "cosine"), ("OPQ4,PQ4", "l2"), ("RQ4x8", "l2"), ("LSQ2x8", "l2"),
+    ("PQ8", "l2"), ("PQ8x4fs", "cosine"), ("OPQ4,PQ4", "l2"), ("RQ4x8,beam=4", "l2"), ("LSQ2x8", "l2"),
+    ("PRQ2x2x8", "l2"), ("PLSQ2x2x8", "cosine"),
     ("SQ4", "cosine"), ("SQ8,calibrate=0.01", "l2"), ("SQfp16", "ip"), ("SQbf16", "l2"), ("RaBitQ", "l2"),
     ("RaBitQ4", "cosine"), ("BIN", "cosine"), ("BINt", "l2"), ("MRL16,PQ8", "cosine"), ("PCA16,PQ8", "l2"),
 ])
