@@ -28,6 +28,10 @@ from pipeline.executor import Executor, LocalExecutor
 from pipeline.lance_io import (
     check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri, version_manifest,
 )
+from pipeline.incremental import (
+    QualityGateError, SourceDiff, apply_retention, diff_sources, drift_decision, gate_version, knn_shard, layout_after,
+    probe_quality,
+)
 from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
 from pipeline.source import SourcePlan, SourceSpec, plan_sources
@@ -79,6 +83,20 @@ class CompressOptions:
     advise_rerank: int = 0
     #: codec="auto": the candidates to sweep (default: the default grid within the budget)
     advise_codecs: tuple[str, ...] | None = None
+    #: "auto": extend the table's latest version when it can (new/rewritten files encoded,
+    #: deleted ones dropped, unchanged rows untouched); "full": always rebuild everything
+    mode: str = "auto"
+    #: retrain when the reconstruction error on a fresh sample grew by more than this fraction
+    #: over the error measured when the codec was trained
+    drift_threshold: float = 0.10
+    #: retrain (and re-encode everything) even without drift
+    force_retrain: bool = False
+    #: quality gate: tag the new version `production` only if recall@10 >= this (None = no floor)
+    gate_min_recall: float | None = None
+    #: quality gate: ... and recall@10 is at most this much below the current production version's
+    gate_max_drop: float = 0.02
+    #: versions kept by the retention rule (tagged versions are never removed; 0 = keep all)
+    keep_versions: int = 20
 
     def __post_init__(self):
         if self.metric not in METRICS:
@@ -102,6 +120,10 @@ class CompressOptions:
             raise ConfigError(f"advise_rerank must be one of 0, 1, 2, 4, 10 (the measured factors), got {self.advise_rerank}")
         if self.advise_codecs is not None:
             object.__setattr__(self, "advise_codecs", tuple(self.advise_codecs))
+        if self.mode not in ("auto", "full"):
+            raise ConfigError(f"mode must be auto or full, got {self.mode!r}")
+        if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:
+            raise ConfigError("drift_threshold, gate_max_drop and keep_versions must not be negative")
 
 
 def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
@@ -183,6 +205,12 @@ class Planned:
     #: codec="auto": the chosen codec as the sweep trained it (same sample and seed)
     pretrained: CodecRef | None = None
     advise_seconds: float = 0.0
+    #: incremental run: what changed since the latest version (None = full build)
+    diff: SourceDiff | None = None
+    #: the current source snapshot (plan is the new layout when incremental)
+    snapshot: SourcePlan | None = None
+    drift: dict | None = None
+    drift_seconds: float = 0.0
 
 
 def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOptions) -> Planned:
@@ -202,12 +230,25 @@ def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOp
 
 
 def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
-    """Validate every source file and the codec, fix the shard plan, check the output."""
+    """Validate every source file and the codec, fix the shard plan, check the output, and
+    compare the sources with the table's latest version (incremental runs)."""
     start = time.perf_counter()
     plan = plan_sources(source, shard_rows=opts.shard_rows)
     num_train, num_queries = sample_sizes(plan.num_rows, opts.num_train, opts.num_queries)
-    planned = Planned(plan, None, None, num_train, num_queries, None)
-    if opts.codec == "auto":
+    planned = Planned(plan, None, None, num_train, num_queries, None, snapshot=plan)
+    diff = None
+    if opts.mode == "auto":
+        diff = diff_sources(ctx.out, ctx.table, plan, metric=opts.metric,
+                            codec=None if opts.codec == "auto" else opts.codec)
+    if diff is not None:
+        planned.diff, planned.plan = diff, layout_after(plan, diff)
+        planned.num_train = diff.previous_manifest["sample"]["num_train"]
+        resolve_codec(ctx, planned, diff.previous_manifest["codec"]["spec"], opts)
+        s = diff.summary()
+        what = (f"incremental on version {diff.previous_version}: {s['files_added']} new, {s['files_rewritten']} "
+                f"rewritten, {s['files_removed']} deleted, {s['files_unchanged']} unchanged files; codec "
+                f"{planned.codec_spec} kept unless it drifted")
+    elif opts.codec == "auto":
         candidate_specs(plan.dim, opts.metric, num_train, codecs=list(opts.advise_codecs or []) or None,
                         budgets=[opts.max_bytes] if opts.max_bytes else None)  # fail before reading data
         if opts.rerank_codec:
@@ -215,15 +256,59 @@ def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Plan
                 check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, num_train)
             except CodecSpecError as exc:
                 raise ConfigError(str(exc)) from None
-        what = "chosen after sampling"
+        what = "full build; codec chosen after sampling"
     else:
         resolve_codec(ctx, planned, opts.codec or default_codec(plan.dim), opts)
-        what = f"{planned.codec_spec} = {planned.code_size} bytes/vector"
-    storage.write_bytes(ctx.run_file("plan.json"), json.dumps(plan.to_dict(), indent=1).encode())
-    log.info("plan: %d rows in %d files, %d shards, dim %d (%s); codec %s", plan.num_rows, len(plan.files),
+        what = f"full build; codec {planned.codec_spec} = {planned.code_size} bytes/vector"
+    storage.write_bytes(ctx.run_file("plan.json"), json.dumps(planned.plan.to_dict(), indent=1).encode())
+    log.info("plan: %d rows in %d files, %d shards, dim %d (%s); %s", plan.num_rows, len(plan.files),
              len(plan.shards), plan.dim, plan.vector_type, what)
     planned.seconds = time.perf_counter() - start
     return planned
+
+
+# ---- drift (incremental runs) -------------------------------------------------------------------
+
+def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Executor):
+    """Measure the table's codec on a fresh uniform sample of the current corpus and decide:
+    keep it (incremental run continues) or retrain (the run becomes a full rebuild).
+
+    Returns (planned, sampled or None, drift decision); the sample's vectors are the held-out
+    queries of the incremental run's evaluation."""
+    start = time.perf_counter()
+    diff = planned.diff
+    prev = diff.previous_manifest
+    seed = opts.seed * 1_000_003 + diff.previous_version + 1  # fresh, yet deterministic per night
+    _, xq, qpos = read_sample(planned.plan, 0, planned.num_queries, seed, executor)
+    codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
+    current = probe_quality(codec, xq)
+    drift = drift_decision(prev.get("drift_baseline"), current, threshold=opts.drift_threshold,
+                           force=opts.force_retrain)
+    planned.drift = drift
+    log.info("drift: relative error %.4f (at training %s), probe recall@10 %.3f: %s", current["relative_error"],
+             _fmt(drift["baseline_relative_error"], 4), current["recall_at_10"], drift["reason"])
+    if drift["retrain"]:  # a full rebuild on the current snapshot
+        planned.diff, planned.plan = None, planned.snapshot
+        planned.num_train, planned.num_queries = sample_sizes(planned.plan.num_rows, opts.num_train, opts.num_queries)
+        if opts.codec == "auto":
+            planned.codec_spec = planned.code_size = None
+        else:
+            resolve_codec(ctx, planned, opts.codec or prev["codec"]["spec"], opts)
+        storage.write_bytes(ctx.run_file("plan.json"), json.dumps(planned.plan.to_dict(), indent=1).encode())
+        planned.drift_seconds = time.perf_counter() - start
+        return planned, None, drift
+    sampled = Sampled(train_uri="", queries_uri=save_array(ctx.run_file("queries.npy"), xq),
+                      query_positions_uri=save_array(ctx.run_file("query_positions.npy"), qpos),
+                      num_train=prev["sample"]["num_train"], num_queries=len(xq))
+    planned.drift_seconds = sampled.seconds = time.perf_counter() - start
+    return planned, sampled, drift
+
+
+def carried_codec(ctx: RunContext, planned: Planned) -> Trained:
+    """An incremental run keeps the previous version's codec (and warm codec) as they are."""
+    prev = planned.diff.previous_manifest
+    return Trained(manifest_codec(ctx.out, prev["codec"]), manifest_codec(ctx.out, prev.get("rerank_codec")),
+                   baseline=prev.get("drift_baseline"))
 
 
 # ---- sample ---------------------------------------------------------------------------------
@@ -297,6 +382,8 @@ class Trained:
     codec: CodecRef
     rerank_codec: CodecRef | None = None
     seconds: float = 0.0
+    #: the codec's fit on held-out data when trained: the reference for drift checks
+    baseline: dict | None = None
 
 
 def train_run(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOptions) -> Trained:
@@ -310,8 +397,9 @@ def train_run(ctx: RunContext, planned: Planned, sampled: Sampled, opts: Compres
     warm = None
     if opts.rerank_codec:
         warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+    baseline = probe_quality(load_codec(ref), load_array(sampled.queries_uri))  # held out: never trained on
     log.info("train: %s on %d vectors in %.1fs -> %s", ref.spec, xt.shape[0], time.perf_counter() - start, ref.uri)
-    return Trained(ref, warm, time.perf_counter() - start)
+    return Trained(ref, warm, time.perf_counter() - start, baseline)
 
 
 # ---- encode ---------------------------------------------------------------------------------
@@ -326,26 +414,37 @@ class Encoded:
 
 def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
                executor: Executor) -> Encoded:
-    """Encode every shard into uncommitted Lance fragments; exact neighbours of the held-out
-    queries come from the same pass over the source."""
+    """Encode the shards into uncommitted Lance fragments; exact neighbours of the held-out
+    queries come from the same pass over the source. An incremental run encodes only its new
+    shards, keeps the other fragments as they are, and reads the kept shards' vectors once for
+    the exact neighbours."""
     start = time.perf_counter()
     plan = planned.plan
+    diff = planned.diff
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
                     batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
                     rerank_codec=trained.rerank_codec)
-    qpos = load_array(sampled.query_positions_uri)
-    results = executor.map(encode_shard, plan.shards, desc="encode",
-                           shared={"job": job, "queries": load_array(sampled.queries_uri), "query_positions": qpos})
+    xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
+    num_kept = len(diff.kept_shards) if diff else 0
+    results = executor.map(encode_shard, plan.shards[num_kept:], desc="encode",
+                           shared={"job": job, "queries": xq, "query_positions": qpos})
     truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
     for r in results:
         truth.add(r.knn_D, r.knn_I)
+    if num_kept:
+        for D, I in executor.map(knn_shard, plan.shards[:num_kept], desc="exact neighbours (kept rows)",
+                                 shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k,
+                                         "queries": xq, "query_positions": qpos}):
+            truth.add(D, I)
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth.I)
-    fragments = [f for r in sorted(results, key=lambda r: r.shard_index) for f in r.fragments]
+    fragments = (diff.kept_fragments if diff else []) + [
+        f for r in sorted(results, key=lambda r: r.shard_index) for f in r.fragments]
     num_rows = sum(r.num_rows for r in results)
     seconds = time.perf_counter() - start
-    log.info("encode: %d rows in %d fragments, %.1fs (%.0f rows/s)", num_rows, len(fragments), seconds,
-             num_rows / max(seconds, 1e-9))
-    return Encoded(fragments, num_rows, gt_uri, seconds)
+    log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows,
+             len(fragments) - (len(diff.kept_fragments) if diff else 0), len(diff.kept_fragments) if diff else 0,
+             seconds, num_rows / max(seconds, 1e-9))
+    return Encoded(fragments, plan.num_rows, gt_uri, seconds)
 
 
 # ---- commit ---------------------------------------------------------------------------------
@@ -391,6 +490,10 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "source_bytes": plan.source_bytes_per_vector,
         "options": dataclasses.asdict(opts),
         "advisor": planned.advisor,
+        "mode": "incremental" if planned.diff else "full",
+        "incremental": planned.diff.summary() if planned.diff else None,
+        "drift": planned.drift,
+        "drift_baseline": trained.baseline,
         "stage_seconds": stage_seconds,
     }
 
@@ -487,8 +590,8 @@ def evaluate_run(ctx: RunContext, committed: Committed, executor: Executor, stag
     return ev
 
 
-def _fmt(v):
-    return "n/a" if v is None else f"{v:.3f}"
+def _fmt(v, digits: int = 3):
+    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 # ---- all stages -----------------------------------------------------------------------------
@@ -496,10 +599,41 @@ def _fmt(v):
 @dataclass
 class RunResult:
     run_id: str
-    version: int
-    manifest: dict
-    eval: dict
+    version: int | None
+    manifest: dict | None
+    eval: dict | None
     stage_seconds: dict = field(default_factory=dict)
+    #: False when the run had nothing to do (no source change) and committed nothing
+    committed: bool = True
+    reason: str = ""
+    mode: str = "full"
+    incremental: dict | None = None
+    drift: dict | None = None
+    gate: dict | None = None
+    retention: dict | None = None
+
+    def summary(self) -> dict:
+        """The `run` section of a run report."""
+        inc = self.incremental or {}
+        return {"run_id": self.run_id, "committed": self.committed, "version": self.version, "reason": self.reason,
+                "mode": self.mode, "rows_added": inc.get("rows_added"), "rows_removed": inc.get("rows_removed"),
+                "files_added": inc.get("files_added"), "files_removed": inc.get("files_removed"),
+                "files_rewritten": inc.get("files_rewritten"), "files_unchanged": inc.get("files_unchanged"),
+                "drift": self.drift, "gate": self.gate, "retention": self.retention,
+                "stage_seconds": self.stage_seconds}
+
+
+def gate_run(ctx: RunContext, committed: Committed, ev: dict, opts: CompressOptions) -> dict:
+    """Tag the new version `production` if it passes the quality gate; then apply retention.
+    The decision is added to the version's evaluation JSON."""
+    from pipeline.report import load_eval, store_gate
+
+    gate = gate_version(ctx.out, ctx.table, committed.version, ev.get("recall_at_10"), floor=opts.gate_min_recall,
+                        max_drop=opts.gate_max_drop, load_eval=load_eval)
+    store_gate(ctx.out, ctx.table, committed.version, gate)
+    gate["retention"] = apply_retention(ctx.out, ctx.table, opts.keep_versions)
+    (log.info if gate["passed"] else log.warning)("gate: %s", gate["reason"])
+    return gate
 
 
 @dataclass(frozen=True)
@@ -508,38 +642,74 @@ class Stages:
     tasks, so both paths run exactly the same sequence."""
 
     plan: Callable = plan_run
+    drift: Callable = drift_run
     sample: Callable = sample_run
     advise: Callable = advise_run
     train: Callable = train_run
     encode: Callable = encode_run
     commit: Callable = commit_run
     evaluate: Callable = evaluate_run
+    gate: Callable = gate_run
 
 
 def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, executor: Executor,
                stages: Stages = Stages()) -> RunResult:
-    """plan -> sample -> train -> encode -> commit -> evaluate."""
+    """plan -> [drift] -> sample -> [advise] -> train -> encode -> commit -> evaluate -> gate.
+
+    With a previous version to extend, an unchanged source commits nothing; otherwise the drift
+    check decides between an incremental run (codec kept, only changed files encoded) and a
+    full rebuild (retrain, re-encode everything)."""
     planned = stages.plan(ctx, source, opts)
-    sampled = stages.sample(ctx, planned, opts, executor)
-    planned = stages.advise(ctx, planned, sampled, opts, executor)
-    trained = stages.train(ctx, planned, sampled, opts)
+    sampled = None
+    if planned.diff is not None:
+        if planned.diff.no_change and not opts.force_retrain:
+            log.info("no change since version %d: nothing to commit", planned.diff.previous_version)
+            return RunResult(ctx.run_id, planned.diff.previous_version, None, None, committed=False,
+                             reason=f"no change since version {planned.diff.previous_version}",
+                             mode="none", incremental=planned.diff.summary())
+        planned, sampled, _ = stages.drift(ctx, planned, opts, executor)
+    if planned.diff is None:
+        sampled = stages.sample(ctx, planned, opts, executor)
+        planned = stages.advise(ctx, planned, sampled, opts, executor)
+        trained = stages.train(ctx, planned, sampled, opts)
+    else:
+        trained = carried_codec(ctx, planned)
     encoded = stages.encode(ctx, planned, sampled, trained, opts, executor)
     times = stage_times(planned, sampled, trained, encoded)
     committed = stages.commit(ctx, planned, sampled, trained, encoded, opts, times)
     times["commit"] = round(committed.seconds, 3)
     ev = stages.evaluate(ctx, committed, executor, times)
-    return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"])
+    gate = stages.gate(ctx, committed, ev, opts)
+    return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"],
+                     reason="committed" if gate["passed"] else gate["reason"],
+                     mode="incremental" if planned.diff else "full",
+                     incremental=planned.diff.summary() if planned.diff else None, drift=planned.drift,
+                     gate={k: v for k, v in gate.items() if k != "retention"}, retention=gate["retention"])
+
+
+def check_gate(result: RunResult) -> RunResult:
+    """Raise QualityGateError when the run's version failed the gate (it stays committed, untagged)."""
+    if result.gate is not None and not result.gate["passed"]:
+        raise QualityGateError(f"version {result.version} of {result.manifest['table']} failed the quality gate: "
+                               f"{result.gate['reason']}")
+    return result
 
 
 def run_compress(source: SourceSpec, out: str, table: str, opts: CompressOptions = CompressOptions(), *,
                  executor: Executor | None = None, run_id: str | None = None) -> RunResult:
-    """The whole job, in this process, without Prefect (the flow in `flows/` does the same)."""
-    return run_stages(RunContext.new(out, table, run_id), source, opts, executor or LocalExecutor())
+    """The whole job, in this process, without Prefect (the flow in `flows/` does the same).
+    Raises QualityGateError after a version that failed the gate was committed and evaluated."""
+    return check_gate(run_stages(RunContext.new(out, table, run_id), source, opts, executor or LocalExecutor()))
 
 
-def stage_times(planned: Planned, *results) -> dict:
+def stage_times(planned: Planned, sampled, trained, encoded) -> dict:
     times = {"plan": round(planned.seconds, 3)}
-    if planned.advisor is not None:
-        times["advise"] = round(planned.advise_seconds, 3)
-    times.update({n: round(r.seconds, 3) for n, r in zip(("sample", "train", "encode"), results)})
+    if planned.drift is not None:
+        times["drift"] = round(planned.drift_seconds, 3)
+    if planned.diff is None:
+        times["sample"] = round(sampled.seconds, 3)
+        if planned.advisor is not None:
+            times["advise"] = round(planned.advise_seconds, 3)
+        times["train"] = round(trained.seconds, 3)
+    times["encode"] = round(encoded.seconds, 3)
     return times

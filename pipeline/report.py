@@ -54,6 +54,18 @@ def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, sta
     return ev
 
 
+def store_gate(out: str, table: str, version: int, gate: dict) -> None:
+    """Add the quality-gate decision to a version's evaluation JSON."""
+    ev = load_eval(out, table, version) or {}
+    storage.write_bytes(eval_uri(out, table, version), json.dumps({**ev, "gate": gate}, indent=1).encode())
+
+
+def run_report(out: str, table: str, result) -> dict:
+    """What a run did, for logs and Prefect artifacts: the version's inspect object plus `run`."""
+    info = inspect_table(out, table, result.version) if result.version is not None else {"table": table}
+    return {**info, "run": result.summary()}
+
+
 def load_eval(out: str, table: str, version: int) -> dict | None:
     uri = eval_uri(out, table, version)
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
@@ -87,6 +99,11 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "source": {k: m["source"][k] for k in ("num_files", "vector_type", "uris")},
         "sample": {k: m["sample"][k] for k in ("seed", "num_train", "num_queries")},
         "stage_seconds": (ev or {}).get("stage_seconds", m.get("stage_seconds")),
+        "tags": sorted(name for name, t in ds.tags.list().items() if t["version"] == ds.version),
+        "mode": m.get("mode", "full"),
+        "incremental": m.get("incremental"),
+        "drift": m.get("drift"),
+        "gate": (ev or {}).get("gate"),
         "rerank_codec": (m.get("rerank_codec") or {}).get("spec"),
         "rerank_bytes": m.get("rerank_bytes"),
         "advisor": m.get("advisor"),

@@ -4,6 +4,7 @@ independently, against faiss alone, determinism, LanceDB access, search and re-r
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import faiss
 import lance
@@ -141,7 +142,9 @@ def test_string_ids_list_vectors_and_new_version(tmp_path, ray_executor):
     opts = CompressOptions(codec="SQ8", metric="ip", num_train=1000, num_queries=100, eval_k=10)
     out = str(tmp_path / "out")
     r1 = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", opts, executor=ray_executor)
-    r2 = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", opts, executor=ray_executor)
+    same = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", opts, executor=ray_executor)
+    assert not same.committed and same.version == 1 and "no change" in same.reason
+    r2 = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", replace(opts, mode="full"), executor=ray_executor)
     assert (r1.version, r2.version) == (1, 2)
     ds = lance.dataset(f"{out}/t.lance")
     assert ds.count_rows() == 3000 and ds.schema.field("id").type == pa.string()

@@ -1,0 +1,227 @@
+"""Nightly recompression: what changed since the last version, whether the codec drifted,
+whether a new version may be tagged `production`, and which old versions to drop.
+
+A version's layout is a SourcePlan whose shards are in *dataset order* (row_offset = position
+in the dataset), each shard owning the consecutive fragments it was written to. An
+incremental run keeps the fragments of unchanged files as they are (no rewrite), drops those
+of deleted or rewritten files, encodes only new and rewritten files, and commits the result in
+one Overwrite transaction that reuses the kept data files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from kernels.codec import Codec
+from kernels.knn import TopK, exact_knn, prepare_vectors
+from kernels.metrics import knn_recall, relative_error
+from pipeline import storage
+from pipeline.errors import VecpressError
+from pipeline.lance_io import open_dataset, table_uri, version_manifest
+from pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
+from pipeline.stages import Columns
+
+log = logging.getLogger("vecpress")
+
+PRODUCTION_TAG = "production"
+
+
+class QualityGateError(VecpressError):
+    """A new version did not pass the quality gate: it was committed but not tagged."""
+
+
+@dataclass
+class SourceDiff:
+    """The current source snapshot against the layout of the table's latest version."""
+
+    previous_version: int
+    previous_manifest: dict
+    files_added: list[str]
+    files_removed: list[str]
+    files_rewritten: list[str]
+    files_unchanged: list[str]
+    kept_shards: list[Shard]
+    kept_fragments: list[dict]
+    new_shards: list[Shard]
+    rows_removed: int
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def no_change(self) -> bool:
+        return not (self.files_added or self.files_removed or self.files_rewritten)
+
+    def summary(self) -> dict:
+        return {"previous_version": self.previous_version, "files_added": len(self.files_added),
+                "files_removed": len(self.files_removed), "files_rewritten": len(self.files_rewritten),
+                "files_unchanged": len(self.files_unchanged), "rows_removed": self.rows_removed,
+                "rows_added": sum(s.num_rows for s in self.new_shards)}
+
+
+def previous_layout(out: str, manifest: dict) -> SourcePlan:
+    return SourcePlan.from_dict(json.loads(storage.read_bytes(
+        storage.join(storage.normalize(out), manifest["source"]["plan_uri"]))))
+
+
+def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: str | None) -> list[str]:
+    """Why the previous version cannot be extended (empty when it can)."""
+    src = manifest["source"]
+    why = []
+    for what, old, new in [("vector column", src["vector_column"], plan.vector_column),
+                           ("id column", src["id_column"], plan.id_column), ("passthrough columns", src["keep"], plan.keep),
+                           ("vector type", src["vector_type"], plan.vector_type), ("metric", manifest["metric"], metric)]:
+        if old != new:
+            why.append(f"{what} changed ({old} -> {new})")
+    if codec not in (None, manifest["codec"]["spec"]):
+        why.append(f"codec changed ({manifest['codec']['spec']} -> {codec})")
+    return why
+
+
+def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: str | None) -> SourceDiff | None:
+    """None when there is no previous vecpress version to extend, or it cannot be extended
+    (other columns, metric or codec): then the run is a full build."""
+    ds = open_dataset(out, table)
+    if ds is None:
+        return None
+    try:
+        manifest = version_manifest(ds)
+    except VecpressError:
+        return None
+    blockers = incremental_blockers(manifest, plan, metric, codec)
+    if blockers:
+        log.info("incremental: full rebuild instead: %s", "; ".join(blockers))
+        return None
+    prev = previous_layout(out, manifest)
+    old = {f.uri: f.fingerprint for f in prev.files}
+    new = {f.uri: f.fingerprint for f in plan.files}
+    added = sorted(set(new) - set(old))
+    removed = sorted(set(old) - set(new))
+    rewritten = sorted(u for u in set(new) & set(old) if new[u] != old[u])
+    unchanged = sorted(u for u in set(new) & set(old) if new[u] == old[u])
+    # each shard of the layout owns the next fragments, by row count
+    frags = ds.get_fragments()
+    kept_shards, kept_fragments, rows_removed, fi = [], [], 0, 0
+    for shard in prev.shards:
+        owned, rows = [], 0
+        while rows < shard.num_rows:
+            if fi >= len(frags):
+                raise VecpressError(f"{table_uri(out, table)} version {ds.version}: fragments do not match its layout")
+            owned.append(frags[fi])
+            rows += frags[fi].count_rows()
+            fi += 1
+        if rows != shard.num_rows:
+            raise VecpressError(f"{table_uri(out, table)} version {ds.version}: fragments do not match its layout")
+        if shard.file_uri in unchanged:
+            kept_shards.append(shard)
+            kept_fragments.extend(f.metadata.to_json() for f in owned)
+        else:
+            rows_removed += shard.num_rows
+    changed = set(added) | set(rewritten)
+    return SourceDiff(ds.version, manifest, added, removed, rewritten, unchanged, kept_shards, kept_fragments,
+                      [s for s in plan.shards if s.file_uri in changed], rows_removed)
+
+
+def layout_after(plan: SourcePlan, diff: SourceDiff) -> SourcePlan:
+    """The new version's layout: kept shards in their old order, then the new shards."""
+    shards, offset = [], 0
+    for s in [*diff.kept_shards, *diff.new_shards]:
+        shards.append(dataclasses.replace(s, index=len(shards), row_offset=offset))
+        offset += s.num_rows
+    return dataclasses.replace(plan, shards=shards, num_rows=offset)
+
+
+# ---- exact neighbours of rows that are not re-encoded ---------------------------------------
+
+def knn_shard(shard: Shard, *, columns: Columns, metric: str, k: int, queries: np.ndarray,
+              query_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A shard's exact top-k for the queries (global positions), reading only its vectors."""
+    xq = prepare_vectors(queries, metric)
+    top = TopK(len(xq), k, exclude=query_positions)
+    for first_row, batch in iter_shard_batches(shard, [columns.vector], 65_536):
+        x = prepare_vectors(vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri,
+                                             column=columns.vector, first_row=first_row), metric)
+        D, I = exact_knn(xq, x, k + 1, metric)
+        position = shard.row_offset + (first_row - shard.file_row_start)
+        top.add(D, np.where(I >= 0, I + position, -1))
+    return top.D, top.I
+
+
+# ---- drift ------------------------------------------------------------------------------------
+
+def probe_quality(codec: Codec, x: np.ndarray) -> dict:
+    """How well a codec fits a uniform sample x it was not trained on: relative reconstruction
+    error over x, and recall@10 of ADC search for a tenth of x (queries) among all of x."""
+    xp = prepare_vectors(x, codec.metric)
+    nq = max(1, min(200, len(x) // 10))
+    k = min(10, len(x) - 1)
+    exclude = np.arange(nq)
+    truth, found = TopK(nq, k, exclude), TopK(nq, k, exclude)
+    truth.add(*exact_knn(xp[:nq], xp, k + 1, codec.metric))
+    found.add(*codec.search_codes(x[:nq], codec.encode(x), k + 1))
+    return {"num_vectors": int(len(x)), "relative_error": relative_error(xp, codec.decode(codec.encode(x))),
+            "recall_at_10": knn_recall(truth.I, found.I, k)}
+
+
+def drift_decision(baseline: dict | None, current: dict, *, threshold: float, force: bool) -> dict:
+    """Retrain when forced, or when the reconstruction error on fresh data grew by more than
+    `threshold` (relative) over the error measured when the codec was trained."""
+    d = {"measured": True, "relative_error": current["relative_error"], "recall_at_10": current["recall_at_10"],
+         "baseline_relative_error": None if baseline is None else baseline["relative_error"],
+         "baseline_recall_at_10": None if baseline is None else baseline["recall_at_10"], "threshold": threshold}
+    if force:
+        return {**d, "retrain": True, "reason": "retraining forced"}
+    if baseline is None:
+        return {**d, "retrain": True, "reason": "no baseline recorded for the codec"}
+    growth = current["relative_error"] / max(baseline["relative_error"], 1e-12) - 1
+    d["error_growth"] = growth
+    if growth > threshold:
+        return {**d, "retrain": True, "reason": f"reconstruction error grew {growth:+.1%} (> {threshold:.0%}) "
+                                                "since the codec was trained"}
+    return {**d, "retrain": False, "reason": f"error {growth:+.1%} vs training (threshold {threshold:.0%}): codec kept"}
+
+
+# ---- quality gate and retention -----------------------------------------------------------------
+
+def gate_version(out: str, table: str, version: int, recall_at_10: float | None, *, floor: float | None,
+                 max_drop: float, tag: str = PRODUCTION_TAG, load_eval=None) -> dict:
+    """Move `tag` to `version` if its recall@10 reaches `floor` and is at most `max_drop` below
+    the currently tagged version's; otherwise leave the tag where it is."""
+    ds = open_dataset(out, table)
+    tags = ds.tags.list()
+    previous = tags[tag]["version"] if tag in tags else None
+    prev_recall = None
+    if previous is not None and load_eval is not None:
+        prev_recall = (load_eval(out, table, previous) or {}).get("recall_at_10")
+    d = {"tag": tag, "recall_at_10": recall_at_10, "floor": floor, "max_drop": max_drop,
+         "previous_version": previous, "previous_recall_at_10": prev_recall}
+    problems = []
+    if recall_at_10 is None:
+        problems.append("recall@10 was not measured")
+    else:
+        if floor is not None and recall_at_10 < floor:
+            problems.append(f"recall@10 {recall_at_10:.4f} is below the floor {floor:.4f}")
+        if prev_recall is not None and recall_at_10 < prev_recall - max_drop:
+            problems.append(f"recall@10 {recall_at_10:.4f} is more than {max_drop:.4f} below version {previous}'s "
+                            f"{prev_recall:.4f}")
+    if problems:
+        return {**d, "passed": False, "tagged_version": previous,
+                "reason": "; ".join(problems) + f": '{tag}' stays on version {previous}"}
+    if previous is None:
+        ds.tags.create(tag, version)
+    elif previous != version:
+        ds.tags.update(tag, version)
+    return {**d, "passed": True, "tagged_version": version, "reason": f"'{tag}' now on version {version}"}
+
+
+def apply_retention(out: str, table: str, keep_versions: int) -> dict:
+    """Drop versions beyond the newest `keep_versions`; tagged versions are never removed."""
+    ds = open_dataset(out, table)
+    if ds is None or keep_versions <= 0:
+        return {}
+    stats = ds.cleanup_old_versions(retain_versions=keep_versions, error_if_tagged_old_versions=False)
+    return {"bytes_removed": int(getattr(stats, "bytes_removed", 0)),
+            "old_versions_removed": int(getattr(stats, "old_versions", 0))}

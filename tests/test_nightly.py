@@ -1,0 +1,137 @@
+"""Issue 4: nightly recompression on real files -- incremental runs, drift, the quality gate."""
+
+from __future__ import annotations
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from kernels.synthetic import ClusteredEmbeddings
+from pipeline.incremental import QualityGateError
+from pipeline.job import CompressOptions, run_compress
+from pipeline.report import inspect_table, load_eval
+from pipeline.source import SourceSpec
+from tests.conftest import write_vectors
+
+DIM = 32
+OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=100, eval_k=20, seed=5)
+
+
+def part(folder, name, lo, hi, *, seed=0, scale=1.0):
+    x = ClusteredEmbeddings(DIM, seed=seed, num_clusters=32).batch(lo, hi - lo) * scale
+    write_vectors(folder / name, x, np.arange(lo, hi, dtype=np.int64),
+                  extra={"text": pa.array([f"doc {j}" for j in range(lo, hi)])}, row_group_size=400)
+
+
+def data_files(ds):
+    return {f.path for frag in ds.get_fragments() for f in frag.metadata.files}
+
+
+def run(folder, out, **kw):
+    return run_compress(SourceSpec((str(folder),), keep=("text",)), str(out), "t",
+                        CompressOptions(**{**OPTS.__dict__, **kw}), executor=kw.pop("executor", None))
+
+
+@pytest.fixture
+def src(tmp_path):
+    folder = tmp_path / "src"
+    for i, name in enumerate("abc"):
+        part(folder, f"{name}.parquet", i * 1000, (i + 1) * 1000)
+    return folder
+
+
+def test_four_nights(src, tmp_path, ray_executor):
+    out = tmp_path / "out"
+    uri = str(out / "t.lance")
+    opts = lambda **kw: CompressOptions(**{**OPTS.__dict__, **kw})  # noqa: E731
+    spec = SourceSpec((str(src),), keep=("text",))
+
+    # night 1: full build
+    n1 = run_compress(spec, str(out), "t", opts(), executor=ray_executor)
+    assert n1.committed and n1.mode == "full" and n1.version == 1
+    assert n1.gate["passed"] and lance.dataset(uri, version="production").version == 1
+    v1_files = data_files(lance.dataset(uri))
+
+    # night 2: d is new, b deleted, c rewritten -> only c and d are encoded
+    part(src, "d.parquet", 3000, 3500)
+    (src / "b.parquet").unlink()
+    part(src, "c.parquet", 2000, 3000, seed=0, scale=1.001)
+    n2 = run_compress(spec, str(out), "t", opts(), executor=ray_executor)
+    assert n2.committed and n2.mode == "incremental" and n2.version == 2
+    inc = n2.incremental
+    assert (inc["files_added"], inc["files_removed"], inc["files_rewritten"], inc["files_unchanged"]) == (1, 1, 1, 1)
+    assert inc["rows_added"] == 1500 and inc["rows_removed"] == 2000
+    ds = lance.dataset(uri)
+    ids = ds.to_table(columns=["id"]).column(0).to_numpy()
+    assert ds.count_rows() == 2500 and len(np.unique(ids)) == 2500
+    assert sorted(ids.tolist()) == list(range(1000)) + list(range(2000, 3500))
+    kept = data_files(ds) & v1_files
+    assert kept and len(kept) == 1  # a's data file reused untouched; b's and c's old files dropped
+    assert not n2.drift["retrain"]
+    assert n2.manifest["codec"]["sha256"] == n1.manifest["codec"]["sha256"]  # codec reused
+    assert n2.eval["recall_at_10"] > 0.2 and n2.gate["passed"]
+    # search over the new layout re-ranks against the right source rows
+    info = inspect_table(str(out), "t")
+    assert info["mode"] == "incremental" and info["tags"] == ["production"]
+
+    # night 3: nothing changed -> nothing committed
+    n3 = run_compress(spec, str(out), "t", opts(), executor=ray_executor)
+    assert not n3.committed and "no change" in n3.reason and lance.dataset(uri).version == 2
+
+    # night 4: the distribution shifted -> drift detected, codec retrained, everything re-encoded
+    for name, (lo, hi) in {"a": (0, 1000), "c": (2000, 3000), "d": (3000, 3500)}.items():
+        part(src, f"{name}.parquet", lo, hi, seed=99, scale=2.0)
+    n4 = run_compress(spec, str(out), "t", opts(gate_max_drop=1.0), executor=ray_executor)
+    assert n4.committed and n4.mode == "full" and n4.version == 3
+    assert n4.drift["retrain"] and "grew" in n4.drift["reason"]
+    assert n4.manifest["codec"]["sha256"] != n1.manifest["codec"]["sha256"]
+    assert not (data_files(lance.dataset(uri)) & v1_files)  # all re-encoded
+    assert lance.dataset(uri).count_rows() == 2500
+
+
+def test_search_after_incremental_rerank_uses_new_layout(src, tmp_path, ray_executor):
+    from pipeline.search import search
+
+    out = tmp_path / "out"
+    spec = SourceSpec((str(src),), keep=("text",))
+    opts = CompressOptions(**{**OPTS.__dict__, "gate_max_drop": 1.0})  # not testing the gate here
+    run_compress(spec, str(out), "t", opts, executor=ray_executor)
+    (src / "a.parquet").unlink()
+    part(src, "e.parquet", 5000, 6000)
+    assert run_compress(spec, str(out), "t", opts, executor=ray_executor).mode == "incremental"
+    xq = ClusteredEmbeddings(DIM, seed=0, num_clusters=32).batch(5000, 1000)[:5]  # rows 5000..5004, in e
+    got = search(str(out), "t", xq, 3, rerank=10).to_pandas()
+    assert got[got["rank"] == 0]["id"].tolist() == [5000, 5001, 5002, 5003, 5004]
+    assert got[got["rank"] == 0]["distance"].max() < 1e-6
+
+
+def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ray_executor):
+    out = tmp_path / "out"
+    uri = str(out / "t.lance")
+    spec = SourceSpec((str(src),), keep=("text",))
+    first = run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
+    part(src, "d.parquet", 3000, 3600)
+    with pytest.raises(QualityGateError, match="below the floor.*'production' stays on version 1"):
+        run_compress(spec, str(out), "t", CompressOptions(**{**OPTS.__dict__, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    assert lance.dataset(uri).version == 2  # committed, evaluated ...
+    assert load_eval(str(out), "t", 2)["gate"]["passed"] is False
+    prod = lance.dataset(uri, version="production")  # ... but readers of production see version 1
+    assert prod.version == 1 and prod.count_rows() == 3000
+    assert inspect_table(str(out), "t", version="production")["eval"]["recall_at_10"] == first.eval["recall_at_10"]
+
+
+def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
+    out = tmp_path / "out"
+    uri = str(out / "t.lance")
+    spec = SourceSpec((str(src),), keep=("text",))
+    opts = CompressOptions(**{**OPTS.__dict__, "mode": "full", "keep_versions": 1})
+    run_compress(spec, str(out), "t", opts, executor=ray_executor)  # v1, production
+    lance.dataset(uri).tags.create("pinned", 1)
+    with pytest.raises(QualityGateError):  # v2 fails the gate: production stays on v1
+        run_compress(spec, str(out), "t", CompressOptions(**{**opts.__dict__, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    run_compress(spec, str(out), "t", CompressOptions(**{**opts.__dict__, "gate_max_drop": 1.0}), executor=ray_executor)
+    versions = [v["version"] for v in lance.dataset(uri).versions()]
+    assert 1 in versions and 3 in versions and 2 not in versions  # untagged old version dropped
