@@ -1,4 +1,5 @@
-"""The compress flow: plan -> sample -> train -> encode -> commit -> evaluate, as Prefect tasks.
+"""The compress flow: plan -> [drift] -> sample -> [advise] -> train -> encode -> commit ->
+evaluate -> gate, as Prefect tasks.
 
 Runs against Prefect's temporary local server when no PREFECT_API_URL is configured. Ray is
 started (or joined, with `ray_address` / RAY_ADDRESS) by the pipeline inside the flow, not by a
@@ -13,10 +14,10 @@ from prefect.cache_policies import NONE
 from pipeline.distributed import RayExecutor
 from pipeline.errors import VecpressError
 from pipeline.job import (
-    RunContext, Stages, advise_run, commit_run, encode_run, evaluate_run, plan_run, run_stages, sample_run, specs_from_params,
-    train_run,
+    RunContext, Stages, advise_run, check_gate, commit_run, drift_run, encode_run, evaluate_run, gate_run, plan_run,
+    run_stages, sample_run, specs_from_params, train_run,
 )
-from pipeline.report import inspect_table
+from pipeline.report import run_report
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -33,12 +34,14 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 _common = dict(cache_policy=NONE, retry_condition_fn=_retry_unless_user_error, retry_delay_seconds=5)
 
 plan_task = task(plan_run, name="plan", retries=1, **_common)
+drift_task = task(drift_run, name="drift", retries=1, **_common)
 sample_task = task(sample_run, name="sample", retries=1, **_common)
 advise_task = task(advise_run, name="advise", retries=1, **_common)
 train_task = task(train_run, name="train", retries=1, **_common)
 encode_task = task(encode_run, name="encode", retries=2, **_common)
 commit_task = task(commit_run, name="commit", retries=3, **_common)  # idempotent per run id
 evaluate_task = task(evaluate_run, name="evaluate", retries=1, **_common)
+gate_task = task(gate_run, name="gate", retries=1, **_common)
 
 
 @flow(name="vecpress-compress")
@@ -65,15 +68,24 @@ def compress_flow(
     min_recall: float | None = None,
     advise_rerank: int = 0,
     advise_codecs: list[str] | None = None,
+    mode: str = "auto",
+    drift_threshold: float = 0.10,
+    force_retrain: bool = False,
+    gate_min_recall: float | None = None,
+    gate_max_drop: float = 0.02,
+    keep_versions: int = 20,
     ray_address: str | None = None,
     run_id: str | None = None,
 ) -> dict:
-    """Compress Parquet embeddings under `inputs` into the Lance table `out/<table>.lance` and
-    evaluate it; returns what `vecpress inspect --json` prints for the new version."""
+    """Compress Parquet embeddings under `inputs` into the Lance table `out/<table>.lance`
+    (incrementally when the table already exists), evaluate it and gate the `production` tag.
+    Returns the run report: `vecpress inspect --json` of the version plus a `run` section."""
     source, opts = specs_from_params(locals())
     ctx = RunContext.new(out, table, run_id)
-    stages = Stages(plan=plan_task, sample=sample_task, advise=advise_task, train=train_task, encode=encode_task,
-                    commit=commit_task, evaluate=evaluate_task)
+    stages = Stages(plan=plan_task, drift=drift_task, sample=sample_task, advise=advise_task, train=train_task,
+                    encode=encode_task, commit=commit_task, evaluate=evaluate_task, gate=gate_task)
     with RayExecutor(ray_address) as executor:
         result = run_stages(ctx, source, opts, executor, stages)
-    return inspect_table(ctx.out, table, result.version)
+    report = run_report(ctx.out, table, result)
+    check_gate(result)
+    return report

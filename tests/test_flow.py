@@ -41,7 +41,7 @@ def test_flow_runs_every_stage_as_a_task(corpus, tmp_path, prefect_harness, ray_
             return sorted((r.name.rsplit("-", 1)[0], r.state.type.value) for r in runs)
 
     names = anyio.run(task_names)
-    assert [n for n, _ in names] == sorted(["plan", "sample", "advise", "train", "encode", "commit", "evaluate"])
+    assert [n for n, _ in names] == sorted(["plan", "sample", "advise", "train", "encode", "commit", "evaluate", "gate"])
     assert all(s == "COMPLETED" for _, s in names)
 
 
@@ -65,7 +65,7 @@ def test_cli_compress_inspect_search(corpus, tmp_path, capsys, ray_executor):
     made = json.loads(capsys.readouterr().out)
     rc = main(["inspect", str(out), "--table", "corpus", "--json"])
     info = json.loads(capsys.readouterr().out)
-    assert rc == 0 and info == made
+    assert rc == 0 and made["run"]["committed"] and {k: v for k, v in made.items() if k != "run"} == info
     for key in ("table", "version", "num_rows", "dim", "metric", "codec", "codec_uri", "code_bytes", "source_bytes"):
         assert key in info
     for key in ("num_queries", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error"):
