@@ -19,6 +19,10 @@ def _csv(s: str) -> list[str]:
     return [p.strip() for p in s.split(",") if p.strip()]
 
 
+def _version(v: str) -> int | str:
+    return int(v) if v.isdigit() else v
+
+
 def _specs(s: str | None) -> list[str] | None:
     """Codec specs separated by ';' (specs themselves contain commas: OPQ16,PQ16)."""
     return [p.strip() for p in s.split(";") if p.strip()] if s else None
@@ -52,6 +56,20 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
                         "the source; costs its bytes per vector (default: none)")
     g.add_argument("--no-eval-rerank", dest="eval_rerank", action="store_false",
                    help="skip measuring recall after exact re-ranking (it reads candidates' vectors back)")
+    g = p.add_argument_group("nightly runs")
+    g.add_argument("--mode", choices=["auto", "full"], default="auto",
+                   help="auto: extend the table's latest version when possible (only new/rewritten files "
+                        "encoded, deleted ones dropped); full: rebuild everything (default: %(default)s)")
+    g.add_argument("--drift-threshold", type=float, default=0.10,
+                   help="retrain when the reconstruction error on fresh data grew by more than this fraction "
+                        "(default: %(default)s)")
+    g.add_argument("--force-retrain", action="store_true", help="retrain and re-encode everything")
+    g.add_argument("--gate-min-recall", type=float, default=None, metavar="R",
+                   help="tag the version 'production' only if recall@10 >= R (default: no floor)")
+    g.add_argument("--gate-max-drop", type=float, default=0.02, metavar="D",
+                   help="... and recall@10 is at most D below the production version's (default: %(default)s)")
+    g.add_argument("--keep-versions", type=int, default=20,
+                   help="versions kept (tagged versions are never removed; 0 = all) (default: %(default)s)")
     g = p.add_argument_group("execution")
     g.add_argument("--batch-size", type=int, default=65_536,
                    help="rows per batch in a worker; bounds worker memory (default: %(default)s)")
@@ -71,19 +89,27 @@ def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
                 batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu,
                 rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, max_bytes=args.max_bytes,
                 min_recall=args.min_recall, advise_rerank=args.advise_rerank,
-                advise_codecs=_specs(args.advise_codecs), ray_address=args.ray_address, **extra)
+                advise_codecs=_specs(args.advise_codecs), mode=args.mode, drift_threshold=args.drift_threshold,
+                force_retrain=args.force_retrain, gate_min_recall=args.gate_min_recall,
+                gate_max_drop=args.gate_max_drop, keep_versions=args.keep_versions, ray_address=args.ray_address,
+                **extra)
 
 
 def _run(kwargs: dict, no_prefect: bool) -> dict:
+    """Run the compress job (as the Prefect flow, or directly) and return its run report."""
     if no_prefect:
+        from flows.locking import table_lock
         from pipeline.distributed import RayExecutor
-        from pipeline.job import run_compress, specs_from_params
-        from pipeline.report import inspect_table
+        from pipeline.job import RunContext, check_gate, run_stages, specs_from_params
+        from pipeline.report import run_report
 
         source, opts = specs_from_params(kwargs)
-        with RayExecutor(kwargs.get("ray_address")) as ex:
-            result = run_compress(source, kwargs["out"], kwargs["table"], opts, executor=ex)
-        return inspect_table(kwargs["out"], kwargs["table"], result.version)
+        ctx = RunContext.new(kwargs["out"], kwargs["table"])
+        with table_lock(ctx.out, kwargs["table"], run_id=ctx.run_id), RayExecutor(kwargs.get("ray_address")) as ex:
+            result = run_stages(ctx, source, opts, ex)
+        report = run_report(ctx.out, kwargs["table"], result)
+        check_gate(result)
+        return report
     from flows.compress import compress_flow
 
     return compress_flow(**kwargs)
@@ -93,9 +119,27 @@ def _print_result(info: dict, as_json: bool) -> None:
     from pipeline.report import summary_table
 
     if as_json:
-        print(json.dumps(info, indent=1))
-    else:
-        print(summary_table(info))
+        print(json.dumps(info, indent=1, default=str))
+        return
+    run = info.get("run")
+    if run is not None and not run["committed"]:
+        print(f"nothing committed: {run['reason']}")
+        return
+    print(summary_table(info))
+    if run is not None:
+        print(run_line(run))
+
+
+def run_line(run: dict) -> str:
+    parts = [f"run {run['run_id']}: {run['mode']} build"]
+    if run["mode"] == "incremental":
+        parts.append(f"+{run['rows_added']:,} / -{run['rows_removed']:,} rows ({run['files_added']} new, "
+                     f"{run['files_rewritten']} rewritten, {run['files_removed']} deleted files)")
+    if run.get("drift"):
+        parts.append(f"drift: {run['drift']['reason']}")
+    if run.get("gate"):
+        parts.append(f"gate: {run['gate']['reason']}")
+    return "; ".join(parts)
 
 
 def cmd_demo(args) -> None:
@@ -107,7 +151,9 @@ def cmd_demo(args) -> None:
         write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
     else:
         log.info("using the sample corpus already in %s", src)
-    info = _run(_flow_kwargs(args, [src], args.out, keep=["text"], allow_schema_change=True), args.no_prefect)
+    kwargs = _flow_kwargs(args, [src], args.out, keep=["text"], allow_schema_change=True)
+    kwargs.update(mode="full", gate_max_drop=1.0)  # every demo run rebuilds and shows its numbers
+    info = _run(kwargs, args.no_prefect)
     _print_result(info, args.json)
     if not args.json:
         print(f"\nquery it: python -c \"import lancedb; print(lancedb.connect('{args.out}')"
@@ -170,6 +216,23 @@ def cmd_generate(args) -> None:
         print(f)
 
 
+def cmd_schedule(args) -> None:
+    from flows.schedule import nightly_parameters, serve_nightly
+
+    *inputs, out = args.paths
+    if not inputs:
+        raise VecpressError("schedule needs at least one input and an output: vecpress schedule INPUT... OUT")
+    if args.no_prefect:
+        raise VecpressError("schedule serves a Prefect flow; --no-prefect cannot be used with it")
+    kwargs = _flow_kwargs(args, inputs, out, vector_column=args.vector_column, id_column=args.id_column,
+                          keep=_csv(args.keep) or None, allow_schema_change=args.allow_schema_change)
+    if args.print_parameters:
+        print(json.dumps(nightly_parameters(**kwargs), indent=1))
+        return
+    log.info("serving the nightly deployment of table %r (%s %s); Ctrl-C stops it", args.table, args.cron, args.timezone)
+    serve_nightly(cron=args.cron, timezone=args.timezone, name=args.name, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vecpress", description="Compress Parquet embeddings into a searchable "
                                 "Lance dataset and measure the recall it costs.")
@@ -200,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a table version and its evaluation")
     i.add_argument("out", help="output folder")
     i.add_argument("--table", required=True)
-    i.add_argument("--version", type=int, default=None, help="version (default: latest)")
+    i.add_argument("--version", type=_version, default=None, help="version number or tag, e.g. production "
+                   "(default: latest)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
@@ -215,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank-from", choices=["auto", "source", "column"], default="auto",
                    help="where re-rank vectors come from: the warm column, the source Parquet, or auto "
                         "(the warm column when the table has one) (default: %(default)s)")
-    s.add_argument("--version", type=int, default=None, help="version (default: latest)")
+    s.add_argument("--version", type=_version, default=None, help="version number or tag (default: latest)")
     s.add_argument("--json", action="store_true", help="one JSON object per result line")
     s.set_defaults(func=cmd_search)
 
@@ -247,6 +311,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--files", type=int, default=4)
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(func=cmd_generate)
+    n = sub.add_parser("schedule", help="serve the compress flow on a cron schedule (nightly) until Ctrl-C")
+    n.add_argument("paths", nargs="+", metavar="INPUT... OUT",
+                   help="Parquet files/folders (local or URIs like s3://bucket/prefix), then the output folder")
+    n.add_argument("--table", required=True, help="output table name (OUT/<table>.lance)")
+    n.add_argument("--cron", default="0 2 * * *", help="when to run, a cron expression (default: %(default)s)")
+    n.add_argument("--timezone", default="UTC", help="time zone of --cron, e.g. Europe/Berlin (default: %(default)s)")
+    n.add_argument("--name", default=None, help="deployment name (default: vecpress-nightly-<table>)")
+    n.add_argument("--print-parameters", action="store_true",
+                   help="print the deployment's parameters as JSON (as in infra/prefect.yaml) and exit")
+    n.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
+    n.add_argument("--id-column", default="id", help="id column, int64 or string (default: %(default)s)")
+    n.add_argument("--keep", default="", help="comma-separated passthrough columns copied to the output")
+    n.add_argument("--allow-schema-change", action="store_true",
+                   help="replace an existing table even if its schema differs")
+    _add_compress_options(n)
+    n.set_defaults(func=cmd_schedule)
     return p
 
 

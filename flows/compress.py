@@ -11,6 +11,8 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
+from flows.locking import table_lock
+from flows.reporting import publish_run_report
 from pipeline.distributed import RayExecutor
 from pipeline.errors import VecpressError
 from pipeline.job import (
@@ -84,8 +86,9 @@ def compress_flow(
     ctx = RunContext.new(out, table, run_id)
     stages = Stages(plan=plan_task, drift=drift_task, sample=sample_task, advise=advise_task, train=train_task,
                     encode=encode_task, commit=commit_task, evaluate=evaluate_task, gate=gate_task)
-    with RayExecutor(ray_address) as executor:
+    with table_lock(ctx.out, table, run_id=ctx.run_id), RayExecutor(ray_address) as executor:
         result = run_stages(ctx, source, opts, executor, stages)
     report = run_report(ctx.out, table, result)
+    publish_run_report(report)  # before the gate check, so a failed gate is reported too
     check_gate(result)
     return report
