@@ -135,3 +135,20 @@ def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     run_compress(spec, str(out), "t", CompressOptions(**{**opts.__dict__, "gate_max_drop": 1.0}), executor=ray_executor)
     versions = [v["version"] for v in lance.dataset(uri).versions()]
     assert 1 in versions and 3 in versions and 2 not in versions  # untagged old version dropped
+
+
+def test_bad_new_file_in_an_incremental_run_commits_nothing(src, tmp_path, ray_executor):
+    from pipeline.errors import SourceError
+
+    out = tmp_path / "out"
+    uri = str(out / "t.lance")
+    spec = SourceSpec((str(src),), keep=("text",))
+    run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
+    x = ClusteredEmbeddings(DIM, seed=0, num_clusters=32).batch(7000, 300)
+    x[17, 3] = np.nan
+    write_vectors(src / "z.parquet", x, np.arange(7000, 7300, dtype=np.int64),
+                  extra={"text": pa.array(["t"] * 300)})
+    with pytest.raises(SourceError, match=r"z.parquet.*'embedding'.*1 of 300 rows contain NaN or Inf \(first at row 17\)"):
+        run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
+    ds = lance.dataset(uri)
+    assert ds.version == 1 and ds.count_rows() == 3000 and lance.dataset(uri, version="production").version == 1
