@@ -28,6 +28,14 @@ def _specs(s: str | None) -> list[str] | None:
     return [p.strip() for p in s.split(";") if p.strip()] if s else None
 
 
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
+    p.add_argument("--id-column", default="id", help="id column, int64 or string (default: %(default)s)")
+    p.add_argument("--keep", default="", help="comma-separated passthrough columns copied to the output")
+    p.add_argument("--allow-schema-change", action="store_true",
+                   help="replace an existing table even if its schema differs")
+
+
 def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     g = p.add_argument_group("codec and evaluation")
     g.add_argument("--codec", default="PQ48" if demo else None,
@@ -252,11 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("paths", nargs="+", metavar="INPUT... OUT",
                    help="Parquet files/folders (local or URIs like s3://bucket/prefix), then the output folder")
     c.add_argument("--table", required=True, help="output table name (OUT/<table>.lance)")
-    c.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
-    c.add_argument("--id-column", default="id", help="id column, int64 or string (default: %(default)s)")
-    c.add_argument("--keep", default="", help="comma-separated passthrough columns copied to the output")
-    c.add_argument("--allow-schema-change", action="store_true",
-                   help="replace an existing table even if its schema differs")
+    _add_source_options(c)
     _add_compress_options(c)
     c.set_defaults(func=cmd_compress)
 
@@ -320,11 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--name", default=None, help="deployment name (default: vecpress-nightly-<table>)")
     n.add_argument("--print-parameters", action="store_true",
                    help="print the deployment's parameters as JSON (as in infra/prefect.yaml) and exit")
-    n.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
-    n.add_argument("--id-column", default="id", help="id column, int64 or string (default: %(default)s)")
-    n.add_argument("--keep", default="", help="comma-separated passthrough columns copied to the output")
-    n.add_argument("--allow-schema-change", action="store_true",
-                   help="replace an existing table even if its schema differs")
+    _add_source_options(n)
     _add_compress_options(n)
     n.set_defaults(func=cmd_schedule)
     return p
