@@ -175,7 +175,12 @@ class RunContext:
 
 
 def relative_to_out(ctx: RunContext, uri: str) -> str:
-    return uri[len(ctx.out) + 1:] if uri.startswith(ctx.out + "/") else uri
+    """A path under OUT relative to it (query strings of object-store URIs dropped), so the
+    manifest stays valid if OUT moves and never records endpoints or options."""
+    base, path = ctx.out.split("?", 1)[0].rstrip("/"), uri.split("?", 1)[0]
+    if not path.startswith(base + "/"):
+        raise VecpressError(f"{path} is not under the output {base}")
+    return path[len(base) + 1:]
 
 
 def save_array(uri: str, a: np.ndarray) -> str:
@@ -553,7 +558,7 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     qpos = load_array(storage.join(base, sample["query_positions_uri"]))
     truth = load_array(storage.join(base, sample["ground_truth_uri"]))
     k = min(k or truth.shape[1], truth.shape[1])
-    job = CodeSearch(table_uri=ds.uri, version=version, codec=codec_ref, k=k)
+    job = CodeSearch(table_uri=table_uri(out, table), version=version, codec=codec_ref, k=k)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     found = TopK(len(qpos), k, exclude=qpos)
     for D, I in executor.map(search_fragment, items, desc="evaluate",

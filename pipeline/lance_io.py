@@ -49,11 +49,17 @@ def open_dataset(out: str, table: str, version: int | str | None = None) -> lanc
     if not storage.exists(storage.join(uri, "_versions")):  # workers' uncommitted files don't count
         return None
     try:
-        return lance.dataset(uri, version=version)
+        return open_lance(uri, version)
     except ValueError as exc:
         if version is not None:
             raise VecpressError(f"{uri}: no version {version!r}: {exc}") from exc
         raise
+
+
+def open_lance(uri: str, version: int | str | None = None) -> lance.LanceDataset:
+    """lance.dataset for a local path or an object-store URI (options from its query string)."""
+    target, options = storage.lance_location(uri)
+    return lance.dataset(target, version=version, storage_options=options)
 
 
 def require_dataset(out: str, table: str, version: int | str | None = None) -> lance.LanceDataset:
@@ -100,7 +106,8 @@ def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[di
     frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
     tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
                            transaction_properties={RUN_ID_PROPERTY: run_id})
-    ds = lance.LanceDataset.commit(table_uri(out, table), tx, read_version=read_version)
+    target, options = storage.lance_location(table_uri(out, table))
+    ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
     return ds.version
 
 

@@ -10,7 +10,7 @@ import lancedb
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.lance_io import require_dataset, sidecar_uri, version_manifest
+from pipeline.lance_io import require_dataset, sidecar_uri, table_uri, version_manifest
 from pipeline.schema import EVAL_TABLE_SUFFIX
 
 log = logging.getLogger("vecpress")
@@ -43,7 +43,8 @@ def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, sta
         ("rerank_from", pa.string()), ("rerank", pa.string()),
     ])
     data = pa.Table.from_pylist([row], schema=schema)
-    db = lancedb.connect(storage.normalize(out))
+    target, options = storage.lance_location(out)
+    db = lancedb.connect(target, storage_options=options)
     name = table + EVAL_TABLE_SUFFIX
     if name in db.list_tables().tables:
         t = db.open_table(name)
@@ -79,7 +80,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
     ev = load_eval(out, table, ds.version)
     return {
         "table": table,
-        "uri": ds.uri,
+        "uri": table_uri(out, table),
         "version": ds.version,
         "latest_version": ds.latest_version,
         "num_rows": ds.count_rows(),

@@ -13,7 +13,7 @@ from pipeline import storage
 from pipeline.errors import VecpressError
 from pipeline.executor import Executor, LocalExecutor
 from pipeline.job import manifest_codec
-from pipeline.lance_io import fragment_offsets, require_dataset, version_manifest
+from pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
 from pipeline.rerank import column_distances, source_distances
 from pipeline.source import SourcePlan, list_parquet_files, open_parquet, vectors_as_numpy
 from pipeline.stages import CodeSearch, search_fragment
@@ -51,7 +51,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         raise VecpressError(f"queries have shape {queries.shape}, the table holds {m['dim']}-d vectors")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    job = CodeSearch(table_uri=ds.uri, version=ds.version, codec=codec, k=num_candidates)
+    job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)
     found = TopK(queries.shape[0], num_candidates)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     for D, I in executor.map(search_fragment, items, desc="search", shared={"job": job, "queries": queries}):

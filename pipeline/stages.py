@@ -17,6 +17,7 @@ from kernels.knn import TopK, exact_knn, prepare_vectors
 from pipeline import storage
 from pipeline.codec_store import CodecRef, load_codec
 from pipeline.errors import SourceError
+from pipeline.lance_io import open_lance
 from pipeline.schema import CODE_COLUMN, codes_schema
 from pipeline.source import Shard, SourcePlan, iter_shard_batches, read_rows, vectors_as_numpy
 
@@ -168,7 +169,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     try:
         # mode="overwrite": field ids from this schema, not from the table's current version
         # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
-        frags = lance.fragment.write_fragments(reader, job.table_uri, schema=schema, mode="overwrite",
+        target, options = storage.lance_location(job.table_uri)
+        frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite", storage_options=options,
                                                max_rows_per_file=job.max_rows_per_file)
     except Exception:
         if failure:
@@ -200,7 +202,7 @@ def search_fragment(item: tuple[int, int], *, job: CodeSearch, queries: np.ndarr
     """ADC top-k of the queries over one committed fragment's codes, as global positions."""
     fragment_id, row_offset = item
     codec = load_codec(job.codec)
-    ds = lance.dataset(job.table_uri, version=job.version)
+    ds = open_lance(job.table_uri, job.version)
     codes = codes_as_numpy(ds.get_fragment(fragment_id).to_table(columns=[CODE_COLUMN]).column(0))
     topk = TopK(queries.shape[0], job.k, exclude=query_positions)
     # one extra result per query so that excluding the query's own row still leaves k

@@ -86,3 +86,24 @@ def write_bytes(uri: str, data: bytes) -> None:
 def exists(uri: str) -> bool:
     loc = resolve(uri)
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound
+
+
+def lance_location(uri: str) -> tuple[str, dict[str, str] | None]:
+    """(URI for Lance, Lance storage options): the query string of an object-store URI (pyarrow
+    style, e.g. `?endpoint_override=host:9000&scheme=http&region=us-east-1`) becomes Lance's
+    options. Credentials never travel in URIs: Lance reads them from the usual AWS_* variables."""
+    uri = normalize(uri)
+    if "?" not in uri or not _has_scheme(uri):
+        return uri, None
+    base, query = uri.split("?", 1)
+    params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
+    scheme = params.get("scheme", "https")
+    opts = {}
+    if "endpoint_override" in params:
+        endpoint = params["endpoint_override"]
+        opts["aws_endpoint"] = endpoint if "://" in endpoint else f"{scheme}://{endpoint}"
+    if scheme == "http":
+        opts["allow_http"] = "true"
+    if "region" in params:
+        opts["aws_region"] = params["region"]
+    return base, opts or None

@@ -56,3 +56,37 @@ def test_missing_s3_prefix_is_a_clear_error(s3):
     _, query = s3
     with pytest.raises(SourceError, match="does not exist"):
         list_parquet_files([f"s3://corpus/nothing-here?{query}"])
+
+
+def test_s3_output_end_to_end(s3, tmp_path, ray_executor, monkeypatch):
+    """Input and output on the S3-compatible server: compress, inspect, search, LanceDB open;
+    credentials come from the environment and appear in no manifest or report."""
+    import json
+
+    import lancedb
+
+    from pipeline.report import inspect_table
+    from pipeline.search import search
+    from pipeline.storage import lance_location
+
+    fs, query = s3
+    fs.create_dir("lake")
+    x = ClusteredEmbeddings(16, seed=6).batch(0, 2000)
+    put_parquet(fs, "corpus/e2e/a.parquet", x, np.arange(2000))
+    out = f"s3://lake/out?{query}"
+    result = run_compress(SourceSpec((f"s3://corpus/e2e?{query}",)), out, "t",
+                          CompressOptions(codec="PQ4", num_train=1000, num_queries=100, eval_k=10),
+                          executor=ray_executor)
+    assert result.version == 1 and fs.get_file_info("lake/out/t.lance/_versions").type == pafs.FileType.Directory
+    info = inspect_table(out, "t")
+    assert info["num_rows"] == 2000 and info["eval"]["recall_at_10"] > 0.2
+    got = search(out, "t", x[:3], 5, rerank=10)
+    assert got.filter(pa.compute.equal(got.column("rank"), 0)).column("id").to_pylist() == [0, 1, 2]
+    target, options = lance_location(out)
+    rows = lancedb.connect(target, storage_options=options).open_table("t").search().where("id < 3").to_pandas()
+    assert sorted(rows["id"]) == [0, 1, 2]
+    import os
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    manifest = json.dumps(result.manifest) + json.dumps(info) + json.dumps(result.eval)
+    assert secret not in manifest and "secret" not in manifest.lower()
