@@ -48,6 +48,7 @@ import numpy as np
 
 from kernels._faiss import faiss, num_gpus
 from kernels.knn import as_distances, faiss_metric, prepare_vectors
+from kernels.pq_encode import cuda_device_count, encode_pq, pq_codebook
 
 
 class CodecSpecError(ValueError):
@@ -379,11 +380,21 @@ class Codec:
         return cls(spec=spec, metric=metric, dim=dim, index=index)
 
     # ---- coding ---------------------------------------------------------------------------
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """(n, dim) float -> (n, code_size) uint8."""
+    @property
+    def is_pq(self) -> bool:
+        """Plain or fast-scan PQ (behind any pre-transforms): encodable by kernels.pq_encode."""
+        return isinstance(_innermost(self.index)[1], (faiss.IndexPQ, faiss.IndexPQFastScan))
+
+    def encode(self, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+        """(n, dim) float -> (n, code_size) uint8. device="cuda": PQ codecs encode on the GPU
+        (kernels.pq_encode; faiss's codes for >= 99.9% of sub-vectors) when torch sees CUDA;
+        other codecs, or no GPU, use faiss on the CPU."""
         x = prepare_vectors(x, self.metric)
         if x.shape[0] == 0:
             return np.zeros((0, self.code_size), np.uint8)
+        if device != "cpu" and self.is_pq and cuda_device_count() > 0:
+            cb = pq_codebook(self.index)
+            return encode_pq(cb.prepare(x), cb.centroids, cb.nbits, device=device)
         return self.index.sa_encode(x)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:

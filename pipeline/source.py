@@ -145,7 +145,9 @@ def list_parquet_files(uris) -> list[str]:
 
 def open_parquet(uri: str) -> pq.ParquetFile:
     loc = storage.resolve(uri)
-    return pq.ParquetFile(loc.fs.open_input_file(loc.path))
+    # pyarrow's default pre_buffer=True reads every selected row group's column chunks at once,
+    # so a worker's memory grew with its shard (388 vs 116 MiB for 200k x 384-d)
+    return pq.ParquetFile(loc.fs.open_input_file(loc.path), pre_buffer=False)
 
 
 def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:

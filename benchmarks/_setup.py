@@ -1,0 +1,30 @@
+"""Shared set-up for the encode benchmarks: a generated corpus, its plan, a trained codec and
+the EncodeJob that `pipeline.stages.encode_shard` runs (nothing here is timed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kernels.codec import Codec
+from pipeline.codec_store import save_codec
+from pipeline.demo import write_corpus
+from pipeline.source import SourceSpec, plan_sources
+from pipeline.stages import Columns, EncodeJob, sample_rows
+
+
+def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, shard_rows: int,
+                 batch_size: int, num_train: int = 20_000, metric: str = "cosine", row_group_size: int = 16_384):
+    """(plan, job): corpus under work/src (reused when present), codec trained on its first rows."""
+    src = work / "src"
+    if not src.exists():
+        write_corpus(str(src), num_rows=rows, dim=dim, num_files=files, row_group_size=row_group_size)
+    plan = plan_sources(SourceSpec((str(src),)), shard_rows=shard_rows)
+    columns = Columns.of(plan)
+    shard = plan.shards[0]
+    xt = sample_rows((shard, np.arange(min(num_train, shard.num_rows))), columns=columns)
+    ref = save_codec(Codec.train(xt, codec, metric), str(work / "sidecar"))
+    job = EncodeJob(table_uri=str(work / "out" / "bench.lance"), codec=ref, columns=columns,
+                    batch_size=batch_size, eval_k=100)
+    return plan, job
