@@ -388,3 +388,48 @@ def test_credentials_stay_out_of_logs_and_results(make_corpus, tmp_path, prefect
     seen = "\n".join([caplog.text, captured.out, captured.err, json.dumps(result, default=str), *messages])
     assert SECRET not in seen
     no_secret_under(out)
+
+
+def test_job_submitted_through_the_jobs_api(make_corpus, tmp_path, monkeypatch):
+    """`vecpress compress` as a Ray job (the README's `ray job submit` route, through the same
+    Jobs API via its Python client), on a head with the dashboard that serves that API."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    src, _ = make_corpus(2000, dim=16, num_files=2, row_group_size=500)
+    out = tmp_path / "out"
+    temp_dir = Path(tempfile.mkdtemp(prefix="vpjob-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="disabled")
+    dash = free_port()
+    head = Node(["--head", f"--port={free_port()}", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--num-gpus=0",
+                 "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                 f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+                 *node_ports()], env, temp_dir.parent / f"{temp_dir.name}-head.log")
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    try:
+        client = None
+        deadline = time.monotonic() + 120
+        while client is None:
+            if head.proc.poll() is not None:
+                pytest.fail(f"ray start --head exited: {head.log.read_text()[-3000:]}")
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        entrypoint = (f"{sys.executable} -m flows.cli -q compress {src} {out} --table t --codec PQ4 "
+                      "--num-train 1000 --num-queries 50 --eval-k 10 --shard-rows 500 --no-prefect")
+        job = client.submit_job(entrypoint=entrypoint, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        deadline = time.monotonic() + 180
+        while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.monotonic() < deadline, f"job still {status}: {client.get_job_logs(job)[-3000:]}"
+            time.sleep(1)
+        assert status == JobStatus.SUCCEEDED, client.get_job_logs(job)[-4000:]
+        ids = table_ids(out)
+        assert len(ids) == 2000 and np.array_equal(np.sort(ids), np.arange(2000))
+    finally:
+        head.stop()
+        for log in temp_dir.parent.glob(f"{temp_dir.name}-*.log"):
+            log.unlink()
+        shutil.rmtree(temp_dir, ignore_errors=True)
