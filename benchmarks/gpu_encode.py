@@ -100,7 +100,6 @@ def run_config(d: int, M: int, n: int, repeat: int, engines: set[str]) -> list[d
             threads=torch.get_num_threads())
     if torch is None or cuda_device_count() == 0:
         return rows
-    nbytes = n * d * 4
     pinned = torch.from_numpy(x).pin_memory()
     dev_x = torch.empty_like(pinned, device="cuda")
     copy_s = cuda_timer(torch, lambda: dev_x.copy_(pinned, non_blocking=True), repeat)

@@ -275,29 +275,28 @@ def _apply_options(p: ParsedSpec, inner) -> None:
         raise CodecSpecError(f"codec {p.spec!r}: option {key}= applies to {fam} codecs only, "
                              f"not to {type(inner).__name__}{extra}")
 
+    # additive-quantizer knobs: option -> (single index, its quantizer, product index, its
+    # product quantizer, attribute set on every (sub)quantizer, faiss default)
+    additive = {
+        "beam": (faiss.IndexResidualQuantizer, "rq", faiss.IndexProductResidualQuantizer, "prq",
+                 "max_beam_size", 5),
+        "ils": (faiss.IndexLocalSearchQuantizer, "lsq", faiss.IndexProductLocalSearchQuantizer, "plsq",
+                "encode_ils_iters", 16),
+    }
     for key, value in p.options.items():
-        if key == "beam":
-            if isinstance(inner, faiss.IndexResidualQuantizer):
-                qs = [inner.rq]
-            elif isinstance(inner, faiss.IndexProductResidualQuantizer):
-                qs = [faiss.downcast_AdditiveQuantizer(inner.prq.subquantizer(i)) for i in range(inner.prq.nsplits)]
+        if key in additive:
+            single, q_attr, product, pq_attr, knob, default = additive[key]
+            if isinstance(inner, single):
+                qs = [getattr(inner, q_attr)]
+            elif isinstance(inner, product):
+                pq_ = getattr(inner, pq_attr)
+                qs = [faiss.downcast_AdditiveQuantizer(pq_.subquantizer(i)) for i in range(pq_.nsplits)]
             else:
                 refuse(key)
             if value < 1:
-                raise CodecSpecError(f"codec {p.spec!r}: beam= must be >= 1 (faiss default 5)")
+                raise CodecSpecError(f"codec {p.spec!r}: {key}= must be >= 1 (faiss default {default})")
             for q in qs:
-                q.max_beam_size = value
-        elif key == "ils":
-            if isinstance(inner, faiss.IndexLocalSearchQuantizer):
-                qs = [inner.lsq]
-            elif isinstance(inner, faiss.IndexProductLocalSearchQuantizer):
-                qs = [faiss.downcast_AdditiveQuantizer(inner.plsq.subquantizer(i)) for i in range(inner.plsq.nsplits)]
-            else:
-                refuse(key)
-            if value < 1:
-                raise CodecSpecError(f"codec {p.spec!r}: ils= must be >= 1 (faiss default 16)")
-            for q in qs:
-                q.encode_ils_iters = value
+                setattr(q, knob, value)
         elif key == "calibrate":
             sq_types = (faiss.ScalarQuantizer.QT_4bit, faiss.ScalarQuantizer.QT_6bit, faiss.ScalarQuantizer.QT_8bit)
             if not (isinstance(inner, faiss.IndexScalarQuantizer) and inner.sq.qtype in sq_types):

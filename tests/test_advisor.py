@@ -14,7 +14,7 @@ import pytest
 from kernels.codec import Codec
 from kernels.synthetic import ClusteredEmbeddings
 from pipeline.errors import ConfigError
-from pipeline.job import CompressOptions, manifest_codec, run_compress
+from pipeline.job import CompressOptions, run_compress
 from pipeline.report import inspect_table
 from pipeline.search import search
 from pipeline.source import SourceSpec

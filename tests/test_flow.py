@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import lance
 import pyarrow as pa
 import pytest
 
