@@ -13,6 +13,7 @@ streams batches holds one batch, so its peak should not grow with the shard (tar
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--codec", default="PQ48")
     ap.add_argument("--batch-size", type=int, default=16_384)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--device", default="cpu", help="where workers encode: cpu, cuda or auto (default: %(default)s)")
     ap.add_argument("--results", default="benchmarks/results/memory.json")
     args = ap.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
@@ -67,6 +69,7 @@ def main() -> None:
         plan, job = encode_setup(work, rows=size, dim=args.dim, files=1, codec=args.codec, shard_rows=size,
                                  batch_size=args.batch_size, num_train=min(size, 20_000))
         assert len(plan.shards) == 1
+        job = dataclasses.replace(job, device=args.device)
         spec = work / "job.pkl"  # a benchmark-local hand-over to the child, not a stored artifact
         spec.write_bytes(pickle.dumps((plan, job)))
         proc = subprocess.run([sys.executable, "-c", CHILD, str(spec)], capture_output=True, text=True, env=env)

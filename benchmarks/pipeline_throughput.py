@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--codec", default="PQ48")
     ap.add_argument("--metric", default="cosine")
     ap.add_argument("--num-train", type=int, default=50_000)
+    ap.add_argument("--device", default="auto", help="auto | cuda | cpu (CompressOptions.device)")
+    ap.add_argument("--shard-rows", type=int, default=500_000)
+    ap.add_argument("--no-eval-rerank", action="store_true", help="skip the re-ranked recall in evaluate")
     ap.add_argument("--workdir", default=None, help="where to write the corpus (default: a temp dir)")
     ap.add_argument("--results", default="benchmarks/results/pipeline_throughput.json")
     args = ap.parse_args()
@@ -65,7 +68,8 @@ def main() -> None:
     scan(files[:1], "embedding")  # warm the page cache
     scan_s = scan(files, "embedding")
 
-    opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=1000)
+    opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=1000,
+                           device=args.device, shard_rows=args.shard_rows, eval_rerank=not args.no_eval_rerank)
     with RayExecutor() as ex:
         ex.map(lambda i: i, range(4), desc="warm-up")
         start = time.perf_counter()
@@ -88,11 +92,16 @@ def main() -> None:
     print(f"\nencode throughput / raw scan throughput: {ratios['encode_over_scan']:.3f}")
     print(f"whole job throughput / raw scan throughput: {ratios['job_over_scan']:.3f}")
     print(f"recall@10 {result.eval['recall_at_10']:.3f}")
+    devices = result.manifest["devices"]
+    print(f"encode placement: {devices['placement']}; " + "; ".join(
+        f"{c['rows']:,} rows encoded on {c.get('encode')} ({c.get('gpu_name', 'cpu')}), neighbours on {c.get('exact_knn')}"
+        for c in devices["compute"][:4]) + (" ..." if len(devices["compute"]) > 4 else ""))
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(json.dumps({
         "rows": n, "dim": args.dim, "files": len(files), "codec": args.codec, "cpus": os.cpu_count(),
         "machine": platform.machine(), "scan_seconds": scan_s, "stage_seconds": st, "job_seconds": total_s,
-        "ratios": ratios, "recall_at_10": result.eval["recall_at_10"],
+        "ratios": ratios, "recall_at_10": result.eval["recall_at_10"], "devices": devices,
+        "options": {"device": args.device, "shard_rows": args.shard_rows, "eval_rerank": not args.no_eval_rerank},
     }, indent=1))
     print(f"wrote {args.results}")
 

@@ -13,6 +13,7 @@ t1 / (n * tn). Prints a table, writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -41,12 +42,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16_384)
     ap.add_argument("--queries", type=int, default=1000, help="held-out queries for the exact top-k (0 = off)")
     ap.add_argument("--workers", default="1,2,4,8")
+    ap.add_argument("--device", default="cpu", help="where workers encode: cpu, cuda or auto (default: %(default)s)")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--results", default="benchmarks/results/scaling.json")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="vecpress-scaling-"))
     plan, job = encode_setup(work, rows=args.rows, dim=args.dim, files=args.files, codec=args.codec,
                              shard_rows=args.shard_rows, batch_size=args.batch_size)
+    job = dataclasses.replace(job, device=args.device)
     shared = {"job": job}
     if args.queries:
         shard = plan.shards[-1]

@@ -82,7 +82,12 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
                    help="rows per batch in a worker; bounds worker memory (default: %(default)s)")
     g.add_argument("--shard-rows", type=int, default=500_000,
                    help="rows per shard, the unit of parallel work (default: %(default)s)")
-    g.add_argument("--ngpu", type=int, default=-1, help="GPUs for training, -1 = all faiss sees (default: %(default)s)")
+    g.add_argument("--ngpu", type=int, default=-1,
+                   help="GPUs to use, -1 = all: faiss training, and one encoder actor per GPU on a Ray "
+                        "cluster with GPUs (default: %(default)s)")
+    g.add_argument("--device", default="auto",
+                   help="where workers encode and compute exact neighbours without GPU actors: auto (a GPU "
+                        "when CuPy sees one), cuda[:N] or cpu; cpu also turns GPU actors off (default: %(default)s)")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--no-prefect", action="store_true",
@@ -93,7 +98,7 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
 def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
     return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
                 num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
-                batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu,
+                batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu, device=args.device,
                 rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, max_bytes=args.max_bytes,
                 min_recall=args.min_recall, advise_rerank=args.advise_rerank,
                 advise_codecs=_specs(args.advise_codecs), mode=args.mode, drift_threshold=args.drift_threshold,

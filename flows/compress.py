@@ -63,6 +63,7 @@ def compress_flow(
     batch_size: int = 65_536,
     shard_rows: int = 500_000,
     ngpu: int = -1,
+    device: str = "auto",
     allow_schema_change: bool = False,
     rerank_codec: str | None = None,
     eval_rerank: bool = True,

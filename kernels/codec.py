@@ -48,7 +48,6 @@ import numpy as np
 
 from kernels._faiss import faiss, num_gpus
 from kernels.knn import as_distances, faiss_metric, prepare_vectors
-from kernels.pq_encode import cuda_device_count, encode_pq, pq_codebook
 
 
 class CodecSpecError(ValueError):
@@ -385,16 +384,39 @@ class Codec:
         return isinstance(_innermost(self.index)[1], (faiss.IndexPQ, faiss.IndexPQFastScan))
 
     def encode(self, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
-        """(n, dim) float -> (n, code_size) uint8. device="cuda": PQ codecs encode on the GPU
-        (kernels.pq_encode; faiss's codes for >= 99.9% of sub-vectors) when torch sees CUDA;
-        other codecs, or no GPU, use faiss on the CPU."""
+        """(n, dim) float -> (n, code_size) uint8.
+
+        device="cuda" (or "cuda:N"): PQ, scalar (8/4-bit, fp16) and binary codecs encode on
+        that GPU through kernels.gpu_encode, pre-transforms included (faiss's codes for >= 99.9%
+        of PQ sub-vectors, the same bytes for the others). Codecs without a GPU path, or a
+        machine where CuPy sees no GPU, use faiss on the CPU: `encode_device` says which ran.
+        """
+        if device != "cpu":
+            encoder = self.gpu_encoder(device)
+            if encoder is not None:
+                return encoder.encode(np.asarray(x, dtype=np.float32))
         x = prepare_vectors(x, self.metric)
         if x.shape[0] == 0:
             return np.zeros((0, self.code_size), np.uint8)
-        if device != "cpu" and self.is_pq and cuda_device_count() > 0:
-            cb = pq_codebook(self.index)
-            return encode_pq(cb.prepare(x), cb.centroids, cb.nbits, device=device)
         return self.index.sa_encode(x)
+
+    def gpu_encoder(self, device: str = "cuda"):
+        """The GpuEncoder of this codec on `device` ("cuda" = "cuda:0"), built once; None when
+        the codec has no GPU path or no GPU is usable here."""
+        from kernels.gpu_encode import GpuEncoder, gpu_count, plan_codec
+
+        device_id = int(device.split(":", 1)[1]) if ":" in device else 0
+        cache = self.__dict__.setdefault("_gpu_encoders", {})
+        if device_id not in cache:
+            plan = plan_codec(self.index, self.metric) if gpu_count() > device_id else None
+            cache[device_id] = None if plan is None else GpuEncoder(plan, device_id=device_id)
+        return cache[device_id]
+
+    def encode_device(self, device: str = "cuda") -> str:
+        """Where `encode(x, device=device)` runs: "cuda:N" or "cpu"."""
+        if device == "cpu" or self.gpu_encoder(device) is None:
+            return "cpu"
+        return f"cuda:{self.gpu_encoder(device).device_id}"
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, code_size) uint8 -> (n, dim) float32 reconstructions (of the normalised vectors

@@ -35,6 +35,17 @@ def as_distances(D: np.ndarray, metric: str) -> np.ndarray:
     return D if metric == "l2" else -D
 
 
+_GPU_RESOURCES: list = []
+
+
+def _gpu_resources():
+    """One faiss StandardGpuResources per process: creating one per call costs a temp-memory
+    allocation and a cuBLAS handle each time."""
+    if not _GPU_RESOURCES:
+        _GPU_RESOURCES.append(faiss.StandardGpuResources())
+    return _GPU_RESOURCES[0]
+
+
 def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int = 0):
     """Brute-force k-NN of prepared queries over prepared base vectors.
 
@@ -45,8 +56,7 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int 
     if k_eff == 0:
         return np.full((xq.shape[0], k), np.inf, np.float32), np.full((xq.shape[0], k), -1, np.int64)
     if num_gpus(ngpu) > 0:
-        res = faiss.StandardGpuResources()
-        D, I = faiss.knn_gpu(res, xq, xb, k_eff, metric=mt)
+        D, I = faiss.knn_gpu(_gpu_resources(), xq, xb, k_eff, metric=mt)
     else:
         D, I = faiss.knn(xq, xb, k_eff, metric=mt)
     D = as_distances(D, metric).astype(np.float32)

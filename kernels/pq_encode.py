@@ -217,6 +217,8 @@ def _encode_torch(x, centroids: np.ndarray, nbits: int, *, device: str, block_ro
     torch = _torch()
     M, ksub, dsub = _check(x, centroids, nbits)
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # "cuda" is the current device
     rows = block_rows or default_block_rows(M, nbits)
     ct, cnorm = _tables(torch, centroids, dev)
     code_size = (M * nbits + 7) // 8

@@ -15,6 +15,9 @@ class Executor(Protocol):
         """`[fn(item, **shared) for item in items]`, in item order. `shared` holds large
         read-only values (query vectors) sent to workers once."""
 
+    # optional: `gpu_compute(job, queries, *, ngpu)` -> GPU compute actors for an encode stage
+    # (or None); executors without it compute in their workers
+
 
 class Progress:
     """Logs `desc: done/total` at most every `every` seconds, and once at the end."""
@@ -35,6 +38,10 @@ class Progress:
 class LocalExecutor:
     """Runs everything in this process, one item after another. For small inputs, tests and
     interactive use; a job uses RayExecutor."""
+
+    def gpu_compute(self, job, queries, *, ngpu: int = -1):
+        """No actors here: the stage computes in this process, on its GPU if it has one."""
+        return None
 
     def map(self, fn, items, *, desc, shared=None):
         items = list(items)

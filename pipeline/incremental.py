@@ -144,7 +144,7 @@ def knn_shard(shard: Shard, *, columns: Columns, metric: str, k: int, queries: n
     for first_row, batch in iter_shard_batches(shard, [columns.vector], 65_536):
         x = prepare_vectors(vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri,
                                              column=columns.vector, first_row=first_row), metric)
-        D, I = exact_knn(xq, x, k + 1, metric)
+        D, I = exact_knn(xq, x, k + 1, metric, ngpu=-1)  # faiss's GPU brute force when it sees a GPU
         position = shard.row_offset + (first_row - shard.file_row_start)
         top.add(D, np.where(I >= 0, I + position, -1))
     return top.D, top.I

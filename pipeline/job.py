@@ -65,8 +65,12 @@ class CompressOptions:
     batch_size: int = 65_536
     #: rows per shard (whole row groups): the unit of parallelism and of retry
     shard_rows: int = 500_000
-    #: GPUs for training (-1 = all faiss sees; 0 = CPU)
+    #: GPUs to use (-1 = all; 0 = none): faiss training, and on a Ray cluster with GPUs one
+    #: encoder actor per GPU
     ngpu: int = -1
+    #: where workers encode and compute exact neighbours when there are no GPU actors: "auto"
+    #: (a GPU when CuPy sees one), "cuda" or "cpu" ("cpu" also turns the GPU actors off)
+    device: str = "auto"
     #: allow a run to replace an existing table that has another schema
     allow_schema_change: bool = False
     #: warm column codec (e.g. SQ8, SQfp16) stored beside the codes for re-ranking without the
@@ -122,6 +126,8 @@ class CompressOptions:
             object.__setattr__(self, "advise_codecs", tuple(self.advise_codecs))
         if self.mode not in ("auto", "full"):
             raise ConfigError(f"mode must be auto or full, got {self.mode!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:
             raise ConfigError("drift_threshold, gate_max_drop and keep_versions must not be negative")
 
@@ -415,6 +421,30 @@ class Encoded:
     num_rows: int
     ground_truth_uri: str
     seconds: float = 0.0
+    #: which processes read the shards and which devices computed them (`device_report`)
+    devices: dict | None = None
+
+
+def device_report(results: list, actors: list[dict] | None = None) -> dict:
+    """Which processes read shards, and where codes and exact neighbours were computed."""
+    computes: dict = {}
+    readers: dict = {}
+    for r in results:
+        c = r.compute or {}
+        key = (c.get("host"), c.get("pid"))
+        row = computes.setdefault(key, {**c, "shards": 0, "rows": 0, "seconds": 0.0})
+        row["shards"] += 1
+        row["rows"] += r.num_rows
+        row["seconds"] = round(row["seconds"] + r.compute_seconds, 3)
+        rd = r.reader or {}
+        rrow = readers.setdefault((rd.get("host"), rd.get("pid")), {**rd, "shards": 0, "rows": 0})
+        rrow["shards"] += 1
+        rrow["rows"] += r.num_rows
+    gpu = any(str(c.get("encode", "cpu")).startswith("cuda") for c in computes.values())
+    return {"placement": "gpu actors" if actors else ("workers on their GPU" if gpu else "cpu workers"),
+            "readers": sorted(readers.values(), key=lambda r: (str(r["host"]), r["pid"] or 0)),
+            "compute": sorted(computes.values(), key=lambda r: (str(r.get("host")), r.get("pid") or 0)),
+            "actors": actors or []}
 
 
 def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
@@ -428,11 +458,30 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     diff = planned.diff
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
                     batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
-                    rerank_codec=trained.rerank_codec)
+                    rerank_codec=trained.rerank_codec, device=opts.device)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
-    results = executor.map(encode_shard, plan.shards[num_kept:], desc="encode",
-                           shared={"job": job, "queries": xq, "query_positions": qpos})
+    pool = None
+    gpu_compute = getattr(executor, "gpu_compute", None)  # optional in the Executor protocol
+    if gpu_compute is not None and opts.device != "cpu" and opts.ngpu != 0 and len(plan.shards) > num_kept:
+        pool = gpu_compute(job, xq, ngpu=opts.ngpu)
+    actors = None
+    try:
+        if pool is not None:
+            log.info("encode: %s", pool.placement.describe())
+            job = dataclasses.replace(job, remote=pool)
+        results = executor.map(encode_shard, plan.shards[num_kept:], desc="encode",
+                               shared={"job": job, "queries": xq, "query_positions": qpos})
+        if pool is not None:
+            actors = pool.totals()
+    finally:
+        if pool is not None:
+            pool.close()
+    devices = device_report(results, actors)
+    for c in devices["compute"]:
+        log.info("encode: %s pid %s encoded %d rows of %d shards on %s (%s), exact neighbours on %s",
+                 c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"), c.get("gpu_name", "-"),
+                 c.get("exact_knn"))
     truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
     for r in results:
         truth.add(r.knn_D, r.knn_I)
@@ -449,7 +498,7 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows,
              len(fragments) - (len(diff.kept_fragments) if diff else 0), len(diff.kept_fragments) if diff else 0,
              seconds, num_rows / max(seconds, 1e-9))
-    return Encoded(fragments, plan.num_rows, gt_uri, seconds)
+    return Encoded(fragments, plan.num_rows, gt_uri, seconds, devices)
 
 
 # ---- commit ---------------------------------------------------------------------------------
@@ -500,6 +549,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "drift": planned.drift,
         "drift_baseline": trained.baseline,
         "stage_seconds": stage_seconds,
+        "devices": encoded.devices,
     }
 
 
@@ -625,7 +675,7 @@ class RunResult:
                 "files_added": inc.get("files_added"), "files_removed": inc.get("files_removed"),
                 "files_rewritten": inc.get("files_rewritten"), "files_unchanged": inc.get("files_unchanged"),
                 "drift": self.drift, "gate": self.gate, "retention": self.retention,
-                "stage_seconds": self.stage_seconds}
+                "stage_seconds": self.stage_seconds, "devices": (self.manifest or {}).get("devices")}
 
 
 def gate_run(ctx: RunContext, committed: Committed, ev: dict, opts: CompressOptions) -> dict:

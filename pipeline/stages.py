@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
 import time
 from dataclasses import dataclass
 
@@ -13,6 +15,8 @@ import lance.fragment
 import numpy as np
 import pyarrow as pa
 
+from kernels._faiss import num_gpus
+from kernels.gpu_encode import gpu_count
 from kernels.knn import TopK, exact_knn, prepare_vectors
 from pipeline import storage
 from pipeline.codec_store import CodecRef, load_codec
@@ -63,6 +67,55 @@ class EncodeJob:
     #: folder for per-shard results; a shard with a result there is not encoded again, so a
     #: retried encode stage only redoes unfinished shards (None = no checkpoints)
     checkpoint_uri: str | None = None
+    #: where a worker encodes and computes exact neighbours itself: "auto" (its GPU when CuPy
+    #: sees one, else the CPU), "cuda" or "cpu"
+    device: str = "auto"
+    #: encoders hosted elsewhere (pipeline.distributed's GPU actors): `remote.for_shard(i)` is
+    #: the ShardCompute that shard i sends its batches to. None = compute in the worker
+    remote: object | None = None
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when CuPy sees a GPU here, else "cpu"; "cuda"/"cuda:N"/"cpu" as given."""
+    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
+    if device == "auto":
+        return "cuda" if gpu_count() > 0 else "cpu"
+    return device
+
+
+def where_am_i() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+class ShardCompute:
+    """The compute of one batch of rows: codes, warm codes, and the exact top-(k + 1) of the
+    held-out queries among the batch's rows (batch-local ids). Runs in the worker that reads
+    (this class) or in a GPU actor that workers send batches to (pipeline.distributed)."""
+
+    def __init__(self, job: "EncodeJob", queries: np.ndarray | None, *, device: str = "auto"):
+        self.codec = load_codec(job.codec)
+        self.warm = load_codec(job.rerank_codec) if job.rerank_codec else None
+        self.k = job.eval_k
+        self.device = resolve_device(device)
+        self.xq = prepare_vectors(queries, self.codec.metric) if queries is not None and job.eval_k > 0 else None
+        on_gpu = self.device != "cpu"
+        self.knn_ngpu = 1 if on_gpu and num_gpus() > 0 else 0
+        self.info = {**where_am_i(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+                     "encode": self.codec.encode_device(self.device) if on_gpu else "cpu",
+                     "rerank_encode": (self.warm.encode_device(self.device) if on_gpu else "cpu") if self.warm else None,
+                     "exact_knn": "faiss-gpu" if self.knn_ngpu else "faiss-cpu"}
+        if on_gpu and self.info["encode"] != "cpu":
+            self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
+
+    def __call__(self, x: np.ndarray):
+        codes = self.codec.encode(x, device=self.device)  # raw vectors: the codec prepares them itself
+        warm = self.warm.encode(x, device=self.device) if self.warm else None
+        D = I = None
+        if self.xq is not None:
+            D, I = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
+                             ngpu=self.knn_ngpu)  # +1: the query's own row
+        return codes, warm, D, I
 
 
 @dataclass
@@ -74,12 +127,18 @@ class ShardResult:
     #: this shard's exact top-k for the held-out queries (global positions), or None
     knn_D: np.ndarray | None = None
     knn_I: np.ndarray | None = None
+    #: which process read the shard, and where its codes and neighbours were computed
+    reader: dict | None = None
+    compute: dict | None = None
+    #: seconds spent waiting for / in the compute (encode + exact neighbours)
+    compute_seconds: float = 0.0
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         arrays = {} if self.knn_D is None else {"knn_D": self.knn_D, "knn_I": self.knn_I}
         meta = json.dumps({"shard_index": self.shard_index, "fragments": self.fragments,
-                           "num_rows": self.num_rows, "seconds": self.seconds})
+                           "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
+                           "compute": self.compute, "compute_seconds": self.compute_seconds})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return buf.getvalue()
 
@@ -130,13 +189,13 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     warm = load_codec(job.rerank_codec) if job.rerank_codec else None
     schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
                           binary=codec.is_binary, rerank_size=warm.code_size if warm else None)
-    topk = None
-    xq = None
-    if queries is not None and job.eval_k > 0:
-        xq = prepare_vectors(queries, codec.metric)
-        topk = TopK(xq.shape[0], job.eval_k, exclude=query_positions)
+    with_knn = queries is not None and job.eval_k > 0
+    compute = job.remote.for_shard(shard.index) if job.remote is not None else \
+        ShardCompute(job, queries if with_knn else None, device=job.device)
+    topk = TopK(queries.shape[0], job.eval_k, exclude=query_positions) if with_knn else None
     read_cols = [cols.vector, cols.id, *cols.keep]
     num_rows = 0
+    compute_seconds = 0.0
     failure: list[BaseException] = []
 
     def batches():
@@ -147,7 +206,7 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
             raise
 
     def read_and_encode():
-        nonlocal num_rows
+        nonlocal num_rows, compute_seconds
         for first_row, batch in iter_shard_batches(shard, read_cols, job.batch_size):
             ids = batch.column(1)
             if ids.null_count:
@@ -155,14 +214,15 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
                                   f"rows have a null id (in rows {first_row}..{first_row + batch.num_rows - 1})")
             x = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
                                  first_row=first_row)
-            codes = codec.encode(x)  # raw vectors: the codec prepares them itself, exactly once
+            t0 = time.perf_counter()
+            codes, warm_codes, D, I = compute(x)
+            compute_seconds += time.perf_counter() - t0
             if topk is not None:
-                D, I = exact_knn(xq, prepare_vectors(x, codec.metric), job.eval_k + 1, codec.metric)  # +1: own row
                 position = shard.row_offset + (first_row - shard.file_row_start)
                 topk.add(D, np.where(I >= 0, I + position, -1))
             num_rows += batch.num_rows
-            warm_codes = [codes_array(warm.encode(x))] if warm else []
-            yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_codes, *batch.columns[2:]],
+            warm_cols = [codes_array(warm_codes)] if warm else []
+            yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_cols, *batch.columns[2:]],
                                   schema=schema)
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())
@@ -181,7 +241,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
                           f"{shard.row_group_start}..{shard.row_group_stop - 1}, read {num_rows} (file changed?)")
     result = ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
                          seconds=time.perf_counter() - start,
-                         knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I)
+                         knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I,
+                         reader=where_am_i(), compute=compute.info, compute_seconds=compute_seconds)
     if checkpoint:  # written only after the fragments are durable
         storage.write_bytes(checkpoint, result.to_bytes())
     return result

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from kernels.gpu_encode import gpu_count
 from pipeline.distributed.gpu_pool import plan_placement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,57 +29,80 @@ def test_plan_placement():
 
 
 SCRIPT = r"""
-import json, sys
+import json, sys, tempfile
 import numpy as np
 import ray
-from kernels.pq_encode import encode_pq
-from pipeline.distributed.gpu_pool import GpuEncodePool
-
-CENTROIDS = np.random.default_rng(0).normal(size=(4, 16, 4)).astype(np.float32)
-
-def read(item):
-    return np.random.default_rng(item).normal(size=(100 + item, 16)).astype(np.float32)
-
-def make_encoder(device):
-    return lambda x: encode_pq(x, CENTROIDS, 4, device=device)
+from pipeline.demo import write_corpus
+from pipeline.distributed import RayExecutor
+from pipeline.job import CompressOptions, run_compress
+from pipeline.lance_io import open_lance
+from pipeline.source import SourceSpec
 
 gpus = int(sys.argv[1])
+work = tempfile.mkdtemp()
+write_corpus(work + "/src", num_rows=6000, dim=32, num_files=3, row_group_size=500)
 ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
 try:
-    with GpuEncodePool(make_encoder) as pool:
-        codes, report = pool.map(read, range(12))
-    ok = all(np.array_equal(c, encode_pq(read(i), CENTROIDS, 4)) for i, c in enumerate(codes))
-    print("RESULT " + json.dumps({"ok": ok, "items": report.items, "summary": report.summary()}))
+    opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1000,
+                           batch_size=400, eval_rerank=False)
+    with RayExecutor() as ex:
+        result = run_compress(SourceSpec((work + "/src",)), work + "/out", "t", opts, executor=ex)
+    ds = open_lance(work + "/out/t.lance")
+    codes = ds.to_table(columns=["id", "code"]).sort_by("id").column("code").to_pylist()
+    print("RESULT " + json.dumps({"devices": result.manifest["devices"], "num_rows": ds.count_rows(),
+                                  "codes": [c.hex() for c in codes], "recall": [result.eval["recall_at_1"], result.eval["recall_at_10"]]}))
 finally:
     ray.shutdown()
 """
 
 
-@pytest.mark.parametrize("gpus", [2, 0])
-def test_encoders_run_as_one_actor_per_gpu(gpus):
+def _run(gpus: int) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus)], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=180)
+                          env=env, cwd=ROOT, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(lines[-1][len("RESULT "):])
-    assert out["ok"]
-    summary = out["summary"]
-    encoders = summary["encoders"]
-    if gpus:
-        assert summary["placement"] == {"mode": "gpu", "num_encoders": 2}
-        # one actor per declared GPU, each pinned to its own GPU, both used
-        assert sorted(tuple(e["gpu_ids"]) for e in encoders) == [("0",), ("1",)]
-        assert all(e["items"] > 0 for e in encoders)
-        # no CUDA here: the actors say they encoded on the CPU
-        assert {e["device"] for e in encoders} <= {"cpu", "cuda"}
-        # readers are CPU tasks in other processes, holding no GPU
-        actor_pids = {e["pid"] for e in encoders}
-        assert all(it["reader"]["gpu_ids"] == [] and it["reader"]["pid"] not in actor_pids for it in out["items"])
-    else:
-        assert summary["placement"]["mode"] == "cpu"
-        assert all(e["device"] == "cpu" and e["gpu_ids"] == [] for e in encoders)
-    assert sum(e["items"] for e in encoders) == 12
-    assert sum(e["rows"] for e in encoders) == sum(100 + i for i in range(12))
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return {gpus: _run(gpus) for gpus in (2, 0)}
+
+
+def test_encoders_run_as_one_actor_per_gpu_fed_by_cpu_read_tasks(runs):
+    dev = runs[2]["devices"]
+    assert dev["placement"] == "gpu actors"
+    actors = dev["actors"]
+    # one actor per declared GPU, each pinned to its own GPU, both used
+    assert sorted(a["gpu_ids"] for a in actors) == ["0", "1"]
+    assert all(a["rows"] > 0 for a in actors) and sum(a["rows"] for a in actors) == 6000
+    # every shard was computed by an actor, and read by a CPU task in another process
+    actor_pids = {a["pid"] for a in actors}
+    assert {c["pid"] for c in dev["compute"]} == actor_pids
+    assert sum(c["rows"] for c in dev["compute"]) == 6000 and sum(c["shards"] for c in dev["compute"]) == 6
+    assert all(r["pid"] not in actor_pids for r in dev["readers"])
+    assert sum(r["rows"] for r in dev["readers"]) == 6000
+    # each actor says where it encoded: its GPU where that GPU is real (a 1-GPU machine has no
+    # GPU "1"), else the CPU with faiss
+    for c in dev["compute"]:
+        assert (c["encode"], c["exact_knn"]) in {("cpu", "faiss-cpu"), ("cuda:0", "faiss-gpu")}, c
+        if gpu_count() == 0:
+            assert c["encode"] == "cpu"
+
+
+def test_without_gpus_the_read_tasks_compute_themselves(runs):
+    dev = runs[0]["devices"]
+    assert dev["actors"] == []
+    assert {c["pid"] for c in dev["compute"]} == {r["pid"] for r in dev["readers"]}
+    # device="auto": a worker that sees a GPU uses it (Ray leaves GPUs visible to CPU tasks)
+    want = ("workers on their GPU", "cuda:0") if gpu_count() else ("cpu workers", "cpu")
+    assert dev["placement"] == want[0] and all(c["encode"] == want[1] for c in dev["compute"])
+
+
+def test_actor_placement_changes_nothing_in_the_output(runs):
+    assert runs[2]["num_rows"] == runs[0]["num_rows"] == 6000
+    assert runs[2]["codes"] == runs[0]["codes"]  # same seed, same codec, same codes
+    assert runs[2]["recall"] == runs[0]["recall"]  # same exact neighbours too

@@ -56,6 +56,14 @@ class RayExecutor:
     def __exit__(self, *exc):
         self.shutdown()
 
+    def gpu_compute(self, job, queries, *, ngpu: int = -1):
+        """GPU compute actors for an encode stage (pipeline.distributed.gpu_pool), or None when
+        the cluster has no GPUs. The caller closes them."""
+        self.start()
+        from pipeline.distributed.gpu_pool import GpuComputePool
+
+        return GpuComputePool.start(job, queries, ngpu=ngpu)
+
     def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
         self.start()
         items = list(items)

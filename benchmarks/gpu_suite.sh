@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU machine's checks and benchmarks, in phases that each fit one device command.
+#
+#   bash benchmarks/gpu_suite.sh tests    # `gpu` tests + GPU encoder tests
+#   bash benchmarks/gpu_suite.sh kernel   # benchmarks/gpu_encode.py, d x PQ bytes grid, 1M rows
+#   bash benchmarks/gpu_suite.sh e2e      # pipeline_throughput.py on the GPU and CPU-only
+#   bash benchmarks/gpu_suite.sh scaling  # scaling.py 1/2/4/8 CPU workers + memory.py
+#
+# Results go to ${RESULTS:-benchmarks/results}; logs beside them. Needs faiss-gpu, CuPy, Ray,
+# pylance and lancedb importable (see ../shared/gpu/README.md for an offline machine).
+set -uo pipefail
+phase=${1:?phase: tests | kernel | e2e | scaling}
+results=${RESULTS:-benchmarks/results}
+mkdir -p "$results"
+export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 LANCE_LOG=error
+py=${PYTHON:-python3}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+case "$phase" in
+  tests)
+    $py -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" | tail -25
+    $py -m pytest -q -p no:cacheprovider tests/test_gpu_encode.py tests/test_gpu_pool.py 2>&1 \
+      | tee -a "$results/gpu_tests.log" | tail -8
+    ;;
+  kernel)
+    $py benchmarks/gpu_encode.py --results "$results/gpu_encode.json" ${KERNEL_ARGS:-} 2>&1 \
+      | tee "$results/gpu_encode.log" | grep -v "^done"
+    ;;
+  e2e)
+    work=${WORK:-/tmp/vecpress-e2e}
+    args="--rows ${ROWS:-1000000} --dim 768 --files 16 --codec PQ96 --metric l2 --shard-rows 65536 --workdir $work"
+    $py benchmarks/pipeline_throughput.py $args --device auto --results "$results/pipeline_throughput_gpu.json" \
+      2>&1 | tee "$results/pipeline_throughput_gpu.log" | tail -16
+    $py benchmarks/pipeline_throughput.py $args --device cpu --results "$results/pipeline_throughput_cpu.json" \
+      2>&1 | tee "$results/pipeline_throughput_cpu.log" | tail -16
+    ;;
+  scaling)
+    $py benchmarks/scaling.py --rows 480000 --dim 384 --files 16 --shard-rows 16384 --device cpu \
+      --results "$results/scaling.json" 2>&1 | tee "$results/scaling.log" | tail -8
+    $py benchmarks/memory.py --sizes 20000,200000 --dim 768 --results "$results/memory.json" 2>&1 \
+      | tee "$results/memory.log" | tail -6
+    ;;
+  *) echo "unknown phase $phase" >&2; exit 2 ;;
+esac
