@@ -130,7 +130,7 @@ def run_config(d: int, M: int, n: int, n_cpu: int, repeat: int, engines: set[str
     add("gpu-dev", s, n, dev_out["c"], vs_h2d=copy_s / s)
     out = {}
     s = best_of(lambda: out.update(c=enc.encode(pinned)), repeat)
-    add("gpu-pinned", s, n, out["c"], vs_h2d=copy_s / s, block_rows=enc.block_rows)
+    add("gpu-pinned", s, n, out["c"], vs_h2d=copy_s / s, block_rows=enc.block_rows or "64 MiB")
     s = best_of(lambda: out.update(c=enc.encode(x)), repeat)
     add("gpu-host", s, n, out["c"], vs_h2d=copy_s / s, staging_threads=enc.staging_threads)
     enc.close()

@@ -425,7 +425,7 @@ class Encoded:
     devices: dict | None = None
 
 
-def device_report(results: list, actors: list[dict] | None = None) -> dict:
+def device_report(results: list, actors: list[dict] | None = None, startup_seconds: float | None = None) -> dict:
     """Which processes read shards, and where codes and exact neighbours were computed."""
     computes: dict = {}
     readers: dict = {}
@@ -444,7 +444,7 @@ def device_report(results: list, actors: list[dict] | None = None) -> dict:
     return {"placement": "gpu actors" if actors else ("workers on their GPU" if gpu else "cpu workers"),
             "readers": sorted(readers.values(), key=lambda r: (str(r["host"]), r["pid"] or 0)),
             "compute": sorted(computes.values(), key=lambda r: (str(r.get("host")), r.get("pid") or 0)),
-            "actors": actors or []}
+            "actors": actors or [], "actor_startup_seconds": startup_seconds}
 
 
 def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
@@ -468,7 +468,7 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     actors = None
     try:
         if pool is not None:
-            log.info("encode: %s", pool.placement.describe())
+            log.info("encode: %s, ready in %.1fs", pool.placement.describe(), pool.startup_seconds)
             job = dataclasses.replace(job, remote=pool)
         results = executor.map(encode_shard, plan.shards[num_kept:], desc="encode",
                                shared={"job": job, "queries": xq, "query_positions": qpos})
@@ -477,7 +477,7 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     finally:
         if pool is not None:
             pool.close()
-    devices = device_report(results, actors)
+    devices = device_report(results, actors, pool.startup_seconds if pool is not None else None)
     for c in devices["compute"]:
         log.info("encode: %s pid %s encoded %d rows of %d shards on %s (%s), exact neighbours on %s",
                  c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"), c.get("gpu_name", "-"),

@@ -108,6 +108,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "rerank_codec": (m.get("rerank_codec") or {}).get("spec"),
         "rerank_bytes": m.get("rerank_bytes"),
         "advisor": m.get("advisor"),
+        "devices": m.get("devices"),
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank")},
@@ -146,6 +147,12 @@ def summary_table(info: dict) -> str:
         lines.append(f"re-ranked @10   {'  '.join(parts)}  (exact distances from the {ev['rerank_from']})")
     if info.get("rerank_codec"):
         lines.insert(5, f"warm column     {info['rerank_codec']} ({info['rerank_bytes']} B/vector, for re-ranking)")
+    devices = info.get("devices") or {}
+    if devices.get("compute"):
+        where = sorted({f"{c.get('encode')} ({c['gpu_name']})" if c.get("gpu_name") else str(c.get("encode"))
+                        for c in devices["compute"]})
+        knn = sorted({str(c.get("exact_knn")) for c in devices["compute"]})
+        lines.append(f"encoded on      {', '.join(where)} by {devices['placement']}; exact neighbours on {', '.join(knn)}")
     times = info.get("stage_seconds") or {}
     if times:
         lines.append("stage seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in times.items()))

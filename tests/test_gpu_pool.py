@@ -74,7 +74,7 @@ def runs():
 
 def test_encoders_run_as_one_actor_per_gpu_fed_by_cpu_read_tasks(runs):
     dev = runs[2]["devices"]
-    assert dev["placement"] == "gpu actors"
+    assert dev["placement"] == "gpu actors" and dev["actor_startup_seconds"] > 0
     actors = dev["actors"]
     # one actor per declared GPU, each pinned to its own GPU, both used
     assert sorted(a["gpu_ids"] for a in actors) == ["0", "1"]

@@ -93,6 +93,9 @@ class GpuComputePool:
         self.actors = actors
         self.infos = infos
         self.placement = placement
+        #: seconds from asking for the actors to all of them ready (process start, imports,
+        #: CUDA context, kernel compile, faiss GPU resources): a fixed cost of the encode stage
+        self.startup_seconds = 0.0
 
     @classmethod
     def start(cls, job, queries, *, ngpu: int = -1) -> "GpuComputePool | None":
@@ -101,11 +104,14 @@ class GpuComputePool:
         placement = plan_placement(ray.cluster_resources(), ngpu=ngpu)
         if placement.mode != "gpu":
             return None
+        start = time.perf_counter()
         queries_ref = ray.put(queries)
         actors = [_ComputeActor.options(num_gpus=1, num_cpus=0).remote(job, queries_ref)
                   for _ in range(placement.num_encoders)]
-        infos = ray.get([a.info.remote() for a in actors])
-        return cls(actors, infos, placement)
+        infos = ray.get([a.info.remote() for a in actors])  # ready: CUDA context, kernels, faiss GPU
+        pool = cls(actors, infos, placement)
+        pool.startup_seconds = round(time.perf_counter() - start, 3)
+        return pool
 
     def for_shard(self, index: int) -> RemoteShardCompute:
         i = index % len(self.actors)
