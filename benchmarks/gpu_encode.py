@@ -154,7 +154,7 @@ def run_config(d: int, M: int, n: int, n_cpu: int, repeat: int, engines: set[str
         add("torch-naive", s, n, None, vs_h2d=copy_s / s)
         del tx, ct, cnorm
         torch.cuda.empty_cache()
-    del dev_x
+    dev_x = None  # free the device copy before faiss-gpu runs
     cp.get_default_memory_pool().free_all_blocks()
     if num_gpus() > 0:
         res = faiss.StandardGpuResources()
@@ -177,7 +177,7 @@ def run_config(d: int, M: int, n: int, n_cpu: int, repeat: int, engines: set[str
             del gpu_ivf
         except RuntimeError as exc:
             print(f"faiss-gpu d={d} PQ{M}: {str(exc).strip().splitlines()[-1]}")
-    del pinned
+    pinned = None
     return rows
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels._faiss import faiss
 from kernels.codec import Codec
 from kernels.gpu_encode import gpu_count, plan_codec, run_plan
 from kernels.synthetic import ClusteredEmbeddings
