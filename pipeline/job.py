@@ -65,8 +65,8 @@ class CompressOptions:
     batch_size: int = 65_536
     #: rows per shard (whole row groups): the unit of parallelism and of retry
     shard_rows: int = 500_000
-    #: GPUs to use (-1 = all; 0 = none): faiss training, and on a Ray cluster with GPUs one
-    #: encoder actor per GPU
+    #: GPUs to use (-1 = all; 0 = none, as device="cpu"): faiss training, and on a Ray cluster
+    #: with GPUs one encoder actor per GPU
     ngpu: int = -1
     #: where workers encode and compute exact neighbours when there are no GPU actors: "auto"
     #: (a GPU when CuPy sees one), "cuda" or "cpu" ("cpu" also turns the GPU actors off)
@@ -458,7 +458,7 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     diff = planned.diff
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
                     batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
-                    rerank_codec=trained.rerank_codec, device=opts.device)
+                    rerank_codec=trained.rerank_codec, device="cpu" if opts.ngpu == 0 else opts.device)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     pool = None
