@@ -479,9 +479,9 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
             pool.close()
     devices = device_report(results, actors, pool.startup_seconds if pool is not None else None)
     for c in devices["compute"]:
-        log.info("encode: %s pid %s encoded %d rows of %d shards on %s (%s), exact neighbours on %s",
-                 c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"), c.get("gpu_name", "-"),
-                 c.get("exact_knn"))
+        log.info("encode: %s pid %s encoded %d rows of %d shards on %s%s, exact neighbours on %s",
+                 c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
+                 f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"))
     truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
     for r in results:
         truth.add(r.knn_D, r.knn_I)
