@@ -18,9 +18,11 @@ called, so torch stays an optional dependency of GPU machines. On CUDA, host row
 through two pinned buffers and copied on a second stream while the previous block is encoded
 (double buffering), and codes come back through two pinned buffers the same way.
 
-Status: the torch kernel is batched GEMM (`baddbmm`) + `argmin`, so each block's distance
-tensor is materialised in GPU memory; a fused distance + arg-min kernel (Triton/CUDA) keeping
-the 2^nbits distances of a row in registers is what would lift it past that bound.
+Where each is used: `Codec.encode` runs the numpy reference on the CPU for PQ codecs whose
+sub-vectors are not 4 or 8 wide (or narrower), where it beats faiss's `sa_encode`
+(BENCHMARKS.md). On GPUs, kernels.gpu_encode's fused CUDA kernel replaces the torch path, which
+is batched GEMM (`baddbmm`) + `argmin` and so writes each block's distance tensor to GPU memory;
+the torch path stays as the benchmarks' naive GPU baseline.
 """
 
 from __future__ import annotations
