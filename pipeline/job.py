@@ -723,6 +723,9 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
                              reason=f"no change since version {planned.diff.previous_version}",
                              mode="none", incremental=planned.diff.summary())
         planned, sampled, _ = stages.drift(ctx, planned, opts, executor)
+    prestart = getattr(executor, "prestart_gpu", None)  # GPU actors warm up while we sample and train
+    if prestart is not None and opts.device != "cpu" and opts.ngpu != 0:
+        prestart(ngpu=opts.ngpu)
     if planned.diff is None:
         sampled = stages.sample(ctx, planned, opts, executor)
         planned = stages.advise(ctx, planned, sampled, opts, executor)

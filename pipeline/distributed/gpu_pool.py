@@ -52,13 +52,31 @@ class _ComputeActor:
     """One per GPU (Ray pins it there through CUDA_VISIBLE_DEVICES): holds the codec's GPU
     encoder and the held-out queries, and computes the batches that CPU read tasks send."""
 
-    def __init__(self, job, queries):
+    def __init__(self):
+        """The costly part of the start, done before the codec exists: imports, the CUDA
+        context, faiss's GPU resources. `setup` then only loads the codec and the queries."""
+        from kernels._faiss import num_gpus
+        from kernels.gpu_encode import gpu_count
+        from pipeline.stages import ShardCompute  # noqa: F401 (imports the pipeline once)
+
+        if gpu_count():
+            import cupy
+
+            cupy.zeros(1).sum()  # creates the CUDA context and the memory pool
+        if num_gpus():
+            from kernels.knn import _gpu_resources
+
+            _gpu_resources()
+        self.compute = None
+        self.rows = 0
+        self.seconds = 0.0
+
+    def setup(self, job, queries) -> dict:
         from pipeline.stages import ShardCompute
 
         self.compute = ShardCompute(job, queries, device="auto")
         self.compute.info["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
-        self.rows = 0
-        self.seconds = 0.0
+        return self.compute.info
 
     def info(self) -> dict:
         return self.compute.info
@@ -93,25 +111,35 @@ class GpuComputePool:
         self.actors = actors
         self.infos = infos
         self.placement = placement
-        #: seconds from asking for the actors to all of them ready (process start, imports,
-        #: CUDA context, kernel compile, faiss GPU resources): a fixed cost of the encode stage
+        #: seconds the encode stage waited for the actors to be ready (what is left of their
+        #: process start, imports, CUDA context, kernel compile and faiss GPU resources)
         self.startup_seconds = 0.0
 
     @classmethod
-    def start(cls, job, queries, *, ngpu: int = -1) -> "GpuComputePool | None":
-        """Actors on the cluster's GPUs, or None when it has none (the workers then compute
+    def prestart(cls, *, ngpu: int = -1) -> "GpuComputePool | None":
+        """Ask for the actors (one per GPU) without waiting: they warm up while the run
+        samples and trains. None when the cluster has no GPUs (the workers then compute
         themselves)."""
         placement = plan_placement(ray.cluster_resources(), ngpu=ngpu)
         if placement.mode != "gpu":
             return None
+        actors = [_ComputeActor.options(num_gpus=1, num_cpus=0).remote() for _ in range(placement.num_encoders)]
+        return cls(actors, [], placement)
+
+    def setup(self, job, queries) -> "GpuComputePool":
+        """Give every actor the codec and the queries; waits until all are ready.
+        `startup_seconds` is that wait: what the encode stage pays for the actors."""
         start = time.perf_counter()
         queries_ref = ray.put(queries)
-        actors = [_ComputeActor.options(num_gpus=1, num_cpus=0).remote(job, queries_ref)
-                  for _ in range(placement.num_encoders)]
-        infos = ray.get([a.info.remote() for a in actors])  # ready: CUDA context, kernels, faiss GPU
-        pool = cls(actors, infos, placement)
-        pool.startup_seconds = round(time.perf_counter() - start, 3)
-        return pool
+        self.infos = ray.get([a.setup.remote(job, queries_ref) for a in self.actors])
+        self.startup_seconds = round(time.perf_counter() - start, 3)
+        return self
+
+    @classmethod
+    def start(cls, job, queries, *, ngpu: int = -1) -> "GpuComputePool | None":
+        """Actors on the cluster's GPUs, ready for `job`; None when it has no GPUs."""
+        pool = cls.prestart(ngpu=ngpu)
+        return None if pool is None else pool.setup(job, queries)
 
     def for_shard(self, index: int) -> RemoteShardCompute:
         i = index % len(self.actors)

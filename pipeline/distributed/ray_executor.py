@@ -33,6 +33,7 @@ class RayExecutor:
         self.max_in_flight = max_in_flight
         self.init_kwargs = init_kwargs or {}
         self._started = False
+        self._gpu_pool = None  # prestarted GPU actors not yet taken by an encode stage
 
     def start(self) -> "RayExecutor":
         if not ray.is_initialized():
@@ -46,6 +47,9 @@ class RayExecutor:
         return self
 
     def shutdown(self) -> None:
+        if self._gpu_pool is not None:  # prestarted but never used (the run failed or had nothing to encode)
+            self._gpu_pool.close()
+            self._gpu_pool = None
         if self._started and ray.is_initialized():
             ray.shutdown()
         self._started = False
@@ -56,13 +60,25 @@ class RayExecutor:
     def __exit__(self, *exc):
         self.shutdown()
 
+    def prestart_gpu(self, *, ngpu: int = -1) -> None:
+        """Start the GPU compute actors now (one per GPU, if the cluster has GPUs) so that
+        they warm up while earlier stages run; the next `gpu_compute` takes them."""
+        self.start()
+        from pipeline.distributed.gpu_pool import GpuComputePool
+
+        if self._gpu_pool is None:
+            self._gpu_pool = GpuComputePool.prestart(ngpu=ngpu)
+
     def gpu_compute(self, job, queries, *, ngpu: int = -1):
         """GPU compute actors for an encode stage (pipeline.distributed.gpu_pool), or None when
         the cluster has no GPUs. The caller closes them."""
         self.start()
         from pipeline.distributed.gpu_pool import GpuComputePool
 
-        return GpuComputePool.start(job, queries, ngpu=ngpu)
+        pool, self._gpu_pool = self._gpu_pool, None
+        if pool is None:
+            return GpuComputePool.start(job, queries, ngpu=ngpu)
+        return pool.setup(job, queries)
 
     def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
         self.start()
