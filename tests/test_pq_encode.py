@@ -166,3 +166,18 @@ def test_codec_encode_on_cuda_falls_back_to_faiss_without_a_gpu():
         assert np.array_equal(codec.encode(x, device="cuda"), codec.encode(x))
     else:  # on a GPU: faiss's codes for >= 99.9% of sub-vectors
         assert (codec.encode(x, device="cuda") == codec.encode(x)).mean() >= 0.999
+
+
+@pytest.mark.parametrize("spec,dim,numpy_engine", [("PQ8", 96, True), ("PQ16", 96, True), ("PQ12", 96, False),
+                                                   ("PQ24", 96, False), ("PQ6x4fs", 72, True),
+                                                   ("OPQ8,PQ8", 64, False), ("OPQ8,PQ8", 48, True)])
+def test_codec_encode_picks_the_faster_cpu_engine(spec, dim, numpy_engine):
+    """Sub-vectors 8 wide or at most 4: faiss's SIMD path; any other width (6, 12...): the
+    blocked numpy encoder. Either way the codes are faiss's."""
+    gen = ClusteredEmbeddings(dim, seed=11)
+    codec = Codec.train(gen.batch(0, 4000), spec, "cosine", seed=0)
+    assert (codec.numpy_pq_codebook() is not None) == numpy_engine
+    x = gen.batch(20_000, 3000)
+    cb = pq_codebook(codec.index)
+    want = codec.index.sa_encode(prepare_vectors(x, "cosine"))
+    assert agreement(codec.encode(x), want, cb.M, cb.nbits) >= MIN_AGREEMENT
