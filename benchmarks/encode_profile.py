@@ -12,7 +12,6 @@ Single-threaded faiss (one Ray task = 1 CPU), as in a run. Prints a table, write
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
@@ -24,14 +23,15 @@ os.environ.setdefault("LANCE_LOG", "error")
 import lance.fragment  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-
+from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
+
 from kernels._faiss import faiss  # noqa: E402
 from kernels.knn import TopK, exact_knn, prepare_vectors  # noqa: E402
 from pipeline.codec_store import load_codec  # noqa: E402
-from pipeline.stages import codes_array, sample_rows  # noqa: E402
 from pipeline.schema import codes_schema  # noqa: E402
 from pipeline.source import iter_shard_batches, vectors_as_numpy  # noqa: E402
+from pipeline.stages import codes_array, sample_rows  # noqa: E402
 
 
 def main() -> None:
@@ -95,11 +95,9 @@ def main() -> None:
     if faiss_only["seconds"]:
         print(f"(encode ran the numpy PQ encoder; faiss sa_encode of the same batches: {faiss_only['seconds']:.2f}s, "
               f"{parts['encode'] / faiss_only['seconds']:.2f}x of it)")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"rows": n, "dim": args.dim, "codec": args.codec, "threads": args.threads,
-                                              "queries": args.queries, "seconds": parts,
-                                              "faiss_sa_encode_seconds": faiss_only["seconds"] or None}, indent=1))
-    print(f"wrote {args.results}")
+    write_results(args.results, {"rows": n, "dim": args.dim, "codec": args.codec, "threads": args.threads,
+                                 "queries": args.queries, "seconds": parts,
+                                 "faiss_sa_encode_seconds": faiss_only["seconds"] or None})
     shutil.rmtree(work, ignore_errors=True)
 
 

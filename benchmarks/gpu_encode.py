@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
+from _results import write_results
 
 from kernels._faiss import faiss, num_gpus
 from kernels.gpu_encode import GpuEncoder, GpuPlan, gpu_count
@@ -218,10 +217,8 @@ def main() -> None:
         ratio = f"{r['vs_h2d']:.2f}" if "vs_h2d" in r else ""
         print(f"{r['d']:>5} {r['bytes']:>5} {r['engine']:<12}{r['vectors_per_s'] / 1e6:>9.3f}"
               f"{r['gb_per_s']:>8.2f}{agree:>9}{ratio:>7}")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"cpus": os.cpu_count(), "machine": platform.machine(), "device": device,
-                                              "n": n, "n_cpu": n_cpu, "rows": all_rows}, indent=1))
-    print(f"wrote {args.results}")
+    write_results(args.results, {"cpus": os.cpu_count(), "machine": platform.machine(), "device": device,
+                                 "n": n, "n_cpu": n_cpu, "rows": all_rows})
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     import pickle
 
+    from _results import write_results
     from _setup import encode_setup
 
     base = Path(args.workdir or tempfile.mkdtemp(prefix="vecpress-memory-"))
@@ -88,11 +89,9 @@ def main() -> None:
         r["peak_vs_first"] = r["peak_kib"] / first
         print(f"{r['rows']:>9,}{r['shard_mib']:>11.0f}{r['before_kib'] / 1024:>12.0f}{r['peak_kib'] / 1024:>10.0f}"
               f"{r['peak_vs_first']:>10.2f}{r['seconds']:>9.2f}")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({"dim": args.dim, "codec": args.codec, "batch_size": args.batch_size,
-                                              "cpus": os.cpu_count(), "machine": platform.machine(),
-                                              "results": rows}, indent=1))
-    print(f"wrote {args.results}")
+    write_results(args.results, {"dim": args.dim, "codec": args.codec, "batch_size": args.batch_size,
+                                 "cpus": os.cpu_count(), "machine": platform.machine(),
+                                 "results": rows})
     if not args.workdir:
         shutil.rmtree(base, ignore_errors=True)
 

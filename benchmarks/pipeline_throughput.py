@@ -15,7 +15,6 @@ Machines here are noisy: compare ratios from one run, not absolute seconds acros
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -27,6 +26,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("LANCE_LOG", "error")
 
 import pyarrow.parquet as pq  # noqa: E402
+from _results import write_results  # noqa: E402
 
 from pipeline.demo import write_corpus  # noqa: E402
 from pipeline.distributed import RayExecutor  # noqa: E402
@@ -94,16 +94,15 @@ def main() -> None:
     print(f"recall@10 {result.eval['recall_at_10']:.3f}")
     devices = result.manifest["devices"]
     print(f"encode placement: {devices['placement']}; " + "; ".join(
-        f"{c['rows']:,} rows encoded on {c.get('encode')} ({c.get('gpu_name', 'cpu')}), neighbours on {c.get('exact_knn')}"
+        f"{c['rows']:,} rows encoded on {c.get('encode')}" + (f" ({c['gpu_name']})" if c.get("gpu_name") else "")
+        + f", neighbours on {c.get('exact_knn')}"
         for c in devices["compute"][:4]) + (" ..." if len(devices["compute"]) > 4 else ""))
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({
+    write_results(args.results, {
         "rows": n, "dim": args.dim, "files": len(files), "codec": args.codec, "cpus": os.cpu_count(),
         "machine": platform.machine(), "scan_seconds": scan_s, "stage_seconds": st, "job_seconds": total_s,
         "ratios": ratios, "recall_at_10": result.eval["recall_at_10"], "devices": devices,
         "options": {"device": args.device, "shard_rows": args.shard_rows, "eval_rerank": not args.no_eval_rerank},
-    }, indent=1))
-    print(f"wrote {args.results}")
+    })
 
 
 if __name__ == "__main__":

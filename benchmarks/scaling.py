@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import platform
 import shutil
@@ -26,8 +25,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("LANCE_LOG", "error")
 
 import numpy as np  # noqa: E402
-
+from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
+
 from pipeline.distributed import RayExecutor  # noqa: E402
 from pipeline.stages import encode_shard, sample_rows  # noqa: E402
 
@@ -81,12 +81,10 @@ def main() -> None:
         eff = "" if r["efficiency"] is None else f"{r['efficiency']:.2f}"
         note = "  (more workers than cores)" if r["workers"] > cores else ""
         print(f"{r['workers']:>8}{r['seconds']:>10.2f}{r['rows_per_s']:>12,.0f}{eff:>12}{note}")
-    Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.results).write_text(json.dumps({
+    write_results(args.results, {
         "rows": plan.num_rows, "dim": args.dim, "shards": len(plan.shards), "codec": args.codec,
         "queries": args.queries, "cpus": cores, "declared_cpus": declared, "machine": platform.machine(),
-        "results": rows}, indent=1))
-    print(f"wrote {args.results}")
+        "results": rows})
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

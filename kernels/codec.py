@@ -39,6 +39,7 @@ Spec grammar (comma-separated, `key=value` options anywhere after the first toke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import re
@@ -412,16 +413,15 @@ class Codec:
         (and fewer), and through BLAS only from 16 wide. Measured (BENCHMARKS.md), the blocked
         numpy encoder is 2.4-4.7x faster at every other width, and faiss is faster at 4 and 8.
         Codes are faiss's, near-ties aside (tests/test_pq_encode.py)."""
-        cache = self.__dict__.setdefault("_numpy_pq", [])
-        if not cache:
-            cb = None
-            if self.is_pq:
-                cb = pq_codebook(self.index)
-                dsub = cb.centroids.shape[2]
-                if dsub <= 4 or dsub == 8:
-                    cb = None
-            cache.append(cb)
-        return cache[0]
+        return self._numpy_pq
+
+    @functools.cached_property
+    def _numpy_pq(self):
+        if not self.is_pq:
+            return None
+        cb = pq_codebook(self.index)
+        dsub = cb.centroids.shape[2]
+        return None if dsub <= 4 or dsub == 8 else cb
 
     def gpu_encoder(self, device: str = "cuda"):
         """The GpuEncoder of this codec on `device` ("cuda" = "cuda:0"), built once; None when
@@ -429,17 +429,20 @@ class Codec:
         from kernels.gpu_encode import GpuEncoder, gpu_count, plan_codec
 
         device_id = int(device.split(":", 1)[1]) if ":" in device else 0
-        cache = self.__dict__.setdefault("_gpu_encoders", {})
+        cache = self._gpu_encoders
         if device_id not in cache:
             plan = plan_codec(self.index, self.metric) if gpu_count() > device_id else None
             cache[device_id] = None if plan is None else GpuEncoder(plan, device_id=device_id)
         return cache[device_id]
 
+    @functools.cached_property
+    def _gpu_encoders(self) -> dict:
+        return {}  # device id -> GpuEncoder or None, built on first use
+
     def encode_device(self, device: str = "cuda") -> str:
         """Where `encode(x, device=device)` runs: "cuda:N" or "cpu"."""
-        if device == "cpu" or self.gpu_encoder(device) is None:
-            return "cpu"
-        return f"cuda:{self.gpu_encoder(device).device_id}"
+        encoder = None if device == "cpu" else self.gpu_encoder(device)
+        return "cpu" if encoder is None else f"cuda:{encoder.device_id}"
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """(n, code_size) uint8 -> (n, dim) float32 reconstructions (of the normalised vectors

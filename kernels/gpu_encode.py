@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels._faiss import faiss
+from kernels.pq_encode import encode_pq, pack_bits, pack_codes
 
 #: bytes of float32 rows per block of the host pipeline: large enough that per-block Python and
 #: launch overheads stay small next to the copy (64 MiB: 43,690 rows at d = 384, 21,845 at 768)
@@ -128,18 +129,6 @@ def _pq_kernel(cp, dsub: int, ksub: int):
 
 # ---- array-module-generic codecs (numpy for the CPU tests, cupy on the GPU) -------------------
 
-def pack_bits(xp, bits, nbits_per_row: int):
-    """(n, d) 0/1 uint8 -> (n, ceil(d / 8)) uint8, bit j of byte i = element 8 i + j (faiss's
-    fvecs2bitvecs order, numpy's bitorder="little")."""
-    n = bits.shape[0]
-    nbytes = (nbits_per_row + 7) // 8
-    pad = nbytes * 8 - nbits_per_row
-    if pad:
-        bits = xp.concatenate([bits, xp.zeros((n, pad), xp.uint8)], axis=1)
-    weights = (1 << xp.arange(8, dtype=xp.uint32)).astype(xp.uint8)
-    return (bits.reshape(n, nbytes, 8) * weights).sum(axis=2, dtype=xp.uint32).astype(xp.uint8)
-
-
 def sign_codes(xp, x):
     """faiss IndexLSH codes without rotation or thresholds: bit = x >= 0."""
     return pack_bits(xp, (x >= 0).astype(xp.uint8), x.shape[1])
@@ -181,7 +170,7 @@ class GpuPlan:
     kind: str  # "pq" | "sq" | "sign"
     code_size: int
     normalize_input: bool
-    steps: list = field(default_factory=list)  # ("normalize",) ("linear", A, b) ("scale", s, b) ("remap", idx)
+    steps: list = field(default_factory=list)  # ("normalize",) ("linear", A, b) ("scale", s, b) ("remap[_pad]", idx)
     centroids: np.ndarray | None = None
     nbits: int = 8
     qtype: str | None = None
@@ -228,7 +217,9 @@ def plan_codec(index, metric: str) -> GpuPlan | None:
 
 def _transform_step(vt):
     if isinstance(vt, faiss.RemapDimensionsTransform):
-        return ("remap", faiss.vector_to_array(vt.map).astype(np.int64))
+        idx = faiss.vector_to_array(vt.map).astype(np.int64)
+        # dims mapped from -1 are zero; decided here, not per block (a device sync)
+        return ("remap", idx) if (idx >= 0).all() else ("remap_pad", idx)
     if isinstance(vt, faiss.NormalizationTransform):
         return ("normalize",) if float(vt.norm) == 2.0 else None
     if isinstance(vt, faiss.LinearTransform):
@@ -253,8 +244,6 @@ def run_plan(xp, plan: GpuPlan, x, *, steps=None, trained=None, pq=None):
     if plan.kind == "sq":
         return sq_codes(xp, x, plan.qtype, plan.trained if trained is None else trained)
     if pq is None:
-        from kernels.pq_encode import encode_pq
-
         return encode_pq(np.ascontiguousarray(x, np.float32), plan.centroids, plan.nbits)
     return pq(x)
 
@@ -319,13 +308,7 @@ class GpuEncoder:
             grid = ((n + _THREADS - 1) // _THREADS, M)
             self.kernel(grid, (_THREADS,), (x, self.centroids, assign, np.int64(n), np.int32(d), np.int32(M)),
                         shared_mem=ksub * dsub * 4)
-        nbits = self.plan.nbits
-        if nbits == 8:
-            return assign
-        if nbits == 4 and M % 2 == 0:
-            return (assign[:, 0::2] | (assign[:, 1::2] << 4)).astype(cp.uint8)
-        bits = ((assign[:, :, None] >> cp.arange(nbits, dtype=cp.uint8)) & 1).astype(cp.uint8)
-        return pack_bits(cp, bits.reshape(n, M * nbits), M * nbits)
+        return pack_codes(assign, self.plan.nbits, xp=cp)
 
     # ---- from the host -------------------------------------------------------------------
     def _slots(self, rows: int, d: int):
@@ -440,9 +423,10 @@ def _apply_step(cp, step, x):
     if kind == "normalize":
         return _normalize(cp, x, reciprocal=True)
     if kind == "remap":
+        return x[:, step[1]]
+    if kind == "remap_pad":
         idx = step[1]
-        y = x[:, cp.maximum(idx, 0)]
-        return cp.where(idx >= 0, y, cp.float32(0)) if bool((idx < 0).any()) else y
+        return cp.where(idx >= 0, x[:, cp.maximum(idx, 0)], cp.float32(0))
     if kind == "scale":
         return x * step[1] + step[2]
     A, b = step[1], step[2]

@@ -7,6 +7,8 @@ positions in vecpress), -1 for "no result".
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from kernels._faiss import faiss, num_gpus
@@ -35,15 +37,11 @@ def as_distances(D: np.ndarray, metric: str) -> np.ndarray:
     return D if metric == "l2" else -D
 
 
-_GPU_RESOURCES: list = []
-
-
+@functools.lru_cache(maxsize=1)
 def _gpu_resources():
     """One faiss StandardGpuResources per process: creating one per call costs a temp-memory
     allocation and a cuBLAS handle each time."""
-    if not _GPU_RESOURCES:
-        _GPU_RESOURCES.append(faiss.StandardGpuResources())
-    return _GPU_RESOURCES[0]
+    return faiss.StandardGpuResources()
 
 
 def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int = 0):

@@ -104,16 +104,29 @@ def _check(x, centroids: np.ndarray, nbits: int) -> tuple[int, int, int]:
     return M, ksub, dsub
 
 
-def pack_codes(assign: np.ndarray, nbits: int) -> np.ndarray:
-    """(n, M) integer centroid ids -> (n, ceil(M * nbits / 8)) uint8 in faiss's PQ layout."""
+def pack_bits(xp, bits, nbits_per_row: int):
+    """(n, d) 0/1 uint8 -> (n, ceil(d / 8)) uint8, bit j of byte i = element 8 i + j (faiss's
+    bit-stream order, numpy's bitorder="little"). `xp` is numpy or cupy."""
+    n = bits.shape[0]
+    nbytes = (nbits_per_row + 7) // 8
+    pad = nbytes * 8 - nbits_per_row
+    if pad:
+        bits = xp.concatenate([bits, xp.zeros((n, pad), xp.uint8)], axis=1)
+    weights = (1 << xp.arange(8, dtype=xp.uint32)).astype(xp.uint8)
+    return (bits.reshape(n, nbytes, 8) * weights).sum(axis=2, dtype=xp.uint32).astype(xp.uint8)
+
+
+def pack_codes(assign, nbits: int, xp=np):
+    """(n, M) integer centroid ids -> (n, ceil(M * nbits / 8)) uint8 in faiss's PQ layout, with
+    array module `xp` (numpy, or cupy for codes still on the GPU)."""
     n, M = assign.shape
     if nbits == 8:
-        return assign.astype(np.uint8)
+        return assign.astype(xp.uint8, copy=False)
     if nbits == 4 and M % 2 == 0:
-        a = assign.astype(np.uint8)
-        return a[:, 0::2] | (a[:, 1::2] << 4)
-    bits = ((assign.astype(np.uint32)[:, :, None] >> np.arange(nbits, dtype=np.uint32)) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(n, M * nbits), axis=1, bitorder="little")
+        a = assign.astype(xp.uint8)
+        return (a[:, 0::2] | (a[:, 1::2] << 4)).astype(xp.uint8)
+    bits = ((assign.astype(xp.uint32)[:, :, None] >> xp.arange(nbits, dtype=xp.uint32)) & 1).astype(xp.uint8)
+    return pack_bits(xp, bits.reshape(n, M * nbits), M * nbits)
 
 
 def encode_pq(x, centroids: np.ndarray, nbits: int, *, device: str = "cpu", engine: str | None = None,
@@ -307,13 +320,3 @@ def _encode_cuda_pipelined(torch, x, ct, cnorm, nbits: int, dev, rows: int, code
         drain(1)
         torch.cuda.synchronize(dev)
     return out
-
-
-def cuda_device_count() -> int:
-    """CUDA devices torch can use here (0 without torch or without a GPU): decides whether a
-    worker encodes on the GPU. Imports torch only if it is installed."""
-    try:
-        import torch
-    except ImportError:
-        return 0
-    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0

@@ -35,7 +35,7 @@ from pipeline.incremental import (
 from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
 from pipeline.source import SourcePlan, SourceSpec, plan_sources
-from pipeline.stages import CodeSearch, Columns, EncodeJob, encode_shard, search_fragment
+from pipeline.stages import CodeSearch, Columns, EncodeJob, check_device, encode_shard, search_fragment
 from pipeline.sampling import choose_positions, read_sample, sample_sizes  # noqa: F401 (re-exported)
 from pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
 
@@ -102,6 +102,11 @@ class CompressOptions:
     #: versions kept by the retention rule (tagged versions are never removed; 0 = keep all)
     keep_versions: int = 20
 
+    @property
+    def encode_device(self) -> str:
+        """Where encoding may run: `device`, except that ngpu=0 means no GPU at all."""
+        return "cpu" if self.ngpu == 0 else self.device
+
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
@@ -126,8 +131,10 @@ class CompressOptions:
             object.__setattr__(self, "advise_codecs", tuple(self.advise_codecs))
         if self.mode not in ("auto", "full"):
             raise ConfigError(f"mode must be auto or full, got {self.mode!r}")
-        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
-            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        try:
+            check_device(self.device)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:
             raise ConfigError("drift_threshold, gate_max_drop and keep_versions must not be negative")
 
@@ -458,12 +465,12 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     diff = planned.diff
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
                     batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
-                    rerank_codec=trained.rerank_codec, device="cpu" if opts.ngpu == 0 else opts.device)
+                    rerank_codec=trained.rerank_codec, device=opts.encode_device)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     pool = None
     gpu_compute = getattr(executor, "gpu_compute", None)  # optional in the Executor protocol
-    if gpu_compute is not None and opts.device != "cpu" and opts.ngpu != 0 and len(plan.shards) > num_kept:
+    if gpu_compute is not None and opts.encode_device != "cpu" and len(plan.shards) > num_kept:
         pool = gpu_compute(job, xq, ngpu=opts.ngpu)
     actors = None
     try:
@@ -724,7 +731,7 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
                              mode="none", incremental=planned.diff.summary())
         planned, sampled, _ = stages.drift(ctx, planned, opts, executor)
     prestart = getattr(executor, "prestart_gpu", None)  # GPU actors warm up while we sample and train
-    if prestart is not None and opts.device != "cpu" and opts.ngpu != 0:
+    if prestart is not None and opts.encode_device != "cpu":
         prestart(ngpu=opts.ngpu)
     if planned.diff is None:
         sampled = stages.sample(ctx, planned, opts, executor)

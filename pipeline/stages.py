@@ -75,11 +75,16 @@ class EncodeJob:
     remote: object | None = None
 
 
-def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when CuPy sees a GPU here, else "cpu"; "cuda"/"cuda:N"/"cpu" as given."""
+def check_device(device: str) -> str:
+    """`device` if it is "auto", "cpu", "cuda" or "cuda:N", else ValueError."""
     if device not in ("auto", "cpu") and not device.startswith("cuda"):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-    if device == "auto":
+    return device
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when CuPy sees a GPU here, else "cpu"; "cuda"/"cuda:N"/"cpu" as given."""
+    if check_device(device) == "auto":
         return "cuda" if gpu_count() > 0 else "cpu"
     return device
 

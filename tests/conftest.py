@@ -42,6 +42,14 @@ def write_vectors(path, x: np.ndarray, ids=None, *, extra: dict | None = None, f
     return path
 
 
+def write_split(folder, x: np.ndarray, bounds, name: str, row_group_size: int) -> None:
+    """Rows x[bounds[i]:bounds[i+1]] as file `name.format(i)`.parquet in `folder`, with ids equal
+    to the row numbers and a `text` column "doc <id>"."""
+    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+        write_vectors(folder / f"{name.format(i)}.parquet", x[lo:hi], np.arange(lo, hi, dtype=np.int64),
+                      extra={"text": pa.array([f"doc {j}" for j in range(lo, hi)])}, row_group_size=row_group_size)
+
+
 @pytest.fixture
 def make_corpus(tmp_path):
     """make_corpus(num_rows, dim, num_files, seed) -> (folder, all vectors in row order)."""
@@ -50,12 +58,7 @@ def make_corpus(tmp_path):
         gen = ClusteredEmbeddings(dim, seed=seed, num_clusters=64)
         x = gen.batch(0, num_rows)
         folder = tmp_path / name
-        bounds = np.linspace(0, num_rows, num_files + 1).astype(int)
-        for i in range(num_files):
-            lo, hi = bounds[i], bounds[i + 1]
-            write_vectors(folder / f"part-{i:03d}.parquet", x[lo:hi], np.arange(lo, hi, dtype=np.int64),
-                          extra={"text": pa.array([f"doc {j}" for j in range(lo, hi)])},
-                          row_group_size=row_group_size)
+        write_split(folder, x, np.linspace(0, num_rows, num_files + 1).astype(int), "part-{:03d}", row_group_size)
         return folder, x
 
     return make

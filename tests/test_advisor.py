@@ -19,7 +19,7 @@ from pipeline.report import inspect_table
 from pipeline.search import search
 from pipeline.source import SourceSpec
 from pipeline.sweep import choose, mark_pareto, sweep_corpus
-from tests.conftest import write_vectors
+from tests.conftest import write_split
 
 N, DIM = 6000, 32
 COMMON = dict(num_train=3000, num_queries=150, eval_k=100, seed=3)
@@ -30,9 +30,7 @@ FAST = ["PQ4", "PQ8", "PQ8x4fs", "SQ4", "SQ8", "BIN", "RaBitQ", "MRL16,PQ8"]
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("advisor")
     x = ClusteredEmbeddings(DIM, seed=21, num_clusters=48).batch(0, N)
-    for i, (lo, hi) in enumerate([(0, 2000), (2000, 4000), (4000, N)]):
-        write_vectors(root / "src" / f"p{i}.parquet", x[lo:hi], np.arange(lo, hi, dtype=np.int64),
-                      extra={"text": pa.array([f"doc {j}" for j in range(lo, hi)])}, row_group_size=500)
+    write_split(root / "src", x, [0, 2000, 4000, N], "p{}", row_group_size=500)
     return root, x
 
 

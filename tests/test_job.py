@@ -18,7 +18,7 @@ from pipeline.job import CompressOptions, load_array, run_compress
 from pipeline.report import inspect_table
 from pipeline.search import search
 from pipeline.source import SourceSpec
-from tests.conftest import write_vectors
+from tests.conftest import write_split, write_vectors
 
 N, DIM = 8000, 32
 OPTS = CompressOptions(codec="PQ8", metric="l2", num_train=4000, num_queries=200, eval_k=100, seed=7)
@@ -28,9 +28,7 @@ OPTS = CompressOptions(codec="PQ8", metric="l2", num_train=4000, num_queries=200
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("job")
     x = ClusteredEmbeddings(DIM, seed=11, num_clusters=64).batch(0, N)
-    for i, (lo, hi) in enumerate([(0, 2500), (2500, 5000), (5000, N)]):
-        write_vectors(root / "src" / f"part-{i}.parquet", x[lo:hi], np.arange(lo, hi, dtype=np.int64),
-                      extra={"text": pa.array([f"doc {j}" for j in range(lo, hi)])}, row_group_size=700)
+    write_split(root / "src", x, [0, 2500, 5000, N], "part-{}", row_group_size=700)
     return root, x
 
 

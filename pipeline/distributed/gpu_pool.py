@@ -78,9 +78,6 @@ class _ComputeActor:
         self.compute.info["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
         return self.compute.info
 
-    def info(self) -> dict:
-        return self.compute.info
-
     def run(self, x):
         start = time.perf_counter()
         out = self.compute(x)
