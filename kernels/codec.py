@@ -49,7 +49,7 @@ import numpy as np
 
 from kernels._faiss import faiss, num_gpus
 from kernels.pq_encode import encode_pq, pq_codebook
-from kernels.knn import as_distances, faiss_metric, prepare_vectors
+from kernels.knn import TopK, as_distances, exact_knn, faiss_metric, prepare_vectors
 
 
 class CodecSpecError(ValueError):
@@ -466,6 +466,14 @@ class Codec:
         """Search of raw queries over stored codes: ADC for quantizers, Hamming distance
         between the query's code and the stored codes for binary codecs.
 
+        For PQ, scalar and additive quantizers, ADC's distance is the exact distance from the
+        (transformed) query to the code's reconstruction. Where it pays for this many
+        queries (`_decoded_search_pays`: e.g. SQ from 32 queries, PQ from 256), the codes are
+        decoded block by block and searched by a brute-force BLAS GEMM, which computes the same distances 2-3x (PQ, SQ)
+        to 100x (RQ with L2) faster than faiss's per-pair search on the CPU (BENCHMARKS.md);
+        results equal ADC's up to float rounding among near-ties. Fewer queries, fast-scan PQ,
+        RaBitQ and few-table additive codes use faiss's own search.
+
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """
         codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -482,6 +490,8 @@ class Codec:
             chain, inner = _innermost(self.index)
             for vt in chain:
                 xq = vt.apply(xq)
+            if _decoded_search_pays(inner, nq):
+                return _search_decoded(inner, xq, codes, k, self.metric)
             searcher = _code_searcher(inner, codes)
             D, I = searcher.search(xq, k)
             D = as_distances(D, self.metric).astype(np.float32)
@@ -503,6 +513,55 @@ class Codec:
         if not index.is_trained:
             raise ValueError("codec index is not trained")
         return cls(spec=spec, metric=metric, dim=int(index.d), index=index)
+
+
+# search_codes decodes codes and runs a GEMM from this many queries on: always for codecs that
+# faiss searches by decoding each pair, and from TABLE_GEMM_MIN_QUERIES for look-up tables
+GEMM_MIN_QUERIES = 32
+TABLE_GEMM_MIN_QUERIES = 256
+DECODE_BLOCK_BYTES = 32 << 20  # decoded float32 rows per GEMM block
+
+
+def _decoded_search_pays(inner, nq: int) -> bool:
+    """Whether search_codes should decode the codes and run a GEMM over them for `nq` queries:
+    faiss's search over this index's codes must rank by the exact distance to each
+    reconstruction (so both compute the same thing), and the GEMM must be the faster.
+
+    Measured on one core (benchmarks/search_codes.py, BENCHMARKS.md): faiss decodes scalar
+    codes and ST_decompress additive codes once per (query, row) pair, which a GEMM beats by
+    1.5-3x and 30-190x from 32 queries on. Look-up-table search costs about 0.5 ns per table
+    per pair against the GEMM's 0.026 ns per dimension plus a decode per row, so tables win
+    below one table per 16 dimensions (RQ4x8 at 384-d) or below a few hundred queries."""
+    if nq < GEMM_MIN_QUERIES:
+        return False
+    tables = nq >= TABLE_GEMM_MIN_QUERIES
+    if isinstance(inner, faiss.IndexScalarQuantizer):
+        return True
+    if isinstance(inner, faiss.IndexPQFastScan):
+        return False
+    if isinstance(inner, faiss.IndexPQ):
+        return tables and 16 * int(inner.pq.M) >= int(inner.d)
+    if isinstance(inner, faiss.IndexAdditiveQuantizer):
+        aq, st = inner.aq, int(inner.aq.search_type)
+        if st == faiss.AdditiveQuantizer.ST_decompress:
+            return True
+        # quantized-norm types (ST_norm_qint8, ...) rank by an approximate norm: not these
+        exact_tables = {faiss.AdditiveQuantizer.ST_norm_float, faiss.AdditiveQuantizer.ST_norm_from_LUT}
+        if inner.metric_type == faiss.METRIC_INNER_PRODUCT:
+            exact_tables.add(faiss.AdditiveQuantizer.ST_LUT_nonorm)  # IP needs no norm
+        return tables and st in exact_tables and 16 * int(aq.M) >= int(inner.d)
+    return False
+
+
+def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: str):
+    """Top-k of transformed queries over the codes' reconstructions, decoded in blocks."""
+    block = max(1024, DECODE_BLOCK_BYTES // (4 * int(inner.d)))
+    space = "l2" if metric == "l2" else "ip"  # cosine queries are already unit (ADC does not renormalise codes)
+    top = TopK(xq.shape[0], k)
+    for start in range(0, codes.shape[0], block):
+        D, I = exact_knn(xq, inner.sa_decode(codes[start:start + block]), k, space)
+        top.add(D, np.where(I >= 0, I + start, -1))
+    return top.D, top.I
 
 
 def _code_searcher(inner, codes: np.ndarray):

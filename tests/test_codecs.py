@@ -95,6 +95,58 @@ def test_family_round_trip_and_search(data, spec, metric, size, num_train):
     assert knn_recall(exact, I, 10) > 0.2
 
 
+# (spec, metric): every family whose search ranks by the distance to the reconstruction, in
+# each metric it may take (the IP additive quantizers search with ST_LUT_nonorm, L2 with
+# ST_decompress), and then four that keep faiss's own search
+DECODED_SEARCH = [
+    ("PQ8", "l2"), ("PQ16x6", "ip"), ("OPQ8,PQ8", "cosine"), ("PCA32,PQ8", "ip"), ("MRL32,PQ8", "l2"),
+    ("SQ8", "ip"), ("SQ4", "l2"), ("SQfp16", "cosine"), ("RQ4x8", "l2"), ("RQ4x8", "ip"),
+    ("LSQ4x6", "cosine"), ("PRQ2x2x6", "l2"),
+]
+
+
+@pytest.mark.parametrize("spec,metric", DECODED_SEARCH + [("PQ16x4fs", "l2"), ("RaBitQ", "ip"), ("PQ2", "l2"), ("LSQ2x6", "cosine")])
+def test_decoded_gemm_search_equals_faiss_search(data, monkeypatch, spec, metric):
+    """Where it pays, search_codes decodes blocks of codes and runs a BLAS brute force over
+    them; it must return what faiss's own search over the codes returns."""
+    import kernels.codec as kc
+
+    xb, xq = data
+    codec = Codec.train(xb[:1000], spec, metric, seed=1)
+    codes = codec.encode(xb)
+    inner = kc._innermost(codec.index)[1]
+    monkeypatch.setattr(kc, "DECODE_BLOCK_BYTES", 4 * DIM * 700)  # 5 blocks, the last partial
+    monkeypatch.setattr(kc, "TABLE_GEMM_MIN_QUERIES", len(xq))  # table codecs too, at 40 queries
+    assert kc._decoded_search_pays(inner, len(xq)) == ((spec, metric) in DECODED_SEARCH)
+    D, I = codec.search_codes(xq, codes, 10)
+    monkeypatch.setattr(kc, "GEMM_MIN_QUERIES", len(xq) + 1)
+    assert not kc._decoded_search_pays(inner, len(xq))
+    D_ref, I_ref = codec.search_codes(xq, codes, 10)
+    # the same k smallest distances; ids may differ only among (near-)ties, which small
+    # codebooks make common (LSQ4x6: 4096 distinct reconstructions for 3000 rows)
+    tol = 1e-4 * np.abs(D_ref).max()
+    assert np.allclose(D, D_ref, rtol=1e-4, atol=tol)
+    for q in range(len(xq)):  # every result clearly inside the k-th distance is in both
+        inside = D_ref[q] < D_ref[q, -1] - tol
+        assert set(I_ref[q][inside]) == set(I[q][D[q] < D_ref[q, -1] - tol]), q
+    assert (I == I_ref).mean() > (0.2 if spec.startswith("LSQ") else 0.8)
+
+
+def test_decoded_search_only_where_it_pays():
+    """Per-pair decoding codecs switch at GEMM_MIN_QUERIES, look-up tables only from
+    TABLE_GEMM_MIN_QUERIES and with at least one table per 16 dimensions."""
+    import kernels.codec as kc
+
+    gen = ClusteredEmbeddings(384, seed=2)
+    xt = gen.batch(0, 2000)
+    codecs = {spec: Codec.train(xt, spec, "l2") for spec in ("SQ8", "PQ48", "PQ16x4", "PQ32x4fs")}
+    pays = {spec: [kc._decoded_search_pays(kc._innermost(codec.index)[1], nq)
+                   for nq in (kc.GEMM_MIN_QUERIES - 1, kc.GEMM_MIN_QUERIES, kc.TABLE_GEMM_MIN_QUERIES)]
+            for spec, codec in codecs.items()}
+    assert pays == {"SQ8": [False, True, True], "PQ48": [False, False, True],
+                    "PQ16x4": [False, False, False], "PQ32x4fs": [False, False, False]}
+
+
 @pytest.mark.parametrize("spec,num_train", [
     ("PQ8", 2000), ("PQ16x4fs", 2000), ("OPQ8,PQ8", 1000), ("RQ4x8", 1000), ("LSQ4x6,ils=2", 600),
     ("PRQ2x2x6", 600), ("RaBitQ", 1000), ("BINt", 1000), ("MRL32,PQ8", 1000),
