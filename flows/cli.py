@@ -57,6 +57,10 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
     g.add_argument("--num-queries", type=int, default=1_000,
                    help="held-out query vectors for evaluation, never trained on (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="seeds sampling and training (default: %(default)s)")
+    g.add_argument("--sample-row-groups", type=int, default=1024, metavar="N",
+                   help="most Parquet row groups the sample reads, chosen at random; rows are drawn uniformly "
+                        "within them. 0 = no limit: exactly uniform rows, which touches nearly every row group "
+                        "once the sample outnumbers them (default: %(default)s)")
     g.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
     g.add_argument("--rerank-codec", default=None, metavar="SPEC",
                    help="also store a warm column with this codec (e.g. SQ8, SQfp16) for re-ranking without "
@@ -98,7 +102,7 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
 def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
     return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
                 num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
-                batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu, device=args.device,
+                sample_row_groups=args.sample_row_groups, batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu, device=args.device,
                 rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, max_bytes=args.max_bytes,
                 min_recall=args.min_recall, advise_rerank=args.advise_rerank,
                 advise_codecs=_specs(args.advise_codecs), mode=args.mode, drift_threshold=args.drift_threshold,
@@ -213,7 +217,7 @@ def cmd_sweep(args) -> None:
         result, uris = sweep_corpus(source, args.out, metric=args.metric, codecs=_specs(args.codecs), budgets=budgets,
                                     num_train=args.num_train, num_queries=args.num_queries, seed=args.seed,
                                     eval_k=args.eval_k, batch_size=args.batch_size, shard_rows=args.shard_rows,
-                                    ngpu=args.ngpu, executor=ex)
+                                    ngpu=args.ngpu, sample_row_groups=args.sample_row_groups, executor=ex)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -304,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--num-train", type=int, default=100_000, help="training-sample size (default: %(default)s)")
     w.add_argument("--num-queries", type=int, default=1_000, help="held-out queries (default: %(default)s)")
     w.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    w.add_argument("--sample-row-groups", type=int, default=1024, metavar="N",
+                   help="most row groups the sample reads, as in compress (default: %(default)s)")
     w.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
     w.add_argument("--batch-size", type=int, default=65_536, help="rows per batch (default: %(default)s)")
     w.add_argument("--shard-rows", type=int, default=500_000, help="rows per shard (default: %(default)s)")

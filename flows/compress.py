@@ -20,6 +20,7 @@ from pipeline.job import (
     run_stages, sample_run, specs_from_params, train_run,
 )
 from pipeline.report import run_report
+from pipeline.sampling import SAMPLE_ROW_GROUPS
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -59,6 +60,7 @@ def compress_flow(
     num_train: int = 100_000,
     num_queries: int = 1_000,
     seed: int = 0,
+    sample_row_groups: int = SAMPLE_ROW_GROUPS,
     eval_k: int = 100,
     batch_size: int = 65_536,
     shard_rows: int = 500_000,

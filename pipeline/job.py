@@ -36,7 +36,7 @@ from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
 from pipeline.source import SourcePlan, SourceSpec, plan_sources
 from pipeline.stages import CodeSearch, Columns, EncodeJob, check_device, encode_shard, search_fragment
-from pipeline.sampling import choose_positions, read_sample, sample_sizes  # noqa: F401 (re-exported)
+from pipeline.sampling import SAMPLE_ROW_GROUPS, choose_positions, read_sample, sample_sizes  # noqa: F401 (re-exported)
 from pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
 
 log = logging.getLogger("vecpress")
@@ -59,6 +59,9 @@ class CompressOptions:
     num_queries: int = 1_000
     #: seeds sampling and training: same inputs and seed give identical codes
     seed: int = 0
+    #: most row groups the sample reads (0 = no limit: rows exactly uniform, but once the sample
+    #: outnumbers the row groups that reads nearly all of them, a second full read of the corpus)
+    sample_row_groups: int = SAMPLE_ROW_GROUPS
     #: neighbours computed exactly per query (recall@k is reported for k in 1, 10, 100 up to it)
     eval_k: int = 100
     #: rows per record batch in workers: bounds worker memory (batch_size x dim x 4 bytes)
@@ -135,8 +138,8 @@ class CompressOptions:
             check_device(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:
-            raise ConfigError("drift_threshold, gate_max_drop and keep_versions must not be negative")
+        if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0 or self.sample_row_groups < 0:
+            raise ConfigError("drift_threshold, gate_max_drop, keep_versions and sample_row_groups must not be negative")
 
 
 def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
@@ -297,7 +300,8 @@ def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor
     diff = planned.diff
     prev = diff.previous_manifest
     seed = opts.seed * 1_000_003 + diff.previous_version + 1  # fresh, yet deterministic per night
-    _, xq, qpos = read_sample(planned.plan, 0, planned.num_queries, seed, executor)
+    _, xq, qpos, _ = read_sample(planned.plan, 0, planned.num_queries, seed, executor,
+                                 max_row_groups=opts.sample_row_groups)
     codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
     current = probe_quality(codec, xq)
     drift = drift_decision(prev.get("drift_baseline"), current, threshold=opts.drift_threshold,
@@ -339,17 +343,19 @@ class Sampled:
     num_train: int
     num_queries: int
     seconds: float = 0.0
+    row_groups_read: int | None = None
 
 
 def sample_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Executor) -> Sampled:
     """Read the training sample and held-out queries, uniformly across the whole corpus."""
     start = time.perf_counter()
-    xt, xq, qpos = read_sample(planned.plan, planned.num_train, planned.num_queries, opts.seed, executor)
+    xt, xq, qpos, touched = read_sample(planned.plan, planned.num_train, planned.num_queries, opts.seed, executor,
+                                        max_row_groups=opts.sample_row_groups)
     sampled = Sampled(
         train_uri=save_array(ctx.run_file("train.npy"), xt),
         queries_uri=save_array(ctx.run_file("queries.npy"), xq),
         query_positions_uri=save_array(ctx.run_file("query_positions.npy"), qpos),
-        num_train=len(xt), num_queries=len(xq),
+        num_train=len(xt), num_queries=len(xq), row_groups_read=touched,
     )
     sampled.seconds = time.perf_counter() - start
     log.info("sample: %d training vectors, %d held-out queries (seed %d)", sampled.num_train,
@@ -542,6 +548,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         },
         "sample": {
             "seed": opts.seed, "num_train": sampled.num_train, "num_queries": sampled.num_queries,
+            "row_groups_read": sampled.row_groups_read, "max_row_groups": opts.sample_row_groups,
             "queries_uri": relative_to_out(ctx, sampled.queries_uri),
             "query_positions_uri": relative_to_out(ctx, sampled.query_positions_uri),
             "ground_truth_uri": relative_to_out(ctx, encoded.ground_truth_uri),

@@ -4,6 +4,7 @@ corpus, seeded, disjoint."""
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -13,6 +14,9 @@ from pipeline.source import SourcePlan
 from pipeline.stages import Columns, sample_rows
 
 log = logging.getLogger("vecpress")
+
+#: default most row groups the sample reads (CompressOptions.sample_row_groups; 0 = no limit)
+SAMPLE_ROW_GROUPS = 1024
 
 
 def sample_sizes(num_rows: int, num_train: int, num_queries: int) -> tuple[int, int]:
@@ -25,19 +29,55 @@ def sample_sizes(num_rows: int, num_train: int, num_queries: int) -> tuple[int, 
     return min(num_train, num_rows - nq), nq
 
 
-def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int):
-    """Uniform, seeded, disjoint (train, query) global row positions, each sorted."""
+def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int, *,
+                     row_group_rows=None, max_row_groups: int = 0):
+    """Seeded, disjoint (train, query) global row positions, each sorted.
+
+    Without a row-group budget (or when the corpus has no more row groups than it), the rows are
+    uniform over the whole corpus. Parquet is read a row group at a time, so once the sample
+    outnumbers the row groups, a uniform sample touches nearly all of them: a second full read
+    of the corpus. With `max_row_groups` and the corpus's `row_group_rows` (in global order),
+    sampling first picks that many row groups (seeded, uniformly, without replacement), or
+    more where they would hold fewer than twice the sample, then draws rows uniformly from all
+    their rows. Every row group is picked with the same probability and every picked row
+    equally, so every row stays about equally likely (exactly, when row groups are of equal
+    size), and at most that many row groups are read. The sample is clustered: rows of a row
+    group are drawn together.
+    """
     rng = np.random.default_rng(seed)
-    picked = rng.choice(num_rows, size=num_train + num_queries, replace=False)
+    n = num_train + num_queries
+    picked = None
+    if row_group_rows is not None and max_row_groups > 0:
+        sizes = np.asarray(row_group_rows, np.int64)
+        budget = max(max_row_groups, math.ceil(2 * n * len(sizes) / max(int(sizes.sum()), 1)))
+        if budget < len(sizes):
+            chosen = np.sort(rng.choice(len(sizes), size=budget, replace=False))
+            pool = np.concatenate([[0], np.cumsum(sizes[chosen])])
+            if pool[-1] >= n:
+                idx = rng.choice(int(pool[-1]), size=n, replace=False)
+                j = np.searchsorted(pool, idx, side="right") - 1
+                picked = np.concatenate([[0], np.cumsum(sizes)])[chosen][j] + (idx - pool[j])
+    if picked is None:
+        picked = rng.choice(num_rows, size=n, replace=False)
     return np.sort(picked[num_queries:]).astype(np.int64), np.sort(picked[:num_queries]).astype(np.int64)
 
 
-def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, executor: Executor):
-    """(training vectors, held-out query vectors, query positions), read uniformly across the
-    corpus: only the row groups holding sampled rows are read."""
-    train_pos, query_pos = choose_positions(plan.num_rows, num_train, num_queries, seed)
+def row_group_rows(plan: SourcePlan) -> list[int]:
+    """Rows of every row group of the corpus, in global row order."""
+    return [r for f in plan.files for r in f.row_group_rows]
+
+
+def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, executor: Executor, *,
+                max_row_groups: int = 0):
+    """(training vectors, held-out query vectors, query positions, row groups read), read across
+    the corpus (see choose_positions): only the row groups holding sampled rows are read."""
+    sizes = row_group_rows(plan)
+    train_pos, query_pos = choose_positions(plan.num_rows, num_train, num_queries, seed,
+                                            row_group_rows=sizes, max_row_groups=max_row_groups)
     positions = np.union1d(train_pos, query_pos)
+    touched = int(np.unique(np.searchsorted(np.cumsum(sizes), positions, side="right")).size)
+    log.info("sample: %d rows from %d of %d row groups", len(positions), touched, len(sizes))
     items = [(shard, local) for shard, _, local in plan.locate(positions)]
     x = np.concatenate(executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan)}))
     is_query = np.isin(positions, query_pos)
-    return x[~is_query], x[is_query], positions[is_query]
+    return x[~is_query], x[is_query], positions[is_query], touched

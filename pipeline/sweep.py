@@ -29,6 +29,7 @@ from kernels.metrics import relative_error
 from pipeline import storage
 from pipeline.errors import ConfigError, VecpressError
 from pipeline.executor import Executor
+from pipeline.sampling import SAMPLE_ROW_GROUPS
 from pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
 from pipeline.stages import Columns
 
@@ -343,7 +344,7 @@ def write_reports(result: SweepResult, out: str, budgets: list[int] | None = Non
 def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | None = None,
                  budgets: list[int] | None = None, num_train: int = 100_000, num_queries: int = 1_000,
                  seed: int = 0, eval_k: int = 100, batch_size: int = 65_536, shard_rows: int = 500_000,
-                 ngpu: int = -1, executor: Executor) -> tuple[SweepResult, dict[str, str]]:
+                 ngpu: int = -1, sample_row_groups: int = SAMPLE_ROW_GROUPS, executor: Executor) -> tuple[SweepResult, dict[str, str]]:
     """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),
     sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
     from kernels.knn import METRICS
@@ -358,7 +359,7 @@ def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | No
     nt, nq = sample_sizes(plan.num_rows, num_train, num_queries)
     specs = candidate_specs(plan.dim, metric, nt, codecs=codecs, budgets=budgets)
     log.info("sweep: %d rows x %d-d, %d candidate codecs: %s", plan.num_rows, plan.dim, len(specs), ", ".join(specs))
-    xt, xq, qpos = read_sample(plan, nt, nq, seed, executor)
+    xt, xq, qpos, _ = read_sample(plan, nt, nq, seed, executor, max_row_groups=sample_row_groups)
     result = run_sweep(plan, xt, xq, qpos, specs, metric=metric, seed=seed, eval_k=eval_k, batch_size=batch_size,
                        ngpu=ngpu, executor=executor)
     return result, write_reports(result, out, budgets)

@@ -40,3 +40,43 @@ def test_sample_is_uniform_seeded_and_disjoint():
     counts = np.bincount(train // 100_000, minlength=10)
     assert counts.min() > 1700 and counts.max() < 2300
     assert not np.array_equal(train, choose_positions(1_000_000, 20_000, 1_000, seed=4)[0])
+
+
+def test_sample_within_a_row_group_budget_reads_at_most_that_many():
+    """With more row groups than the budget, the sample comes from `max_row_groups` row groups
+    chosen at random across the corpus, rows uniform over all of theirs."""
+    sizes = [1000] * 900 + [500] * 200  # 1,000,000 rows in 1,100 row groups
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    kw = dict(row_group_rows=sizes, max_row_groups=100)
+    train, queries = choose_positions(1_000_000, 20_000, 1_000, seed=3, **kw)
+    again = choose_positions(1_000_000, 20_000, 1_000, seed=3, **kw)
+    assert np.array_equal(train, again[0]) and np.array_equal(queries, again[1])
+    assert len(np.intersect1d(train, queries)) == 0 and len(np.unique(train)) == 20_000
+    groups = np.searchsorted(starts, np.concatenate([train, queries]), side="right") - 1
+    assert len(np.unique(groups)) <= 100, "read at most the budget's row groups"
+    assert len(np.unique(groups)) > 90, "and spread the sample over them"
+    # the row groups span the corpus: every tenth of it holds some of them
+    assert len(np.unique(np.concatenate([train, queries]) // 100_000)) == 10
+    assert not np.array_equal(train, choose_positions(1_000_000, 20_000, 1_000, seed=4, **kw)[0])
+    # about uniform: over many seeds, a row of a small row group is as likely as one of a big one
+    per_row = np.zeros(len(sizes))
+    for seed in range(40):
+        t, _ = choose_positions(1_000_000, 2_000, 0, seed=seed, **kw)
+        per_row += np.bincount(np.searchsorted(starts, t, side="right") - 1, minlength=len(sizes))
+    per_row /= np.asarray(sizes)
+    big, small = per_row[:900].mean(), per_row[900:].mean()
+    assert abs(big / small - 1) < 0.15, (big, small)
+
+
+def test_row_group_budget_gives_way_to_the_sample_size():
+    """A budget too small to hold the sample twice over is raised; with no more row groups
+    than the (raised) budget, or budget 0, the sample is exactly the uniform one."""
+    sizes = [1000] * 100
+    uniform = choose_positions(100_000, 20_000, 1_000, seed=5)
+    for budget in (0, 10, 100, 1000):  # 10 row groups hold 10,000 rows < 2 x 21,000: raised to 42 -> 100
+        got = choose_positions(100_000, 20_000, 1_000, seed=5, row_group_rows=sizes, max_row_groups=budget)
+        same = np.array_equal(got[0], uniform[0]) and np.array_equal(got[1], uniform[1])
+        assert same == (budget in (0, 100, 1000)), budget
+    train, queries = choose_positions(100_000, 2_000, 100, seed=5, row_group_rows=sizes, max_row_groups=10)
+    starts = np.arange(0, 100_001, 1000)
+    assert len(np.unique(np.searchsorted(starts, np.concatenate([train, queries]), side="right"))) <= 10
