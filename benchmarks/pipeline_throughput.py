@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--codec", default="PQ48")
     ap.add_argument("--metric", default="cosine")
     ap.add_argument("--num-train", type=int, default=50_000)
+    ap.add_argument("--num-queries", type=int, default=1000, help="held-out queries (the exact top-k costs 2 x dim flops per query and row)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu (CompressOptions.device)")
     ap.add_argument("--shard-rows", type=int, default=500_000)
     ap.add_argument("--no-eval-rerank", action="store_true", help="skip the re-ranked recall in evaluate")
@@ -74,7 +75,7 @@ def main() -> None:
     scans = sorted(scan(files, "embedding") for _ in range(args.scans))
     scan_s = scans[len(scans) // 2]  # the median: one scan of a few hundred MiB is noisy here
 
-    opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=1000,
+    opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=args.num_queries,
                            device=args.device, shard_rows=args.shard_rows, eval_rerank=not args.no_eval_rerank,
                            **({} if args.sample_row_groups is None else {"sample_row_groups": args.sample_row_groups}))
     with RayExecutor() as ex:
