@@ -110,10 +110,17 @@ def pair_distances(xq: np.ndarray, x: np.ndarray, metric: str) -> np.ndarray:
     return -(xq * x).sum(axis=1).astype(np.float32)
 
 
-def candidate_distances(xq: np.ndarray, x: np.ndarray, I: np.ndarray, metric: str) -> np.ndarray:
-    """Exact distances of each query to its candidates I (rows of x, -1 = none -> inf)."""
-    safe = np.where(I >= 0, I, 0)
+def candidate_distances(xq: np.ndarray, x: np.ndarray, I: np.ndarray, metric: str, *,
+                        block_pairs: int = 1 << 15) -> np.ndarray:
+    """Exact distances of each query to its candidates I (rows of x, -1 = none -> inf),
+    gathering at most `block_pairs` candidate rows at a time."""
     nq, c = I.shape
-    E = pair_distances(np.repeat(xq, c, axis=0), x[safe.ravel()], metric).reshape(nq, c)
-    return np.where(I >= 0, E, np.inf).astype(np.float32)
+    E = np.full((nq, c), np.inf, np.float32)
+    step = max(1, block_pairs // max(c, 1))
+    for s in range(0, nq, step):
+        Ib = I[s:s + step]
+        safe = np.where(Ib >= 0, Ib, 0)
+        Eb = pair_distances(np.repeat(xq[s:s + step], c, axis=0), x[safe.ravel()], metric).reshape(Ib.shape)
+        E[s:s + step] = np.where(Ib >= 0, Eb, np.inf)
+    return E
 

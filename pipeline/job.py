@@ -436,6 +436,10 @@ class Encoded:
     seconds: float = 0.0
     #: which processes read the shards and which devices computed them (`device_report`)
     devices: dict | None = None
+    #: the held-out queries' top-k over the codes found in the encode pass (ids), and their
+    #: candidates' exact distances (None without re-ranking); None when not searched in the pass
+    search_ids_uri: str | None = None
+    search_exact_uri: str | None = None
 
 
 def device_report(results: list, actors: list[dict] | None = None, startup_seconds: float | None = None) -> dict:
@@ -471,7 +475,8 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     diff = planned.diff
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
                     batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
-                    rerank_codec=trained.rerank_codec, device=opts.encode_device)
+                    rerank_codec=trained.rerank_codec, device=opts.encode_device,
+                    eval_search=diff is None, eval_rerank=opts.eval_rerank)  # kept rows are not re-encoded
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     pool = None
@@ -504,6 +509,14 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
                                          "queries": xq, "query_positions": qpos}):
             truth.add(D, I)
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth.I)
+    search_ids_uri = search_exact_uri = None
+    if job.eval_search and all(r.search_I is not None for r in results):  # (checkpoints of older runs lack it)
+        found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
+        for r in results:
+            found.add(r.search_D, r.search_I, r.search_E)
+        search_ids_uri = save_array(ctx.run_file("search_ids.npy"), found.I)
+        if opts.eval_rerank:
+            search_exact_uri = save_array(ctx.run_file("search_exact.npy"), found.E)
     fragments = (diff.kept_fragments if diff else []) + [
         f for r in sorted(results, key=lambda r: r.shard_index) for f in r.fragments]
     num_rows = sum(r.num_rows for r in results)
@@ -511,7 +524,7 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows,
              len(fragments) - (len(diff.kept_fragments) if diff else 0), len(diff.kept_fragments) if diff else 0,
              seconds, num_rows / max(seconds, 1e-9))
-    return Encoded(fragments, plan.num_rows, gt_uri, seconds, devices)
+    return Encoded(fragments, plan.num_rows, gt_uri, seconds, devices, search_ids_uri, search_exact_uri)
 
 
 # ---- commit ---------------------------------------------------------------------------------
@@ -552,6 +565,8 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             "queries_uri": relative_to_out(ctx, sampled.queries_uri),
             "query_positions_uri": relative_to_out(ctx, sampled.query_positions_uri),
             "ground_truth_uri": relative_to_out(ctx, encoded.ground_truth_uri),
+            **{name: relative_to_out(ctx, uri) for name, uri in (("search_ids_uri", encoded.search_ids_uri),
+                                                                  ("search_exact_uri", encoded.search_exact_uri)) if uri},
         },
         "code_bytes": trained.codec.code_size,
         "rerank_bytes": None if trained.rerank_codec is None else trained.rerank_codec.code_size,
@@ -609,10 +624,15 @@ def recall_table(truth: np.ndarray, I: np.ndarray, num_rows: int, E: np.ndarray 
 
 
 def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None,
-                     rerank: bool = True) -> dict:
-    """Recall of ADC search over the version's stored codes against the exact neighbours
-    recorded for its held-out queries (and after exact re-ranking of r x k candidates), and the
-    codec's relative reconstruction error."""
+                     rerank: bool = True, recompute: bool = False) -> dict:
+    """Recall of search over the version's codes against the exact neighbours recorded for its
+    held-out queries (and after exact re-ranking of r x k candidates), and the codec's relative
+    reconstruction error.
+
+    A full run searches the queries over the codes in its encode pass, while it holds them
+    (EncodeJob.eval_search), and records the results in the manifest: those are used unless
+    `recompute`, or a different k, asks for a search over the stored codes (one read of every
+    fragment's codes, and of the re-rank candidates' source rows)."""
     ds = require_dataset(out, table, version)
     manifest = version_manifest(ds)
     base = storage.normalize(out)
@@ -622,26 +642,41 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     qpos = load_array(storage.join(base, sample["query_positions_uri"]))
     truth = load_array(storage.join(base, sample["ground_truth_uri"]))
     k = min(k or truth.shape[1], truth.shape[1])
+    codec = load_codec(codec_ref)
+    xp = prepare_vectors(xq, codec.metric)
+    warm = manifest_codec(out, manifest.get("rerank_codec"))
+    in_pass = sample.get("search_ids_uri")
+    if in_pass and not recompute and k == truth.shape[1] and (sample.get("search_exact_uri") or not rerank):
+        I = load_array(storage.join(base, in_pass))
+        E = load_array(storage.join(base, sample["search_exact_uri"])) if rerank else None
+        return evaluation(truth, I, E, num_rows=ds.count_rows(), rerank_from=rerank and ("column" if warm else "source"),
+                          codec=codec, xq=xq, searched="encode pass")
     job = CodeSearch(table_uri=table_uri(out, table), version=version, codec=codec_ref, k=k)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     found = TopK(len(qpos), k, exclude=qpos)
     for D, I in executor.map(search_fragment, items, desc="evaluate",
                              shared={"job": job, "queries": xq, "query_positions": qpos}):
         found.add(D, I)
-    codec = load_codec(codec_ref)
-    xp = prepare_vectors(xq, codec.metric)
     E, rerank_from = None, None
     if rerank:
-        warm = manifest_codec(out, manifest.get("rerank_codec"))
         if warm is not None:
             E, rerank_from = column_distances(ds, warm, xp, found.I, codec.metric), "column"
         else:
             plan = SourcePlan.from_dict(json.loads(storage.read_bytes(storage.join(base, manifest["source"]["plan_uri"]))))
             E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
+    return evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
+                      searched="stored codes")
+
+
+def evaluation(truth: np.ndarray, I: np.ndarray, E: np.ndarray | None, *, num_rows: int, rerank_from: str | None,
+               codec, xq: np.ndarray, searched: str) -> dict:
+    """The evaluation record of a version: recall (and re-ranked recall) of the search results I
+    against the exact neighbours, and the codec's relative error on the held-out queries."""
     return {
-        "num_queries": int(len(qpos)), "k": int(k), "exclude_self": True,
-        **recall_table(truth, found.I, ds.count_rows(), E), "rerank_from": rerank_from,
-        "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
+        "num_queries": int(len(I)), "k": int(I.shape[1]), "exclude_self": True,
+        **recall_table(truth, I, num_rows, E), "rerank_from": rerank_from or None,
+        "searched": searched,
+        "relative_error": relative_error(prepare_vectors(xq, codec.metric), codec.decode(codec.encode(xq))),
     }
 
 

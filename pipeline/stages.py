@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from kernels._faiss import num_gpus
 from kernels.gpu_encode import gpu_count
-from kernels.knn import TopK, exact_knn, prepare_vectors
+from kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
 from pipeline import storage
 from pipeline.codec_store import CodecRef, load_codec
 from pipeline.errors import SourceError
@@ -64,6 +64,12 @@ class EncodeJob:
     eval_k: int = 100
     #: optional warm column codec (written as RERANK_COLUMN)
     rerank_codec: CodecRef | None = None
+    #: also search the held-out queries over each batch's codes (the evaluation's top-k over
+    #: the codes, as `search_codes` finds it) and, with `eval_rerank`, keep the candidates'
+    #: exact distances (from the source rows in hand, or the warm column): evaluate then needs
+    #: no second read of the codes or of the source
+    eval_search: bool = False
+    eval_rerank: bool = True
     #: folder for per-shard results; a shard with a result there is not encoded again, so a
     #: retried encode stage only redoes unfinished shards (None = no checkpoints)
     checkpoint_uri: str | None = None
@@ -132,6 +138,11 @@ class ShardResult:
     #: this shard's exact top-k for the held-out queries (global positions), or None
     knn_D: np.ndarray | None = None
     knn_I: np.ndarray | None = None
+    #: with EncodeJob.eval_search: the shard's top-k over the codes (distance, global position,
+    #: exact distance or None without re-ranking), or None
+    search_D: np.ndarray | None = None
+    search_I: np.ndarray | None = None
+    search_E: np.ndarray | None = None
     #: which process read the shard, and where its codes and neighbours were computed
     reader: dict | None = None
     compute: dict | None = None
@@ -140,18 +151,20 @@ class ShardResult:
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
-        arrays = {} if self.knn_D is None else {"knn_D": self.knn_D, "knn_I": self.knn_I}
+        arrays = {name: a for name in self.ARRAYS if (a := getattr(self, name)) is not None}
         meta = json.dumps({"shard_index": self.shard_index, "fragments": self.fragments,
                            "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
                            "compute": self.compute, "compute_seconds": self.compute_seconds})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return buf.getvalue()
 
+    ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
+
     @classmethod
     def from_bytes(cls, data: bytes) -> "ShardResult":
         z = np.load(io.BytesIO(data), allow_pickle=False)
         meta = json.loads(z["meta"].tobytes())
-        return cls(**meta, knn_D=z["knn_D"] if "knn_D" in z else None, knn_I=z["knn_I"] if "knn_I" in z else None)
+        return cls(**meta, **{name: z[name] if name in z else None for name in cls.ARRAYS})
 
 
 def codes_array(codes: np.ndarray, *, binary: bool = False) -> pa.Array:
@@ -198,6 +211,10 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     compute = job.remote.for_shard(shard.index) if job.remote is not None else \
         ShardCompute(job, queries if with_knn else None, device=job.device)
     topk = TopK(queries.shape[0], job.eval_k, exclude=query_positions) if with_knn else None
+    search = None
+    if with_knn and job.eval_search:
+        search = TopK(queries.shape[0], job.eval_k, exclude=query_positions, with_extra=job.eval_rerank)
+        xq = prepare_vectors(queries, codec.metric)
     read_cols = [cols.vector, cols.id, *cols.keep]
     num_rows = 0
     compute_seconds = 0.0
@@ -222,9 +239,17 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
             t0 = time.perf_counter()
             codes, warm_codes, D, I = compute(x)
             compute_seconds += time.perf_counter() - t0
+            position = shard.row_offset + (first_row - shard.file_row_start)
             if topk is not None:
-                position = shard.row_offset + (first_row - shard.file_row_start)
                 topk.add(D, np.where(I >= 0, I + position, -1))
+            if search is not None:
+                Ds, Is = codec.search_codes(queries, codes, min(job.eval_k + 1, len(codes)))  # +1: own row
+                E = None
+                if job.eval_rerank:  # exact distances of the candidates only, as evaluate would read them
+                    rows = np.unique(Is[Is >= 0])
+                    base = warm.decode(warm_codes[rows]) if warm else prepare_vectors(x[rows], codec.metric)
+                    E = candidate_distances(xq, base, np.where(Is >= 0, np.searchsorted(rows, Is), -1), codec.metric)
+                search.add(Ds, np.where(Is >= 0, Is + position, -1), E)
             num_rows += batch.num_rows
             warm_cols = [codes_array(warm_codes)] if warm else []
             yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_cols, *batch.columns[2:]],
@@ -247,6 +272,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     result = ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
                          seconds=time.perf_counter() - start,
                          knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I,
+                         search_D=None if search is None else search.D, search_I=None if search is None else search.I,
+                         search_E=None if search is None else search.E,
                          reader=where_am_i(), compute=compute.info, compute_seconds=compute_seconds)
     if checkpoint:  # written only after the fragments are durable
         storage.write_bytes(checkpoint, result.to_bytes())

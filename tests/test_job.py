@@ -14,7 +14,7 @@ import pyarrow as pa
 import pytest
 
 from kernels.synthetic import ClusteredEmbeddings
-from pipeline.job import CompressOptions, load_array, run_compress
+from pipeline.job import CompressOptions, evaluate_version, load_array, run_compress
 from pipeline.report import inspect_table
 from pipeline.search import search
 from pipeline.source import SourceSpec
@@ -226,6 +226,21 @@ def test_warm_rerank_column(corpus, tmp_path, ray_executor):
     warm = search(out, "corpus", xq, 10, rerank=10).column("id").to_numpy().reshape(20, 10)
     source = search(out, "corpus", xq, 10, rerank=10, rerank_from="source").column("id").to_numpy().reshape(20, 10)
     assert recall(truth, source, 10) > 0.9 and recall(truth, warm, 10) > 0.9
+    assert_same_evaluation(ev, evaluate_version(out, "corpus", result.version, ray_executor, recompute=True))
+
+
+def assert_same_evaluation(in_pass: dict, stored: dict) -> None:
+    """The evaluation found in the encode pass equals a search over the committed codes (ties
+    between equal distances in different shards aside)."""
+    assert in_pass["searched"] == "encode pass" and stored["searched"] == "stored codes"
+    assert in_pass["rerank_from"] == stored["rerank_from"] and in_pass["num_queries"] == stored["num_queries"]
+    assert in_pass["relative_error"] == pytest.approx(stored["relative_error"])
+    for key in ("recall_at_1", "recall_at_10", "recall_at_100"):
+        assert in_pass[key] == pytest.approx(stored[key], abs=0.005), key
+    assert in_pass["rerank"].keys() == stored["rerank"].keys()
+    for r, row in stored["rerank"].items():
+        for key, value in row.items():
+            assert in_pass["rerank"][r][key] == pytest.approx(value, abs=0.005), (r, key)
 
 
 def test_eval_rerank_from_source_matches_search(compressed):
@@ -234,6 +249,21 @@ def test_eval_rerank_from_source_matches_search(compressed):
     assert ev["rerank_from"] == "source"
     r = [ev["rerank"][f]["recall_at_10"] for f in ("1", "2", "4", "10")]
     assert r == sorted(r) and r[0] == pytest.approx(ev["recall_at_10"]) and r[-1] > 0.9
+
+
+def test_evaluation_in_the_encode_pass_equals_search_over_stored_codes(compressed, ray_executor):
+    """A full run searches the held-out queries over the codes while it encodes them, with the
+    candidates' exact distances from the source rows in hand; evaluate then reads nothing."""
+    out, _, result = compressed
+    sample = result.manifest["sample"]
+    assert sample["search_ids_uri"].endswith("search_ids.npy") and sample["search_exact_uri"]
+    assert_same_evaluation(result.eval, evaluate_version(str(out), "corpus", result.version, ray_executor,
+                                                         recompute=True))
+    plain = evaluate_version(str(out), "corpus", result.version, ray_executor, rerank=False)
+    assert plain["searched"] == "encode pass" and "rerank" not in plain and plain["rerank_from"] is None
+    assert plain["recall_at_10"] == result.eval["recall_at_10"]
+    # another k than the recorded one searches the stored codes
+    assert evaluate_version(str(out), "corpus", result.version, ray_executor, k=10)["searched"] == "stored codes"
 
 
 def test_sample_reads_only_its_row_group_budget(tmp_path, ray_executor, compressed):
