@@ -29,9 +29,9 @@ case "$phase" in
     work=${WORK:-/tmp/vecpress-e2e}
     args="--rows ${ROWS:-1000000} --dim 768 --files 16 --codec PQ96 --metric l2 --shard-rows 65536 --workdir $work"
     $py benchmarks/pipeline_throughput.py $args --device auto --results "$results/pipeline_throughput_gpu.json" \
-      2>&1 | tee "$results/pipeline_throughput_gpu.log" | tail -16
+      2>&1 | tee "$results/pipeline_throughput_gpu.log" | tail -18
     $py benchmarks/pipeline_throughput.py $args --device cpu --results "$results/pipeline_throughput_cpu.json" \
-      2>&1 | tee "$results/pipeline_throughput_cpu.log" | tail -16
+      2>&1 | tee "$results/pipeline_throughput_cpu.log" | tail -18
     ;;
   scaling)
     $py benchmarks/scaling.py --rows 480000 --dim 384 --files 16 --shard-rows 16384 --device cpu \
