@@ -22,9 +22,11 @@ from kernels.knn import TopK, exact_knn, prepare_vectors
 from kernels.metrics import knn_recall, relative_error
 from pipeline import storage
 from pipeline.errors import VecpressError
-from pipeline.lance_io import open_dataset, table_uri, version_manifest
+from pipeline.lance_io import open_dataset, open_lance, table_uri, version_manifest
 from pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
-from pipeline.stages import Columns
+from pipeline.codec_store import CodecRef, load_codec
+from pipeline.schema import CODE_COLUMN, RERANK_COLUMN
+from pipeline.stages import Columns, codes_as_numpy, search_batch
 
 log = logging.getLogger("vecpress")
 
@@ -50,6 +52,8 @@ class SourceDiff:
     new_shards: list[Shard]
     rows_removed: int
     reasons: list[str] = field(default_factory=list)
+    #: ids (in the previous version) of the fragments each kept shard owns, parallel to kept_shards
+    kept_fragment_ids: list[list[int]] = field(default_factory=list)
 
     @property
     def no_change(self) -> bool:
@@ -104,7 +108,7 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
     unchanged = sorted(u for u in set(new) & set(old) if new[u] == old[u])
     # each shard of the layout owns the next fragments, by row count
     frags = ds.get_fragments()
-    kept_shards, kept_fragments, rows_removed, fi = [], [], 0, 0
+    kept_shards, kept_fragments, kept_ids, rows_removed, fi = [], [], [], 0, 0
     for shard in prev.shards:
         owned, rows = [], 0
         while rows < shard.num_rows:
@@ -118,11 +122,12 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         if shard.file_uri in unchanged:
             kept_shards.append(shard)
             kept_fragments.extend(f.metadata.to_json() for f in owned)
+            kept_ids.append([f.fragment_id for f in owned])
         else:
             rows_removed += shard.num_rows
     changed = set(added) | set(rewritten)
     return SourceDiff(ds.version, manifest, added, removed, rewritten, unchanged, kept_shards, kept_fragments,
-                      [s for s in plan.shards if s.file_uri in changed], rows_removed)
+                      [s for s in plan.shards if s.file_uri in changed], rows_removed, kept_fragment_ids=kept_ids)
 
 
 def layout_after(plan: SourcePlan, diff: SourceDiff) -> SourcePlan:
@@ -136,18 +141,61 @@ def layout_after(plan: SourcePlan, diff: SourceDiff) -> SourcePlan:
 
 # ---- exact neighbours of rows that are not re-encoded ---------------------------------------
 
-def knn_shard(shard: Shard, *, columns: Columns, metric: str, k: int, queries: np.ndarray,
-              query_positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A shard's exact top-k for the queries (global positions), reading only its vectors."""
+@dataclass(frozen=True)
+class KeptSearch:
+    """The evaluation's search over kept rows: their stored codes are in the fragments of the
+    previous version that each kept shard owns."""
+
+    table_uri: str
+    version: int
+    codec: CodecRef
+    rerank_codec: CodecRef | None = None
+    rerank: bool = True
+
+
+def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k: int, queries: np.ndarray,
+              query_positions: np.ndarray, search: KeptSearch | None = None):
+    """A kept shard's exact top-k for the queries (global positions), reading only its vectors.
+
+    With `search`, the same read also searches the queries over the shard's stored codes (read
+    from the fragments it owns, `item[1]`) and keeps the candidates' exact distances, as the
+    encode pass does for new shards. Returns (D, I, (search D, I, E) or None)."""
+    shard, fragment_ids = item
     xq = prepare_vectors(queries, metric)
     top = TopK(len(xq), k, exclude=query_positions)
+    found = codes = warm_codes = None
+    if search is not None:
+        codec = load_codec(search.codec)
+        warm = load_codec(search.rerank_codec) if search.rerank_codec else None
+        codes, warm_codes = _stored_codes(search, shard, fragment_ids, with_warm=warm is not None and search.rerank)
+        found = TopK(len(xq), k, exclude=query_positions, with_extra=search.rerank)
     for first_row, batch in iter_shard_batches(shard, [columns.vector], 65_536):
-        x = prepare_vectors(vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri,
-                                             column=columns.vector, first_row=first_row), metric)
-        D, I = exact_knn(xq, x, k + 1, metric, ngpu=-1)  # faiss's GPU brute force when it sees a GPU
+        x = vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
+                             first_row=first_row)
+        xp = prepare_vectors(x, metric)
+        D, I = exact_knn(xq, xp, k + 1, metric, ngpu=-1)  # faiss's GPU brute force when it sees a GPU
         position = shard.row_offset + (first_row - shard.file_row_start)
         top.add(D, np.where(I >= 0, I + position, -1))
-    return top.D, top.I
+        if found is not None:
+            rows = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
+            Ds, Is, E = search_batch(codec, queries, xq, codes[rows], x, k, warm=warm,
+                                     warm_codes=None if warm_codes is None else warm_codes[rows], rerank=search.rerank)
+            found.add(Ds, np.where(Is >= 0, Is + position, -1), E)
+    return top.D, top.I, None if found is None else (found.D, found.I, found.E)
+
+
+def _stored_codes(search: KeptSearch, shard: Shard, fragment_ids: list[int], *, with_warm: bool):
+    """The codes (and warm codes) a kept shard's rows were stored with, in row order."""
+    ds = open_lance(search.table_uri, search.version)
+    columns = [CODE_COLUMN, RERANK_COLUMN] if with_warm else [CODE_COLUMN]
+    tables = [ds.get_fragment(fid).to_table(columns=columns) for fid in fragment_ids]
+    codes = np.concatenate([codes_as_numpy(t.column(0)) for t in tables])
+    if len(codes) != shard.num_rows:
+        raise VecpressError(f"{search.table_uri} version {search.version}: fragments {fragment_ids} hold {len(codes)} "
+                            f"codes for the {shard.num_rows} rows of {shard.file_uri} (row groups "
+                            f"{shard.row_group_start}..{shard.row_group_stop - 1})")
+    warm = np.concatenate([codes_as_numpy(t.column(1)) for t in tables]) if with_warm else None
+    return codes, warm
 
 
 # ---- drift ------------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ from pipeline.lance_io import (
     check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri, version_manifest,
 )
 from pipeline.incremental import (
-    QualityGateError, SourceDiff, apply_retention, diff_sources, drift_decision, gate_version, knn_shard, layout_after,
-    probe_quality,
+    KeptSearch, QualityGateError, SourceDiff, apply_retention, diff_sources, drift_decision, gate_version, knn_shard,
+    layout_after, probe_quality,
 )
 from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
@@ -469,14 +469,15 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     """Encode the shards into uncommitted Lance fragments; exact neighbours of the held-out
     queries come from the same pass over the source. An incremental run encodes only its new
     shards, keeps the other fragments as they are, and reads the kept shards' vectors once for
-    the exact neighbours."""
+    the exact neighbours. Every shard's pass also searches the queries over its codes (new, or
+    stored for kept shards) for the evaluation (EncodeJob.eval_search)."""
     start = time.perf_counter()
     plan = planned.plan
     diff = planned.diff
     job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
                     batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
                     rerank_codec=trained.rerank_codec, device=opts.encode_device,
-                    eval_search=diff is None, eval_rerank=opts.eval_rerank)  # kept rows are not re-encoded
+                    eval_search=True, eval_rerank=opts.eval_rerank)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     pool = None
@@ -503,17 +504,21 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
     truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
     for r in results:
         truth.add(r.knn_D, r.knn_I)
-    if num_kept:
-        for D, I in executor.map(knn_shard, plan.shards[:num_kept], desc="exact neighbours (kept rows)",
-                                 shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k,
-                                         "queries": xq, "query_positions": qpos}):
+    searched = [(r.search_D, r.search_I, r.search_E) for r in results]
+    if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
+        kept = KeptSearch(ctx.table_uri, diff.previous_version, trained.codec, trained.rerank_codec, opts.eval_rerank)
+        for D, I, found in executor.map(knn_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
+                                        desc="exact neighbours and search (kept rows)",
+                                        shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k,
+                                                "queries": xq, "query_positions": qpos, "search": kept}):
             truth.add(D, I)
+            searched.append(found)
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth.I)
     search_ids_uri = search_exact_uri = None
-    if job.eval_search and all(r.search_I is not None for r in results):  # (checkpoints of older runs lack it)
+    if all(s is not None and s[1] is not None for s in searched):  # (checkpoints of older runs lack it)
         found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
-        for r in results:
-            found.add(r.search_D, r.search_I, r.search_E)
+        for D, I, E in searched:
+            found.add(D, I, E)
         search_ids_uri = save_array(ctx.run_file("search_ids.npy"), found.I)
         if opts.eval_rerank:
             search_exact_uri = save_array(ctx.run_file("search_exact.npy"), found.E)

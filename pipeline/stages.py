@@ -167,6 +167,21 @@ class ShardResult:
         return cls(**meta, **{name: z[name] if name in z else None for name in cls.ARRAYS})
 
 
+def search_batch(codec, queries: np.ndarray, xq: np.ndarray, codes: np.ndarray, x: np.ndarray, k: int, *,
+                 warm=None, warm_codes: np.ndarray | None = None, rerank: bool = True):
+    """The evaluation's search within one batch: top-(k + 1) of the raw `queries` over the
+    batch's codes (the +1 leaves k once a query's own row is excluded), batch-local ids, and
+    with `rerank` the candidates' exact distances to the prepared queries `xq`: from the warm
+    codes when the output has a warm column (as evaluate re-ranks then), else from the batch's
+    source rows `x`. Returns (D, I, E or None)."""
+    D, I = codec.search_codes(queries, codes, min(k + 1, len(codes)))
+    if not rerank:
+        return D, I, None
+    rows = np.unique(I[I >= 0])  # only the candidates' rows are prepared or decoded
+    base = warm.decode(warm_codes[rows]) if warm is not None else prepare_vectors(x[rows], codec.metric)
+    return D, I, candidate_distances(xq, base, np.where(I >= 0, np.searchsorted(rows, I), -1), codec.metric)
+
+
 def codes_array(codes: np.ndarray, *, binary: bool = False) -> pa.Array:
     """(n, code_size) uint8 -> the output's code column type (see schema.code_type)."""
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
@@ -243,12 +258,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
             if topk is not None:
                 topk.add(D, np.where(I >= 0, I + position, -1))
             if search is not None:
-                Ds, Is = codec.search_codes(queries, codes, min(job.eval_k + 1, len(codes)))  # +1: own row
-                E = None
-                if job.eval_rerank:  # exact distances of the candidates only, as evaluate would read them
-                    rows = np.unique(Is[Is >= 0])
-                    base = warm.decode(warm_codes[rows]) if warm else prepare_vectors(x[rows], codec.metric)
-                    E = candidate_distances(xq, base, np.where(Is >= 0, np.searchsorted(rows, Is), -1), codec.metric)
+                Ds, Is, E = search_batch(codec, queries, xq, codes, x, job.eval_k, warm=warm, warm_codes=warm_codes,
+                                         rerank=job.eval_rerank)
                 search.add(Ds, np.where(Is >= 0, Is + position, -1), E)
             num_rows += batch.num_rows
             warm_cols = [codes_array(warm_codes)] if warm else []

@@ -102,3 +102,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def assert_same_evaluation(in_pass: dict, stored: dict) -> None:
+    """The evaluation found in the encode pass equals a search over the committed codes (ties
+    between equal distances in different shards aside)."""
+    assert in_pass["searched"] == "encode pass" and stored["searched"] == "stored codes"
+    assert in_pass["rerank_from"] == stored["rerank_from"] and in_pass["num_queries"] == stored["num_queries"]
+    assert in_pass["relative_error"] == pytest.approx(stored["relative_error"])
+    for key in ("recall_at_1", "recall_at_10", "recall_at_100"):
+        assert in_pass[key] == pytest.approx(stored[key], abs=0.005), key
+    assert in_pass["rerank"].keys() == stored["rerank"].keys()
+    for r, row in stored["rerank"].items():
+        for key, value in row.items():
+            assert in_pass["rerank"][r][key] == pytest.approx(value, abs=0.005), (r, key)

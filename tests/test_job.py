@@ -18,7 +18,7 @@ from pipeline.job import CompressOptions, evaluate_version, load_array, run_comp
 from pipeline.report import inspect_table
 from pipeline.search import search
 from pipeline.source import SourceSpec
-from tests.conftest import write_split, write_vectors
+from tests.conftest import assert_same_evaluation, write_split, write_vectors
 
 N, DIM = 8000, 32
 OPTS = CompressOptions(codec="PQ8", metric="l2", num_train=4000, num_queries=200, eval_k=100, seed=7)
@@ -227,20 +227,6 @@ def test_warm_rerank_column(corpus, tmp_path, ray_executor):
     source = search(out, "corpus", xq, 10, rerank=10, rerank_from="source").column("id").to_numpy().reshape(20, 10)
     assert recall(truth, source, 10) > 0.9 and recall(truth, warm, 10) > 0.9
     assert_same_evaluation(ev, evaluate_version(out, "corpus", result.version, ray_executor, recompute=True))
-
-
-def assert_same_evaluation(in_pass: dict, stored: dict) -> None:
-    """The evaluation found in the encode pass equals a search over the committed codes (ties
-    between equal distances in different shards aside)."""
-    assert in_pass["searched"] == "encode pass" and stored["searched"] == "stored codes"
-    assert in_pass["rerank_from"] == stored["rerank_from"] and in_pass["num_queries"] == stored["num_queries"]
-    assert in_pass["relative_error"] == pytest.approx(stored["relative_error"])
-    for key in ("recall_at_1", "recall_at_10", "recall_at_100"):
-        assert in_pass[key] == pytest.approx(stored[key], abs=0.005), key
-    assert in_pass["rerank"].keys() == stored["rerank"].keys()
-    for r, row in stored["rerank"].items():
-        for key, value in row.items():
-            assert in_pass["rerank"][r][key] == pytest.approx(value, abs=0.005), (r, key)
 
 
 def test_eval_rerank_from_source_matches_search(compressed):

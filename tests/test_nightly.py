@@ -9,10 +9,10 @@ import pytest
 
 from kernels.synthetic import ClusteredEmbeddings
 from pipeline.incremental import QualityGateError
-from pipeline.job import CompressOptions, run_compress
+from pipeline.job import CompressOptions, evaluate_version, run_compress
 from pipeline.report import inspect_table, load_eval
 from pipeline.source import SourceSpec
-from tests.conftest import write_vectors
+from tests.conftest import assert_same_evaluation, write_vectors
 
 DIM = 32
 OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=100, eval_k=20, seed=5)
@@ -28,9 +28,9 @@ def data_files(ds):
     return {f.path for frag in ds.get_fragments() for f in frag.metadata.files}
 
 
-def run(folder, out, **kw):
+def run(folder, out, executor=None, **kw):
     return run_compress(SourceSpec((str(folder),), keep=("text",)), str(out), "t",
-                        CompressOptions(**{**OPTS.__dict__, **kw}), executor=kw.pop("executor", None))
+                        CompressOptions(**{**OPTS.__dict__, **kw}), executor=executor)
 
 
 @pytest.fixture
@@ -71,6 +71,8 @@ def test_four_nights(src, tmp_path, ray_executor):
     assert not n2.drift["retrain"]
     assert n2.manifest["codec"]["sha256"] == n1.manifest["codec"]["sha256"]  # codec reused
     assert n2.eval["recall_at_10"] > 0.2 and n2.gate["passed"]
+    # the kept rows' one read also searched their stored codes: evaluate read nothing again
+    assert_same_evaluation(n2.eval, evaluate_version(str(out), "t", 2, ray_executor, recompute=True))
     # search over the new layout re-ranks against the right source rows
     info = inspect_table(str(out), "t")
     assert info["mode"] == "incremental" and info["tags"] == ["production"]
@@ -152,3 +154,14 @@ def test_bad_new_file_in_an_incremental_run_commits_nothing(src, tmp_path, ray_e
         run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
     ds = lance.dataset(uri)
     assert ds.version == 1 and ds.count_rows() == 3000 and lance.dataset(uri, version="production").version == 1
+
+
+def test_incremental_evaluation_reranks_kept_rows_from_their_warm_codes(src, tmp_path, ray_executor):
+    """With a warm column, the kept rows' candidates are re-ranked from their stored warm codes,
+    as a search over the stored version would."""
+    out = tmp_path / "out"
+    run(src, out, rerank_codec="SQ8", executor=ray_executor)
+    part(src, "d.parquet", 3000, 3500)
+    night = run(src, out, rerank_codec="SQ8", gate_max_drop=1.0, executor=ray_executor)  # other queries each night
+    assert night.mode == "incremental" and night.eval["rerank_from"] == "column"
+    assert_same_evaluation(night.eval, evaluate_version(str(out), "t", night.version, ray_executor, recompute=True))
