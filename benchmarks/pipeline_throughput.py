@@ -6,8 +6,10 @@ Generates a clustered corpus (not timed), then times on the same files:
   scan       pyarrow read_table of the vector column, all threads (the I/O + decode floor)
   sample     the sample stage
   train      codec training
-  encode     the encode stage over local Ray (read + validate + encode + exact top-k + write)
-  evaluate   ADC search of the held-out queries over the committed codes
+  encode     the encode stage over local Ray (read + validate + encode + exact top-k + the
+             search of the held-out queries over the new codes + write)
+  evaluate   recall from the encode pass's results (a version from before that: a search of
+             the committed codes and re-rank reads)
 and prints a table plus ratios (encode rows/s / scan rows/s), writing JSON to --results.
 Machines here are noisy: compare ratios from one run, not absolute seconds across runs.
 """

@@ -634,10 +634,11 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     held-out queries (and after exact re-ranking of r x k candidates), and the codec's relative
     reconstruction error.
 
-    A full run searches the queries over the codes in its encode pass, while it holds them
-    (EncodeJob.eval_search), and records the results in the manifest: those are used unless
-    `recompute`, or a different k, asks for a search over the stored codes (one read of every
-    fragment's codes, and of the re-rank candidates' source rows)."""
+    A run searches the queries over the codes while it holds them: new shards in the encode
+    pass (EncodeJob.eval_search), kept shards of an incremental run in the read that finds
+    their exact neighbours (incremental.knn_shard). It records the results in the manifest.
+    Those are used unless `recompute`, or a different k, asks for a search over the stored
+    codes (one read of every fragment's codes, and of the re-rank candidates' source rows)."""
     ds = require_dataset(out, table, version)
     manifest = version_manifest(ds)
     base = storage.normalize(out)
