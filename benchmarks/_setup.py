@@ -26,5 +26,5 @@ def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, sha
     xt = sample_rows((shard, np.arange(min(num_train, shard.num_rows))), columns=columns)
     ref = save_codec(Codec.train(xt, codec, metric), str(work / "sidecar"))
     job = EncodeJob(table_uri=str(work / "out" / "bench.lance"), codec=ref, columns=columns,
-                    batch_size=batch_size, eval_k=100)
+                    batch_size=batch_size, eval_k=100, eval_search=True)  # as encode_run sets it
     return plan, job
