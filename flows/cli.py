@@ -102,7 +102,8 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
 def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
     return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
                 num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
-                sample_row_groups=args.sample_row_groups, batch_size=args.batch_size, shard_rows=args.shard_rows, ngpu=args.ngpu, device=args.device,
+                sample_row_groups=args.sample_row_groups, batch_size=args.batch_size, shard_rows=args.shard_rows,
+                ngpu=args.ngpu, device=args.device,
                 rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, max_bytes=args.max_bytes,
                 min_recall=args.min_recall, advise_rerank=args.advise_rerank,
                 advise_codecs=_specs(args.advise_codecs), mode=args.mode, drift_threshold=args.drift_threshold,
