@@ -192,6 +192,27 @@ def cmd_inspect(args) -> None:
     _print_result(inspect_table(args.out, args.table, args.version), args.json)
 
 
+def cmd_evaluate(args) -> None:
+    from pipeline.distributed import RayExecutor
+    from pipeline.job import evaluate_version
+    from pipeline.lance_io import require_dataset
+
+    version = require_dataset(args.out, args.table, args.version).version
+    with RayExecutor(args.ray_address) as ex:
+        ev = evaluate_version(args.out, args.table, version, ex, k=args.k, rerank=args.rerank, recompute=True)
+    if args.json:
+        print(json.dumps({"table": args.table, "version": version, **ev}, indent=1))
+        return
+    r = {k: ev.get(f"recall_at_{k}") for k in (1, 10, 100)}
+    print(f"{args.table} version {version}: search over the stored codes, {ev['num_queries']} held-out queries, "
+          f"k={ev['k']}")
+    print("recall@1/10/100 " + " / ".join("n/a" if v is None else f"{v:.3f}" for v in r.values()))
+    for factor, row in (ev.get("rerank") or {}).items():
+        if "recall_at_10" in row:
+            print(f"re-ranked @10 r={factor} {row['recall_at_10']:.3f}  (exact distances from the {ev['rerank_from']})")
+    print(f"relative error {ev['relative_error']:.4f}")
+
+
 def cmd_search(args) -> None:
     from pipeline.lance_io import require_dataset, version_manifest
     from pipeline.search import read_query_vectors, search
@@ -280,6 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: latest)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("evaluate", help="re-measure a version's recall by searching its stored codes (the "
+                                        "run measured it while encoding; this reads the codes and the source back)")
+    e.add_argument("out", help="output folder")
+    e.add_argument("--table", required=True)
+    e.add_argument("--version", type=_version, default=None, help="version number or tag (default: latest)")
+    e.add_argument("-k", type=int, default=None, help="results per query, at most the run's --eval-k (default: it)")
+    e.add_argument("--no-rerank", dest="rerank", action="store_false",
+                   help="skip the re-ranked recall (it reads the candidates' vectors back)")
+    e.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("search", help="top-k ids for query vectors, by asymmetric distance over the codes")
     s.add_argument("out", help="output folder")

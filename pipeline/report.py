@@ -111,7 +111,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "devices": m.get("devices"),
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
-            "rerank_from", "rerank")},
+            "rerank_from", "rerank", "searched")},
     }
 
 

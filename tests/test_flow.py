@@ -70,6 +70,14 @@ def test_cli_compress_inspect_search(corpus, tmp_path, capsys, ray_executor):
     for key in ("num_queries", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error"):
         assert key in info["eval"]
     assert info["eval"]["recall_at_100"] is None  # eval_k=20 cannot measure recall@100
+    assert info["eval"]["searched"] == "encode pass"
+    rc = main(["evaluate", str(out), "--table", "corpus", "--json"])
+    again = json.loads(capsys.readouterr().out)
+    assert rc == 0 and again["searched"] == "stored codes" and again["version"] == info["version"]
+    assert again["recall_at_10"] == pytest.approx(info["eval"]["recall_at_10"], abs=0.01)
+    rc = main(["evaluate", str(out), "--table", "corpus", "-k", "10", "--no-rerank"])
+    text = capsys.readouterr().out
+    assert rc == 0 and "search over the stored codes" in text and "k=10" in text and "re-ranked" not in text
 
     q = tmp_path / "q.parquet"
     import pyarrow.parquet as pq
@@ -92,5 +100,5 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
 
 def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
-    for cmd in ("demo", "compress", "inspect", "search", "generate"):
+    for cmd in ("demo", "compress", "inspect", "evaluate", "search", "generate"):
         assert cmd in out
