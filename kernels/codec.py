@@ -469,10 +469,10 @@ class Codec:
         For PQ, scalar and additive quantizers, ADC's distance is the exact distance from the
         (transformed) query to the code's reconstruction. Where it pays for this many
         queries (`_decoded_search_pays`: e.g. SQ from 32 queries, PQ from 256), the codes are
-        decoded block by block and searched by a brute-force BLAS GEMM, which computes the same distances 2-3x (PQ, SQ)
-        to 100x (RQ with L2) faster than faiss's per-pair search on the CPU (BENCHMARKS.md);
-        results equal ADC's up to float rounding among near-ties. Fewer queries, fast-scan PQ,
-        RaBitQ and few-table additive codes use faiss's own search.
+        decoded block by block and searched by a brute-force BLAS GEMM. It computes the same
+        distances 2-3x (PQ, SQ) to 100x (RQ with L2) faster than faiss's per-pair search on the
+        CPU (BENCHMARKS.md); results equal ADC's up to float rounding among near-ties. Fewer
+        queries, fast-scan PQ, RaBitQ and few-table additive codes use faiss's own search.
 
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kernels._faiss import faiss
-from kernels.pq_encode import encode_pq, pack_bits, pack_codes
+from kernels.pq_encode import encode_pq, optional_module, pack_bits, pack_codes
 
 #: bytes of float32 rows per block of the host pipeline: large enough that per-block Python and
 #: launch overheads stay small next to the copy (64 MiB: 43,690 rows at d = 384, 21,845 at 768)
@@ -98,12 +98,8 @@ _kernels: dict = {}
 
 def cupy_module():
     """CuPy, or ImportError saying how to get it (GPU machines only)."""
-    try:
-        import cupy
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the GPU encoder needs CuPy: install `vecpress[gpu]` (or cupy-cuda12x / "
-                          "cupy-cuda13x to match the machine's CUDA)") from exc
-    return cupy
+    return optional_module("cupy", "the GPU encoder needs CuPy: install `vecpress[gpu]` (or cupy-cuda12x / "
+                                   "cupy-cuda13x to match the machine's CUDA)")
 
 
 def gpu_count() -> int:

@@ -27,6 +27,7 @@ the torch path stays as the benchmarks' naive GPU baseline.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -174,13 +175,17 @@ def _encode_numpy(x: np.ndarray, centroids: np.ndarray, nbits: int, block_rows: 
 
 # ---- torch (CPU or CUDA) ----------------------------------------------------------------------
 
-def _torch():
+def optional_module(name: str, hint: str):
+    """An optional dependency, imported on first use, or ImportError saying `hint`."""
     try:
-        import torch
+        return importlib.import_module(name)
     except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise ImportError("the torch PQ encoder needs PyTorch: install it on GPU machines "
-                          "(it is not a vecpress dependency)") from exc
-    return torch
+        raise ImportError(hint) from exc
+
+
+def _torch():
+    return optional_module("torch", "the torch PQ encoder needs PyTorch: install it on GPU machines "
+                                    "(it is not a vecpress dependency)")
 
 
 def _tables(torch, centroids: np.ndarray, dev):

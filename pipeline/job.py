@@ -656,7 +656,7 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
         I = load_array(storage.join(base, in_pass))
         E = load_array(storage.join(base, sample["search_exact_uri"])) if rerank else None
         return evaluation(truth, I, E, num_rows=ds.count_rows(), rerank_from=rerank and ("column" if warm else "source"),
-                          codec=codec, xq=xq, searched="encode pass")
+                          codec=codec, xq=xq, xp=xp, searched="encode pass")
     job = CodeSearch(table_uri=table_uri(out, table), version=version, codec=codec_ref, k=k)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     found = TopK(len(qpos), k, exclude=qpos)
@@ -671,18 +671,19 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
             plan = SourcePlan.from_dict(json.loads(storage.read_bytes(storage.join(base, manifest["source"]["plan_uri"]))))
             E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
     return evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
-                      searched="stored codes")
+                      xp=xp, searched="stored codes")
 
 
 def evaluation(truth: np.ndarray, I: np.ndarray, E: np.ndarray | None, *, num_rows: int, rerank_from: str | None,
-               codec, xq: np.ndarray, searched: str) -> dict:
+               codec, xq: np.ndarray, xp: np.ndarray, searched: str) -> dict:
     """The evaluation record of a version: recall (and re-ranked recall) of the search results I
-    against the exact neighbours, and the codec's relative error on the held-out queries."""
+    against the exact neighbours, and the codec's relative error on the held-out queries (raw
+    `xq`, prepared for the metric `xp`)."""
     return {
         "num_queries": int(len(I)), "k": int(I.shape[1]), "exclude_self": True,
         **recall_table(truth, I, num_rows, E), "rerank_from": rerank_from or None,
         "searched": searched,
-        "relative_error": relative_error(prepare_vectors(xq, codec.metric), codec.decode(codec.encode(xq))),
+        "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
     }
 
 

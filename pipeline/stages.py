@@ -149,6 +149,9 @@ class ShardResult:
     #: seconds spent waiting for / in the compute (encode + exact neighbours)
     compute_seconds: float = 0.0
 
+    #: the array fields, stored beside the JSON fields in a checkpoint
+    ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
+
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         arrays = {name: a for name in self.ARRAYS if (a := getattr(self, name)) is not None}
@@ -157,8 +160,6 @@ class ShardResult:
                            "compute": self.compute, "compute_seconds": self.compute_seconds})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return buf.getvalue()
-
-    ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "ShardResult":

@@ -344,7 +344,8 @@ def write_reports(result: SweepResult, out: str, budgets: list[int] | None = Non
 def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | None = None,
                  budgets: list[int] | None = None, num_train: int = 100_000, num_queries: int = 1_000,
                  seed: int = 0, eval_k: int = 100, batch_size: int = 65_536, shard_rows: int = 500_000,
-                 ngpu: int = -1, sample_row_groups: int = SAMPLE_ROW_GROUPS, executor: Executor) -> tuple[SweepResult, dict[str, str]]:
+                 ngpu: int = -1, sample_row_groups: int = SAMPLE_ROW_GROUPS,
+                 executor: Executor) -> tuple[SweepResult, dict[str, str]]:
     """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),
     sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
     from kernels.knn import METRICS
