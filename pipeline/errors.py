@@ -22,3 +22,7 @@ class ConfigError(VecpressError):
 
 class SourceChangedError(VecpressError):
     """The source files differ from the ones a dataset was built from (re-rank needs them)."""
+
+
+class ClusterError(VecpressError):
+    """The Ray cluster cannot run the job as asked (e.g. GPU encoders that never got a GPU)."""

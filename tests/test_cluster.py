@@ -82,11 +82,12 @@ with RecordingExecutor(args["address"]) as ex:
     with open(os.path.join(marks, "nodes.json"), "w") as f:
         json.dump(roles, f)
     opts = CompressOptions(codec="PQ4", num_train=1000, num_queries=50, eval_k=10, shard_rows=500,
-                           batch_size=250)
+                           batch_size=250, ngpu=args.get("ngpu", -1))
     ctx = RunContext.new(args["out"], "t", args.get("run_id"))
     result = check_gate(run_stages(ctx, SourceSpec((args["src"],)), opts, ex))
 print("RESULT " + json.dumps({"run_id": ctx.run_id, "version": result.version,
-                               "committed": result.committed, "roles": roles}))
+                               "committed": result.committed, "roles": roles,
+                               "devices": (result.manifest or {}).get("devices")}))
 '''
 
 
@@ -196,12 +197,12 @@ def cluster():
 
 @pytest.fixture
 def start_worker(cluster):
-    """start_worker(name): a second Ray node joining the head, with 1 CPU and a `worker_node`
-    marker resource; stopped at the end of the test."""
+    """start_worker(name, cpus=1, gpus=0): another Ray node joining the head, with a
+    `worker_node` marker resource (GPUs declared, none real); stopped at the end of the test."""
     started = []
 
-    def start(name: str) -> Node:
-        node = new_worker(cluster, name)
+    def start(name: str, **resources) -> Node:
+        node = new_worker(cluster, name, **resources)
         started.append(node)
         return node
 
@@ -210,9 +211,9 @@ def start_worker(cluster):
         node.stop()
 
 
-def new_worker(cluster, name: str) -> Node:
-    node = Node([f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-                 '--resources={"worker_node": 1}', "--disable-usage-stats", *node_ports()],
+def new_worker(cluster, name: str, *, cpus: int = 1, gpus: int = 0) -> Node:
+    node = Node([f"--address={cluster['address']}", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus}",
+                 f"--num-gpus={gpus}", '--resources={"worker_node": 1}', "--disable-usage-stats", *node_ports()],
                 cluster["env"], cluster["temp_dir"].parent / f"{cluster['temp_dir'].name}-{name}.log")
     cluster["nodes"].append(node)
     return node
@@ -226,14 +227,16 @@ def wait_for(cond, timeout: float) -> None:
         time.sleep(0.1)
 
 
-def start_driver(cluster, tmp_path, src, out, *, min_nodes, delay=0.0, run_id=None) -> subprocess.Popen:
+def start_driver(cluster, tmp_path, src, out, *, min_nodes, delay=0.0, run_id=None, ngpu=-1,
+                 env=None) -> subprocess.Popen:
     marks = tmp_path / f"marks-{time.monotonic_ns()}"
     marks.mkdir()
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
     args = {"address": cluster["address"], "src": str(src), "out": str(out), "marks": str(marks),
-            "min_nodes": min_nodes, "delay": delay, "run_id": run_id}
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(args)], cwd=ROOT, env=cluster["env"],
+            "min_nodes": min_nodes, "delay": delay, "run_id": run_id, "ngpu": ngpu}
+    proc = subprocess.Popen([sys.executable, str(script), json.dumps(args)], cwd=ROOT,
+                            env={**cluster["env"], **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc.marks = marks
     return proc
@@ -339,6 +342,71 @@ def test_worker_node_killed_mid_encode(cluster, start_worker, make_corpus, tmp_p
     assert len(ids) == NUM_ROWS and len(np.unique(ids)) == NUM_ROWS
     assert np.array_equal(np.sort(ids), np.arange(NUM_ROWS))
     assert SECRET not in output + output2
+
+
+def most_at_once(marks: Path) -> int:
+    """The most encode tasks that ran at the same moment, from their start/done marks' times."""
+    events = []
+    for f in marks.glob("start-*"):
+        done = marks / ("done-" + f.name[len("start-"):])
+        events += [(f.stat().st_mtime_ns, 1), (done.stat().st_mtime_ns, -1)]
+    most = now = 0
+    for _, step in sorted(events):
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_tasks_in_flight_follow_a_growing_cluster(cluster, start_worker, make_corpus, tmp_path):
+    """An autoscaler adds a node while the encode stage runs: the head has 1 CPU when the run
+    starts (2 tasks in flight), a node with 3 more joins after the first encode task starts,
+    and the stage then keeps more tasks in flight: more than 2 run at once."""
+    src, _ = make_corpus(NUM_ROWS, dim=16, num_files=2, row_group_size=500, name="src-grow")
+    out = tmp_path / "out"
+    proc = start_driver(cluster, tmp_path, src, out, min_nodes=1, delay=5.0)
+    wait_for(lambda: proc.poll() is not None or any(proc.marks.glob("start-*")), 120)
+    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    start_worker("worker-grow", cpus=3)
+    rc, output, result = finish(proc)
+    assert rc == 0 and result is not None, output[-4000:]
+    most = most_at_once(proc.marks)
+    print(f"most encode tasks at once: {most}")
+    assert most >= 3, f"at most {most} encode tasks ran at once on 4 CPUs"
+    ids = table_ids(out)
+    assert len(ids) == NUM_ROWS and np.array_equal(np.sort(ids), np.arange(NUM_ROWS))
+
+
+def test_gpu_encoders_wait_for_a_gpu_node_to_join(cluster, start_worker, make_corpus, tmp_path):
+    """`--ngpu 1` on a cluster with no GPU yet (an autoscaler's GPU group at zero): the run asks
+    for the GPU actor at once, a node with a GPU joins while it samples and trains, and the
+    encode stage runs on that actor, fed by the CPU read tasks."""
+    src, _ = make_corpus(NUM_ROWS, dim=16, num_files=2, row_group_size=500, name="src-gpu")
+    out = tmp_path / "out"
+    proc = start_driver(cluster, tmp_path, src, out, min_nodes=1, ngpu=1, env={"VECPRESS_GPU_WAIT_S": "120"})
+    wait_for(lambda: proc.poll() is not None or (proc.marks / "nodes.json").exists(), 120)
+    start_worker("worker-gpu", cpus=1, gpus=1)
+    rc, output, result = finish(proc)
+    assert rc == 0 and result is not None, output[-4000:]
+    devices = result["devices"]
+    assert devices["placement"] == "gpu actors", devices
+    assert len(devices["actors"]) == 1 and devices["actors"][0]["gpu_ids"] == "0"
+    assert devices["actors"][0]["rows"] == NUM_ROWS
+    ids = table_ids(out)
+    assert len(ids) == NUM_ROWS and np.array_equal(np.sort(ids), np.arange(NUM_ROWS))
+
+
+def test_gpu_encoders_that_never_get_a_gpu_fail_before_writing(cluster, make_corpus, tmp_path):
+    """`--ngpu 1` and no GPU ever joins: after VECPRESS_GPU_WAIT_S the run fails with an error
+    that says what it waited for and what to do, and commits nothing."""
+    src, _ = make_corpus(2000, dim=16, num_files=2, row_group_size=500, name="src-nogpu")
+    out = tmp_path / "out"
+    proc = start_driver(cluster, tmp_path, src, out, min_nodes=1, ngpu=1, env={"VECPRESS_GPU_WAIT_S": "3"})
+    rc, output, result = finish(proc)
+    assert rc != 0 and result is None, output[-4000:]
+    assert "ClusterError: no GPU encoder was ready after 3 s: asked for 1 (--ngpu), the cluster has 0 GPU(s)" \
+        in output, output[-4000:]
+    assert not (out / "t.lance").exists() or len(table_ids(out)) == 0
+    assert not list(proc.marks.glob("start-*")), "encode tasks ran without their GPU encoder"
 
 
 def test_credentials_stay_out_of_logs_and_results(make_corpus, tmp_path, prefect_harness, ray_executor, caplog,

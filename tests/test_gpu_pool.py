@@ -106,3 +106,24 @@ def test_actor_placement_changes_nothing_in_the_output(runs):
     assert runs[2]["num_rows"] == runs[0]["num_rows"] == 6000
     assert runs[2]["codes"] == runs[0]["codes"]  # same seed, same codec, same codes
     assert runs[2]["recall"] == runs[0]["recall"]  # same exact neighbours too
+
+
+def test_placement_on_a_cluster_that_may_grow():
+    # a number asked for is asked for in full where the cluster may add GPU nodes
+    grow = plan_placement({"CPU": 0}, ngpu=2, may_grow=True)
+    assert (grow.mode, grow.num_encoders, grow.cluster_gpus) == ("gpu", 2, 0)
+    assert "2 waiting for GPUs" in grow.describe()
+    assert plan_placement({"CPU": 8, "GPU": 1}, ngpu=4, may_grow=True).num_encoders == 4
+    # ... not where it cannot (a local Ray), and "all" means the GPUs there are now
+    assert plan_placement({"CPU": 0}, ngpu=2).mode == "cpu"
+    assert plan_placement({"CPU": 8, "GPU": 1}, ngpu=4).num_encoders == 1
+    assert plan_placement({"CPU": 0}, ngpu=-1, may_grow=True).mode == "cpu"
+    assert plan_placement({"CPU": 8, "GPU": 3}, ngpu=-1, may_grow=True).num_encoders == 3
+    assert plan_placement({"CPU": 8, "GPU": 3}, ngpu=0, may_grow=True).mode == "cpu"
+
+
+def test_in_flight_cap():
+    from pipeline.distributed.ray_executor import MIN_IN_FLIGHT, in_flight_cap
+
+    assert in_flight_cap(0, 1) == MIN_IN_FLIGHT  # a head with no CPUs still shows an autoscaler demand
+    assert in_flight_cap(16, 1) == 32 and in_flight_cap(16, 2) == 16 and in_flight_cap(3, 1) == 6

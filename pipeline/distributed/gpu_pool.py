@@ -8,6 +8,13 @@ the object store), get back its codes and exact top-k, and write the Lance fragm
 GPUs there are no actors and each task computes itself. Every shard's result says which
 process read it and which device computed it; the run's manifest aggregates that.
 
+On a cluster that grows (an autoscaler, GPU nodes starting at zero), `ngpu=N` asks for N
+actors whatever the cluster holds at the start: the actors wait for GPUs, the autoscaler sees
+their demand and adds GPU nodes. The encode stage waits for them at most `wait_seconds`, then
+goes on with the actors that are ready and ends the others; with none ready it fails with a
+ClusterError before anything is written. `ngpu=-1` (all) takes the GPUs the cluster has when
+the run starts; a local Ray, which cannot grow, never gets more actors than it has GPUs.
+
 Ray counts GPUs as a resource: `ray.init(num_gpus=2)` declares two without any hardware,
 which is how the scheduling is tested on a CPU machine. An actor on such a declared GPU
 finds no CUDA device and says so (`encode: "cpu"`).
@@ -15,6 +22,7 @@ finds no CUDA device and says so (`encode: "cpu"`).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -23,28 +31,51 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
 
+from pipeline.errors import ClusterError  # noqa: E402
+
+log = logging.getLogger("vecpress")
+
+#: seconds the encode stage waits for its GPU actors when VECPRESS_GPU_WAIT_S does not say
+DEFAULT_GPU_WAIT_SECONDS = 600.0
+
+
+def gpu_wait_seconds(value: float | None = None) -> float:
+    """`value`, else $VECPRESS_GPU_WAIT_S, else DEFAULT_GPU_WAIT_SECONDS."""
+    if value is not None:
+        return float(value)
+    env = os.environ.get("VECPRESS_GPU_WAIT_S")
+    try:
+        return float(env) if env else DEFAULT_GPU_WAIT_SECONDS
+    except ValueError:
+        raise ClusterError(f"VECPRESS_GPU_WAIT_S must be a number of seconds, got {env!r}") from None
+
 
 @dataclass(frozen=True)
 class EncodePlacement:
-    """Where encoding runs: `"gpu"` (that many GPU actors) or `"cpu"` (CPU tasks)."""
+    """Where encoding runs: `"gpu"` (that many GPU actors) or `"cpu"` (CPU tasks).
+    `cluster_gpus`: the whole GPUs the cluster had when the run asked."""
 
     mode: str
     num_encoders: int
+    cluster_gpus: int = 0
 
     def describe(self) -> str:
         if self.mode == "gpu":
-            return f"{self.num_encoders} GPU encoder actor(s), one per GPU, fed by CPU read tasks"
+            waits = (f" ({self.num_encoders - self.cluster_gpus} waiting for GPUs the cluster did not have yet)"
+                     if self.num_encoders > self.cluster_gpus else "")
+            return f"{self.num_encoders} GPU encoder actor(s), one per GPU, fed by CPU read tasks{waits}"
         return "CPU tasks that read and encode (no GPU in the cluster)"
 
 
-def plan_placement(resources: dict, *, ngpu: int = -1) -> EncodePlacement:
+def plan_placement(resources: dict, *, ngpu: int = -1, may_grow: bool = False) -> EncodePlacement:
     """GPU actors when the cluster has GPUs (`ngpu=-1`: all of them, 0: never), else CPU tasks.
-    Fractional GPU totals count whole GPUs only."""
+    `may_grow` (a cluster that may add nodes): `ngpu=N` asks for N actors even beyond the GPUs
+    it has now. Fractional GPU totals count whole GPUs only."""
     gpus = int(resources.get("GPU", 0))
-    use = gpus if ngpu < 0 else min(ngpu, gpus)
+    use = gpus if ngpu < 0 else (ngpu if may_grow else min(ngpu, gpus))
     if use <= 0:
-        return EncodePlacement("cpu", max(1, int(resources.get("CPU", 1))))
-    return EncodePlacement("gpu", use)
+        return EncodePlacement("cpu", max(1, int(resources.get("CPU", 1))), gpus)
+    return EncodePlacement("gpu", use, gpus)
 
 
 @ray.remote
@@ -113,30 +144,59 @@ class GpuComputePool:
         self.startup_seconds = 0.0
 
     @classmethod
-    def prestart(cls, *, ngpu: int = -1) -> "GpuComputePool | None":
+    def prestart(cls, *, ngpu: int = -1, may_grow: bool = False) -> "GpuComputePool | None":
         """Ask for the actors (one per GPU) without waiting: they warm up while the run
         samples and trains. None when the cluster has no GPUs (the workers then compute
-        themselves)."""
-        placement = plan_placement(ray.cluster_resources(), ngpu=ngpu)
+        themselves) and, with `may_grow`, no GPU was asked for by number either."""
+        placement = plan_placement(ray.cluster_resources(), ngpu=ngpu, may_grow=may_grow)
         if placement.mode != "gpu":
             return None
+        if placement.num_encoders > placement.cluster_gpus:
+            log.info("encode: asking for %d GPU encoder(s), the cluster has %d GPU(s) now: waiting for more",
+                     placement.num_encoders, placement.cluster_gpus)
         actors = [_ComputeActor.options(num_gpus=1, num_cpus=0).remote() for _ in range(placement.num_encoders)]
         return cls(actors, [], placement)
 
-    def setup(self, job, queries) -> "GpuComputePool":
-        """Give every actor the codec and the queries; waits until all are ready.
-        `startup_seconds` is that wait: what the encode stage pays for the actors."""
+    def setup(self, job, queries, *, wait_seconds: float | None = None) -> "GpuComputePool":
+        """Give every actor the codec and the queries; waits until all are ready, at most
+        `wait_seconds` (gpu_wait_seconds). Actors not ready by then are ended and the stage
+        goes on with the others; with none ready, ClusterError. `startup_seconds` is the
+        wait: what the encode stage pays for the actors."""
         start = time.perf_counter()
-        queries_ref = ray.put(queries)
-        self.infos = ray.get([a.setup.remote(job, queries_ref) for a in self.actors])
+        try:
+            wait = gpu_wait_seconds(wait_seconds)
+            queries_ref = ray.put(queries)
+            refs = [a.setup.remote(job, queries_ref) for a in self.actors]
+            ready = set(ray.wait(refs, num_returns=len(refs), timeout=wait)[0])
+            late = [a for a, r in zip(self.actors, refs) if r not in ready]
+            kept = [(a, r) for a, r in zip(self.actors, refs) if r in ready]
+            self.infos = ray.get([r for _, r in kept])  # raises a setup's own error
+        except BaseException:
+            self.close()
+            raise
+        for actor in late:
+            ray.kill(actor)
+        self.actors = [a for a, _ in kept]
         self.startup_seconds = round(time.perf_counter() - start, 3)
+        if late:
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            asked = len(kept) + len(late)
+            if not kept:
+                raise ClusterError(
+                    f"no GPU encoder was ready after {wait:.0f} s: asked for {asked} (--ngpu), the cluster has "
+                    f"{gpus} GPU(s) and none free for them. Add GPU nodes, lower --ngpu, or encode on CPUs "
+                    f"with --ngpu 0; VECPRESS_GPU_WAIT_S sets the wait")
+            log.warning("encode: %d of %d GPU encoders ready after %.0f s (the cluster has %d GPU(s)); "
+                        "going on with %d", len(kept), asked, wait, gpus, len(kept))
+            self.placement = EncodePlacement("gpu", len(kept), self.placement.cluster_gpus)
         return self
 
     @classmethod
-    def start(cls, job, queries, *, ngpu: int = -1) -> "GpuComputePool | None":
+    def start(cls, job, queries, *, ngpu: int = -1, may_grow: bool = False,
+              wait_seconds: float | None = None) -> "GpuComputePool | None":
         """Actors on the cluster's GPUs, ready for `job`; None when it has no GPUs."""
-        pool = cls.prestart(ngpu=ngpu)
-        return None if pool is None else pool.setup(job, queries)
+        pool = cls.prestart(ngpu=ngpu, may_grow=may_grow)
+        return None if pool is None else pool.setup(job, queries, wait_seconds=wait_seconds)
 
     def for_shard(self, index: int) -> RemoteShardCompute:
         i = index % len(self.actors)

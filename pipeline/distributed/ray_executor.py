@@ -4,11 +4,18 @@ Connects to `address` (or RAY_ADDRESS) when given, else starts a local Ray with 
 off; reuses an already-initialised Ray and only shuts down what it started. Large shared
 inputs go to the object store once. Task results are small (fragment metadata, per-shard
 top-k), never shard data.
+
+Tasks in flight are capped at twice the tasks the cluster's CPUs hold, and the cap follows the
+cluster as it runs: an autoscaling cluster that starts with no worker CPUs (a head with
+`--num-cpus=0` and `min_workers: 0`, as infra/ray-cluster.yaml) first sees two tasks of demand,
+adds nodes, and each node added raises the cap, so demand stays ahead of capacity up to the
+cluster's maximum.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 from pipeline.executor import Progress
@@ -18,19 +25,33 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 
 
+#: seconds between two reads of the cluster's CPUs while a map runs (the in-flight cap)
+LIMIT_REFRESH_SECONDS = 2.0
+#: the least tasks kept in flight, whatever the cluster holds now: the demand an autoscaler
+#: needs to see to add the first node
+MIN_IN_FLIGHT = 2
+
+
 @ray.remote(max_retries=2, retry_exceptions=False)
 def _call(fn, item, shared):
     return fn(item, **shared)
 
 
 class RayExecutor:
-    """`map` runs one Ray task per item with `num_cpus` each (faiss then uses as many threads)."""
+    """`map` runs one Ray task per item with `num_cpus` each (faiss then uses as many threads).
+
+    `max_in_flight` fixes the cap on tasks in flight; by default it is twice the tasks that the
+    cluster's CPUs hold, re-read every LIMIT_REFRESH_SECONDS. `gpu_wait_seconds` bounds the wait
+    for GPU encoder actors (pipeline.distributed.gpu_pool; default $VECPRESS_GPU_WAIT_S, else
+    600 s: an autoscaler's GPU node takes minutes to start)."""
 
     def __init__(self, address: str | None = None, *, num_cpus_per_task: float = 1,
-                 max_in_flight: int | None = None, init_kwargs: dict | None = None):
+                 max_in_flight: int | None = None, init_kwargs: dict | None = None,
+                 gpu_wait_seconds: float | None = None):
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.num_cpus_per_task = num_cpus_per_task
         self.max_in_flight = max_in_flight
+        self.gpu_wait_seconds = gpu_wait_seconds
         self.init_kwargs = init_kwargs or {}
         self._started = False
         self._gpu_pool = None  # prestarted GPU actors not yet taken by an encode stage
@@ -67,7 +88,7 @@ class RayExecutor:
         from pipeline.distributed.gpu_pool import GpuComputePool
 
         if self._gpu_pool is None:
-            self._gpu_pool = GpuComputePool.prestart(ngpu=ngpu)
+            self._gpu_pool = GpuComputePool.prestart(ngpu=ngpu, may_grow=self.may_grow)
 
     def gpu_compute(self, job, queries, *, ngpu: int = -1):
         """GPU compute actors for an encode stage (pipeline.distributed.gpu_pool), or None when
@@ -77,15 +98,26 @@ class RayExecutor:
 
         pool, self._gpu_pool = self._gpu_pool, None
         if pool is None:
-            return GpuComputePool.start(job, queries, ngpu=ngpu)
-        return pool.setup(job, queries)
+            return GpuComputePool.start(job, queries, ngpu=ngpu, may_grow=self.may_grow,
+                                        wait_seconds=self.gpu_wait_seconds)
+        return pool.setup(job, queries, wait_seconds=self.gpu_wait_seconds)
+
+    @property
+    def may_grow(self) -> bool:
+        """Whether the cluster may add nodes while the run goes on: a cluster joined by address
+        (it may autoscale), not a local Ray this executor started."""
+        return self.address is not None
+
+    def in_flight_limit(self) -> int:
+        """`max_in_flight`, else in_flight_cap of the CPUs the cluster has now."""
+        return self.max_in_flight or in_flight_cap(ray.cluster_resources().get("CPU", 0), self.num_cpus_per_task)
 
     def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
         self.start()
         items = list(items)
         shared_ref = ray.put(shared or {})
         task = _call.options(num_cpus=self.num_cpus_per_task)
-        limit = self.max_in_flight or max(1, int(ray.cluster_resources().get("CPU", 1) * 2))
+        limit, checked = self.in_flight_limit(), time.monotonic()
         progress = Progress(desc, len(items))
         results: list = [None] * len(items)
         pending: dict = {}
@@ -100,6 +132,8 @@ class RayExecutor:
                     index = pending.pop(ref)
                     results[index] = _unwrap(ref)
                     progress.step()
+                if time.monotonic() - checked > LIMIT_REFRESH_SECONDS:  # nodes come and go
+                    limit, checked = self.in_flight_limit(), time.monotonic()
         except Exception:
             # No ray.cancel: under Ray 2.60 cancelling a task that is finishing aborts the driver
             # (task_manager.cc "Tried to complete task that was not pending"). Give the few tasks
@@ -109,6 +143,12 @@ class RayExecutor:
                 ray.wait(list(pending), num_returns=len(pending), timeout=10)
             raise
         return results
+
+
+def in_flight_cap(cpus: float, num_cpus_per_task: float) -> int:
+    """Tasks to keep in flight on a cluster with `cpus` CPUs: twice what they hold at once (so
+    that a task is queued behind each running one), and never fewer than MIN_IN_FLIGHT."""
+    return max(MIN_IN_FLIGHT, int(2 * cpus / max(num_cpus_per_task, 1e-9)))
 
 
 def _unwrap(ref):
