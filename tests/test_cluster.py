@@ -395,6 +395,21 @@ def test_gpu_encoders_wait_for_a_gpu_node_to_join(cluster, start_worker, make_co
     assert len(ids) == NUM_ROWS and np.array_equal(np.sort(ids), np.arange(NUM_ROWS))
 
 
+def test_gpu_encoders_go_on_with_the_gpus_they_got(cluster, start_worker, make_corpus, tmp_path):
+    """`--ngpu 2` on a cluster that has one GPU and gets no more: after VECPRESS_GPU_WAIT_S the
+    encode stage ends the actor still waiting and runs on the one it has."""
+    src, _ = make_corpus(NUM_ROWS, dim=16, num_files=2, row_group_size=500, name="src-partial")
+    start_worker("worker-one-gpu", cpus=1, gpus=1)
+    out = tmp_path / "out"
+    rc, output, result = finish(start_driver(cluster, tmp_path, src, out, min_nodes=2, ngpu=2,
+                                             env={"VECPRESS_GPU_WAIT_S": "15"}))
+    assert rc == 0 and result is not None, output[-4000:]
+    devices = result["devices"]
+    assert devices["placement"] == "gpu actors" and len(devices["actors"]) == 1, devices
+    assert devices["actors"][0]["rows"] == NUM_ROWS and devices["actor_startup_seconds"] >= 15
+    assert len(table_ids(out)) == NUM_ROWS
+
+
 def test_gpu_encoders_that_never_get_a_gpu_fail_before_writing(cluster, make_corpus, tmp_path):
     """`--ngpu 1` and no GPU ever joins: after VECPRESS_GPU_WAIT_S the run fails with an error
     that says what it waited for and what to do, and commits nothing."""
