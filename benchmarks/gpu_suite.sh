@@ -29,7 +29,7 @@ case "$phase" in
     work=${WORK:-/tmp/vecpress-e2e}
     args="--rows ${ROWS:-1000000} --dim 768 --files 16 --codec PQ96 --metric l2 --shard-rows 65536 --workdir $work"
     $py benchmarks/pipeline_throughput.py $args --device auto --results "$results/pipeline_throughput_gpu.json" \
-      2>&1 | tee "$results/pipeline_throughput_gpu.log" | tail -18
+      2>&1 | tee "$results/pipeline_throughput_gpu.log" | tail -20
     $py benchmarks/pipeline_throughput.py $args --device cpu --results "$results/pipeline_throughput_cpu.json" \
       2>&1 | tee "$results/pipeline_throughput_cpu.log" | tail -18
     ;;

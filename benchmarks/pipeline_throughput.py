@@ -107,8 +107,10 @@ def main() -> None:
     devices = result.manifest["devices"]
     print(f"encode placement: {devices['placement']}; " + "; ".join(
         f"{c['rows']:,} rows encoded on {c.get('encode')}" + (f" ({c['gpu_name']})" if c.get("gpu_name") else "")
-        + f", neighbours on {c.get('exact_knn')}"
+        + f", neighbours on {c.get('exact_knn')}, search over the codes on {c.get('code_search')}"
         for c in devices["compute"][:4]) + (" ..." if len(devices["compute"]) > 4 else ""))
+    for a in devices["actors"]:  # a GPU actor's busy time against the encode stage's
+        print(f"GPU actor {a.get('gpu_ids')}: busy {a.get('busy_seconds')} s of the {st['encode']:.2f} s encode stage")
     write_results(args.results, {
         "rows": n, "dim": args.dim, "files": len(files), "codec": args.codec, "cpus": os.cpu_count(),
         "machine": platform.machine(), "scan_seconds": scan_s, "scan_seconds_all": scans, "stage_seconds": st, "job_seconds": total_s,

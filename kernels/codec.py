@@ -462,7 +462,7 @@ class Codec:
             y = vt.reverse_transform(y)
         return y
 
-    def search_codes(self, xq: np.ndarray, codes: np.ndarray, k: int):
+    def search_codes(self, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0):
         """Search of raw queries over stored codes: ADC for quantizers, Hamming distance
         between the query's code and the stored codes for binary codecs.
 
@@ -473,6 +473,10 @@ class Codec:
         distances 2-3x (PQ, SQ) to 100x (RQ with L2) faster than faiss's per-pair search on the
         CPU (BENCHMARKS.md); results equal ADC's up to float rounding among near-ties. Fewer
         queries, fast-scan PQ, RaBitQ and few-table additive codes use faiss's own search.
+
+        `ngpu` > 0 (and faiss sees a GPU): those codecs' decoded blocks are searched by faiss's
+        GPU brute force instead, for any number of queries; the others search on the CPU as
+        above. `search_device(ngpu)` says which.
 
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """
@@ -490,13 +494,21 @@ class Codec:
             chain, inner = _innermost(self.index)
             for vt in chain:
                 xq = vt.apply(xq)
-            if _decoded_search_pays(inner, nq):
-                return _search_decoded(inner, xq, codes, k, self.metric)
+            on_gpu = ngpu != 0 and num_gpus(ngpu) > 0 and _reconstruction_search(inner) is not None
+            if on_gpu or _decoded_search_pays(inner, nq):
+                return _search_decoded(inner, xq, codes, k, self.metric, ngpu=ngpu if on_gpu else 0)
             searcher = _code_searcher(inner, codes)
             D, I = searcher.search(xq, k)
             D = as_distances(D, self.metric).astype(np.float32)
         D[I < 0] = np.inf
         return D, I.astype(np.int64)
+
+    def search_device(self, ngpu: int = 0) -> str:
+        """Where search_codes(..., ngpu=ngpu) searches: "faiss-gpu" (decoded codes, GPU brute
+        force) or "faiss-cpu"."""
+        if self.is_binary or ngpu == 0 or num_gpus(ngpu) == 0:
+            return "faiss-cpu"
+        return "faiss-gpu" if _reconstruction_search(_innermost(self.index)[1]) is not None else "faiss-cpu"
 
     # ---- persistence ----------------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -522,44 +534,59 @@ TABLE_GEMM_MIN_QUERIES = 256
 DECODE_BLOCK_BYTES = 32 << 20  # decoded float32 rows per GEMM block
 
 
+def _reconstruction_search(inner) -> str | None:
+    """How faiss's search over this index's codes works where it ranks by the exact distance
+    to each code's reconstruction, so that a search over the decoded codes ranks the same:
+    "decode" (faiss decodes each (query, code) pair: scalar codes, ST_decompress additive
+    codes) or "tables" (look-up tables: PQ, additive codes with exact norms). None for the
+    others: fast-scan PQ and RaBitQ rank by quantized tables or estimates, and additive codes
+    with quantized norms (ST_norm_qint8, ...) by an approximate norm."""
+    if isinstance(inner, faiss.IndexScalarQuantizer):
+        return "decode"
+    if isinstance(inner, faiss.IndexPQFastScan):
+        return None
+    if isinstance(inner, faiss.IndexPQ):
+        return "tables"
+    if isinstance(inner, faiss.IndexAdditiveQuantizer):
+        st = int(inner.aq.search_type)
+        if st == faiss.AdditiveQuantizer.ST_decompress:
+            return "decode"
+        exact_tables = {faiss.AdditiveQuantizer.ST_norm_float, faiss.AdditiveQuantizer.ST_norm_from_LUT}
+        if inner.metric_type == faiss.METRIC_INNER_PRODUCT:
+            exact_tables.add(faiss.AdditiveQuantizer.ST_LUT_nonorm)  # IP needs no norm
+        return "tables" if st in exact_tables else None
+    return None
+
+
 def _decoded_search_pays(inner, nq: int) -> bool:
-    """Whether search_codes should decode the codes and run a GEMM over them for `nq` queries:
-    faiss's search over this index's codes must rank by the exact distance to each
-    reconstruction (so both compute the same thing), and the GEMM must be the faster.
+    """Whether search_codes should decode the codes and run a GEMM over them for `nq` queries
+    on the CPU: faiss's search must rank by the exact distance to each reconstruction
+    (`_reconstruction_search`, so both compute the same thing), and the GEMM must be the faster.
 
     Measured on one core (benchmarks/search_codes.py, BENCHMARKS.md): faiss decodes scalar
     codes and ST_decompress additive codes once per (query, row) pair, which a GEMM beats by
     1.5-3x and 30-190x from 32 queries on. Look-up-table search costs about 0.5 ns per table
     per pair against the GEMM's 0.026 ns per dimension plus a decode per row, so tables win
     below one table per 16 dimensions (RQ4x8 at 384-d) or below a few hundred queries."""
-    if nq < GEMM_MIN_QUERIES:
+    how = _reconstruction_search(inner)
+    if how is None or nq < GEMM_MIN_QUERIES:
         return False
-    tables = nq >= TABLE_GEMM_MIN_QUERIES
-    if isinstance(inner, faiss.IndexScalarQuantizer):
+    if how == "decode":
         return True
-    if isinstance(inner, faiss.IndexPQFastScan):
-        return False
-    if isinstance(inner, faiss.IndexPQ):
-        return tables and 16 * int(inner.pq.M) >= int(inner.d)
-    if isinstance(inner, faiss.IndexAdditiveQuantizer):
-        aq, st = inner.aq, int(inner.aq.search_type)
-        if st == faiss.AdditiveQuantizer.ST_decompress:
-            return True
-        # quantized-norm types (ST_norm_qint8, ...) rank by an approximate norm: not these
-        exact_tables = {faiss.AdditiveQuantizer.ST_norm_float, faiss.AdditiveQuantizer.ST_norm_from_LUT}
-        if inner.metric_type == faiss.METRIC_INNER_PRODUCT:
-            exact_tables.add(faiss.AdditiveQuantizer.ST_LUT_nonorm)  # IP needs no norm
-        return tables and st in exact_tables and 16 * int(aq.M) >= int(inner.d)
-    return False
+    tables = int(inner.pq.M) if isinstance(inner, faiss.IndexPQ) else int(inner.aq.M)
+    return nq >= TABLE_GEMM_MIN_QUERIES and 16 * tables >= int(inner.d)
 
 
-def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: str):
-    """Top-k of transformed queries over the codes' reconstructions, decoded in blocks."""
+def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: str, *, ngpu: int = 0):
+    """Top-k of transformed queries over the codes' reconstructions, decoded in blocks (on
+    the CPU) and searched by brute force (on `ngpu` GPUs, else the CPU's BLAS)."""
     block = max(1024, DECODE_BLOCK_BYTES // (4 * int(inner.d)))
+    if ngpu:
+        block *= 8  # fewer, larger copies to the GPU
     space = "l2" if metric == "l2" else "ip"  # cosine queries are already unit (ADC does not renormalise codes)
     top = TopK(xq.shape[0], k)
     for start in range(0, codes.shape[0], block):
-        D, I = exact_knn(xq, inner.sa_decode(codes[start:start + block]), k, space)
+        D, I = exact_knn(xq, inner.sa_decode(codes[start:start + block]), k, space, ngpu=ngpu)
         top.add(D, np.where(I >= 0, I + start, -1))
     return top.D, top.I
 

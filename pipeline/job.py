@@ -443,7 +443,8 @@ class Encoded:
 
 
 def device_report(results: list, actors: list[dict] | None = None, startup_seconds: float | None = None) -> dict:
-    """Which processes read shards, and where codes and exact neighbours were computed."""
+    """Which processes read shards, and where codes, exact neighbours and the evaluation's
+    search over the codes were computed."""
     computes: dict = {}
     readers: dict = {}
     for r in results:
@@ -498,9 +499,9 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
             pool.close()
     devices = device_report(results, actors, pool.startup_seconds if pool is not None else None)
     for c in devices["compute"]:
-        log.info("encode: %s pid %s encoded %d rows of %d shards on %s%s, exact neighbours on %s",
-                 c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
-                 f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"))
+        log.info("encode: %s pid %s encoded %d rows of %d shards on %s%s, exact neighbours on %s, "
+                 "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
+                 f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
     truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
     for r in results:
         truth.add(r.knn_D, r.knn_I)

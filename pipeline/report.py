@@ -152,7 +152,9 @@ def summary_table(info: dict) -> str:
         where = sorted({f"{c.get('encode')} ({c['gpu_name']})" if c.get("gpu_name") else str(c.get("encode"))
                         for c in devices["compute"]})
         knn = sorted({str(c.get("exact_knn")) for c in devices["compute"]})
-        lines.append(f"encoded on      {', '.join(where)} by {devices['placement']}; exact neighbours on {', '.join(knn)}")
+        found = sorted({str(c["code_search"]) for c in devices["compute"] if c.get("code_search")})
+        lines.append(f"encoded on      {', '.join(where)} by {devices['placement']}; exact neighbours on {', '.join(knn)}"
+                     + (f"; search over the codes on {', '.join(found)}" if found else ""))
     times = info.get("stage_seconds") or {}
     if times:
         lines.append("stage seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in times.items()))

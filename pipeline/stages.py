@@ -100,33 +100,43 @@ def where_am_i() -> dict:
 
 
 class ShardCompute:
-    """The compute of one batch of rows: codes, warm codes, and the exact top-(k + 1) of the
-    held-out queries among the batch's rows (batch-local ids). Runs in the worker that reads
-    (this class) or in a GPU actor that workers send batches to (pipeline.distributed)."""
+    """The compute of one batch of rows: codes, warm codes, the exact top-(k + 1) of the
+    held-out queries among the batch's rows, and with EncodeJob.eval_search the evaluation's
+    search over the batch's codes (search_batch; batch-local ids throughout). Runs in the
+    worker that reads (this class) or in a GPU actor that workers send batches to
+    (pipeline.distributed), where both searches run on the GPU."""
 
     def __init__(self, job: "EncodeJob", queries: np.ndarray | None, *, device: str = "auto"):
         self.codec = load_codec(job.codec)
         self.warm = load_codec(job.rerank_codec) if job.rerank_codec else None
         self.k = job.eval_k
         self.device = resolve_device(device)
-        self.xq = prepare_vectors(queries, self.codec.metric) if queries is not None and job.eval_k > 0 else None
+        with_knn = queries is not None and job.eval_k > 0
+        self.queries = queries if with_knn and job.eval_search else None
+        self.rerank = job.eval_rerank
+        self.xq = prepare_vectors(queries, self.codec.metric) if with_knn else None
         on_gpu = self.device != "cpu"
         self.knn_ngpu = 1 if on_gpu and num_gpus() > 0 else 0
         self.info = {**where_am_i(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                      "encode": self.codec.encode_device(self.device) if on_gpu else "cpu",
                      "rerank_encode": (self.warm.encode_device(self.device) if on_gpu else "cpu") if self.warm else None,
-                     "exact_knn": "faiss-gpu" if self.knn_ngpu else "faiss-cpu"}
+                     "exact_knn": "faiss-gpu" if self.knn_ngpu else "faiss-cpu",
+                     "code_search": self.codec.search_device(self.knn_ngpu) if self.queries is not None else None}
         if on_gpu and self.info["encode"] != "cpu":
             self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
 
     def __call__(self, x: np.ndarray):
+        """-> (codes, warm codes or None, exact (D, I) or None, search_batch's (D, I, E) or None)."""
         codes = self.codec.encode(x, device=self.device)  # raw vectors: the codec prepares them itself
         warm = self.warm.encode(x, device=self.device) if self.warm else None
-        D = I = None
+        knn = found = None
         if self.xq is not None:
-            D, I = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
-                             ngpu=self.knn_ngpu)  # +1: the query's own row
-        return codes, warm, D, I
+            knn = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
+                            ngpu=self.knn_ngpu)  # +1: the query's own row
+        if self.queries is not None:
+            found = search_batch(self.codec, self.queries, self.xq, codes, x, self.k, warm=self.warm,
+                                 warm_codes=warm, rerank=self.rerank, ngpu=self.knn_ngpu)
+        return codes, warm, knn, found
 
 
 @dataclass
@@ -146,7 +156,7 @@ class ShardResult:
     #: which process read the shard, and where its codes and neighbours were computed
     reader: dict | None = None
     compute: dict | None = None
-    #: seconds spent waiting for / in the compute (encode + exact neighbours)
+    #: seconds spent waiting for / in the compute (encode, exact neighbours, search over the codes)
     compute_seconds: float = 0.0
 
     #: the array fields, stored beside the JSON fields in a checkpoint
@@ -169,13 +179,14 @@ class ShardResult:
 
 
 def search_batch(codec, queries: np.ndarray, xq: np.ndarray, codes: np.ndarray, x: np.ndarray, k: int, *,
-                 warm=None, warm_codes: np.ndarray | None = None, rerank: bool = True):
+                 warm=None, warm_codes: np.ndarray | None = None, rerank: bool = True, ngpu: int = 0):
     """The evaluation's search within one batch: top-(k + 1) of the raw `queries` over the
-    batch's codes (the +1 leaves k once a query's own row is excluded), batch-local ids, and
-    with `rerank` the candidates' exact distances to the prepared queries `xq`: from the warm
-    codes when the output has a warm column (as evaluate re-ranks then), else from the batch's
-    source rows `x`. Returns (D, I, E or None)."""
-    D, I = codec.search_codes(queries, codes, min(k + 1, len(codes)))
+    batch's codes (the +1 leaves k once a query's own row is excluded; on `ngpu` GPUs where
+    the codec allows, Codec.search_codes), batch-local ids, and with `rerank` the candidates'
+    exact distances to the prepared queries `xq`: from the warm codes when the output has a
+    warm column (as evaluate re-ranks then), else from the batch's source rows `x`.
+    Returns (D, I, E or None)."""
+    D, I = codec.search_codes(queries, codes, min(k + 1, len(codes)), ngpu=ngpu)
     if not rerank:
         return D, I, None
     rows = np.unique(I[I >= 0])  # only the candidates' rows are prepared or decoded
@@ -230,7 +241,6 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     search = None
     if with_knn and job.eval_search:
         search = TopK(queries.shape[0], job.eval_k, exclude=query_positions, with_extra=job.eval_rerank)
-        xq = prepare_vectors(queries, codec.metric)
     read_cols = [cols.vector, cols.id, *cols.keep]
     num_rows = 0
     compute_seconds = 0.0
@@ -253,14 +263,14 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
             x = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
                                  first_row=first_row)
             t0 = time.perf_counter()
-            codes, warm_codes, D, I = compute(x)
+            codes, warm_codes, knn, found = compute(x)
             compute_seconds += time.perf_counter() - t0
             position = shard.row_offset + (first_row - shard.file_row_start)
             if topk is not None:
+                D, I = knn
                 topk.add(D, np.where(I >= 0, I + position, -1))
             if search is not None:
-                Ds, Is, E = search_batch(codec, queries, xq, codes, x, job.eval_k, warm=warm, warm_codes=warm_codes,
-                                         rerank=job.eval_rerank)
+                Ds, Is, E = found
                 search.add(Ds, np.where(Is >= 0, Is + position, -1), E)
             num_rows += batch.num_rows
             warm_cols = [codes_array(warm_codes)] if warm else []

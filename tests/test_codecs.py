@@ -118,18 +118,48 @@ def test_decoded_gemm_search_equals_faiss_search(data, monkeypatch, spec, metric
     monkeypatch.setattr(kc, "DECODE_BLOCK_BYTES", 4 * DIM * 700)  # 5 blocks, the last partial
     monkeypatch.setattr(kc, "TABLE_GEMM_MIN_QUERIES", len(xq))  # table codecs too, at 40 queries
     assert kc._decoded_search_pays(inner, len(xq)) == ((spec, metric) in DECODED_SEARCH)
+    assert (kc._reconstruction_search(inner) is None) == ((spec, metric) in ESTIMATED_SEARCH)
+    assert codec.search_device(0) == "faiss-cpu"
     D, I = codec.search_codes(xq, codes, 10)
     monkeypatch.setattr(kc, "GEMM_MIN_QUERIES", len(xq) + 1)
     assert not kc._decoded_search_pays(inner, len(xq))
     D_ref, I_ref = codec.search_codes(xq, codes, 10)
-    # the same k smallest distances; ids may differ only among (near-)ties, which small
-    # codebooks make common (LSQ4x6: 4096 distinct reconstructions for 3000 rows)
+    assert_same_search(D, I, D_ref, I_ref, spec)
+
+
+def assert_same_search(D, I, D_ref, I_ref, spec):
+    """The same k smallest distances; ids may differ only among (near-)ties, which small
+    codebooks make common (LSQ4x6: 4096 distinct reconstructions for 3000 rows)."""
     tol = 1e-4 * np.abs(D_ref).max()
     assert np.allclose(D, D_ref, rtol=1e-4, atol=tol)
-    for q in range(len(xq)):  # every result clearly inside the k-th distance is in both
+    for q in range(len(D_ref)):  # every result clearly inside the k-th distance is in both
         inside = D_ref[q] < D_ref[q, -1] - tol
         assert set(I_ref[q][inside]) == set(I[q][D[q] < D_ref[q, -1] - tol]), q
     assert (I == I_ref).mean() > (0.2 if spec.startswith("LSQ") else 0.8)
+
+
+# codecs whose search ranks by quantized tables or estimates, not by the distance to the
+# reconstruction: they keep faiss's own search everywhere, GPU runs included
+ESTIMATED_SEARCH = [("PQ16x4fs", "l2"), ("RaBitQ", "ip")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spec,metric", DECODED_SEARCH + ESTIMATED_SEARCH + [("PQ2", "l2"), ("LSQ2x6", "cosine")])
+def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metric):
+    """With ngpu=1 (a GPU actor's search in the encode pass), codecs that rank by the distance
+    to the reconstruction search their decoded codes with faiss's GPU brute force, at any
+    number of queries; the others keep faiss's CPU search. Both return faiss's results."""
+    import kernels.codec as kc
+
+    xb, xq = data
+    codec = Codec.train(xb[:1000], spec, metric, seed=1)
+    codes = codec.encode(xb)
+    gpu = (spec, metric) not in ESTIMATED_SEARCH
+    assert codec.search_device(1) == ("faiss-gpu" if gpu else "faiss-cpu")
+    D, I = codec.search_codes(xq[:8], codes, 10, ngpu=1)  # 8 queries: below every CPU GEMM threshold
+    monkeypatch.setattr(kc, "GEMM_MIN_QUERIES", 10**9)
+    D_ref, I_ref = codec.search_codes(xq[:8], codes, 10)
+    assert_same_search(D, I, D_ref, I_ref, spec)
 
 
 def test_decoded_search_only_where_it_pays():

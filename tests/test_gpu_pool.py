@@ -87,8 +87,10 @@ def test_encoders_run_as_one_actor_per_gpu_fed_by_cpu_read_tasks(runs):
     assert sum(r["rows"] for r in dev["readers"]) == 6000
     # each actor says where it encoded: its GPU where that GPU is real (a 1-GPU machine has no
     # GPU "1"), else the CPU with faiss
+    # (and the evaluation's search over the codes: PQ8 searches its decoded codes on the GPU)
     for c in dev["compute"]:
-        assert (c["encode"], c["exact_knn"]) in {("cpu", "faiss-cpu"), ("cuda:0", "faiss-gpu")}, c
+        assert (c["encode"], c["exact_knn"], c["code_search"]) in {
+            ("cpu", "faiss-cpu", "faiss-cpu"), ("cuda:0", "faiss-gpu", "faiss-gpu")}, c
         if gpu_count() == 0:
             assert c["encode"] == "cpu"
 
