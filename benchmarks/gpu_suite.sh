@@ -5,11 +5,12 @@
 #   bash benchmarks/gpu_suite.sh kernel   # benchmarks/gpu_encode.py, d x PQ bytes grid, 1M rows
 #   bash benchmarks/gpu_suite.sh e2e      # pipeline_throughput.py on the GPU and CPU-only
 #   bash benchmarks/gpu_suite.sh scaling  # scaling.py 1/2/4/8 CPU workers + memory.py
+#   bash benchmarks/gpu_suite.sh train    # train.py: faiss's PQ training, vecpress's parallel one, GPU k-means
 #
 # Results go to ${RESULTS:-benchmarks/results}; logs beside them. Needs faiss-gpu, CuPy, Ray,
 # pylance and lancedb importable (see ../shared/gpu/README.md for an offline machine).
 set -uo pipefail
-phase=${1:?phase: tests | kernel | e2e | scaling}
+phase=${1:?phase: tests | kernel | e2e | scaling | train}
 results=${RESULTS:-benchmarks/results}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 LANCE_LOG=error
@@ -38,6 +39,10 @@ case "$phase" in
       --results "$results/scaling.json" 2>&1 | tee "$results/scaling.log" | tail -8
     $py benchmarks/memory.py --sizes 20000,200000 --dim 768 --results "$results/memory.json" 2>&1 \
       | tee "$results/memory.log" | tail -6
+    ;;
+  train)
+    $py benchmarks/train.py --dims 384,768 --specs "PQ48;PQ64;PQ96" --results "$results/train.json" 2>&1 \
+      | tee "$results/train.log" | grep -v "^WARNING"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kernels._faiss import faiss
-from kernels.codec import Codec, CodecSpecError, check_codec_spec, code_size_of, default_grid
+from kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec, code_size_of, default_grid
 from kernels.knn import prepare_vectors
 from kernels.metrics import knn_recall, relative_error
 from kernels.synthetic import ClusteredEmbeddings
@@ -160,6 +160,25 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
     monkeypatch.setattr(kc, "GEMM_MIN_QUERIES", 10**9)
     D_ref, I_ref = codec.search_codes(xq[:8], codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
+
+
+@pytest.mark.parametrize("spec,metric", [("PQ8", "l2"), ("PQ16x6", "ip"), ("PQ16x4fs", "cosine"),
+                                         ("OPQ8,PQ8", "cosine"), ("PCA32,PQ8", "ip"), ("MRL32,PQ8", "l2")])
+def test_parallel_pq_training_gives_faiss_bytes(data, monkeypatch, spec, metric):
+    """Codec.train runs a PQ's sub-quantizer k-means side by side; the trained codec is the
+    one faiss's own (sequential) training gives, byte for byte, pre-transforms included."""
+    import kernels.codec as kc
+
+    xb, _ = data
+    parallel = Codec.train(xb[:2000], spec, metric, seed=3, ngpu=0)
+    fresh = build_index(spec, DIM, metric)  # (held: the chain's objects live as long as it does)
+    assert kc._trains_pq_in_parallel(kc._innermost(fresh)[1])
+    monkeypatch.setattr(kc, "_trains_pq_in_parallel", lambda inner: False)
+    sequential = Codec.train(xb[:2000], spec, metric, seed=3, ngpu=0)
+    assert parallel.to_bytes() == sequential.to_bytes()
+    assert np.array_equal(parallel.encode(xb[:500]), sequential.encode(xb[:500]))
+    other_seed = Codec.train(xb[:2000], spec, metric, seed=4, ngpu=0)
+    assert other_seed.to_bytes() != parallel.to_bytes()  # the seed reaches the parallel k-means
 
 
 def test_decoded_search_only_where_it_pays():
