@@ -88,7 +88,9 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
                    help="rows per shard, the unit of parallel work (default: %(default)s)")
     g.add_argument("--ngpu", type=int, default=-1,
                    help="GPUs to use, -1 = all: faiss training, and one encoder actor per GPU on a Ray "
-                        "cluster with GPUs (default: %(default)s)")
+                        "cluster with GPUs. On a cluster joined by address, N actors are asked for even "
+                        "beyond the GPUs it has now (an autoscaler adds them) and awaited up to "
+                        "$VECPRESS_GPU_WAIT_S seconds, 600 by default (default: %(default)s)")
     g.add_argument("--device", default="auto",
                    help="where workers encode and compute exact neighbours without GPU actors: auto (a GPU "
                         "when CuPy sees one), cuda[:N] or cpu; cpu also turns GPU actors off (default: %(default)s)")
