@@ -129,3 +129,16 @@ def test_in_flight_cap():
 
     assert in_flight_cap(0, 1) == MIN_IN_FLIGHT  # a head with no CPUs still shows an autoscaler demand
     assert in_flight_cap(16, 1) == 32 and in_flight_cap(16, 2) == 16 and in_flight_cap(3, 1) == 6
+
+
+def test_gpu_wait_seconds(monkeypatch):
+    from pipeline.distributed.gpu_pool import DEFAULT_GPU_WAIT_SECONDS, gpu_wait_seconds
+    from pipeline.errors import ClusterError
+
+    monkeypatch.delenv("VECPRESS_GPU_WAIT_S", raising=False)
+    assert gpu_wait_seconds() == DEFAULT_GPU_WAIT_SECONDS == 600
+    monkeypatch.setenv("VECPRESS_GPU_WAIT_S", "45")
+    assert gpu_wait_seconds() == 45 and gpu_wait_seconds(5) == 5  # an executor's own value wins
+    monkeypatch.setenv("VECPRESS_GPU_WAIT_S", "ten minutes")
+    with pytest.raises(ClusterError, match="VECPRESS_GPU_WAIT_S must be a number of seconds, got 'ten minutes'"):
+        gpu_wait_seconds()
