@@ -494,6 +494,9 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
                                shared={"job": job, "queries": xq, "query_positions": qpos})
         if pool is not None:
             actors = pool.totals()
+            if any(a.get("lost") for a in actors):
+                log.warning("encode: %d of %d GPU encoder actors were lost during the stage; their batches went to "
+                            "the others, or to the read tasks", sum(bool(a.get("lost")) for a in actors), len(actors))
     finally:
         if pool is not None:
             pool.close()

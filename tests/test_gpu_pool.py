@@ -38,14 +38,27 @@ from pipeline.job import CompressOptions, run_compress
 from pipeline.lance_io import open_lance
 from pipeline.source import SourceSpec
 
-gpus = int(sys.argv[1])
+gpus, kill = int(sys.argv[1]), int(sys.argv[2])
 work = tempfile.mkdtemp()
+
+
+# kills the first `kill` GPU actors once they are set up, before any batch reaches them
+# (as a lost node or an OOM kill would)
+class KillingExecutor(RayExecutor):
+
+    def gpu_compute(self, job, queries, *, ngpu=-1):
+        pool = super().gpu_compute(job, queries, ngpu=ngpu)
+        for actor in (pool.actors if pool is not None else [])[:kill]:
+            ray.kill(actor, no_restart=True)
+        return pool
+
+
 write_corpus(work + "/src", num_rows=6000, dim=32, num_files=3, row_group_size=500)
 ray.init(num_cpus=2, num_gpus=gpus, include_dashboard=False, logging_level="ERROR")
 try:
     opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1000,
                            batch_size=400, eval_rerank=False)
-    with RayExecutor() as ex:
+    with KillingExecutor() as ex:
         result = run_compress(SourceSpec((work + "/src",)), work + "/out", "t", opts, executor=ex)
     ds = open_lance(work + "/out/t.lance")
     codes = ds.to_table(columns=["id", "code"]).sort_by("id").column("code").to_pylist()
@@ -56,11 +69,11 @@ finally:
 """
 
 
-def _run(gpus: int) -> dict:
+def _run(gpus: int, kill: int = 0) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(gpus), str(kill)], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=300)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -70,6 +83,30 @@ def _run(gpus: int) -> dict:
 @pytest.fixture(scope="module")
 def runs():
     return {gpus: _run(gpus) for gpus in (2, 0)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", [1, 2])
+def test_lost_gpu_actors_hand_their_batches_on(runs, kill):
+    """GPU actors die after set-up (a lost node): with one of two gone, its read tasks send
+    their batches to the other; with both gone, the read tasks compute themselves. Either way
+    the run ends with the same codes and recall as without actors."""
+    out = _run(2, kill)
+    dev = out["devices"]
+    assert dev["placement"] == "gpu actors"
+    lost = [a for a in dev["actors"] if a.get("lost")]
+    assert len(lost) == kill and len(dev["actors"]) == 2
+    readers = {r["pid"] for r in dev["readers"]}
+    if kill == 1:
+        alive = next(a for a in dev["actors"] if not a.get("lost"))
+        assert alive["rows"] == 6000
+        assert {c["pid"] for c in dev["compute"]} == {alive["pid"]}
+    else:
+        assert {c["pid"] for c in dev["compute"]} <= readers
+        assert all(sorted(c["lost_actors"]) == sorted(a["pid"] for a in lost) for c in dev["compute"])
+    assert sum(c["rows"] for c in dev["compute"]) == 6000
+    assert out["num_rows"] == 6000
+    assert out["codes"] == runs[0]["codes"] and out["recall"] == runs[0]["recall"]
 
 
 def test_encoders_run_as_one_actor_per_gpu_fed_by_cpu_read_tasks(runs):

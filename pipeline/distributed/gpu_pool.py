@@ -5,7 +5,8 @@ On a Ray cluster that declares GPUs, the encode stage starts one long-lived acto
 loads the codec's GPU encoder and the held-out queries once. The encode tasks stay CPU tasks:
 they read and decode their shard's Parquet batches, send each batch to their actor (through
 the object store), get back its codes and exact top-k, and write the Lance fragments. Without
-GPUs there are no actors and each task computes itself. Every shard's result says which
+GPUs there are no actors and each task computes itself. A read task whose actor dies (its node
+lost) sends its batches to the next live actor, and computes them itself once none is left. Every shard's result says which
 process read it and which device computed it; the run's manifest aggregates that.
 
 On a cluster that grows (an autoscaler, GPU nodes starting at zero), `ngpu=N` asks for N
@@ -121,14 +122,48 @@ class _ComputeActor:
 
 
 class RemoteShardCompute:
-    """A ShardCompute whose batches go to one GPU actor: what a CPU read task calls."""
+    """A ShardCompute whose batches go to a GPU actor: what a CPU read task calls.
 
-    def __init__(self, actor, info: dict):
-        self.actor = actor
-        self.info = info
+    If its actor dies (its node is lost, its process killed), the batch goes to the pool's
+    next live actor; with none left, the read task computes itself, as it does without GPU
+    actors (ShardCompute on the run's device), and its `info` says which actors it lost.
+    Batches are pure compute, so sending one again is safe."""
+
+    def __init__(self, pool: "GpuComputePool", first: int):
+        self.pool = pool
+        self.current = first
+        self.lost: list[int] = []
+        self.local = None
+
+    @property
+    def info(self) -> dict:
+        if self.local is not None:
+            lost = [self.pool.infos[i].get("pid") for i in self.lost]
+            return {**self.local.info, "lost_actors": lost}
+        return self.pool.infos[self.current]
 
     def __call__(self, x):
-        return ray.get(self.actor.run.remote(x))
+        while self.local is None:
+            try:
+                return ray.get(self.pool.actors[self.current].run.remote(x))
+            except ray.exceptions.RayActorError as exc:
+                self._lose(exc)
+        return self.local(x)
+
+    def _lose(self, exc) -> None:
+        n = len(self.pool.actors)
+        self.lost.append(self.current)
+        live = [i for i in range(self.current + 1, self.current + n) if i % n not in self.lost]
+        if live:
+            self.current = live[0] % n
+            log.warning("encode: GPU encoder actor %d is gone (%s); its batches go to actor %d",
+                        self.lost[-1], type(exc).__name__, self.current)
+            return
+        from pipeline.stages import ShardCompute
+
+        log.warning("encode: every GPU encoder actor is gone (%s); this read task computes its batches itself",
+                    type(exc).__name__)
+        self.local = ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device=self.pool.job.device)
 
 
 class GpuComputePool:
@@ -139,6 +174,9 @@ class GpuComputePool:
         self.actors = actors
         self.infos = infos
         self.placement = placement
+        #: what `setup` gave the actors: a read task whose actors are all gone computes with them
+        self.job = None
+        self.queries_ref = None
         #: seconds the encode stage waited for the actors to be ready (what is left of their
         #: process start, imports, CUDA context, kernel compile and faiss GPU resources)
         self.startup_seconds = 0.0
@@ -165,8 +203,8 @@ class GpuComputePool:
         start = time.perf_counter()
         try:
             wait = gpu_wait_seconds(wait_seconds)
-            queries_ref = ray.put(queries)
-            refs = [a.setup.remote(job, queries_ref) for a in self.actors]
+            self.job, self.queries_ref = job, ray.put(queries)
+            refs = [a.setup.remote(job, self.queries_ref) for a in self.actors]
             ready = set(ray.wait(refs, num_returns=len(refs), timeout=wait)[0])
             late = [a for a, r in zip(self.actors, refs) if r not in ready]
             kept = [(a, r) for a, r in zip(self.actors, refs) if r in ready]
@@ -199,11 +237,18 @@ class GpuComputePool:
         return None if pool is None else pool.setup(job, queries, wait_seconds=wait_seconds)
 
     def for_shard(self, index: int) -> RemoteShardCompute:
-        i = index % len(self.actors)
-        return RemoteShardCompute(self.actors[i], self.infos[i])
+        return RemoteShardCompute(self, index % len(self.actors))
 
     def totals(self) -> list[dict]:
-        return ray.get([a.totals.remote() for a in self.actors]) if self.actors else []
+        """Each actor's info, rows and busy seconds; `lost: True` (and no counts) for an actor
+        that died during the stage."""
+        out = []
+        for actor, info in zip(self.actors, self.infos):
+            try:
+                out.append(ray.get(actor.totals.remote()))
+            except ray.exceptions.RayActorError:
+                out.append({**info, "lost": True, "rows": None, "busy_seconds": None})
+        return out
 
     def close(self) -> None:
         for actor in self.actors:
