@@ -31,6 +31,7 @@ from kernels.knn import TopK, exact_knn, prepare_vectors  # noqa: E402
 from pipeline.codec_store import load_codec  # noqa: E402
 from pipeline.schema import codes_schema  # noqa: E402
 from pipeline.source import iter_shard_batches, vectors_as_numpy  # noqa: E402
+from pipeline.stages import batch_rows  # noqa: E402
 from pipeline.stages import codes_array, sample_rows  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=200_000)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--codec", default="PQ48")
-    ap.add_argument("--batch-size", type=int, default=65_536)
+    ap.add_argument("--batch-size", type=int, default=0, help="rows per batch (0 = a CPU run's automatic size)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=1, help="faiss threads (a Ray task of 1 CPU gets 1)")
     ap.add_argument("--results", default="benchmarks/results/encode_profile.json")
@@ -47,7 +48,7 @@ def main() -> None:
     faiss.omp_set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="vecpress-profile-"))
     plan, job = encode_setup(work, rows=args.rows, dim=args.dim, files=1, codec=args.codec,
-                             shard_rows=args.rows, batch_size=args.batch_size)
+                             shard_rows=args.rows, batch_size=batch_rows(args.batch_size, args.dim, gpu=False))
     shard = plan.shards[0]
     codec = load_codec(job.codec)
     local = np.sort(np.random.default_rng(0).choice(shard.num_rows, args.queries, replace=False))
@@ -86,7 +87,7 @@ def main() -> None:
     parts["lance write"] = time.perf_counter() - start
     total = sum(parts.values())
     n = shard.num_rows
-    print(f"\n{n:,} x {args.dim}-d, codec {args.codec}, batch {args.batch_size}, {args.queries} queries, "
+    print(f"\n{n:,} x {args.dim}-d, codec {args.codec}, batch {job.batch_size}, {args.queries} queries, "
           f"faiss threads {args.threads}")
     print(f"{'part':<18}{'seconds':>9}{'share':>8}{'rows/s':>12}")
     for name, s in parts.items():

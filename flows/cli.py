@@ -82,8 +82,9 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
     g.add_argument("--keep-versions", type=int, default=20,
                    help="versions kept (tagged versions are never removed; 0 = all) (default: %(default)s)")
     g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=65_536,
-                   help="rows per batch in a worker; bounds worker memory (default: %(default)s)")
+    g.add_argument("--batch-size", type=int, default=0,
+                   help="rows per batch in a worker; bounds worker memory. 0 = automatic: about 24 MiB of "
+                        "vectors on CPUs (16,384 rows at 384-d), 65,536 rows for GPU encoders (default: %(default)s)")
     g.add_argument("--shard-rows", type=int, default=500_000,
                    help="rows per shard, the unit of parallel work (default: %(default)s)")
     g.add_argument("--ngpu", type=int, default=-1,
@@ -347,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--sample-row-groups", type=int, default=1024, metavar="N",
                    help="most row groups the sample reads, as in compress (default: %(default)s)")
     w.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
-    w.add_argument("--batch-size", type=int, default=65_536, help="rows per batch (default: %(default)s)")
+    w.add_argument("--batch-size", type=int, default=0,
+                   help="rows per batch; 0 = about 24 MiB of vectors (default: %(default)s)")
     w.add_argument("--shard-rows", type=int, default=500_000, help="rows per shard (default: %(default)s)")
     w.add_argument("--ngpu", type=int, default=-1, help="GPUs for training (default: %(default)s)")
     w.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)")

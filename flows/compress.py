@@ -62,7 +62,7 @@ def compress_flow(
     seed: int = 0,
     sample_row_groups: int = SAMPLE_ROW_GROUPS,
     eval_k: int = 100,
-    batch_size: int = 65_536,
+    batch_size: int = 0,
     shard_rows: int = 500_000,
     ngpu: int = -1,
     device: str = "auto",

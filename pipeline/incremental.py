@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kernels._faiss import num_gpus
 from kernels.codec import Codec
 from kernels.knn import TopK, exact_knn, prepare_vectors
 from kernels.metrics import knn_recall, relative_error
@@ -26,7 +27,7 @@ from pipeline.lance_io import open_dataset, open_lance, table_uri, version_manif
 from pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
 from pipeline.codec_store import CodecRef, load_codec
 from pipeline.schema import CODE_COLUMN, RERANK_COLUMN
-from pipeline.stages import Columns, codes_as_numpy, search_batch
+from pipeline.stages import Columns, batch_rows, codes_as_numpy, search_batch
 
 log = logging.getLogger("vecpress")
 
@@ -169,7 +170,8 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
         warm = load_codec(search.rerank_codec) if search.rerank_codec else None
         codes, warm_codes = _stored_codes(search, shard, fragment_ids, with_warm=warm is not None and search.rerank)
         found = TopK(len(xq), k, exclude=query_positions, with_extra=search.rerank)
-    for first_row, batch in iter_shard_batches(shard, [columns.vector], 65_536):
+    on_gpu = num_gpus() > 0  # faiss's GPU brute force, for the exact neighbours and the search
+    for first_row, batch in iter_shard_batches(shard, [columns.vector], batch_rows(0, columns.dim, gpu=on_gpu)):
         x = vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
                              first_row=first_row)
         xp = prepare_vectors(x, metric)
@@ -179,7 +181,8 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
         if found is not None:
             rows = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
             Ds, Is, E = search_batch(codec, queries, xq, codes[rows], x, k, warm=warm,
-                                     warm_codes=None if warm_codes is None else warm_codes[rows], rerank=search.rerank)
+                                     warm_codes=None if warm_codes is None else warm_codes[rows], rerank=search.rerank,
+                                     ngpu=-1 if on_gpu else 0)
             found.add(Ds, np.where(Is >= 0, Is + position, -1), E)
     return top.D, top.I, None if found is None else (found.D, found.I, found.E)
 

@@ -64,8 +64,9 @@ class CompressOptions:
     sample_row_groups: int = SAMPLE_ROW_GROUPS
     #: neighbours computed exactly per query (recall@k is reported for k in 1, 10, 100 up to it)
     eval_k: int = 100
-    #: rows per record batch in workers: bounds worker memory (batch_size x dim x 4 bytes)
-    batch_size: int = 65_536
+    #: rows per record batch in workers: bounds worker memory (batch_size x dim x 4 bytes);
+    #: 0 = about 24 MiB of vectors on CPUs, 65,536 rows for GPU encoders (stages.batch_rows)
+    batch_size: int = 0
     #: rows per shard (whole row groups): the unit of parallelism and of retry
     shard_rows: int = 500_000
     #: GPUs to use (-1 = all; 0 = none, as device="cpu"): faiss training, and on a Ray cluster
@@ -113,9 +114,11 @@ class CompressOptions:
     def __post_init__(self):
         if self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        for name in ("num_train", "num_queries", "eval_k", "batch_size", "shard_rows"):
+        for name in ("num_train", "num_queries", "eval_k", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.batch_size < 0:
+            raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {self.batch_size}")
         wants_advice = self.max_bytes is not None or self.min_recall is not None
         if self.codec is None and wants_advice:
             object.__setattr__(self, "codec", "auto")

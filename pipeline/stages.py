@@ -58,7 +58,8 @@ class EncodeJob:
     table_uri: str
     codec: CodecRef
     columns: Columns
-    batch_size: int = 65_536
+    #: rows per record batch; 0 = batch_rows's choice for the device that computes the batch
+    batch_size: int = 0
     max_rows_per_file: int = 1 << 20
     #: exact neighbours computed in the same pass over the source (0 = off)
     eval_k: int = 100
@@ -79,6 +80,28 @@ class EncodeJob:
     #: encoders hosted elsewhere (pipeline.distributed's GPU actors): `remote.for_shard(i)` is
     #: the ShardCompute that shard i sends its batches to. None = compute in the worker
     remote: object | None = None
+
+
+#: vectors per batch (float32 bytes) when no batch size is given: below glibc's largest mmap
+#: threshold (32 MiB), so a worker's per-batch arrays (the decoded vectors, their normalised
+#: copy, the GEMM blocks) come back from its heap instead of fresh pages every batch. Measured
+#: (benchmarks/encode_profile.py, 2-core machine): 1.66x the encode worker's rate of 65,536-row
+#: batches at 384-d, 1.76x at 768-d
+AUTO_BATCH_BYTES = 24 << 20
+#: rows per batch sent to a GPU encoder: large enough to overlap its host-to-GPU copies with
+#: compute (kernels.gpu_encode's 64 MiB blocks); the size its benchmarks were measured with
+GPU_BATCH_ROWS = 65_536
+
+
+def batch_rows(batch_size: int, dim: int, *, gpu: bool) -> int:
+    """Rows per record batch: `batch_size` when given (> 0); else GPU_BATCH_ROWS for batches
+    computed on a GPU, AUTO_BATCH_BYTES of vectors for the CPU (16,384 rows at 384-d, 8,192
+    at 768-d), within 1,024..65,536."""
+    if batch_size > 0:
+        return batch_size
+    if gpu:
+        return GPU_BATCH_ROWS
+    return int(min(65_536, max(1_024, AUTO_BATCH_BYTES // (4 * dim))))
 
 
 def check_device(device: str) -> str:
@@ -255,7 +278,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
 
     def read_and_encode():
         nonlocal num_rows, compute_seconds
-        for first_row, batch in iter_shard_batches(shard, read_cols, job.batch_size):
+        gpu = job.remote is not None or compute.device != "cpu"
+        for first_row, batch in iter_shard_batches(shard, read_cols, batch_rows(job.batch_size, cols.dim, gpu=gpu)):
             ids = batch.column(1)
             if ids.null_count:
                 raise SourceError(f"{shard.file_uri}: column {cols.id!r}: {ids.null_count} of {batch.num_rows} "

@@ -31,7 +31,7 @@ from pipeline.errors import ConfigError, VecpressError
 from pipeline.executor import Executor
 from pipeline.sampling import SAMPLE_ROW_GROUPS
 from pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
-from pipeline.stages import Columns
+from pipeline.stages import Columns, batch_rows
 
 log = logging.getLogger("vecpress")
 
@@ -59,7 +59,8 @@ class SweepJob:
     metric: str
     codecs: tuple[TrainedCodec, ...]
     eval_k: int = 100
-    batch_size: int = 65_536
+    #: rows per record batch (0 = stages.batch_rows's choice for the CPU)
+    batch_size: int = 0
 
 
 @dataclass
@@ -84,7 +85,8 @@ def sweep_shard(shard: Shard, *, job: SweepJob, queries: np.ndarray, query_posit
     seconds = [0.0] * len(codecs)
     cols = job.columns
     num_rows = 0
-    for first_row, batch in iter_shard_batches(shard, [cols.vector], job.batch_size):
+    rows = batch_rows(job.batch_size, cols.dim, gpu=False)
+    for first_row, batch in iter_shard_batches(shard, [cols.vector], rows):
         raw = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
                                first_row=first_row)
         x = prepare_vectors(raw, job.metric)
@@ -343,7 +345,7 @@ def write_reports(result: SweepResult, out: str, budgets: list[int] | None = Non
 
 def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | None = None,
                  budgets: list[int] | None = None, num_train: int = 100_000, num_queries: int = 1_000,
-                 seed: int = 0, eval_k: int = 100, batch_size: int = 65_536, shard_rows: int = 500_000,
+                 seed: int = 0, eval_k: int = 100, batch_size: int = 0, shard_rows: int = 500_000,
                  ngpu: int = -1, sample_row_groups: int = SAMPLE_ROW_GROUPS,
                  executor: Executor) -> tuple[SweepResult, dict[str, str]]:
     """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),

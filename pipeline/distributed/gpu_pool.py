@@ -129,6 +129,8 @@ class RemoteShardCompute:
     actors (ShardCompute on the run's device), and its `info` says which actors it lost.
     Batches are pure compute, so sending one again is safe."""
 
+    device = "cuda"  # (where its batches go: encode_shard sizes them for a GPU)
+
     def __init__(self, pool: "GpuComputePool", first: int):
         self.pool = pool
         self.current = first
