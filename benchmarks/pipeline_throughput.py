@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--num-queries", type=int, default=1000, help="held-out queries (the exact top-k costs 2 x dim flops per query and row)")
     ap.add_argument("--device", default="auto", help="auto | cuda | cpu (CompressOptions.device)")
     ap.add_argument("--shard-rows", type=int, default=500_000)
+    ap.add_argument("--batch-size", type=int, default=0, help="rows per batch (0 = automatic, as compress)")
     ap.add_argument("--no-eval-rerank", action="store_true", help="skip the re-ranked recall in evaluate")
     ap.add_argument("--row-group-rows", type=int, default=16_384, help="rows per Parquet row group of the corpus")
     ap.add_argument("--sample-row-groups", type=int, default=None,
@@ -78,7 +79,8 @@ def main() -> None:
     scan_s = scans[len(scans) // 2]  # the median: one scan of a few hundred MiB is noisy here
 
     opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=args.num_queries,
-                           device=args.device, shard_rows=args.shard_rows, eval_rerank=not args.no_eval_rerank,
+                           device=args.device, shard_rows=args.shard_rows, batch_size=args.batch_size,
+                           eval_rerank=not args.no_eval_rerank,
                            **({} if args.sample_row_groups is None else {"sample_row_groups": args.sample_row_groups}))
     with RayExecutor() as ex:
         ex.map(lambda i: i, range(4), desc="warm-up")
