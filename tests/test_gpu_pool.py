@@ -104,6 +104,7 @@ def test_lost_gpu_actors_hand_their_batches_on(runs, kill):
     else:
         assert {c["pid"] for c in dev["compute"]} <= readers
         assert all(sorted(c["lost_actors"]) == sorted(a["pid"] for a in lost) for c in dev["compute"])
+        assert all((c["encode"], c["exact_knn"]) == ("cpu", "faiss-cpu") for c in dev["compute"])  # not the GPU
     assert sum(c["rows"] for c in dev["compute"]) == 6000
     assert out["num_rows"] == 6000
     assert out["codes"] == runs[0]["codes"] and out["recall"] == runs[0]["recall"]

@@ -6,7 +6,8 @@ loads the codec's GPU encoder and the held-out queries once. The encode tasks st
 they read and decode their shard's Parquet batches, send each batch to their actor (through
 the object store), get back its codes and exact top-k, and write the Lance fragments. Without
 GPUs there are no actors and each task computes itself. A read task whose actor dies (its node
-lost) sends its batches to the next live actor, and computes them itself once none is left. Every shard's result says which
+lost) sends its batches to the next live actor, and computes them itself, on its CPU, once
+none is left. Every shard's result says which
 process read it and which device computed it; the run's manifest aggregates that.
 
 On a cluster that grows (an autoscaler, GPU nodes starting at zero), `ngpu=N` asks for N
@@ -125,9 +126,9 @@ class RemoteShardCompute:
     """A ShardCompute whose batches go to a GPU actor: what a CPU read task calls.
 
     If its actor dies (its node is lost, its process killed), the batch goes to the pool's
-    next live actor; with none left, the read task computes itself, as it does without GPU
-    actors (ShardCompute on the run's device), and its `info` says which actors it lost.
-    Batches are pure compute, so sending one again is safe."""
+    next live actor; with none left, the read task computes itself on its CPU (a GPU that
+    lost its actors may be what failed), and its `info` says which actors it lost. Batches
+    are pure compute, so sending one again is safe."""
 
     device = "cuda"  # (where its batches go: encode_shard sizes them for a GPU)
 
@@ -165,7 +166,7 @@ class RemoteShardCompute:
 
         log.warning("encode: every GPU encoder actor is gone (%s); this read task computes its batches itself",
                     type(exc).__name__)
-        self.local = ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device=self.pool.job.device)
+        self.local = ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device="cpu")
 
 
 class GpuComputePool:
