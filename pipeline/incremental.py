@@ -170,8 +170,8 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
         warm = load_codec(search.rerank_codec) if search.rerank_codec else None
         codes, warm_codes = _stored_codes(search, shard, fragment_ids, with_warm=warm is not None and search.rerank)
         found = TopK(len(xq), k, exclude=query_positions, with_extra=search.rerank)
-    on_gpu = num_gpus() > 0  # faiss's GPU brute force, for the exact neighbours and the search
-    for first_row, batch in iter_shard_batches(shard, [columns.vector], batch_rows(0, columns.dim, gpu=on_gpu)):
+    rows = batch_rows(0, columns.dim, gpu=num_gpus() > 0)  # (both searches below use faiss's GPU when it sees one)
+    for first_row, batch in iter_shard_batches(shard, [columns.vector], rows):
         x = vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
                              first_row=first_row)
         xp = prepare_vectors(x, metric)
@@ -182,7 +182,7 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
             rows = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
             Ds, Is, E = search_batch(codec, queries, xq, codes[rows], x, k, warm=warm,
                                      warm_codes=None if warm_codes is None else warm_codes[rows], rerank=search.rerank,
-                                     ngpu=-1 if on_gpu else 0)
+                                     ngpu=-1)
             found.add(Ds, np.where(Is >= 0, Is + position, -1), E)
     return top.D, top.I, None if found is None else (found.D, found.I, found.E)
 

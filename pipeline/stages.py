@@ -85,8 +85,8 @@ class EncodeJob:
 #: vectors per batch (float32 bytes) when no batch size is given: below glibc's largest mmap
 #: threshold (32 MiB), so a worker's per-batch arrays (the decoded vectors, their normalised
 #: copy, the GEMM blocks) come back from its heap instead of fresh pages every batch. Measured
-#: (benchmarks/encode_profile.py, 2-core machine): 1.66x the encode worker's rate of 65,536-row
-#: batches at 384-d, 1.76x at 768-d
+#: (benchmarks/batch_size.py, whole encode_shard runs, 2-core machine): 1.21x the worker's rate
+#: with 65,536-row batches at 384-d, 1.24x at 768-d
 AUTO_BATCH_BYTES = 24 << 20
 #: rows per batch sent to a GPU encoder: large enough to overlap its host-to-GPU copies with
 #: compute (kernels.gpu_encode's 64 MiB blocks); the size its benchmarks were measured with
@@ -278,8 +278,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
 
     def read_and_encode():
         nonlocal num_rows, compute_seconds
-        gpu = job.remote is not None or compute.device != "cpu"
-        for first_row, batch in iter_shard_batches(shard, read_cols, batch_rows(job.batch_size, cols.dim, gpu=gpu)):
+        rows = batch_rows(job.batch_size, cols.dim, gpu=compute.device != "cpu")  # (a GPU actor's: "cuda")
+        for first_row, batch in iter_shard_batches(shard, read_cols, rows):
             ids = batch.column(1)
             if ids.null_count:
                 raise SourceError(f"{shard.file_uri}: column {cols.id!r}: {ids.null_count} of {batch.num_rows} "

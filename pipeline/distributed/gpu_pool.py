@@ -24,10 +24,10 @@ finds no CUDA device and says so (`encode: "cpu"`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -52,7 +52,7 @@ def gpu_wait_seconds(value: float | None = None) -> float:
         raise ClusterError(f"VECPRESS_GPU_WAIT_S must be a number of seconds, got {env!r}") from None
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class EncodePlacement:
     """Where encoding runs: `"gpu"` (that many GPU actors) or `"cpu"` (CPU tasks).
     `cluster_gpus`: the whole GPUs the cluster had when the run asked."""
@@ -156,9 +156,9 @@ class RemoteShardCompute:
     def _lose(self, exc) -> None:
         n = len(self.pool.actors)
         self.lost.append(self.current)
-        live = [i for i in range(self.current + 1, self.current + n) if i % n not in self.lost]
+        live = [j % n for j in range(self.current + 1, self.current + n) if j % n not in self.lost]
         if live:
-            self.current = live[0] % n
+            self.current = live[0]
             log.warning("encode: GPU encoder actor %d is gone (%s); its batches go to actor %d",
                         self.lost[-1], type(exc).__name__, self.current)
             return
@@ -229,15 +229,8 @@ class GpuComputePool:
                     f"with --ngpu 0; VECPRESS_GPU_WAIT_S sets the wait")
             log.warning("encode: %d of %d GPU encoders ready after %.0f s (the cluster has %d GPU(s)); "
                         "going on with %d", len(kept), asked, wait, gpus, len(kept))
-            self.placement = EncodePlacement("gpu", len(kept), self.placement.cluster_gpus)
+            self.placement = dataclasses.replace(self.placement, num_encoders=len(kept))
         return self
-
-    @classmethod
-    def start(cls, job, queries, *, ngpu: int = -1, may_grow: bool = False,
-              wait_seconds: float | None = None) -> "GpuComputePool | None":
-        """Actors on the cluster's GPUs, ready for `job`; None when it has no GPUs."""
-        pool = cls.prestart(ngpu=ngpu, may_grow=may_grow)
-        return None if pool is None else pool.setup(job, queries, wait_seconds=wait_seconds)
 
     def for_shard(self, index: int) -> RemoteShardCompute:
         return RemoteShardCompute(self, index % len(self.actors))

@@ -96,11 +96,10 @@ class RayExecutor:
         self.start()
         from pipeline.distributed.gpu_pool import GpuComputePool
 
-        pool, self._gpu_pool = self._gpu_pool, None
+        pool, self._gpu_pool = self._gpu_pool, None  # the prestarted actors, else ask now
         if pool is None:
-            return GpuComputePool.start(job, queries, ngpu=ngpu, may_grow=self.may_grow,
-                                        wait_seconds=self.gpu_wait_seconds)
-        return pool.setup(job, queries, wait_seconds=self.gpu_wait_seconds)
+            pool = GpuComputePool.prestart(ngpu=ngpu, may_grow=self.may_grow)
+        return None if pool is None else pool.setup(job, queries, wait_seconds=self.gpu_wait_seconds)
 
     @property
     def may_grow(self) -> bool:
