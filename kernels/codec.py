@@ -479,8 +479,8 @@ class Codec:
         queries, fast-scan PQ, RaBitQ and few-table additive codes use faiss's own search.
 
         `ngpu` > 0 (and faiss sees a GPU): those codecs' decoded blocks are searched by faiss's
-        GPU brute force instead, for any number of queries; the others search on the CPU as
-        above. `search_device(ngpu)` says which.
+        GPU brute force instead, for any number of queries (and k up to knn.GPU_MAX_K); the
+        others search on the CPU as above. `search_device(ngpu)` says which.
 
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """

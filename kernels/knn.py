@@ -14,6 +14,9 @@ import numpy as np
 from kernels._faiss import faiss, num_gpus
 
 METRICS = ("l2", "ip", "cosine")
+#: the largest k faiss's GPU brute force selects (GPU_MAX_SELECTION_K); a larger k (e.g.
+#: --eval-k 5000) is searched on the CPU instead of failing mid-run
+GPU_MAX_K = 2048
 
 
 def faiss_metric(metric: str) -> int:
@@ -44,6 +47,12 @@ def _gpu_resources():
     return faiss.StandardGpuResources()
 
 
+def gpu_knn(k: int, ngpu: int) -> bool:
+    """Whether exact_knn(..., k, ngpu=ngpu) searches on a GPU: GPUs asked for and seen, k within
+    faiss's GPU selection."""
+    return k <= GPU_MAX_K and num_gpus(ngpu) > 0
+
+
 def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int = 0):
     """Brute-force k-NN of prepared queries over prepared base vectors.
 
@@ -53,7 +62,7 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int 
     mt = faiss_metric(metric)
     if k_eff == 0:
         return np.full((xq.shape[0], k), np.inf, np.float32), np.full((xq.shape[0], k), -1, np.int64)
-    if num_gpus(ngpu) > 0:
+    if gpu_knn(k_eff, ngpu):
         D, I = faiss.knn_gpu(_gpu_resources(), xq, xb, k_eff, metric=mt)
     else:
         D, I = faiss.knn(xq, xb, k_eff, metric=mt)

@@ -15,9 +15,8 @@ import lance.fragment
 import numpy as np
 import pyarrow as pa
 
-from kernels._faiss import num_gpus
 from kernels.gpu_encode import gpu_count
-from kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
+from kernels.knn import TopK, candidate_distances, exact_knn, gpu_knn, prepare_vectors
 from pipeline import storage
 from pipeline.codec_store import CodecRef, load_codec
 from pipeline.errors import SourceError
@@ -139,7 +138,8 @@ class ShardCompute:
         self.rerank = job.eval_rerank
         self.xq = prepare_vectors(queries, self.codec.metric) if with_knn else None
         on_gpu = self.device != "cpu"
-        self.knn_ngpu = 1 if on_gpu and num_gpus() > 0 else 0
+        # both searches take k + 1 (the query's own row); past faiss's GPU top-k both stay on the CPU
+        self.knn_ngpu = 1 if on_gpu and gpu_knn(self.k + 1, 1) else 0
         self.info = {**where_am_i(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                      "encode": self.codec.encode_device(self.device) if on_gpu else "cpu",
                      "rerank_encode": (self.warm.encode_device(self.device) if on_gpu else "cpu") if self.warm else None,

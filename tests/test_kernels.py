@@ -135,3 +135,17 @@ def test_gpu_training_matches_cpu_quality(data, spec):
     assert e_gpu <= e_cpu * 1.05 + 1e-4  # same quality within 5%, not bit-identical
     # a GPU-trained codec serialises as a plain CPU codec
     assert Codec.from_bytes(gpu.to_bytes(), spec=spec, metric="l2").code_size == gpu.code_size
+
+
+@pytest.mark.gpu
+def test_gpu_exact_knn_equals_cpu_within_and_past_the_gpu_top_k(data):
+    from kernels.knn import GPU_MAX_K, gpu_knn
+
+    xb, xq = data
+    xq, xb = prepare_vectors(xq, "l2"), prepare_vectors(xb, "l2")
+    for k in (100, GPU_MAX_K + 1):  # the second is past faiss's GPU selection: searched on the CPU
+        assert gpu_knn(k, -1) == (k <= GPU_MAX_K)
+        D_gpu, I_gpu = exact_knn(xq, xb, k, "l2", ngpu=-1)
+        D_cpu, I_cpu = exact_knn(xq, xb, k, "l2", ngpu=0)
+        np.testing.assert_allclose(D_gpu, D_cpu, rtol=1e-4, atol=1e-3)
+        assert (I_gpu == I_cpu).mean() > 0.99  # ties aside
