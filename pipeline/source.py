@@ -4,7 +4,9 @@ that turns Arrow vectors into numpy.
 Every file's schema is read from its own footer before any work starts; pyarrow datasets are
 never used to read sources, because they take the first file's schema and silently cast the
 rest. A vector column is `fixed_size_list<float32|float16>` or `list<float32|float16>` of one
-dimension; the id column is int64 or string; passthrough columns must have one type everywhere.
+dimension (fixed and variable lists, float32 and float16 may mix across files); the id column
+is int64 or string; passthrough columns must have one type everywhere (nested fields'
+nullability and names aside).
 """
 
 from __future__ import annotations
@@ -186,6 +188,42 @@ def _vector_type(t: pa.DataType) -> tuple[str, str, int | None] | None:
     return None
 
 
+def _loose(t: pa.DataType) -> pa.DataType:
+    """`t` with every nested field nullable and list items named "item": Parquet writers
+    differ there (Spark's containsNull=false, "element" against "item") for the same data."""
+    if pa.types.is_fixed_size_list(t):
+        return pa.list_(_loose(t.value_type), t.list_size)
+    if pa.types.is_large_list(t):
+        return pa.large_list(_loose(t.value_type))
+    if pa.types.is_list(t):
+        return pa.list_(_loose(t.value_type))
+    if pa.types.is_map(t):
+        return pa.map_(_loose(t.key_type), _loose(t.item_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _loose(f.type)) for f in t])
+    return t
+
+
+def _type_difference(ref: pa.DataType, t: pa.DataType, *, vector: bool) -> str | None:
+    """How column type `t` differs from `ref` (another file's) in a way the run cannot take,
+    or None. Vectors only need one dimension (each batch is converted to float32 on its
+    own); other columns one type, nested fields' nullability and names aside."""
+    if vector:
+        dims = {_vector_type(ref)[2], _vector_type(t)[2]} - {None}
+        return "dimensions differ" if len(dims) > 1 else None
+    return None if _loose(ref) == _loose(t) else "types differ"
+
+
+def _output_field(schemas: list[pa.Schema], col: str) -> pa.Field:
+    """The output's field for an id or passthrough column: the first file's, nullable when any
+    file's is, and with loose nested fields (_loose) when the files' nested fields differ."""
+    fields = [s.field(col) for s in schemas]
+    first = fields[0]
+    loose = any(f.type != first.type for f in fields)
+    return pa.field(col, _loose(first.type) if loose else first.type, nullable=any(f.nullable for f in fields),
+                    metadata=first.metadata)
+
+
 def _describe(t: pa.DataType) -> str:
     return str(t).replace("element: ", "").replace("item: ", "")
 
@@ -250,9 +288,10 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
                 continue
             if col not in ref_types:
                 ref_types[col] = (t, uri)
-            elif ref_types[col][0] != t:
+                continue
+            what = _type_difference(ref_types[col][0], t, vector=role == "vector")
+            if what:
                 ref_t, ref_uri = ref_types[col]
-                what = "dimensions differ" if role == "vector" else "types differ"
                 problems.append(f"{uri}: column {col!r} is {_describe(t)} ({num_rows} rows) but {ref_uri} has "
                                 f"{_describe(ref_t)}: {what} across files")
     if problems:
@@ -290,8 +329,7 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
             file_row += rows
             start = stop
 
-    first_schema = footers[uris[0]][3]
-    out_fields = pa.schema([first_schema.field(spec.id_column)] + [first_schema.field(k) for k in spec.keep])
+    out_fields = pa.schema([_output_field([footers[u][3] for u in uris], col) for col in (spec.id_column, *spec.keep)])
     return SourcePlan(
         vector_column=vector_column, id_column=spec.id_column, keep=list(spec.keep), dim=int(dim),
         vector_type=f"{kind}<{value_type}>[{dim}]", value_type=value_type, num_rows=int(total),

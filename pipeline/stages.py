@@ -298,8 +298,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
                 search.add(Ds, np.where(Is >= 0, Is + position, -1), E)
             num_rows += batch.num_rows
             warm_cols = [codes_array(warm_codes)] if warm else []
-            yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_cols, *batch.columns[2:]],
-                                  schema=schema)
+            kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(batch.columns[2:], list(cols.out_fields)[1:])]
+            yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_cols, *kept], schema=schema)
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())
     try:

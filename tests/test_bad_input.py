@@ -278,11 +278,38 @@ def test_dimensions_differ_across_files(base, ray_executor):
                     "part-000.parquet")
 
 
-def test_fixed_and_variable_lists_mixed_across_files(base, ray_executor):
+@pytest.mark.parametrize("how", ["variable lists", "non-null items named element"])
+def test_vector_types_of_one_dimension_mix_across_files(base, ray_one, how):
+    """Writers differ in how they declare the same vectors: fixed or variable lists, nullable
+    or non-null items, "item" or "element". Each batch is converted on its own, so the run
+    takes them all and gives the codes of the uniform corpus."""
     x = base.x[2 * ROWS_PER_FILE:]
-    part = write_part(last_part(base.folder), ragged(list(x)), first_id=2 * ROWS_PER_FILE)
-    msg = fails_at_plan(base, ray_executor)
-    assert_mentions(msg, part.name, "'embedding'", f"{ROWS_PER_FILE} rows", "differ")
+    if how == "variable lists":
+        vectors = ragged(list(x))
+    else:
+        item = pa.field("element", pa.float32(), nullable=False)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), type=pa.list_(item, DIM))
+    write_part(last_part(base.folder), vectors, first_id=2 * ROWS_PER_FILE)
+    rerun(base, ray_one)
+    now = snapshot(base.out)
+    assert now.version == base.snap.version + 1 and now.num_rows == NUM_ROWS
+    assert now.table.column("code").equals(base.snap.table.column("code"))
+
+
+def test_passthrough_nullable_in_a_later_file_only(base, ray_one):
+    """The first file declares `text` non-null, a later one holds nulls: the output's field is
+    nullable and keeps them (it was the first file's field alone)."""
+    first = base.folder / "part-000.parquet"
+    t = pq.read_table(first)
+    pq.write_table(t.cast(t.schema.set(2, pa.field("text", pa.string(), nullable=False))), first)
+    part = last_part(base.folder)
+    t = pq.read_table(part)
+    text = [None if j % 2 else f"doc {j}" for j in range(t.num_rows)]
+    pq.write_table(t.set_column(2, "text", pa.array(text, pa.string())), part)
+    rerun(base, ray_one)
+    out = lance.dataset(base.snap.uri)
+    assert out.schema.field("text").nullable
+    assert out.to_table(columns=["text"]).column(0).null_count == ROWS_PER_FILE // 2
 
 
 def write_list_corpus(folder: Path, x: np.ndarray) -> None:
