@@ -240,7 +240,8 @@ def drift_decision(baseline: dict | None, current: dict, *, threshold: float, fo
 def gate_version(out: str, table: str, version: int, recall_at_10: float | None, *, floor: float | None,
                  max_drop: float, tag: str = PRODUCTION_TAG, load_eval=None) -> dict:
     """Move `tag` to `version` if its recall@10 reaches `floor` and is at most `max_drop` below
-    the currently tagged version's; otherwise leave the tag where it is."""
+    the currently tagged version's; otherwise leave the tag where it is. A version whose
+    recall@10 was not measured passes only where neither check applies."""
     ds = open_dataset(out, table)
     tags = ds.tags.list()
     previous = tags[tag]["version"] if tag in tags else None
@@ -251,7 +252,11 @@ def gate_version(out: str, table: str, version: int, recall_at_10: float | None,
          "previous_version": previous, "previous_recall_at_10": prev_recall}
     problems = []
     if recall_at_10 is None:
-        problems.append("recall@10 was not measured")
+        # (--eval-k below 10, or a corpus of 10 rows or fewer): only a check that applies fails
+        if floor is not None:
+            problems.append(f"recall@10 was not measured (--eval-k below 10?), the floor is {floor:.4f}")
+        if prev_recall is not None:
+            problems.append(f"recall@10 was not measured, version {previous} had {prev_recall:.4f}")
     else:
         if floor is not None and recall_at_10 < floor:
             problems.append(f"recall@10 {recall_at_10:.4f} is below the floor {floor:.4f}")

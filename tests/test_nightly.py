@@ -124,6 +124,17 @@ def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ra
     assert inspect_table(str(out), "t", version="production")["eval"]["recall_at_10"] == first.eval["recall_at_10"]
 
 
+def test_gate_without_recall_at_10_fails_only_a_check_that_applies(src, tmp_path, ray_executor):
+    """--eval-k 5 measures no recall@10: no floor and no earlier recall to compare, so the
+    version passes (it failed every such run); a floor cannot be checked, so it fails."""
+    out = tmp_path / "out"
+    first = run(src, out, ray_executor, eval_k=5)
+    assert first.eval["recall_at_10"] is None and first.eval["recall_at_1"] is not None
+    assert first.gate["passed"] and lance.dataset(str(out / "t.lance"), version="production").version == 1
+    with pytest.raises(QualityGateError, match="recall@10 was not measured.*floor"):
+        run(src, out, ray_executor, eval_k=5, mode="full", gate_min_recall=0.5)
+
+
 def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
