@@ -55,6 +55,9 @@ class SourceDiff:
     reasons: list[str] = field(default_factory=list)
     #: ids (in the previous version) of the fragments each kept shard owns, parallel to kept_shards
     kept_fragment_ids: list[list[int]] = field(default_factory=list)
+    #: the version no longer has vecpress's fragment layout (compacted, rows deleted): the
+    #: diff only says whether the sources changed; it has no kept shards to extend
+    layout_lost: bool = False
 
     @property
     def no_change(self) -> bool:
@@ -110,16 +113,16 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
     # each shard of the layout owns the next fragments, by row count
     frags = ds.get_fragments()
     kept_shards, kept_fragments, kept_ids, rows_removed, fi = [], [], [], 0, 0
+    matched = True
     for shard in prev.shards:
         owned, rows = [], 0
-        while rows < shard.num_rows:
-            if fi >= len(frags):
-                raise VecpressError(f"{table_uri(out, table)} version {ds.version}: fragments do not match its layout")
+        while rows < shard.num_rows and fi < len(frags):
             owned.append(frags[fi])
             rows += frags[fi].count_rows()
             fi += 1
         if rows != shard.num_rows:
-            raise VecpressError(f"{table_uri(out, table)} version {ds.version}: fragments do not match its layout")
+            matched = False
+            break
         if shard.file_uri in unchanged:
             kept_shards.append(shard)
             kept_fragments.extend(f.metadata.to_json() for f in owned)
@@ -127,6 +130,15 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         else:
             rows_removed += shard.num_rows
     changed = set(added) | set(rewritten)
+    if not matched or fi != len(frags):
+        # compacted (LanceDB optimize), or rows deleted or added since vecpress wrote it: which
+        # rows came from which file is lost. Unchanged sources still need nothing; otherwise the
+        # run rebuilds (and lays the shards out again)
+        if not changed and not removed:
+            return SourceDiff(ds.version, manifest, [], [], [], unchanged, [], [], [], 0, layout_lost=True)
+        log.warning("incremental: full rebuild instead: %s version %d no longer has the fragment layout "
+                    "vecpress wrote (compacted, or rows deleted?)", table_uri(out, table), ds.version)
+        return None
     return SourceDiff(ds.version, manifest, added, removed, rewritten, unchanged, kept_shards, kept_fragments,
                       [s for s in plan.shards if s.file_uri in changed], rows_removed, kept_fragment_ids=kept_ids)
 

@@ -264,6 +264,8 @@ def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Plan
     if opts.mode == "auto":
         diff = diff_sources(ctx.out, ctx.table, plan, metric=opts.metric,
                             codec=None if opts.codec == "auto" else opts.codec)
+        if diff is not None and diff.layout_lost and opts.force_retrain:
+            diff = None  # nothing to extend: the retrain is a full rebuild
     if diff is not None:
         planned.diff, planned.plan = diff, layout_after(plan, diff)
         planned.num_train = diff.previous_manifest["sample"]["num_train"]

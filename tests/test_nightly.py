@@ -135,6 +135,23 @@ def test_gate_without_recall_at_10_fails_only_a_check_that_applies(src, tmp_path
         run(src, out, ray_executor, eval_k=5, mode="full", gate_min_recall=0.5)
 
 
+def test_runs_after_a_compaction(src, tmp_path, ray_executor):
+    """LanceDB's optimize() merges vecpress's fragments, so which rows came from which file is
+    lost: unchanged sources still commit nothing, changed ones rebuild (it failed every run)."""
+    out = tmp_path / "out"
+    uri = str(out / "t.lance")
+    run(src, out, ray_executor)
+    lance.dataset(uri).optimize.compact_files(target_rows_per_fragment=1 << 20)
+    compacted = lance.dataset(uri)
+    assert len(compacted.get_fragments()) == 1
+    same = run(src, out, ray_executor)
+    assert not same.committed and same.version == compacted.version
+    part(src, "d.parquet", 3000, 3500)
+    grown = run(src, out, ray_executor)
+    assert grown.committed and grown.mode == "full" and lance.dataset(uri).count_rows() == 3500
+    assert run(src, out, ray_executor).reason.startswith("no change")  # the new layout is vecpress's again
+
+
 def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
