@@ -75,8 +75,15 @@ def previous_layout(out: str, manifest: dict) -> SourcePlan:
         storage.join(storage.normalize(out), manifest["source"]["plan_uri"]))))
 
 
-def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: str | None) -> list[str]:
-    """Why the previous version cannot be extended (empty when it can)."""
+#: with codec="auto", the options that decide which codec the advisor picks
+ADVICE_OPTIONS = ("max_bytes", "min_recall", "advise_rerank", "advise_codecs")
+
+
+def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: str | None, *,
+                         rerank_codec: str | None = None, advice: dict | None = None) -> list[str]:
+    """Why the previous version cannot be extended (empty when it can). `codec` None is
+    codec="auto": then `advice` (ADVICE_OPTIONS) must equal the previous run's, or the advisor
+    could pick another codec; the warm column's codec must be `rerank_codec` either way."""
     src = manifest["source"]
     why = []
     for what, old, new in [("vector column", src["vector_column"], plan.vector_column),
@@ -86,12 +93,22 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
             why.append(f"{what} changed ({old} -> {new})")
     if codec not in (None, manifest["codec"]["spec"]):
         why.append(f"codec changed ({manifest['codec']['spec']} -> {codec})")
+    old_warm = (manifest.get("rerank_codec") or {}).get("spec")
+    if old_warm != rerank_codec:
+        why.append(f"re-rank codec changed ({old_warm} -> {rerank_codec})")
+    old_opts = manifest.get("options") or {}
+    for name, new in (advice or {}).items():
+        old = old_opts.get(name)
+        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
+            why.append(f"codec=auto's {name} changed ({old} -> {new})")
     return why
 
 
-def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: str | None) -> SourceDiff | None:
+def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: str | None,
+                 rerank_codec: str | None = None, advice: dict | None = None) -> SourceDiff | None:
     """None when there is no previous vecpress version to extend, or it cannot be extended
-    (other columns, metric or codec): then the run is a full build."""
+    (other columns, metric, codec or its choice, warm column: incremental_blockers): then the
+    run is a full build."""
     ds = open_dataset(out, table)
     if ds is None:
         return None
@@ -99,7 +116,7 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         manifest = version_manifest(ds)
     except VecpressError:
         return None
-    blockers = incremental_blockers(manifest, plan, metric, codec)
+    blockers = incremental_blockers(manifest, plan, metric, codec, rerank_codec=rerank_codec, advice=advice)
     if blockers:
         log.info("incremental: full rebuild instead: %s", "; ".join(blockers))
         return None

@@ -29,8 +29,8 @@ from pipeline.lance_io import (
     check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri, version_manifest,
 )
 from pipeline.incremental import (
-    KeptSearch, QualityGateError, SourceDiff, apply_retention, diff_sources, drift_decision, gate_version, knn_shard,
-    layout_after, probe_quality,
+    ADVICE_OPTIONS, KeptSearch, QualityGateError, SourceDiff, apply_retention, diff_sources, drift_decision,
+    gate_version, knn_shard, layout_after, probe_quality,
 )
 from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
@@ -262,8 +262,10 @@ def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Plan
     planned = Planned(plan, None, None, num_train, num_queries, None, snapshot=plan)
     diff = None
     if opts.mode == "auto":
-        diff = diff_sources(ctx.out, ctx.table, plan, metric=opts.metric,
-                            codec=None if opts.codec == "auto" else opts.codec)
+        auto = opts.codec == "auto"
+        diff = diff_sources(ctx.out, ctx.table, plan, metric=opts.metric, codec=None if auto else opts.codec,
+                            rerank_codec=opts.rerank_codec,
+                            advice={name: getattr(opts, name) for name in ADVICE_OPTIONS} if auto else None)
         if diff is not None and diff.layout_lost and opts.force_retrain:
             diff = None  # nothing to extend: the retrain is a full rebuild
     if diff is not None:

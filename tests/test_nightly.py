@@ -152,6 +152,28 @@ def test_runs_after_a_compaction(src, tmp_path, ray_executor):
     assert run(src, out, ray_executor).reason.startswith("no change")  # the new layout is vecpress's again
 
 
+def test_options_that_change_the_codecs_rebuild(src, tmp_path, ray_executor):
+    """An incremental run keeps the table's codecs, so a new --rerank-codec, or a new codec=auto
+    criterion, makes the run a full rebuild (both were ignored: the run stayed incremental)."""
+    out = tmp_path / "out"
+    run(src, out, ray_executor)
+    part(src, "d.parquet", 3000, 3500)
+    warm = run(src, out, ray_executor, rerank_codec="SQ8", allow_schema_change=True)
+    assert warm.mode == "full" and warm.manifest["rerank_codec"]["spec"] == "SQ8"
+    assert "rerank_code" in lance.dataset(str(out / "t.lance")).schema.names
+    part(src, "e.parquet", 3500, 4000)
+    auto = dict(codec="auto", advise_codecs=("PQ4", "PQ8"), rerank_codec="SQ8", allow_schema_change=True,
+                gate_max_drop=1.0)  # the gate is not what this test is about
+    first = run(src, out, ray_executor, max_bytes=8, **auto)
+    assert first.mode == "full" and first.manifest["codec"]["spec"] == "PQ8"
+    part(src, "f.parquet", 4000, 4500)
+    same = run(src, out, ray_executor, max_bytes=8, **auto)  # same criterion: incremental
+    assert same.mode == "incremental" and same.manifest["codec"]["spec"] == "PQ8"
+    part(src, "g.parquet", 4500, 5000)
+    smaller = run(src, out, ray_executor, max_bytes=4, **auto)
+    assert smaller.mode == "full" and smaller.manifest["codec"]["spec"] == "PQ4"
+
+
 def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
