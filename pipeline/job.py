@@ -785,10 +785,11 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
     sampled = None
     if planned.diff is not None:
         if planned.diff.no_change and not opts.force_retrain:
-            log.info("no change since version %d: nothing to commit", planned.diff.previous_version)
-            return RunResult(ctx.run_id, planned.diff.previous_version, None, None, committed=False,
-                             reason=f"no change since version {planned.diff.previous_version}",
-                             mode="none", incremental=planned.diff.summary())
+            prev = planned.diff.previous_version
+            log.info("no change since version %d: nothing to commit", prev)
+            result = RunResult(ctx.run_id, prev, None, None, committed=False, reason=f"no change since version {prev}",
+                               mode="none", incremental=planned.diff.summary())
+            return finish_stopped_run(ctx, planned.diff, result, opts, executor, stages)
         planned, sampled, _ = stages.drift(ctx, planned, opts, executor)
     prestart = getattr(executor, "prestart_gpu", None)  # GPU actors warm up while we sample and train
     if prestart is not None and opts.encode_device != "cpu":
@@ -810,6 +811,30 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
                      mode="incremental" if planned.diff else "full",
                      incremental=planned.diff.summary() if planned.diff else None, drift=planned.drift,
                      gate={k: v for k, v in gate.items() if k != "retention"}, retention=gate["retention"])
+
+
+def finish_stopped_run(ctx: RunContext, diff: SourceDiff, result: RunResult, opts: CompressOptions,
+                       executor: Executor, stages: Stages) -> RunResult:
+    """A run with nothing to commit first finishes the run that committed the latest version,
+    if that one stopped after its commit (a lost worker, a killed flow): it evaluates and gates
+    that version, which would otherwise never be evaluated nor tagged. Else `result` as is."""
+    from pipeline.report import load_eval
+
+    manifest = diff.previous_manifest
+    ev = load_eval(ctx.out, ctx.table, diff.previous_version)
+    if ev is not None and "gate" in ev:
+        return result
+    if ev is None:
+        if diff.layout_lost:  # a compacted copy of an evaluated version, not a stopped run's
+            return result
+        log.warning("version %d was committed by run %s, which stopped before evaluating it: evaluating it now",
+                    diff.previous_version, manifest["run_id"])
+        committed = Committed(diff.previous_version, manifest)
+        ev = stages.evaluate(ctx, committed, executor, manifest.get("stage_seconds") or {})
+    gate = stages.gate(ctx, Committed(diff.previous_version, manifest), ev, opts)
+    return dataclasses.replace(result, manifest=manifest, eval=ev, reason=f"{result.reason}; evaluated and gated it "
+                               f"(its run stopped after the commit)" + ("" if gate["passed"] else f": {gate['reason']}"),
+                               gate={k: v for k, v in gate.items() if k != "retention"}, retention=gate["retention"])
 
 
 def check_gate(result: RunResult) -> RunResult:

@@ -174,6 +174,32 @@ def test_options_that_change_the_codecs_rebuild(src, tmp_path, ray_executor):
     assert smaller.mode == "full" and smaller.manifest["codec"]["spec"] == "PQ4"
 
 
+def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_path, ray_executor):
+    """Night 2 commits, then dies in evaluate: its version has no evaluation and no gate. Night 3
+    has nothing to commit; it evaluates and gates version 2 (it left it untagged for good)."""
+    from pipeline.job import RunContext, Stages, run_stages
+
+    out = tmp_path / "out"
+    uri = str(out / "t.lance")
+    run(src, out, ray_executor)
+    part(src, "d.parquet", 3000, 3500)
+
+    def lost(*args, **kwargs):
+        raise RuntimeError("worker lost during evaluate")
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        run_stages(RunContext.new(str(out), "t"), SourceSpec((str(src),), keep=("text",)), OPTS, ray_executor,
+                   Stages(evaluate=lost))
+    assert lance.dataset(uri).version == 2 and load_eval(str(out), "t", 2) is None
+    assert lance.dataset(uri, version="production").version == 1
+    night3 = run(src, out, ray_executor, gate_max_drop=1.0)  # (new held-out queries: recall moves)
+    assert not night3.committed and night3.version == 2 and "evaluated and gated" in night3.reason
+    ev = load_eval(str(out), "t", 2)
+    assert ev["recall_at_10"] == night3.eval["recall_at_10"] > 0.3 and ev["gate"]["passed"]
+    assert lance.dataset(uri, version="production").version == 2
+    assert run(src, out, ray_executor).reason == "no change since version 2"  # nothing left to finish
+
+
 def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
