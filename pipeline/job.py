@@ -512,18 +512,23 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
         log.info("encode: %s pid %s encoded %d rows of %d shards on %s%s, exact neighbours on %s, "
                  "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
-    truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
-    for r in results:
-        truth.add(r.knn_D, r.knn_I)
-    searched = [(r.search_D, r.search_I, r.search_E) for r in results]
+    # per shard (its index in the layout): exact (D, I), search (D, I, E)
+    parts = [(r.shard_index, (r.knn_D, r.knn_I), (r.search_D, r.search_I, r.search_E)) for r in results]
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
         kept = KeptSearch(ctx.table_uri, diff.previous_version, trained.codec, trained.rerank_codec, opts.eval_rerank)
-        for D, I, found in executor.map(knn_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
-                                        desc="exact neighbours and search (kept rows)",
-                                        shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k,
-                                                "queries": xq, "query_positions": qpos, "search": kept}):
-            truth.add(D, I)
-            searched.append(found)
+        for i, (D, I, found) in enumerate(executor.map(
+                knn_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
+                desc="exact neighbours and search (kept rows)",
+                shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k,
+                        "queries": xq, "query_positions": qpos, "search": kept})):
+            parts.append((plan.shards[i].index, (D, I), found))
+    # merged in layout order: among equal distances the first row wins, as in a search of the
+    # stored codes (evaluate --recompute), whatever order the shards finished in
+    parts.sort(key=lambda p: p[0])
+    truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
+    for _, knn, _ in parts:
+        truth.add(*knn)
+    searched = [found for _, _, found in parts]
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth.I)
     search_ids_uri = search_exact_uri = None
     if all(s is not None and s[1] is not None for s in searched):  # (checkpoints of older runs lack it)

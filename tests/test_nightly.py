@@ -200,6 +200,17 @@ def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_pa
     assert run(src, out, ray_executor).reason == "no change since version 2"  # nothing left to finish
 
 
+def test_incremental_evaluation_with_ties_equals_a_search_of_the_stored_codes(src, tmp_path, ray_executor):
+    """PQ1 codes tie all the time: the incremental run merges new and kept shards in layout
+    order, as a search of the stored codes does (kept shards merged last differed by 0.03)."""
+    out = tmp_path / "out"
+    run(src, out, ray_executor, codec="PQ1")
+    part(src, "d.parquet", 3000, 4000)
+    night = run(src, out, ray_executor, codec="PQ1", gate_max_drop=1.0)
+    assert night.mode == "incremental"
+    assert_same_evaluation(night.eval, evaluate_version(str(out), "t", night.version, ray_executor, recompute=True))
+
+
 def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
