@@ -63,8 +63,10 @@ def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int,
 
 
 def row_group_rows(plan: SourcePlan) -> list[int]:
-    """Rows of every row group of the corpus, in global row order."""
-    return [r for f in plan.files for r in f.row_group_rows]
+    """Rows of every row group of the corpus, in global row order: the order of the plan's
+    shards, which an incremental run's layout (kept shards first) takes from the files' order."""
+    files = {f.uri: f for f in plan.files}
+    return [r for s in plan.shards for r in files[s.file_uri].row_group_rows[s.row_group_start:s.row_group_stop]]
 
 
 def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, executor: Executor, *,

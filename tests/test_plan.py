@@ -80,3 +80,21 @@ def test_row_group_budget_gives_way_to_the_sample_size():
     train, queries = choose_positions(100_000, 2_000, 100, seed=5, row_group_rows=sizes, max_row_groups=10)
     starts = np.arange(0, 100_001, 1000)
     assert len(np.unique(np.searchsorted(starts, np.concatenate([train, queries]), side="right"))) <= 10
+
+
+def test_row_groups_follow_the_layout_of_an_incremental_run(tmp_path):
+    """An incremental run lays kept shards first: the sample's row-group sizes follow that
+    order, not the files' (a new file sorting first made the budget read 12 row groups of 3)."""
+    import dataclasses
+
+    from pipeline.sampling import row_group_rows
+
+    x = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    write_vectors(tmp_path / "a.parquet", x[:2000], np.arange(2000), row_group_size=1000)  # the new file
+    write_vectors(tmp_path / "b.parquet", x[2000:], np.arange(2000, 4000), row_group_size=100)
+    plan = plan_sources(SourceSpec((str(tmp_path),)), shard_rows=1000)
+    assert row_group_rows(plan) == [1000] * 2 + [100] * 20
+    kept_first = [s for s in plan.shards if s.file_uri.endswith("b.parquet")] + \
+                 [s for s in plan.shards if s.file_uri.endswith("a.parquet")]
+    layout = dataclasses.replace(plan, shards=kept_first)
+    assert row_group_rows(layout) == [100] * 20 + [1000] * 2
