@@ -121,12 +121,12 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         log.info("incremental: full rebuild instead: %s", "; ".join(blockers))
         return None
     prev = previous_layout(out, manifest)
-    old = {f.uri: f.fingerprint for f in prev.files}
-    new = {f.uri: f.fingerprint for f in plan.files}
+    old = {f.uri: f for f in prev.files}
+    new = {f.uri: f for f in plan.files}
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))
-    rewritten = sorted(u for u in set(new) & set(old) if new[u] != old[u])
-    unchanged = sorted(u for u in set(new) & set(old) if new[u] == old[u])
+    rewritten = sorted(u for u in set(new) & set(old) if new[u].changed_since(old[u]))
+    unchanged = sorted(u for u in set(new) & set(old) if not new[u].changed_since(old[u]))
     # each shard of the layout owns the next fragments, by row count
     frags = ds.get_fragments()
     kept_shards, kept_fragments, kept_ids, rows_removed, fi = [], [], [], 0, 0

@@ -47,10 +47,21 @@ class SourceSpec:
 class SourceFile:
     uri: str
     size: int
-    #: sha256 of the file size and its Parquet footer: changes whenever the file is rewritten
+    #: sha256 of the file size and its Parquet footer: changes when the file is rewritten with
+    #: other data, except where a rewrite keeps every page's size and statistics (uncompressed
+    #: pages, values changed within their min/max): mtime_ns covers that
     fingerprint: str
     num_rows: int
     row_group_rows: tuple[int, ...]
+    #: the file's modification time (ns) as its filesystem or object store reports it, or None
+    #: (unknown, or a layout written before vecpress recorded it)
+    mtime_ns: int | None = None
+
+    def changed_since(self, old: "SourceFile") -> bool:
+        """Whether this file differs from `old` (the same URI in an earlier layout)."""
+        if self.fingerprint != old.fingerprint:
+            return True
+        return self.mtime_ns is not None and old.mtime_ns is not None and self.mtime_ns != old.mtime_ns
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,14 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     # pyarrow's default pre_buffer=True reads every selected row group's column chunks at once,
     # so a worker's memory grew with its shard (388 vs 116 MiB for 200k x 384-d)
     return pq.ParquetFile(loc.fs.open_input_file(loc.path), pre_buffer=False)
+
+
+def _modified_ns(uri: str) -> int | None:
+    loc = storage.resolve(uri)
+    try:
+        return loc.fs.get_file_info(loc.path).mtime_ns
+    except (OSError, pa.ArrowException):
+        return None
 
 
 def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
@@ -315,7 +334,8 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
     for uri in uris:
         size, fp, md, _ = footers[uri]
         rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
-        files.append(SourceFile(uri=uri, size=size, fingerprint=fp, num_rows=md.num_rows, row_group_rows=rg_rows))
+        files.append(SourceFile(uri=uri, size=size, fingerprint=fp, num_rows=md.num_rows, row_group_rows=rg_rows,
+                                mtime_ns=_modified_ns(uri)))
         start, file_row = 0, 0
         while start < len(rg_rows):
             stop, rows = start, 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from pipeline.job import choose_positions
@@ -85,7 +87,6 @@ def test_row_group_budget_gives_way_to_the_sample_size():
 def test_row_groups_follow_the_layout_of_an_incremental_run(tmp_path):
     """An incremental run lays kept shards first: the sample's row-group sizes follow that
     order, not the files' (a new file sorting first made the budget read 12 row groups of 3)."""
-    import dataclasses
 
     from pipeline.sampling import row_group_rows
 
@@ -98,3 +99,34 @@ def test_row_groups_follow_the_layout_of_an_incremental_run(tmp_path):
                  [s for s in plan.shards if s.file_uri.endswith("a.parquet")]
     layout = dataclasses.replace(plan, shards=kept_first)
     assert row_group_rows(layout) == [100] * 20 + [1000] * 2
+
+
+def test_a_rewrite_that_keeps_the_footer_is_seen_by_its_modification_time(tmp_path):
+    """Uncompressed pages and a value changed within its column's min/max leave size and footer
+    as they were: the fingerprint alone missed the rewrite (stale codes kept)."""
+    import time
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "a.parquet"
+    x = np.random.default_rng(0).standard_normal((1000, 16)).astype(np.float32)
+
+    def write(values):
+        vec = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 16)
+        pq.write_table(pa.table({"id": pa.array(np.arange(1000)), "embedding": vec}), path, row_group_size=500,
+                       compression="none", use_dictionary=False, write_statistics=False)
+
+    write(x)
+    before = plan_sources(SourceSpec((str(path),))).files[0]
+    assert not before.changed_since(before) and before.mtime_ns is not None
+    time.sleep(0.05)  # past the filesystem's timestamp granularity
+    y = x.copy()
+    y[10, 3] = (y[10, 3] + y[11, 3]) / 2
+    write(y)
+    after = plan_sources(SourceSpec((str(path),))).files[0]
+    assert after.fingerprint == before.fingerprint  # what the footer cannot tell
+    assert after.changed_since(before)
+    # a layout written before vecpress recorded mtimes compares fingerprints only
+    old = dataclasses.replace(before, mtime_ns=None)
+    assert not after.changed_since(old)
