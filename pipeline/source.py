@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import SourceError
-from pipeline.schema import CODE_COLUMN
+from pipeline.schema import CODE_COLUMN, RERANK_COLUMN
 
 VALUE_TYPES = {pa.float32(): "float32", pa.float16(): "float16"}
 ID_TYPES = (pa.int64(), pa.string(), pa.large_string())
@@ -284,8 +284,9 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
     vector_column = spec.vector_column or _pick_vector_column(uris[0], footers[uris[0]][3])
     if spec.id_column == vector_column or spec.id_column in spec.keep or vector_column in spec.keep:
         raise SourceError(f"columns must be distinct: id={spec.id_column!r}, vector={vector_column!r}, keep={list(spec.keep)}")
-    if CODE_COLUMN in (spec.id_column, *spec.keep):
-        raise SourceError(f"column name {CODE_COLUMN!r} is reserved for the codes in the output")
+    for reserved, what in ((CODE_COLUMN, "the codes"), (RERANK_COLUMN, "the warm re-rank codes")):
+        if reserved in (spec.id_column, *spec.keep):
+            raise SourceError(f"column name {reserved!r} is reserved for {what} in the output")
 
     problems: list[str] = []
     ref_types: dict[str, tuple[pa.DataType, str]] = {}

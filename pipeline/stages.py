@@ -272,6 +272,8 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     def batches():
         try:
             yield from read_and_encode()
+        except GeneratorExit:  # closed by the writer after its own error: that one is the failure
+            raise
         except BaseException as exc:  # lance re-raises it as OSError(LanceError(Arrow)); keep it
             failure.append(exc)
             raise

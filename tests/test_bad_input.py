@@ -224,6 +224,14 @@ def test_missing_id_or_passthrough_column(base, ray_executor, drop, role):
     assert_mentions(msg, part.name, f"'{drop}'", f"{ROWS_PER_FILE} rows", "missing", role)
 
 
+@pytest.mark.parametrize("name", ["code", "rerank_code"])
+def test_passthrough_column_with_a_reserved_name(base, ray_executor, name):
+    for part in base.folder.glob("*.parquet"):
+        pq.write_table(pq.read_table(part).rename_columns(["id", "embedding", name]), part)
+    msg = fails_at_plan(base, ray_executor, spec=source(base.folder, keep=(name,)))
+    assert_mentions(msg, f"'{name}'", "reserved")
+
+
 # ---- 3: wrong-typed vectors -----------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["list<int32>", "string", "list<double>", "fixed_size_list<double>"])
