@@ -3,8 +3,9 @@
 Two ways to run `compress_flow` every night, with the same parameters:
 - with a Prefect server and a work pool: `infra/prefect.yaml` (`prefect deploy`, then
   `prefect worker start --pool vecpress`);
-- on one machine without a server: `vecpress schedule INPUT... OUT --table T` (`serve_nightly`),
-  which serves the flow with its cron schedule until Ctrl-C.
+- on one machine: `vecpress schedule INPUT... OUT --table T` (`serve_nightly`), which serves the
+  flow with its cron schedule until Ctrl-C, on the server PREFECT_API_URL names or on a local
+  `prefect server start` it runs meanwhile (Prefect's temporary server schedules nothing).
 
 Overlap: each deployment has a concurrency limit of 1 with collision strategy CANCEL_NEW: when
 last night's run is still going at 02:00, tonight's run is cancelled rather than queued (ENQUEUE
@@ -17,8 +18,16 @@ holds the table's lease file (`flows.locking.table_lock`), which also stops ad h
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from typing import Any
 
 from pipeline.errors import ConfigError
@@ -130,15 +139,80 @@ def nightly_deployment(*, cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIME
     )
 
 
+#: seconds to wait for a local `prefect server start` to answer (a fresh Prefect home migrates
+#: its database first, which takes tens of seconds on small machines)
+SERVER_START_TIMEOUT = 180.0
+
+
+@contextlib.contextmanager
+def scheduling_api(timeout: float = SERVER_START_TIMEOUT):
+    """The Prefect API a served schedule registers with: PREFECT_API_URL when one is set, else a
+    `prefect server start` of this machine's Prefect home on a free local port, for as long as
+    the block lasts. Not Prefect's temporary server: it runs no scheduler service, so a
+    deployment served on it never gets a run. Yields the API URL."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield PREFECT_API_URL.value()
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/api"
+    server_log = tempfile.NamedTemporaryFile("w+b", prefix="vecpress-prefect-server-", suffix=".log", delete=False)
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
+           "--analytics-off"]
+    env = {**os.environ, "PREFECT_SERVER_UI_ENABLED": "false"}
+    env.pop("PREFECT__SERVER_EPHEMERAL", None)
+    log.info("starting a local Prefect server for the schedule on %s (its log: %s)", url, server_log.name)
+    proc = subprocess.Popen(cmd, stdout=server_log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    previous = os.environ.get("PREFECT_API_URL")
+    try:
+        _wait_for_server(proc, url, timeout, server_log.name)
+        os.environ["PREFECT_API_URL"] = url  # (flow-run processes the runner starts inherit it)
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield url
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        server_log.close()
+
+
+def _wait_for_server(proc: subprocess.Popen, url: str, timeout: float, log_path: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ConfigError(f"the local Prefect server exited with status {proc.returncode} before it answered; "
+                              f"its log: {log_path}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.terminate()
+    raise ConfigError(f"the local Prefect server did not answer on {url} within {timeout:.0f} s; its log: {log_path}. "
+                      "Start one yourself (prefect server start) and set PREFECT_API_URL")
+
+
 def serve_nightly(*, cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIMEZONE, name: str | None = None,
                   inputs: list[str] | str, out: str, table: str, **flow_params: Any) -> None:
     """Serve compress_flow on this machine with a cron schedule; blocks until Ctrl-C.
 
-    Works with Prefect's temporary local server (no PREFECT_API_URL; it lives as long as this
-    process) or a real one. The runner itself also runs one flow at a time (`limit=1`).
+    Registers with the server PREFECT_API_URL names, or starts one on this machine for as long
+    as it serves (scheduling_api). The runner itself also runs one flow at a time (`limit=1`).
     """
     from prefect import serve
 
     deployment = nightly_deployment(cron=cron, timezone=timezone, name=name, inputs=inputs, out=out, table=table,
                                     **flow_params)
-    serve(deployment, limit=1)
+    with scheduling_api():
+        serve(deployment, limit=1)

@@ -374,6 +374,41 @@ def test_second_run_of_the_deployment_is_cancelled(deployment, prefect_harness):
     assert second.is_cancelled() and "concurrency limit" in (second.message or "")
 
 
+def test_a_schedule_served_without_a_server_gets_its_runs(deployment, tmp_path, monkeypatch):
+    """Prefect's temporary server runs no scheduler: a deployment served there never got a run.
+    Without PREFECT_API_URL, `vecpress schedule` serves on a local `prefect server start`, whose
+    scheduler creates the cron's runs; the server stops with the block."""
+    import anyio
+    import urllib.request
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))  # the server's own database
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    p = deployment["parameters"]
+
+    async def scheduled_runs(deployment_id):
+        async with get_client() as client:
+            runs = await client.read_flow_runs(
+                deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+            return [r for r in runs if r.state is not None and r.state.is_scheduled()]
+
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # (no harness server either)
+        with schedule.scheduling_api() as url:
+            assert url.startswith("http://127.0.0.1:") and PREFECT_API_URL.value() == url
+            d = schedule.nightly_deployment(cron="* * * * *", inputs=p["inputs"], out=p["out"], table=p["table"])
+            deployment_id = d.apply()
+            deadline, runs = time.monotonic() + 90, []
+            while not runs and time.monotonic() < deadline:
+                time.sleep(1)
+                runs = anyio.run(scheduled_runs, deployment_id)
+            assert runs, "the local server's scheduler created no run"
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
 def test_readme_documents_the_schedule():
     readme = (ROOT / "README.md").read_text()
     if "## Nightly runs" not in readme:
