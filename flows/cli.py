@@ -37,11 +37,12 @@ def _add_source_options(p: argparse.ArgumentParser) -> None:
 
 def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
     g = p.add_argument_group("codec and evaluation")
-    g.add_argument("--codec", default="PQ48" if demo else None,
+    g.add_argument("--codec", default=None,
                    help="codec spec (faiss factory string, extended): PQm, PQmxb, PQmx4fs, OPQm,PQm, RQmxb, "
                         "LSQmxb, SQ4/6/8, SQfp16, SQbf16, RaBitQ, BIN, MRLn,<codec>..., or auto (with "
                         "--max-bytes or --min-recall) "
-                        + ("(default: %(default)s)" if demo else "(default: PQm with m = dim/4, at most 64 bytes)"))
+                        + ("(default: PQm with m = dim/8: PQ48 at 384-d)" if demo
+                           else "(default: PQm with m = dim/4, at most 64 bytes)"))
     g.add_argument("--max-bytes", type=int, default=None, metavar="B",
                    help="advisor: sweep candidate codecs, keep the best recall@10 within B bytes per vector")
     g.add_argument("--min-recall", type=float, default=None, metavar="R",
@@ -164,13 +165,16 @@ def run_line(run: dict) -> str:
 
 def cmd_demo(args) -> None:
     from pipeline import storage
-    from pipeline.demo import write_corpus
+    from pipeline.demo import corpus_parameters, demo_codec, write_corpus, written_corpus
 
     src = storage.join(args.out, "source")
-    if not storage.exists(src):
-        write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
-    else:
+    wanted = corpus_parameters(args.rows, args.dim, args.files, args.seed)
+    if written_corpus(src) == wanted:
         log.info("using the sample corpus already in %s", src)
+    else:  # none yet, or made with other --rows/--dim/--files/--seed
+        write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
+    if args.codec is None:
+        args.codec = demo_codec(args.dim)
     kwargs = _flow_kwargs(args, [src], args.out, keep=["text"], allow_schema_change=True)
     kwargs.update(mode="full", gate_max_drop=1.0)  # every demo run rebuilds and shows its numbers
     info = _run(kwargs, args.no_prefect)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +12,7 @@ import pyarrow.parquet as pq
 
 from kernels.synthetic import ClusteredEmbeddings
 from pipeline import storage
+from pipeline.errors import ConfigError
 
 log = logging.getLogger("vecpress")
 
@@ -19,10 +22,20 @@ TOPICS = ["sports", "science", "finance", "travel", "music", "health", "politics
 def write_corpus(uri: str, *, num_rows: int = 100_000, dim: int = 384, num_files: int = 4, seed: int = 0,
                  row_group_size: int = 16_384, chunk: int = 16_384) -> list[str]:
     """Write `num_files` Parquet files (id int64, embedding fixed_size_list<float32>[dim],
-    text string) under `uri`; returns their URIs. Deterministic in (num_rows, dim, num_files, seed)."""
+    text string) under `uri`, and `_corpus.json` with these parameters; returns their URIs.
+    Deterministic in (num_rows, dim, num_files, seed). Files `part-NNNNN.parquet` that an
+    earlier call left there beyond `num_files` are removed (they would join the corpus)."""
+    for name, value, least in (("rows", num_rows, 1), ("dim", dim, 1), ("files", num_files, 1)):
+        if value < least:
+            raise ConfigError(f"--{name} must be at least {least}, got {value}")
+    if num_files > num_rows:
+        raise ConfigError(f"--files {num_files} is more than --rows {num_rows}: a file would be empty")
     gen = ClusteredEmbeddings(dim, seed=seed)
     loc = storage.resolve(uri)
     loc.fs.create_dir(loc.path, recursive=True)
+    for path in _generated_parts(loc):
+        if int(re.search(r"part-(\d+)\.parquet$", path).group(1)) >= num_files:
+            loc.fs.delete_file(path)
     schema = pa.schema([("id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim)), ("text", pa.string())])
     bounds = np.linspace(0, num_rows, num_files + 1).astype(int)
     files = []
@@ -37,5 +50,36 @@ def write_corpus(uri: str, *, num_rows: int = 100_000, dim: int = 384, num_files
                 w.write_table(pa.table([pa.array(ids), pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
                                         pa.array(text)], schema=schema), row_group_size=row_group_size)
         files.append(loc.uri_for(path))
+    with loc.fs.open_output_stream(f"{loc.path}/{CORPUS_FILE}") as f:
+        f.write(json.dumps(corpus_parameters(num_rows, dim, num_files, seed)).encode())
     log.info("wrote %d rows x %d-d in %d files under %s", num_rows, dim, num_files, uri)
     return files
+
+
+#: what write_corpus was called with, beside its files (the leading "_" keeps it out of the corpus)
+CORPUS_FILE = "_corpus.json"
+
+
+def corpus_parameters(num_rows: int, dim: int, num_files: int, seed: int) -> dict:
+    return {"rows": num_rows, "dim": dim, "files": num_files, "seed": seed}
+
+
+def written_corpus(uri: str) -> dict | None:
+    """The parameters write_corpus recorded under `uri`, or None (none there, or no record)."""
+    path = storage.join(uri, CORPUS_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
+
+
+def _generated_parts(loc) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
+    return [i.path for i in infos if re.search(r"/part-\d{5}\.parquet$", i.path)]
+
+
+def demo_codec(dim: int) -> str:
+    """The demo's codec: PQ with 8-wide sub-vectors (PQ48 at 384-d, 32x smaller), else the
+    pipeline's default for `dim`."""
+    from pipeline.job import default_codec
+
+    return f"PQ{dim // 8}" if dim % 8 == 0 and dim // 8 <= 256 else default_codec(dim)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from flows.cli import main
@@ -80,8 +81,6 @@ def test_cli_compress_inspect_search(corpus, tmp_path, capsys, ray_executor):
     assert rc == 0 and "search over the stored codes" in text and "k=10" in text and "re-ranked" not in text
 
     q = tmp_path / "q.parquet"
-    import pyarrow.parquet as pq
-
     pq.write_table(pa.table({"embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[:3].ravel()), 32)}), q)
     rc = main(["search", str(out), "--table", "corpus", "--queries", str(q), "-k", "4", "--rerank", "5", "--json"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -102,3 +101,30 @@ def test_help_lists_every_command():
     out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("demo", "compress", "inspect", "evaluate", "search", "generate"):
         assert cmd in out
+
+
+def test_demo_follows_its_dim_and_regenerates_a_corpus_of_other_parameters(tmp_path, capsys):
+    """The demo's codec follows --dim (it was PQ48 for every dim: 'does not work for dim=32'),
+    and a corpus made with other --rows/--dim is made again (it was reused as it was)."""
+    out = tmp_path / "demo"
+    common = ["--out", str(out), "--rows", "3000", "--files", "2", "--num-train", "2000", "--num-queries", "100",
+              "--eval-k", "10", "--no-prefect", "--json"]
+    assert main(["demo", "--dim", "32", *common]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["codec"] == "PQ4" and first["dim"] == 32 and first["num_rows"] == 3000
+    assert main(["demo", "--dim", "48", *common]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["codec"] == "PQ6" and second["dim"] == 48
+    assert sorted(p.name for p in (out / "source").glob("*.parquet")) == ["part-00000.parquet", "part-00001.parquet"]
+
+
+def test_generate_refuses_empty_corpora_and_replaces_its_own_files(tmp_path, capsys):
+    folder = tmp_path / "gen"
+    assert main(["generate", str(folder), "--rows", "0"]) == 2
+    assert "--rows must be at least 1" in capsys.readouterr().err
+    assert main(["generate", str(folder), "--rows", "10", "--files", "20"]) == 2
+    assert main(["generate", str(folder), "--rows", "400", "--dim", "8", "--files", "4"]) == 0
+    assert main(["generate", str(folder), "--rows", "400", "--dim", "16", "--files", "2"]) == 0
+    parts = sorted(folder.glob("*.parquet"))
+    assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]  # no 8-d files left behind
+    assert all(pq.read_schema(p).field("embedding").type.list_size == 16 for p in parts)
