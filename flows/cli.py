@@ -203,6 +203,7 @@ def cmd_evaluate(args) -> None:
     from pipeline.distributed import RayExecutor
     from pipeline.job import evaluate_version
     from pipeline.lance_io import require_dataset
+    from pipeline.report import rerank_source
 
     version = require_dataset(args.out, args.table, args.version).version
     with RayExecutor(args.ray_address) as ex:
@@ -216,7 +217,7 @@ def cmd_evaluate(args) -> None:
     print("recall@1/10/100 " + " / ".join("n/a" if v is None else f"{v:.3f}" for v in r.values()))
     for factor, row in (ev.get("rerank") or {}).items():
         if "recall_at_10" in row:
-            print(f"re-ranked @10 r={factor} {row['recall_at_10']:.3f}  (exact distances from the {ev['rerank_from']})")
+            print(f"re-ranked @10 r={factor} {row['recall_at_10']:.3f}  ({rerank_source(ev['rerank_from'])})")
     print(f"relative error {ev['relative_error']:.4f}")
 
 
@@ -241,7 +242,10 @@ def cmd_sweep(args) -> None:
     from pipeline.sweep import markdown_table, sweep_corpus
 
     source = SourceSpec(tuple(args.inputs), args.vector_column, args.id_column)
-    budgets = [int(b) for b in _csv(args.budgets)] if args.budgets else None
+    try:
+        budgets = [int(b) for b in _csv(args.budgets)] if args.budgets else None
+    except ValueError:
+        raise VecpressError(f"--budgets takes comma-separated byte counts (e.g. 16,32,64), got {args.budgets!r}") from None
     with RayExecutor(args.ray_address) as ex:
         result, uris = sweep_corpus(source, args.out, metric=args.metric, codecs=_specs(args.codecs), budgets=budgets,
                                     num_train=args.num_train, num_queries=args.num_queries, seed=args.seed,

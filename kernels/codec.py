@@ -196,7 +196,9 @@ def _faiss_index(spec: str, factory: str, dim: int, mt: int, what: str):
         opq = re.match(r"OPQ\d+_(\d+),", factory)
         if opq:
             sub_dim = int(opq.group(1))
-        if m is not None and sub_dim % m:
+        if m == 0:
+            hint = "; m (sub-quantizers) must be at least 1"
+        elif m is not None and sub_dim % m:
             fits = [d for d in _divisors(sub_dim) if 1 < d <= 256]
             hint = f"; m must divide dim={sub_dim}{what}: try one of {fits}"
         raise CodecSpecError(f"codec {spec!r} does not work for dim={dim}{what}: {reason}{hint}") from None

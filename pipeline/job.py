@@ -143,6 +143,10 @@ class CompressOptions:
             raise ConfigError(str(exc)) from None
         if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0 or self.sample_row_groups < 0:
             raise ConfigError("drift_threshold, gate_max_drop, keep_versions and sample_row_groups must not be negative")
+        if self.gate_min_recall is not None and not 0 <= self.gate_min_recall <= 1:
+            raise ConfigError(f"--gate-min-recall must be in [0, 1], got {self.gate_min_recall}")
+        if self.ngpu < -1:
+            raise ConfigError(f"--ngpu must be -1 (all GPUs), 0 (none) or a count, got {self.ngpu}")
 
 
 def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
@@ -151,6 +155,18 @@ def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
                         id_column=params.get("id_column", "id"), keep=tuple(params.get("keep") or ()))
     fields = set(CompressOptions.__dataclass_fields__)
     return source, CompressOptions(**{k: v for k, v in params.items() if k in fields})
+
+
+def check_rerank_codec(spec: str | None, dim: int, metric: str, num_train: int) -> int | None:
+    """The warm column's bytes per vector (None without one). Its codes re-rank by the distance
+    to their reconstruction, so Hamming codes (BIN...) are refused: CodecSpecError."""
+    if not spec:
+        return None
+    size = check_codec_spec(spec, dim, metric, num_train)
+    if codec_is_binary(spec, dim, metric):
+        raise CodecSpecError(f"--rerank-codec {spec} gives binary (Hamming) codes, which cannot re-rank by distance: "
+                             "use a scalar codec such as SQ8, SQfp16 or SQbf16")
+    return size
 
 
 def codec_is_binary(spec: str, dim: int, metric: str) -> bool:
@@ -178,6 +194,8 @@ class RunContext:
 
     @classmethod
     def new(cls, out: str, table: str, run_id: str | None = None) -> "RunContext":
+        if storage.is_file(out):
+            raise ConfigError(f"{out}: the output must be a folder (a LanceDB database), and this is a file")
         return cls(storage.normalize(out), table, run_id or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-")
                    + uuid.uuid4().hex[:8])
 
@@ -242,8 +260,7 @@ def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOp
     plan = planned.plan
     try:
         code_size = check_codec_spec(spec, plan.dim, opts.metric, planned.num_train)
-        rerank_size = (check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
-                       if opts.rerank_codec else None)
+        rerank_size = check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
         binary = codec_is_binary(spec, plan.dim, opts.metric)
     except CodecSpecError as exc:
         raise ConfigError(str(exc)) from None
@@ -279,11 +296,10 @@ def plan_run(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Plan
     elif opts.codec == "auto":
         candidate_specs(plan.dim, opts.metric, num_train, codecs=list(opts.advise_codecs or []) or None,
                         budgets=[opts.max_bytes] if opts.max_bytes else None)  # fail before reading data
-        if opts.rerank_codec:
-            try:
-                check_codec_spec(opts.rerank_codec, plan.dim, opts.metric, num_train)
-            except CodecSpecError as exc:
-                raise ConfigError(str(exc)) from None
+        try:
+            check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, num_train)
+        except CodecSpecError as exc:
+            raise ConfigError(str(exc)) from None
         what = "full build; codec chosen after sampling"
     else:
         resolve_codec(ctx, planned, opts.codec or default_codec(plan.dim), opts)
@@ -663,7 +679,10 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     xq = load_array(storage.join(base, sample["queries_uri"]))
     qpos = load_array(storage.join(base, sample["query_positions_uri"]))
     truth = load_array(storage.join(base, sample["ground_truth_uri"]))
-    k = min(k or truth.shape[1], truth.shape[1])
+    if k is not None and not 1 <= k <= truth.shape[1]:
+        raise ConfigError(f"k must be from 1 to {truth.shape[1]} (the neighbours version {version}'s run recorded, "
+                          f"its --eval-k), got {k}")
+    k = k or truth.shape[1]
     codec = load_codec(codec_ref)
     xp = prepare_vectors(xq, codec.metric)
     warm = manifest_codec(out, manifest.get("rerank_codec"))

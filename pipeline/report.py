@@ -123,6 +123,13 @@ def _human_bytes(n: float) -> str:
     return str(n)
 
 
+def rerank_source(rerank_from: str | None) -> str:
+    """Where a re-ranking's distances came from, in words."""
+    if rerank_from == "column":
+        return "distances to the warm column's decoded codes"
+    return f"exact distances from the {rerank_from}"
+
+
 def summary_table(info: dict) -> str:
     """A short human summary of `inspect_table` output."""
     ev = info.get("eval") or {}
@@ -144,7 +151,7 @@ def summary_table(info: dict) -> str:
     ]
     if ev.get("rerank"):
         parts = [f"r={r} {v['recall_at_10']:.3f}" for r, v in ev["rerank"].items() if v.get("recall_at_10") is not None]
-        lines.append(f"re-ranked @10   {'  '.join(parts)}  (exact distances from the {ev['rerank_from']})")
+        lines.append(f"re-ranked @10   {'  '.join(parts)}  ({rerank_source(ev['rerank_from'])})")
     if info.get("rerank_codec"):
         lines.insert(5, f"warm column     {info['rerank_codec']} ({info['rerank_bytes']} B/vector, for re-ranking)")
     devices = info.get("devices") or {}
@@ -155,6 +162,21 @@ def summary_table(info: dict) -> str:
         found = sorted({str(c["code_search"]) for c in devices["compute"] if c.get("code_search")})
         lines.append(f"encoded on      {', '.join(where)} by {devices['placement']}; exact neighbours on {', '.join(knn)}"
                      + (f"; search over the codes on {', '.join(found)}" if found else ""))
+    advisor = info.get("advisor")
+    if advisor:
+        crit = {k: v for k, v in advisor["criterion"].items() if v}
+        lines.append(f"advisor         chose {advisor['chosen']} ({', '.join(f'{k} {v}' for k, v in crit.items())}; "
+                     f"recall@10 {advisor['chosen_recall_at_10']:.3f} on the sample)")
+    if info.get("mode") == "incremental" and info.get("incremental"):
+        inc = info["incremental"]
+        lines.append(f"incremental     on version {inc.get('previous_version')}: +{inc.get('rows_added', 0):,} rows, "
+                     f"-{inc.get('rows_removed', 0):,} rows")
+    if info.get("drift"):
+        lines.append(f"drift           {info['drift'].get('reason')}")
+    if info.get("gate"):
+        lines.append(f"gate            {'passed' if info['gate'].get('passed') else 'failed'}: {info['gate'].get('reason')}")
+    if info.get("tags"):
+        lines.append(f"tags            {', '.join(info['tags'])}")
     times = info.get("stage_seconds") or {}
     if times:
         lines.append("stage seconds   " + "  ".join(f"{k} {v:.1f}" for k, v in times.items()))

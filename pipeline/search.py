@@ -42,6 +42,8 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     column when the table has one ("auto")."""
     if k < 1:
         raise VecpressError(f"k must be at least 1, got {k}")
+    if rerank < 0:
+        raise VecpressError(f"rerank must be 0 (off) or a factor of at least 1, got {rerank}")
     if rerank_from not in ("auto", "source", "column"):
         raise VecpressError(f"rerank_from must be auto, source or column, not {rerank_from!r}")
     executor = executor or LocalExecutor()

@@ -282,7 +282,8 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
         raise SourceError(_summarize(f"{len(unreadable)} of {len(uris)} input files are unreadable", unreadable))
 
     vector_column = spec.vector_column or _pick_vector_column(uris[0], footers[uris[0]][3])
-    if spec.id_column == vector_column or spec.id_column in spec.keep or vector_column in spec.keep:
+    if spec.id_column == vector_column or spec.id_column in spec.keep or vector_column in spec.keep \
+            or len(set(spec.keep)) < len(spec.keep):
         raise SourceError(f"columns must be distinct: id={spec.id_column!r}, vector={vector_column!r}, keep={list(spec.keep)}")
     for reserved, what in ((CODE_COLUMN, "the codes"), (RERANK_COLUMN, "the warm re-rank codes")):
         if reserved in (spec.id_column, *spec.keep):

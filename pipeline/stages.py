@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ def batch_rows(batch_size: int, dim: int, *, gpu: bool) -> int:
 
 def check_device(device: str) -> str:
     """`device` if it is "auto", "cpu", "cuda" or "cuda:N", else ValueError."""
-    if device not in ("auto", "cpu") and not device.startswith("cuda"):
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
         raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
     return device
 

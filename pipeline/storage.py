@@ -83,6 +83,11 @@ def write_bytes(uri: str, data: bytes) -> None:
     os.replace(tmp, loc.path)
 
 
+def is_file(uri: str) -> bool:
+    loc = resolve(uri)
+    return loc.fs.get_file_info(loc.path).type == pafs.FileType.File
+
+
 def exists(uri: str) -> bool:
     loc = resolve(uri)
     return loc.fs.get_file_info(loc.path).type != pafs.FileType.NotFound

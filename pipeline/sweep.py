@@ -356,6 +356,13 @@ def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | No
 
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    for name, value in (("num_train", num_train), ("num_queries", num_queries), ("eval_k", eval_k),
+                        ("shard_rows", shard_rows)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if batch_size < 0 or sample_row_groups < 0 or ngpu < -1:
+        raise ConfigError(f"batch_size ({batch_size}) and sample_row_groups ({sample_row_groups}) must not be "
+                          f"negative, ngpu ({ngpu}) at least -1")
     if budgets and min(budgets) < 1:
         raise ConfigError(f"budgets must be positive byte counts, got {budgets}")
     plan = plan_sources(source, shard_rows=shard_rows)

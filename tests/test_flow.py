@@ -128,3 +128,23 @@ def test_generate_refuses_empty_corpora_and_replaces_its_own_files(tmp_path, cap
     parts = sorted(folder.glob("*.parquet"))
     assert [p.name for p in parts] == ["part-00000.parquet", "part-00001.parquet"]  # no 8-d files left behind
     assert all(pq.read_schema(p).field("embedding").type.list_size == 16 for p in parts)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--keep", "text,text"], "columns must be distinct"),
+    (["--codec", "PQ0"], "must be at least 1"),
+    (["--device", "cuda:x"], "device must be auto, cpu or cuda[:N]"),
+    (["--ngpu", "-5"], "--ngpu must be"),
+    (["--gate-min-recall", "5"], "--gate-min-recall must be in [0, 1]"),
+    (["--rerank-codec", "BIN"], "cannot re-rank by distance"),
+    ([], "the output must be a folder"),
+], ids=["keep-twice", "PQ0", "device", "ngpu", "gate-floor", "binary-warm", "out-is-a-file"])
+def test_cli_refuses_bad_options_in_one_line(make_corpus, tmp_path, capsys, args, says):
+    """Each of these ended in a traceback (or was accepted) before; nothing is written."""
+    folder, _ = make_corpus(num_rows=2000, num_files=1)
+    out = tmp_path / "out" if args else next(folder.glob("*.parquet"))
+    rc = main(["compress", str(folder), str(out), "--table", "t", "--keep", "text", *args, "--no-prefect"])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("vecpress: error:") and says in last
+    assert not (tmp_path / "out" / "t.lance").exists()

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from kernels.synthetic import ClusteredEmbeddings
+from pipeline.errors import ConfigError
 from pipeline.job import CompressOptions, evaluate_version, load_array, run_compress
 from pipeline.report import inspect_table
 from pipeline.search import search
@@ -250,6 +251,9 @@ def test_evaluation_in_the_encode_pass_equals_search_over_stored_codes(compresse
     assert plain["recall_at_10"] == result.eval["recall_at_10"]
     # another k than the recorded one searches the stored codes
     assert evaluate_version(str(out), "corpus", result.version, ray_executor, k=10)["searched"] == "stored codes"
+    for bad in (0, -1, result.eval["k"] + 1):  # (0 meant the recorded k, larger ones were cut to it)
+        with pytest.raises(ConfigError, match="k must be from 1 to"):
+            evaluate_version(str(out), "corpus", result.version, ray_executor, k=bad)
 
 
 def test_sample_reads_only_its_row_group_budget(tmp_path, ray_executor, compressed):
