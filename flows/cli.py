@@ -133,7 +133,37 @@ def _run(kwargs: dict, no_prefect: bool) -> dict:
         return report
     from flows.compress import compress_flow
 
+    _quiet_prefect_console(quiet=log.level >= logging.WARNING)
+
     return compress_flow(**kwargs)
+
+
+class _PrefectConsoleFilter(logging.Filter):
+    """On Prefect's console handler (root logger): no traceback for vecpress's own errors (bad input, a failed
+    gate: the message says it all, and main prints it once more), and with -q nothing below
+    WARNING. The run's logs sent to the Prefect API keep their tracebacks."""
+
+    def __init__(self, quiet: bool):
+        super().__init__()
+        self.quiet = quiet
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.quiet and record.levelno < logging.WARNING:
+            return False
+        if record.exc_info and isinstance(record.exc_info[1], VecpressError):
+            # (the run loggers' API handlers have sent the record before it reaches the console
+            # handler, up on the root logger)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def _quiet_prefect_console(*, quiet: bool) -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for handler in logging.getLogger().handlers:  # (Prefect's logging config puts it on the root logger)
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+                isinstance(f, _PrefectConsoleFilter) for f in handler.filters):
+            handler.addFilter(_PrefectConsoleFilter(quiet))
 
 
 def _print_result(info: dict, as_json: bool) -> None:

@@ -148,3 +148,22 @@ def test_cli_refuses_bad_options_in_one_line(make_corpus, tmp_path, capsys, args
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("vecpress: error:") and says in last
     assert not (tmp_path / "out" / "t.lance").exists()
+
+
+def test_prefect_console_shows_user_errors_without_tracebacks():
+    """Prefect logs a failed run's exception with its traceback (83 lines for a bad --codec):
+    for vecpress's own errors the console shows the message; -q keeps warnings and errors."""
+    import logging
+
+    from flows.cli import _PrefectConsoleFilter
+
+    def record(level, exc=None):
+        info = (type(exc), exc, None) if exc else None
+        return logging.LogRecord("prefect.flow_runs", level, __file__, 1, "run failed", None, info)
+
+    quiet, loud = _PrefectConsoleFilter(quiet=True), _PrefectConsoleFilter(quiet=False)
+    assert not quiet.filter(record(logging.INFO)) and loud.filter(record(logging.INFO))
+    user = record(logging.ERROR, SourceError("a.parquet: bad"))
+    assert quiet.filter(user) and user.exc_info is None
+    bug = record(logging.ERROR, KeyError("x"))
+    assert loud.filter(bug) and bug.exc_info is not None  # other errors keep their traceback
