@@ -95,7 +95,8 @@ def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> 
                         "$VECPRESS_GPU_WAIT_S seconds, 600 by default (default: %(default)s)")
     g.add_argument("--device", default="auto",
                    help="where workers encode and compute exact neighbours without GPU actors: auto (a GPU "
-                        "when CuPy sees one), cuda[:N] or cpu; cpu also turns GPU actors off (default: %(default)s)")
+                        "when CuPy sees one), cuda[:N] (an error where a worker sees no such GPU) or cpu; cpu "
+                        "also turns GPU actors off (default: %(default)s)")
     g.add_argument("--ray-address", default=None,
                    help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
     g.add_argument("--no-prefect", action="store_true",
@@ -435,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vecpress: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("vecpress: interrupted; nothing was committed by the unfinished run", file=sys.stderr)
+        print("vecpress: interrupted; a run stopped before its commit commits nothing (one stopped after it "
+              "is evaluated and gated by the next run)", file=sys.stderr)
         return 130
     return 0
 

@@ -20,7 +20,7 @@ from kernels.gpu_encode import gpu_count
 from kernels.knn import TopK, candidate_distances, exact_knn, gpu_knn, prepare_vectors
 from pipeline import storage
 from pipeline.codec_store import CodecRef, load_codec
-from pipeline.errors import SourceError
+from pipeline.errors import ConfigError, SourceError
 from pipeline.lance_io import open_lance
 from pipeline.schema import CODE_COLUMN, codes_schema
 from pipeline.source import Shard, SourcePlan, iter_shard_batches, read_rows, vectors_as_numpy
@@ -134,6 +134,9 @@ class ShardCompute:
         self.warm = load_codec(job.rerank_codec) if job.rerank_codec else None
         self.k = job.eval_k
         self.device = resolve_device(device)
+        if self.device.startswith("cuda") and gpu_count() <= int(self.device.partition(":")[2] or 0):
+            raise ConfigError(f"--device {self.device}: this worker ({socket.gethostname()}) sees no such GPU "
+                              f"(CuPy sees {gpu_count()}); use --device auto to fall back to the CPU")
         with_knn = queries is not None and job.eval_k > 0
         self.queries = queries if with_knn and job.eval_search else None
         self.rerank = job.eval_rerank

@@ -167,3 +167,17 @@ def test_prefect_console_shows_user_errors_without_tracebacks():
     assert quiet.filter(user) and user.exc_info is None
     bug = record(logging.ERROR, KeyError("x"))
     assert loud.filter(bug) and bug.exc_info is not None  # other errors keep their traceback
+
+
+def test_device_cuda_without_a_gpu_fails_instead_of_encoding_on_the_cpu(make_corpus, tmp_path, capsys):
+    from kernels.gpu_encode import gpu_count
+    from pipeline.lance_io import open_dataset
+
+    if gpu_count() > 0:
+        pytest.skip("this machine has a GPU")
+    folder, _ = make_corpus(num_rows=2000, num_files=1)
+    rc = main(["compress", str(folder), str(tmp_path / "out"), "--table", "t", "--codec", "PQ8", "--num-train", "1000",
+               "--device", "cuda", "--no-prefect"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 2 and "--device cuda" in last and "sees no such GPU" in last
+    assert open_dataset(str(tmp_path / "out"), "t") is None  # nothing committed
