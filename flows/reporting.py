@@ -11,6 +11,7 @@ The report dict is `vecpress inspect --json`'s object plus a `run` section (see
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from typing import Any
@@ -19,8 +20,13 @@ log = logging.getLogger("vecpress")
 
 
 def artifact_key(table: str, suffix: str = "") -> str:
-    """`vecpress-<table>[-suffix]`, lowercased, only [a-z0-9-] (Prefect's rule for keys)."""
-    slug = re.sub(r"[^a-z0-9-]+", "-", str(table or "table").lower()).strip("-") or "table"
+    """`vecpress-<table>[-suffix]`, only [a-z0-9-] (Prefect's rule for keys). A table name that
+    needs changing for that (capitals, "_") also gets 6 hex digits of its hash, so "a_b", "A-b"
+    and "a-b" keep separate report histories."""
+    name = str(table or "table")
+    slug = re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "table"
+    if slug != name:
+        slug += "-" + hashlib.sha256(name.encode()).hexdigest()[:6]
     key = f"vecpress-{slug}" + (f"-{suffix}" if suffix else "")
     return re.sub(r"-{2,}", "-", key)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -220,9 +221,13 @@ def test_render_minimal_report():
 
 
 def test_artifact_keys_are_prefect_safe():
-    assert artifact_key("Corpus_EN") == "vecpress-corpus-en"
-    assert artifact_key("a__b--c", "figures") == "vecpress-a-b-c-figures"
+    assert artifact_key("corpus-en") == "vecpress-corpus-en"
+    assert artifact_key("corpus-en", "figures") == "vecpress-corpus-en-figures"
     assert artifact_key(None) == "vecpress-table"
+    # names Prefect would not take keep apart: one history per table
+    keys = {artifact_key(t) for t in ("Corpus_EN", "corpus_en", "corpus-en", "corpus__en")}
+    assert len(keys) == 4 and all(re.fullmatch(r"[a-z0-9-]+", k) for k in keys)
+    assert re.fullmatch(r"vecpress-a-b-c-[0-9a-f]{6}-figures", artifact_key("a__b--c", "figures"))
 
 
 def test_publish_outside_a_flow_is_a_no_op():
@@ -245,8 +250,8 @@ def test_publish_creates_markdown_and_table_artifacts(prefect_harness):
         async with get_client() as client:
             return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
 
-    md = anyio.run(read, "vecpress-corpus-en")
-    tab = anyio.run(read, "vecpress-corpus-en-figures")
+    md = anyio.run(read, artifact_key(FULL_REPORT["table"]))
+    tab = anyio.run(read, artifact_key(FULL_REPORT["table"], "figures"))
     assert len(md) == 1 and md[0].type == "markdown" and "committed version 7" in md[0].data
     assert md[0].flow_run_id == state.state_details.flow_run_id
     assert len(tab) == 1 and tab[0].type == "table"
