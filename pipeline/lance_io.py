@@ -52,8 +52,26 @@ def open_dataset(out: str, table: str, version: int | str | None = None) -> lanc
         return open_lance(uri, version)
     except ValueError as exc:
         if version is not None:
-            raise VecpressError(f"{uri}: no version {version!r}: {exc}") from exc
+            try:
+                have = sorted(v["version"] for v in open_lance(uri).versions())
+                tags = sorted(open_lance(uri).tags.list())
+            except (ValueError, OSError):
+                have, tags = [], []
+            known = f"versions {_ranges(have)}" + (f", tags {', '.join(tags)}" if tags else "")
+            raise VecpressError(f"{uri}: no version {version!r} (it has {known})") from exc
         raise
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    out, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            out.append(str(start) if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out) or "none"
 
 
 def open_lance(uri: str, version: int | str | None = None) -> lance.LanceDataset:

@@ -8,6 +8,7 @@ import pyarrow as pa
 import pytest
 
 from kernels.synthetic import ClusteredEmbeddings
+from pipeline.errors import VecpressError
 from pipeline.incremental import QualityGateError
 from pipeline.job import CompressOptions, evaluate_version, run_compress
 from pipeline.report import inspect_table, load_eval
@@ -122,6 +123,9 @@ def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ra
     prod = lance.dataset(uri, version="production")  # ... but readers of production see version 1
     assert prod.version == 1 and prod.count_rows() == 3000
     assert inspect_table(str(out), "t", version="production")["eval"]["recall_at_10"] == first.eval["recall_at_10"]
+    for missing in (9, "nightly"):  # what the table has, instead of Lance's source paths
+        with pytest.raises(VecpressError, match=r"no version .* \(it has versions 1-2, tags production\)$"):
+            inspect_table(str(out), "t", version=missing)
 
 
 def test_gate_without_recall_at_10_fails_only_a_check_that_applies(src, tmp_path, ray_executor):
