@@ -184,7 +184,7 @@ class KeptSearch:
 
 
 def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k: int, queries: np.ndarray,
-              query_positions: np.ndarray, search: KeptSearch | None = None):
+              query_positions: np.ndarray, search: KeptSearch | None = None, batch_size: int = 0):
     """A kept shard's exact top-k for the queries (global positions), reading only its vectors.
 
     With `search`, the same read also searches the queries over the shard's stored codes (read
@@ -199,7 +199,7 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
         warm = load_codec(search.rerank_codec) if search.rerank_codec else None
         codes, warm_codes = _stored_codes(search, shard, fragment_ids, with_warm=warm is not None and search.rerank)
         found = TopK(len(xq), k, exclude=query_positions, with_extra=search.rerank)
-    rows = batch_rows(0, columns.dim, gpu=num_gpus() > 0)  # (both searches below use faiss's GPU when it sees one)
+    rows = batch_rows(batch_size, columns.dim, gpu=num_gpus() > 0)  # (both searches below use faiss's GPU when it sees one)
     for first_row, batch in iter_shard_batches(shard, [columns.vector], rows):
         x = vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
                              first_row=first_row)
