@@ -167,14 +167,14 @@ def summary_table(info: dict) -> str:
         crit = {k: v for k, v in advisor["criterion"].items() if v}
         lines.append(f"advisor         chose {advisor['chosen']} ({', '.join(f'{k} {v}' for k, v in crit.items())}; "
                      f"recall@10 {advisor['chosen_recall_at_10']:.3f} on the sample)")
-    if info.get("mode") == "incremental" and info.get("incremental"):
-        inc = info["incremental"]
-        lines.append(f"incremental     on version {inc.get('previous_version')}: +{inc.get('rows_added', 0):,} rows, "
-                     f"-{inc.get('rows_removed', 0):,} rows")
-    if info.get("drift"):
-        lines.append(f"drift           {info['drift'].get('reason')}")
-    if info.get("gate"):
-        lines.append(f"gate            {'passed' if info['gate'].get('passed') else 'failed'}: {info['gate'].get('reason')}")
+    if "run" not in info:  # (a run's report says these in its run line)
+        if info.get("mode") == "incremental" and info.get("incremental"):
+            inc = info["incremental"]
+            lines.append(f"incremental     on version {inc.get('previous_version')}: +{inc.get('rows_added', 0):,} "
+                         f"rows, -{inc.get('rows_removed', 0):,} rows")
+        for name in ("drift", "gate"):
+            if info.get(name):
+                lines.append(f"{name:<16}{info[name].get('reason')}")
     if info.get("tags"):
         lines.append(f"tags            {', '.join(info['tags'])}")
     times = info.get("stage_seconds") or {}

@@ -11,7 +11,7 @@ from kernels.synthetic import ClusteredEmbeddings
 from pipeline.errors import VecpressError
 from pipeline.incremental import QualityGateError
 from pipeline.job import CompressOptions, evaluate_version, run_compress
-from pipeline.report import inspect_table, load_eval
+from pipeline.report import inspect_table, load_eval, summary_table
 from pipeline.source import SourceSpec
 from tests.conftest import assert_same_evaluation, write_vectors
 
@@ -123,6 +123,9 @@ def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ra
     prod = lance.dataset(uri, version="production")  # ... but readers of production see version 1
     assert prod.version == 1 and prod.count_rows() == 3000
     assert inspect_table(str(out), "t", version="production")["eval"]["recall_at_10"] == first.eval["recall_at_10"]
+    text = summary_table(inspect_table(str(out), "t", version=2))  # the human inspect says why
+    assert "gate            recall@10" in text and "'production' stays on version 1" in text
+    assert "drift " in text and "incremental     on version 1: +600 rows" in text
     for missing in (9, "nightly"):  # what the table has, instead of Lance's source paths
         with pytest.raises(VecpressError, match=r"no version .* \(it has versions 1-2, tags production\)$"):
             inspect_table(str(out), "t", version=missing)
