@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from kernels.synthetic import ClusteredEmbeddings
@@ -33,9 +34,7 @@ def write_corpus(uri: str, *, num_rows: int = 100_000, dim: int = 384, num_files
     gen = ClusteredEmbeddings(dim, seed=seed)
     loc = storage.resolve(uri)
     loc.fs.create_dir(loc.path, recursive=True)
-    for path in _generated_parts(loc):
-        if int(re.search(r"part-(\d+)\.parquet$", path).group(1)) >= num_files:
-            loc.fs.delete_file(path)
+    _remove_parts(loc, keep=num_files)
     schema = pa.schema([("id", pa.int64()), ("embedding", pa.list_(pa.float32(), dim)), ("text", pa.string())])
     bounds = np.linspace(0, num_rows, num_files + 1).astype(int)
     files = []
@@ -70,11 +69,12 @@ def written_corpus(uri: str) -> dict | None:
     return json.loads(storage.read_bytes(path)) if storage.exists(path) else None
 
 
-def _generated_parts(loc) -> list[str]:
-    import pyarrow.fs as pafs
-
-    infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True))
-    return [i.path for i in infos if re.search(r"/part-\d{5}\.parquet$", i.path)]
+def _remove_parts(loc, *, keep: int) -> None:
+    """Remove the part-NNNNN.parquet files numbered `keep` or more (an earlier, larger call's)."""
+    for info in loc.fs.get_file_info(pafs.FileSelector(loc.path, allow_not_found=True)):
+        m = re.search(r"/part-(\d{5})\.parquet$", info.path)
+        if m and int(m.group(1)) >= keep:
+            loc.fs.delete_file(info.path)
 
 
 def demo_codec(dim: int) -> str:

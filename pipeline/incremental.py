@@ -97,10 +97,10 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
     if old_warm != rerank_codec:
         why.append(f"re-rank codec changed ({old_warm} -> {rerank_codec})")
     old_opts = manifest.get("options") or {}
+    as_json = lambda v: list(v) if isinstance(v, tuple) else v  # noqa: E731 (the manifest holds JSON lists)
     for name, new in (advice or {}).items():
-        old = old_opts.get(name)
-        if (list(old) if isinstance(old, (list, tuple)) else old) != (list(new) if isinstance(new, (list, tuple)) else new):
-            why.append(f"codec=auto's {name} changed ({old} -> {new})")
+        if as_json(old_opts.get(name)) != as_json(new):
+            why.append(f"codec=auto's {name} changed ({old_opts.get(name)} -> {new})")
     return why
 
 
@@ -125,8 +125,9 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
     new = {f.uri: f for f in plan.files}
     added = sorted(set(new) - set(old))
     removed = sorted(set(old) - set(new))
-    rewritten = sorted(u for u in set(new) & set(old) if new[u].changed_since(old[u]))
-    unchanged = sorted(u for u in set(new) & set(old) if not new[u].changed_since(old[u]))
+    both = set(new) & set(old)
+    rewritten = sorted(u for u in both if new[u].changed_since(old[u]))
+    unchanged = sorted(both - set(rewritten))
     # each shard of the layout owns the next fragments, by row count
     frags = ds.get_fragments()
     kept_shards, kept_fragments, kept_ids, rows_removed, fi = [], [], [], 0, 0
@@ -208,9 +209,9 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
         position = shard.row_offset + (first_row - shard.file_row_start)
         top.add(D, np.where(I >= 0, I + position, -1))
         if found is not None:
-            rows = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
-            Ds, Is, E = search_batch(codec, queries, xq, codes[rows], x, k, warm=warm,
-                                     warm_codes=None if warm_codes is None else warm_codes[rows], rerank=search.rerank,
+            local = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
+            Ds, Is, E = search_batch(codec, queries, xq, codes[local], x, k, warm=warm,
+                                     warm_codes=None if warm_codes is None else warm_codes[local], rerank=search.rerank,
                                      ngpu=-1)
             found.add(Ds, np.where(Is >= 0, Is + position, -1), E)
     return top.D, top.I, None if found is None else (found.D, found.I, found.E)

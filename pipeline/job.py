@@ -112,13 +112,9 @@ class CompressOptions:
         return "cpu" if self.ngpu == 0 else self.device
 
     def __post_init__(self):
-        if self.metric not in METRICS:
-            raise ConfigError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
-        for name in ("num_train", "num_queries", "eval_k", "shard_rows"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.batch_size < 0:
-            raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {self.batch_size}")
+        check_sizes(metric=self.metric, num_train=self.num_train, num_queries=self.num_queries, eval_k=self.eval_k,
+                    shard_rows=self.shard_rows, batch_size=self.batch_size, sample_row_groups=self.sample_row_groups,
+                    ngpu=self.ngpu)
         wants_advice = self.max_bytes is not None or self.min_recall is not None
         if self.codec is None and wants_advice:
             object.__setattr__(self, "codec", "auto")
@@ -141,12 +137,27 @@ class CompressOptions:
             check_device(self.device)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0 or self.sample_row_groups < 0:
-            raise ConfigError("drift_threshold, gate_max_drop, keep_versions and sample_row_groups must not be negative")
+        if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:
+            raise ConfigError("drift_threshold, gate_max_drop and keep_versions must not be negative")
         if self.gate_min_recall is not None and not 0 <= self.gate_min_recall <= 1:
             raise ConfigError(f"--gate-min-recall must be in [0, 1], got {self.gate_min_recall}")
-        if self.ngpu < -1:
-            raise ConfigError(f"--ngpu must be -1 (all GPUs), 0 (none) or a count, got {self.ngpu}")
+
+
+def check_sizes(*, metric: str, num_train: int, num_queries: int, eval_k: int, shard_rows: int, batch_size: int,
+                sample_row_groups: int, ngpu: int) -> None:
+    """The options that compress and sweep share: ConfigError naming the first bad one."""
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    for name, value in (("num_train", num_train), ("num_queries", num_queries), ("eval_k", eval_k),
+                        ("shard_rows", shard_rows)):
+        if value < 1:
+            raise ConfigError(f"{name} must be at least 1, got {value}")
+    if batch_size < 0:
+        raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {batch_size}")
+    if sample_row_groups < 0:
+        raise ConfigError(f"sample_row_groups must not be negative, got {sample_row_groups}")
+    if ngpu < -1:
+        raise ConfigError(f"--ngpu must be -1 (all GPUs), 0 (none) or a count, got {ngpu}")
 
 
 def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
@@ -834,7 +845,12 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
                      reason="committed" if gate["passed"] else gate["reason"],
                      mode="incremental" if planned.diff else "full",
                      incremental=planned.diff.summary() if planned.diff else None, drift=planned.drift,
-                     gate={k: v for k, v in gate.items() if k != "retention"}, retention=gate["retention"])
+                     **gate_fields(gate))
+
+
+def gate_fields(gate: dict) -> dict:
+    """gate_run's result as RunResult's `gate` and `retention` fields."""
+    return {"gate": {k: v for k, v in gate.items() if k != "retention"}, "retention": gate["retention"]}
 
 
 def finish_stopped_run(ctx: RunContext, diff: SourceDiff, result: RunResult, opts: CompressOptions,
@@ -848,17 +864,17 @@ def finish_stopped_run(ctx: RunContext, diff: SourceDiff, result: RunResult, opt
     ev = load_eval(ctx.out, ctx.table, diff.previous_version)
     if ev is not None and "gate" in ev:
         return result
+    if ev is None and diff.layout_lost:  # a compacted copy of an evaluated version, not a stopped run's
+        return result
+    committed = Committed(diff.previous_version, manifest)
     if ev is None:
-        if diff.layout_lost:  # a compacted copy of an evaluated version, not a stopped run's
-            return result
         log.warning("version %d was committed by run %s, which stopped before evaluating it: evaluating it now",
                     diff.previous_version, manifest["run_id"])
-        committed = Committed(diff.previous_version, manifest)
         ev = stages.evaluate(ctx, committed, executor, manifest.get("stage_seconds") or {})
-    gate = stages.gate(ctx, Committed(diff.previous_version, manifest), ev, opts)
+    gate = stages.gate(ctx, committed, ev, opts)
     return dataclasses.replace(result, manifest=manifest, eval=ev, reason=f"{result.reason}; evaluated and gated it "
                                f"(its run stopped after the commit)" + ("" if gate["passed"] else f": {gate['reason']}"),
-                               gate={k: v for k, v in gate.items() if k != "retention"}, retention=gate["retention"])
+                               **gate_fields(gate))
 
 
 def check_gate(result: RunResult) -> RunResult:

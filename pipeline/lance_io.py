@@ -53,8 +53,8 @@ def open_dataset(out: str, table: str, version: int | str | None = None) -> lanc
     except ValueError as exc:
         if version is not None:
             try:
-                have = sorted(v["version"] for v in open_lance(uri).versions())
-                tags = sorted(open_lance(uri).tags.list())
+                latest = open_lance(uri)
+                have, tags = sorted(v["version"] for v in latest.versions()), sorted(latest.tags.list())
             except (ValueError, OSError):
                 have, tags = [], []
             known = f"versions {_ranges(have)}" + (f", tags {', '.join(tags)}" if tags else "")

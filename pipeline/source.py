@@ -131,7 +131,12 @@ class SourcePlan:
 
 def list_parquet_files(uris) -> list[str]:
     """All Parquet files under the given files/directories, sorted, hidden files skipped."""
-    found: list[str] = []
+    return list(_parquet_files(uris))
+
+
+def _parquet_files(uris) -> dict[str, int | None]:
+    """list_parquet_files's files (sorted) -> their modification times (ns), from the listing."""
+    found: dict[str, int | None] = {}
     for uri in uris:
         loc = storage.resolve(uri)
         try:
@@ -141,7 +146,7 @@ def list_parquet_files(uris) -> list[str]:
         if info.type == pafs.FileType.NotFound:
             raise SourceError(f"{uri}: input does not exist")
         if info.type == pafs.FileType.File:
-            found.append(loc.uri_for(loc.path))
+            found[loc.uri_for(loc.path)] = info.mtime_ns
             continue
         infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
         for fi in infos:
@@ -149,11 +154,10 @@ def list_parquet_files(uris) -> list[str]:
             if fi.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
                 continue
             if fi.path.endswith((".parquet", ".parq", ".pq")):
-                found.append(loc.uri_for(fi.path))
-    found = sorted(set(found))
+                found[loc.uri_for(fi.path)] = fi.mtime_ns
     if not found:
         raise SourceError(f"no Parquet files found in {', '.join(map(str, uris))}")
-    return found
+    return dict(sorted(found.items()))
 
 
 def open_parquet(uri: str) -> pq.ParquetFile:
@@ -161,14 +165,6 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     # pyarrow's default pre_buffer=True reads every selected row group's column chunks at once,
     # so a worker's memory grew with its shard (388 vs 116 MiB for 200k x 384-d)
     return pq.ParquetFile(loc.fs.open_input_file(loc.path), pre_buffer=False)
-
-
-def _modified_ns(uri: str) -> int | None:
-    loc = storage.resolve(uri)
-    try:
-        return loc.fs.get_file_info(loc.path).mtime_ns
-    except (OSError, pa.ArrowException):
-        return None
 
 
 def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
@@ -270,7 +266,8 @@ def _first_list_length(uri: str, column: str) -> int | None:
 def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
     """Read every file's footer, validate the schemas against each other and the spec, and
     cut the files into shards of about `shard_rows` rows (whole row groups)."""
-    uris = list_parquet_files(spec.uris)
+    mtimes = _parquet_files(spec.uris)
+    uris = list(mtimes)
     footers = {}
     unreadable = []
     for uri in uris:
@@ -337,7 +334,7 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
         size, fp, md, _ = footers[uri]
         rg_rows = tuple(md.row_group(i).num_rows for i in range(md.num_row_groups))
         files.append(SourceFile(uri=uri, size=size, fingerprint=fp, num_rows=md.num_rows, row_group_rows=rg_rows,
-                                mtime_ns=_modified_ns(uri)))
+                                mtime_ns=mtimes[uri]))
         start, file_row = 0, 0
         while start < len(rg_rows):
             stop, rows = start, 0

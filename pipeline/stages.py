@@ -112,9 +112,16 @@ def check_device(device: str) -> str:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" when CuPy sees a GPU here, else "cpu"; "cuda"/"cuda:N"/"cpu" as given."""
-    if check_device(device) == "auto":
-        return "cuda" if gpu_count() > 0 else "cpu"
+    """"auto" -> "cuda" when CuPy sees a GPU here, else "cpu"; "cuda"/"cuda:N" as given when
+    CuPy sees that GPU here (else ConfigError: asked for by name, it is not replaced); "cpu"."""
+    if check_device(device) == "cpu":
+        return device
+    gpus = gpu_count()
+    if device == "auto":
+        return "cuda" if gpus > 0 else "cpu"
+    if gpus <= int(device.partition(":")[2] or 0):
+        raise ConfigError(f"--device {device}: this worker ({socket.gethostname()}) sees no such GPU "
+                          f"(CuPy sees {gpus}); use --device auto to fall back to the CPU")
     return device
 
 
@@ -134,9 +141,6 @@ class ShardCompute:
         self.warm = load_codec(job.rerank_codec) if job.rerank_codec else None
         self.k = job.eval_k
         self.device = resolve_device(device)
-        if self.device.startswith("cuda") and gpu_count() <= int(self.device.partition(":")[2] or 0):
-            raise ConfigError(f"--device {self.device}: this worker ({socket.gethostname()}) sees no such GPU "
-                              f"(CuPy sees {gpu_count()}); use --device auto to fall back to the CPU")
         with_knn = queries is not None and job.eval_k > 0
         self.queries = queries if with_knn and job.eval_search else None
         self.rerank = job.eval_rerank
@@ -269,6 +273,7 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     if with_knn and job.eval_search:
         search = TopK(queries.shape[0], job.eval_k, exclude=query_positions, with_extra=job.eval_rerank)
     read_cols = [cols.vector, cols.id, *cols.keep]
+    keep_fields = list(cols.out_fields)[1:]  # a file's own passthrough types are cast to these
     num_rows = 0
     compute_seconds = 0.0
     failure: list[BaseException] = []
@@ -304,7 +309,7 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
                 search.add(Ds, np.where(Is >= 0, Is + position, -1), E)
             num_rows += batch.num_rows
             warm_cols = [codes_array(warm_codes)] if warm else []
-            kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(batch.columns[2:], list(cols.out_fields)[1:])]
+            kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(batch.columns[2:], keep_fields)]
             yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_cols, *kept], schema=schema)
 
     reader = pa.RecordBatchReader.from_batches(schema, batches())

@@ -350,19 +350,12 @@ def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | No
                  executor: Executor) -> tuple[SweepResult, dict[str, str]]:
     """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),
     sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
-    from kernels.knn import METRICS
+    from pipeline.job import check_sizes  # (pipeline.job imports this module)
     from pipeline.sampling import read_sample, sample_sizes
     from pipeline.source import plan_sources
 
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    for name, value in (("num_train", num_train), ("num_queries", num_queries), ("eval_k", eval_k),
-                        ("shard_rows", shard_rows)):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    if batch_size < 0 or sample_row_groups < 0 or ngpu < -1:
-        raise ConfigError(f"batch_size ({batch_size}) and sample_row_groups ({sample_row_groups}) must not be "
-                          f"negative, ngpu ({ngpu}) at least -1")
+    check_sizes(metric=metric, num_train=num_train, num_queries=num_queries, eval_k=eval_k, shard_rows=shard_rows,
+                batch_size=batch_size, sample_row_groups=sample_row_groups, ngpu=ngpu)
     if budgets and min(budgets) < 1:
         raise ConfigError(f"budgets must be positive byte counts, got {budgets}")
     plan = plan_sources(source, shard_rows=shard_rows)
