@@ -13,7 +13,7 @@ from pipeline.codec_store import CodecRef, load_codec
 from pipeline.errors import SourceChangedError
 from pipeline.executor import Executor
 from pipeline.schema import RERANK_COLUMN
-from pipeline.source import Shard, SourcePlan, _read_footer, read_rows, vectors_as_numpy
+from pipeline.source import Shard, SourcePlan, read_rows, vectors_as_numpy
 from pipeline.stages import codes_as_numpy
 
 
@@ -32,11 +32,11 @@ def shard_pair_distances(item: PairsInShard, *, queries: np.ndarray, metric: str
     """Exact distances of the item's pairs, reading only the row groups that hold its rows;
     refuses (SourceChangedError) if the file differs from the one that was compressed."""
     shard = item.shard
-    _, fingerprint, _, _ = _read_footer(shard.file_uri)
-    if fingerprint != shard.fingerprint:
+    try:
+        t = read_rows(shard, item.local_rows, [column])
+    except SourceChangedError:
         raise SourceChangedError(f"{shard.file_uri} changed since it was compressed: cannot re-rank against "
-                                 "it (recompress, re-rank from a warm column, or search without re-ranking)")
-    t = read_rows(shard, item.local_rows, [column])
+                                 "it (recompress, re-rank from a warm column, or search without re-ranking)") from None
     x = prepare_vectors(vectors_as_numpy(t.column(0), dim, where=shard.file_uri, column=column,
                                          rows=shard.file_row_start + item.local_rows), metric)
     return pair_distances(queries[item.pair_query], x[item.pair_row], metric)

@@ -22,7 +22,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.errors import SourceError
+from pipeline.errors import SourceChangedError, SourceError
 from pipeline.schema import CODE_COLUMN, RERANK_COLUMN
 
 VALUE_TYPES = {pa.float32(): "float32", pa.float16(): "float16"}
@@ -167,31 +167,56 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     return pq.ParquetFile(loc.fs.open_input_file(loc.path), pre_buffer=False)
 
 
+def _fingerprint(f, uri: str) -> tuple[int, str]:
+    """(size, fingerprint) of an open Parquet file: a hash of its size and raw footer bytes."""
+    size = f.size()
+    if size < 12:
+        raise SourceError(f"{uri}: not a Parquet file ({size} bytes, truncated or empty)")
+    f.seek(size - 8)
+    tail = f.read(8)
+    if tail[4:] != b"PAR1":
+        raise SourceError(f"{uri}: not a Parquet file or truncated (no PAR1 footer magic)")
+    footer_len = int.from_bytes(tail[:4], "little")
+    if footer_len + 12 > size:
+        raise SourceError(f"{uri}: truncated Parquet file (footer of {footer_len} bytes in a {size}-byte file)")
+    f.seek(size - 8 - footer_len)
+    footer = f.read(footer_len)
+    f.seek(0)
+    return size, hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest()
+
+
 def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
     """(size, fingerprint, metadata, arrow schema) from the footer only."""
     loc = storage.resolve(uri)
     try:
         f = loc.fs.open_input_file(loc.path)
-        size = f.size()
-        if size < 12:
-            raise SourceError(f"{uri}: not a Parquet file ({size} bytes, truncated or empty)")
-        f.seek(size - 8)
-        tail = f.read(8)
-        if tail[4:] != b"PAR1":
-            raise SourceError(f"{uri}: not a Parquet file or truncated (no PAR1 footer magic)")
-        footer_len = int.from_bytes(tail[:4], "little")
-        if footer_len + 12 > size:
-            raise SourceError(f"{uri}: truncated Parquet file (footer of {footer_len} bytes in a {size}-byte file)")
-        f.seek(size - 8 - footer_len)
-        footer = f.read(footer_len)
-        fingerprint = hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest()
-        f.seek(0)
+        size, fingerprint = _fingerprint(f, uri)
         pf = pq.ParquetFile(f)
         return size, fingerprint, pf.metadata, pf.schema_arrow
     except SourceError:
         raise
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"{uri}: unreadable Parquet file: {exc}") from exc
+
+
+def open_shard(shard: Shard) -> pq.ParquetFile:
+    """The shard's file, opened for reading (as open_parquet), once its size and footer are
+    checked against the plan's fingerprint: a file rewritten after planning would otherwise
+    give rows that disagree with the plan's (or with other shards' already encoded).
+    SourceChangedError where they differ."""
+    loc = storage.resolve(shard.file_uri)
+    try:
+        f = loc.fs.open_input_file(loc.path)
+        size, fingerprint = _fingerprint(f, shard.file_uri)
+    except SourceError as exc:
+        raise SourceChangedError(f"{exc} (changed since it was planned)") from None
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{shard.file_uri}: unreadable Parquet file: {exc}") from exc
+    if fingerprint != shard.fingerprint:
+        raise SourceChangedError(f"{shard.file_uri} changed since it was planned (now {size} bytes, another "
+                                 f"footer): its row groups {shard.row_group_start}..{shard.row_group_stop - 1} "
+                                 f"({shard.num_rows} rows) are not the ones planned; run again to plan anew")
+    return pq.ParquetFile(f, pre_buffer=False)
 
 
 def _vector_type(t: pa.DataType) -> tuple[str, str, int | None] | None:
@@ -421,8 +446,8 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_size: int):
 
     Yields (first row index within the file, batch). Read errors name the file and row groups.
     """
+    pf = open_shard(shard)
     try:
-        pf = open_parquet(shard.file_uri)
         row = shard.file_row_start
         for batch in pf.iter_batches(batch_size=batch_size, columns=columns,
                                      row_groups=range(shard.row_group_start, shard.row_group_stop),
@@ -436,7 +461,7 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_size: int):
 
 def read_rows(shard: Shard, local_rows: np.ndarray, columns: list[str]) -> pa.Table:
     """Rows at sorted shard-local indexes, reading only the row groups that hold them."""
-    pf = open_parquet(shard.file_uri)
+    pf = open_shard(shard)
     bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows
                               for i in range(shard.row_group_start, shard.row_group_stop)])
     pieces = []

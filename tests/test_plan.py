@@ -130,3 +130,38 @@ def test_a_rewrite_that_keeps_the_footer_is_seen_by_its_modification_time(tmp_pa
     # a layout written before vecpress recorded mtimes compares fingerprints only
     old = dataclasses.replace(before, mtime_ns=None)
     assert not after.changed_since(old)
+
+
+def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_path):
+    """A file rewritten between planning and reading (e.g. between two attempts of one run's
+    encode stage, whose finished shards are checkpointed) is refused by name; the shards of
+    untouched files still read, and a checkpointed shard is not read again."""
+    import pytest
+
+    from kernels.codec import Codec
+    from pipeline.codec_store import save_codec
+    from pipeline.errors import SourceChangedError
+    from pipeline.source import iter_shard_batches
+    from pipeline.stages import Columns, EncodeJob, encode_shard, sample_rows
+
+    folder, x = make_corpus(num_rows=3000, num_files=2)
+    plan = plan_sources(SourceSpec((str(folder),)))
+    first, second = plan.shards[0], plan.shards[-1]
+    assert first.file_uri.endswith("part-000.parquet") and second.file_uri.endswith("part-001.parquet")
+    job = EncodeJob(table_uri=str(tmp_path / "out.lance"), eval_k=0, columns=Columns.of(plan),
+                    codec=save_codec(Codec.train(x, "PQ4", "l2", seed=0), str(tmp_path / "side")),
+                    checkpoint_uri=str(tmp_path / "shards"), device="cpu")
+    done = encode_shard(first, job=job)
+    assert done.num_rows == first.num_rows
+
+    # same rows, other values: the row counts still agree with the plan
+    write_vectors(folder / "part-001.parquet", x[1500:] + 1.0, np.arange(1500, 3000))
+    for read in (lambda: encode_shard(second, job=job),
+                 lambda: sample_rows((second, np.arange(3)), columns=Columns.of(plan)),
+                 lambda: next(iter_shard_batches(second, ["embedding"], 100))):
+        with pytest.raises(SourceChangedError, match=r"part-001\.parquet changed since it was planned"):
+            read()
+    again = encode_shard(first, job=job)  # from its checkpoint
+    assert again.fragments == done.fragments and again.seconds == done.seconds
+    # an untouched file reads as before
+    assert next(iter_shard_batches(first, ["embedding"], 100))[1].num_rows == 100
