@@ -50,7 +50,7 @@ import numpy as np
 
 from kernels._faiss import faiss, num_gpus
 from kernels.pq_encode import encode_pq, pq_codebook
-from kernels.knn import TopK, as_distances, exact_knn, faiss_metric, prepare_vectors
+from kernels.knn import TopK, as_distances, candidate_distances, exact_knn, faiss_metric, prepare_vectors
 
 
 class CodecSpecError(ValueError):
@@ -468,7 +468,7 @@ class Codec:
             y = vt.reverse_transform(y)
         return y
 
-    def search_codes(self, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0):
+    def search_codes(self, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0, device: int = -1):
         """Search of raw queries over stored codes: ADC for quantizers, Hamming distance
         between the query's code and the stored codes for binary codecs.
 
@@ -481,8 +481,9 @@ class Codec:
         queries, fast-scan PQ, RaBitQ and few-table additive codes use faiss's own search.
 
         `ngpu` > 0 (and faiss sees a GPU): those codecs' decoded blocks are searched by faiss's
-        GPU brute force instead, for any number of queries (and k up to knn.GPU_MAX_K); the
-        others search on the CPU as above. `search_device(ngpu)` says which.
+        GPU brute force instead (on GPU number `device`; -1: the current CUDA device), for any
+        number of queries (and k up to knn.GPU_MAX_K); the others search on the CPU as above.
+        `search_device(ngpu)` says which.
 
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """
@@ -502,12 +503,15 @@ class Codec:
                 xq = vt.apply(xq)
             on_gpu = _searches_on_gpu(inner, ngpu)
             if on_gpu or _decoded_search_pays(inner, nq):
-                return _search_decoded(inner, xq, codes, k, self.metric, ngpu=ngpu if on_gpu else 0)
+                return _search_decoded(inner, xq, codes, k, self.metric, ngpu=ngpu if on_gpu else 0, device=device)
             searcher = _code_searcher(inner, codes)
             D, I = searcher.search(xq, k)
             D = as_distances(D, self.metric).astype(np.float32)
         D[I < 0] = np.inf
-        return D, I.astype(np.int64)
+        # faiss's heaps keep the first rows among equal distances, but list them last row
+        # first for inner products and Hamming: ties rank by row here, as in TopK's merges
+        order = np.lexsort((I, D), axis=1)
+        return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1).astype(np.int64)
 
     def search_device(self, ngpu: int = 0) -> str:
         """Where search_codes(..., ngpu=ngpu) searches: "faiss-gpu" (decoded codes, GPU brute
@@ -587,18 +591,99 @@ def _decoded_search_pays(inner, nq: int) -> bool:
     return nq >= TABLE_GEMM_MIN_QUERIES and 16 * tables >= int(inner.d)
 
 
-def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: str, *, ngpu: int = 0):
+def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: str, *, ngpu: int = 0,
+                    device: int = -1):
     """Top-k of transformed queries over the codes' reconstructions, decoded in blocks (on
-    the CPU) and searched by brute force (on `ngpu` GPUs, else the CPU's BLAS)."""
+    the CPU) and searched by brute force (on `ngpu` GPUs, else the CPU's BLAS).
+
+    Each distinct code is decoded and searched once, the distances of the codes found are
+    computed again a pair at a time, and each code's rows follow it in row order: equal codes
+    get equal distances, in this batch or another, on the CPU or a GPU, and rank by row, as in
+    faiss's own search over the codes. Searched row by row by GEMM, a distance's rounding
+    depended on the row's place in its block, and a GPU's selection orders ties as it likes:
+    the evaluation's search differed between devices and batchings wherever codes repeat
+    (coarse codes, duplicate vectors)."""
+    uniq, inverse = _distinct_rows(codes)
     block = max(1024, DECODE_BLOCK_BYTES // (4 * int(inner.d)))
     if ngpu:
         block *= 8  # fewer, larger copies to the GPU
     space = "l2" if metric == "l2" else "ip"  # cosine queries are already unit (ADC does not renormalise codes)
-    top = TopK(xq.shape[0], k)
-    for start in range(0, codes.shape[0], block):
-        D, I = exact_knn(xq, inner.sa_decode(codes[start:start + block]), k, space, ngpu=ngpu)
+    top = TopK(xq.shape[0], min(k, uniq.shape[0]))
+    for start in range(0, uniq.shape[0], block):
+        decoded = inner.sa_decode(uniq[start:start + block])
+        D, I = exact_knn(xq, decoded, top.k, space, ngpu=ngpu, device=device)
         top.add(D, np.where(I >= 0, I + start, -1))
-    return top.D, top.I
+    # the found codes' distances again, a pair at a time: a GEMM's (CPU or GPU) depend on the
+    # code's place in its block, and would rank equal codes of two batches by that place
+    I = top.I
+    if uniq.shape[0] > block:  # decode the codes found again (one block: still in hand)
+        is_found = np.zeros(uniq.shape[0], bool)
+        is_found[I[I >= 0]] = True
+        decoded = inner.sa_decode(uniq[is_found])
+        I = np.where(I >= 0, np.cumsum(is_found)[np.maximum(I, 0)] - 1, -1)
+    D = candidate_distances(xq, decoded, I, space)
+    if inverse is None:  # no code repeats: rank by (distance, row)
+        order = np.lexsort((top.I, D), axis=1)
+        D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(top.I, order, axis=1)
+        return _widen(D, I, k)
+    return _rows_of_codes(D, top.I, inverse, k)
+
+
+def _distinct_rows(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(distinct codes, each row's index among them), or (codes, None) when no code repeats.
+    Rows are told apart by a 64-bit hash (a few ms for 65,536 rows, where np.unique over
+    whole rows takes 13-50), checked byte for byte; np.unique decides if two codes collide."""
+    n, size = codes.shape
+    if n < 2:
+        return codes, None
+    words = np.zeros((n, -(-size // 8) * 8), np.uint8)
+    words[:, :size] = codes
+    weights = np.random.default_rng(size).integers(1, 1 << 63, words.shape[1] // 8, dtype=np.uint64) | np.uint64(1)
+    hashes = (words.view(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
+    if len(first) == n:
+        return codes, None
+    if not np.array_equal(codes[first][inverse.ravel()], codes):  # a collision: compare whole rows
+        _, first, inverse = np.unique(codes.view(np.dtype((np.void, size))).ravel(), return_index=True,
+                                      return_inverse=True)
+    return np.ascontiguousarray(codes[first]), inverse.ravel()
+
+
+def _rows_of_codes(D: np.ndarray, I: np.ndarray, inverse: np.ndarray, k: int):
+    """Top-k rows from the top distinct codes (D, I; I indexes the distinct codes, `inverse`
+    maps rows to them): each code's rows in row order, ranked by (distance, row). Codes are
+    expanded in distance order while fewer than k rows come before them, each by at most k
+    rows."""
+    nq, kc = I.shape
+    order = np.argsort(D, axis=1, kind="stable")
+    D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    counts = np.bincount(inverse, minlength=int(I.max()) + 1)
+    by_code = np.argsort(inverse, kind="stable")  # rows grouped by code, in row order
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    code = np.where(I >= 0, I, 0)
+    take = np.where(I >= 0, np.minimum(counts[code], k), 0)
+    take[np.cumsum(take, axis=1) - take >= k] = 0
+    take = take.ravel()
+    total = int(take.sum())
+    within = np.arange(total) - np.repeat(np.cumsum(take) - take, take)
+    rows = by_code[np.repeat(starts[code.ravel()], take) + within]
+    dist = np.repeat(D.ravel(), take)
+    query = np.repeat(np.repeat(np.arange(nq), kc), take)
+    order = np.lexsort((rows, dist, query))
+    rows, dist, query = rows[order], dist[order], query[order]
+    rank = np.arange(total) - np.searchsorted(query, np.arange(nq))[query]
+    keep = rank < k
+    outD = np.full((nq, k), np.inf, np.float32)
+    outI = np.full((nq, k), -1, np.int64)
+    outD[query[keep], rank[keep]] = dist[keep]
+    outI[query[keep], rank[keep]] = rows[keep]
+    return outD, outI
+
+
+def _widen(D: np.ndarray, I: np.ndarray, k: int):
+    """(D, I) padded to k columns with (inf, -1)."""
+    pad = ((0, 0), (0, k - D.shape[1]))
+    return np.pad(D, pad, constant_values=np.inf), np.pad(I, pad, constant_values=-1)
 
 
 def _code_searcher(inner, codes: np.ndarray):

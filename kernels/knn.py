@@ -53,8 +53,9 @@ def gpu_knn(k: int, ngpu: int) -> bool:
     return k <= GPU_MAX_K and num_gpus(ngpu) > 0
 
 
-def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int = 0):
-    """Brute-force k-NN of prepared queries over prepared base vectors.
+def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int = 0, device: int = -1):
+    """Brute-force k-NN of prepared queries over prepared base vectors; on a GPU (`gpu_knn`),
+    GPU number `device` (-1: the thread's current CUDA device).
 
     Returns (D, I) with D smaller-is-better and I indexes into xb (-1 where xb has < k rows).
     """
@@ -63,7 +64,7 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int 
     if k_eff == 0:
         return np.full((xq.shape[0], k), np.inf, np.float32), np.full((xq.shape[0], k), -1, np.int64)
     if gpu_knn(k_eff, ngpu):
-        D, I = faiss.knn_gpu(_gpu_resources(), xq, xb, k_eff, metric=mt)
+        D, I = faiss.knn_gpu(_gpu_resources(), xq, xb, k_eff, metric=mt, device=device)
     else:
         D, I = faiss.knn(xq, xb, k_eff, metric=mt)
     D = as_distances(D, metric).astype(np.float32)

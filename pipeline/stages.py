@@ -148,6 +148,8 @@ class ShardCompute:
         on_gpu = self.device != "cpu"
         # both searches take k + 1 (the query's own row); past faiss's GPU top-k both stay on the CPU
         self.knn_ngpu = 1 if on_gpu and gpu_knn(self.k + 1, 1) else 0
+        #: the GPU the searches run on: the encoder's (cuda:N), not the thread's current one
+        self.gpu_number = int(self.device.partition(":")[2] or 0) if on_gpu else -1
         self.info = {**where_am_i(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                      "encode": self.codec.encode_device(self.device) if on_gpu else "cpu",
                      "rerank_encode": (self.warm.encode_device(self.device) if on_gpu else "cpu") if self.warm else None,
@@ -163,10 +165,10 @@ class ShardCompute:
         knn = found = None
         if self.xq is not None:
             knn = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
-                            ngpu=self.knn_ngpu)  # +1: the query's own row
+                            ngpu=self.knn_ngpu, device=self.gpu_number)  # +1: the query's own row
         if self.queries is not None:
             found = search_batch(self.codec, self.queries, self.xq, codes, x, self.k, warm=self.warm,
-                                 warm_codes=warm, rerank=self.rerank, ngpu=self.knn_ngpu)
+                                 warm_codes=warm, rerank=self.rerank, ngpu=self.knn_ngpu, device=self.gpu_number)
         return codes, warm, knn, found
 
 
@@ -210,14 +212,15 @@ class ShardResult:
 
 
 def search_batch(codec, queries: np.ndarray, xq: np.ndarray, codes: np.ndarray, x: np.ndarray, k: int, *,
-                 warm=None, warm_codes: np.ndarray | None = None, rerank: bool = True, ngpu: int = 0):
+                 warm=None, warm_codes: np.ndarray | None = None, rerank: bool = True, ngpu: int = 0,
+                 device: int = -1):
     """The evaluation's search within one batch: top-(k + 1) of the raw `queries` over the
     batch's codes (the +1 leaves k once a query's own row is excluded; on `ngpu` GPUs where
-    the codec allows, Codec.search_codes), batch-local ids, and with `rerank` the candidates'
+    the codec allows, GPU number `device`: Codec.search_codes), batch-local ids, and with `rerank` the candidates'
     exact distances to the prepared queries `xq`: from the warm codes when the output has a
     warm column (as evaluate re-ranks then), else from the batch's source rows `x`.
     Returns (D, I, E or None)."""
-    D, I = codec.search_codes(queries, codes, min(k + 1, len(codes)), ngpu=ngpu)
+    D, I = codec.search_codes(queries, codes, min(k + 1, len(codes)), ngpu=ngpu, device=device)
     if not rerank:
         return D, I, None
     rows = np.unique(I[I >= 0])  # only the candidates' rows are prepared or decoded
