@@ -36,7 +36,8 @@ from pipeline.rerank import column_distances, source_distances
 from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
 from pipeline.source import SourcePlan, SourceSpec, plan_sources
 from pipeline.stages import CodeSearch, Columns, EncodeJob, check_device, encode_shard, search_fragment
-from pipeline.sampling import SAMPLE_ROW_GROUPS, choose_positions, read_sample, sample_sizes  # noqa: F401 (re-exported)
+from pipeline.sampling import (SAMPLE_ROW_GROUPS, choose_positions, file_rows, layout_positions,  # noqa: F401 (re-exported)
+                               read_sample, sample_sizes)
 from pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
 
 log = logging.getLogger("vecpress")
@@ -242,6 +243,18 @@ def load_array(uri: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
 
 
+def save_arrays(uri: str, arrays: dict[str, np.ndarray]) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    storage.write_bytes(uri, buf.getvalue())
+    return uri
+
+
+def load_arrays(uri: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
+        return {name: z[name] for name in z.files}
+
+
 # ---- plan -----------------------------------------------------------------------------------
 
 @dataclass
@@ -334,8 +347,12 @@ def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor
     diff = planned.diff
     prev = diff.previous_manifest
     seed = opts.seed * 1_000_003 + diff.previous_version + 1  # fresh, yet deterministic per night
-    _, xq, qpos, _ = read_sample(planned.plan, 0, planned.num_queries, seed, executor,
-                                 max_row_groups=opts.sample_row_groups)
+    # held out from the rows the kept codec was trained on (they would flatter its error)
+    train_rows = prev["sample"].get("train_rows_uri")  # (None in versions made before it was kept)
+    train_rows = storage.join(ctx.out, train_rows) if train_rows else None
+    probe = read_sample(planned.plan, 0, planned.num_queries, seed, executor, max_row_groups=opts.sample_row_groups,
+                        exclude=layout_positions(planned.plan, load_arrays(train_rows)) if train_rows else None)
+    xq, qpos = probe.queries, probe.query_positions
     codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
     current = probe_quality(codec, xq)
     drift = drift_decision(prev.get("drift_baseline"), current, threshold=opts.drift_threshold,
@@ -355,7 +372,7 @@ def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor
         return planned, None, drift
     sampled = Sampled(train_uri="", queries_uri=save_array(ctx.run_file("queries.npy"), xq),
                       query_positions_uri=save_array(ctx.run_file("query_positions.npy"), qpos),
-                      num_train=prev["sample"]["num_train"], num_queries=len(xq))
+                      num_train=prev["sample"]["num_train"], num_queries=len(xq), train_rows_uri=train_rows)
     planned.drift_seconds = sampled.seconds = time.perf_counter() - start
     return planned, sampled, drift
 
@@ -378,18 +395,21 @@ class Sampled:
     num_queries: int
     seconds: float = 0.0
     row_groups_read: int | None = None
+    #: where the training rows are (sampling.file_rows), for later incremental runs' queries
+    train_rows_uri: str | None = None
 
 
 def sample_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Executor) -> Sampled:
     """Read the training sample and held-out queries, uniformly across the whole corpus."""
     start = time.perf_counter()
-    xt, xq, qpos, touched = read_sample(planned.plan, planned.num_train, planned.num_queries, opts.seed, executor,
-                                        max_row_groups=opts.sample_row_groups)
+    s = read_sample(planned.plan, planned.num_train, planned.num_queries, opts.seed, executor,
+                    max_row_groups=opts.sample_row_groups)
     sampled = Sampled(
-        train_uri=save_array(ctx.run_file("train.npy"), xt),
-        queries_uri=save_array(ctx.run_file("queries.npy"), xq),
-        query_positions_uri=save_array(ctx.run_file("query_positions.npy"), qpos),
-        num_train=len(xt), num_queries=len(xq), row_groups_read=touched,
+        train_uri=save_array(ctx.run_file("train.npy"), s.train),
+        queries_uri=save_array(ctx.run_file("queries.npy"), s.queries),
+        query_positions_uri=save_array(ctx.run_file("query_positions.npy"), s.query_positions),
+        num_train=len(s.train), num_queries=len(s.queries), row_groups_read=s.row_groups_read,
+        train_rows_uri=save_arrays(ctx.run_file("train_rows.npz"), file_rows(planned.plan, s.train_positions)),
     )
     sampled.seconds = time.perf_counter() - start
     log.info("sample: %d training vectors, %d held-out queries (seed %d)", sampled.num_train,
@@ -612,6 +632,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             "row_groups_read": sampled.row_groups_read, "max_row_groups": opts.sample_row_groups,
             "queries_uri": relative_to_out(ctx, sampled.queries_uri),
             "query_positions_uri": relative_to_out(ctx, sampled.query_positions_uri),
+            "train_rows_uri": relative_to_out(ctx, sampled.train_rows_uri) if sampled.train_rows_uri else None,
             "ground_truth_uri": relative_to_out(ctx, encoded.ground_truth_uri),
             **{name: relative_to_out(ctx, uri) for name, uri in (("search_ids_uri", encoded.search_ids_uri),
                                                                   ("search_exact_uri", encoded.search_exact_uri)) if uri},

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,8 +31,10 @@ def sample_sizes(num_rows: int, num_train: int, num_queries: int) -> tuple[int, 
 
 
 def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int, *,
-                     row_group_rows=None, max_row_groups: int = 0):
-    """Seeded, disjoint (train, query) global row positions, each sorted.
+                     row_group_rows=None, max_row_groups: int = 0, exclude=None):
+    """Seeded, disjoint (train, query) global row positions, each sorted, and none of the
+    sorted positions `exclude` (the rows an earlier run trained the codec on, which an
+    incremental run keeps) unless too few other rows are left.
 
     Without a row-group budget (or when the corpus has no more row groups than it), the rows are
     uniform over the whole corpus. Parquet is read a row group at a time, so once the sample
@@ -46,6 +49,7 @@ def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int,
     """
     rng = np.random.default_rng(seed)
     n = num_train + num_queries
+    exclude = np.asarray([] if exclude is None else exclude, np.int64)
     picked = None
     if row_group_rows is not None and max_row_groups > 0:
         sizes = np.asarray(row_group_rows, np.int64)
@@ -54,11 +58,20 @@ def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int,
             chosen = np.sort(rng.choice(len(sizes), size=budget, replace=False))
             pool = np.concatenate([[0], np.cumsum(sizes[chosen])])
             if pool[-1] >= n:
-                idx = rng.choice(int(pool[-1]), size=n, replace=False)
+                starts = np.concatenate([[0], np.cumsum(sizes)])[chosen]
+                in_pool = int(np.isin(np.searchsorted(np.cumsum(sizes), exclude, side="right"), chosen).sum())
+                idx = rng.choice(int(pool[-1]), size=min(n + in_pool, int(pool[-1])), replace=False)
                 j = np.searchsorted(pool, idx, side="right") - 1
-                picked = np.concatenate([[0], np.cumsum(sizes)])[chosen][j] + (idx - pool[j])
+                picked = starts[j] + (idx - pool[j])
     if picked is None:
-        picked = rng.choice(num_rows, size=n, replace=False)
+        picked = rng.choice(num_rows, size=min(n + len(exclude), num_rows), replace=False)
+    if len(exclude):  # drawn in random order: the first n rows not excluded are uniform over them
+        kept = np.isin(picked, exclude, assume_unique=True)
+        if (~kept).sum() < n:
+            log.warning("only %d rows are not excluded from the sample: %d excluded rows are taken too",
+                        int((~kept).sum()), n - int((~kept).sum()))
+        picked = picked[np.argsort(kept, kind="stable")]
+    picked = picked[:n]
     return np.sort(picked[num_queries:]).astype(np.int64), np.sort(picked[:num_queries]).astype(np.int64)
 
 
@@ -69,17 +82,56 @@ def row_group_rows(plan: SourcePlan) -> list[int]:
     return [r for s in plan.shards for r in files[s.file_uri].row_group_rows[s.row_group_start:s.row_group_stop]]
 
 
+class Sample(NamedTuple):
+    train: np.ndarray  # training vectors
+    queries: np.ndarray  # held-out query vectors
+    query_positions: np.ndarray
+    row_groups_read: int
+    train_positions: np.ndarray
+
+
 def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, executor: Executor, *,
-                max_row_groups: int = 0):
-    """(training vectors, held-out query vectors, query positions, row groups read), read across
-    the corpus (see choose_positions): only the row groups holding sampled rows are read."""
+                max_row_groups: int = 0, exclude=None) -> Sample:
+    """The training and query vectors, read across the corpus (see choose_positions, and its
+    `exclude`): only the row groups holding sampled rows are read."""
     sizes = row_group_rows(plan)
-    train_pos, query_pos = choose_positions(plan.num_rows, num_train, num_queries, seed,
-                                            row_group_rows=sizes, max_row_groups=max_row_groups)
+    train_pos, query_pos = choose_positions(plan.num_rows, num_train, num_queries, seed, row_group_rows=sizes,
+                                            max_row_groups=max_row_groups, exclude=exclude)
     positions = np.union1d(train_pos, query_pos)
     touched = int(np.unique(np.searchsorted(np.cumsum(sizes), positions, side="right")).size)
     log.info("sample: %d rows from %d of %d row groups", len(positions), touched, len(sizes))
     items = [(shard, local) for shard, _, local in plan.locate(positions)]
     x = np.concatenate(executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan)}))
     is_query = np.isin(positions, query_pos)
-    return x[~is_query], x[is_query], positions[is_query], touched
+    return Sample(x[~is_query], x[is_query], positions[is_query], touched, positions[~is_query])
+
+
+def file_rows(plan: SourcePlan, positions: np.ndarray) -> dict[str, np.ndarray]:
+    """Sorted global positions -> the rows' files and rows within them, as arrays (`uris`,
+    `file_index` into them, `row`): where the rows are, whatever layout a later run has."""
+    uris = sorted({f.uri for f in plan.files})
+    index = {u: i for i, u in enumerate(uris)}
+    file = np.empty(len(positions), np.int32)
+    row = np.empty(len(positions), np.int64)
+    for shard, sel, local in plan.locate(np.asarray(positions, np.int64)):
+        file[sel] = index[shard.file_uri]
+        row[sel] = shard.file_row_start + local
+    return {"uris": np.array(uris, dtype=str), "file_index": file, "row": row}
+
+
+def layout_positions(plan: SourcePlan, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """file_rows's rows -> their sorted global positions in `plan`'s layout (rows of files
+    it no longer has, or past a file's end, are left out)."""
+    index = {str(u): i for i, u in enumerate(rows["uris"])}
+    file, row = np.asarray(rows["file_index"]), np.asarray(rows["row"])
+    order = np.lexsort((row, file))
+    file, row = file[order], row[order]
+    out = []
+    for shard in plan.shards:
+        f = index.get(shard.file_uri)
+        if f is None:
+            continue
+        lo, hi = np.searchsorted(file, [f, f + 1])
+        a, b = lo + np.searchsorted(row[lo:hi], [shard.file_row_start, shard.file_row_start + shard.num_rows])
+        out.append(shard.row_offset + row[a:b] - shard.file_row_start)
+    return np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)

@@ -70,6 +70,28 @@ def test_sample_within_a_row_group_budget_reads_at_most_that_many():
     assert abs(big / small - 1) < 0.15, (big, small)
 
 
+def test_sample_avoids_excluded_rows_and_stays_uniform_over_the_rest():
+    """`exclude` (the rows a kept codec was trained on): no sampled row is one of them, every
+    other row stays equally likely, with or without a row-group budget, and without it the
+    sample is the same as before; where too few rows are left, excluded ones fill in."""
+    rng = np.random.default_rng(0)
+    exclude = np.sort(rng.choice(10_000, 6_000, replace=False))
+    plain = choose_positions(10_000, 0, 500, seed=1)
+    assert np.array_equal(choose_positions(10_000, 0, 500, seed=1, exclude=[])[1], plain[1])
+    sizes = [100] * 100
+    for kw in ({}, {"row_group_rows": sizes, "max_row_groups": 20}):
+        hits = np.zeros(10_000)
+        for seed in range(200):  # (row groups come 20 at a time: many draws before the halves agree)
+            train, queries = choose_positions(10_000, 200, 500, seed=seed, exclude=exclude, **kw)
+            assert len(queries) == 500 and len(train) == 200 and not np.isin(np.concatenate([train, queries]), exclude).any()
+            hits[queries] += 1
+        rest = np.setdiff1d(np.arange(10_000), exclude)
+        halves = hits[rest[: len(rest) // 2]].mean(), hits[rest[len(rest) // 2:]].mean()
+        assert abs(halves[0] / halves[1] - 1) < 0.1, (kw, halves)
+    _, queries = choose_positions(10_000, 0, 5_000, seed=2, exclude=exclude)  # 4,000 rows left
+    assert len(queries) == 5_000 and np.isin(queries, exclude).sum() == 1_000
+
+
 def test_row_group_budget_gives_way_to_the_sample_size():
     """A budget too small to hold the sample twice over is raised; with no more row groups
     than the (raised) budget, or budget 0, the sample is exactly the uniform one."""
