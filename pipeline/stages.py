@@ -125,6 +125,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
+#: ShardCompute.info's "exact_knn" / "code_search" where a GPU actor leaves that search to the
+#: read tasks that send it batches (cpu_work=False)
+LEFT_TO_READERS = "faiss-cpu in the read tasks"
+
+
 def where_am_i() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
@@ -136,7 +141,13 @@ class ShardCompute:
     worker that reads (this class) or in a GPU actor that workers send batches to
     (pipeline.distributed), where both searches run on the GPU."""
 
-    def __init__(self, job: "EncodeJob", queries: np.ndarray | None, *, device: str = "auto"):
+    def __init__(self, job: "EncodeJob", queries: np.ndarray | None, *, device: str = "auto",
+                 cpu_work: bool = True):
+        """`cpu_work=False` (a GPU actor): a search that would run on this process's CPU is
+        left undone (None in the result) for the read task that sent the batch: the actor
+        runs one batch at a time on one thread, while the read tasks have the cluster's CPUs.
+        That is the exact top-k past faiss's GPU top-k (knn.GPU_MAX_K), and the search over
+        codes that faiss searches only on the CPU (fast-scan PQ, RaBitQ, ...)."""
         self.codec = load_codec(job.codec)
         self.warm = load_codec(job.rerank_codec) if job.rerank_codec else None
         self.k = job.eval_k
@@ -150,11 +161,15 @@ class ShardCompute:
         self.knn_ngpu = 1 if on_gpu and gpu_knn(self.k + 1, 1) else 0
         #: the GPU the searches run on: the encoder's (cuda:N), not the thread's current one
         self.gpu_number = int(self.device.partition(":")[2] or 0) if on_gpu else -1
+        search_device = self.codec.search_device(self.knn_ngpu)
+        self.knn_here = self.xq is not None and (cpu_work or self.knn_ngpu > 0)
+        self.search_here = self.queries is not None and (cpu_work or search_device != "faiss-cpu")
+        elsewhere = LEFT_TO_READERS
         self.info = {**where_am_i(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                      "encode": self.codec.encode_device(self.device) if on_gpu else "cpu",
                      "rerank_encode": (self.warm.encode_device(self.device) if on_gpu else "cpu") if self.warm else None,
-                     "exact_knn": "faiss-gpu" if self.knn_ngpu else "faiss-cpu",
-                     "code_search": self.codec.search_device(self.knn_ngpu) if self.queries is not None else None}
+                     "exact_knn": "faiss-gpu" if self.knn_ngpu else ("faiss-cpu" if self.knn_here else elsewhere),
+                     "code_search": None if self.queries is None else (search_device if self.search_here else elsewhere)}
         if on_gpu and self.info["encode"] != "cpu":
             self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
 
@@ -162,14 +177,22 @@ class ShardCompute:
         """-> (codes, warm codes or None, exact (D, I) or None, search_batch's (D, I, E) or None)."""
         codes = self.codec.encode(x, device=self.device)  # raw vectors: the codec prepares them itself
         warm = self.warm.encode(x, device=self.device) if self.warm else None
-        knn = found = None
-        if self.xq is not None:
+        return codes, warm, *self.searches(x, codes, warm)
+
+    def searches(self, x: np.ndarray, codes: np.ndarray, warm: np.ndarray | None, *, knn: bool = True,
+                 search: bool = True):
+        """(exact (D, I) or None, search_batch's (D, I, E) or None) of a batch and its codes:
+        those asked for that this compute does (`knn_here`, `search_here`)."""
+        found = None
+        if knn and self.knn_here:
             knn = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
                             ngpu=self.knn_ngpu, device=self.gpu_number)  # +1: the query's own row
-        if self.queries is not None:
+        else:
+            knn = None
+        if search and self.search_here:
             found = search_batch(self.codec, self.queries, self.xq, codes, x, self.k, warm=self.warm,
                                  warm_codes=warm, rerank=self.rerank, ngpu=self.knn_ngpu, device=self.gpu_number)
-        return codes, warm, knn, found
+        return knn, found
 
 
 @dataclass

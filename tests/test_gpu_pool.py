@@ -15,6 +15,7 @@ import pytest
 
 from kernels.gpu_encode import gpu_count
 from pipeline.distributed.gpu_pool import plan_placement
+from pipeline.stages import LEFT_TO_READERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,10 +126,11 @@ def test_encoders_run_as_one_actor_per_gpu_fed_by_cpu_read_tasks(runs):
     assert sum(r["rows"] for r in dev["readers"]) == 6000
     # each actor says where it encoded: its GPU where that GPU is real (a 1-GPU machine has no
     # GPU "1"), else the CPU with faiss
-    # (and the evaluation's search over the codes: PQ8 searches its decoded codes on the GPU)
+    # (and the evaluation's search over the codes: PQ8 searches its decoded codes on the GPU);
+    # the searches that would run on an actor's one CPU thread run in the read tasks instead
     for c in dev["compute"]:
         assert (c["encode"], c["exact_knn"], c["code_search"]) in {
-            ("cpu", "faiss-cpu", "faiss-cpu"), ("cuda:0", "faiss-gpu", "faiss-gpu")}, c
+            ("cpu", LEFT_TO_READERS, LEFT_TO_READERS), ("cuda:0", "faiss-gpu", "faiss-gpu")}, c
         if gpu_count() == 0:
             assert c["encode"] == "cpu"
 

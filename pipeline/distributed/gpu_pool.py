@@ -34,6 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 
 from pipeline.errors import ClusterError  # noqa: E402
+from pipeline.stages import LEFT_TO_READERS  # noqa: E402
 
 log = logging.getLogger("vecpress")
 
@@ -107,7 +108,7 @@ class _ComputeActor:
     def setup(self, job, queries) -> dict:
         from pipeline.stages import ShardCompute
 
-        self.compute = ShardCompute(job, queries, device="auto")
+        self.compute = ShardCompute(job, queries, device="auto", cpu_work=False)
         self.compute.info["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
         return self.compute.info
 
@@ -125,10 +126,11 @@ class _ComputeActor:
 class RemoteShardCompute:
     """A ShardCompute whose batches go to a GPU actor: what a CPU read task calls.
 
-    If its actor dies (its node is lost, its process killed), the batch goes to the pool's
-    next live actor; with none left, the read task computes itself on its CPU (a GPU that
-    lost its actors may be what failed), and its `info` says which actors it lost. Batches
-    are pure compute, so sending one again is safe."""
+    The searches an actor leaves to the CPU (ShardCompute's `cpu_work`) run here, in the read
+    task, on the codes the actor sends back. If its actor dies (its node is lost, its process
+    killed), the batch goes to the pool's next live actor; with none left, the read task
+    computes itself on its CPU (a GPU that lost its actors may be what failed), and its `info`
+    says which actors it lost. Batches are pure compute, so sending one again is safe."""
 
     device = "cuda"  # (where its batches go: encode_shard sizes them for a GPU)
 
@@ -137,6 +139,7 @@ class RemoteShardCompute:
         self.current = first
         self.lost: list[int] = []
         self.local = None
+        self.rest = None  # the read task's own ShardCompute for what the actor leaves undone
 
     @property
     def info(self) -> dict:
@@ -148,10 +151,25 @@ class RemoteShardCompute:
     def __call__(self, x):
         while self.local is None:
             try:
-                return ray.get(self.pool.actors[self.current].run.remote(x))
+                codes, warm, knn, found = ray.get(self.pool.actors[self.current].run.remote(x))
             except ray.exceptions.RayActorError as exc:
                 self._lose(exc)
+                continue
+            info = self.pool.infos[self.current]
+            todo_knn = knn is None and info.get("exact_knn") == LEFT_TO_READERS
+            todo_search = found is None and info.get("code_search") == LEFT_TO_READERS
+            if todo_knn or todo_search:
+                if self.rest is None:
+                    self.rest = self._cpu_compute()
+                more_knn, more_found = self.rest.searches(x, codes, warm, knn=todo_knn, search=todo_search)
+                knn, found = knn if knn is not None else more_knn, found if found is not None else more_found
+            return codes, warm, knn, found
         return self.local(x)
+
+    def _cpu_compute(self):
+        from pipeline.stages import ShardCompute
+
+        return ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device="cpu")
 
     def _lose(self, exc) -> None:
         n = len(self.pool.actors)
@@ -162,11 +180,9 @@ class RemoteShardCompute:
             log.warning("encode: GPU encoder actor %d is gone (%s); its batches go to actor %d",
                         self.lost[-1], type(exc).__name__, self.current)
             return
-        from pipeline.stages import ShardCompute
-
         log.warning("encode: every GPU encoder actor is gone (%s); this read task computes its batches itself",
                     type(exc).__name__)
-        self.local = ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device="cpu")
+        self.local = self.rest or self._cpu_compute()
 
 
 class GpuComputePool:
