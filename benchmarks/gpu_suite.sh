@@ -2,6 +2,9 @@
 # The GPU machine's checks and benchmarks, in phases that each fit one device command.
 #
 #   bash benchmarks/gpu_suite.sh tests    # `gpu` tests + GPU encoder tests
+#   bash benchmarks/gpu_suite.sh suite    # the whole test suite: on a GPU machine, tests that are
+#                                         # not `gpu`-marked take the GPU route too (device auto,
+#                                         # a local Ray that sees the GPU)
 #   bash benchmarks/gpu_suite.sh kernel   # benchmarks/gpu_encode.py, d x PQ bytes grid, 1M rows
 #   bash benchmarks/gpu_suite.sh e2e      # pipeline_throughput.py on the GPU and CPU-only
 #   bash benchmarks/gpu_suite.sh scaling  # scaling.py 1/2/4/8 CPU workers + memory.py
@@ -10,7 +13,7 @@
 # Results go to ${RESULTS:-benchmarks/results}; logs beside them. Needs faiss-gpu, CuPy, Ray,
 # pylance and lancedb importable (see ../shared/gpu/README.md for an offline machine).
 set -uo pipefail
-phase=${1:?phase: tests | kernel | e2e | scaling | train}
+phase=${1:?phase: tests | suite | kernel | e2e | scaling | train}
 results=${RESULTS:-benchmarks/results}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 LANCE_LOG=error
@@ -21,6 +24,9 @@ case "$phase" in
     $py -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" | tail -25
     $py -m pytest -q -p no:cacheprovider tests/test_gpu_encode.py tests/test_gpu_pool.py 2>&1 \
       | tee -a "$results/gpu_tests.log" | tail -8
+    ;;
+  suite)
+    $py -m pytest -q -p no:cacheprovider tests/ 2>&1 | tee "$results/gpu_suite_tests.log" | tail -25
     ;;
   kernel)
     $py benchmarks/gpu_encode.py --results "$results/gpu_encode.json" ${KERNEL_ARGS:-} 2>&1 \
