@@ -629,40 +629,62 @@ def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: st
     return _rows_of_codes(D, top.I, inverse, k)
 
 
+#: rows hashed at a time by _distinct_rows (its temporaries stay this size, whatever the codes')
+HASH_BLOCK_ROWS = 65_536
+
+
 def _distinct_rows(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """(distinct codes, each row's index among them), or (codes, None) when no code repeats.
-    Rows are told apart by a 64-bit hash (a few ms for 65,536 rows, where np.unique over
-    whole rows takes 13-50), checked byte for byte; np.unique decides if two codes collide."""
+    """(distinct codes in the order of their first rows, each row's index among them), or
+    (codes, None) when no code repeats. Rows are told apart by a 64-bit hash, in blocks of
+    HASH_BLOCK_ROWS (about 4 ms per block where np.unique over whole rows takes 13-50), and
+    checked byte for byte; np.unique over whole rows decides if two codes collide."""
     n, size = codes.shape
     if n < 2:
         return codes, None
-    words = np.zeros((n, -(-size // 8) * 8), np.uint8)
-    words[:, :size] = codes
-    weights = np.random.default_rng(size).integers(1, 1 << 63, words.shape[1] // 8, dtype=np.uint64) | np.uint64(1)
-    hashes = (words.view(np.uint64) * weights).sum(axis=1, dtype=np.uint64)
+    width = -(-size // 8) * 8
+    weights = np.random.default_rng(size).integers(1, 1 << 63, width // 8, dtype=np.uint64) | np.uint64(1)
+    hashes = np.empty(n, np.uint64)
+    for lo in range(0, n, HASH_BLOCK_ROWS):
+        block = codes[lo:lo + HASH_BLOCK_ROWS]
+        if width != size:
+            block = np.pad(block, ((0, 0), (0, width - size)))
+        hashes[lo:lo + len(block)] = (np.ascontiguousarray(block).view(np.uint64) * weights).sum(axis=1,
+                                                                                                 dtype=np.uint64)
     _, first, inverse = np.unique(hashes, return_index=True, return_inverse=True)
     if len(first) == n:
         return codes, None
-    if not np.array_equal(codes[first][inverse.ravel()], codes):  # a collision: compare whole rows
+    inverse = inverse.ravel()
+    if any(not np.array_equal(codes[first[inverse[lo:lo + HASH_BLOCK_ROWS]]], codes[lo:lo + HASH_BLOCK_ROWS])
+           for lo in range(0, n, HASH_BLOCK_ROWS)):  # a collision: compare whole rows
         _, first, inverse = np.unique(codes.view(np.dtype((np.void, size))).ravel(), return_index=True,
                                       return_inverse=True)
-    return np.ascontiguousarray(codes[first]), inverse.ravel()
+        inverse = inverse.ravel()
+    order = np.argsort(first, kind="stable")  # by first row: equal distances then rank as rows do
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return np.ascontiguousarray(codes[first[order]]), rank[inverse]
 
 
 def _rows_of_codes(D: np.ndarray, I: np.ndarray, inverse: np.ndarray, k: int):
     """Top-k rows from the top distinct codes (D, I; I indexes the distinct codes, `inverse`
     maps rows to them): each code's rows in row order, ranked by (distance, row). Codes are
-    expanded in distance order while fewer than k rows come before them, each by at most k
-    rows."""
+    expanded in distance order while fewer than k rows come before them (or while they tie
+    with the code that makes k), each by at most k rows."""
     nq, kc = I.shape
-    order = np.argsort(D, axis=1, kind="stable")
+    if nq == 0 or kc == 0:
+        return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
+    order = np.lexsort((I, D), axis=1)  # by (distance, first row)
     D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
-    counts = np.bincount(inverse, minlength=int(I.max()) + 1)
+    counts = np.bincount(inverse)
     by_code = np.argsort(inverse, kind="stable")  # rows grouped by code, in row order
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
     code = np.where(I >= 0, I, 0)
     take = np.where(I >= 0, np.minimum(counts[code], k), 0)
-    take[np.cumsum(take, axis=1) - take >= k] = 0
+    before = np.cumsum(take, axis=1) - take
+    # the distance of the code that brings the rows to k (inf where they never get there)
+    reach = np.argmax(before + take >= k, axis=1)
+    bound = np.where((before + take)[:, -1] >= k, D[np.arange(nq), reach], np.inf)
+    take[(before >= k) & (D > bound[:, None])] = 0
     take = take.ravel()
     total = int(take.sum())
     within = np.arange(total) - np.repeat(np.cumsum(take) - take, take)

@@ -350,8 +350,15 @@ def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor
     # held out from the rows the kept codec was trained on (they would flatter its error)
     train_rows = prev["sample"].get("train_rows_uri")  # (None in versions made before it was kept)
     train_rows = storage.join(ctx.out, train_rows) if train_rows else None
+    exclude = None
+    if train_rows and not storage.exists(train_rows):
+        log.warning("drift: %s is gone (its run folder removed?): the held-out queries may include rows the "
+                    "kept codec was trained on", train_rows)
+        train_rows = None
+    elif train_rows:
+        exclude = layout_positions(planned.plan, load_arrays(train_rows))
     probe = read_sample(planned.plan, 0, planned.num_queries, seed, executor, max_row_groups=opts.sample_row_groups,
-                        exclude=layout_positions(planned.plan, load_arrays(train_rows)) if train_rows else None)
+                        exclude=exclude)
     xq, qpos = probe.queries, probe.query_positions
     codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
     current = probe_quality(codec, xq)

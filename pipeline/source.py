@@ -213,6 +213,7 @@ def open_shard(shard: Shard) -> pq.ParquetFile:
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"{shard.file_uri}: unreadable Parquet file: {exc}") from exc
     if fingerprint != shard.fingerprint:
+        f.close()
         raise SourceChangedError(f"{shard.file_uri} changed since it was planned (now {size} bytes, another "
                                  f"footer): its row groups {shard.row_group_start}..{shard.row_group_stop - 1} "
                                  f"({shard.num_rows} rows) are not the ones planned; run again to plan anew")

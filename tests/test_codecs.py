@@ -170,6 +170,33 @@ def test_decoded_search_ranks_equal_codes_by_row_whatever_the_batching(data, mon
     assert (I == I_ref).mean() > 0.85  # (PQ2: 0.90; the rest near-ties of distinct codes. Ties by row first: 0.002)
 
 
+@pytest.mark.parametrize("spec", ["PQ2", "SQ8"])
+def test_distinct_codes_at_equal_distances_rank_by_row(data, monkeypatch, spec):
+    """A zero query (inner product) is equally far from every code: the first k rows, on both
+    search paths and whatever the batching. Ties between distinct codes at the k-th distance
+    are kept, not cut by the order they were expanded in."""
+    import kernels.codec as kc
+
+    xb, xq = data
+    codec = Codec.train(xb[:1000], spec, "ip", seed=1)
+    codes = codec.encode(xb[:400])
+    codes = np.concatenate([codes[:3], codes[:3], codes[3:]])  # some repeat
+    zero = np.zeros((40, xb.shape[1]), np.float32)
+    for pays in (True, False):
+        monkeypatch.setattr(kc, "_decoded_search_pays", lambda inner, nq, pays=pays: pays)
+        D, I = codec.search_codes(zero, codes, 10)
+        assert (D == 0).all() and (I == np.arange(10)).all(), (pays, I[0])
+        top = TopK(len(zero), 10)
+        for lo, hi in ((0, 150), (150, len(codes))):
+            Dp, Ip = codec.search_codes(zero, codes[lo:hi], 10)
+            top.add(Dp, np.where(Ip >= 0, Ip + lo, -1))
+        assert np.array_equal(top.I, I)
+    # code 0 has rows [2, 12, 13], code 1 row [10], both at distance 0: k = 2 gives rows 2, 10
+    inverse = np.array([2, 2, 0, 2, 2, 2, 2, 2, 2, 2, 1, 2, 0, 0])
+    D, I = kc._rows_of_codes(np.zeros((1, 2), np.float32), np.array([[0, 1]]), inverse, 2)
+    assert I.tolist() == [[2, 10]]
+
+
 # codecs whose search ranks by quantized tables or estimates, not by the distance to the
 # reconstruction: they keep faiss's own search everywhere, GPU runs included
 ESTIMATED_SEARCH = [("PQ16x4fs", "l2"), ("RaBitQ", "ip")]

@@ -265,6 +265,13 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     assert {tuple(v) for v in x[sorted(train_ids)].round(4)} <= {tuple(v) for v in xt.round(4)}
     queries = load_array(str(out / n2.manifest["sample"]["query_positions_uri"]))
     assert len(queries) == 100 and not np.isin(queries, trained).any()
+    # night 1's run folder removed by hand: the next night warns and goes on
+    import shutil
+
+    shutil.rmtree((out / rows_uri).parent)
+    part(src, "e.parquet", 4000, 4500)
+    n3 = run(src, out, ray_executor, gate_max_drop=1.0)
+    assert n3.committed and n3.mode == "incremental"
 
 
 def test_bad_new_file_in_an_incremental_run_commits_nothing(src, tmp_path, ray_executor):
