@@ -507,6 +507,8 @@ class Codec:
             searcher = _code_searcher(inner, codes)
             D, I = searcher.search(xq, k)
             D = as_distances(D, self.metric).astype(np.float32)
+            if _reconstruction_search(inner) is not None:  # as _search_decoded's, to the bit
+                D = _code_distances(inner, xq, codes, I, "l2" if self.metric == "l2" else "ip")
         D[I < 0] = np.inf
         # faiss's heaps keep the first rows among equal distances, but list them last row
         # first for inner products and Hamming: ties rank by row here, as in TopK's merges
@@ -615,13 +617,10 @@ def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: st
         top.add(D, np.where(I >= 0, I + start, -1))
     # the found codes' distances again, a pair at a time: a GEMM's (CPU or GPU) depend on the
     # code's place in its block, and would rank equal codes of two batches by that place
-    I = top.I
-    if uniq.shape[0] > block:  # decode the codes found again (one block: still in hand)
-        is_found = np.zeros(uniq.shape[0], bool)
-        is_found[I[I >= 0]] = True
-        decoded = inner.sa_decode(uniq[is_found])
-        I = np.where(I >= 0, np.cumsum(is_found)[np.maximum(I, 0)] - 1, -1)
-    D = candidate_distances(xq, decoded, I, space)
+    if uniq.shape[0] > block:
+        D = _code_distances(inner, xq, uniq, top.I, space)
+    else:  # (one block: its decoded codes are still in hand)
+        D = candidate_distances(xq, decoded, top.I, space)
     if inverse is None:  # no code repeats: rank by (distance, row)
         order = np.lexsort((top.I, D), axis=1)
         D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(top.I, order, axis=1)
@@ -631,6 +630,16 @@ def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: st
 
 #: rows hashed at a time by _distinct_rows (its temporaries stay this size, whatever the codes')
 HASH_BLOCK_ROWS = 65_536
+
+
+def _code_distances(inner, xq: np.ndarray, codes: np.ndarray, I: np.ndarray, space: str) -> np.ndarray:
+    """Distances of transformed queries to the codes I (rows of `codes`, -1 = none), a pair at
+    a time on the decoded codes: a (query, code) pair gets the same distance whichever search
+    found it (GEMM on a CPU or a GPU, faiss's look-up tables), so equal codes tie exactly."""
+    is_found = np.zeros(codes.shape[0], bool)
+    is_found[I[I >= 0]] = True
+    decoded = inner.sa_decode(codes[is_found])
+    return candidate_distances(xq, decoded, np.where(I >= 0, np.cumsum(is_found)[np.maximum(I, 0)] - 1, -1), space)
 
 
 def _distinct_rows(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

@@ -185,8 +185,10 @@ class KeptSearch:
 
 
 def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k: int, queries: np.ndarray,
-              query_positions: np.ndarray, search: KeptSearch | None = None, batch_size: int = 0):
-    """A kept shard's exact top-k for the queries (global positions), reading only its vectors.
+              query_positions: np.ndarray, search: KeptSearch | None = None, batch_size: int = 0,
+              ngpu: int = -1):
+    """A kept shard's exact top-k for the queries (global positions), reading only its vectors;
+    both searches on faiss's GPU brute force where it sees one (`ngpu`; 0 = the CPU).
 
     With `search`, the same read also searches the queries over the shard's stored codes (read
     from the fragments it owns, `item[1]`) and keeps the candidates' exact distances, as the
@@ -200,19 +202,19 @@ def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k
         warm = load_codec(search.rerank_codec) if search.rerank_codec else None
         codes, warm_codes = _stored_codes(search, shard, fragment_ids, with_warm=warm is not None and search.rerank)
         found = TopK(len(xq), k, exclude=query_positions, with_extra=search.rerank)
-    rows = batch_rows(batch_size, columns.dim, gpu=num_gpus() > 0)  # (both searches below use faiss's GPU when it sees one)
+    rows = batch_rows(batch_size, columns.dim, gpu=num_gpus(ngpu) > 0)
     for first_row, batch in iter_shard_batches(shard, [columns.vector], rows):
         x = vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
                              first_row=first_row)
         xp = prepare_vectors(x, metric)
-        D, I = exact_knn(xq, xp, k + 1, metric, ngpu=-1)  # faiss's GPU brute force when it sees a GPU
+        D, I = exact_knn(xq, xp, k + 1, metric, ngpu=ngpu)
         position = shard.row_offset + (first_row - shard.file_row_start)
         top.add(D, np.where(I >= 0, I + position, -1))
         if found is not None:
             local = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
             Ds, Is, E = search_batch(codec, queries, xq, codes[local], x, k, warm=warm,
                                      warm_codes=None if warm_codes is None else warm_codes[local], rerank=search.rerank,
-                                     ngpu=-1)
+                                     ngpu=ngpu)
             found.add(Ds, np.where(Is >= 0, Is + position, -1), E)
     return top.D, top.I, None if found is None else (found.D, found.I, found.E)
 

@@ -574,7 +574,8 @@ def encode_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
                 knn_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
                 desc="exact neighbours and search (kept rows)",
                 shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k, "queries": xq,
-                        "query_positions": qpos, "search": kept, "batch_size": opts.batch_size})):
+                        "query_positions": qpos, "search": kept, "batch_size": opts.batch_size,
+                        "ngpu": 0 if opts.encode_device == "cpu" else opts.ngpu})):
             parts.append((plan.shards[i].index, (D, I), found))
     # merged in layout order: among equal distances the first row wins, as in a search of the
     # stored codes (evaluate --recompute), whatever order the shards finished in
