@@ -45,6 +45,11 @@ class FakeGpu:
         return np.take_along_axis(Dc, order, axis=1), np.take_along_axis(Ic, order, axis=1)
 
 
+def gpu_index_flat_l2(res, d):
+    assert isinstance(res, FakeGpuResources) and int(d) > 0, (res, d)
+    return faiss.IndexFlatL2(int(d))
+
+
 def install(monkeypatch) -> FakeGpu:
     import kernels.knn
 
@@ -52,6 +57,6 @@ def install(monkeypatch) -> FakeGpu:
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
     monkeypatch.setattr(faiss, "knn_gpu", fake.knn_gpu, raising=False)
     monkeypatch.setattr(faiss, "StandardGpuResources", FakeGpuResources, raising=False)
-    monkeypatch.setattr(faiss, "GpuIndexFlatL2", lambda res, d: faiss.IndexFlatL2(int(d)), raising=False)
+    monkeypatch.setattr(faiss, "GpuIndexFlatL2", gpu_index_flat_l2, raising=False)
     monkeypatch.setattr(kernels.knn, "_gpu_resources", lambda: FakeGpuResources())
     return fake

@@ -71,3 +71,17 @@ def test_gpu_route_of_the_incremental_evaluation_equals_a_search_of_the_stored_c
     night = run(src, out, ex, codec="PQ1", gate_max_drop=1.0)
     assert night.mode == "incremental" and len(gpu.calls) > calls  # the kept rows went through the 'GPU'
     assert_same_evaluation(night.eval, evaluate_version(str(out), "t", night.version, ex, recompute=True))
+
+
+@pytest.mark.parametrize("spec", ["PQ8", "OPQ8,PQ8", "PQ16x4fs"])
+def test_gpu_route_of_training_gives_a_plain_cpu_codec(data, monkeypatch, spec):
+    """Training where faiss sees a GPU routes k-means assignment to a GpuIndexFlatL2 (here a
+    CPU stand-in that assigns exactly as the CPU does) and releases it afterwards: the codec
+    serialises as a plain CPU codec, byte for byte the CPU-trained one. On a real GPU the
+    assignments round differently, and the `gpu` test compares quality instead."""
+    xb, _ = data
+    cpu = Codec.train(xb, spec, "l2", seed=1, ngpu=0)
+    fake_gpu.install(monkeypatch)
+    gpu = Codec.train(xb, spec, "l2", seed=1, ngpu=1)
+    assert gpu.to_bytes() == cpu.to_bytes()
+    assert Codec.from_bytes(gpu.to_bytes(), spec=spec, metric="l2").code_size == cpu.code_size
