@@ -167,8 +167,9 @@ def open_parquet(uri: str) -> pq.ParquetFile:
     return pq.ParquetFile(loc.fs.open_input_file(loc.path), pre_buffer=False)
 
 
-def _fingerprint(f, uri: str) -> tuple[int, str]:
-    """(size, fingerprint) of an open Parquet file: a hash of its size and raw footer bytes."""
+def _fingerprint(f, uri: str) -> tuple[int, str, pq.FileMetaData]:
+    """(size, fingerprint, metadata) of an open Parquet file: the fingerprint hashes its size
+    and raw footer bytes, and the metadata is parsed from the same bytes (no second read)."""
     size = f.size()
     if size < 12:
         raise SourceError(f"{uri}: not a Parquet file ({size} bytes, truncated or empty)")
@@ -182,7 +183,8 @@ def _fingerprint(f, uri: str) -> tuple[int, str]:
     f.seek(size - 8 - footer_len)
     footer = f.read(footer_len)
     f.seek(0)
-    return size, hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest()
+    metadata = pq.read_metadata(pa.BufferReader(footer + tail))  # the reader needs only the tail
+    return size, hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest(), metadata
 
 
 def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
@@ -190,8 +192,8 @@ def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
     loc = storage.resolve(uri)
     try:
         f = loc.fs.open_input_file(loc.path)
-        size, fingerprint = _fingerprint(f, uri)
-        pf = pq.ParquetFile(f)
+        size, fingerprint, metadata = _fingerprint(f, uri)
+        pf = pq.ParquetFile(f, metadata=metadata)
         return size, fingerprint, pf.metadata, pf.schema_arrow
     except SourceError:
         raise
@@ -207,7 +209,7 @@ def open_shard(shard: Shard) -> pq.ParquetFile:
     loc = storage.resolve(shard.file_uri)
     try:
         f = loc.fs.open_input_file(loc.path)
-        size, fingerprint = _fingerprint(f, shard.file_uri)
+        size, fingerprint, metadata = _fingerprint(f, shard.file_uri)
     except SourceError as exc:
         raise SourceChangedError(f"{exc} (changed since it was planned)") from None
     except (OSError, pa.ArrowException) as exc:
@@ -217,7 +219,7 @@ def open_shard(shard: Shard) -> pq.ParquetFile:
         raise SourceChangedError(f"{shard.file_uri} changed since it was planned (now {size} bytes, another "
                                  f"footer): its row groups {shard.row_group_start}..{shard.row_group_stop - 1} "
                                  f"({shard.num_rows} rows) are not the ones planned; run again to plan anew")
-    return pq.ParquetFile(f, pre_buffer=False)
+    return pq.ParquetFile(f, metadata=metadata, pre_buffer=False)
 
 
 def _vector_type(t: pa.DataType) -> tuple[str, str, int | None] | None:
