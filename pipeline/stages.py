@@ -164,12 +164,12 @@ class ShardCompute:
         search_device = self.codec.search_device(self.knn_ngpu)
         self.knn_here = self.xq is not None and (cpu_work or self.knn_ngpu > 0)
         self.search_here = self.queries is not None and (cpu_work or search_device != "faiss-cpu")
-        elsewhere = LEFT_TO_READERS
         self.info = {**where_am_i(), "gpu_ids": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
                      "encode": self.codec.encode_device(self.device) if on_gpu else "cpu",
                      "rerank_encode": (self.warm.encode_device(self.device) if on_gpu else "cpu") if self.warm else None,
-                     "exact_knn": "faiss-gpu" if self.knn_ngpu else ("faiss-cpu" if self.knn_here else elsewhere),
-                     "code_search": None if self.queries is None else (search_device if self.search_here else elsewhere)}
+                     "exact_knn": "faiss-gpu" if self.knn_ngpu else ("faiss-cpu" if self.knn_here else LEFT_TO_READERS),
+                     "code_search": None if self.queries is None else
+                     (search_device if self.search_here else LEFT_TO_READERS)}
         if on_gpu and self.info["encode"] != "cpu":
             self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
 
@@ -183,16 +183,14 @@ class ShardCompute:
                  search: bool = True):
         """(exact (D, I) or None, search_batch's (D, I, E) or None) of a batch and its codes:
         those asked for that this compute does (`knn_here`, `search_here`)."""
-        found = None
+        exact = found = None
         if knn and self.knn_here:
-            knn = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
-                            ngpu=self.knn_ngpu, device=self.gpu_number)  # +1: the query's own row
-        else:
-            knn = None
+            exact = exact_knn(self.xq, prepare_vectors(x, self.codec.metric), self.k + 1, self.codec.metric,
+                              ngpu=self.knn_ngpu, device=self.gpu_number)  # +1: the query's own row
         if search and self.search_here:
             found = search_batch(self.codec, self.queries, self.xq, codes, x, self.k, warm=self.warm,
                                  warm_codes=warm, rerank=self.rerank, ngpu=self.knn_ngpu, device=self.gpu_number)
-        return knn, found
+        return exact, found
 
 
 @dataclass
@@ -239,9 +237,10 @@ def search_batch(codec, queries: np.ndarray, xq: np.ndarray, codes: np.ndarray, 
                  device: int = -1):
     """The evaluation's search within one batch: top-(k + 1) of the raw `queries` over the
     batch's codes (the +1 leaves k once a query's own row is excluded; on `ngpu` GPUs where
-    the codec allows, GPU number `device`: Codec.search_codes), batch-local ids, and with `rerank` the candidates'
-    exact distances to the prepared queries `xq`: from the warm codes when the output has a
-    warm column (as evaluate re-ranks then), else from the batch's source rows `x`.
+    the codec allows, GPU number `device`: Codec.search_codes), batch-local ids, and with
+    `rerank` the candidates' exact distances to the prepared queries `xq`: from the warm codes
+    when the output has a warm column (as evaluate re-ranks then), else from the batch's
+    source rows `x`.
     Returns (D, I, E or None)."""
     D, I = codec.search_codes(queries, codes, min(k + 1, len(codes)), ngpu=ngpu, device=device)
     if not rerank:
