@@ -512,8 +512,8 @@ class Codec:
         D[I < 0] = np.inf
         # faiss's heaps keep the first rows among equal distances, but list them last row
         # first for inner products and Hamming: ties rank by row here, as in TopK's merges
-        order = np.lexsort((I, D), axis=1)
-        return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1).astype(np.int64)
+        D, I = _by_distance_then_row(D, I)
+        return D, I.astype(np.int64)
 
     def search_device(self, ngpu: int = 0) -> str:
         """Where search_codes(..., ngpu=ngpu) searches: "faiss-gpu" (decoded codes, GPU brute
@@ -622,9 +622,7 @@ def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, metric: st
     else:  # (one block: its decoded codes are still in hand)
         D = candidate_distances(xq, decoded, top.I, space)
     if inverse is None:  # no code repeats: rank by (distance, row)
-        order = np.lexsort((top.I, D), axis=1)
-        D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(top.I, order, axis=1)
-        return _widen(D, I, k)
+        return _widen(*_by_distance_then_row(D, top.I), k)
     return _rows_of_codes(D, top.I, inverse, k)
 
 
@@ -682,8 +680,7 @@ def _rows_of_codes(D: np.ndarray, I: np.ndarray, inverse: np.ndarray, k: int):
     nq, kc = I.shape
     if nq == 0 or kc == 0:
         return np.full((nq, k), np.inf, np.float32), np.full((nq, k), -1, np.int64)
-    order = np.lexsort((I, D), axis=1)  # by (distance, first row)
-    D, I = np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
+    D, I = _by_distance_then_row(D, I)  # (distinct codes are numbered by first row)
     counts = np.bincount(inverse)
     by_code = np.argsort(inverse, kind="stable")  # rows grouped by code, in row order
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -709,6 +706,12 @@ def _rows_of_codes(D: np.ndarray, I: np.ndarray, inverse: np.ndarray, k: int):
     outD[query[keep], rank[keep]] = dist[keep]
     outI[query[keep], rank[keep]] = rows[keep]
     return outD, outI
+
+
+def _by_distance_then_row(D: np.ndarray, I: np.ndarray):
+    """Each query's (D, I) sorted by distance, equal distances by id."""
+    order = np.lexsort((I, D), axis=1)
+    return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 
 def _widen(D: np.ndarray, I: np.ndarray, k: int):

@@ -348,17 +348,9 @@ def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor
     prev = diff.previous_manifest
     seed = opts.seed * 1_000_003 + diff.previous_version + 1  # fresh, yet deterministic per night
     # held out from the rows the kept codec was trained on (they would flatter its error)
-    train_rows = prev["sample"].get("train_rows_uri")  # (None in versions made before it was kept)
-    train_rows = storage.join(ctx.out, train_rows) if train_rows else None
-    exclude = None
-    if train_rows and not storage.exists(train_rows):
-        log.warning("drift: %s is gone (its run folder removed?): the held-out queries may include rows the "
-                    "kept codec was trained on", train_rows)
-        train_rows = None
-    elif train_rows:
-        exclude = layout_positions(planned.plan, load_arrays(train_rows))
+    train_rows = kept_training_rows(ctx, prev)
     probe = read_sample(planned.plan, 0, planned.num_queries, seed, executor, max_row_groups=opts.sample_row_groups,
-                        exclude=exclude)
+                        exclude=layout_positions(planned.plan, load_arrays(train_rows)) if train_rows else None)
     xq, qpos = probe.queries, probe.query_positions
     codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
     current = probe_quality(codec, xq)
@@ -382,6 +374,20 @@ def drift_run(ctx: RunContext, planned: Planned, opts: CompressOptions, executor
                       num_train=prev["sample"]["num_train"], num_queries=len(xq), train_rows_uri=train_rows)
     planned.drift_seconds = sampled.seconds = time.perf_counter() - start
     return planned, sampled, drift
+
+
+def kept_training_rows(ctx: RunContext, manifest: dict) -> str | None:
+    """Where the rows that trained a version's codec are (sampling.file_rows), or None: for
+    versions made before they were kept, or (with a warning) when their run folder is gone."""
+    uri = manifest["sample"].get("train_rows_uri")
+    if not uri:
+        return None
+    uri = storage.join(ctx.out, uri)
+    if storage.exists(uri):
+        return uri
+    log.warning("drift: %s is gone (its run folder removed?): the held-out queries may include rows the kept codec "
+                "was trained on", uri)
+    return None
 
 
 def carried_codec(ctx: RunContext, planned: Planned) -> Trained:

@@ -58,8 +58,9 @@ def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int,
             chosen = np.sort(rng.choice(len(sizes), size=budget, replace=False))
             pool = np.concatenate([[0], np.cumsum(sizes[chosen])])
             if pool[-1] >= n:
-                starts = np.concatenate([[0], np.cumsum(sizes)])[chosen]
-                in_pool = int(np.isin(np.searchsorted(np.cumsum(sizes), exclude, side="right"), chosen).sum())
+                ends = np.cumsum(sizes)
+                starts = (ends - sizes)[chosen]
+                in_pool = int(np.isin(np.searchsorted(ends, exclude, side="right"), chosen).sum())
                 idx = rng.choice(int(pool[-1]), size=min(n + in_pool, int(pool[-1])), replace=False)
                 j = np.searchsorted(pool, idx, side="right") - 1
                 picked = starts[j] + (idx - pool[j])

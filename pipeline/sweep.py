@@ -362,7 +362,7 @@ def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | No
     nt, nq = sample_sizes(plan.num_rows, num_train, num_queries)
     specs = candidate_specs(plan.dim, metric, nt, codecs=codecs, budgets=budgets)
     log.info("sweep: %d rows x %d-d, %d candidate codecs: %s", plan.num_rows, plan.dim, len(specs), ", ".join(specs))
-    xt, xq, qpos, *_ = read_sample(plan, nt, nq, seed, executor, max_row_groups=sample_row_groups)
-    result = run_sweep(plan, xt, xq, qpos, specs, metric=metric, seed=seed, eval_k=eval_k, batch_size=batch_size,
+    s = read_sample(plan, nt, nq, seed, executor, max_row_groups=sample_row_groups)
+    result = run_sweep(plan, s.train, s.queries, s.query_positions, specs, metric=metric, seed=seed, eval_k=eval_k, batch_size=batch_size,
                        ngpu=ngpu, executor=executor)
     return result, write_reports(result, out, budgets)

@@ -155,14 +155,12 @@ class RemoteShardCompute:
             except ray.exceptions.RayActorError as exc:
                 self._lose(exc)
                 continue
-            info = self.pool.infos[self.current]
-            todo_knn = knn is None and info.get("exact_knn") == LEFT_TO_READERS
-            todo_search = found is None and info.get("code_search") == LEFT_TO_READERS
+            info = self.pool.infos[self.current]  # (what it left undone came back as None)
+            todo_knn, todo_search = (info.get(key) == LEFT_TO_READERS for key in ("exact_knn", "code_search"))
             if todo_knn or todo_search:
-                if self.rest is None:
-                    self.rest = self._cpu_compute()
+                self.rest = self.rest or self._cpu_compute()
                 more_knn, more_found = self.rest.searches(x, codes, warm, knn=todo_knn, search=todo_search)
-                knn, found = knn if knn is not None else more_knn, found if found is not None else more_found
+                knn, found = (more_knn if todo_knn else knn), (more_found if todo_search else found)
             return codes, warm, knn, found
         return self.local(x)
 
