@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 
-from kernels.codec import Codec
-from pipeline.codec_store import save_codec
-from pipeline.demo import write_corpus
-from pipeline.source import SourceSpec, plan_sources
-from pipeline.stages import Columns, EncodeJob, sample_rows
+from vecpress.kernels.codec import Codec
+from vecpress.pipeline.codec_store import save_codec
+from vecpress.pipeline.demo import write_corpus
+from vecpress.pipeline.source import SourceSpec, plan_sources
+from vecpress.pipeline.stages import Columns, EncodeJob, sample_rows
 
 
 def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, shard_rows: int,

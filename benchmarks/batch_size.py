@@ -29,8 +29,8 @@ import numpy as np  # noqa: E402
 from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
 
-from kernels._faiss import faiss  # noqa: E402
-from pipeline.stages import batch_rows, encode_shard, sample_rows  # noqa: E402
+from vecpress.kernels._faiss import faiss  # noqa: E402
+from vecpress.pipeline.stages import batch_rows, encode_shard, sample_rows  # noqa: E402
 
 
 def main() -> None:

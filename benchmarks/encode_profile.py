@@ -26,13 +26,13 @@ import pyarrow as pa  # noqa: E402
 from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
 
-from kernels._faiss import faiss  # noqa: E402
-from kernels.knn import TopK, exact_knn, prepare_vectors  # noqa: E402
-from pipeline.codec_store import load_codec  # noqa: E402
-from pipeline.schema import codes_schema  # noqa: E402
-from pipeline.source import iter_shard_batches, vectors_as_numpy  # noqa: E402
-from pipeline.stages import batch_rows  # noqa: E402
-from pipeline.stages import codes_array, sample_rows  # noqa: E402
+from vecpress.kernels._faiss import faiss  # noqa: E402
+from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors  # noqa: E402
+from vecpress.pipeline.codec_store import load_codec  # noqa: E402
+from vecpress.pipeline.schema import codes_schema  # noqa: E402
+from vecpress.pipeline.source import iter_shard_batches, vectors_as_numpy  # noqa: E402
+from vecpress.pipeline.stages import batch_rows  # noqa: E402
+from vecpress.pipeline.stages import codes_array, sample_rows  # noqa: E402
 
 
 def main() -> None:

@@ -33,10 +33,10 @@ import time
 import numpy as np
 from _results import write_results
 
-from kernels._faiss import faiss, num_gpus
-from kernels.gpu_encode import GpuEncoder, GpuPlan, gpu_count
-from kernels.pq_encode import encode_pq
-from kernels.synthetic import ClusteredEmbeddings
+from vecpress.kernels._faiss import faiss, num_gpus
+from vecpress.kernels.gpu_encode import GpuEncoder, GpuPlan, gpu_count
+from vecpress.kernels.pq_encode import encode_pq
+from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 
 def best_of(fn, repeat: int) -> float:
@@ -138,7 +138,7 @@ def run_config(d: int, M: int, n: int, n_cpu: int, repeat: int, engines: set[str
     except ImportError:
         torch = None
     if torch is not None and torch.cuda.is_available():
-        from kernels.pq_encode import device_tables, encode_block_torch
+        from vecpress.kernels.pq_encode import device_tables, encode_block_torch
 
         ct, cnorm = device_tables(centroids, "cuda")
         tx = torch.as_tensor(dev_x, device="cuda")  # shares the cupy buffer (DLPack / CAI)
@@ -205,7 +205,7 @@ def main() -> None:
             print(f"done d={d} PQ{M}", flush=True)
     device = "cpu only"
     if gpu:
-        from kernels.gpu_encode import cupy_module
+        from vecpress.kernels.gpu_encode import cupy_module
 
         props = cupy_module().cuda.runtime.getDeviceProperties(0)
         device = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])

@@ -28,12 +28,12 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, pickle, resource, sys, time
 import numpy as np
-from pipeline.stages import encode_shard, sample_rows
+from vecpress.pipeline.stages import encode_shard, sample_rows
 plan, job = pickle.load(open(sys.argv[1], "rb"))
 shard = plan.shards[0]
 local = np.sort(np.random.default_rng(0).choice(shard.num_rows, 1000, replace=False))
 xq = sample_rows((shard, local), columns=job.columns)
-from pipeline.codec_store import load_codec
+from vecpress.pipeline.codec_store import load_codec
 load_codec(job.codec)  # codec load and imports are counted in `before`
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

@@ -27,11 +27,11 @@ import pyarrow.parquet as pq  # noqa: E402
 from _results import write_results  # noqa: E402
 from pipeline_throughput import scan  # noqa: E402
 
-from kernels.synthetic import ClusteredEmbeddings  # noqa: E402
-from pipeline.demo import write_corpus  # noqa: E402
-from pipeline.distributed import RayExecutor  # noqa: E402
-from pipeline.job import CompressOptions, evaluate_version, run_compress  # noqa: E402
-from pipeline.source import SourceSpec  # noqa: E402
+from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
+from vecpress.pipeline.demo import write_corpus  # noqa: E402
+from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
+from vecpress.pipeline.job import CompressOptions, evaluate_version, run_compress  # noqa: E402
+from vecpress.pipeline.source import SourceSpec  # noqa: E402
 
 STAGES = ("plan", "drift", "sample", "train", "encode", "commit", "evaluate")
 

@@ -30,10 +30,10 @@ os.environ.setdefault("LANCE_LOG", "error")
 import pyarrow.parquet as pq  # noqa: E402
 from _results import write_results  # noqa: E402
 
-from pipeline.demo import write_corpus  # noqa: E402
-from pipeline.distributed import RayExecutor  # noqa: E402
-from pipeline.job import CompressOptions, run_compress  # noqa: E402
-from pipeline.source import SourceSpec  # noqa: E402
+from vecpress.pipeline.demo import write_corpus  # noqa: E402
+from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
+from vecpress.pipeline.job import CompressOptions, run_compress  # noqa: E402
+from vecpress.pipeline.source import SourceSpec  # noqa: E402
 
 
 def scan(files: list[str], column: str) -> float:

@@ -25,9 +25,9 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from _results import write_results  # noqa: E402
 
-import kernels.codec as kc  # noqa: E402
-from kernels._faiss import BLAS_THRESHOLD, faiss  # noqa: E402
-from kernels.synthetic import ClusteredEmbeddings  # noqa: E402
+import vecpress.kernels.codec as kc  # noqa: E402
+from vecpress.kernels._faiss import BLAS_THRESHOLD, faiss  # noqa: E402
+from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 
 
 def timed(fn):

@@ -20,9 +20,10 @@ import time
 
 from _results import write_results
 
-import kernels.codec as kc
-from kernels._faiss import faiss, num_gpus
-from kernels.synthetic import ClusteredEmbeddings
+import vecpress.kernels.codec as kc
+
+from vecpress.kernels._faiss import faiss, num_gpus
+from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 
 def timed(fn):

@@ -8,8 +8,8 @@ import logging
 import sys
 import warnings
 
-import flows  # noqa: F401  (sets Prefect/Ray environment defaults before they are imported)
-from pipeline.errors import VecpressError
+import vecpress.flows  # noqa: F401  (sets Prefect/Ray environment defaults before they are imported)
+from vecpress.pipeline.errors import VecpressError
 
 log = logging.getLogger("vecpress")
 
@@ -120,10 +120,10 @@ def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
 def _run(kwargs: dict, no_prefect: bool) -> dict:
     """Run the compress job (as the Prefect flow, or directly) and return its run report."""
     if no_prefect:
-        from flows.locking import table_lock
-        from pipeline.distributed import RayExecutor
-        from pipeline.job import RunContext, check_gate, run_stages, specs_from_params
-        from pipeline.report import run_report
+        from vecpress.flows.locking import table_lock
+        from vecpress.pipeline.distributed import RayExecutor
+        from vecpress.pipeline.job import RunContext, check_gate, run_stages, specs_from_params
+        from vecpress.pipeline.report import run_report
 
         source, opts = specs_from_params(kwargs)
         ctx = RunContext.new(kwargs["out"], kwargs["table"])
@@ -132,7 +132,7 @@ def _run(kwargs: dict, no_prefect: bool) -> dict:
         report = run_report(ctx.out, kwargs["table"], result)
         check_gate(result)
         return report
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     _quiet_prefect_console(quiet=log.level >= logging.WARNING)
 
@@ -168,7 +168,7 @@ def _quiet_prefect_console(*, quiet: bool) -> None:
 
 
 def _print_result(info: dict, as_json: bool) -> None:
-    from pipeline.report import summary_table
+    from vecpress.pipeline.report import summary_table
 
     if as_json:
         print(json.dumps(info, indent=1, default=str))
@@ -195,8 +195,8 @@ def run_line(run: dict) -> str:
 
 
 def cmd_demo(args) -> None:
-    from pipeline import storage
-    from pipeline.demo import corpus_parameters, demo_codec, write_corpus, written_corpus
+    from vecpress.pipeline import storage
+    from vecpress.pipeline.demo import corpus_parameters, demo_codec, write_corpus, written_corpus
 
     src = storage.join(args.out, "source")
     wanted = corpus_parameters(args.rows, args.dim, args.files, args.seed)
@@ -225,16 +225,16 @@ def cmd_compress(args) -> None:
 
 
 def cmd_inspect(args) -> None:
-    from pipeline.report import inspect_table
+    from vecpress.pipeline.report import inspect_table
 
     _print_result(inspect_table(args.out, args.table, args.version), args.json)
 
 
 def cmd_evaluate(args) -> None:
-    from pipeline.distributed import RayExecutor
-    from pipeline.job import evaluate_version
-    from pipeline.lance_io import require_dataset
-    from pipeline.report import rerank_source
+    from vecpress.pipeline.distributed import RayExecutor
+    from vecpress.pipeline.job import evaluate_version
+    from vecpress.pipeline.lance_io import require_dataset
+    from vecpress.pipeline.report import rerank_source
 
     version = require_dataset(args.out, args.table, args.version).version
     with RayExecutor(args.ray_address) as ex:
@@ -253,8 +253,8 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from pipeline.lance_io import require_dataset, version_manifest
-    from pipeline.search import read_query_vectors, search
+    from vecpress.pipeline.lance_io import require_dataset, version_manifest
+    from vecpress.pipeline.search import read_query_vectors, search
 
     m = version_manifest(require_dataset(args.out, args.table, args.version))
     xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"])
@@ -268,9 +268,9 @@ def cmd_search(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from pipeline.distributed import RayExecutor
-    from pipeline.source import SourceSpec
-    from pipeline.sweep import markdown_table, sweep_corpus
+    from vecpress.pipeline.distributed import RayExecutor
+    from vecpress.pipeline.source import SourceSpec
+    from vecpress.pipeline.sweep import markdown_table, sweep_corpus
 
     source = SourceSpec(tuple(args.inputs), args.vector_column, args.id_column)
     try:
@@ -290,14 +290,14 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from pipeline.demo import write_corpus
+    from vecpress.pipeline.demo import write_corpus
 
     for f in write_corpus(args.out, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed):
         print(f)
 
 
 def cmd_schedule(args) -> None:
-    from flows.schedule import nightly_parameters, serve_nightly
+    from vecpress.flows.schedule import nightly_parameters, serve_nightly
 
     *inputs, out = args.paths
     if not inputs:

@@ -11,16 +11,16 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from flows.locking import table_lock
-from flows.reporting import publish_run_report
-from pipeline.distributed import RayExecutor
-from pipeline.errors import VecpressError
-from pipeline.job import (
+from vecpress.flows.locking import table_lock
+from vecpress.flows.reporting import publish_run_report
+from vecpress.pipeline.distributed import RayExecutor
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.job import (
     RunContext, Stages, advise_run, check_gate, commit_run, drift_run, encode_run, evaluate_run, gate_run, plan_run,
     run_stages, sample_run, specs_from_params, train_run,
 )
-from pipeline.report import run_report
-from pipeline.sampling import SAMPLE_ROW_GROUPS
+from vecpress.pipeline.report import run_report
+from vecpress.pipeline.sampling import SAMPLE_ROW_GROUPS
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:

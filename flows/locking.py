@@ -34,9 +34,9 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pipeline import storage
-from pipeline.errors import VecpressError
-from pipeline.lance_io import sidecar_uri
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.lance_io import sidecar_uri
 
 log = logging.getLogger("vecpress")
 

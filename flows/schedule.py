@@ -30,7 +30,7 @@ import time
 import urllib.request
 from typing import Any
 
-from pipeline.errors import ConfigError
+from vecpress.pipeline.errors import ConfigError
 
 log = logging.getLogger("vecpress")
 
@@ -48,7 +48,7 @@ THRESHOLDS = ("drift_threshold", "force_retrain", "gate_min_recall", "gate_max_d
 
 
 def _threshold_defaults() -> dict[str, Any]:
-    from pipeline.job import CompressOptions
+    from vecpress.pipeline.job import CompressOptions
 
     fields = CompressOptions.__dataclass_fields__
     return {name: fields[name].default for name in THRESHOLDS}
@@ -62,7 +62,7 @@ NIGHTLY_DEFAULTS: dict[str, Any] = {"codec": None, "metric": "l2", **THRESHOLD_D
 
 def flow_signature_defaults() -> dict[str, Any]:
     """compress_flow's parameters and their defaults (inspect.Parameter.empty when required)."""
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     return {name: p.default for name, p in inspect.signature(compress_flow.fn).parameters.items()}
 
@@ -74,7 +74,7 @@ def nightly_parameters(inputs: list[str] | str, out: str, table: str, **options:
 
     The CLI (`vecpress schedule`), `infra/prefect.yaml` and the docs agree through this function.
     """
-    from pipeline.lance_io import check_table_name
+    from vecpress.pipeline.lance_io import check_table_name
 
     check_table_name(table)
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
@@ -125,7 +125,7 @@ def nightly_deployment(*, cron: str = DEFAULT_CRON, timezone: str = DEFAULT_TIME
                        inputs: list[str] | str, out: str, table: str, **flow_params: Any):
     """The RunnerDeployment that `serve_nightly` serves: one per table (default name
     `vecpress-nightly-<table>`), cron schedule, at most one run at a time (CANCEL_NEW)."""
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     schedule = cron_schedule(cron, timezone)
     params = nightly_parameters(inputs, out, table, **flow_params)

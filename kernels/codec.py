@@ -48,9 +48,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels._faiss import faiss, num_gpus
-from kernels.pq_encode import encode_pq, pq_codebook
-from kernels.knn import TopK, as_distances, candidate_distances, exact_knn, faiss_metric, prepare_vectors
+from vecpress.kernels._faiss import faiss, num_gpus
+from vecpress.kernels.pq_encode import encode_pq, pq_codebook
+from vecpress.kernels.knn import TopK, as_distances, candidate_distances, exact_knn, faiss_metric, prepare_vectors
 
 
 class CodecSpecError(ValueError):
@@ -432,7 +432,7 @@ class Codec:
     def gpu_encoder(self, device: str = "cuda"):
         """The GpuEncoder of this codec on `device` ("cuda" = "cuda:0"), built once; None when
         the codec has no GPU path or no GPU is usable here."""
-        from kernels.gpu_encode import GpuEncoder, gpu_count, plan_codec
+        from vecpress.kernels.gpu_encode import GpuEncoder, gpu_count, plan_codec
 
         device_id = int(device.split(":", 1)[1]) if ":" in device else 0
         cache = self._gpu_encoders

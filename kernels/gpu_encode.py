@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels._faiss import faiss
-from kernels.pq_encode import encode_pq, optional_module, pack_bits, pack_codes
+from vecpress.kernels._faiss import faiss
+from vecpress.kernels.pq_encode import encode_pq, optional_module, pack_bits, pack_codes
 
 #: bytes of float32 rows per block of the host pipeline: large enough that per-block Python and
 #: launch overheads stay small next to the copy (64 MiB: 43,690 rows at d = 384, 21,845 at 768)

@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 
-from kernels._faiss import faiss, num_gpus
+from vecpress.kernels._faiss import faiss, num_gpus
 
 METRICS = ("l2", "ip", "cosine")
 #: the largest k faiss's GPU brute force selects (GPU_MAX_SELECTION_K); a larger k (e.g.

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+#: the k of the recall@k every evaluation reports (each one its neighbours allow)
+RECALL_KS = (1, 10, 100)
+#: the re-rank factors r of recall@k after exact re-ranking of r x k candidates
+RERANK_FACTORS = (1, 2, 4, 10)
+
 
 def knn_recall(I_true: np.ndarray, I_found: np.ndarray, k: int) -> float:
     """k-recall@k: the share of the true k nearest neighbours found among the k returned,
@@ -37,3 +42,16 @@ def reranked(I: np.ndarray, E: np.ndarray, k: int, r: int) -> np.ndarray:
     out = np.take_along_axis(I[:, :c], order, axis=1)
     out[~np.isfinite(np.take_along_axis(E[:, :c], order, axis=1))] = -1
     return out
+
+
+def recall_table(truth: np.ndarray, I: np.ndarray, num_rows: int, E: np.ndarray | None = None) -> dict:
+    """recall@1/10/100 of ADC results I, and with exact re-ranking of r x k candidates (E: the
+    exact distances of I's candidates) for every r x k that I holds."""
+    k = I.shape[1]
+    ev = {f"recall_at_{kk}": knn_recall(truth, I, kk) if kk <= k and kk <= num_rows - 1 else None
+          for kk in RECALL_KS}
+    if E is not None:
+        ev["rerank"] = {str(r): {f"recall_at_{kk}": knn_recall(truth, reranked(I, E, kk, r), kk)
+                                 for kk in RECALL_KS if r * kk <= k and kk <= num_rows - 1}
+                        for r in RERANK_FACTORS}
+    return ev

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels._faiss import faiss
+from vecpress.kernels._faiss import faiss
 
 #: distance bytes held at once per block (block_rows x M x 2^nbits float32): 32 MiB
 DEFAULT_BLOCK_BYTES = 32 << 20

@@ -1,8 +1,6 @@
 """What a vecpress job does: source validation and planning, sampling, training, encoding into
 Lance fragments, the atomic commit and the recall evaluation. Runs without Prefect; Ray is used
-only through `pipeline.distributed`."""
-
-__version__ = "0.1.0"
+only through `vecpress.pipeline.distributed`."""
 
 import os as _os
 

@@ -6,8 +6,8 @@ import functools
 import hashlib
 from dataclasses import asdict, dataclass
 
-from kernels.codec import Codec
-from pipeline import storage
+from vecpress.kernels.codec import Codec
+from vecpress.pipeline import storage
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from kernels.synthetic import ClusteredEmbeddings
-from pipeline import storage
-from pipeline.errors import ConfigError
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import ConfigError
 
 log = logging.getLogger("vecpress")
 
@@ -80,6 +80,6 @@ def _remove_parts(loc, *, keep: int) -> None:
 def demo_codec(dim: int) -> str:
     """The demo's codec: PQ with 8-wide sub-vectors (PQ48 at 384-d, 32x smaller), else the
     pipeline's default for `dim`."""
-    from pipeline.job import default_codec
+    from vecpress.pipeline.job import default_codec
 
     return f"PQ{dim // 8}" if dim % 8 == 0 and dim // 8 <= 256 else default_codec(dim)

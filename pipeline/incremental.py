@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kernels._faiss import num_gpus
-from kernels.codec import Codec
-from kernels.knn import TopK, exact_knn, prepare_vectors
-from kernels.metrics import knn_recall, relative_error
-from pipeline import storage
-from pipeline.errors import VecpressError
-from pipeline.lance_io import open_dataset, open_lance, table_uri, version_manifest
-from pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
-from pipeline.codec_store import CodecRef, load_codec
-from pipeline.schema import CODE_COLUMN, RERANK_COLUMN
-from pipeline.stages import Columns, batch_rows, codes_as_numpy, search_batch
+from vecpress.kernels._faiss import num_gpus
+from vecpress.kernels.codec import Codec
+from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
+from vecpress.kernels.metrics import knn_recall, relative_error
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.lance_io import open_dataset, open_lance, table_uri, version_manifest
+from vecpress.pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
+from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN
+from vecpress.pipeline.stages import Columns, batch_rows, codes_as_numpy, search_batch
 
 log = logging.getLogger("vecpress")
 

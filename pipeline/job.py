@@ -18,32 +18,31 @@ from typing import Callable
 
 import numpy as np
 
-from kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec
-from kernels.knn import METRICS, TopK, prepare_vectors
-from kernels.metrics import knn_recall, relative_error, reranked
-from pipeline import __version__, storage
-from pipeline.codec_store import CodecRef, load_codec, save_codec
-from pipeline.errors import ConfigError, VecpressError
-from pipeline.executor import Executor, LocalExecutor
-from pipeline.lance_io import (
+from vecpress.kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec
+from vecpress.kernels.knn import TopK, prepare_vectors
+from vecpress.kernels.metrics import RECALL_KS, recall_table, relative_error
+from vecpress import __version__
+from vecpress.pipeline import storage
+from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
+from vecpress.pipeline.errors import ConfigError, VecpressError
+from vecpress.pipeline.options import check_sizes
+from vecpress.pipeline.executor import Executor, LocalExecutor
+from vecpress.pipeline.lance_io import (
     check_compatible, commit_overwrite, fragment_offsets, require_dataset, sidecar_uri, table_uri, version_manifest,
 )
-from pipeline.incremental import (
+from vecpress.pipeline.incremental import (
     ADVICE_OPTIONS, KeptSearch, QualityGateError, SourceDiff, apply_retention, diff_sources, drift_decision,
     gate_version, knn_shard, layout_after, probe_quality,
 )
-from pipeline.rerank import column_distances, source_distances
-from pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
-from pipeline.source import SourcePlan, SourceSpec, plan_sources
-from pipeline.stages import CodeSearch, Columns, EncodeJob, check_device, encode_shard, search_fragment
-from pipeline.sampling import (SAMPLE_ROW_GROUPS, choose_positions, file_rows, layout_positions,  # noqa: F401 (re-exported)
+from vecpress.pipeline.rerank import column_distances, source_distances
+from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, codes_schema
+from vecpress.pipeline.source import SourcePlan, SourceSpec, plan_sources
+from vecpress.pipeline.stages import CodeSearch, Columns, EncodeJob, check_device, encode_shard, search_fragment
+from vecpress.pipeline.sampling import (SAMPLE_ROW_GROUPS, choose_positions, file_rows, layout_positions,  # noqa: F401 (re-exported)
                                read_sample, sample_sizes)
-from pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
+from vecpress.pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
 
 log = logging.getLogger("vecpress")
-
-RECALL_KS = (1, 10, 100)
-
 
 @dataclass(frozen=True)
 class CompressOptions:
@@ -142,23 +141,6 @@ class CompressOptions:
             raise ConfigError("drift_threshold, gate_max_drop and keep_versions must not be negative")
         if self.gate_min_recall is not None and not 0 <= self.gate_min_recall <= 1:
             raise ConfigError(f"--gate-min-recall must be in [0, 1], got {self.gate_min_recall}")
-
-
-def check_sizes(*, metric: str, num_train: int, num_queries: int, eval_k: int, shard_rows: int, batch_size: int,
-                sample_row_groups: int, ngpu: int) -> None:
-    """The options that compress and sweep share: ConfigError naming the first bad one."""
-    if metric not in METRICS:
-        raise ConfigError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    for name, value in (("num_train", num_train), ("num_queries", num_queries), ("eval_k", eval_k),
-                        ("shard_rows", shard_rows)):
-        if value < 1:
-            raise ConfigError(f"{name} must be at least 1, got {value}")
-    if batch_size < 0:
-        raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {batch_size}")
-    if sample_row_groups < 0:
-        raise ConfigError(f"sample_row_groups must not be negative, got {sample_row_groups}")
-    if ngpu < -1:
-        raise ConfigError(f"--ngpu must be -1 (all GPUs), 0 (none) or a count, got {ngpu}")
 
 
 def specs_from_params(params: dict) -> tuple[SourceSpec, CompressOptions]:
@@ -683,27 +665,11 @@ def commit_run(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Tra
 
 # ---- evaluate -------------------------------------------------------------------------------
 
-RERANK_FACTORS = (1, 2, 4, 10)
-
-
 def manifest_codec(out: str, entry: dict | None) -> CodecRef | None:
     """A codec entry of a version's manifest (uri relative to OUT) as a loadable CodecRef."""
     if entry is None:
         return None
     return CodecRef(**{**entry, "uri": storage.join(storage.normalize(out), entry["uri"])})
-
-
-def recall_table(truth: np.ndarray, I: np.ndarray, num_rows: int, E: np.ndarray | None = None) -> dict:
-    """recall@1/10/100 of ADC results I, and with exact re-ranking of r x k candidates (E: the
-    exact distances of I's candidates) for every r x k that I holds."""
-    k = I.shape[1]
-    ev = {f"recall_at_{kk}": knn_recall(truth, I, kk) if kk <= k and kk <= num_rows - 1 else None
-          for kk in RECALL_KS}
-    if E is not None:
-        ev["rerank"] = {str(r): {f"recall_at_{kk}": knn_recall(truth, reranked(I, E, kk, r), kk)
-                                 for kk in RECALL_KS if r * kk <= k and kk <= num_rows - 1}
-                        for r in RERANK_FACTORS}
-    return ev
 
 
 def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None,
@@ -770,7 +736,7 @@ def evaluation(truth: np.ndarray, I: np.ndarray, E: np.ndarray | None, *, num_ro
 
 def evaluate_run(ctx: RunContext, committed: Committed, executor: Executor, stage_seconds: dict) -> dict:
     """Evaluate the committed version and store the result beside it (JSON + LanceDB table)."""
-    from pipeline.report import store_eval
+    from vecpress.pipeline.report import store_eval
 
     start = time.perf_counter()
     ev = evaluate_version(ctx.out, ctx.table, committed.version, executor,
@@ -818,7 +784,7 @@ class RunResult:
 def gate_run(ctx: RunContext, committed: Committed, ev: dict, opts: CompressOptions) -> dict:
     """Tag the new version `production` if it passes the quality gate; then apply retention.
     The decision is added to the version's evaluation JSON."""
-    from pipeline.report import load_eval, store_gate
+    from vecpress.pipeline.report import load_eval, store_gate
 
     gate = gate_version(ctx.out, ctx.table, committed.version, ev.get("recall_at_10"), floor=opts.gate_min_recall,
                         max_drop=opts.gate_max_drop, load_eval=load_eval)
@@ -893,7 +859,7 @@ def finish_stopped_run(ctx: RunContext, diff: SourceDiff, result: RunResult, opt
     """A run with nothing to commit first finishes the run that committed the latest version,
     if that one stopped after its commit (a lost worker, a killed flow): it evaluates and gates
     that version, which would otherwise never be evaluated nor tagged. Else `result` as is."""
-    from pipeline.report import load_eval
+    from vecpress.pipeline.report import load_eval
 
     manifest = diff.previous_manifest
     ev = load_eval(ctx.out, ctx.table, diff.previous_version)

@@ -19,9 +19,9 @@ import lance
 import pyarrow as pa
 from lance.fragment import FragmentMetadata
 
-from pipeline import storage
-from pipeline.errors import ConfigError, OutputConflictError, VecpressError
-from pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY, SIDECAR_DIR, same_columns
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import ConfigError, OutputConflictError, VecpressError
+from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY, SIDECAR_DIR, same_columns
 
 log = logging.getLogger("vecpress")
 

@@ -9,9 +9,9 @@ import logging
 import lancedb
 import pyarrow as pa
 
-from pipeline import storage
-from pipeline.lance_io import require_dataset, sidecar_uri, table_uri, version_manifest
-from pipeline.schema import EVAL_TABLE_SUFFIX
+from vecpress.pipeline import storage
+from vecpress.pipeline.lance_io import require_dataset, sidecar_uri, table_uri, version_manifest
+from vecpress.pipeline.schema import EVAL_TABLE_SUFFIX
 
 log = logging.getLogger("vecpress")
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernels.knn import pair_distances, prepare_vectors
-from pipeline.codec_store import CodecRef, load_codec
-from pipeline.errors import SourceChangedError
-from pipeline.executor import Executor
-from pipeline.schema import RERANK_COLUMN
-from pipeline.source import Shard, SourcePlan, read_rows, vectors_as_numpy
-from pipeline.stages import codes_as_numpy
+from vecpress.kernels.knn import pair_distances, prepare_vectors
+from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.errors import SourceChangedError
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.schema import RERANK_COLUMN
+from vecpress.pipeline.source import Shard, SourcePlan, read_rows, vectors_as_numpy
+from vecpress.pipeline.stages import codes_as_numpy
 
 
 @dataclass(frozen=True)

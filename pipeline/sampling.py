@@ -9,10 +9,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from pipeline.errors import VecpressError
-from pipeline.executor import Executor
-from pipeline.source import SourcePlan
-from pipeline.stages import Columns, sample_rows
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.source import SourcePlan
+from vecpress.pipeline.stages import Columns, sample_rows
 
 log = logging.getLogger("vecpress")
 

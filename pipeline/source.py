@@ -21,9 +21,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.errors import SourceChangedError, SourceError
-from pipeline.schema import CODE_COLUMN, RERANK_COLUMN
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import SourceChangedError, SourceError
+from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN
 
 VALUE_TYPES = {pa.float32(): "float32", pa.float16(): "float16"}
 ID_TYPES = (pa.int64(), pa.string(), pa.large_string())

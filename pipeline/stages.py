@@ -16,14 +16,14 @@ import lance.fragment
 import numpy as np
 import pyarrow as pa
 
-from kernels.gpu_encode import gpu_count
-from kernels.knn import TopK, candidate_distances, exact_knn, gpu_knn, prepare_vectors
-from pipeline import storage
-from pipeline.codec_store import CodecRef, load_codec
-from pipeline.errors import ConfigError, SourceError
-from pipeline.lance_io import open_lance
-from pipeline.schema import CODE_COLUMN, codes_schema
-from pipeline.source import Shard, SourcePlan, iter_shard_batches, read_rows, vectors_as_numpy
+from vecpress.kernels.gpu_encode import gpu_count
+from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, gpu_knn, prepare_vectors
+from vecpress.pipeline import storage
+from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.errors import ConfigError, SourceError
+from vecpress.pipeline.lance_io import open_lance
+from vecpress.pipeline.schema import CODE_COLUMN, codes_schema
+from vecpress.pipeline.source import Shard, SourcePlan, iter_shard_batches, read_rows, vectors_as_numpy
 
 
 @dataclass(frozen=True)

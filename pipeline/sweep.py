@@ -23,15 +23,16 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kernels.codec import Codec, CodecSpecError, check_codec_spec, default_grid
-from kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
-from kernels.metrics import relative_error
-from pipeline import storage
-from pipeline.errors import ConfigError, VecpressError
-from pipeline.executor import Executor
-from pipeline.sampling import SAMPLE_ROW_GROUPS
-from pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
-from pipeline.stages import Columns, batch_rows
+from vecpress.kernels.codec import Codec, CodecSpecError, check_codec_spec, default_grid
+from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
+from vecpress.kernels.metrics import recall_table, relative_error
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import ConfigError, VecpressError
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.options import check_sizes
+from vecpress.pipeline.sampling import SAMPLE_ROW_GROUPS
+from vecpress.pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
+from vecpress.pipeline.stages import Columns, batch_rows
 
 log = logging.getLogger("vecpress")
 
@@ -176,8 +177,6 @@ def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
 def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str], *, metric: str,
               seed: int, eval_k: int, batch_size: int, ngpu: int, executor: Executor) -> SweepResult:
     """Train `specs` on xt, make the one streaming pass, and tabulate."""
-    from pipeline.job import recall_table  # the same recall arithmetic as a compress evaluation
-
     result = SweepResult(metric=metric, dim=plan.dim, num_rows=plan.num_rows, num_train=len(xt),
                          num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector)
     trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=result.failed)
@@ -350,9 +349,8 @@ def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | No
                  executor: Executor) -> tuple[SweepResult, dict[str, str]]:
     """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),
     sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
-    from pipeline.job import check_sizes  # (pipeline.job imports this module)
-    from pipeline.sampling import read_sample, sample_sizes
-    from pipeline.source import plan_sources
+    from vecpress.pipeline.sampling import read_sample, sample_sizes
+    from vecpress.pipeline.source import plan_sources
 
     check_sizes(metric=metric, num_train=num_train, num_queries=num_queries, eval_k=eval_k, shard_rows=shard_rows,
                 batch_size=batch_size, sample_row_groups=sample_row_groups, ngpu=ngpu)

@@ -22,7 +22,7 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 warnings.filterwarnings("ignore", message=".*not fork-safe.*")
 warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
 
-from kernels.synthetic import ClusteredEmbeddings  # noqa: E402
+from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 
 SIFT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "sift5k"
 
@@ -67,7 +67,7 @@ def make_corpus(tmp_path):
 @pytest.fixture(scope="session")
 def ray_executor():
     """One real local Ray for the whole session (starting Ray takes 7-15 s here)."""
-    from pipeline.distributed import RayExecutor
+    from vecpress.pipeline.distributed import RayExecutor
 
     ex = RayExecutor(init_kwargs={"num_cpus": 2}).start()
     yield ex
@@ -94,7 +94,7 @@ def sift5k():
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` run only where faiss sees a GPU (CI has none)."""
-    from kernels._faiss import num_gpus
+    from vecpress.kernels._faiss import num_gpus
 
     if num_gpus() > 0:
         return

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kernels._faiss import faiss
+from vecpress.kernels._faiss import faiss
 
 
 class FakeGpuResources:
@@ -51,12 +51,12 @@ def gpu_index_flat_l2(res, d):
 
 
 def install(monkeypatch) -> FakeGpu:
-    import kernels.knn
+    import vecpress.kernels.knn
 
     fake = FakeGpu()
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
     monkeypatch.setattr(faiss, "knn_gpu", fake.knn_gpu, raising=False)
     monkeypatch.setattr(faiss, "StandardGpuResources", FakeGpuResources, raising=False)
     monkeypatch.setattr(faiss, "GpuIndexFlatL2", gpu_index_flat_l2, raising=False)
-    monkeypatch.setattr(kernels.knn, "_gpu_resources", lambda: FakeGpuResources())
+    monkeypatch.setattr(vecpress.kernels.knn, "_gpu_resources", lambda: FakeGpuResources())
     return fake

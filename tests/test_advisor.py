@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kernels.codec import Codec
-from kernels.synthetic import ClusteredEmbeddings
-from pipeline.errors import ConfigError
-from pipeline.job import CompressOptions, run_compress
-from pipeline.report import inspect_table
-from pipeline.search import search
-from pipeline.source import SourceSpec
-from pipeline.sweep import choose, mark_pareto, sweep_corpus
+from vecpress.kernels.codec import Codec
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.job import CompressOptions, run_compress
+from vecpress.pipeline.report import inspect_table
+from vecpress.pipeline.search import search
+from vecpress.pipeline.source import SourceSpec
+from vecpress.pipeline.sweep import choose, mark_pareto, sweep_corpus
 from tests.conftest import write_split
 
 N, DIM = 6000, 32
@@ -72,7 +72,7 @@ def test_every_family_round_trips(corpus, tmp_path, ray_executor, spec, metric):
     ds = lance.dataset(f"{out}/t.lance")
     code_type = ds.schema.field("code").type
     assert code_type == (pa.list_(pa.uint8(), codec.code_size) if codec.is_binary else pa.binary(codec.code_size))
-    from pipeline.stages import codes_as_numpy
+    from vecpress.pipeline.stages import codes_as_numpy
 
     # (the first file is one batch: LSQ's encoder is seeded per call, so its codes depend on batching)
     stored = codes_as_numpy(ds.take(list(range(2000)), columns=["code"]).column(0))

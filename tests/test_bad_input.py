@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import ConfigError, OutputConflictError, SourceError
-from pipeline.job import CompressOptions, choose_positions, run_compress
-from pipeline.source import SourceSpec, vectors_as_numpy
+from vecpress.pipeline.errors import ConfigError, OutputConflictError, SourceError
+from vecpress.pipeline.job import CompressOptions, choose_positions, run_compress
+from vecpress.pipeline.source import SourceSpec, vectors_as_numpy
 
 TABLE = "corpus"
 NUM_ROWS, DIM, NUM_FILES = 3000, 32, 3
@@ -196,7 +196,7 @@ def assert_typed(exc: Exception, error=SourceError) -> None:
 def ray_one(ray_executor):
     """The session's Ray with one task in flight, so a run expected to fail in a Ray stage
     fails on a known shard (the error is the same with more tasks in flight)."""
-    from pipeline.distributed import RayExecutor
+    from vecpress.pipeline.distributed import RayExecutor
 
     return RayExecutor(max_in_flight=1)
 
@@ -672,8 +672,8 @@ def test_conversion_refuses_wrong_fixed_dimension_and_non_finite():
 
 RAY_FAILING_MAP = """
 import sys, time
-from pipeline.distributed import RayExecutor
-from pipeline.errors import SourceError
+from vecpress.pipeline.distributed import RayExecutor
+from vecpress.pipeline.errors import SourceError
 
 def encode(i):
     time.sleep(0.05 * (i % 3))

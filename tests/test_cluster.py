@@ -42,9 +42,9 @@ SECRET = "vecpress-cluster-secret-4f1c9b"
 DRIVER = r'''
 import json, os, sys, time
 import ray
-from pipeline.distributed import RayExecutor
-from pipeline.job import CompressOptions, RunContext, check_gate, run_stages
-from pipeline.source import SourceSpec
+from vecpress.pipeline.distributed import RayExecutor
+from vecpress.pipeline.job import CompressOptions, RunContext, check_gate, run_stages
+from vecpress.pipeline.source import SourceSpec
 
 args = json.loads(sys.argv[1])
 marks = args["marks"]
@@ -439,7 +439,7 @@ def test_credentials_stay_out_of_logs_and_results(make_corpus, tmp_path, prefect
     from prefect import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
     monkeypatch.setenv("AWS_SESSION_TOKEN", SECRET + "-token")

@@ -10,11 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels._faiss import faiss
-from kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec, code_size_of, default_grid
-from kernels.knn import TopK, prepare_vectors
-from kernels.metrics import knn_recall, relative_error
-from kernels.synthetic import ClusteredEmbeddings
+from vecpress.kernels._faiss import faiss
+from vecpress.kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec, code_size_of, default_grid
+from vecpress.kernels.knn import TopK, prepare_vectors
+from vecpress.kernels.metrics import knn_recall, relative_error
+from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 DIM = 64
 
@@ -109,7 +109,7 @@ DECODED_SEARCH = [
 def test_decoded_gemm_search_equals_faiss_search(data, monkeypatch, spec, metric):
     """Where it pays, search_codes decodes blocks of codes and runs a BLAS brute force over
     them; it must return what faiss's own search over the codes returns."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1)
@@ -145,7 +145,7 @@ def test_decoded_search_ranks_equal_codes_by_row_whatever_the_batching(data, mon
     a search of the whole block equals the merge of two halves' searches (the encode pass's
     batches against evaluate's fragments), and equals faiss's ADC where its codes are distinct.
     Row by row, a GEMM's rounding and a GPU's selection ordered such ties by position."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1)
@@ -175,7 +175,7 @@ def test_distinct_codes_at_equal_distances_rank_by_row(data, monkeypatch, spec):
     """A zero query (inner product) is equally far from every code: the first k rows, on both
     search paths and whatever the batching. Ties between distinct codes at the k-th distance
     are kept, not cut by the order they were expanded in."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, "ip", seed=1)
@@ -208,7 +208,7 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
     """With ngpu=1 (a GPU actor's search in the encode pass), codecs that rank by the distance
     to the reconstruction search their decoded codes with faiss's GPU brute force, at any
     number of queries; the others keep faiss's CPU search. Both return faiss's results."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1)
@@ -226,7 +226,7 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
 def test_parallel_pq_training_gives_faiss_bytes(data, monkeypatch, spec, metric):
     """Codec.train runs a PQ's sub-quantizer k-means side by side; the trained codec is the
     one faiss's own (sequential) training gives, byte for byte, pre-transforms included."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     xb, _ = data
     parallel = Codec.train(xb[:2000], spec, metric, seed=3, ngpu=0)
@@ -243,7 +243,7 @@ def test_parallel_pq_training_gives_faiss_bytes(data, monkeypatch, spec, metric)
 def test_decoded_search_only_where_it_pays():
     """Per-pair decoding codecs switch at GEMM_MIN_QUERIES, look-up tables only from
     TABLE_GEMM_MIN_QUERIES and with at least one table per 16 dimensions."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     gen = ClusteredEmbeddings(384, seed=2)
     xt = gen.batch(0, 2000)

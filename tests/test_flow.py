@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.cli import main
-from pipeline.errors import SourceError
+from vecpress.flows.cli import main
+from vecpress.pipeline.errors import SourceError
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_flow_runs_every_stage_as_a_task(corpus, tmp_path, prefect_harness, ray_
     from prefect import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     folder, _ = corpus
     state = compress_flow(inputs=[str(folder)], out=str(tmp_path / "out"), table="corpus", codec="PQ8",
@@ -46,7 +46,7 @@ def test_flow_runs_every_stage_as_a_task(corpus, tmp_path, prefect_harness, ray_
 
 
 def test_flow_fails_on_bad_input_without_retrying(tmp_path, prefect_harness, ray_executor):
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -98,7 +98,7 @@ def test_cli_reports_bad_input_clearly(tmp_path, capsys):
 
 
 def test_help_lists_every_command():
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-m", "vecpress.flows.cli", "--help"], capture_output=True, text=True, check=True).stdout
     for cmd in ("demo", "compress", "inspect", "evaluate", "search", "generate"):
         assert cmd in out
 
@@ -155,7 +155,7 @@ def test_prefect_console_shows_user_errors_without_tracebacks():
     for vecpress's own errors the console shows the message; -q keeps warnings and errors."""
     import logging
 
-    from flows.cli import _PrefectConsoleFilter
+    from vecpress.flows.cli import _PrefectConsoleFilter
 
     def record(level, exc=None):
         info = (type(exc), exc, None) if exc else None
@@ -170,8 +170,8 @@ def test_prefect_console_shows_user_errors_without_tracebacks():
 
 
 def test_device_cuda_without_a_gpu_fails_instead_of_encoding_on_the_cpu(make_corpus, tmp_path, capsys):
-    from kernels.gpu_encode import gpu_count
-    from pipeline.lance_io import open_dataset
+    from vecpress.kernels.gpu_encode import gpu_count
+    from vecpress.pipeline.lance_io import open_dataset
 
     if gpu_count() > 0:
         pytest.skip("this machine has a GPU")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.codec import Codec
-from kernels.gpu_encode import gpu_count, plan_codec, run_plan
-from kernels.synthetic import ClusteredEmbeddings
+from vecpress.kernels.codec import Codec
+from vecpress.kernels.gpu_encode import gpu_count, plan_codec, run_plan
+from vecpress.kernels.synthetic import ClusteredEmbeddings
 from tests.test_pq_encode import MIN_AGREEMENT, agreement, unpack
 
 # (dim, metric, spec): every family with a GPU path, each pre-transform kind, odd dims
@@ -120,7 +120,7 @@ def test_host_pipeline_puts_every_block_in_its_place():
     cp = _cupy()
     import cupyx
 
-    from kernels.gpu_encode import GpuEncoder
+    from vecpress.kernels.gpu_encode import GpuEncoder
 
     d, n = 768, 260_000
     gen = ClusteredEmbeddings(d, seed=7)
@@ -151,7 +151,7 @@ def test_gpu_training_matches_cpu_quality(spec):
 
 @pytest.mark.gpu
 def test_gpu_exact_neighbours_equal_cpu():
-    from kernels.knn import exact_knn
+    from vecpress.kernels.knn import exact_knn
 
     gen = ClusteredEmbeddings(96, seed=9)
     xq, xb = gen.batch(0, 500), gen.batch(10_000, 50_000)
@@ -165,8 +165,8 @@ def test_gpu_exact_neighbours_equal_cpu():
 @pytest.mark.gpu
 def test_compress_on_the_gpu_reports_it(make_corpus, tmp_path):
     _cupy()
-    from pipeline.job import CompressOptions, run_compress
-    from pipeline.source import SourceSpec
+    from vecpress.pipeline.job import CompressOptions, run_compress
+    from vecpress.pipeline.source import SourceSpec
 
     src, _ = make_corpus(num_rows=8000, dim=64)
     runs = {}
@@ -183,7 +183,7 @@ def test_compress_on_the_gpu_reports_it(make_corpus, tmp_path):
 
 def test_unpack_helper_roundtrip():
     """The agreement helper itself: unpacking faiss-packed codes gives the ids packed."""
-    from kernels.pq_encode import pack_codes
+    from vecpress.kernels.pq_encode import pack_codes
 
     ids = np.random.default_rng(0).integers(0, 64, size=(50, 7))
     assert np.array_equal(unpack(pack_codes(ids, 6), 7, 6), ids)

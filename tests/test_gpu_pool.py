@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from kernels.gpu_encode import gpu_count
-from pipeline.distributed.gpu_pool import plan_placement
-from pipeline.stages import LEFT_TO_READERS
+from vecpress.kernels.gpu_encode import gpu_count
+from vecpress.pipeline.distributed.gpu_pool import plan_placement
+from vecpress.pipeline.stages import LEFT_TO_READERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,11 +33,11 @@ SCRIPT = r"""
 import json, sys, tempfile
 import numpy as np
 import ray
-from pipeline.demo import write_corpus
-from pipeline.distributed import RayExecutor
-from pipeline.job import CompressOptions, run_compress
-from pipeline.lance_io import open_lance
-from pipeline.source import SourceSpec
+from vecpress.pipeline.demo import write_corpus
+from vecpress.pipeline.distributed import RayExecutor
+from vecpress.pipeline.job import CompressOptions, run_compress
+from vecpress.pipeline.lance_io import open_lance
+from vecpress.pipeline.source import SourceSpec
 
 gpus, kill = int(sys.argv[1]), int(sys.argv[2])
 work = tempfile.mkdtemp()
@@ -165,15 +165,15 @@ def test_placement_on_a_cluster_that_may_grow():
 
 
 def test_in_flight_cap():
-    from pipeline.distributed.ray_executor import MIN_IN_FLIGHT, in_flight_cap
+    from vecpress.pipeline.distributed.ray_executor import MIN_IN_FLIGHT, in_flight_cap
 
     assert in_flight_cap(0, 1) == MIN_IN_FLIGHT  # a head with no CPUs still shows an autoscaler demand
     assert in_flight_cap(16, 1) == 32 and in_flight_cap(16, 2) == 16 and in_flight_cap(3, 1) == 6
 
 
 def test_gpu_wait_seconds(monkeypatch):
-    from pipeline.distributed.gpu_pool import DEFAULT_GPU_WAIT_SECONDS, gpu_wait_seconds
-    from pipeline.errors import ClusterError
+    from vecpress.pipeline.distributed.gpu_pool import DEFAULT_GPU_WAIT_SECONDS, gpu_wait_seconds
+    from vecpress.pipeline.errors import ClusterError
 
     monkeypatch.delenv("VECPRESS_GPU_WAIT_S", raising=False)
     assert gpu_wait_seconds() == DEFAULT_GPU_WAIT_SECONDS == 600

@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.codec import Codec
-from kernels.knn import GPU_MAX_K, exact_knn
-from kernels.synthetic import ClusteredEmbeddings
-from pipeline.executor import LocalExecutor
-from pipeline.job import evaluate_version
+from vecpress.kernels.codec import Codec
+from vecpress.kernels.knn import GPU_MAX_K, exact_knn
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline.executor import LocalExecutor
+from vecpress.pipeline.job import evaluate_version
 from tests import fake_gpu
 from tests.conftest import assert_same_evaluation
 from tests.test_nightly import part, run
@@ -30,7 +30,7 @@ def test_gpu_route_of_the_code_search_equals_the_cpu_route(data, monkeypatch, sp
     """The search over codes that a GPU actor runs (ngpu=1: decoded codes, GPU brute force)
     returns exactly the CPU's decoded search, ties included: every code repeats twice, and the
     stand-in rounds each distance by its row's place and lists ties last row first."""
-    import kernels.codec as kc
+    import vecpress.kernels.codec as kc
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1, ngpu=0)

@@ -107,7 +107,7 @@ def test_kuberay_gpu_group_requests_gpus():
 
 
 def test_rayjob_runs_on_the_raycluster_with_a_valid_vecpress_command():
-    from flows.cli import build_parser
+    from vecpress.flows.cli import build_parser
 
     cluster = one("kuberay-raycluster.yaml")
     job = one("kuberay-rayjob.yaml")
@@ -121,7 +121,7 @@ def test_rayjob_runs_on_the_raycluster_with_a_valid_vecpress_command():
 
 
 def test_launcher_docs_submit_a_valid_vecpress_command():
-    from flows.cli import build_parser
+    from vecpress.flows.cli import build_parser
 
     text = (INFRA / "ray-cluster.yaml").read_text().replace("\\\n#", " ")
     cmd = re.search(r"ray job submit -- +(vecpress [^\n]+)", text).group(1)
@@ -145,7 +145,7 @@ def test_prefect_entrypoints_exist(name):
 
 
 def test_prefect_cluster_deployment_targets_the_raycluster():
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
     import inspect
 
     cluster = one("kuberay-raycluster.yaml")

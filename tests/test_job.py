@@ -13,12 +13,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kernels.synthetic import ClusteredEmbeddings
-from pipeline.errors import ConfigError
-from pipeline.job import CompressOptions, evaluate_version, load_array, run_compress
-from pipeline.report import inspect_table
-from pipeline.search import search
-from pipeline.source import SourceSpec
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.job import CompressOptions, evaluate_version, load_array, run_compress
+from vecpress.pipeline.report import inspect_table
+from vecpress.pipeline.search import search
+from vecpress.pipeline.source import SourceSpec
 from tests.conftest import assert_same_evaluation, write_split, write_vectors
 
 N, DIM = 8000, 32
@@ -181,8 +181,8 @@ class FailAfter:
 
 
 def test_retried_encode_skips_finished_shards(corpus, tmp_path):
-    from pipeline.executor import LocalExecutor
-    from pipeline.job import RunContext, commit_run, encode_run, plan_run, sample_run, stage_times, train_run
+    from vecpress.pipeline.executor import LocalExecutor
+    from vecpress.pipeline.job import RunContext, commit_run, encode_run, plan_run, sample_run, stage_times, train_run
 
     root, _ = corpus
     opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1400)

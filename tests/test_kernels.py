@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels.codec import Codec, CodecSpecError, check_codec_spec
-from kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
-from kernels.metrics import knn_recall, relative_error, reranked
-from kernels.synthetic import ClusteredEmbeddings
+from vecpress.kernels.codec import Codec, CodecSpecError, check_codec_spec
+from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
+from vecpress.kernels.metrics import knn_recall, relative_error, reranked
+from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 SPECS = ["PQ8", "PQ8x4", "OPQ8,PQ8", "RQ4x8", "SQ8", "SQfp16"]
 
@@ -139,7 +139,7 @@ def test_gpu_training_matches_cpu_quality(data, spec):
 
 @pytest.mark.gpu
 def test_gpu_exact_knn_equals_cpu_within_and_past_the_gpu_top_k(data):
-    from kernels.knn import GPU_MAX_K, gpu_knn
+    from vecpress.kernels.knn import GPU_MAX_K, gpu_knn
 
     xb, xq = data
     xq, xb = prepare_vectors(xq, "l2"), prepare_vectors(xb, "l2")

@@ -7,12 +7,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from kernels.synthetic import ClusteredEmbeddings
-from pipeline.errors import VecpressError
-from pipeline.incremental import QualityGateError
-from pipeline.job import CompressOptions, evaluate_version, run_compress
-from pipeline.report import inspect_table, load_eval, summary_table
-from pipeline.source import SourceSpec
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.incremental import QualityGateError
+from vecpress.pipeline.job import CompressOptions, evaluate_version, run_compress
+from vecpress.pipeline.report import inspect_table, load_eval, summary_table
+from vecpress.pipeline.source import SourceSpec
 from tests.conftest import assert_same_evaluation, write_vectors
 
 DIM = 32
@@ -95,7 +95,7 @@ def test_four_nights(src, tmp_path, ray_executor):
 
 
 def test_search_after_incremental_rerank_uses_new_layout(src, tmp_path, ray_executor):
-    from pipeline.search import search
+    from vecpress.pipeline.search import search
 
     out = tmp_path / "out"
     spec = SourceSpec((str(src),), keep=("text",))
@@ -185,7 +185,7 @@ def test_options_that_change_the_codecs_rebuild(src, tmp_path, ray_executor):
 def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_path, ray_executor):
     """Night 2 commits, then dies in evaluate: its version has no evaluation and no gate. Night 3
     has nothing to commit; it evaluates and gates version 2 (it left it untagged for good)."""
-    from pipeline.job import RunContext, Stages, run_stages
+    from vecpress.pipeline.job import RunContext, Stages, run_stages
 
     out = tmp_path / "out"
     uri = str(out / "t.lance")
@@ -241,9 +241,9 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     rows, and the codec's error on them would look smaller than it is."""
     import json
 
-    from pipeline.job import load_array, load_arrays
-    from pipeline.sampling import layout_positions
-    from pipeline.source import SourcePlan
+    from vecpress.pipeline.job import load_array, load_arrays
+    from vecpress.pipeline.sampling import layout_positions
+    from vecpress.pipeline.source import SourcePlan
 
     out = tmp_path / "out"
     n1 = run(src, out, ray_executor)
@@ -275,7 +275,7 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
 
 
 def test_bad_new_file_in_an_incremental_run_commits_nothing(src, tmp_path, ray_executor):
-    from pipeline.errors import SourceError
+    from vecpress.pipeline.errors import SourceError
 
     out = tmp_path / "out"
     uri = str(out / "t.lance")

@@ -10,10 +10,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from kernels.synthetic import ClusteredEmbeddings
-from pipeline.errors import SourceError
-from pipeline.job import CompressOptions, run_compress
-from pipeline.source import SourceSpec, list_parquet_files
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline.errors import SourceError
+from vecpress.pipeline.job import CompressOptions, run_compress
+from vecpress.pipeline.source import SourceSpec, list_parquet_files
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +65,9 @@ def test_s3_output_end_to_end(s3, tmp_path, ray_executor, monkeypatch):
 
     import lancedb
 
-    from pipeline.report import inspect_table
-    from pipeline.search import search
-    from pipeline.storage import lance_location
+    from vecpress.pipeline.report import inspect_table
+    from vecpress.pipeline.search import search
+    from vecpress.pipeline.storage import lance_location
 
     fs, query = s3
     fs.create_dir("lake")

@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from pipeline.job import choose_positions
-from pipeline.source import SourceSpec, plan_sources
+from vecpress.pipeline.job import choose_positions
+from vecpress.pipeline.source import SourceSpec, plan_sources
 from tests.conftest import write_vectors
 
 
@@ -110,7 +110,7 @@ def test_row_groups_follow_the_layout_of_an_incremental_run(tmp_path):
     """An incremental run lays kept shards first: the sample's row-group sizes follow that
     order, not the files' (a new file sorting first made the budget read 12 row groups of 3)."""
 
-    from pipeline.sampling import row_group_rows
+    from vecpress.pipeline.sampling import row_group_rows
 
     x = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
     write_vectors(tmp_path / "a.parquet", x[:2000], np.arange(2000), row_group_size=1000)  # the new file
@@ -160,11 +160,11 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     untouched files still read, and a checkpointed shard is not read again."""
     import pytest
 
-    from kernels.codec import Codec
-    from pipeline.codec_store import save_codec
-    from pipeline.errors import SourceChangedError
-    from pipeline.source import iter_shard_batches
-    from pipeline.stages import Columns, EncodeJob, encode_shard, sample_rows
+    from vecpress.kernels.codec import Codec
+    from vecpress.pipeline.codec_store import save_codec
+    from vecpress.pipeline.errors import SourceChangedError
+    from vecpress.pipeline.source import iter_shard_batches
+    from vecpress.pipeline.stages import Columns, EncodeJob, encode_shard, sample_rows
 
     folder, x = make_corpus(num_rows=3000, num_files=2)
     plan = plan_sources(SourceSpec((str(folder),)))

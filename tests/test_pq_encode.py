@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernels._faiss import faiss
-from kernels.codec import Codec
-from kernels.knn import prepare_vectors
-from kernels.pq_encode import encode_pq, pack_codes, pq_codebook
-from kernels.synthetic import ClusteredEmbeddings
+from vecpress.kernels._faiss import faiss
+from vecpress.kernels.codec import Codec
+from vecpress.kernels.knn import prepare_vectors
+from vecpress.kernels.pq_encode import encode_pq, pack_codes, pq_codebook
+from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 MIN_AGREEMENT = 0.999
 
@@ -155,9 +155,9 @@ def test_cuda_double_buffered_pipeline_over_large_host_array():
 
 
 def test_codec_encode_on_cuda_falls_back_to_faiss_without_a_gpu():
-    from kernels.codec import Codec
-    from kernels.gpu_encode import gpu_count
-    from kernels.synthetic import ClusteredEmbeddings
+    from vecpress.kernels.codec import Codec
+    from vecpress.kernels.gpu_encode import gpu_count
+    from vecpress.kernels.synthetic import ClusteredEmbeddings
 
     x = ClusteredEmbeddings(32, seed=8).batch(0, 3000)
     codec = Codec.train(x, "PQ8x4", "cosine", seed=1)

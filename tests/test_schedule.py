@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows import schedule
-from flows.locking import TableBusyError, lock_uri, table_lock
-from flows.reporting import artifact_key, publish_run_report, render_run_report, report_rows
-from pipeline.errors import VecpressError
+from vecpress.flows import schedule
+from vecpress.flows.locking import TableBusyError, lock_uri, table_lock
+from vecpress.flows.reporting import artifact_key, publish_run_report, render_run_report, report_rows
+from vecpress.pipeline.errors import VecpressError
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "infra" / "prefect.yaml"
@@ -64,7 +64,7 @@ def test_two_threads_exactly_one_gets_the_table(tmp_path):
 _CONTENDER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    from flows.locking import TableBusyError, table_lock
+    from vecpress.flows.locking import TableBusyError, table_lock
     go = {go!r}
     open(go + ".ready-%d" % os.getpid(), "w").close()
     while not os.path.exists(go):
@@ -300,7 +300,7 @@ def test_prefect_yaml_schedule_and_concurrency(deployment):
 
 
 def test_prefect_yaml_parameters_are_flow_parameters(deployment):
-    from flows.compress import compress_flow
+    from vecpress.flows.compress import compress_flow
 
     params = deployment["parameters"]
     signature = inspect.signature(compress_flow.fn).parameters
@@ -316,7 +316,7 @@ def test_prefect_yaml_parameters_are_flow_parameters(deployment):
 
 
 def test_schedule_cli_gives_the_yaml_parameters(deployment, capsys):
-    from flows.cli import main
+    from vecpress.flows.cli import main
 
     p = deployment["parameters"]
     rc = main(["schedule", *p["inputs"], p["out"], "--table", p["table"], "--print-parameters"])
@@ -332,7 +332,7 @@ def test_schedule_cli_gives_the_yaml_parameters(deployment, capsys):
 
 
 def test_schedule_help_and_bad_options(capsys):
-    out = subprocess.run([sys.executable, "-m", "flows.cli", "schedule", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "vecpress.flows.cli", "schedule", "--help"], capture_output=True, text=True,
                          check=True, cwd=ROOT).stdout
     for flag in ("--cron", "--timezone", "--table", "--codec", "--drift-threshold", "--print-parameters"):
         assert flag in out

@@ -1,5 +1,5 @@
 """The only place vecpress imports Ray."""
 
-from pipeline.distributed.ray_executor import RayExecutor
+from vecpress.pipeline.distributed.ray_executor import RayExecutor
 
 __all__ = ["RayExecutor"]

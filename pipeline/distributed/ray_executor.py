@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from pipeline.executor import Progress
+from vecpress.pipeline.executor import Progress
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -85,7 +85,7 @@ class RayExecutor:
         """Start the GPU compute actors now (one per GPU, if the cluster has GPUs) so that
         they warm up while earlier stages run; the next `gpu_compute` takes them."""
         self.start()
-        from pipeline.distributed.gpu_pool import GpuComputePool
+        from vecpress.pipeline.distributed.gpu_pool import GpuComputePool
 
         if self._gpu_pool is None:
             self._gpu_pool = GpuComputePool.prestart(ngpu=ngpu, may_grow=self.may_grow)
@@ -94,7 +94,7 @@ class RayExecutor:
         """GPU compute actors for an encode stage (pipeline.distributed.gpu_pool), or None when
         the cluster has no GPUs. The caller closes them."""
         self.start()
-        from pipeline.distributed.gpu_pool import GpuComputePool
+        from vecpress.pipeline.distributed.gpu_pool import GpuComputePool
 
         pool, self._gpu_pool = self._gpu_pool, None  # the prestarted actors, else ask now
         if pool is None:
