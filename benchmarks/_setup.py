@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.pipeline.codec_store import save_codec
 from vecpress.pipeline.demo import write_corpus
 from vecpress.pipeline.source import SourceSpec, plan_sources

@@ -25,8 +25,10 @@ for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from _results import write_results  # noqa: E402
 
-import vecpress.kernels.codec as kc  # noqa: E402
+import vecpress.kernels.codecs.search as ks  # noqa: E402
 from vecpress.kernels._faiss import BLAS_THRESHOLD, faiss  # noqa: E402
+from vecpress.kernels.codecs.build import _innermost  # noqa: E402
+from vecpress.kernels.codecs.codec import Codec  # noqa: E402
 from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 
 
@@ -59,20 +61,20 @@ def main() -> None:
     print(f"{args.rows:,} codes, {args.dim}-d, {args.metric}, k={args.k}, 1 thread, {platform.node()}")
     print(f"{'what':24s} {'queries':>7s} {'faiss s':>9s} {'vecpress s':>10s} {'speed-up':>8s} {'same':>6s} {'used':>8s}")
     for spec in codecs:
-        codec = kc.Codec.train(xt, spec, args.metric, seed=0)
+        codec = Codec.train(xt, spec, args.metric, seed=0)
         codes = codec.encode(xb)
         for nq in query_counts:
-            defaults = kc.GEMM_MIN_QUERIES, kc.TABLE_GEMM_MIN_QUERIES
-            inner = kc._innermost(codec.index)[1]
-            chosen = "vecpress" if kc._decoded_search_pays(inner, nq) else "faiss"
-            kc.GEMM_MIN_QUERIES = 10**9
+            defaults = ks.GEMM_MIN_QUERIES, ks.TABLE_GEMM_MIN_QUERIES
+            inner = _innermost(codec.index)[1]
+            chosen = "vecpress" if ks._decoded_search_pays(inner, nq) else "faiss"
+            ks.GEMM_MIN_QUERIES = 10**9
             t_faiss, (_, I_ref) = timed(lambda: codec.search_codes(xq[:nq], codes, args.k))
-            kc.GEMM_MIN_QUERIES = kc.TABLE_GEMM_MIN_QUERIES = 1  # the decode + GEMM path, where exact
-            if kc._decoded_search_pays(inner, nq):
+            ks.GEMM_MIN_QUERIES = ks.TABLE_GEMM_MIN_QUERIES = 1  # the decode + GEMM path, where exact
+            if ks._decoded_search_pays(inner, nq):
                 t_gemm, (_, I) = timed(lambda: codec.search_codes(xq[:nq], codes, args.k))
             else:  # fewer than one table per 16 dims: vecpress never decodes these
                 t_gemm, I = float("nan"), I_ref
-            kc.GEMM_MIN_QUERIES, kc.TABLE_GEMM_MIN_QUERIES = defaults
+            ks.GEMM_MIN_QUERIES, ks.TABLE_GEMM_MIN_QUERIES = defaults
             rows.append({"what": f"search_codes {spec}", "queries": nq, "faiss_s": t_faiss, "vecpress_s": t_gemm,
                          "speedup": t_faiss / t_gemm, "same": float((I == I_ref).mean()),
                          "chosen": chosen})

@@ -20,9 +20,12 @@ import time
 
 from _results import write_results
 
-import vecpress.kernels.codec as kc
+import vecpress.kernels.codecs.train as kt
 
 from vecpress.kernels._faiss import faiss, num_gpus
+from vecpress.kernels.codecs.build import check_codec_spec
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 
@@ -34,13 +37,13 @@ def timed(fn):
 
 def train(x, spec, *, parallel: bool, ngpu: int):
     """Codec.train with vecpress's parallel PQ training on or off."""
-    original = kc._trains_pq_in_parallel
+    original = kt._trains_pq_in_parallel
     if not parallel:
-        kc._trains_pq_in_parallel = lambda inner: False
+        kt._trains_pq_in_parallel = lambda inner: False
     try:
-        return kc.Codec.train(x, spec, "l2", seed=0, ngpu=ngpu)
+        return Codec.train(x, spec, "l2", seed=0, ngpu=ngpu)
     finally:
-        kc._trains_pq_in_parallel = original
+        kt._trains_pq_in_parallel = original
 
 
 def main() -> None:
@@ -59,8 +62,8 @@ def main() -> None:
         x = ClusteredEmbeddings(d, seed=1).batch(0, args.rows)
         for spec in args.specs.split(";"):
             try:
-                kc.check_codec_spec(spec, d, "l2", args.rows)
-            except kc.CodecSpecError as exc:
+                check_codec_spec(spec, d, "l2", args.rows)
+            except CodecSpecError as exc:
                 print(f"{spec:<14} {d:>5} skipped: {exc}")
                 continue
             train(x[:2000], spec, parallel=True, ngpu=0)  # warm-up: imports, thread pools

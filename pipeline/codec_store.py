@@ -6,7 +6,7 @@ import functools
 import hashlib
 from dataclasses import asdict, dataclass
 
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.pipeline import storage
 
 

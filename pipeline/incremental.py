@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vecpress.kernels._faiss import num_gpus
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall, relative_error
 from vecpress.pipeline import storage

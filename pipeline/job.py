@@ -18,7 +18,9 @@ from typing import Callable
 
 import numpy as np
 
-from vecpress.kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec
+from vecpress.kernels.codecs.build import check_codec_spec
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.spec import CodecSpecError, is_binary_spec
 from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.kernels.metrics import RECALL_KS, recall_table, relative_error
 from vecpress import __version__
@@ -157,15 +159,10 @@ def check_rerank_codec(spec: str | None, dim: int, metric: str, num_train: int) 
     if not spec:
         return None
     size = check_codec_spec(spec, dim, metric, num_train)
-    if codec_is_binary(spec, dim, metric):
+    if is_binary_spec(spec, dim):
         raise CodecSpecError(f"--rerank-codec {spec} gives binary (Hamming) codes, which cannot re-rank by distance: "
                              "use a scalar codec such as SQ8, SQfp16 or SQbf16")
     return size
-
-
-def codec_is_binary(spec: str, dim: int, metric: str) -> bool:
-    """Whether a spec's codes are bit-packed Hamming codes (stored as fixed_size_list<uint8>)."""
-    return Codec(spec=spec, metric=metric, dim=dim, index=build_index(spec, dim, metric)).is_binary
 
 
 def output_schema(plan: SourcePlan, code_size: int, *, binary: bool, rerank_size: int | None,
@@ -267,7 +264,7 @@ def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOp
     try:
         code_size = check_codec_spec(spec, plan.dim, opts.metric, planned.num_train)
         rerank_size = check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
-        binary = codec_is_binary(spec, plan.dim, opts.metric)
+        binary = is_binary_spec(spec, plan.dim)
     except CodecSpecError as exc:
         raise ConfigError(str(exc)) from None
     schema = output_schema(plan, code_size, binary=binary, rerank_size=rerank_size)
@@ -613,7 +610,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "dim": plan.dim,
         "metric": opts.metric,
         "codec": {**trained.codec.to_dict(), "uri": relative_to_out(ctx, trained.codec.uri)},
-        "codec_binary": codec_is_binary(trained.codec.spec, plan.dim, opts.metric),
+        "codec_binary": is_binary_spec(trained.codec.spec, plan.dim),
         "rerank_codec": None if trained.rerank_codec is None else {
             **trained.rerank_codec.to_dict(), "uri": relative_to_out(ctx, trained.rerank_codec.uri)},
         "source": {

@@ -23,7 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from vecpress.kernels.codec import Codec, CodecSpecError, check_codec_spec, default_grid
+from vecpress.kernels.codecs.build import check_codec_spec
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.grid import default_grid
+from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage

@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.job import CompressOptions, run_compress

@@ -1,4 +1,4 @@
-"""kernels.codec: every codec family of the spec grammar, against brute-force references.
+"""kernels.codecs: every codec family of the spec grammar, against brute-force references.
 
 Per family: train, encode, decode, serialise, search the stored codes, check determinism and
 code sizes; then the binary (Hamming), Matryoshka, fast-scan and calibration specifics, the
@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 from vecpress.kernels._faiss import faiss
-from vecpress.kernels.codec import Codec, CodecSpecError, build_index, check_codec_spec, code_size_of, default_grid
+from vecpress.kernels.codecs.build import _innermost, build_index, check_codec_spec, code_size_of
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.grid import default_grid
+from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.kernels.metrics import knn_recall, relative_error
 from vecpress.kernels.synthetic import ClusteredEmbeddings
@@ -109,20 +112,20 @@ DECODED_SEARCH = [
 def test_decoded_gemm_search_equals_faiss_search(data, monkeypatch, spec, metric):
     """Where it pays, search_codes decodes blocks of codes and runs a BLAS brute force over
     them; it must return what faiss's own search over the codes returns."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.search as ks
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1)
     codes = codec.encode(xb)
-    inner = kc._innermost(codec.index)[1]
-    monkeypatch.setattr(kc, "DECODE_BLOCK_BYTES", 4 * DIM * 700)  # 5 blocks, the last partial
-    monkeypatch.setattr(kc, "TABLE_GEMM_MIN_QUERIES", len(xq))  # table codecs too, at 40 queries
-    assert kc._decoded_search_pays(inner, len(xq)) == ((spec, metric) in DECODED_SEARCH)
-    assert (kc._reconstruction_search(inner) is None) == ((spec, metric) in ESTIMATED_SEARCH)
+    inner = _innermost(codec.index)[1]
+    monkeypatch.setattr(ks, "DECODE_BLOCK_BYTES", 4 * DIM * 700)  # 5 blocks, the last partial
+    monkeypatch.setattr(ks, "TABLE_GEMM_MIN_QUERIES", len(xq))  # table codecs too, at 40 queries
+    assert ks._decoded_search_pays(inner, len(xq)) == ((spec, metric) in DECODED_SEARCH)
+    assert (ks._reconstruction_search(inner) is None) == ((spec, metric) in ESTIMATED_SEARCH)
     assert codec.search_device(0) == "faiss-cpu"
     D, I = codec.search_codes(xq, codes, 10)
-    monkeypatch.setattr(kc, "GEMM_MIN_QUERIES", len(xq) + 1)
-    assert not kc._decoded_search_pays(inner, len(xq))
+    monkeypatch.setattr(ks, "GEMM_MIN_QUERIES", len(xq) + 1)
+    assert not ks._decoded_search_pays(inner, len(xq))
     D_ref, I_ref = codec.search_codes(xq, codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
 
@@ -145,13 +148,13 @@ def test_decoded_search_ranks_equal_codes_by_row_whatever_the_batching(data, mon
     a search of the whole block equals the merge of two halves' searches (the encode pass's
     batches against evaluate's fragments), and equals faiss's ADC where its codes are distinct.
     Row by row, a GEMM's rounding and a GPU's selection ordered such ties by position."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.search as ks
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1)
     codes = np.concatenate([codec.encode(xb)] * 2)  # every code at least twice
-    monkeypatch.setattr(kc, "_decoded_search_pays", lambda inner, nq: True)
-    uniq, inverse = kc._distinct_rows(codes)
+    monkeypatch.setattr(ks, "_decoded_search_pays", lambda inner, nq: True)
+    uniq, inverse = ks._distinct_rows(codes)
     assert np.array_equal(uniq[inverse], codes) and len(uniq) <= len(codes) // 2
     D, I = codec.search_codes(xq, codes, 50)
     assert np.isfinite(D).all() and (I >= 0).all()
@@ -164,7 +167,7 @@ def test_decoded_search_ranks_equal_codes_by_row_whatever_the_batching(data, mon
         Dp, Ip = codec.search_codes(xq, codes[lo:hi], 50)
         top.add(Dp, np.where(Ip >= 0, Ip + lo, -1))
     assert np.array_equal(top.I, I) and np.array_equal(top.D, D)
-    monkeypatch.setattr(kc, "_decoded_search_pays", lambda inner, nq: False)  # faiss's own search
+    monkeypatch.setattr(ks, "_decoded_search_pays", lambda inner, nq: False)  # faiss's own search
     D_ref, I_ref = codec.search_codes(xq, codes, 50)
     assert_same_search(D, I, D_ref, I_ref, "LSQ")
     assert (I == I_ref).mean() > 0.85  # (PQ2: 0.90; the rest near-ties of distinct codes. Ties by row first: 0.002)
@@ -175,7 +178,7 @@ def test_distinct_codes_at_equal_distances_rank_by_row(data, monkeypatch, spec):
     """A zero query (inner product) is equally far from every code: the first k rows, on both
     search paths and whatever the batching. Ties between distinct codes at the k-th distance
     are kept, not cut by the order they were expanded in."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.search as ks
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, "ip", seed=1)
@@ -183,7 +186,7 @@ def test_distinct_codes_at_equal_distances_rank_by_row(data, monkeypatch, spec):
     codes = np.concatenate([codes[:3], codes[:3], codes[3:]])  # some repeat
     zero = np.zeros((40, xb.shape[1]), np.float32)
     for pays in (True, False):
-        monkeypatch.setattr(kc, "_decoded_search_pays", lambda inner, nq, pays=pays: pays)
+        monkeypatch.setattr(ks, "_decoded_search_pays", lambda inner, nq, pays=pays: pays)
         D, I = codec.search_codes(zero, codes, 10)
         assert (D == 0).all() and (I == np.arange(10)).all(), (pays, I[0])
         top = TopK(len(zero), 10)
@@ -193,7 +196,7 @@ def test_distinct_codes_at_equal_distances_rank_by_row(data, monkeypatch, spec):
         assert np.array_equal(top.I, I)
     # code 0 has rows [2, 12, 13], code 1 row [10], both at distance 0: k = 2 gives rows 2, 10
     inverse = np.array([2, 2, 0, 2, 2, 2, 2, 2, 2, 2, 1, 2, 0, 0])
-    D, I = kc._rows_of_codes(np.zeros((1, 2), np.float32), np.array([[0, 1]]), inverse, 2)
+    D, I = ks._rows_of_codes(np.zeros((1, 2), np.float32), np.array([[0, 1]]), inverse, 2)
     assert I.tolist() == [[2, 10]]
 
 
@@ -208,7 +211,7 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
     """With ngpu=1 (a GPU actor's search in the encode pass), codecs that rank by the distance
     to the reconstruction search their decoded codes with faiss's GPU brute force, at any
     number of queries; the others keep faiss's CPU search. Both return faiss's results."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.search as ks
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1)
@@ -216,7 +219,7 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
     gpu = (spec, metric) not in ESTIMATED_SEARCH
     assert codec.search_device(1) == ("faiss-gpu" if gpu else "faiss-cpu")
     D, I = codec.search_codes(xq[:8], codes, 10, ngpu=1)  # 8 queries: below every CPU GEMM threshold
-    monkeypatch.setattr(kc, "GEMM_MIN_QUERIES", 10**9)
+    monkeypatch.setattr(ks, "GEMM_MIN_QUERIES", 10**9)
     D_ref, I_ref = codec.search_codes(xq[:8], codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
 
@@ -226,13 +229,13 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
 def test_parallel_pq_training_gives_faiss_bytes(data, monkeypatch, spec, metric):
     """Codec.train runs a PQ's sub-quantizer k-means side by side; the trained codec is the
     one faiss's own (sequential) training gives, byte for byte, pre-transforms included."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.train as kt
 
     xb, _ = data
     parallel = Codec.train(xb[:2000], spec, metric, seed=3, ngpu=0)
     fresh = build_index(spec, DIM, metric)  # (held: the chain's objects live as long as it does)
-    assert kc._trains_pq_in_parallel(kc._innermost(fresh)[1])
-    monkeypatch.setattr(kc, "_trains_pq_in_parallel", lambda inner: False)
+    assert kt._trains_pq_in_parallel(_innermost(fresh)[1])
+    monkeypatch.setattr(kt, "_trains_pq_in_parallel", lambda inner: False)  # read by train_index
     sequential = Codec.train(xb[:2000], spec, metric, seed=3, ngpu=0)
     assert parallel.to_bytes() == sequential.to_bytes()
     assert np.array_equal(parallel.encode(xb[:500]), sequential.encode(xb[:500]))
@@ -243,13 +246,13 @@ def test_parallel_pq_training_gives_faiss_bytes(data, monkeypatch, spec, metric)
 def test_decoded_search_only_where_it_pays():
     """Per-pair decoding codecs switch at GEMM_MIN_QUERIES, look-up tables only from
     TABLE_GEMM_MIN_QUERIES and with at least one table per 16 dimensions."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.search as ks
 
     gen = ClusteredEmbeddings(384, seed=2)
     xt = gen.batch(0, 2000)
     codecs = {spec: Codec.train(xt, spec, "l2") for spec in ("SQ8", "PQ48", "PQ16x4", "PQ32x4fs")}
-    pays = {spec: [kc._decoded_search_pays(kc._innermost(codec.index)[1], nq)
-                   for nq in (kc.GEMM_MIN_QUERIES - 1, kc.GEMM_MIN_QUERIES, kc.TABLE_GEMM_MIN_QUERIES)]
+    pays = {spec: [ks._decoded_search_pays(_innermost(codec.index)[1], nq)
+                   for nq in (ks.GEMM_MIN_QUERIES - 1, ks.GEMM_MIN_QUERIES, ks.TABLE_GEMM_MIN_QUERIES)]
             for spec, codec in codecs.items()}
     assert pays == {"SQ8": [False, True, True], "PQ48": [False, False, True],
                     "PQ16x4": [False, False, False], "PQ32x4fs": [False, False, False]}

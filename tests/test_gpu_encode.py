@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.gpu_encode import gpu_count, plan_codec, run_plan
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from tests.test_pq_encode import MIN_AGREEMENT, agreement, unpack

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.knn import GPU_MAX_K, exact_knn
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.executor import LocalExecutor
@@ -30,12 +30,12 @@ def test_gpu_route_of_the_code_search_equals_the_cpu_route(data, monkeypatch, sp
     """The search over codes that a GPU actor runs (ngpu=1: decoded codes, GPU brute force)
     returns exactly the CPU's decoded search, ties included: every code repeats twice, and the
     stand-in rounds each distance by its row's place and lists ties last row first."""
-    import vecpress.kernels.codec as kc
+    import vecpress.kernels.codecs.search as ks
 
     xb, xq = data
     codec = Codec.train(xb[:1000], spec, metric, seed=1, ngpu=0)
     codes = np.concatenate([codec.encode(xb)] * 2)
-    monkeypatch.setattr(kc, "_decoded_search_pays", lambda inner, nq: True)
+    monkeypatch.setattr(ks, "_decoded_search_pays", lambda inner, nq: True)
     D_cpu, I_cpu = codec.search_codes(xq, codes, 50)
     gpu = fake_gpu.install(monkeypatch)
     assert codec.search_device(1) == "faiss-gpu"

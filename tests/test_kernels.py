@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vecpress.kernels.codec import Codec, CodecSpecError, check_codec_spec
+from vecpress.kernels.codecs.build import check_codec_spec
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall, relative_error, reranked
 from vecpress.kernels.synthetic import ClusteredEmbeddings

@@ -160,7 +160,7 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     untouched files still read, and a checkpointed shard is not read again."""
     import pytest
 
-    from vecpress.kernels.codec import Codec
+    from vecpress.kernels.codecs.codec import Codec
     from vecpress.pipeline.codec_store import save_codec
     from vecpress.pipeline.errors import SourceChangedError
     from vecpress.pipeline.source import iter_shard_batches

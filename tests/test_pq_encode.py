@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vecpress.kernels._faiss import faiss
-from vecpress.kernels.codec import Codec
+from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.knn import prepare_vectors
 from vecpress.kernels.pq_encode import encode_pq, pack_codes, pq_codebook
 from vecpress.kernels.synthetic import ClusteredEmbeddings
@@ -155,7 +155,7 @@ def test_cuda_double_buffered_pipeline_over_large_host_array():
 
 
 def test_codec_encode_on_cuda_falls_back_to_faiss_without_a_gpu():
-    from vecpress.kernels.codec import Codec
+    from vecpress.kernels.codecs.codec import Codec
     from vecpress.kernels.gpu_encode import gpu_count
     from vecpress.kernels.synthetic import ClusteredEmbeddings
 

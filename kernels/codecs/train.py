@@ -1,0 +1,154 @@
+"""Training a codec's faiss index on a sample (`train_index`): seeded k-means, the binary
+codecs' thresholds and scales, PQ sub-quantizers trained side by side, and faiss's GPU
+k-means assignment where faiss sees a GPU (released afterwards: a plain CPU codec)."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from vecpress.kernels._faiss import faiss, num_gpus
+from vecpress.kernels.codecs.build import _innermost, _min_train, build_index
+from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
+from vecpress.kernels.knn import prepare_vectors
+
+
+def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int):
+    """The faiss index of `spec` trained on `xt` (raw vectors; normalised here for cosine):
+    what Codec.train wraps. Deterministic for a given seed and sample. Uses faiss's GPU
+    k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none)."""
+    xt = prepare_vectors(xt, metric)
+    if not np.isfinite(xt).all():
+        raise ValueError("training vectors contain NaN or Inf")
+    dim = xt.shape[1]
+    index = build_index(spec, dim, metric)
+    chain, inner = _innermost(index)
+    need = _min_train(chain, inner)
+    if xt.shape[0] < need:
+        raise CodecSpecError(f"codec {spec!r} needs at least {need} training vectors, got {xt.shape[0]}")
+    if isinstance(inner, faiss.IndexLSH):
+        _train_binary(index, chain, inner, xt, binary=parse_spec(spec, dim).binary)
+        return index
+    keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
+    if keep_alive is None and _trains_pq_in_parallel(inner):
+        _train_pq_in_parallel(index, chain, inner, xt)
+    else:
+        index.train(xt)
+    _release_gpu(inner)
+    del keep_alive
+    return index
+
+
+def _pretransform_levels(index) -> list:
+    levels = []
+    index = faiss.downcast_index(index)
+    while isinstance(index, faiss.IndexPreTransform):
+        levels.append(index)
+        index = faiss.downcast_index(index.index)
+    return levels
+
+
+def _train_chain(chain, x: np.ndarray) -> np.ndarray:
+    """Train the untrained transforms of `chain` in order, each on the previous one's output,
+    as IndexPreTransform.train does; returns `x` through all of them."""
+    for vt in chain:
+        if not vt.is_trained:
+            vt.train(x)
+        x = vt.apply(x)
+    return x
+
+
+def _train_binary(index, chain, lsh, xt: np.ndarray, *, binary: str | None) -> None:
+    """Train the transforms before the sign step, then set thresholds t (0 for BIN, the
+    per-dimension median for BINt) and scales s = mean |x - t| (the best reconstruction
+    t + s * sign(x - t) in the least-squares sense)."""
+    x = _train_chain(chain[:-1], xt).astype(np.float64)
+    t = np.median(x, axis=0) if binary == "BINt" else np.zeros(x.shape[1])
+    s = np.abs(x - t).mean(axis=0)
+    s = np.where(s > 1e-12, s, 1.0)
+    scaling = chain[-1]
+    faiss.copy_array_to_vector(np.diag(1.0 / s).astype(np.float32).ravel(), scaling.A)
+    faiss.copy_array_to_vector((-t / s).astype(np.float32), scaling.b)
+    scaling.is_trained = True
+    for level in _pretransform_levels(index):
+        level.is_trained = True
+
+
+def _trains_pq_in_parallel(inner) -> bool:
+    """A plain or fast-scan PQ with faiss's default training: its sub-quantizers' k-means are
+    independent, so _train_pq_in_parallel can run them side by side."""
+    return isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)) and not inner.is_trained \
+        and int(inner.pq.train_type) == faiss.ProductQuantizer.Train_default and int(inner.pq.M) > 1
+
+
+def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray) -> None:
+    """Train the pre-transforms as faiss does (IndexPreTransform.train), then the PQ's M
+    sub-quantizers side by side, one k-means per CPU thread, each on one thread.
+
+    faiss's ProductQuantizer.train runs them one after another, each on every thread. A PQ
+    k-means is small (2^nbits centroids in dsub dimensions) and uses threads poorly: the
+    assignment is a GEMM with dsub-deep products. The centroids are the same, byte for byte:
+    faiss seeds every sub-quantizer's k-means with the same ClusteringParameters, and k-means
+    gives the same result on any number of threads (tests/test_codecs.py compares the trained
+    bytes). Measured (benchmarks/train.py): PQ48 on 50k x 384-d, 4.70 s -> 2.54 s on 2 cores."""
+    x = _train_chain(chain, xt)
+    pq = inner.pq
+    M, dsub, ksub = int(pq.M), int(pq.dsub), int(pq.ksub)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+
+    def sub_quantizer(m: int) -> np.ndarray:
+        faiss.omp_set_num_threads(1)  # this thread's OpenMP regions only
+        clustering = faiss.Clustering(dsub, ksub, pq.cp)
+        clustering.train(np.ascontiguousarray(x[:, m * dsub:(m + 1) * dsub]), faiss.IndexFlatL2(dsub))
+        return faiss.vector_to_array(clustering.centroids)
+
+    with ThreadPoolExecutor(max(1, min(M, faiss.omp_get_max_threads()))) as pool:
+        centroids = list(pool.map(sub_quantizer, range(M)))
+    faiss.copy_array_to_vector(np.concatenate(centroids).astype(np.float32), pq.centroids)
+    inner.is_trained = True
+    for level in _pretransform_levels(index):
+        level.is_trained = True
+
+
+def _configure_training(chain, inner, *, seed: int, ngpu: int):
+    """Seed every k-means the codec runs; route k-means assignment to the GPU if present."""
+    if isinstance(inner, faiss.IndexPQ):
+        inner.do_polysemous_training = False  # 6-8x slower training, no benefit for codes
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        inner.pq.cp.seed = seed
+    for q in (getattr(inner, "rq", None), getattr(inner, "lsq", None)):
+        if q is not None and hasattr(q, "cp"):
+            q.cp.seed = seed
+    if isinstance(inner, faiss.IndexLocalSearchQuantizer):
+        inner.lsq.random_seed = seed
+    for name in ("prq", "plsq"):
+        paq = getattr(inner, name, None)
+        if paq is None:
+            continue
+        for i in range(paq.nsplits):
+            sub = faiss.downcast_AdditiveQuantizer(paq.subquantizer(i))
+            if hasattr(sub, "cp"):
+                sub.cp.seed = seed + i
+            if hasattr(sub, "random_seed"):
+                sub.random_seed = seed + i
+    # OPQ's rotation and inner k-means use faiss's fixed internal seeds: deterministic as is
+    if num_gpus(ngpu) == 0:
+        return None
+    res = faiss.StandardGpuResources()
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        inner.pq.assign_index = faiss.GpuIndexFlatL2(res, inner.pq.dsub)
+        return res, inner.pq.assign_index
+    if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(faiss, "GpuProgressiveDimIndexFactory"):
+        factory = faiss.GpuProgressiveDimIndexFactory(num_gpus(ngpu))
+        inner.rq.assign_index_factory = factory
+        return res, factory
+    return res
+
+
+def _release_gpu(inner) -> None:
+    """Drop GPU helpers so the trained index serialises as a plain CPU codec."""
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        inner.pq.assign_index = None
+    if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(inner.rq, "assign_index_factory"):
+        inner.rq.assign_index_factory = None
