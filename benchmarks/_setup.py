@@ -11,7 +11,7 @@ from vecpress.kernels.codecs.codec import Codec
 from vecpress.pipeline.codec_store import save_codec
 from vecpress.pipeline.demo import write_corpus
 from vecpress.pipeline.source import SourceSpec, plan_sources
-from vecpress.pipeline.stages import Columns, EncodeJob, sample_rows
+from vecpress.pipeline.scan import Columns, EncodeJob, sample_rows
 
 
 def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, shard_rows: int,

@@ -30,7 +30,7 @@ from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
 
 from vecpress.kernels._faiss import faiss  # noqa: E402
-from vecpress.pipeline.stages import batch_rows, encode_shard, sample_rows  # noqa: E402
+from vecpress.pipeline.scan import batch_rows, encode_shard, sample_rows  # noqa: E402
 
 
 def main() -> None:

@@ -31,8 +31,8 @@ from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors  # noqa: E402
 from vecpress.pipeline.codec_store import load_codec  # noqa: E402
 from vecpress.pipeline.schema import codes_schema  # noqa: E402
 from vecpress.pipeline.source import iter_shard_batches, vectors_as_numpy  # noqa: E402
-from vecpress.pipeline.stages import batch_rows  # noqa: E402
-from vecpress.pipeline.stages import codes_array, sample_rows  # noqa: E402
+from vecpress.pipeline.scan import batch_rows  # noqa: E402
+from vecpress.pipeline.scan import codes_array, sample_rows  # noqa: E402
 
 
 def main() -> None:

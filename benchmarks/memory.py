@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, pickle, resource, sys, time
 import numpy as np
-from vecpress.pipeline.stages import encode_shard, sample_rows
+from vecpress.pipeline.scan import encode_shard, sample_rows
 plan, job = pickle.load(open(sys.argv[1], "rb"))
 shard = plan.shards[0]
 local = np.sort(np.random.default_rng(0).choice(shard.num_rows, 1000, replace=False))

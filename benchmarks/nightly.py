@@ -30,8 +30,9 @@ from pipeline_throughput import scan  # noqa: E402
 from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 from vecpress.pipeline.demo import write_corpus  # noqa: E402
 from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
-from vecpress.pipeline.job import CompressOptions, evaluate_version, run_compress  # noqa: E402
-from vecpress.pipeline.source import SourceSpec  # noqa: E402
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.evaluate import evaluate_version
+from vecpress.pipeline.run import run_compress
 
 STAGES = ("plan", "drift", "sample", "train", "encode", "commit", "evaluate")
 
@@ -54,7 +55,7 @@ def main() -> None:
     write_corpus(str(src), num_rows=args.rows, dim=args.dim, num_files=args.files, row_group_size=args.row_group_rows)
     opts = CompressOptions(codec=args.codec, metric=args.metric, num_train=args.num_train, num_queries=1000,
                            gate_max_drop=1.0)  # other queries each night: the benchmark does not gate
-    spec = SourceSpec((str(src),))
+    spec = [str(src)]
     with RayExecutor() as ex:
         ex.map(lambda i: i, range(4), desc="warm-up")
         start = time.perf_counter()

@@ -32,8 +32,8 @@ from _results import write_results  # noqa: E402
 
 from vecpress.pipeline.demo import write_corpus  # noqa: E402
 from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
-from vecpress.pipeline.job import CompressOptions, run_compress  # noqa: E402
-from vecpress.pipeline.source import SourceSpec  # noqa: E402
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.run import run_compress
 
 
 def scan(files: list[str], column: str) -> float:
@@ -85,7 +85,7 @@ def main() -> None:
     with RayExecutor() as ex:
         ex.map(lambda i: i, range(4), desc="warm-up")
         start = time.perf_counter()
-        result = run_compress(SourceSpec((str(src),)), str(out), "bench", opts, executor=ex)
+        result = run_compress([str(src)], str(out), "bench", opts, executor=ex)
         total_s = time.perf_counter() - start
     st = result.stage_seconds
     n = result.manifest["num_rows"]

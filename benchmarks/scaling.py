@@ -29,7 +29,7 @@ from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
 
 from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
-from vecpress.pipeline.stages import encode_shard, sample_rows  # noqa: E402
+from vecpress.pipeline.scan import encode_shard, sample_rows  # noqa: E402
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -10,133 +11,74 @@ import warnings
 
 import vecpress.flows  # noqa: F401  (sets Prefect/Ray environment defaults before they are imported)
 from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.options import CompressOptions, options_of
 
 log = logging.getLogger("vecpress")
-
-
-def _csv(s: str) -> list[str]:
-    return [p.strip() for p in s.split(",") if p.strip()]
 
 
 def _version(v: str) -> int | str:
     return int(v) if v.isdigit() else v
 
 
-def _specs(s: str | None) -> list[str] | None:
-    """Codec specs separated by ';' (specs themselves contain commas: OPQ16,PQ16)."""
-    return [p.strip() for p in s.split(";") if p.strip()] if s else None
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _add_source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
-    p.add_argument("--id-column", default="id", help="id column, int64 or string (default: %(default)s)")
-    p.add_argument("--keep", default="", help="comma-separated passthrough columns copied to the output")
-    p.add_argument("--allow-schema-change", action="store_true",
-                   help="replace an existing table even if its schema differs")
+def add_options(p: argparse.ArgumentParser, command: str, *, defaults: dict | None = None,
+                helps: dict | None = None) -> None:
+    """The options model's options for `command`, grouped as declared (vecpress.pipeline.options);
+    `defaults` and `helps` replace some for this command."""
+    groups: dict = {}
+    for o in options_of(command):
+        group = groups.get(o.info.group) or groups.setdefault(o.info.group, p.add_argument_group(o.info.group))
+        default = (defaults or {}).get(o.name, o.default)
+        flag = o.info.flag or "--" + o.name.replace("_", "-")
+        help = (helps or {}).get(o.name, o.info.help).replace("%", "%%")
+        if o.type is bool:
+            group.add_argument(flag, dest=o.name, action="store_false" if default else "store_true", default=default,
+                               help=help)
+            continue
+        if default not in (None, ()):
+            help += f" (default: {_shown(default)})"
+        kwargs = {"dest": o.name, "default": default, "metavar": o.info.metavar, "help": help}
+        if o.info.sep:
+            kwargs["type"] = lambda s, sep=o.info.sep: tuple(part.strip() for part in s.split(sep) if part.strip())
+        elif o.item_type in (int, float):
+            kwargs["type"] = o.item_type
+        if o.info.choices:
+            kwargs["choices"] = o.info.choices
+        group.add_argument(flag, **kwargs)
 
 
-def _add_compress_options(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    g = p.add_argument_group("codec and evaluation")
-    g.add_argument("--codec", default=None,
-                   help="codec spec (faiss factory string, extended): PQm, PQmxb, PQmx4fs, OPQm,PQm, RQmxb, "
-                        "LSQmxb, SQ4/6/8, SQfp16, SQbf16, RaBitQ, BIN, MRLn,<codec>..., or auto (with "
-                        "--max-bytes or --min-recall) "
-                        + ("(default: PQm with m = dim/8: PQ48 at 384-d)" if demo
-                           else "(default: PQm with m = dim/4, at most 64 bytes)"))
-    g.add_argument("--max-bytes", type=int, default=None, metavar="B",
-                   help="advisor: sweep candidate codecs, keep the best recall@10 within B bytes per vector")
-    g.add_argument("--min-recall", type=float, default=None, metavar="R",
-                   help="advisor: sweep candidate codecs, keep the fewest bytes reaching recall@10 R")
-    g.add_argument("--advise-rerank", type=int, default=0, choices=[0, 1, 2, 4, 10], metavar="r",
-                   help="advisor: judge recall@10 after exact re-ranking of r x 10 candidates (1, 2, 4, 10)")
-    g.add_argument("--advise-codecs", default=None, metavar="SPECS",
-                   help="advisor: ';'-separated candidates (default: the default grid within the budget)")
-    g.add_argument("--metric", choices=["l2", "ip", "cosine"], default="cosine" if demo else "l2",
-                   help="distance the codes are searched with; cosine = normalise then inner product "
-                        "(default: %(default)s)")
-    g.add_argument("--num-train", type=int, default=100_000, help="training-sample size (default: %(default)s)")
-    g.add_argument("--num-queries", type=int, default=1_000,
-                   help="held-out query vectors for evaluation, never trained on (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seeds sampling and training (default: %(default)s)")
-    g.add_argument("--sample-row-groups", type=int, default=1024, metavar="N",
-                   help="most Parquet row groups the sample reads, chosen at random; rows are drawn uniformly "
-                        "within them. 0 = no limit: exactly uniform rows, which touches nearly every row group "
-                        "once the sample outnumbers them (default: %(default)s)")
-    g.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
-    g.add_argument("--rerank-codec", default=None, metavar="SPEC",
-                   help="also store a warm column with this codec (e.g. SQ8, SQfp16) for re-ranking without "
-                        "the source; costs its bytes per vector (default: none)")
-    g.add_argument("--no-eval-rerank", dest="eval_rerank", action="store_false",
-                   help="skip measuring recall after exact re-ranking (it reads candidates' vectors back)")
-    g = p.add_argument_group("nightly runs")
-    g.add_argument("--mode", choices=["auto", "full"], default="auto",
-                   help="auto: extend the table's latest version when possible (only new/rewritten files "
-                        "encoded, deleted ones dropped); full: rebuild everything (default: %(default)s)")
-    g.add_argument("--drift-threshold", type=float, default=0.10,
-                   help="retrain when the reconstruction error on fresh data grew by more than this fraction "
-                        "(default: %(default)s)")
-    g.add_argument("--force-retrain", action="store_true", help="retrain and re-encode everything")
-    g.add_argument("--gate-min-recall", type=float, default=None, metavar="R",
-                   help="tag the version 'production' only if recall@10 >= R (default: no floor)")
-    g.add_argument("--gate-max-drop", type=float, default=0.02, metavar="D",
-                   help="... and recall@10 is at most D below the production version's (default: %(default)s)")
-    g.add_argument("--keep-versions", type=int, default=20,
-                   help="versions kept (tagged versions are never removed; 0 = all) (default: %(default)s)")
-    g = p.add_argument_group("execution")
-    g.add_argument("--batch-size", type=int, default=0,
-                   help="rows per batch in a worker; bounds worker memory. 0 = automatic: about 24 MiB of "
-                        "vectors on CPUs (16,384 rows at 384-d), 65,536 rows for GPU encoders (default: %(default)s)")
-    g.add_argument("--shard-rows", type=int, default=500_000,
-                   help="rows per shard, the unit of parallel work (default: %(default)s)")
-    g.add_argument("--ngpu", type=int, default=-1,
-                   help="GPUs to use, -1 = all: faiss training, and one encoder actor per GPU on a Ray "
-                        "cluster with GPUs. On a cluster joined by address, N actors are asked for even "
-                        "beyond the GPUs it has now (an autoscaler adds them) and awaited up to "
-                        "$VECPRESS_GPU_WAIT_S seconds, 600 by default (default: %(default)s)")
-    g.add_argument("--device", default="auto",
-                   help="where workers encode and compute exact neighbours without GPU actors: auto (a GPU "
-                        "when CuPy sees one), cuda[:N] (an error where a worker sees no such GPU) or cpu; cpu "
-                        "also turns GPU actors off (default: %(default)s)")
-    g.add_argument("--ray-address", default=None,
-                   help="Ray cluster to run on (default: $RAY_ADDRESS, else a local Ray)")
-    g.add_argument("--no-prefect", action="store_true",
-                   help="run the stages directly instead of as a Prefect flow")
+def _add_run_switches(p: argparse.ArgumentParser) -> None:
+    """The switches of a command that runs the job here (not options of the run itself)."""
+    g = p.add_argument_group("output")
+    g.add_argument("--no-prefect", action="store_true", help="run the stages directly instead of as a Prefect flow")
     g.add_argument("--json", action="store_true", help="print the new version's inspect object as JSON")
 
 
-def _flow_kwargs(args, inputs: list[str], out: str, **extra) -> dict:
-    return dict(inputs=inputs, out=out, table=args.table, codec=args.codec, metric=args.metric,
-                num_train=args.num_train, num_queries=args.num_queries, seed=args.seed, eval_k=args.eval_k,
-                sample_row_groups=args.sample_row_groups, batch_size=args.batch_size, shard_rows=args.shard_rows,
-                ngpu=args.ngpu, device=args.device,
-                rerank_codec=args.rerank_codec, eval_rerank=args.eval_rerank, max_bytes=args.max_bytes,
-                min_recall=args.min_recall, advise_rerank=args.advise_rerank,
-                advise_codecs=_specs(args.advise_codecs), mode=args.mode, drift_threshold=args.drift_threshold,
-                force_retrain=args.force_retrain, gate_min_recall=args.gate_min_recall,
-                gate_max_drop=args.gate_max_drop, keep_versions=args.keep_versions, ray_address=args.ray_address,
-                **extra)
+def options_from_args(args, command: str, **fixed) -> CompressOptions:
+    """The options `command` took on its command line, and `fixed` ones."""
+    return CompressOptions(**{o.name: getattr(args, o.name) for o in options_of(command)}, **fixed)
 
 
-def _run(kwargs: dict, no_prefect: bool) -> dict:
+def _paths(args, command: str) -> tuple[list[str], str]:
+    *inputs, out = args.paths
+    if not inputs:
+        raise VecpressError(f"{command} needs at least one input and an output: vecpress {command} INPUT... OUT")
+    return inputs, out
+
+
+def _run(inputs: list[str], out: str, table: str, opts: CompressOptions, *, no_prefect: bool) -> dict:
     """Run the compress job (as the Prefect flow, or directly) and return its run report."""
     if no_prefect:
-        from vecpress.flows.locking import table_lock
-        from vecpress.pipeline.distributed import RayExecutor
-        from vecpress.pipeline.job import RunContext, check_gate, run_stages, specs_from_params
-        from vecpress.pipeline.report import run_report
+        from vecpress.pipeline.run import run_compress
 
-        source, opts = specs_from_params(kwargs)
-        ctx = RunContext.new(kwargs["out"], kwargs["table"])
-        with table_lock(ctx.out, kwargs["table"], run_id=ctx.run_id), RayExecutor(kwargs.get("ray_address")) as ex:
-            result = run_stages(ctx, source, opts, ex)
-        report = run_report(ctx.out, kwargs["table"], result)
-        check_gate(result)
-        return report
+        return run_compress(inputs, out, table, opts).report
     from vecpress.flows.compress import compress_flow
 
     _quiet_prefect_console(quiet=log.level >= logging.WARNING)
-
-    return compress_flow(**kwargs)
+    return compress_flow(inputs=inputs, out=out, table=table, **opts.to_params())
 
 
 class _PrefectConsoleFilter(logging.Filter):
@@ -194,6 +136,10 @@ def run_line(run: dict) -> str:
     return "; ".join(parts)
 
 
+#: what the demo sets whatever its flags say: every demo run rebuilds its table and shows its numbers
+DEMO_FIXED = {"keep": ("text",), "allow_schema_change": True, "mode": "full", "gate_max_drop": 1.0}
+
+
 def cmd_demo(args) -> None:
     from vecpress.pipeline import storage
     from vecpress.pipeline.demo import corpus_parameters, demo_codec, write_corpus, written_corpus
@@ -206,9 +152,8 @@ def cmd_demo(args) -> None:
         write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
     if args.codec is None:
         args.codec = demo_codec(args.dim)
-    kwargs = _flow_kwargs(args, [src], args.out, keep=["text"], allow_schema_change=True)
-    kwargs.update(mode="full", gate_max_drop=1.0)  # every demo run rebuilds and shows its numbers
-    info = _run(kwargs, args.no_prefect)
+    opts = dataclasses.replace(options_from_args(args, "demo"), **DEMO_FIXED)
+    info = _run([src], args.out, args.table, opts, no_prefect=args.no_prefect)
     _print_result(info, args.json)
     if not args.json:
         print(f"\nquery it: python -c \"import lancedb; print(lancedb.connect('{args.out}')"
@@ -216,12 +161,9 @@ def cmd_demo(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    *inputs, out = args.paths
-    if not inputs:
-        raise VecpressError("compress needs at least one input and an output: vecpress compress INPUT... OUT")
-    info = _run(_flow_kwargs(args, inputs, out, vector_column=args.vector_column, id_column=args.id_column,
-                             keep=_csv(args.keep), allow_schema_change=args.allow_schema_change), args.no_prefect)
-    _print_result(info, args.json)
+    inputs, out = _paths(args, "compress")
+    _print_result(_run(inputs, out, args.table, options_from_args(args, "compress"), no_prefect=args.no_prefect),
+                  args.json)
 
 
 def cmd_inspect(args) -> None:
@@ -232,7 +174,7 @@ def cmd_inspect(args) -> None:
 
 def cmd_evaluate(args) -> None:
     from vecpress.pipeline.distributed import RayExecutor
-    from vecpress.pipeline.job import evaluate_version
+    from vecpress.pipeline.evaluate import evaluate_version
     from vecpress.pipeline.lance_io import require_dataset
     from vecpress.pipeline.report import rerank_source
 
@@ -269,19 +211,16 @@ def cmd_search(args) -> None:
 
 def cmd_sweep(args) -> None:
     from vecpress.pipeline.distributed import RayExecutor
-    from vecpress.pipeline.source import SourceSpec
     from vecpress.pipeline.sweep import markdown_table, sweep_corpus
 
-    source = SourceSpec(tuple(args.inputs), args.vector_column, args.id_column)
     try:
-        budgets = [int(b) for b in _csv(args.budgets)] if args.budgets else None
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
     except ValueError:
         raise VecpressError(f"--budgets takes comma-separated byte counts (e.g. 16,32,64), got {args.budgets!r}") from None
-    with RayExecutor(args.ray_address) as ex:
-        result, uris = sweep_corpus(source, args.out, metric=args.metric, codecs=_specs(args.codecs), budgets=budgets,
-                                    num_train=args.num_train, num_queries=args.num_queries, seed=args.seed,
-                                    eval_k=args.eval_k, batch_size=args.batch_size, shard_rows=args.shard_rows,
-                                    ngpu=args.ngpu, sample_row_groups=args.sample_row_groups, executor=ex)
+    opts = options_from_args(args, "sweep")
+    with RayExecutor(opts.ray_address) as ex:
+        result, uris = sweep_corpus(args.inputs, args.out, opts, codecs=list(args.codecs) if args.codecs else None,
+                                    budgets=budgets, executor=ex)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -299,18 +238,13 @@ def cmd_generate(args) -> None:
 def cmd_schedule(args) -> None:
     from vecpress.flows.schedule import nightly_parameters, serve_nightly
 
-    *inputs, out = args.paths
-    if not inputs:
-        raise VecpressError("schedule needs at least one input and an output: vecpress schedule INPUT... OUT")
-    if args.no_prefect:
-        raise VecpressError("schedule serves a Prefect flow; --no-prefect cannot be used with it")
-    kwargs = _flow_kwargs(args, inputs, out, vector_column=args.vector_column, id_column=args.id_column,
-                          keep=_csv(args.keep) or None, allow_schema_change=args.allow_schema_change)
+    inputs, out = _paths(args, "schedule")
+    opts = options_from_args(args, "schedule")
     if args.print_parameters:
-        print(json.dumps(nightly_parameters(**kwargs), indent=1))
+        print(json.dumps(nightly_parameters(inputs, out, args.table, opts), indent=1))
         return
     log.info("serving the nightly deployment of table %r (%s %s); Ctrl-C stops it", args.table, args.cron, args.timezone)
-    serve_nightly(cron=args.cron, timezone=args.timezone, name=args.name, **kwargs)
+    serve_nightly(inputs, out, args.table, opts, cron=args.cron, timezone=args.timezone, name=args.name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -325,15 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=100_000, help="vectors to generate (default: %(default)s)")
     d.add_argument("--dim", type=int, default=384, help="dimension (default: %(default)s)")
     d.add_argument("--files", type=int, default=4, help="Parquet files to generate (default: %(default)s)")
-    _add_compress_options(d, demo=True)
+    add_options(d, "demo", defaults={"metric": "cosine"},
+                helps={"codec": "codec spec, as for compress (default: PQm with m = dim/8: PQ48 at 384-d)"})
+    _add_run_switches(d)
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("compress", help="compress Parquet files into a new version of a Lance table")
     c.add_argument("paths", nargs="+", metavar="INPUT... OUT",
                    help="Parquet files/folders (local or URIs like s3://bucket/prefix), then the output folder")
     c.add_argument("--table", required=True, help="output table name (OUT/<table>.lance)")
-    _add_source_options(c)
-    _add_compress_options(c)
+    add_options(c, "compress")
+    _add_run_switches(c)
     c.set_defaults(func=cmd_compress)
 
     i = sub.add_parser("inspect", help="describe a table version and its evaluation")
@@ -374,24 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="measure a grid of codecs on your data: bytes, recall, error, speed")
     w.add_argument("inputs", nargs="+", metavar="INPUT", help="Parquet files/folders or URIs")
     w.add_argument("--out", required=True, help="folder for sweep.json, sweep.md and sweep.png")
-    w.add_argument("--codecs", default=None, metavar="SPECS",
+    w.add_argument("--codecs", default=None, metavar="SPECS", type=lambda v: [c.strip() for c in v.split(";") if c.strip()],
                    help="';'-separated codec specs (default: a grid covering 8..256 bytes per vector)")
     w.add_argument("--budgets", default=None, metavar="B,B,...",
                    help="byte budgets: narrows the grid to the largest and reports the best codec within each")
-    w.add_argument("--vector-column", default=None, help="vector column (default: the only float-list column)")
-    w.add_argument("--id-column", default="id", help="id column (default: %(default)s)")
-    w.add_argument("--metric", choices=["l2", "ip", "cosine"], default="l2", help="(default: %(default)s)")
-    w.add_argument("--num-train", type=int, default=100_000, help="training-sample size (default: %(default)s)")
-    w.add_argument("--num-queries", type=int, default=1_000, help="held-out queries (default: %(default)s)")
-    w.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
-    w.add_argument("--sample-row-groups", type=int, default=1024, metavar="N",
-                   help="most row groups the sample reads, as in compress (default: %(default)s)")
-    w.add_argument("--eval-k", type=int, default=100, help="exact neighbours per query (default: %(default)s)")
-    w.add_argument("--batch-size", type=int, default=0,
-                   help="rows per batch; 0 = about 24 MiB of vectors (default: %(default)s)")
-    w.add_argument("--shard-rows", type=int, default=500_000, help="rows per shard (default: %(default)s)")
-    w.add_argument("--ngpu", type=int, default=-1, help="GPUs for training (default: %(default)s)")
-    w.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS, else local)")
+    add_options(w, "sweep")
     w.add_argument("--json", action="store_true", help="print the sweep as JSON instead of Markdown")
     w.set_defaults(func=cmd_sweep)
 
@@ -411,8 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--name", default=None, help="deployment name (default: vecpress-nightly-<table>)")
     n.add_argument("--print-parameters", action="store_true",
                    help="print the deployment's parameters as JSON (as in infra/prefect.yaml) and exit")
-    _add_source_options(n)
-    _add_compress_options(n)
+    add_options(n, "schedule")
     n.set_defaults(func=cmd_schedule)
     return p
 

@@ -1,6 +1,11 @@
 """The compress flow: plan -> [drift] -> sample -> [advise] -> train -> encode -> commit ->
 evaluate -> gate, as Prefect tasks.
 
+The flow is `vecpress.pipeline.run.run_compress` with the stages wrapped as tasks; its
+parameters are `inputs`, `out`, `table`, `run_id` and every option of the options model
+(`vecpress.pipeline.options`), flat, with their defaults and help texts, so a deployment's
+parameters and the Prefect UI's form follow the one declaration.
+
 Runs against Prefect's temporary local server when no PREFECT_API_URL is configured. Ray is
 started (or joined, with `ray_address` / RAY_ADDRESS) by the pipeline inside the flow, not by a
 Prefect task runner: every task here is coarse and passes URIs, never arrays.
@@ -8,19 +13,16 @@ Prefect task runner: every task here is coarse and passes URIs, never arrays.
 
 from __future__ import annotations
 
+import inspect
+
 from prefect import flow, task
 from prefect.cache_policies import NONE
 
-from vecpress.flows.locking import table_lock
 from vecpress.flows.reporting import publish_run_report
-from vecpress.pipeline.distributed import RayExecutor
 from vecpress.pipeline.errors import VecpressError
-from vecpress.pipeline.job import (
-    RunContext, Stages, advise_run, check_gate, commit_run, drift_run, encode_run, evaluate_run, gate_run, plan_run,
-    run_stages, sample_run, specs_from_params, train_run,
-)
-from vecpress.pipeline.report import run_report
-from vecpress.pipeline.sampling import SAMPLE_ROW_GROUPS
+from vecpress.pipeline.options import OPTIONS, CompressOptions
+from vecpress.pipeline.run import run_compress
+from vecpress.pipeline.stages import Stages
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -34,64 +36,43 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return True
 
 
-_common = dict(cache_policy=NONE, retry_condition_fn=_retry_unless_user_error, retry_delay_seconds=5)
+#: retries per stage; the commit is idempotent per run id, the encode stage resumes from its
+#: shards' checkpoints
+RETRIES = {"plan": 1, "drift": 1, "sample": 1, "advise": 1, "train": 1, "encode": 2, "commit": 3, "evaluate": 1,
+           "gate": 1}
 
-plan_task = task(plan_run, name="plan", retries=1, **_common)
-drift_task = task(drift_run, name="drift", retries=1, **_common)
-sample_task = task(sample_run, name="sample", retries=1, **_common)
-advise_task = task(advise_run, name="advise", retries=1, **_common)
-train_task = task(train_run, name="train", retries=1, **_common)
-encode_task = task(encode_run, name="encode", retries=2, **_common)
-commit_task = task(commit_run, name="commit", retries=3, **_common)  # idempotent per run id
-evaluate_task = task(evaluate_run, name="evaluate", retries=1, **_common)
-gate_task = task(gate_run, name="gate", retries=1, **_common)
+TASKS = Stages(**{name: task(getattr(Stages(), name), name=name, retries=retries, cache_policy=NONE,
+                             retry_condition_fn=_retry_unless_user_error, retry_delay_seconds=5)
+                  for name, retries in RETRIES.items()})
 
 
-@flow(name="vecpress-compress")
-def compress_flow(
-    inputs: list[str],
-    out: str,
-    table: str = "corpus",
-    codec: str | None = None,
-    metric: str = "l2",
-    vector_column: str | None = None,
-    id_column: str = "id",
-    keep: list[str] | None = None,
-    num_train: int = 100_000,
-    num_queries: int = 1_000,
-    seed: int = 0,
-    sample_row_groups: int = SAMPLE_ROW_GROUPS,
-    eval_k: int = 100,
-    batch_size: int = 0,
-    shard_rows: int = 500_000,
-    ngpu: int = -1,
-    device: str = "auto",
-    allow_schema_change: bool = False,
-    rerank_codec: str | None = None,
-    eval_rerank: bool = True,
-    max_bytes: int | None = None,
-    min_recall: float | None = None,
-    advise_rerank: int = 0,
-    advise_codecs: list[str] | None = None,
-    mode: str = "auto",
-    drift_threshold: float = 0.10,
-    force_retrain: bool = False,
-    gate_min_recall: float | None = None,
-    gate_max_drop: float = 0.02,
-    keep_versions: int = 20,
-    ray_address: str | None = None,
-    run_id: str | None = None,
-) -> dict:
+def compress_flow(inputs: list[str], out: str, table: str = "corpus", run_id: str | None = None, **options) -> dict:
     """Compress Parquet embeddings under `inputs` into the Lance table `out/<table>.lance`
     (incrementally when the table already exists), evaluate it and gate the `production` tag.
     Returns the run report: `vecpress inspect --json` of the version plus a `run` section."""
-    source, opts = specs_from_params(locals())
-    ctx = RunContext.new(out, table, run_id)
-    stages = Stages(plan=plan_task, drift=drift_task, sample=sample_task, advise=advise_task, train=train_task,
-                    encode=encode_task, commit=commit_task, evaluate=evaluate_task, gate=gate_task)
-    with table_lock(ctx.out, table, run_id=ctx.run_id), RayExecutor(ray_address) as executor:
-        result = run_stages(ctx, source, opts, executor, stages)
-    report = run_report(ctx.out, table, result)
-    publish_run_report(report)  # before the gate check, so a failed gate is reported too
-    check_gate(result)
-    return report
+    # publish the report before a failed gate raises, so that a failed gate is reported too
+    result = run_compress(inputs, out, table, CompressOptions.from_params(options), stages=TASKS, run_id=run_id,
+                          on_report=publish_run_report)
+    return result.report
+
+
+def _flow_signature(fn):
+    """`fn` with the flow's full signature: inputs, out, table, run_id, then every option as a
+    keyword with its default, typed for JSON (tuples as lists), and its help text in the
+    docstring's Args section (Prefect shows both)."""
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind != p.VAR_KEYWORD]
+    args = ["inputs: Parquet files or folders (local paths or URIs)", "out: the output folder (a LanceDB database)",
+            "table: the output table, out/<table>.lance", "run_id: the run's id (default: a fresh one)"]
+    for o in OPTIONS.values():
+        t = list[o.item_type] if o.type is not o.item_type else o.type
+        default = list(o.default) if isinstance(o.default, tuple) else o.default
+        params.append(inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                        annotation=t | None if o.optional else t))
+        args.append(f"{o.name}: {o.info.help}")
+    fn.__signature__ = inspect.Signature(params, return_annotation=dict)
+    fn.__annotations__ = {p.name: p.annotation for p in params} | {"return": dict}
+    fn.__doc__ = inspect.cleandoc(fn.__doc__) + "\n\nArgs:\n" + "\n".join(f"    {a}" for a in args)
+    return fn
+
+
+compress_flow = flow(name="vecpress-compress")(_flow_signature(compress_flow))

@@ -26,3 +26,7 @@ class SourceChangedError(VecpressError):
 
 class ClusterError(VecpressError):
     """The Ray cluster cannot run the job as asked (e.g. GPU encoders that never got a GPU)."""
+
+
+class QualityGateError(VecpressError):
+    """A new version did not pass the quality gate: it was committed but not tagged."""

@@ -27,15 +27,11 @@ from vecpress.pipeline.lance_io import open_dataset, open_lance, table_uri, vers
 from vecpress.pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
 from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN
-from vecpress.pipeline.stages import Columns, batch_rows, codes_as_numpy, search_batch
+from vecpress.pipeline.scan import Columns, batch_rows, codes_as_numpy, search_batch
 
 log = logging.getLogger("vecpress")
 
 PRODUCTION_TAG = "production"
-
-
-class QualityGateError(VecpressError):
-    """A new version did not pass the quality gate: it was committed but not tagged."""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from vecpress.pipeline.errors import SourceChangedError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.schema import RERANK_COLUMN
 from vecpress.pipeline.source import Shard, SourcePlan, read_rows, vectors_as_numpy
-from vecpress.pipeline.stages import codes_as_numpy
+from vecpress.pipeline.scan import codes_as_numpy
 
 
 @dataclass(frozen=True)

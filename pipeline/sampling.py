@@ -12,7 +12,7 @@ import numpy as np
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.source import SourcePlan
-from vecpress.pipeline.stages import Columns, sample_rows
+from vecpress.pipeline.scan import Columns, sample_rows
 
 log = logging.getLogger("vecpress")
 

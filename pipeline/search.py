@@ -12,11 +12,11 @@ from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
-from vecpress.pipeline.job import manifest_codec
+from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.source import SourcePlan, list_parquet_files, open_parquet, vectors_as_numpy
-from vecpress.pipeline.stages import CodeSearch, search_fragment
+from vecpress.pipeline.scan import CodeSearch, search_fragment
 
 
 def read_query_vectors(uri: str, column: str, dim: int) -> np.ndarray:

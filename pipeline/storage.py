@@ -112,3 +112,11 @@ def lance_location(uri: str) -> tuple[str, dict[str, str] | None]:
     if "region" in params:
         opts["aws_region"] = params["region"]
     return base, opts or None
+
+
+def remove_tree(uri: str) -> None:
+    """Remove a folder and everything under it (nothing when it does not exist)."""
+    loc = resolve(uri)
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.NotFound:
+        return
+    loc.fs.delete_dir(loc.path)

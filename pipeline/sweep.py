@@ -32,10 +32,9 @@ from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.options import check_sizes
-from vecpress.pipeline.sampling import SAMPLE_ROW_GROUPS
+from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
-from vecpress.pipeline.stages import Columns, batch_rows
+from vecpress.pipeline.scan import Columns, batch_rows
 
 log = logging.getLogger("vecpress")
 
@@ -177,17 +176,19 @@ def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
         return False
 
 
-def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str], *, metric: str,
-              seed: int, eval_k: int, batch_size: int, ngpu: int, executor: Executor) -> SweepResult:
-    """Train `specs` on xt, make the one streaming pass, and tabulate."""
+def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str],
+              opts: CompressOptions, *, executor: Executor) -> SweepResult:
+    """Train `specs` on xt, make the one streaming pass, and tabulate (opts: the metric, seed,
+    eval_k, batch_size and ngpu)."""
+    metric, seed, eval_k = opts.metric, opts.seed, opts.eval_k
     result = SweepResult(metric=metric, dim=plan.dim, num_rows=plan.num_rows, num_train=len(xt),
                          num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector)
-    trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=result.failed)
+    trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=opts.ngpu, failed=result.failed)
     if not trained:
         raise VecpressError("no candidate codec could be trained: " + "; ".join(
             f"{f['codec']}: {f['error']}" for f in result.failed))
     job = SweepJob(columns=Columns.of(plan), metric=metric, codecs=tuple(trained), eval_k=eval_k,
-                   batch_size=batch_size)
+                   batch_size=opts.batch_size)
     parts = executor.map(sweep_shard, plan.shards, desc="sweep",
                          shared={"job": job, "queries": xq, "query_positions": query_positions})
     truth = TopK(len(xq), eval_k, exclude=query_positions)
@@ -345,25 +346,19 @@ def write_reports(result: SweepResult, out: str, budgets: list[int] | None = Non
     return uris
 
 
-def sweep_corpus(source, out: str, *, metric: str = "l2", codecs: list[str] | None = None,
-                 budgets: list[int] | None = None, num_train: int = 100_000, num_queries: int = 1_000,
-                 seed: int = 0, eval_k: int = 100, batch_size: int = 0, shard_rows: int = 500_000,
-                 ngpu: int = -1, sample_row_groups: int = SAMPLE_ROW_GROUPS,
-                 executor: Executor) -> tuple[SweepResult, dict[str, str]]:
-    """`vecpress sweep`: plan and sample exactly as `compress` would (same seed, same sample),
-    sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
+def sweep_corpus(inputs, out: str, opts: CompressOptions = CompressOptions(), *, codecs: list[str] | None = None,
+                 budgets: list[int] | None = None, executor: Executor) -> tuple[SweepResult, dict[str, str]]:
+    """`vecpress sweep`: plan and sample exactly as `compress` would with the same options (same
+    seed, same sample), sweep the candidates, write sweep.json / sweep.md / sweep.png under `out`."""
     from vecpress.pipeline.sampling import read_sample, sample_sizes
     from vecpress.pipeline.source import plan_sources
 
-    check_sizes(metric=metric, num_train=num_train, num_queries=num_queries, eval_k=eval_k, shard_rows=shard_rows,
-                batch_size=batch_size, sample_row_groups=sample_row_groups, ngpu=ngpu)
     if budgets and min(budgets) < 1:
         raise ConfigError(f"budgets must be positive byte counts, got {budgets}")
-    plan = plan_sources(source, shard_rows=shard_rows)
-    nt, nq = sample_sizes(plan.num_rows, num_train, num_queries)
-    specs = candidate_specs(plan.dim, metric, nt, codecs=codecs, budgets=budgets)
+    plan = plan_sources(opts.source(inputs), shard_rows=opts.shard_rows)
+    nt, nq = sample_sizes(plan.num_rows, opts.num_train, opts.num_queries)
+    specs = candidate_specs(plan.dim, opts.metric, nt, codecs=codecs, budgets=budgets)
     log.info("sweep: %d rows x %d-d, %d candidate codecs: %s", plan.num_rows, plan.dim, len(specs), ", ".join(specs))
-    s = read_sample(plan, nt, nq, seed, executor, max_row_groups=sample_row_groups)
-    result = run_sweep(plan, s.train, s.queries, s.query_positions, specs, metric=metric, seed=seed, eval_k=eval_k, batch_size=batch_size,
-                       ngpu=ngpu, executor=executor)
+    s = read_sample(plan, nt, nq, opts.seed, executor, max_row_groups=opts.sample_row_groups)
+    result = run_sweep(plan, s.train, s.queries, s.query_positions, specs, opts, executor=executor)
     return result, write_reports(result, out, budgets)

@@ -14,10 +14,10 @@ import pytest
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.errors import ConfigError
-from vecpress.pipeline.job import CompressOptions, run_compress
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.run import run_compress
 from vecpress.pipeline.report import inspect_table
 from vecpress.pipeline.search import search
-from vecpress.pipeline.source import SourceSpec
 from vecpress.pipeline.sweep import choose, mark_pareto, sweep_corpus
 from tests.conftest import write_split
 
@@ -37,8 +37,8 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def swept(corpus, ray_executor):
     root, _ = corpus
-    result, uris = sweep_corpus(SourceSpec((str(root / "src"),)), str(root / "sweep"), metric="cosine", codecs=FAST,
-                                budgets=[4, 8, 16, 32], executor=ray_executor, **COMMON)
+    result, uris = sweep_corpus([str(root / "src")], str(root / "sweep"), CompressOptions(metric="cosine", **COMMON),
+                                codecs=FAST, budgets=[4, 8, 16, 32], executor=ray_executor)
     return result, uris
 
 
@@ -62,8 +62,8 @@ def exact_top(xq, x, k, metric):
 def test_every_family_round_trips(corpus, tmp_path, ray_executor, spec, metric):
     root, x = corpus
     out = str(tmp_path / "out")
-    result = run_compress(SourceSpec((str(root / "src"),), keep=("text",)), out, "t",
-                          CompressOptions(codec=spec, metric=metric, **COMMON), executor=ray_executor)
+    result = run_compress([str(root / "src")], out, "t",
+                          CompressOptions(codec=spec, metric=metric, keep=("text",), **COMMON), executor=ray_executor)
     info = inspect_table(out, "t")
     codec = Codec.from_bytes(open(info["codec_uri"], "rb").read(), spec=spec, metric=metric)
     assert info["codec"] == spec and info["code_bytes"] == codec.code_size and info["num_rows"] == N
@@ -72,7 +72,7 @@ def test_every_family_round_trips(corpus, tmp_path, ray_executor, spec, metric):
     ds = lance.dataset(f"{out}/t.lance")
     code_type = ds.schema.field("code").type
     assert code_type == (pa.list_(pa.uint8(), codec.code_size) if codec.is_binary else pa.binary(codec.code_size))
-    from vecpress.pipeline.stages import codes_as_numpy
+    from vecpress.pipeline.scan import codes_as_numpy
 
     # (the first file is one batch: LSQ's encoder is seeded per call, so its codes depend on batching)
     stored = codes_as_numpy(ds.take(list(range(2000)), columns=["code"]).column(0))
@@ -88,7 +88,7 @@ def test_every_family_round_trips(corpus, tmp_path, ray_executor, spec, metric):
 def test_binary_codes_search_the_same_in_lancedb(corpus, tmp_path, ray_executor):
     root, _ = corpus
     out = str(tmp_path / "out")
-    run_compress(SourceSpec((str(root / "src"),)), out, "bin", CompressOptions(codec="BIN", metric="cosine", **COMMON),
+    run_compress([str(root / "src")], out, "bin", CompressOptions(codec="BIN", metric="cosine", **COMMON),
                  executor=ray_executor)
     info = inspect_table(out, "bin")
     codec = Codec.from_bytes(open(info["codec_uri"], "rb").read(), spec="BIN", metric="cosine")
@@ -133,7 +133,7 @@ def test_advisor_pick_is_best_in_its_own_table_per_budget(corpus, tmp_path, swep
     result, _ = swept
     for budget in (8, 16):
         out = str(tmp_path / f"out{budget}")
-        run = run_compress(SourceSpec((str(root / "src"),)), out, "t",
+        run = run_compress([str(root / "src")], out, "t",
                            CompressOptions(codec="auto", max_bytes=budget, metric="cosine", advise_codecs=tuple(FAST),
                                            **COMMON), executor=ray_executor)
         advisor = inspect_table(out, "t")["advisor"]
@@ -162,7 +162,7 @@ def test_sweep_matches_full_compress(corpus, swept, tmp_path, ray_executor):
     root, _ = corpus
     result, _ = swept
     for spec in ("PQ8", "SQ4", "BIN"):
-        run = run_compress(SourceSpec((str(root / "src"),)), str(tmp_path / spec.replace(",", "_")), "t",
+        run = run_compress([str(root / "src")], str(tmp_path / spec.replace(",", "_")), "t",
                            CompressOptions(codec=spec, metric="cosine", **COMMON), executor=ray_executor)
         row = next(r for r in result.rows if r["codec"] == spec)
         assert run.manifest["codec"]["sha256"] == row["sha256"]  # same sample + seed: the same codec
@@ -185,7 +185,7 @@ def test_advisor_options_are_validated(opts, needle):
 def test_advisor_budget_nothing_fits(corpus, tmp_path, ray_executor):
     root, _ = corpus
     with pytest.raises(ConfigError, match="no codec to sweep|fits in"):
-        run_compress(SourceSpec((str(root / "src"),)), str(tmp_path / "o"), "t",
+        run_compress([str(root / "src")], str(tmp_path / "o"), "t",
                      CompressOptions(max_bytes=1, advise_codecs=("SQ8",), **COMMON), executor=ray_executor)
     assert not (tmp_path / "o" / "t.lance" / "_versions").exists()
 

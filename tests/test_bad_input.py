@@ -12,6 +12,8 @@ whether a bad row is read by the sample stage or only by the encode stage.
 
 from __future__ import annotations
 
+import dataclasses
+
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +25,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from vecpress.pipeline.errors import ConfigError, OutputConflictError, SourceError
-from vecpress.pipeline.job import CompressOptions, choose_positions, run_compress
-from vecpress.pipeline.source import SourceSpec, vectors_as_numpy
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.sampling import choose_positions
+from vecpress.pipeline.run import run_compress
+from vecpress.pipeline.source import vectors_as_numpy
 
 TABLE = "corpus"
 NUM_ROWS, DIM, NUM_FILES = 3000, 32, 3
@@ -36,8 +40,14 @@ NUM_QUERIES = min(OPTS.num_queries, NUM_ROWS // 10)
 NUM_TRAIN = min(OPTS.num_train, NUM_ROWS - NUM_QUERIES)
 
 
-def source(folder, **kw) -> SourceSpec:
-    return SourceSpec((str(folder),), **{"keep": ("text",), **kw})
+def source(folder, **kw) -> tuple[list[str], dict]:
+    """(inputs, column options) of a run over `folder`."""
+    return [str(folder)], {"keep": ("text",), **kw}
+
+
+def compress(spec: tuple[list[str], dict], out, opts: CompressOptions, executor):
+    inputs, columns = spec
+    return run_compress(inputs, str(out), TABLE, dataclasses.replace(opts, **columns), executor=executor)
 
 
 def sampled_positions(num_rows: int = NUM_ROWS) -> np.ndarray:
@@ -139,7 +149,7 @@ def base(make_corpus, ray_executor, tmp_path) -> Base:
     """A good 3 x 1000-row, 32-d corpus compressed into version 1 of TABLE."""
     folder, x = make_corpus(num_rows=NUM_ROWS, dim=DIM, num_files=NUM_FILES)
     out = tmp_path / "out"
-    res = run_compress(source(folder), str(out), TABLE, OPTS, executor=ray_executor)
+    res = compress(source(folder), out, OPTS, ray_executor)
     assert res.version == 1
     snap = snapshot(out)
     assert snap.num_rows == NUM_ROWS
@@ -158,8 +168,8 @@ class SpyExecutor:
         return self.inner.map(fn, items, desc=desc, shared=shared)
 
 
-def rerun(base: Base, executor, spec: SourceSpec | None = None, opts: CompressOptions = OPTS):
-    return run_compress(spec or source(base.folder), str(base.out), TABLE, opts, executor=executor)
+def rerun(base: Base, executor, spec: tuple[list[str], dict] | None = None, opts: CompressOptions = OPTS):
+    return compress(spec or source(base.folder), base.out, opts, executor)
 
 
 def fails_at_plan(base: Base, ray_executor, error=SourceError, spec=None, opts=OPTS) -> str:
@@ -511,6 +521,7 @@ def test_output_with_another_schema(base, ray_executor, ray_one, change):
     ds = lance.dataset(base.snap.uri)
     assert ds.version == 2 and ds.count_rows() == NUM_ROWS
     t = ds.to_table()
+    spec = dataclasses.replace(allowed, **spec[1])  # the run's options, columns included
     assert t.schema.names == [spec.id_column, "code", *spec.keep]
     assert t.schema.field("code").type.byte_width == (16 if opts.codec == "PQ16" else 8)
     by_id = dict(zip(t.column(spec.id_column).to_pylist(), range(t.num_rows)))
@@ -570,7 +581,7 @@ def test_failed_first_run_leaves_no_table(make_corpus, ray_one, tmp_path):
     part = write_part(last_part(folder), fixed(y), first_id=lo)
     out = tmp_path / "out"
     with pytest.raises(Exception) as excinfo:
-        run_compress(source(folder), str(out), TABLE, OPTS, executor=ray_one)
+        compress(source(folder), out, OPTS, ray_one)
     assert_mentions(message(excinfo), part.name, "'embedding'", f"2 of {ROWS_PER_FILE} rows", "NaN or Inf")
     assert not (out / f"{TABLE}.lance" / "_versions").exists()
     assert_typed(excinfo.value)

@@ -37,14 +37,14 @@ RAY = str(Path(sys.executable).with_name("ray"))
 SECRET = "vecpress-cluster-secret-4f1c9b"
 
 # The driver: the `--no-prefect` path of `vecpress compress --ray-address` (RayExecutor with an
-# address, run_stages), with an executor that records, from inside each encode task, the node
+# address, run_compress), with an executor that records, from inside each encode task, the node
 # it ran on, and can hold each encode task for a moment so that a node can be killed mid-task.
 DRIVER = r'''
 import json, os, sys, time
 import ray
 from vecpress.pipeline.distributed import RayExecutor
-from vecpress.pipeline.job import CompressOptions, RunContext, check_gate, run_stages
-from vecpress.pipeline.source import SourceSpec
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.run import run_compress
 
 args = json.loads(sys.argv[1])
 marks = args["marks"]
@@ -83,9 +83,8 @@ with RecordingExecutor(args["address"]) as ex:
         json.dump(roles, f)
     opts = CompressOptions(codec="PQ4", num_train=1000, num_queries=50, eval_k=10, shard_rows=500,
                            batch_size=250, ngpu=args.get("ngpu", -1))
-    ctx = RunContext.new(args["out"], "t", args.get("run_id"))
-    result = check_gate(run_stages(ctx, SourceSpec((args["src"],)), opts, ex))
-print("RESULT " + json.dumps({"run_id": ctx.run_id, "version": result.version,
+    result = run_compress([args["src"]], args["out"], "t", opts, executor=ex, run_id=args.get("run_id"))
+print("RESULT " + json.dumps({"run_id": result.run_id, "version": result.version,
                                "committed": result.committed, "roles": roles,
                                "devices": (result.manifest or {}).get("devices")}))
 '''

@@ -165,15 +165,15 @@ def test_gpu_exact_neighbours_equal_cpu():
 @pytest.mark.gpu
 def test_compress_on_the_gpu_reports_it(make_corpus, tmp_path):
     _cupy()
-    from vecpress.pipeline.job import CompressOptions, run_compress
-    from vecpress.pipeline.source import SourceSpec
+    from vecpress.pipeline.options import CompressOptions
+    from vecpress.pipeline.run import run_compress
 
     src, _ = make_corpus(num_rows=8000, dim=64)
     runs = {}
     for device in ("cpu", "cuda"):
         opts = CompressOptions(codec="PQ16", num_train=3000, num_queries=100, eval_k=10, shard_rows=2000,
                                batch_size=700, device=device, eval_rerank=False)
-        runs[device] = run_compress(SourceSpec((str(src),)), str(tmp_path / device), "t", opts)
+        runs[device] = run_compress([str(src)], str(tmp_path / device), "t", opts)
     compute = runs["cuda"].manifest["devices"]["compute"]
     assert compute and all(c["encode"] == "cuda:0" and c["exact_knn"] == "faiss-gpu" for c in compute)
     assert all(c["encode"] == "cpu" for c in runs["cpu"].manifest["devices"]["compute"])

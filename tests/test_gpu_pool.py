@@ -15,7 +15,7 @@ import pytest
 
 from vecpress.kernels.gpu_encode import gpu_count
 from vecpress.pipeline.distributed.gpu_pool import plan_placement
-from vecpress.pipeline.stages import LEFT_TO_READERS
+from vecpress.pipeline.scan import LEFT_TO_READERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,9 +35,9 @@ import numpy as np
 import ray
 from vecpress.pipeline.demo import write_corpus
 from vecpress.pipeline.distributed import RayExecutor
-from vecpress.pipeline.job import CompressOptions, run_compress
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.run import run_compress
 from vecpress.pipeline.lance_io import open_lance
-from vecpress.pipeline.source import SourceSpec
 
 gpus, kill = int(sys.argv[1]), int(sys.argv[2])
 work = tempfile.mkdtemp()
@@ -60,7 +60,7 @@ try:
     opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1000,
                            batch_size=400, eval_rerank=False)
     with KillingExecutor() as ex:
-        result = run_compress(SourceSpec((work + "/src",)), work + "/out", "t", opts, executor=ex)
+        result = run_compress([work + "/src"], work + "/out", "t", opts, executor=ex)
     ds = open_lance(work + "/out/t.lance")
     codes = ds.to_table(columns=["id", "code"]).sort_by("id").column("code").to_pylist()
     print("RESULT " + json.dumps({"devices": result.manifest["devices"], "num_rows": ds.count_rows(),

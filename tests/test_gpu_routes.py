@@ -11,7 +11,7 @@ from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.knn import GPU_MAX_K, exact_knn
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.executor import LocalExecutor
-from vecpress.pipeline.job import evaluate_version
+from vecpress.pipeline.evaluate import evaluate_version
 from tests import fake_gpu
 from tests.conftest import assert_same_evaluation
 from tests.test_nightly import part, run

@@ -15,10 +15,12 @@ import pytest
 
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.errors import ConfigError
-from vecpress.pipeline.job import CompressOptions, evaluate_version, load_array, run_compress
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.evaluate import evaluate_version
+from vecpress.pipeline.context import load_array
+from vecpress.pipeline.run import run_compress
 from vecpress.pipeline.report import inspect_table
 from vecpress.pipeline.search import search
-from vecpress.pipeline.source import SourceSpec
 from tests.conftest import assert_same_evaluation, write_split, write_vectors
 
 N, DIM = 8000, 32
@@ -36,7 +38,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compressed(corpus, ray_executor):
     root, x = corpus
-    result = run_compress(SourceSpec((str(root / "src"),), keep=("text",)), str(root / "out"), "corpus", OPTS,
+    result = run_compress([str(root / "src")], str(root / "out"), "corpus", replace(OPTS, keep=("text",)),
                           executor=ray_executor)
     return root / "out", x, result
 
@@ -125,7 +127,7 @@ def test_search_and_exact_rerank(compressed):
 def test_same_seed_same_codes(corpus, compressed, ray_executor):
     root, _ = corpus
     out, _, first = compressed
-    again = run_compress(SourceSpec((str(root / "src"),), keep=("text",)), str(root / "out2"), "corpus", OPTS,
+    again = run_compress([str(root / "src")], str(root / "out2"), "corpus", replace(OPTS, keep=("text",)),
                          executor=ray_executor)
     a = lance.dataset(str(out / "corpus.lance"), version=first.version).to_table(columns=["id", "code"])
     b = lance.dataset(str(root / "out2" / "corpus.lance"), version=again.version).to_table(columns=["id", "code"])
@@ -140,10 +142,10 @@ def test_string_ids_list_vectors_and_new_version(tmp_path, ray_executor):
     write_vectors(tmp_path / "src" / "b.parquet", x[1700:], ids[1700:], fixed=False, value_type=pa.float16())
     opts = CompressOptions(codec="SQ8", metric="ip", num_train=1000, num_queries=100, eval_k=10)
     out = str(tmp_path / "out")
-    r1 = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", opts, executor=ray_executor)
-    same = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", opts, executor=ray_executor)
+    r1 = run_compress([str(tmp_path / "src")], out, "t", opts, executor=ray_executor)
+    same = run_compress([str(tmp_path / "src")], out, "t", opts, executor=ray_executor)
     assert not same.committed and same.version == 1 and "no change" in same.reason
-    r2 = run_compress(SourceSpec((str(tmp_path / "src"),)), out, "t", replace(opts, mode="full"), executor=ray_executor)
+    r2 = run_compress([str(tmp_path / "src")], out, "t", replace(opts, mode="full"), executor=ray_executor)
     assert (r1.version, r2.version) == (1, 2)
     ds = lance.dataset(f"{out}/t.lance")
     assert ds.count_rows() == 3000 and ds.schema.field("id").type == pa.string()
@@ -155,7 +157,7 @@ def test_string_ids_list_vectors_and_new_version(tmp_path, ray_executor):
 def test_real_sift_data(tmp_path, sift5k, ray_executor):
     ids, x = sift5k
     write_vectors(tmp_path / "sift" / "sift.parquet", x, ids, row_group_size=1000)
-    result = run_compress(SourceSpec((str(tmp_path / "sift"),)), str(tmp_path / "out"), "sift",
+    result = run_compress([str(tmp_path / "sift")], str(tmp_path / "out"), "sift",
                           CompressOptions(codec="PQ16", num_train=4000, num_queries=300, eval_k=100),
                           executor=ray_executor)
     ev = result.eval
@@ -182,29 +184,35 @@ class FailAfter:
 
 def test_retried_encode_skips_finished_shards(corpus, tmp_path):
     from vecpress.pipeline.executor import LocalExecutor
-    from vecpress.pipeline.job import RunContext, commit_run, encode_run, plan_run, sample_run, stage_times, train_run
+    from vecpress.pipeline.context import RunContext
+    from vecpress.pipeline.stages.s1_plan import plan
+    from vecpress.pipeline.stages.s3_sample import sample
+    from vecpress.pipeline.stages.s4_advise import Advised
+    from vecpress.pipeline.stages.s5_train import train
+    from vecpress.pipeline.stages.s6_encode import encode
+    from vecpress.pipeline.stages.s7_commit import commit
 
     root, _ = corpus
     opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1400)
     ctx = RunContext.new(str(tmp_path / "out"), "corpus")
-    planned = plan_run(ctx, SourceSpec((str(root / "src"),)), opts)
+    planned = plan(ctx, opts.source([str(root / "src")]), opts)
     assert len(planned.plan.shards) > 3
-    sampled = sample_run(ctx, planned, opts, LocalExecutor())
-    trained = train_run(ctx, planned, sampled, opts)
+    sampled = sample(ctx, planned, opts, LocalExecutor())
+    trained = train(ctx, Advised(planned), sampled, opts)
     with pytest.raises(KeyboardInterrupt):
-        encode_run(ctx, planned, sampled, trained, opts, FailAfter("encode", 2))
+        encode(ctx, planned, sampled, trained, opts, FailAfter("encode", 2))
     done = sorted((tmp_path / "out/_vecpress/corpus/runs" / ctx.run_id / "shards").iterdir())
     assert len(done) == 2
     first_fragments = [json.loads(np.load(p)["meta"].tobytes())["fragments"] for p in done]
     assert not (tmp_path / "out/corpus.lance/_versions").exists()  # nothing committed
 
-    encoded = encode_run(ctx, planned, sampled, trained, opts, LocalExecutor())
-    assert encoded.fragments[: sum(map(len, first_fragments))] == [f for fs in first_fragments for f in fs]
-    committed = commit_run(ctx, planned, sampled, trained, encoded, opts, stage_times(planned, sampled, trained, encoded))
+    encoded = encode(ctx, planned, sampled, trained, opts, LocalExecutor())
+    assert list(encoded.fragments[: sum(map(len, first_fragments))]) == [f for fs in first_fragments for f in fs]
+    committed = commit(ctx, planned, sampled, trained, encoded, opts, stage_seconds={})
     ids = lance.dataset(str(tmp_path / "out/corpus.lance")).to_table(columns=["id"]).column(0).to_numpy()
     assert committed.version == 1 and np.array_equal(ids, np.arange(N))
     # a retried commit of the same run does not commit again
-    again = commit_run(ctx, planned, sampled, trained, encoded, opts, {})
+    again = commit(ctx, planned, sampled, trained, encoded, opts, stage_seconds={})
     assert again.version == 1 and lance.dataset(str(tmp_path / "out/corpus.lance")).count_rows() == N
 
 
@@ -212,7 +220,7 @@ def test_warm_rerank_column(corpus, tmp_path, ray_executor):
     root, x = corpus
     opts = CompressOptions(codec="PQ4", rerank_codec="SQ8", num_train=3000, num_queries=100, eval_k=100)
     out = str(tmp_path / "out")
-    result = run_compress(SourceSpec((str(root / "src"),)), out, "corpus", opts, executor=ray_executor)
+    result = run_compress([str(root / "src")], out, "corpus", opts, executor=ray_executor)
     ds = lance.dataset(f"{out}/corpus.lance")
     assert ds.schema.field("rerank_code").type == pa.binary(DIM)
     info = inspect_table(out, "corpus")
@@ -264,7 +272,7 @@ def test_sample_reads_only_its_row_group_budget(tmp_path, ray_executor, compress
     x = ClusteredEmbeddings(DIM, seed=11, num_clusters=64).batch(0, N)
     write_split(tmp_path / "src", x, [0, 4000, N], "part-{}", row_group_size=200)  # 40 row groups
     opts = replace(OPTS, num_train=2000, num_queries=100, sample_row_groups=25)
-    result = run_compress(SourceSpec((str(tmp_path / "src"),)), str(tmp_path / "out"), "t", opts,
+    result = run_compress([str(tmp_path / "src")], str(tmp_path / "out"), "t", opts,
                           executor=ray_executor)
     sample = result.manifest["sample"]
     assert sample["max_row_groups"] == 25 and 20 <= sample["row_groups_read"] <= 25

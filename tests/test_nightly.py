@@ -9,14 +9,15 @@ import pytest
 
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.errors import VecpressError
-from vecpress.pipeline.incremental import QualityGateError
-from vecpress.pipeline.job import CompressOptions, evaluate_version, run_compress
+from vecpress.pipeline.errors import QualityGateError
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.evaluate import evaluate_version
+from vecpress.pipeline.run import run_compress
 from vecpress.pipeline.report import inspect_table, load_eval, summary_table
-from vecpress.pipeline.source import SourceSpec
 from tests.conftest import assert_same_evaluation, write_vectors
 
 DIM = 32
-OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=100, eval_k=20, seed=5)
+OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=100, eval_k=20, seed=5, keep=("text",))
 
 
 def part(folder, name, lo, hi, *, seed=0, scale=1.0):
@@ -30,7 +31,7 @@ def data_files(ds):
 
 
 def run(folder, out, executor=None, **kw):
-    return run_compress(SourceSpec((str(folder),), keep=("text",)), str(out), "t",
+    return run_compress([str(folder)], str(out), "t",
                         CompressOptions(**{**OPTS.__dict__, **kw}), executor=executor)
 
 
@@ -46,7 +47,7 @@ def test_four_nights(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
     opts = lambda **kw: CompressOptions(**{**OPTS.__dict__, **kw})  # noqa: E731
-    spec = SourceSpec((str(src),), keep=("text",))
+    spec = [str(src)]
 
     # night 1: full build
     n1 = run_compress(spec, str(out), "t", opts(), executor=ray_executor)
@@ -98,7 +99,7 @@ def test_search_after_incremental_rerank_uses_new_layout(src, tmp_path, ray_exec
     from vecpress.pipeline.search import search
 
     out = tmp_path / "out"
-    spec = SourceSpec((str(src),), keep=("text",))
+    spec = [str(src)]
     opts = CompressOptions(**{**OPTS.__dict__, "gate_max_drop": 1.0})  # not testing the gate here
     run_compress(spec, str(out), "t", opts, executor=ray_executor)
     (src / "a.parquet").unlink()
@@ -113,7 +114,7 @@ def test_search_after_incremental_rerank_uses_new_layout(src, tmp_path, ray_exec
 def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
-    spec = SourceSpec((str(src),), keep=("text",))
+    spec = [str(src)]
     first = run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
     part(src, "d.parquet", 3000, 3600)
     with pytest.raises(QualityGateError, match="below the floor.*'production' stays on version 1"):
@@ -185,7 +186,7 @@ def test_options_that_change_the_codecs_rebuild(src, tmp_path, ray_executor):
 def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_path, ray_executor):
     """Night 2 commits, then dies in evaluate: its version has no evaluation and no gate. Night 3
     has nothing to commit; it evaluates and gates version 2 (it left it untagged for good)."""
-    from vecpress.pipeline.job import RunContext, Stages, run_stages
+    from vecpress.pipeline.stages import Stages
 
     out = tmp_path / "out"
     uri = str(out / "t.lance")
@@ -196,8 +197,7 @@ def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_pa
         raise RuntimeError("worker lost during evaluate")
 
     with pytest.raises(RuntimeError, match="worker lost"):
-        run_stages(RunContext.new(str(out), "t"), SourceSpec((str(src),), keep=("text",)), OPTS, ray_executor,
-                   Stages(evaluate=lost))
+        run_compress([str(src)], str(out), "t", OPTS, executor=ray_executor, stages=Stages(evaluate=lost))
     assert lance.dataset(uri).version == 2 and load_eval(str(out), "t", 2) is None
     assert lance.dataset(uri, version="production").version == 1
     night3 = run(src, out, ray_executor, gate_max_drop=1.0)  # (new held-out queries: recall moves)
@@ -222,7 +222,7 @@ def test_incremental_evaluation_with_ties_equals_a_search_of_the_stored_codes(sr
 def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     out = tmp_path / "out"
     uri = str(out / "t.lance")
-    spec = SourceSpec((str(src),), keep=("text",))
+    spec = [str(src)]
     opts = CompressOptions(**{**OPTS.__dict__, "mode": "full", "keep_versions": 1})
     run_compress(spec, str(out), "t", opts, executor=ray_executor)  # v1, production
     lance.dataset(uri).tags.create("pinned", 1)
@@ -241,7 +241,7 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     rows, and the codec's error on them would look smaller than it is."""
     import json
 
-    from vecpress.pipeline.job import load_array, load_arrays
+    from vecpress.pipeline.context import load_array, load_arrays
     from vecpress.pipeline.sampling import layout_positions
     from vecpress.pipeline.source import SourcePlan
 
@@ -279,7 +279,7 @@ def test_bad_new_file_in_an_incremental_run_commits_nothing(src, tmp_path, ray_e
 
     out = tmp_path / "out"
     uri = str(out / "t.lance")
-    spec = SourceSpec((str(src),), keep=("text",))
+    spec = [str(src)]
     run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
     x = ClusteredEmbeddings(DIM, seed=0, num_clusters=32).batch(7000, 300)
     x[17, 3] = np.nan

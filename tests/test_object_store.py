@@ -12,8 +12,9 @@ import pytest
 
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.errors import SourceError
-from vecpress.pipeline.job import CompressOptions, run_compress
-from vecpress.pipeline.source import SourceSpec, list_parquet_files
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.run import run_compress
+from vecpress.pipeline.source import list_parquet_files
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_compress_from_s3_uri(s3, tmp_path, ray_executor):
     uri = f"s3://corpus/emb?{query}"
     files = list_parquet_files([uri])
     assert [f.split("?")[0] for f in files] == ["s3://corpus/emb/a.parquet", "s3://corpus/emb/b.parquet"]
-    result = run_compress(SourceSpec((uri,)), str(tmp_path / "out"), "corpus",
+    result = run_compress([uri], str(tmp_path / "out"), "corpus",
                           CompressOptions(codec="PQ4", num_train=1000, num_queries=100, eval_k=10),
                           executor=ray_executor)
     assert result.manifest["num_rows"] == 3000 and result.eval["recall_at_10"] > 0.2
@@ -74,7 +75,7 @@ def test_s3_output_end_to_end(s3, tmp_path, ray_executor, monkeypatch):
     x = ClusteredEmbeddings(16, seed=6).batch(0, 2000)
     put_parquet(fs, "corpus/e2e/a.parquet", x, np.arange(2000))
     out = f"s3://lake/out?{query}"
-    result = run_compress(SourceSpec((f"s3://corpus/e2e?{query}",)), out, "t",
+    result = run_compress([f"s3://corpus/e2e?{query}"], out, "t",
                           CompressOptions(codec="PQ4", num_train=1000, num_queries=100, eval_k=10),
                           executor=ray_executor)
     assert result.version == 1 and fs.get_file_info("lake/out/t.lance/_versions").type == pafs.FileType.Directory

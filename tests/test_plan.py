@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from vecpress.pipeline.job import choose_positions
+from vecpress.pipeline.sampling import choose_positions
 from vecpress.pipeline.source import SourceSpec, plan_sources
 from tests.conftest import write_vectors
 
@@ -164,7 +164,7 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     from vecpress.pipeline.codec_store import save_codec
     from vecpress.pipeline.errors import SourceChangedError
     from vecpress.pipeline.source import iter_shard_batches
-    from vecpress.pipeline.stages import Columns, EncodeJob, encode_shard, sample_rows
+    from vecpress.pipeline.scan import Columns, EncodeJob, encode_shard, sample_rows
 
     folder, x = make_corpus(num_rows=3000, num_files=2)
     plan = plan_sources(SourceSpec((str(folder),)))

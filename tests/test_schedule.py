@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from vecpress.flows import schedule
-from vecpress.flows.locking import TableBusyError, lock_uri, table_lock
+from vecpress.pipeline.locking import TableBusyError, lock_uri, table_lock
 from vecpress.flows.reporting import artifact_key, publish_run_report, render_run_report, report_rows
 from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.options import CompressOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFECT_YAML = ROOT / "infra" / "prefect.yaml"
-#: thresholds the incremental/drift/gate work adds to compress_flow; drop this allowance once wired
 
 
 # ---- the table lease --------------------------------------------------------------------------
@@ -64,7 +64,7 @@ def test_two_threads_exactly_one_gets_the_table(tmp_path):
 _CONTENDER = textwrap.dedent("""
     import os, sys, time
     sys.path.insert(0, {root!r})
-    from vecpress.flows.locking import TableBusyError, table_lock
+    from vecpress.pipeline.locking import TableBusyError, table_lock
     go = {go!r}
     open(go + ".ready-%d" % os.getpid(), "w").close()
     while not os.path.exists(go):
@@ -304,7 +304,6 @@ def test_prefect_yaml_parameters_are_flow_parameters(deployment):
 
     params = deployment["parameters"]
     signature = inspect.signature(compress_flow.fn).parameters
-    # TODO(incremental runs): once compress_flow takes the thresholds, assert set(params) <= set(signature)
     assert set(params) <= set(signature)
     assert {"inputs", "out", "table", "codec", "metric"} <= set(params)
     assert schedule.THRESHOLD_DEFAULTS == {"drift_threshold": 0.1, "force_retrain": False, "gate_min_recall": None,
@@ -336,8 +335,8 @@ def test_schedule_help_and_bad_options(capsys):
                          check=True, cwd=ROOT).stdout
     for flag in ("--cron", "--timezone", "--table", "--codec", "--drift-threshold", "--print-parameters"):
         assert flag in out
-    with pytest.raises(VecpressError, match="no parameter"):
-        schedule.nightly_parameters(["in"], "out", "t", not_a_param=1)
+    with pytest.raises(VecpressError, match="unknown option"):
+        CompressOptions.from_params({"not_a_param": 1})
     with pytest.raises(VecpressError, match="invalid schedule"):
         schedule.cron_schedule("0 25 * * *")
 
@@ -349,7 +348,7 @@ def test_served_deployment_matches_the_yaml(deployment):
     (s,) = d.schedules
     assert (s.schedule.cron, s.schedule.timezone) == (schedule.DEFAULT_CRON, schedule.DEFAULT_TIMEZONE)
     assert d.concurrency_limit == 1 and d.concurrency_options.collision_strategy.value == "CANCEL_NEW"
-    assert d.parameters == schedule.flow_parameters(p)
+    assert d.parameters == p
 
 
 def test_second_run_of_the_deployment_is_cancelled(deployment, prefect_harness):

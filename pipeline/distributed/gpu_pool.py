@@ -34,7 +34,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import ray  # noqa: E402
 
 from vecpress.pipeline.errors import ClusterError  # noqa: E402
-from vecpress.pipeline.stages import LEFT_TO_READERS  # noqa: E402
+from vecpress.pipeline.scan import LEFT_TO_READERS  # noqa: E402
 
 log = logging.getLogger("vecpress")
 
@@ -91,7 +91,7 @@ class _ComputeActor:
         context, faiss's GPU resources. `setup` then only loads the codec and the queries."""
         from vecpress.kernels._faiss import num_gpus
         from vecpress.kernels.gpu_encode import gpu_count
-        from vecpress.pipeline.stages import ShardCompute  # noqa: F401 (imports the pipeline once)
+        from vecpress.pipeline.scan import ShardCompute  # noqa: F401 (imports the pipeline once)
 
         if gpu_count():
             import cupy
@@ -106,7 +106,7 @@ class _ComputeActor:
         self.seconds = 0.0
 
     def setup(self, job, queries) -> dict:
-        from vecpress.pipeline.stages import ShardCompute
+        from vecpress.pipeline.scan import ShardCompute
 
         self.compute = ShardCompute(job, queries, device="auto", cpu_work=False)
         self.compute.info["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
@@ -165,7 +165,7 @@ class RemoteShardCompute:
         return self.local(x)
 
     def _cpu_compute(self):
-        from vecpress.pipeline.stages import ShardCompute
+        from vecpress.pipeline.scan import ShardCompute
 
         return ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device="cpu")
 

@@ -33,6 +33,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
@@ -43,6 +44,10 @@ log = logging.getLogger("vecpress")
 LOCK_FILE = "lock.json"
 _GUARD_STALE_SECONDS = 60.0  # a takeover guard older than this was left by a crashed contender
 _REMOTE_SETTLE_SECONDS = 1.0  # object stores: pause between writing a lease and reading it back
+
+
+class LeaseLostError(VecpressError):
+    """Another run took the table's lease over while this one held it: this run must not commit."""
 
 
 class TableBusyError(VecpressError):
@@ -57,6 +62,33 @@ class TableBusyError(VecpressError):
 
 def lock_uri(out: str, table: str) -> str:
     return storage.join(sidecar_uri(out, table), LOCK_FILE)
+
+
+@dataclass(frozen=True)
+class LeaseRef:
+    """What a run carries of the lease it holds: enough to check, right before it commits,
+    that the lease is still its own (`check_lease`)."""
+
+    table: str
+    uri: str
+    token: str
+
+    @classmethod
+    def of(cls, lease: dict) -> "LeaseRef":
+        """The reference to a lease that `table_lock` yields."""
+        return cls(lease["table"], lease["uri"], lease["token"])
+
+
+def check_lease(ref: LeaseRef) -> None:
+    """LeaseLostError unless the table's lease file still holds this run's token: a run whose
+    lease was taken over (it stalled past the lease's expiry, or someone deleted the lock)
+    may overlap another run of the same table, so it must not commit."""
+    current = _read(ref.uri)
+    if current is None or current.get("token") != ref.token:
+        holder = "nobody" if current is None else (f"run {current.get('run_id')} on host {current.get('host')} "
+                                                   f"(pid {current.get('pid')})")
+        raise LeaseLostError(f"lost the lease of table {ref.table!r} ({ref.uri}), now held by {holder}: "
+                             "nothing was committed by this run")
 
 
 def _now() -> float:
@@ -244,19 +276,6 @@ def _release(uri: str, token: str) -> None:
         os.unlink(loc.path)
 
 
-def _default_run_id() -> str:
-    """The Prefect flow run id when called inside a flow run, else a fresh id."""
-    try:
-        from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-        if ctx is not None and ctx.flow_run is not None:
-            return f"prefect-{ctx.flow_run.id}"
-    except Exception:  # Prefect absent or not importable here
-        pass
-    return uuid.uuid4().hex
-
-
 @contextmanager
 def table_lock(out: str, table: str, *, wait_seconds: float = 0, stale_after_seconds: float = 6 * 3600,
                run_id: str | None = None, heartbeat_seconds: float | None = None,
@@ -270,13 +289,13 @@ def table_lock(out: str, table: str, *, wait_seconds: float = 0, stale_after_sec
         `heartbeat_seconds` (default a quarter of it), so it bounds how long a crashed holder on
         another machine blocks the table, not how long a run may take. A dead pid on the same host
         is taken over at once.
-    run_id: recorded in the lease for the error message (default: the Prefect flow run id, if any).
+    run_id: recorded in the lease for the error message (default: a fresh id).
     """
     if stale_after_seconds <= 0:
         raise VecpressError(f"stale_after_seconds must be > 0, got {stale_after_seconds}")
     uri = lock_uri(out, table)
     now = _now()
-    lease = {"table": table, "out": storage.normalize(out), "run_id": run_id or _default_run_id(),
+    lease = {"table": table, "out": storage.normalize(out), "uri": uri, "run_id": run_id or uuid.uuid4().hex,
              "host": socket.gethostname(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
              "acquired_at": now, "renewed_at": now, "expires_at": now + stale_after_seconds,
              "token": uuid.uuid4().hex}
@@ -301,7 +320,9 @@ def table_lock(out: str, table: str, *, wait_seconds: float = 0, stale_after_sec
             renewed = dict(lease, renewed_at=_now(), expires_at=_now() + stale_after_seconds)
             try:
                 if not _write_if_ours(uri, renewed):
-                    log.error("lost the lease of table %r (%s): another run took it over", table, uri)
+                    lease["lost"] = True  # (the run's commit checks the file itself: check_lease)
+                    log.error("lost the lease of table %r (%s): another run took it over; this run will not "
+                              "commit", table, uri)
                     return
                 lease.update(renewed_at=renewed["renewed_at"], expires_at=renewed["expires_at"])
             except Exception as exc:  # transient I/O: try again at the next beat

@@ -1,0 +1,85 @@
+"""Recall of a version: the search over its codes against the exact neighbours of its
+held-out queries, with and without exact re-ranking, and the codec's reconstruction error.
+
+A run measures it while it encodes (the encode pass searches the queries over the codes it
+holds); `evaluate_version` reads those results back, or searches the stored codes again."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from vecpress.kernels.knn import TopK, prepare_vectors
+from vecpress.kernels.metrics import recall_table, relative_error
+from vecpress.pipeline import storage
+from vecpress.pipeline.codec_store import load_codec
+from vecpress.pipeline.context import load_array, manifest_codec
+from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
+from vecpress.pipeline.rerank import column_distances, source_distances
+from vecpress.pipeline.scan import CodeSearch, search_fragment
+from vecpress.pipeline.source import SourcePlan
+
+
+def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None,
+                     rerank: bool = True, recompute: bool = False) -> dict:
+    """Recall of search over the version's codes against the exact neighbours recorded for its
+    held-out queries (and after exact re-ranking of r x k candidates), and the codec's relative
+    reconstruction error.
+
+    A run searches the queries over the codes while it holds them: new shards in the encode
+    pass (EncodeJob.eval_search), kept shards of an incremental run in the read that finds
+    their exact neighbours (incremental.knn_shard). It records the results in the manifest.
+    Those are used unless `recompute`, or a different k, asks for a search over the stored
+    codes (one read of every fragment's codes, and of the re-rank candidates' source rows)."""
+    ds = require_dataset(out, table, version)
+    manifest = version_manifest(ds)
+    base = storage.normalize(out)
+    codec_ref = manifest_codec(out, manifest["codec"])
+    sample = manifest["sample"]
+    xq = load_array(storage.join(base, sample["queries_uri"]))
+    qpos = load_array(storage.join(base, sample["query_positions_uri"]))
+    truth = load_array(storage.join(base, sample["ground_truth_uri"]))
+    if k is not None and not 1 <= k <= truth.shape[1]:
+        raise ConfigError(f"k must be from 1 to {truth.shape[1]} (the neighbours version {version}'s run recorded, "
+                          f"its --eval-k), got {k}")
+    k = k or truth.shape[1]
+    codec = load_codec(codec_ref)
+    xp = prepare_vectors(xq, codec.metric)
+    warm = manifest_codec(out, manifest.get("rerank_codec"))
+    in_pass = sample.get("search_ids_uri")
+    if in_pass and not recompute and k == truth.shape[1] and (sample.get("search_exact_uri") or not rerank):
+        I = load_array(storage.join(base, in_pass))
+        E = load_array(storage.join(base, sample["search_exact_uri"])) if rerank else None
+        return evaluation(truth, I, E, num_rows=ds.count_rows(), rerank_from=rerank and ("column" if warm else "source"),
+                          codec=codec, xq=xq, xp=xp, searched="encode pass")
+    job = CodeSearch(table_uri=table_uri(out, table), version=version, codec=codec_ref, k=k)
+    items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
+    found = TopK(len(qpos), k, exclude=qpos)
+    for D, I in executor.map(search_fragment, items, desc="evaluate",
+                             shared={"job": job, "queries": xq, "query_positions": qpos}):
+        found.add(D, I)
+    E, rerank_from = None, None
+    if rerank:
+        if warm is not None:
+            E, rerank_from = column_distances(ds, warm, xp, found.I, codec.metric), "column"
+        else:
+            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(storage.join(base, manifest["source"]["plan_uri"]))))
+            E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
+    return evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
+                      xp=xp, searched="stored codes")
+
+
+def evaluation(truth: np.ndarray, I: np.ndarray, E: np.ndarray | None, *, num_rows: int, rerank_from: str | None,
+               codec, xq: np.ndarray, xp: np.ndarray, searched: str) -> dict:
+    """The evaluation record of a version: recall (and re-ranked recall) of the search results I
+    against the exact neighbours, and the codec's relative error on the held-out queries (raw
+    `xq`, prepared for the metric `xp`)."""
+    return {
+        "num_queries": int(len(I)), "k": int(I.shape[1]), "exclude_self": True,
+        **recall_table(truth, I, num_rows, E), "rerank_from": rerank_from or None,
+        "searched": searched,
+        "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
+    }

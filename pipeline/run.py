@@ -1,0 +1,47 @@
+"""The one entry point of a compress run. The command line (`vecpress compress`, with or
+without Prefect), the Prefect flow and Python callers all call `run_compress`: it takes the
+table's lease, runs the stages (`vecpress.pipeline.stages`) on an executor, and reports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Callable, Sequence
+
+from vecpress.pipeline.context import RunContext
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.locking import LeaseRef, table_lock
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.report import run_report
+from vecpress.pipeline.stages import RunResult, Stages, check_gate, run_stages
+
+
+def run_compress(inputs: Sequence[str] | str, out: str, table: str, opts: CompressOptions = CompressOptions(), *,
+                 executor: Executor | None = None, stages: Stages = Stages(), run_id: str | None = None,
+                 on_report: Callable[[dict], None] | None = None) -> RunResult:
+    """Compress the Parquet files under `inputs` into a new version of the Lance table
+    `out/<table>.lance` (incrementally when it can extend the latest one), evaluate it and
+    gate the `production` tag.
+
+    Holds the table's lease for the whole run (a second run of the table fails at once with
+    TableBusyError), and commits only while it still holds it (LeaseLostError otherwise,
+    nothing committed). Runs on `executor`, else on the Ray cluster `opts.ray_address` names
+    (or $RAY_ADDRESS, or a local Ray). `on_report` gets the run report before a failed gate
+    raises QualityGateError (the version stays committed, untagged); the report is also the
+    result's `report`."""
+    ctx = RunContext.new(out, table, run_id)
+    with table_lock(ctx.out, table, run_id=ctx.run_id) as lease, _executor(executor, opts) as ex:
+        result = run_stages(dataclasses.replace(ctx, lease=LeaseRef.of(lease)), opts.source(inputs), opts, ex, stages)
+    result = dataclasses.replace(result, report=run_report(ctx.out, table, result))
+    if on_report is not None:
+        on_report(result.report)
+    return check_gate(result)
+
+
+def _executor(executor: Executor | None, opts: CompressOptions):
+    """`executor` as it is, else a RayExecutor on `opts.ray_address`, shut down after the run."""
+    if executor is not None:
+        return contextlib.nullcontext(executor)
+    from vecpress.pipeline.distributed import RayExecutor
+
+    return RayExecutor(opts.ray_address)

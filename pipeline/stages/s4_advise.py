@@ -1,0 +1,61 @@
+"""Stage 4 with `--codec auto`, advise: sweep the candidate codecs on this run's own sample and
+choose one (the sweep's reports go into the run's folder, its decision into the manifest)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.pipeline.codec_store import CodecRef, save_codec
+from vecpress.pipeline.context import RunContext, load_array
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.stages.s1_plan import Planned, resolve_codec
+from vecpress.pipeline.stages.s3_sample import Sampled
+from vecpress.pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
+
+log = logging.getLogger("vecpress")
+
+
+@dataclass(frozen=True)
+class Advised:
+    #: the plan with its codec chosen (as given when it was not "auto")
+    planned: Planned
+    #: codec="auto": the advisor's decision and the sweep table behind it (manifest `advisor`)
+    advisor: dict | None = None
+    #: codec="auto": the chosen codec as the sweep trained it (same sample and seed)
+    pretrained: CodecRef | None = None
+    seconds: float = 0.0
+
+
+def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOptions,
+           executor: Executor) -> Advised:
+    """codec="auto": sweep the candidates on this run's own sample and choose (as given
+    otherwise)."""
+    if planned.codec_spec is not None:
+        return Advised(planned)
+    start = time.perf_counter()
+    plan = planned.plan
+    budgets = [opts.max_bytes] if opts.max_bytes else None
+    specs = candidate_specs(plan.dim, opts.metric, planned.num_train,
+                            codecs=list(opts.advise_codecs or []) or None, budgets=budgets)
+    log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
+    result = run_sweep(plan, load_array(sampled.train_uri), load_array(sampled.queries_uri),
+                       load_array(sampled.query_positions_uri), specs, opts, executor=executor)
+    pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
+    reports = write_reports(result, ctx.run_file("sweep"), budgets)
+    chosen = resolve_codec(ctx, planned, pick["codec"], opts)
+    tc = next(c for c in result.trained if c.spec == pick["codec"])
+    pretrained = save_codec(Codec.from_bytes(tc.blob, spec=tc.spec, metric=opts.metric, sha256=tc.sha256),
+                            ctx.sidecar)
+    advisor = {
+        "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
+        "chosen": pick["codec"], "chosen_recall_at_10": score(pick, opts.advise_rerank),
+        "code_bytes": pick["code_bytes"], "table": result.rows, "failed": result.failed,
+        "report_uri": ctx.relative(reports["md"]),
+    }
+    log.info("advise: chose %s (%d B, recall@10 %.3f%s)", pick["codec"], pick["code_bytes"],
+             score(pick, opts.advise_rerank), f" after re-rank x{opts.advise_rerank}" if opts.advise_rerank > 1 else "")
+    return Advised(chosen, advisor, pretrained, time.perf_counter() - start)

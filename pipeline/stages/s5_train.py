@@ -1,0 +1,52 @@
+"""Stage 5, train: the codec (and the warm column's codec) on the sample, stored under its
+content hash; an incremental run carries the previous version's codecs instead."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
+from vecpress.pipeline.context import RunContext, load_array, manifest_codec
+from vecpress.pipeline.incremental import probe_quality
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.stages.s1_plan import Planned
+from vecpress.pipeline.stages.s3_sample import Sampled
+from vecpress.pipeline.stages.s4_advise import Advised
+
+log = logging.getLogger("vecpress")
+
+
+@dataclass(frozen=True)
+class Trained:
+    codec: CodecRef
+    rerank_codec: CodecRef | None = None
+    seconds: float = 0.0
+    #: the codec's fit on held-out data when trained: the reference for drift checks
+    baseline: dict | None = None
+
+
+def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOptions) -> Trained:
+    """Train the codec on the sample and store it content-addressed."""
+    start = time.perf_counter()
+    spec = advised.planned.codec_spec
+    xt = load_array(sampled.train_uri)
+    if advised.pretrained is not None and advised.pretrained.spec == spec:
+        ref = advised.pretrained  # trained by the advisor's sweep on this same sample and seed
+    else:
+        ref = save_codec(Codec.train(xt, spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+    warm = None
+    if opts.rerank_codec:
+        warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+    baseline = probe_quality(load_codec(ref), load_array(sampled.queries_uri))  # held out: never trained on
+    log.info("train: %s on %d vectors in %.1fs -> %s", ref.spec, xt.shape[0], time.perf_counter() - start, ref.uri)
+    return Trained(ref, warm, time.perf_counter() - start, baseline)
+
+
+def carried_codec(ctx: RunContext, planned: Planned) -> Trained:
+    """An incremental run keeps the previous version's codec (and warm codec) as they are."""
+    prev = planned.diff.previous_manifest
+    return Trained(manifest_codec(ctx.out, prev["codec"]), manifest_codec(ctx.out, prev.get("rerank_codec")),
+                   baseline=prev.get("drift_baseline"))

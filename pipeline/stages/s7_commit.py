@@ -1,0 +1,106 @@
+"""Stage 7, commit: one atomic Lance commit makes the new version appear whole or not at all,
+once per run id, and only while the run still holds the table's lease. Its manifest (what was
+built, from what, how) rides in the version's schema metadata and in the run's folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from vecpress import __version__
+from vecpress.kernels.codecs.spec import is_binary_spec
+from vecpress.pipeline import storage
+from vecpress.pipeline.context import RunContext
+from vecpress.pipeline.lance_io import commit_overwrite
+from vecpress.pipeline.locking import check_lease
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.schema import MANIFEST_METADATA_KEY
+from vecpress.pipeline.stages.s1_plan import Planned, output_schema
+from vecpress.pipeline.stages.s3_sample import Sampled
+from vecpress.pipeline.stages.s5_train import Trained
+from vecpress.pipeline.stages.s6_encode import Encoded
+
+log = logging.getLogger("vecpress")
+
+
+@dataclass(frozen=True)
+class Committed:
+    version: int
+    manifest: dict
+    seconds: float = 0.0
+
+
+def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, encoded: Encoded,
+                   opts: CompressOptions, *, advisor: dict | None, drift: dict | None, stage_seconds: dict) -> dict:
+    plan = planned.plan
+    rel = ctx.relative
+    return {
+        "format": 1,
+        "vecpress_version": __version__,
+        "run_id": ctx.run_id,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "table": ctx.table,
+        "num_rows": encoded.num_rows,
+        "dim": plan.dim,
+        "metric": opts.metric,
+        "codec": {**trained.codec.to_dict(), "uri": rel(trained.codec.uri)},
+        "codec_binary": is_binary_spec(trained.codec.spec, plan.dim),
+        "rerank_codec": None if trained.rerank_codec is None else {
+            **trained.rerank_codec.to_dict(), "uri": rel(trained.rerank_codec.uri)},
+        "source": {
+            "uris": sorted({f.uri for f in plan.files}) if len(plan.files) <= 20 else None,
+            "num_files": len(plan.files),
+            "vector_column": plan.vector_column, "id_column": plan.id_column, "keep": list(plan.keep),
+            "vector_type": plan.vector_type, "bytes_per_vector": plan.source_bytes_per_vector,
+            "plan_uri": rel(ctx.run_file("plan.json")),
+        },
+        "sample": {
+            "seed": opts.seed, "num_train": sampled.num_train, "num_queries": sampled.num_queries,
+            "row_groups_read": sampled.row_groups_read, "max_row_groups": opts.sample_row_groups,
+            "queries_uri": rel(sampled.queries_uri),
+            "query_positions_uri": rel(sampled.query_positions_uri),
+            "train_rows_uri": rel(sampled.train_rows_uri) if sampled.train_rows_uri else None,
+            "ground_truth_uri": rel(encoded.ground_truth_uri),
+            **{name: rel(uri) for name, uri in (("search_ids_uri", encoded.search_ids_uri),
+                                                ("search_exact_uri", encoded.search_exact_uri)) if uri},
+        },
+        "code_bytes": trained.codec.code_size,
+        "rerank_bytes": None if trained.rerank_codec is None else trained.rerank_codec.code_size,
+        "source_bytes": plan.source_bytes_per_vector,
+        "options": dataclasses.asdict(opts),
+        "advisor": advisor,
+        "mode": "incremental" if planned.diff else "full",
+        "incremental": planned.diff.summary() if planned.diff else None,
+        "drift": drift,
+        "drift_baseline": trained.baseline,
+        "stage_seconds": stage_seconds,
+        "devices": encoded.devices,
+    }
+
+
+def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, encoded: Encoded,
+           opts: CompressOptions, *, advisor: dict | None = None, drift: dict | None = None,
+           stage_seconds: dict) -> Committed:
+    """One atomic Lance commit: the new version appears whole or not at all, once per run id.
+    Right before it, the run checks that it still holds the table's lease (LeaseLostError:
+    nothing committed). Once it lands, the shards' checkpoints are removed."""
+    start = time.perf_counter()
+    manifest = build_manifest(ctx, planned, sampled, trained, encoded, opts, advisor=advisor, drift=drift,
+                              stage_seconds=stage_seconds)
+    schema = output_schema(planned.plan, trained.codec.code_size, binary=manifest["codec_binary"],
+                           rerank_size=manifest["rerank_bytes"],
+                           metadata={MANIFEST_METADATA_KEY: json.dumps(manifest).encode()})
+    if ctx.lease is not None:
+        check_lease(ctx.lease)
+    version = commit_overwrite(ctx.out, ctx.table, schema, list(encoded.fragments), run_id=ctx.run_id,
+                               read_version=planned.read_version)
+    manifest = {**manifest, "version": version}
+    storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
+    if encoded.checkpoints_uri:
+        storage.remove_tree(encoded.checkpoints_uri)  # (they hold the shards' results, now in the version)
+    log.info("commit: %s version %d (%d rows)", ctx.table_uri, version, encoded.num_rows)
+    return Committed(version, manifest, time.perf_counter() - start)
