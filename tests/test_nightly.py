@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lance
 import numpy as np
 import pyarrow as pa
@@ -300,3 +303,26 @@ def test_incremental_evaluation_reranks_kept_rows_from_their_warm_codes(src, tmp
     night = run(src, out, rerank_codec="SQ8", gate_max_drop=1.0, executor=ray_executor)  # other queries each night
     assert night.mode == "incremental" and night.eval["rerank_from"] == "column"
     assert_same_evaluation(night.eval, evaluate_version(str(out), "t", night.version, ray_executor, recompute=True))
+
+
+def test_a_run_that_lost_its_lease_commits_nothing(src, tmp_path):
+    """The lease is checked right before the commit: a run whose lease another run took over
+    (it stalled past the expiry) stops with LeaseLostError, and the table keeps its version."""
+    from vecpress.pipeline.executor import LocalExecutor
+    from vecpress.pipeline.locking import LeaseLostError, lock_uri
+    from vecpress.pipeline.stages import Stages, encode
+
+    out = tmp_path / "out"
+    run(src, out, LocalExecutor())
+    part(src, "d.parquet", 3000, 3500)
+
+    def encode_then_lose_the_lease(*args, **kwargs):
+        encoded = encode(*args, **kwargs)
+        lock = Path(lock_uri(str(out), "t"))
+        lock.write_text(json.dumps({**json.loads(lock.read_text()), "token": "another-run", "run_id": "other"}))
+        return encoded
+
+    with pytest.raises(LeaseLostError, match="lost the lease of table 't'.*run other.*nothing was committed"):
+        run_compress([str(src)], str(out), "t", OPTS, executor=LocalExecutor(),
+                     stages=Stages(encode=encode_then_lose_the_lease))
+    assert lance.dataset(str(out / "t.lance")).version == 1
