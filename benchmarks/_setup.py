@@ -1,5 +1,5 @@
 """Shared set-up for the encode benchmarks: a generated corpus, its plan, a trained codec and
-the EncodeJob that `pipeline.stages.encode_shard` runs (nothing here is timed)."""
+the EncodeJob that `vecpress.pipeline.stages.s6_encode.encode_shard` runs (nothing here is timed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from vecpress.kernels.codecs.codec import Codec
 from vecpress.pipeline.codec_store import save_codec
 from vecpress.pipeline.demo import write_corpus
 from vecpress.pipeline.source import SourceSpec, plan_sources
-from vecpress.pipeline.scan import Columns, EncodeJob, sample_rows
+from vecpress.pipeline.sampling import sample_rows
+from vecpress.pipeline.scan import Columns, ComputeSpec
+from vecpress.pipeline.stages.s6_encode import EncodeJob
 
 
 def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, shard_rows: int,
@@ -25,6 +27,6 @@ def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, sha
     shard = plan.shards[0]
     xt = sample_rows((shard, np.arange(min(num_train, shard.num_rows))), columns=columns)
     ref = save_codec(Codec.train(xt, codec, metric), str(work / "sidecar"))
-    job = EncodeJob(table_uri=str(work / "out" / "bench.lance"), codec=ref, columns=columns,
-                    batch_size=batch_size, eval_k=100, eval_search=True)  # as encode_run sets it
+    job = EncodeJob(table_uri=str(work / "out" / "bench.lance"), compute=ComputeSpec(ref, k=100), columns=columns,
+                    batch_size=batch_size)  # as the encode stage sets it
     return plan, job

@@ -6,7 +6,7 @@ top-k, the search over the codes, Lance write) over the same shard, the sizes ta
     python benchmarks/batch_size.py --dim 768 --codec PQ96
 
 One faiss and BLAS thread, as in a 1-CPU Ray task; 1000 held-out queries. `0` is the automatic
-size (pipeline.stages.batch_rows). Prints a table (median seconds per size, and its ratio to the
+size (vecpress.pipeline.scan.batch_rows). Prints a table (median seconds per size, and its ratio to the
 first size), writes JSON.
 """
 
@@ -30,7 +30,9 @@ from _results import write_results  # noqa: E402
 from _setup import encode_setup  # noqa: E402
 
 from vecpress.kernels._faiss import faiss  # noqa: E402
-from vecpress.pipeline.scan import batch_rows, encode_shard, sample_rows  # noqa: E402
+from vecpress.pipeline.sampling import sample_rows  # noqa: E402
+from vecpress.pipeline.scan import batch_rows  # noqa: E402
+from vecpress.pipeline.stages.s6_encode import encode_shard  # noqa: E402
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Where one encode worker's time goes: the parts of pipeline.stages.encode_shard, timed
+"""Where one encode worker's time goes: the parts of vecpress.pipeline.stages.s6_encode.encode_shard, timed
 one after another in one process over the same shard.
 
     python benchmarks/encode_profile.py --rows 200000 --dim 384 --codec PQ48
@@ -29,10 +29,10 @@ from _setup import encode_setup  # noqa: E402
 from vecpress.kernels._faiss import faiss  # noqa: E402
 from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors  # noqa: E402
 from vecpress.pipeline.codec_store import load_codec  # noqa: E402
-from vecpress.pipeline.schema import codes_schema  # noqa: E402
-from vecpress.pipeline.source import iter_shard_batches, vectors_as_numpy  # noqa: E402
+from vecpress.pipeline.schema import codes_array, codes_schema  # noqa: E402
+from vecpress.pipeline.parquet import iter_shard_batches, vectors_as_numpy  # noqa: E402
+from vecpress.pipeline.sampling import sample_rows  # noqa: E402
 from vecpress.pipeline.scan import batch_rows  # noqa: E402
-from vecpress.pipeline.scan import codes_array, sample_rows  # noqa: E402
 
 
 def main() -> None:
@@ -50,7 +50,7 @@ def main() -> None:
     plan, job = encode_setup(work, rows=args.rows, dim=args.dim, files=1, codec=args.codec,
                              shard_rows=args.rows, batch_size=batch_rows(args.batch_size, args.dim, gpu=False))
     shard = plan.shards[0]
-    codec = load_codec(job.codec)
+    codec = load_codec(job.compute.codec)
     local = np.sort(np.random.default_rng(0).choice(shard.num_rows, args.queries, replace=False))
     xq = prepare_vectors(sample_rows((shard, local), columns=job.columns), codec.metric)
     cols = job.columns
@@ -58,10 +58,10 @@ def main() -> None:
     batches = []
     faiss_only = {"seconds": 0.0}
     t = time.perf_counter()
-    for first_row, batch in iter_shard_batches(shard, [cols.vector, cols.id], job.batch_size):
+    for piece, _, first_row, batch in iter_shard_batches(shard, [cols.vector, cols.id], job.batch_size):
         now = time.perf_counter()
         parts["parquet decode"] += now - t
-        x = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector, first_row=first_row)
+        x = vectors_as_numpy(batch.column(0), cols.dim, where=piece.file_uri, column=cols.vector, first_row=first_row)
         t = time.perf_counter()
         parts["vectors_as_numpy"] += t - now
         codes = codec.encode(x)
@@ -73,9 +73,9 @@ def main() -> None:
             codec.index.sa_encode(xp)
             faiss_only["seconds"] += time.perf_counter() - t0
             now = time.perf_counter()
-        topk = TopK(len(xq), job.eval_k, exclude=shard.row_offset + local)
-        D, I = exact_knn(xq, prepare_vectors(x, codec.metric), job.eval_k + 1, codec.metric)
-        topk.add(D, np.where(I >= 0, I + first_row, -1))
+        topk = TopK(len(xq), job.compute.k, exclude=shard.row_offset + local)
+        D, I = exact_knn(xq, prepare_vectors(x, codec.metric), job.compute.k + 1, codec.metric)
+        topk.add(D, I, offset=first_row)
         t = time.perf_counter()
         parts["exact top-k"] += t - now
         batches.append((batch.column(1), codes))

@@ -78,36 +78,74 @@ def exact_knn(xq: np.ndarray, xb: np.ndarray, k: int, metric: str, *, ngpu: int 
 class TopK:
     """Running k smallest distances per query, merged from any number of partial results.
 
+    Results rank by (distance, id): among equal distances the smaller id (the earlier row)
+    wins, so partial results merge to the same top-k in any order (shards that finish in any
+    order, batches of any size). `add` takes ids local to a block and its `offset`.
+
     `exclude[q]` is an id never kept for query q (the query's own row, when queries are held
     out from the corpus itself), so a query does not count itself as its own neighbour.
     With `with_extra`, each result carries one more float (e.g. its exact distance, when D is
     an approximate one) that follows it through the merge: `E`.
+
+    Blocks are merged a few at a time (once they hold MERGE_COLUMNS columns, or when a result
+    is read), so many small blocks cost about what a few large ones do.
     """
+
+    #: columns of pending blocks that trigger a merge
+    MERGE_COLUMNS = 1024
 
     def __init__(self, num_queries: int, k: int, exclude: np.ndarray | None = None, *, with_extra: bool = False):
         self.k = k
-        self.D = np.full((num_queries, k), np.inf, np.float32)
-        self.I = np.full((num_queries, k), -1, np.int64)
-        self.E = np.full((num_queries, k), np.inf, np.float32) if with_extra else None
+        self._D = np.full((num_queries, k), np.inf, np.float32)
+        self._I = np.full((num_queries, k), -1, np.int64)
+        self._E = np.full((num_queries, k), np.inf, np.float32) if with_extra else None
         self.exclude = None if exclude is None else np.asarray(exclude, np.int64).reshape(-1, 1)
+        self._pending: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
+        self._pending_columns = 0
 
-    def add(self, D: np.ndarray, I: np.ndarray, E: np.ndarray | None = None) -> None:
-        D = np.asarray(D, np.float32)
+    def add(self, D: np.ndarray, I: np.ndarray, E: np.ndarray | None = None, *, offset: int = 0) -> None:
+        """Merge a block of results: D (smaller is better), ids I (-1 = none) counted from
+        `offset`, and with `with_extra` the extra value E of each."""
         I = np.asarray(I, np.int64)
+        if offset:
+            I = np.where(I >= 0, I + offset, -1)
+        if self._E is not None and E is None:
+            raise ValueError("this TopK carries an extra value per result: pass E")
+        self._pending.append((np.asarray(D, np.float32), I, None if self._E is None else np.asarray(E, np.float32)))
+        self._pending_columns += I.shape[1]
+        if self._pending_columns >= max(self.MERGE_COLUMNS, 2 * self.k):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        allD = np.hstack([self._D, *(p[0] for p in self._pending)])
+        allI = np.hstack([self._I, *(p[1] for p in self._pending)])
         if self.exclude is not None:
-            D = np.where(I == self.exclude, np.inf, D)
-        D = np.where(I < 0, np.inf, D)
-        allD = np.hstack([self.D, D])
-        allI = np.hstack([self.I, I])
-        # stable sort keeps earlier (lower-position) results first among equal distances
-        order = np.argsort(allD, axis=1, kind="stable")[:, : self.k]
-        self.D = np.take_along_axis(allD, order, axis=1)
-        self.I = np.take_along_axis(allI, order, axis=1)
-        self.I[~np.isfinite(self.D)] = -1
-        if self.E is not None:
-            if E is None:
-                raise ValueError("this TopK carries an extra value per result: pass E")
-            self.E = np.take_along_axis(np.hstack([self.E, np.asarray(E, np.float32)]), order, axis=1)
+            allD = np.where(allI == self.exclude, np.inf, allD)
+        allD = np.where(allI < 0, np.inf, allD)
+        order = np.lexsort((allI, allD), axis=1)[:, : self.k]  # by distance, then id
+        self._D = np.take_along_axis(allD, order, axis=1)
+        self._I = np.take_along_axis(allI, order, axis=1)
+        self._I[~np.isfinite(self._D)] = -1
+        if self._E is not None:
+            self._E = np.take_along_axis(np.hstack([self._E, *(p[2] for p in self._pending)]), order, axis=1)
+        self._pending, self._pending_columns = [], 0
+
+    @property
+    def D(self) -> np.ndarray:
+        self._merge()
+        return self._D
+
+    @property
+    def I(self) -> np.ndarray:  # noqa: E743 (faiss's name)
+        self._merge()
+        return self._I
+
+    @property
+    def E(self) -> np.ndarray | None:
+        self._merge()
+        return self._E
 
     def result(self):
         return self.D, self.I

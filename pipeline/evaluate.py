@@ -7,20 +7,42 @@ holds); `evaluate_version` reads those results back, or searches the stored code
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 
 import numpy as np
 
 from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
-from vecpress.pipeline.codec_store import load_codec
+from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.context import load_array, manifest_codec
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
+from vecpress.pipeline.lance_io import fragment_offsets, open_lance, require_dataset, table_uri, version_manifest
 from vecpress.pipeline.rerank import column_distances, source_distances
-from vecpress.pipeline.scan import CodeSearch, search_fragment
-from vecpress.pipeline.source import SourcePlan
+from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
+from vecpress.pipeline.layout import SourcePlan
+
+
+@dataclass(frozen=True)
+class CodeSearch:
+    table_uri: str
+    version: int
+    codec: CodecRef
+    k: int
+
+
+def search_fragment(item: tuple[int, int], *, job: CodeSearch, queries: np.ndarray,
+                    query_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ADC top-k of the queries over one committed fragment's codes, as global positions."""
+    fragment_id, row_offset = item
+    codec = load_codec(job.codec)
+    ds = open_lance(job.table_uri, job.version)
+    codes = codes_as_numpy(ds.get_fragment(fragment_id).to_table(columns=[CODE_COLUMN]).column(0))
+    topk = TopK(queries.shape[0], job.k, exclude=query_positions)
+    # one extra result per query so that excluding the query's own row still leaves k
+    topk.add(*codec.search_codes(queries, codes, min(job.k + 1, codes.shape[0])), offset=row_offset)
+    return topk.D, topk.I
 
 
 def evaluate_version(out: str, table: str, version: int, executor: Executor, *, k: int | None = None,
@@ -58,8 +80,8 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     job = CodeSearch(table_uri=table_uri(out, table), version=version, codec=codec_ref, k=k)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     found = TopK(len(qpos), k, exclude=qpos)
-    for D, I in executor.map(search_fragment, items, desc="evaluate",
-                             shared={"job": job, "queries": xq, "query_positions": qpos}):
+    for _, (D, I) in executor.imap(search_fragment, items, desc="evaluate",
+                                   shared={"job": job, "queries": xq, "query_positions": qpos}):
         found.add(D, I)
     E, rerank_from = None, None
     if rerank:

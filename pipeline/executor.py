@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 log = logging.getLogger("vecpress")
 
 
 class Executor(Protocol):
-    def map(self, fn: Callable, items: Iterable, *, desc: str, shared: dict[str, Any] | None = None) -> list:
-        """`[fn(item, **shared) for item in items]`, in item order. `shared` holds large
-        read-only values (query vectors) sent to workers once."""
+    def imap(self, fn: Callable, items: Iterable, *, desc: str,
+             shared: dict[str, Any] | None = None) -> Iterator[tuple[int, Any]]:
+        """`(i, fn(items[i], **shared))` for every item, as each finishes (in any order), so
+        that the caller folds results as they come and holds none it has folded. `shared`
+        holds large read-only values (query vectors) sent to workers once."""
 
-    # optional: `gpu_compute(job, queries, *, ngpu)` -> GPU compute actors for an encode stage
+    def map(self, fn: Callable, items: Iterable, *, desc: str, shared: dict[str, Any] | None = None) -> list:
+        """`[fn(item, **shared) for item in items]`, in item order (`imap`, collected)."""
+
+    # optional: `gpu_compute(spec, queries, *, ngpu)` -> GPU compute actors for an encode stage
     # (or None); executors without it compute in their workers
 
 
@@ -39,15 +44,23 @@ class LocalExecutor:
     """Runs everything in this process, one item after another. For small inputs, tests and
     interactive use; a job uses RayExecutor."""
 
-    def gpu_compute(self, job, queries, *, ngpu: int = -1):
+    def gpu_compute(self, spec, queries, *, ngpu: int = -1):
         """No actors here: the stage computes in this process, on its GPU if it has one."""
         return None
 
-    def map(self, fn, items, *, desc, shared=None):
+    def imap(self, fn, items, *, desc, shared=None):
         items = list(items)
         progress = Progress(desc, len(items))
-        out = []
-        for item in items:
-            out.append(fn(item, **(shared or {})))
+        for i, item in enumerate(items):
+            result = fn(item, **(shared or {}))
             progress.step()
-        return out
+            yield i, result
+
+    def map(self, fn, items, *, desc, shared=None):
+        return collect(self.imap(fn, items, desc=desc, shared=shared))
+
+
+def collect(results: Iterable[tuple[int, Any]]) -> list:
+    """imap's (index, result) pairs as a list in index order."""
+    out: dict[int, Any] = dict(results)
+    return [out[i] for i in range(len(out))]

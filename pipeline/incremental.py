@@ -3,9 +3,11 @@ whether a new version may be tagged `production`, and which old versions to drop
 
 A version's layout is a SourcePlan whose shards are in *dataset order* (row_offset = position
 in the dataset), each shard owning the consecutive fragments it was written to. An
-incremental run keeps the fragments of unchanged files as they are (no rewrite), drops those
-of deleted or rewritten files, encodes only new and rewritten files, and commits the result in
-one Overwrite transaction that reuses the kept data files.
+incremental run keeps the fragments of shards whose files are all unchanged as they are (no
+rewrite), drops those of deleted or rewritten files, encodes new and rewritten files (and the
+unchanged rows of shards it cannot keep whole, and of small kept shards, so that fragments
+stay about `shard_rows` large), and commits the result in one Overwrite transaction that
+reuses the kept data files.
 """
 
 from __future__ import annotations
@@ -17,17 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
-from vecpress.pipeline.lance_io import open_dataset, open_lance, table_uri, version_manifest
-from vecpress.pipeline.source import Shard, SourcePlan, iter_shard_batches, vectors_as_numpy
-from vecpress.pipeline.codec_store import CodecRef, load_codec
-from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN
-from vecpress.pipeline.scan import Columns, batch_rows, codes_as_numpy, search_batch
+from vecpress.pipeline.lance_io import open_dataset, table_uri, version_manifest
+from vecpress.pipeline.layout import Shard, SourcePlan, pack_shards, shared_shard
 
 log = logging.getLogger("vecpress")
 
@@ -46,14 +44,18 @@ class SourceDiff:
     files_unchanged: list[str]
     kept_shards: list[Shard]
     kept_fragments: list[dict]
+    #: what the run encodes: the rows of new and rewritten files, and the unchanged rows of
+    #: shards that cannot be kept whole (a file of theirs changed, or they are small: compaction)
     new_shards: list[Shard]
+    #: rows of deleted and rewritten files in the previous version
     rows_removed: int
-    reasons: list[str] = field(default_factory=list)
     #: ids (in the previous version) of the fragments each kept shard owns, parallel to kept_shards
     kept_fragment_ids: list[list[int]] = field(default_factory=list)
     #: the version no longer has vecpress's fragment layout (compacted, rows deleted): the
     #: diff only says whether the sources changed; it has no kept shards to extend
     layout_lost: bool = False
+    #: rows of new and rewritten files (the rest of new_shards is unchanged rows encoded again)
+    rows_added: int = 0
 
     @property
     def no_change(self) -> bool:
@@ -63,7 +65,8 @@ class SourceDiff:
         return {"previous_version": self.previous_version, "files_added": len(self.files_added),
                 "files_removed": len(self.files_removed), "files_rewritten": len(self.files_rewritten),
                 "files_unchanged": len(self.files_unchanged), "rows_removed": self.rows_removed,
-                "rows_added": sum(s.num_rows for s in self.new_shards)}
+                "rows_added": self.rows_added,
+                "rows_reencoded": sum(s.num_rows for s in self.new_shards) - self.rows_added}
 
 
 def previous_layout(out: str, manifest: dict) -> SourcePlan:
@@ -83,7 +86,7 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
     src = manifest["source"]
     why = []
     for what, old, new in [("vector column", src["vector_column"], plan.vector_column),
-                           ("id column", src["id_column"], plan.id_column), ("passthrough columns", src["keep"], plan.keep),
+                           ("id column", src["id_column"], plan.id_column), ("passthrough columns", list(src["keep"]), list(plan.keep)),
                            ("vector type", src["vector_type"], plan.vector_type), ("metric", manifest["metric"], metric)]:
         if old != new:
             why.append(f"{what} changed ({old} -> {new})")
@@ -124,9 +127,11 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
     both = set(new) & set(old)
     rewritten = sorted(u for u in both if new[u].changed_since(old[u]))
     unchanged = sorted(both - set(rewritten))
-    # each shard of the layout owns the next fragments, by row count
+    same = set(unchanged)
+    # each shard of the layout owns the next fragments, by row count; a shard is kept whole
+    # when all its files are unchanged, else its unchanged rows are encoded again
     frags = ds.get_fragments()
-    kept_shards, kept_fragments, kept_ids, rows_removed, fi = [], [], [], 0, 0
+    kept, runs, fi = [], [], 0
     matched = True
     for shard in prev.shards:
         owned, rows = [], 0
@@ -137,12 +142,10 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         if rows != shard.num_rows:
             matched = False
             break
-        if shard.file_uri in unchanged:
-            kept_shards.append(shard)
-            kept_fragments.extend(f.metadata.to_json() for f in owned)
-            kept_ids.append([f.fragment_id for f in owned])
+        if all(p.file_uri in same for p in shard.pieces):
+            kept.append((shard, owned))
         else:
-            rows_removed += shard.num_rows
+            runs += [(new[p.file_uri], p.row_group_start, p.row_group_stop) for p in shard.pieces if p.file_uri in same]
     changed = set(added) | set(rewritten)
     if not matched or fi != len(frags):
         # compacted (LanceDB optimize), or rows deleted or added since vecpress wrote it: which
@@ -153,8 +156,20 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         log.warning("incremental: full rebuild instead: %s version %d no longer has the fragment layout "
                     "vecpress wrote (compacted, or rows deleted?)", table_uri(out, table), ds.version)
         return None
-    return SourceDiff(ds.version, manifest, added, removed, rewritten, unchanged, kept_shards, kept_fragments,
-                      [s for s in plan.shards if s.file_uri in changed], rows_removed, kept_fragment_ids=kept_ids)
+    if changed or runs:  # compaction: small kept shards of small files are packed again with what is encoded
+        small = [(shard, owned) for shard, owned in kept
+                 if shard.num_rows < plan.shard_rows // 2 and shared_shard(shard, new, plan.shard_rows)]
+        kept = [k for k in kept if k not in small]
+        runs += [(new[p.file_uri], p.row_group_start, p.row_group_stop) for shard, _ in small for p in shard.pieces]
+    runs += [(new[u], 0, len(new[u].row_group_rows)) for u in sorted(changed)]
+    runs.sort(key=lambda r: (r[0].uri, r[1]))
+    return SourceDiff(ds.version, manifest, added, removed, rewritten, unchanged,
+                      kept_shards=[shard for shard, _ in kept],
+                      kept_fragments=[f.metadata.to_json() for _, owned in kept for f in owned],
+                      new_shards=pack_shards(runs, plan.shard_rows),
+                      rows_removed=sum(old[u].num_rows for u in [*removed, *rewritten]),
+                      kept_fragment_ids=[[f.fragment_id for f in owned] for _, owned in kept],
+                      rows_added=sum(new[u].num_rows for u in changed))
 
 
 def layout_after(plan: SourcePlan, diff: SourceDiff) -> SourcePlan:
@@ -163,70 +178,7 @@ def layout_after(plan: SourcePlan, diff: SourceDiff) -> SourcePlan:
     for s in [*diff.kept_shards, *diff.new_shards]:
         shards.append(dataclasses.replace(s, index=len(shards), row_offset=offset))
         offset += s.num_rows
-    return dataclasses.replace(plan, shards=shards, num_rows=offset)
-
-
-# ---- exact neighbours of rows that are not re-encoded ---------------------------------------
-
-@dataclass(frozen=True)
-class KeptSearch:
-    """The evaluation's search over kept rows: their stored codes are in the fragments of the
-    previous version that each kept shard owns."""
-
-    table_uri: str
-    version: int
-    codec: CodecRef
-    rerank_codec: CodecRef | None = None
-    rerank: bool = True
-
-
-def knn_shard(item: tuple[Shard, list[int]], *, columns: Columns, metric: str, k: int, queries: np.ndarray,
-              query_positions: np.ndarray, search: KeptSearch | None = None, batch_size: int = 0,
-              ngpu: int = -1):
-    """A kept shard's exact top-k for the queries (global positions), reading only its vectors;
-    both searches on faiss's GPU brute force where it sees one (`ngpu`; 0 = the CPU).
-
-    With `search`, the same read also searches the queries over the shard's stored codes (read
-    from the fragments it owns, `item[1]`) and keeps the candidates' exact distances, as the
-    encode pass does for new shards. Returns (D, I, (search D, I, E) or None)."""
-    shard, fragment_ids = item
-    xq = prepare_vectors(queries, metric)
-    top = TopK(len(xq), k, exclude=query_positions)
-    found = codes = warm_codes = None
-    if search is not None:
-        codec = load_codec(search.codec)
-        warm = load_codec(search.rerank_codec) if search.rerank_codec else None
-        codes, warm_codes = _stored_codes(search, shard, fragment_ids, with_warm=warm is not None and search.rerank)
-        found = TopK(len(xq), k, exclude=query_positions, with_extra=search.rerank)
-    rows = batch_rows(batch_size, columns.dim, gpu=num_gpus(ngpu) > 0)
-    for first_row, batch in iter_shard_batches(shard, [columns.vector], rows):
-        x = vectors_as_numpy(batch.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
-                             first_row=first_row)
-        xp = prepare_vectors(x, metric)
-        D, I = exact_knn(xq, xp, k + 1, metric, ngpu=ngpu)
-        position = shard.row_offset + (first_row - shard.file_row_start)
-        top.add(D, np.where(I >= 0, I + position, -1))
-        if found is not None:
-            local = slice(first_row - shard.file_row_start, first_row - shard.file_row_start + len(x))
-            Ds, Is, E = search_batch(codec, queries, xq, codes[local], x, k, warm=warm,
-                                     warm_codes=None if warm_codes is None else warm_codes[local], rerank=search.rerank,
-                                     ngpu=ngpu)
-            found.add(Ds, np.where(Is >= 0, Is + position, -1), E)
-    return top.D, top.I, None if found is None else (found.D, found.I, found.E)
-
-
-def _stored_codes(search: KeptSearch, shard: Shard, fragment_ids: list[int], *, with_warm: bool):
-    """The codes (and warm codes) a kept shard's rows were stored with, in row order."""
-    ds = open_lance(search.table_uri, search.version)
-    columns = [CODE_COLUMN, RERANK_COLUMN] if with_warm else [CODE_COLUMN]
-    tables = [ds.get_fragment(fid).to_table(columns=columns) for fid in fragment_ids]
-    codes = np.concatenate([codes_as_numpy(t.column(0)) for t in tables])
-    if len(codes) != shard.num_rows:
-        raise VecpressError(f"{search.table_uri} version {search.version}: fragments {fragment_ids} hold {len(codes)} "
-                            f"codes for the {shard.num_rows} rows of {shard.file_uri} (row groups "
-                            f"{shard.row_group_start}..{shard.row_group_stop - 1})")
-    warm = np.concatenate([codes_as_numpy(t.column(1)) for t in tables]) if with_warm else None
-    return codes, warm
+    return dataclasses.replace(plan, shards=tuple(shards), num_rows=offset)
 
 
 # ---- drift ------------------------------------------------------------------------------------

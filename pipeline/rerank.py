@@ -12,9 +12,9 @@ from vecpress.kernels.knn import pair_distances, prepare_vectors
 from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.errors import SourceChangedError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.schema import RERANK_COLUMN
-from vecpress.pipeline.source import Shard, SourcePlan, read_rows, vectors_as_numpy
-from vecpress.pipeline.scan import codes_as_numpy
+from vecpress.pipeline.layout import Shard, SourcePlan
+from vecpress.pipeline.parquet import read_vectors
+from vecpress.pipeline.schema import RERANK_COLUMN, codes_as_numpy
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,11 @@ class PairsInShard:
 def shard_pair_distances(item: PairsInShard, *, queries: np.ndarray, metric: str, column: str, dim: int) -> np.ndarray:
     """Exact distances of the item's pairs, reading only the row groups that hold its rows;
     refuses (SourceChangedError) if the file differs from the one that was compressed."""
-    shard = item.shard
     try:
-        t = read_rows(shard, item.local_rows, [column])
-    except SourceChangedError:
-        raise SourceChangedError(f"{shard.file_uri} changed since it was compressed: cannot re-rank against "
-                                 "it (recompress, re-rank from a warm column, or search without re-ranking)") from None
-    x = prepare_vectors(vectors_as_numpy(t.column(0), dim, where=shard.file_uri, column=column,
-                                         rows=shard.file_row_start + item.local_rows), metric)
+        x = prepare_vectors(read_vectors(item.shard, item.local_rows, column, dim), metric)
+    except SourceChangedError as exc:
+        raise SourceChangedError(f"{exc}: cannot re-rank against a source that changed since it was compressed "
+                                 "(recompress, re-rank from a warm column, or search without re-ranking)") from None
     return pair_distances(queries[item.pair_query], x[item.pair_row], metric)
 
 

@@ -11,13 +11,12 @@ import numpy as np
 
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.source import SourcePlan
-from vecpress.pipeline.scan import Columns, sample_rows
+from vecpress.pipeline.layout import Shard, SourcePlan
+from vecpress.pipeline.parquet import read_vectors
+from vecpress.pipeline.scan import Columns
 
 log = logging.getLogger("vecpress")
 
-#: default most row groups the sample reads (CompressOptions.sample_row_groups; 0 = no limit)
-SAMPLE_ROW_GROUPS = 1024
 
 
 def sample_sizes(num_rows: int, num_train: int, num_queries: int) -> tuple[int, int]:
@@ -76,11 +75,10 @@ def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int,
     return np.sort(picked[num_queries:]).astype(np.int64), np.sort(picked[:num_queries]).astype(np.int64)
 
 
-def row_group_rows(plan: SourcePlan) -> list[int]:
-    """Rows of every row group of the corpus, in global row order: the order of the plan's
-    shards, which an incremental run's layout (kept shards first) takes from the files' order."""
-    files = {f.uri: f for f in plan.files}
-    return [r for s in plan.shards for r in files[s.file_uri].row_group_rows[s.row_group_start:s.row_group_stop]]
+def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> np.ndarray:
+    """Vectors of the given sorted shard-local rows (validated like every other read)."""
+    shard, local_rows = item
+    return read_vectors(shard, np.asarray(local_rows, np.int64), columns.vector, columns.dim)
 
 
 class Sample(NamedTuple):
@@ -95,7 +93,7 @@ def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, e
                 max_row_groups: int = 0, exclude=None) -> Sample:
     """The training and query vectors, read across the corpus (see choose_positions, and its
     `exclude`): only the row groups holding sampled rows are read."""
-    sizes = row_group_rows(plan)
+    sizes = plan.row_group_rows()
     train_pos, query_pos = choose_positions(plan.num_rows, num_train, num_queries, seed, row_group_rows=sizes,
                                             max_row_groups=max_row_groups, exclude=exclude)
     positions = np.union1d(train_pos, query_pos)
@@ -115,8 +113,9 @@ def file_rows(plan: SourcePlan, positions: np.ndarray) -> dict[str, np.ndarray]:
     file = np.empty(len(positions), np.int32)
     row = np.empty(len(positions), np.int64)
     for shard, sel, local in plan.locate(np.asarray(positions, np.int64)):
-        file[sel] = index[shard.file_uri]
-        row[sel] = shard.file_row_start + local
+        for piece, in_piece, piece_rows in shard.locate(local):
+            file[sel[in_piece]] = index[piece.file_uri]
+            row[sel[in_piece]] = piece.file_row_start + piece_rows
     return {"uris": np.array(uris, dtype=str), "file_index": file, "row": row}
 
 
@@ -129,10 +128,11 @@ def layout_positions(plan: SourcePlan, rows: dict[str, np.ndarray]) -> np.ndarra
     file, row = file[order], row[order]
     out = []
     for shard in plan.shards:
-        f = index.get(shard.file_uri)
-        if f is None:
-            continue
-        lo, hi = np.searchsorted(file, [f, f + 1])
-        a, b = lo + np.searchsorted(row[lo:hi], [shard.file_row_start, shard.file_row_start + shard.num_rows])
-        out.append(shard.row_offset + row[a:b] - shard.file_row_start)
+        for piece, start in zip(shard.pieces, shard.piece_starts):
+            f = index.get(piece.file_uri)
+            if f is None:
+                continue
+            lo, hi = np.searchsorted(file, [f, f + 1])
+            a, b = lo + np.searchsorted(row[lo:hi], [piece.file_row_start, piece.file_row_start + piece.num_rows])
+            out.append(shard.row_offset + start + row[a:b] - piece.file_row_start)
     return np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)

@@ -1,29 +1,32 @@
-"""Stage functions over one shard or fragment: plain functions, callable in a REPL, run by any
-Executor. Arguments are small descriptors; big shared inputs (queries) arrive as numpy."""
+"""The one scan over a shard's rows, and the observers it feeds.
+
+`scan_shard` reads a shard batch by batch (`batch_rows` rows, never two files in one batch),
+turns the vectors into numpy once, and hands every batch to its observers in order; each
+observer computes something from the batch (codes, exact neighbours, the search over the
+codes) or folds what the ones before it found (`Gather`: a running top-k). The encode pass,
+an incremental run's read of its kept shards and the codec sweep are this one loop with other
+observers, and the driver folds the shards' results as they arrive.
+
+`ShardCompute` is the compute of one batch, the same in the worker that reads and in a GPU
+actor that workers send batches to (pipeline.distributed).
+"""
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import re
 import socket
-import time
 from dataclasses import dataclass
+from typing import Iterator, Protocol
 
-import lance
-import lance.fragment
 import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.gpu_encode import gpu_count
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, gpu_knn, prepare_vectors
-from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import CodecRef, load_codec
-from vecpress.pipeline.errors import ConfigError, SourceError
-from vecpress.pipeline.lance_io import open_lance
-from vecpress.pipeline.schema import CODE_COLUMN, codes_schema
-from vecpress.pipeline.source import Shard, SourcePlan, iter_shard_batches, read_rows, vectors_as_numpy
+from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.layout import Piece, Shard, SourcePlan
+from vecpress.pipeline.parquet import iter_shard_batches, vectors_as_numpy
 
 
 @dataclass(frozen=True)
@@ -39,47 +42,6 @@ class Columns:
     @classmethod
     def of(cls, plan: SourcePlan) -> "Columns":
         return cls(plan.vector_column, plan.id_column, tuple(plan.keep), plan.dim, plan.output_fields)
-
-
-# ---- sample ---------------------------------------------------------------------------------
-
-def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> np.ndarray:
-    """Vectors of the given sorted shard-local rows (validated like every other read)."""
-    shard, local_rows = item
-    t = read_rows(shard, np.asarray(local_rows, np.int64), [columns.vector])
-    return vectors_as_numpy(t.column(0), columns.dim, where=shard.file_uri, column=columns.vector,
-                            rows=shard.file_row_start + np.asarray(local_rows, np.int64))
-
-
-# ---- encode ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class EncodeJob:
-    table_uri: str
-    codec: CodecRef
-    columns: Columns
-    #: rows per record batch; 0 = batch_rows's choice for the device that computes the batch
-    batch_size: int = 0
-    max_rows_per_file: int = 1 << 20
-    #: exact neighbours computed in the same pass over the source (0 = off)
-    eval_k: int = 100
-    #: optional warm column codec (written as RERANK_COLUMN)
-    rerank_codec: CodecRef | None = None
-    #: also search the held-out queries over each batch's codes (the evaluation's top-k over
-    #: the codes, as `search_codes` finds it) and, with `eval_rerank`, keep the candidates'
-    #: exact distances (from the source rows in hand, or the warm column): evaluate then needs
-    #: no second read of the codes or of the source
-    eval_search: bool = False
-    eval_rerank: bool = True
-    #: folder for per-shard results; a shard with a result there is not encoded again, so a
-    #: retried encode stage only redoes unfinished shards (None = no checkpoints)
-    checkpoint_uri: str | None = None
-    #: where a worker encodes and computes exact neighbours itself: "auto" (its GPU when CuPy
-    #: sees one, else the CPU), "cuda" or "cpu"
-    device: str = "auto"
-    #: encoders hosted elsewhere (pipeline.distributed's GPU actors): `remote.for_shard(i)` is
-    #: the ShardCompute that shard i sends its batches to. None = compute in the worker
-    remote: object | None = None
 
 
 #: vectors per batch (float32 bytes) when no batch size is given: below glibc's largest mmap
@@ -104,17 +66,122 @@ def batch_rows(batch_size: int, dim: int, *, gpu: bool) -> int:
     return int(min(65_536, max(1_024, AUTO_BATCH_BYTES // (4 * dim))))
 
 
-def check_device(device: str) -> str:
-    """`device` if it is "auto", "cpu", "cuda" or "cuda:N", else ValueError."""
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
-        raise ValueError(f"device must be auto, cpu or cuda[:N], got {device!r}")
-    return device
+# ---- the scan ---------------------------------------------------------------------------------
+
+@dataclass
+class ScanBatch:
+    """One batch of a shard scan, and what the observers before this one found in it (ids in
+    `exact` and `found` are batch-local)."""
+
+    piece: Piece
+    #: its first row within the shard, and that row's global position
+    local: int
+    position: int
+    #: its first row within its file
+    first_row: int
+    #: the columns read, the vector column first
+    record: pa.RecordBatch
+    #: the raw vectors, float32
+    x: np.ndarray
+    codes: np.ndarray | None = None
+    warm: np.ndarray | None = None
+    #: exact top-(k + 1) of the held-out queries among the batch's rows: (D, I)
+    exact: tuple | None = None
+    #: the evaluation's search over the batch's codes: (D, I, E or None)
+    found: tuple | None = None
+
+
+class Observer(Protocol):
+    def observe(self, batch: ScanBatch) -> None:
+        """See one batch (in scan order); may set the batch's fields for the observers after it."""
+
+
+def scan_shard(shard: Shard, columns: Columns, observers: list[Observer], *, batch_size: int,
+               extra: tuple[str, ...] = ()) -> Iterator[ScanBatch]:
+    """Read the shard's vector column (and `extra` columns after it) batch by batch, validate
+    the vectors (vectors_as_numpy), and let every observer see every batch; yields the batches
+    once observed. Read and conversion errors name the file, column and rows."""
+    for piece, local, first_row, record in iter_shard_batches(shard, [columns.vector, *extra], batch_size):
+        x = vectors_as_numpy(record.column(0), columns.dim, where=piece.file_uri, column=columns.vector,
+                             first_row=first_row)
+        batch = ScanBatch(piece, local, shard.row_offset + local, first_row, record, x)
+        for observer in observers:
+            observer.observe(batch)
+        yield batch
+
+
+def run_scan(shard: Shard, columns: Columns, observers: list[Observer], *, batch_size: int) -> int:
+    """Scan the whole shard for its observers; returns the rows scanned."""
+    return sum(len(b.x) for b in scan_shard(shard, columns, observers, batch_size=batch_size))
+
+
+class Gather:
+    """Folds a batch field, `exact` or `found`, into a running top-k of global positions."""
+
+    def __init__(self, field: str, queries: int, k: int, exclude: np.ndarray | None, *, with_extra: bool = False):
+        self.field = field
+        self.top = TopK(queries, k, exclude=exclude, with_extra=with_extra)
+
+    def observe(self, batch: ScanBatch) -> None:
+        result = getattr(batch, self.field)
+        if result is not None:
+            self.top.add(*result, offset=batch.position)
+
+
+class Computed:
+    """The batch's codes, warm codes and searches, from a ShardCompute (in this process) or a
+    RemoteShardCompute (a GPU actor)."""
+
+    def __init__(self, compute):
+        self.compute = compute
+
+    def observe(self, batch: ScanBatch) -> None:
+        batch.codes, batch.warm, batch.exact, batch.found = self.compute(batch.x)
+
+
+class StoredCodes:
+    """A kept shard's stored codes (in row order) for each batch, then the searches over them."""
+
+    def __init__(self, codes: np.ndarray, warm: np.ndarray | None, compute: "ShardCompute"):
+        self.codes, self.warm, self.compute = codes, warm, compute
+
+    def observe(self, batch: ScanBatch) -> None:
+        rows = slice(batch.local, batch.local + len(batch.x))
+        batch.codes = self.codes[rows]
+        batch.warm = None if self.warm is None else self.warm[rows]
+        batch.exact, batch.found = self.compute.searches(batch.x, batch.codes, batch.warm)
+
+
+class Exact:
+    """The exact top-(k + 1) of prepared queries among the batch's rows (no codec)."""
+
+    def __init__(self, xq: np.ndarray, k: int, metric: str):
+        self.xq, self.k, self.metric = xq, k, metric
+
+    def observe(self, batch: ScanBatch) -> None:
+        batch.exact = exact_knn(self.xq, prepare_vectors(batch.x, self.metric), self.k + 1, self.metric)
+
+
+# ---- the compute of one batch -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """What a batch's compute does: the codec (and warm codec) that encode it, and the
+    evaluation's searches (exact top-k, and with `search` the top-k over the codes, with
+    `rerank` the candidates' exact distances)."""
+
+    codec: CodecRef
+    rerank_codec: CodecRef | None = None
+    #: neighbours per held-out query (0 = no searches)
+    k: int = 100
+    search: bool = True
+    rerank: bool = True
 
 
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when CuPy sees a GPU here, else "cpu"; "cuda"/"cuda:N" as given when
     CuPy sees that GPU here (else ConfigError: asked for by name, it is not replaced); "cpu"."""
-    if check_device(device) == "cpu":
+    if device == "cpu":
         return device
     gpus = gpu_count()
     if device == "auto":
@@ -136,29 +203,36 @@ def where_am_i() -> dict:
 
 class ShardCompute:
     """The compute of one batch of rows: codes, warm codes, the exact top-(k + 1) of the
-    held-out queries among the batch's rows, and with EncodeJob.eval_search the evaluation's
-    search over the batch's codes (search_batch; batch-local ids throughout). Runs in the
-    worker that reads (this class) or in a GPU actor that workers send batches to
+    held-out queries among the batch's rows, and with `spec.search` the evaluation's search
+    over the batch's codes (search_batch; batch-local ids throughout). Runs in the worker
+    that reads (this class) or in a GPU actor that workers send batches to
     (pipeline.distributed), where both searches run on the GPU."""
 
-    def __init__(self, job: "EncodeJob", queries: np.ndarray | None, *, device: str = "auto",
-                 cpu_work: bool = True):
-        """`cpu_work=False` (a GPU actor): a search that would run on this process's CPU is
+    def __init__(self, spec: ComputeSpec, queries: np.ndarray | None, *, device: str = "auto",
+                 cpu_work: bool = True, search_ngpu: int | None = None):
+        """`device`: where the batch is encoded (and by default searched). `search_ngpu`: the
+        GPUs faiss may search on instead (-1 = those it sees, 0 = none), for a compute that
+        only searches (an incremental run's kept rows).
+
+        `cpu_work=False` (a GPU actor): a search that would run on this process's CPU is
         left undone (None in the result) for the read task that sent the batch: the actor
         runs one batch at a time on one thread, while the read tasks have the cluster's CPUs.
         That is the exact top-k past faiss's GPU top-k (knn.GPU_MAX_K), and the search over
         codes that faiss searches only on the CPU (fast-scan PQ, RaBitQ, ...)."""
-        self.codec = load_codec(job.codec)
-        self.warm = load_codec(job.rerank_codec) if job.rerank_codec else None
-        self.k = job.eval_k
+        self.codec = load_codec(spec.codec)
+        self.warm = load_codec(spec.rerank_codec) if spec.rerank_codec else None
+        self.k = spec.k
         self.device = resolve_device(device)
-        with_knn = queries is not None and job.eval_k > 0
-        self.queries = queries if with_knn and job.eval_search else None
-        self.rerank = job.eval_rerank
+        with_knn = queries is not None and spec.k > 0
+        self.queries = queries if with_knn and spec.search else None
+        self.rerank = spec.rerank
         self.xq = prepare_vectors(queries, self.codec.metric) if with_knn else None
         on_gpu = self.device != "cpu"
         # both searches take k + 1 (the query's own row); past faiss's GPU top-k both stay on the CPU
-        self.knn_ngpu = 1 if on_gpu and gpu_knn(self.k + 1, 1) else 0
+        if search_ngpu is None:
+            self.knn_ngpu = 1 if on_gpu and gpu_knn(self.k + 1, 1) else 0
+        else:
+            self.knn_ngpu = 1 if gpu_knn(self.k + 1, search_ngpu) else 0
         #: the GPU the searches run on: the encoder's (cuda:N), not the thread's current one
         self.gpu_number = int(self.device.partition(":")[2] or 0) if on_gpu else -1
         search_device = self.codec.search_device(self.knn_ngpu)
@@ -193,45 +267,6 @@ class ShardCompute:
         return exact, found
 
 
-@dataclass
-class ShardResult:
-    shard_index: int
-    fragments: list[dict]
-    num_rows: int
-    seconds: float
-    #: this shard's exact top-k for the held-out queries (global positions), or None
-    knn_D: np.ndarray | None = None
-    knn_I: np.ndarray | None = None
-    #: with EncodeJob.eval_search: the shard's top-k over the codes (distance, global position,
-    #: exact distance or None without re-ranking), or None
-    search_D: np.ndarray | None = None
-    search_I: np.ndarray | None = None
-    search_E: np.ndarray | None = None
-    #: which process read the shard, and where its codes and neighbours were computed
-    reader: dict | None = None
-    compute: dict | None = None
-    #: seconds spent waiting for / in the compute (encode, exact neighbours, search over the codes)
-    compute_seconds: float = 0.0
-
-    #: the array fields, stored beside the JSON fields in a checkpoint
-    ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        arrays = {name: a for name in self.ARRAYS if (a := getattr(self, name)) is not None}
-        meta = json.dumps({"shard_index": self.shard_index, "fragments": self.fragments,
-                           "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
-                           "compute": self.compute, "compute_seconds": self.compute_seconds})
-        np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "ShardResult":
-        z = np.load(io.BytesIO(data), allow_pickle=False)
-        meta = json.loads(z["meta"].tobytes())
-        return cls(**meta, **{name: z[name] if name in z else None for name in cls.ARRAYS})
-
-
 def search_batch(codec, queries: np.ndarray, xq: np.ndarray, codes: np.ndarray, x: np.ndarray, k: int, *,
                  warm=None, warm_codes: np.ndarray | None = None, rerank: bool = True, ngpu: int = 0,
                  device: int = -1):
@@ -248,139 +283,3 @@ def search_batch(codec, queries: np.ndarray, xq: np.ndarray, codes: np.ndarray, 
     rows = np.unique(I[I >= 0])  # only the candidates' rows are prepared or decoded
     base = warm.decode(warm_codes[rows]) if warm is not None else prepare_vectors(x[rows], codec.metric)
     return D, I, candidate_distances(xq, base, np.where(I >= 0, np.searchsorted(rows, I), -1), codec.metric)
-
-
-def codes_array(codes: np.ndarray, *, binary: bool = False) -> pa.Array:
-    """(n, code_size) uint8 -> the output's code column type (see schema.code_type)."""
-    codes = np.ascontiguousarray(codes, dtype=np.uint8)
-    n, size = codes.shape
-    if binary:
-        return pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()), size)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [None, pa.py_buffer(codes)])
-
-
-def codes_as_numpy(arr) -> np.ndarray:
-    """A code column (fixed_size_binary or fixed_size_list<uint8>) -> (n, code_size) uint8,
-    honouring slice offsets."""
-    if isinstance(arr, pa.ChunkedArray):
-        arr = arr.combine_chunks()
-    if pa.types.is_fixed_size_list(arr.type):
-        size = arr.type.list_size
-        return arr.values.slice(arr.offset * size, len(arr) * size).to_numpy().reshape(len(arr), size)
-    size = arr.type.byte_width
-    buf = arr.buffers()[1]
-    return np.frombuffer(buf, np.uint8, count=len(arr) * size, offset=arr.offset * size).reshape(len(arr), size)
-
-
-def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = None,
-                 query_positions: np.ndarray | None = None) -> ShardResult:
-    """Encode one shard into Lance fragments (uncommitted), streaming `batch_size` rows at a time.
-
-    With `queries`, also computes the shard's exact top-k for them in the same read (ground
-    truth for evaluation), excluding each query's own row.
-    """
-    checkpoint = None
-    if job.checkpoint_uri:
-        checkpoint = storage.join(job.checkpoint_uri, f"shard-{shard.index:06d}.npz")
-        if storage.exists(checkpoint):
-            return ShardResult.from_bytes(storage.read_bytes(checkpoint))
-    start = time.perf_counter()
-    codec = load_codec(job.codec)
-    cols = job.columns
-    warm = load_codec(job.rerank_codec) if job.rerank_codec else None
-    schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
-                          binary=codec.is_binary, rerank_size=warm.code_size if warm else None)
-    with_knn = queries is not None and job.eval_k > 0
-    compute = job.remote.for_shard(shard.index) if job.remote is not None else \
-        ShardCompute(job, queries if with_knn else None, device=job.device)
-    topk = TopK(queries.shape[0], job.eval_k, exclude=query_positions) if with_knn else None
-    search = None
-    if with_knn and job.eval_search:
-        search = TopK(queries.shape[0], job.eval_k, exclude=query_positions, with_extra=job.eval_rerank)
-    read_cols = [cols.vector, cols.id, *cols.keep]
-    keep_fields = list(cols.out_fields)[1:]  # a file's own passthrough types are cast to these
-    num_rows = 0
-    compute_seconds = 0.0
-    failure: list[BaseException] = []
-
-    def batches():
-        try:
-            yield from read_and_encode()
-        except GeneratorExit:  # closed by the writer after its own error: that one is the failure
-            raise
-        except BaseException as exc:  # lance re-raises it as OSError(LanceError(Arrow)); keep it
-            failure.append(exc)
-            raise
-
-    def read_and_encode():
-        nonlocal num_rows, compute_seconds
-        rows = batch_rows(job.batch_size, cols.dim, gpu=compute.device != "cpu")  # (a GPU actor's: "cuda")
-        for first_row, batch in iter_shard_batches(shard, read_cols, rows):
-            ids = batch.column(1)
-            if ids.null_count:
-                raise SourceError(f"{shard.file_uri}: column {cols.id!r}: {ids.null_count} of {batch.num_rows} "
-                                  f"rows have a null id (in rows {first_row}..{first_row + batch.num_rows - 1})")
-            x = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
-                                 first_row=first_row)
-            t0 = time.perf_counter()
-            codes, warm_codes, knn, found = compute(x)
-            compute_seconds += time.perf_counter() - t0
-            position = shard.row_offset + (first_row - shard.file_row_start)
-            if topk is not None:
-                D, I = knn
-                topk.add(D, np.where(I >= 0, I + position, -1))
-            if search is not None:
-                Ds, Is, E = found
-                search.add(Ds, np.where(Is >= 0, Is + position, -1), E)
-            num_rows += batch.num_rows
-            warm_cols = [codes_array(warm_codes)] if warm else []
-            kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(batch.columns[2:], keep_fields)]
-            yield pa.record_batch([ids, codes_array(codes, binary=codec.is_binary), *warm_cols, *kept], schema=schema)
-
-    reader = pa.RecordBatchReader.from_batches(schema, batches())
-    try:
-        # mode="overwrite": field ids from this schema, not from the table's current version
-        # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
-        target, options = storage.lance_location(job.table_uri)
-        frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite", storage_options=options,
-                                               max_rows_per_file=job.max_rows_per_file)
-    except Exception:
-        if failure:
-            raise failure[0] from None
-        raise
-    if num_rows != shard.num_rows:
-        raise SourceError(f"{shard.file_uri}: expected {shard.num_rows} rows in row groups "
-                          f"{shard.row_group_start}..{shard.row_group_stop - 1}, read {num_rows} (file changed?)")
-    result = ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
-                         seconds=time.perf_counter() - start,
-                         knn_D=None if topk is None else topk.D, knn_I=None if topk is None else topk.I,
-                         search_D=None if search is None else search.D, search_I=None if search is None else search.I,
-                         search_E=None if search is None else search.E,
-                         reader=where_am_i(), compute=compute.info, compute_seconds=compute_seconds)
-    if checkpoint:  # written only after the fragments are durable
-        storage.write_bytes(checkpoint, result.to_bytes())
-    return result
-
-
-# ---- search over stored codes ----------------------------------------------------------------
-
-@dataclass(frozen=True)
-class CodeSearch:
-    table_uri: str
-    version: int
-    codec: CodecRef
-    k: int
-
-
-def search_fragment(item: tuple[int, int], *, job: CodeSearch, queries: np.ndarray,
-                    query_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ADC top-k of the queries over one committed fragment's codes, as global positions."""
-    fragment_id, row_offset = item
-    codec = load_codec(job.codec)
-    ds = open_lance(job.table_uri, job.version)
-    codes = codes_as_numpy(ds.get_fragment(fragment_id).to_table(columns=[CODE_COLUMN]).column(0))
-    topk = TopK(queries.shape[0], job.k, exclude=query_positions)
-    # one extra result per query so that excluding the query's own row still leaves k
-    D, I = codec.search_codes(queries, codes, min(job.k + 1, codes.shape[0]))
-    topk.add(D, np.where(I >= 0, I + row_offset, -1))
-    return topk.D, topk.I

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 CODE_COLUMN = "code"
@@ -35,3 +36,25 @@ def codes_schema(id_field: pa.Field, code_size: int, keep_fields: list[pa.Field]
 def same_columns(a: pa.Schema, b: pa.Schema) -> bool:
     """Schemas equal in names and types (nullability and metadata ignored)."""
     return [(f.name, f.type) for f in a] == [(f.name, f.type) for f in b]
+
+
+def codes_array(codes: np.ndarray, *, binary: bool = False) -> pa.Array:
+    """(n, code_size) uint8 -> the output's code column type (see schema.code_type)."""
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    n, size = codes.shape
+    if binary:
+        return pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()), size)
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(size), n, [None, pa.py_buffer(codes)])
+
+
+def codes_as_numpy(arr) -> np.ndarray:
+    """A code column (fixed_size_binary or fixed_size_list<uint8>) -> (n, code_size) uint8,
+    honouring slice offsets."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        size = arr.type.list_size
+        return arr.values.slice(arr.offset * size, len(arr) * size).to_numpy().reshape(len(arr), size)
+    size = arr.type.byte_width
+    buf = arr.buffers()[1]
+    return np.frombuffer(buf, np.uint8, count=len(arr) * size, offset=arr.offset * size).reshape(len(arr), size)

@@ -15,8 +15,10 @@ from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
 from vecpress.pipeline.rerank import column_distances, source_distances
-from vecpress.pipeline.source import SourcePlan, list_parquet_files, open_parquet, vectors_as_numpy
-from vecpress.pipeline.scan import CodeSearch, search_fragment
+from vecpress.pipeline.layout import SourcePlan
+from vecpress.pipeline.parquet import open_parquet, vectors_as_numpy
+from vecpress.pipeline.source import list_parquet_files
+from vecpress.pipeline.evaluate import CodeSearch, search_fragment
 
 
 def read_query_vectors(uri: str, column: str, dim: int) -> np.ndarray:
@@ -56,7 +58,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)
     found = TopK(queries.shape[0], num_candidates)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
-    for D, I in executor.map(search_fragment, items, desc="search", shared={"job": job, "queries": queries}):
+    for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared={"job": job, "queries": queries}):
         found.add(D, I)
     D, I = found.result()
     if rerank:

@@ -27,14 +27,14 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.grid import default_grid
 from vecpress.kernels.codecs.spec import CodecSpecError
-from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
+from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
 from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.source import Shard, iter_shard_batches, vectors_as_numpy
-from vecpress.pipeline.scan import Columns, batch_rows
+from vecpress.pipeline.layout import Shard
+from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
 
 log = logging.getLogger("vecpress")
 
@@ -62,7 +62,7 @@ class SweepJob:
     metric: str
     codecs: tuple[TrainedCodec, ...]
     eval_k: int = 100
-    #: rows per record batch (0 = stages.batch_rows's choice for the CPU)
+    #: rows per record batch (0 = scan.batch_rows's choice for the CPU)
     batch_size: int = 0
 
 
@@ -76,35 +76,37 @@ class SweepPart:
     num_rows: int
 
 
+class SweepCodecs:
+    """Observer: encodes each batch with every codec (timed), searches the queries over the
+    fresh codes and keeps each codec's candidates with their exact distances."""
+
+    def __init__(self, codecs: list[Codec], queries: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
+                 num_candidates: int, metric: str):
+        self.codecs, self.queries, self.xq, self.metric = codecs, queries, xq, metric
+        self.num_candidates = num_candidates
+        self.found = [TopK(len(xq), num_candidates, exclude=query_positions, with_extra=True) for _ in codecs]
+        self.seconds = [0.0] * len(codecs)
+
+    def observe(self, batch: ScanBatch) -> None:
+        x = prepare_vectors(batch.x, self.metric)
+        for i, codec in enumerate(self.codecs):
+            start = time.perf_counter()
+            codes = codec.encode(batch.x)  # as compress encodes: raw vectors, prepared once by the codec
+            self.seconds[i] += time.perf_counter() - start
+            D, I = codec.search_codes(self.queries, codes, min(self.num_candidates + 1, len(x)))
+            self.found[i].add(D, I, candidate_distances(self.xq, x, I, self.metric), offset=batch.position)
+
+
 def sweep_shard(shard: Shard, *, job: SweepJob, queries: np.ndarray, query_positions: np.ndarray) -> SweepPart:
     """One shard of the sweep pass: exact top-k, and per codec the ADC candidates over freshly
     encoded batches with their exact distances."""
-    codecs = [_codec(c.sha256, c.blob, c.spec, job.metric) for c in job.codecs]
     xq = prepare_vectors(queries, job.metric)
-    nq = xq.shape[0]
-    num_candidates = max(NUM_CANDIDATES, job.eval_k)
-    truth = TopK(nq, job.eval_k, exclude=query_positions)
-    found = [TopK(nq, num_candidates, exclude=query_positions, with_extra=True) for _ in codecs]
-    seconds = [0.0] * len(codecs)
-    cols = job.columns
-    num_rows = 0
-    rows = batch_rows(job.batch_size, cols.dim, gpu=False)
-    for first_row, batch in iter_shard_batches(shard, [cols.vector], rows):
-        raw = vectors_as_numpy(batch.column(0), cols.dim, where=shard.file_uri, column=cols.vector,
-                               first_row=first_row)
-        x = prepare_vectors(raw, job.metric)
-        position = shard.row_offset + (first_row - shard.file_row_start)
-        D, I = exact_knn(xq, x, job.eval_k + 1, job.metric)
-        truth.add(D, np.where(I >= 0, I + position, -1))
-        for i, codec in enumerate(codecs):
-            start = time.perf_counter()
-            codes = codec.encode(raw)  # as compress encodes: raw vectors, prepared once by the codec
-            seconds[i] += time.perf_counter() - start
-            D, I = codec.search_codes(queries, codes, min(num_candidates + 1, len(x)))
-            E = candidate_distances(xq, x, I, job.metric)
-            found[i].add(D, np.where(I >= 0, I + position, -1), E)
-        num_rows += batch.num_rows
-    return SweepPart(truth.D, truth.I, [(f.D, f.I, f.E) for f in found], seconds, num_rows)
+    truth = Gather("exact", len(xq), job.eval_k, query_positions)
+    codecs = SweepCodecs([_codec(c.sha256, c.blob, c.spec, job.metric) for c in job.codecs], queries, xq,
+                         query_positions, max(NUM_CANDIDATES, job.eval_k), job.metric)
+    num_rows = run_scan(shard, job.columns, [Exact(xq, job.eval_k, job.metric), truth, codecs],
+                        batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=False))
+    return SweepPart(truth.top.D, truth.top.I, [(f.D, f.I, f.E) for f in codecs.found], codecs.seconds, num_rows)
 
 
 # ---- driver ---------------------------------------------------------------------------------
@@ -189,20 +191,21 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
             f"{f['codec']}: {f['error']}" for f in result.failed))
     job = SweepJob(columns=Columns.of(plan), metric=metric, codecs=tuple(trained), eval_k=eval_k,
                    batch_size=opts.batch_size)
-    parts = executor.map(sweep_shard, plan.shards, desc="sweep",
-                         shared={"job": job, "queries": xq, "query_positions": query_positions})
     truth = TopK(len(xq), eval_k, exclude=query_positions)
-    for p in parts:
-        truth.add(p.truth_D, p.truth_I)
+    found = [TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True) for _ in trained]
+    encode_seconds = [0.0] * len(trained)
+    for _, part in executor.imap(sweep_shard, plan.shards, desc="sweep",
+                                 shared={"job": job, "queries": xq, "query_positions": query_positions}):
+        truth.add(part.truth_D, part.truth_I)
+        for i, candidates in enumerate(part.candidates):
+            found[i].add(*candidates)
+            encode_seconds[i] += part.encode_seconds[i]
     xp = prepare_vectors(xq, metric)
     for i, tc in enumerate(trained):
-        found = TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True)
-        for p in parts:
-            found.add(*p.candidates[i])
         codec = _codec(tc.sha256, tc.blob, tc.spec, metric)
-        encode_s = sum(p.encode_seconds[i] for p in parts)
-        ev = recall_table(truth.I, found.I[:, :eval_k], plan.num_rows, None)
-        ev["rerank"] = recall_table(truth.I, found.I, plan.num_rows, found.E)["rerank"]
+        encode_s = encode_seconds[i]
+        ev = recall_table(truth.I, found[i].I[:, :eval_k], plan.num_rows, None)
+        ev["rerank"] = recall_table(truth.I, found[i].I, plan.num_rows, found[i].E)["rerank"]
         result.rows.append({
             "codec": tc.spec, "code_bytes": tc.code_size, **ev,
             "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),

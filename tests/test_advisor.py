@@ -72,7 +72,7 @@ def test_every_family_round_trips(corpus, tmp_path, ray_executor, spec, metric):
     ds = lance.dataset(f"{out}/t.lance")
     code_type = ds.schema.field("code").type
     assert code_type == (pa.list_(pa.uint8(), codec.code_size) if codec.is_binary else pa.binary(codec.code_size))
-    from vecpress.pipeline.scan import codes_as_numpy
+    from vecpress.pipeline.schema import codes_as_numpy
 
     # (the first file is one batch: LSQ's encoder is seeded per call, so its codes depend on batching)
     stored = codes_as_numpy(ds.take(list(range(2000)), columns=["code"]).column(0))

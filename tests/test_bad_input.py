@@ -25,10 +25,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from vecpress.pipeline.errors import ConfigError, OutputConflictError, SourceError
+from vecpress.pipeline.executor import collect
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.sampling import choose_positions
 from vecpress.pipeline.run import run_compress
-from vecpress.pipeline.source import vectors_as_numpy
+from vecpress.pipeline.parquet import vectors_as_numpy
 
 TABLE = "corpus"
 NUM_ROWS, DIM, NUM_FILES = 3000, 32, 3
@@ -163,9 +164,12 @@ class SpyExecutor:
         self.inner = inner
         self.calls: list[str] = []
 
-    def map(self, fn, items, *, desc, shared=None):
+    def imap(self, fn, items, *, desc, shared=None):
         self.calls.append(desc)
-        return self.inner.map(fn, items, desc=desc, shared=shared)
+        return self.inner.imap(fn, items, desc=desc, shared=shared)
+
+    def map(self, fn, items, *, desc, shared=None):
+        return collect(self.imap(fn, items, desc=desc, shared=shared))
 
 
 def rerun(base: Base, executor, spec: tuple[list[str], dict] | None = None, opts: CompressOptions = OPTS):
@@ -542,12 +546,15 @@ class InterruptedEncode:
     def __init__(self, inner):
         self.inner = inner
 
-    def map(self, fn, items, *, desc, shared=None):
+    def imap(self, fn, items, *, desc, shared=None):
         if desc != "encode":
-            return self.inner.map(fn, items, desc=desc, shared=shared)
+            return self.inner.imap(fn, items, desc=desc, shared=shared)
         items = list(items)
         fn(items[0], **(shared or {}))
         raise KeyboardInterrupt
+
+    def map(self, fn, items, *, desc, shared=None):
+        return collect(self.imap(fn, items, desc=desc, shared=shared))
 
 
 def data_files(snap: Snapshot) -> set[str]:

@@ -47,8 +47,8 @@ work = tempfile.mkdtemp()
 # (as a lost node or an OOM kill would)
 class KillingExecutor(RayExecutor):
 
-    def gpu_compute(self, job, queries, *, ngpu=-1):
-        pool = super().gpu_compute(job, queries, ngpu=ngpu)
+    def gpu_compute(self, spec, queries, *, ngpu=-1):
+        pool = super().gpu_compute(spec, queries, ngpu=ngpu)
         for actor in (pool.actors if pool is not None else [])[:kill]:
             ray.kill(actor, no_restart=True)
         return pool

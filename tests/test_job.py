@@ -173,13 +173,15 @@ class FailAfter:
     def __init__(self, stage: str, n: int):
         self.stage, self.n = stage, n
 
-    def map(self, fn, items, *, desc, shared=None):
+    def imap(self, fn, items, *, desc, shared=None):
         items = list(items)
-        if desc != self.stage:
-            return [fn(i, **(shared or {})) for i in items]
-        for i in items[: self.n]:
-            fn(i, **(shared or {}))
-        raise KeyboardInterrupt
+        for index, item in enumerate(items):
+            if desc == self.stage and index == self.n:
+                raise KeyboardInterrupt
+            yield index, fn(item, **(shared or {}))
+
+    def map(self, fn, items, *, desc, shared=None):
+        return [r for _, r in self.imap(fn, items, desc=desc, shared=shared)]
 
 
 def test_retried_encode_skips_finished_shards(corpus, tmp_path):

@@ -20,7 +20,9 @@ from vecpress.pipeline.report import inspect_table, load_eval, summary_table
 from tests.conftest import assert_same_evaluation, write_vectors
 
 DIM = 32
-OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=100, eval_k=20, seed=5, keep=("text",))
+# shard_rows: each 1000-row file has shards of its own (a file of at least half a shard), so an
+# incremental run keeps or drops files one by one
+OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=100, eval_k=20, seed=5, keep=("text",), shard_rows=1000)
 
 
 def part(folder, name, lo, hi, *, seed=0, scale=1.0):
@@ -326,3 +328,40 @@ def test_a_run_that_lost_its_lease_commits_nothing(src, tmp_path):
         run_compress([str(src)], str(out), "t", OPTS, executor=LocalExecutor(),
                      stages=Stages(encode=encode_then_lose_the_lease))
     assert lance.dataset(str(out / "t.lance")).version == 1
+
+
+def test_small_files_share_shards_and_small_shards_are_packed_again(tmp_path, ray_executor):
+    """Files under half a shard share shards; a night that adds one small file encodes it, and
+    the next one packs that small shard again with its own new rows (compaction), so fragments
+    stay about shard-sized. A deleted file's shard-mates are encoded again, with the same
+    codes. Every night holds exactly the source rows, in file order."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i in range(6):
+        part(src, f"f{i}.parquet", i * 100, (i + 1) * 100)
+    opts = dict(num_train=500, num_queries=50, shard_rows=1000, gate_max_drop=1.0)
+    nights = [run(src, out, ray_executor, **opts)]
+    assert nights[0].manifest["num_rows"] == 600
+    for name, lo in (("g", 600), ("h", 700)):
+        part(src, f"{name}.parquet", lo, lo + 100)
+        nights.append(run(src, out, ray_executor, **opts))
+    part(src, "i.parquet", 800, 900)
+    (src / "f2.parquet").unlink()
+    nights.append(run(src, out, ray_executor, **opts))
+
+    def fragments(version):
+        return [f.count_rows() for f in lance.dataset(str(out / "t.lance"), version=version).get_fragments()]
+
+    def codes(version):
+        t = lance.dataset(str(out / "t.lance"), version=version).to_table(columns=["id", "code"])
+        return dict(zip(t.column("id").to_pylist(), t.column("code").to_pylist()))
+
+    assert [n.mode for n in nights] == ["full", "incremental", "incremental", "incremental"]
+    assert fragments(1) == [600]                 # six small files, one shard
+    assert fragments(2) == [600, 100]            # g alone
+    assert fragments(3) == [600, 200]            # g's small shard packed again with h
+    assert [n.incremental["rows_reencoded"] for n in nights[1:]] == [0, 100, 500 + 200]
+    assert fragments(4) == [800]                 # f2 gone: its shard-mates, g, h and i in one shard
+    ids = lance.dataset(str(out / "t.lance")).to_table(columns=["id"]).column(0).to_pylist()
+    assert ids == [*range(0, 200), *range(300, 900)]
+    assert all(codes(4)[i] == codes(3)[i] for i in codes(3) if i in codes(4))  # encoded again, the same codes
+    assert nights[-1].eval["recall_at_10"] > 0.3

@@ -24,6 +24,37 @@ def test_plan_is_deterministic_sorted_and_sharded(make_corpus):
     assert sum(s.num_rows for s in a.shards) == 6000
 
 
+def test_small_files_share_shards_and_their_rows_read_in_order(tmp_path):
+    """Shards are runs of row groups across the sorted files: 30 files of 150 rows make 5
+    shards of up to 1000 rows (whole row groups of 50), not 30 shards; a shard reads its pieces
+    in order, each batch within one file, at the positions the plan gives."""
+    from vecpress.pipeline.parquet import iter_shard_batches
+    from vecpress.pipeline.sampling import sample_rows
+    from vecpress.pipeline.scan import Columns
+
+    x = np.random.default_rng(1).standard_normal((4500, 8)).astype(np.float32)
+    for i in range(30):
+        write_vectors(tmp_path / f"f{i:02d}.parquet", x[i * 150:(i + 1) * 150], np.arange(i * 150, (i + 1) * 150),
+                      row_group_size=50)
+    plan = plan_sources(SourceSpec((str(tmp_path),)), shard_rows=1000)
+    assert [s.num_rows for s in plan.shards] == [1000] * 4 + [500]
+    for s in plan.shards:  # the files of its rows, a file's row groups split between two shards
+        assert s.files == tuple(str(tmp_path / f"f{i:02d}.parquet") for i in
+                                np.unique(np.arange(s.row_offset, s.row_offset + s.num_rows) // 150))
+    for shard in plan.shards:
+        ids = [(local, batch.column(1).to_numpy()) for _, local, _, batch in
+               iter_shard_batches(shard, ["embedding", "id"], 1000)]
+        assert all(len(set(np.diff(i))) <= 1 for _, i in ids)  # no batch spans two files
+        got = np.concatenate([i for _, i in ids])
+        assert np.array_equal(got, np.arange(shard.row_offset, shard.row_offset + shard.num_rows))
+        assert [local for local, _ in ids] == list(np.cumsum([0] + [len(i) for _, i in ids[:-1]]))
+    shard = plan.shards[1]  # rows picked across its pieces come back as the plan says
+    local = np.array([0, 1, 149, 400, 949])
+    got = sample_rows((shard, local), columns=Columns.of(plan))
+    assert np.array_equal(got, x[shard.row_offset + local])
+    assert plan == type(plan).from_dict(plan.to_dict())
+
+
 def test_fingerprint_changes_when_a_file_is_rewritten(make_corpus):
     folder, x = make_corpus(num_rows=3000, num_files=2)
     before = plan_sources(SourceSpec((str(folder),)))
@@ -110,17 +141,15 @@ def test_row_groups_follow_the_layout_of_an_incremental_run(tmp_path):
     """An incremental run lays kept shards first: the sample's row-group sizes follow that
     order, not the files' (a new file sorting first made the budget read 12 row groups of 3)."""
 
-    from vecpress.pipeline.sampling import row_group_rows
-
     x = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
     write_vectors(tmp_path / "a.parquet", x[:2000], np.arange(2000), row_group_size=1000)  # the new file
     write_vectors(tmp_path / "b.parquet", x[2000:], np.arange(2000, 4000), row_group_size=100)
     plan = plan_sources(SourceSpec((str(tmp_path),)), shard_rows=1000)
-    assert row_group_rows(plan) == [1000] * 2 + [100] * 20
-    kept_first = [s for s in plan.shards if s.file_uri.endswith("b.parquet")] + \
-                 [s for s in plan.shards if s.file_uri.endswith("a.parquet")]
-    layout = dataclasses.replace(plan, shards=kept_first)
-    assert row_group_rows(layout) == [100] * 20 + [1000] * 2
+    assert plan.row_group_rows() == [1000] * 2 + [100] * 20
+    kept_first = [s for s in plan.shards if s.files[0].endswith("b.parquet")] + \
+                 [s for s in plan.shards if s.files[0].endswith("a.parquet")]
+    layout = dataclasses.replace(plan, shards=tuple(kept_first))
+    assert layout.row_group_rows() == [100] * 20 + [1000] * 2
 
 
 def test_a_rewrite_that_keeps_the_footer_is_seen_by_its_modification_time(tmp_path):
@@ -163,15 +192,17 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     from vecpress.kernels.codecs.codec import Codec
     from vecpress.pipeline.codec_store import save_codec
     from vecpress.pipeline.errors import SourceChangedError
-    from vecpress.pipeline.source import iter_shard_batches
-    from vecpress.pipeline.scan import Columns, EncodeJob, encode_shard, sample_rows
+    from vecpress.pipeline.parquet import iter_shard_batches
+    from vecpress.pipeline.sampling import sample_rows
+    from vecpress.pipeline.scan import Columns, ComputeSpec
+    from vecpress.pipeline.stages.s6_encode import EncodeJob, encode_shard
 
     folder, x = make_corpus(num_rows=3000, num_files=2)
-    plan = plan_sources(SourceSpec((str(folder),)))
+    plan = plan_sources(SourceSpec((str(folder),)), shard_rows=1500)
     first, second = plan.shards[0], plan.shards[-1]
-    assert first.file_uri.endswith("part-000.parquet") and second.file_uri.endswith("part-001.parquet")
-    job = EncodeJob(table_uri=str(tmp_path / "out.lance"), eval_k=0, columns=Columns.of(plan),
-                    codec=save_codec(Codec.train(x, "PQ4", "l2", seed=0), str(tmp_path / "side")),
+    assert first.files == (str(folder / "part-000.parquet"),) and second.files == (str(folder / "part-001.parquet"),)
+    codec = save_codec(Codec.train(x, "PQ4", "l2", seed=0), str(tmp_path / "side"))
+    job = EncodeJob(table_uri=str(tmp_path / "out.lance"), compute=ComputeSpec(codec, k=0), columns=Columns.of(plan),
                     checkpoint_uri=str(tmp_path / "shards"), device="cpu")
     done = encode_shard(first, job=job)
     assert done.num_rows == first.num_rows
@@ -186,4 +217,4 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     again = encode_shard(first, job=job)  # from its checkpoint
     assert again.fragments == done.fragments and again.seconds == done.seconds
     # an untouched file reads as before
-    assert next(iter_shard_batches(first, ["embedding"], 100))[1].num_rows == 100
+    assert next(iter_shard_batches(first, ["embedding"], 100))[3].num_rows == 100

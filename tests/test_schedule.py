@@ -148,23 +148,25 @@ def test_released_on_exception(tmp_path):
 
 
 def test_wait_seconds_waits_for_the_holder(tmp_path):
-    held = threading.Event()
+    """A run that may wait fails after its wait while the holder keeps the table, and gets the
+    table once the holder lets go (the order of events is checked, not their times)."""
+    held, go, releasing = threading.Event(), threading.Event(), threading.Event()
 
     def holder():
         with table_lock(str(tmp_path), "corpus", run_id="first"):
             held.set()
-            time.sleep(1.0)
+            go.wait()
+            releasing.set()
 
     t = threading.Thread(target=holder)
     t.start()
     held.wait()
-    start = time.time()
     with pytest.raises(TableBusyError, match="after waiting"):
         with table_lock(str(tmp_path), "corpus", wait_seconds=0.3, poll_seconds=0.05):
             pass
-    with table_lock(str(tmp_path), "corpus", run_id="second", wait_seconds=10, poll_seconds=0.05) as lease:
-        assert lease["run_id"] == "second"
-        assert 0.7 < time.time() - start < 5
+    threading.Timer(0.2, go.set).start()  # the holder lets go while the next run waits
+    with table_lock(str(tmp_path), "corpus", run_id="second", wait_seconds=60, poll_seconds=0.05) as lease:
+        assert lease["run_id"] == "second" and releasing.is_set()
     t.join()
 
 

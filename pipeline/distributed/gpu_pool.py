@@ -105,10 +105,10 @@ class _ComputeActor:
         self.rows = 0
         self.seconds = 0.0
 
-    def setup(self, job, queries) -> dict:
+    def setup(self, spec, queries) -> dict:
         from vecpress.pipeline.scan import ShardCompute
 
-        self.compute = ShardCompute(job, queries, device="auto", cpu_work=False)
+        self.compute = ShardCompute(spec, queries, device="auto", cpu_work=False)
         self.compute.info["gpu_ids"] = ",".join(str(g) for g in ray.get_gpu_ids())
         return self.compute.info
 
@@ -167,7 +167,7 @@ class RemoteShardCompute:
     def _cpu_compute(self):
         from vecpress.pipeline.scan import ShardCompute
 
-        return ShardCompute(self.pool.job, ray.get(self.pool.queries_ref), device="cpu")
+        return ShardCompute(self.pool.spec, ray.get(self.pool.queries_ref), device="cpu")
 
     def _lose(self, exc) -> None:
         n = len(self.pool.actors)
@@ -191,8 +191,9 @@ class GpuComputePool:
         self.actors = actors
         self.infos = infos
         self.placement = placement
-        #: what `setup` gave the actors: a read task whose actors are all gone computes with them
-        self.job = None
+        #: what `setup` gave the actors (a ComputeSpec and the queries): a read task whose actors
+        #: are all gone computes with them
+        self.spec = None
         self.queries_ref = None
         #: seconds the encode stage waited for the actors to be ready (what is left of their
         #: process start, imports, CUDA context, kernel compile and faiss GPU resources)
@@ -212,7 +213,7 @@ class GpuComputePool:
         actors = [_ComputeActor.options(num_gpus=1, num_cpus=0).remote() for _ in range(placement.num_encoders)]
         return cls(actors, [], placement)
 
-    def setup(self, job, queries, *, wait_seconds: float | None = None) -> "GpuComputePool":
+    def setup(self, spec, queries, *, wait_seconds: float | None = None) -> "GpuComputePool":
         """Give every actor the codec and the queries; waits until all are ready, at most
         `wait_seconds` (gpu_wait_seconds). Actors not ready by then are ended and the stage
         goes on with the others; with none ready, ClusterError. `startup_seconds` is the
@@ -220,8 +221,8 @@ class GpuComputePool:
         start = time.perf_counter()
         try:
             wait = gpu_wait_seconds(wait_seconds)
-            self.job, self.queries_ref = job, ray.put(queries)
-            refs = [a.setup.remote(job, self.queries_ref) for a in self.actors]
+            self.spec, self.queries_ref = spec, ray.put(queries)
+            refs = [a.setup.remote(spec, self.queries_ref) for a in self.actors]
             ready = set(ray.wait(refs, num_returns=len(refs), timeout=wait)[0])
             late = [a for a, r in zip(self.actors, refs) if r not in ready]
             kept = [(a, r) for a, r in zip(self.actors, refs) if r in ready]

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from vecpress.pipeline.executor import Progress
+from vecpress.pipeline.executor import Progress, collect
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -90,7 +90,7 @@ class RayExecutor:
         if self._gpu_pool is None:
             self._gpu_pool = GpuComputePool.prestart(ngpu=ngpu, may_grow=self.may_grow)
 
-    def gpu_compute(self, job, queries, *, ngpu: int = -1):
+    def gpu_compute(self, spec, queries, *, ngpu: int = -1):
         """GPU compute actors for an encode stage (pipeline.distributed.gpu_pool), or None when
         the cluster has no GPUs. The caller closes them."""
         self.start()
@@ -99,7 +99,7 @@ class RayExecutor:
         pool, self._gpu_pool = self._gpu_pool, None  # the prestarted actors, else ask now
         if pool is None:
             pool = GpuComputePool.prestart(ngpu=ngpu, may_grow=self.may_grow)
-        return None if pool is None else pool.setup(job, queries, wait_seconds=self.gpu_wait_seconds)
+        return None if pool is None else pool.setup(spec, queries, wait_seconds=self.gpu_wait_seconds)
 
     @property
     def may_grow(self) -> bool:
@@ -111,14 +111,15 @@ class RayExecutor:
         """`max_in_flight`, else in_flight_cap of the CPUs the cluster has now."""
         return self.max_in_flight or in_flight_cap(ray.cluster_resources().get("CPU", 0), self.num_cpus_per_task)
 
-    def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
+    def imap(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None):
+        """Results as tasks finish, in any order: the caller folds each as it comes, so the
+        driver holds a task's result only until then, whatever the number of tasks."""
         self.start()
         items = list(items)
         shared_ref = ray.put(shared or {})
         task = _call.options(num_cpus=self.num_cpus_per_task)
         limit, checked = self.in_flight_limit(), time.monotonic()
         progress = Progress(desc, len(items))
-        results: list = [None] * len(items)
         pending: dict = {}
         next_item = 0
         try:
@@ -129,11 +130,12 @@ class RayExecutor:
                 ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     index = pending.pop(ref)
-                    results[index] = _unwrap(ref)
+                    result = _unwrap(ref)
                     progress.step()
+                    yield index, result
                 if time.monotonic() - checked > LIMIT_REFRESH_SECONDS:  # nodes come and go
                     limit, checked = self.in_flight_limit(), time.monotonic()
-        except Exception:
+        except (Exception, GeneratorExit):
             # No ray.cancel: under Ray 2.60 cancelling a task that is finishing aborts the driver
             # (task_manager.cc "Tried to complete task that was not pending"). Give the few tasks
             # in flight a moment to finish, drop their results, raise the first error. (Their
@@ -141,7 +143,9 @@ class RayExecutor:
             if pending:
                 ray.wait(list(pending), num_returns=len(pending), timeout=10)
             raise
-        return results
+
+    def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
+        return collect(self.imap(fn, items, desc=desc, shared=shared))
 
 
 def in_flight_cap(cpus: float, num_cpus_per_task: float) -> int:

@@ -74,6 +74,7 @@ class RunResult:
         inc = self.incremental or {}
         return {"run_id": self.run_id, "committed": self.committed, "version": self.version, "reason": self.reason,
                 "mode": self.mode, "rows_added": inc.get("rows_added"), "rows_removed": inc.get("rows_removed"),
+                "rows_reencoded": inc.get("rows_reencoded"),
                 "files_added": inc.get("files_added"), "files_removed": inc.get("files_removed"),
                 "files_rewritten": inc.get("files_rewritten"), "files_unchanged": inc.get("files_unchanged"),
                 "drift": self.drift, "gate": self.gate, "retention": self.retention,

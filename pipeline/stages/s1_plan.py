@@ -20,7 +20,8 @@ from vecpress.pipeline.lance_io import check_compatible
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.sampling import sample_sizes
 from vecpress.pipeline.schema import codes_schema
-from vecpress.pipeline.source import SourcePlan, SourceSpec, plan_sources
+from vecpress.pipeline.layout import SourcePlan
+from vecpress.pipeline.source import SourceSpec, plan_sources
 from vecpress.pipeline.sweep import candidate_specs
 
 log = logging.getLogger("vecpress")

@@ -1,21 +1,42 @@
 """Stage 6, encode: every new shard into uncommitted Lance fragments, in parallel. The same
 pass over the source finds the held-out queries' exact neighbours and their search over the
 new codes (the evaluation); an incremental run reads its kept shards' vectors and stored
-codes once for the same two searches, and keeps their fragments as they are."""
+codes once for the same two searches, and keeps their fragments as they are.
+
+A worker runs `encode_shard` (or `search_kept_shard`): one scan of the shard
+(pipeline.scan) whose observers compute the batch and fold its results, the codes streamed
+into Lance's fragment writer. The driver folds each shard's result as it arrives (a running
+top-k, the fragments' metadata), so its memory does not grow with the number of shards.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import io
+import json
 import logging
 import time
 from dataclasses import dataclass
 
+import lance
+import lance.fragment
+import numpy as np
+import pyarrow as pa
+
 from vecpress.kernels.knn import TopK
+from vecpress.pipeline import storage
+from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array
+from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.incremental import KeptSearch, knn_shard
+from vecpress.pipeline.layout import Shard
+from vecpress.pipeline.lance_io import open_lance
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.scan import Columns, EncodeJob, encode_shard
+from vecpress.pipeline.scan import (
+    Columns, ComputeSpec, Computed, Gather, ScanBatch, ShardCompute, StoredCodes, batch_rows, run_scan, scan_shard,
+    where_am_i,
+)
+from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN, codes_array, codes_as_numpy, codes_schema
 from vecpress.pipeline.stages.s1_plan import Planned
 from vecpress.pipeline.stages.s3_sample import Sampled
 from vecpress.pipeline.stages.s5_train import Trained
@@ -24,12 +45,235 @@ log = logging.getLogger("vecpress")
 
 
 @dataclass(frozen=True)
+class EncodeJob:
+    table_uri: str
+    compute: ComputeSpec
+    columns: Columns
+    #: rows per record batch; 0 = batch_rows's choice for the device that computes the batch
+    batch_size: int = 0
+    max_rows_per_file: int = 1 << 20
+    #: folder for per-shard results; a shard with a result there is not encoded again, so a
+    #: retried encode stage only redoes unfinished shards (None = no checkpoints)
+    checkpoint_uri: str | None = None
+    #: where a worker encodes and computes exact neighbours itself: "auto" (its GPU when CuPy
+    #: sees one, else the CPU), "cuda" or "cpu"
+    device: str = "auto"
+    #: encoders hosted elsewhere (pipeline.distributed's GPU actors): `remote.for_shard(i)` is
+    #: the ShardCompute that shard i sends its batches to. None = compute in the worker
+    remote: object | None = None
+
+
+@dataclass
+class ShardResult:
+    shard_index: int
+    fragments: list[dict]
+    num_rows: int
+    seconds: float
+    #: this shard's exact top-k for the held-out queries (global positions), or None
+    knn_D: np.ndarray | None = None
+    knn_I: np.ndarray | None = None
+    #: with ComputeSpec.search: the shard's top-k over the codes (distance, global position,
+    #: exact distance or None without re-ranking), or None
+    search_D: np.ndarray | None = None
+    search_I: np.ndarray | None = None
+    search_E: np.ndarray | None = None
+    #: which process read the shard, and where its codes and neighbours were computed
+    reader: dict | None = None
+    compute: dict | None = None
+    #: seconds spent waiting for / in the compute (encode, exact neighbours, search over the codes)
+    compute_seconds: float = 0.0
+
+    #: the array fields, stored beside the JSON fields in a checkpoint
+    ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        arrays = {name: a for name in self.ARRAYS if (a := getattr(self, name)) is not None}
+        meta = json.dumps({"shard_index": self.shard_index, "fragments": self.fragments,
+                           "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
+                           "compute": self.compute, "compute_seconds": self.compute_seconds})
+        np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "ShardResult":
+        z = np.load(io.BytesIO(data), allow_pickle=False)
+        meta = json.loads(z["meta"].tobytes())
+        return cls(**meta, **{name: z[name] if name in z else None for name in cls.ARRAYS})
+
+
+class _Timed(Computed):
+    """Computed, timing the compute (ShardResult.compute_seconds)."""
+
+    seconds = 0.0
+
+    def observe(self, batch: ScanBatch) -> None:
+        start = time.perf_counter()
+        super().observe(batch)
+        self.seconds += time.perf_counter() - start
+
+
+def _gathers(spec: ComputeSpec, queries: np.ndarray | None, query_positions: np.ndarray | None):
+    """(exact, found) Gather observers of a shard's searches (None where not asked for)."""
+    if queries is None or spec.k <= 0:
+        return None, None
+    exact = Gather("exact", len(queries), spec.k, query_positions)
+    found = Gather("found", len(queries), spec.k, query_positions, with_extra=spec.rerank) if spec.search else None
+    return exact, found
+
+
+def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = None,
+                 query_positions: np.ndarray | None = None) -> ShardResult:
+    """Encode one shard into Lance fragments (uncommitted), streaming `batch_size` rows at a time.
+
+    With `queries`, also computes the shard's exact top-k for them in the same read (ground
+    truth for evaluation), excluding each query's own row, and searches them over the codes.
+    """
+    checkpoint = None
+    if job.checkpoint_uri:
+        checkpoint = storage.join(job.checkpoint_uri, f"shard-{shard.index:06d}.npz")
+        if storage.exists(checkpoint):
+            return ShardResult.from_bytes(storage.read_bytes(checkpoint))
+    start = time.perf_counter()
+    spec, cols = job.compute, job.columns
+    codec = load_codec(spec.codec)
+    warm_size = load_codec(spec.rerank_codec).code_size if spec.rerank_codec else None
+    schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
+                          binary=codec.is_binary, rerank_size=warm_size)
+    exact, found = _gathers(spec, queries, query_positions)
+    compute = job.remote.for_shard(shard.index) if job.remote is not None else \
+        ShardCompute(spec, queries if exact is not None else None, device=job.device)
+    computed = _Timed(compute)
+    observers = [computed, *(g for g in (exact, found) if g is not None)]
+    rows = batch_rows(job.batch_size, cols.dim, gpu=compute.device != "cpu")  # (a GPU actor's: "cuda")
+    keep_fields = list(cols.out_fields)[1:]  # a file's own passthrough types are cast to these
+    num_rows = 0
+    failure: list[BaseException] = []
+
+    def output(b: ScanBatch) -> pa.RecordBatch:
+        ids = b.record.column(1)
+        if ids.null_count:
+            raise SourceError(f"{b.piece.file_uri}: column {cols.id!r}: {ids.null_count} of {len(ids)} rows have a "
+                              f"null id (in rows {b.first_row}..{b.first_row + len(ids) - 1})")
+        warm_cols = [codes_array(b.warm)] if warm_size else []
+        kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(b.record.columns[2:], keep_fields)]
+        return pa.record_batch([ids, codes_array(b.codes, binary=codec.is_binary), *warm_cols, *kept], schema=schema)
+
+    def batches():
+        nonlocal num_rows
+        try:
+            for b in scan_shard(shard, cols, observers, batch_size=rows, extra=(cols.id, *cols.keep)):
+                num_rows += len(b.x)
+                yield output(b)
+        except GeneratorExit:  # closed by the writer after its own error: that one is the failure
+            raise
+        except BaseException as exc:  # lance re-raises it as OSError(LanceError(Arrow)); keep it
+            failure.append(exc)
+            raise
+
+    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    try:
+        # mode="overwrite": field ids from this schema, not from the table's current version
+        # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
+        target, options = storage.lance_location(job.table_uri)
+        frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite", storage_options=options,
+                                               max_rows_per_file=job.max_rows_per_file)
+    except Exception:
+        if failure:
+            raise failure[0] from None
+        raise
+    result = ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
+                         seconds=time.perf_counter() - start, reader=where_am_i(), compute=compute.info,
+                         compute_seconds=computed.seconds)
+    if exact is not None:
+        result.knn_D, result.knn_I = exact.top.D, exact.top.I
+    if found is not None:
+        result.search_D, result.search_I, result.search_E = found.top.D, found.top.I, found.top.E
+    if checkpoint:  # written only after the fragments are durable
+        storage.write_bytes(checkpoint, result.to_bytes())
+    return result
+
+
+# ---- the kept rows of an incremental run ---------------------------------------------------------
+
+@dataclass(frozen=True)
+class KeptSearch:
+    """The evaluation's search over kept rows: their stored codes are in the fragments of the
+    previous version that each kept shard owns."""
+
+    table_uri: str
+    version: int
+    compute: ComputeSpec
+    columns: Columns
+    batch_size: int = 0
+    #: GPUs faiss may search on (-1 = those it sees, 0 = the CPU only)
+    ngpu: int = -1
+
+
+def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries: np.ndarray,
+                      query_positions: np.ndarray):
+    """A kept shard's exact top-k for the queries and their search over its stored codes (read
+    from the fragments it owns, `item[1]`), with the candidates' exact distances, in one read
+    of its vectors, as the encode pass finds them for new shards. Returns (D, I, (D, I, E))."""
+    shard, fragment_ids = item
+    spec = job.compute
+    compute = ShardCompute(spec, queries, device="cpu", search_ngpu=job.ngpu)  # (nothing to encode)
+    codes, warm = _stored_codes(job, shard, fragment_ids, with_warm=spec.rerank_codec is not None and spec.rerank)
+    exact, found = _gathers(spec, queries, query_positions)
+    run_scan(shard, job.columns, [StoredCodes(codes, warm, compute), exact, found],
+             batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0))
+    return exact.top.D, exact.top.I, (found.top.D, found.top.I, found.top.E)
+
+
+def _stored_codes(job: KeptSearch, shard: Shard, fragment_ids: list[int], *, with_warm: bool):
+    """The codes (and warm codes) a kept shard's rows were stored with, in row order."""
+    ds = open_lance(job.table_uri, job.version)
+    columns = [CODE_COLUMN, RERANK_COLUMN] if with_warm else [CODE_COLUMN]
+    tables = [ds.get_fragment(fid).to_table(columns=columns) for fid in fragment_ids]
+    codes = np.concatenate([codes_as_numpy(t.column(0)) for t in tables])
+    if len(codes) != shard.num_rows:
+        raise VecpressError(f"{job.table_uri} version {job.version}: fragments {fragment_ids} hold {len(codes)} "
+                            f"codes for the {shard.num_rows} rows of {shard.describe()}")
+    warm = np.concatenate([codes_as_numpy(t.column(1)) for t in tables]) if with_warm else None
+    return codes, warm
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+
+class DeviceReport:
+    """Which processes read shards, and where codes, exact neighbours and the evaluation's
+    search over the codes were computed: folded shard by shard."""
+
+    def __init__(self):
+        self.computes: dict = {}
+        self.readers: dict = {}
+
+    def add(self, r: ShardResult) -> None:
+        c = r.compute or {}
+        row = self.computes.setdefault((c.get("host"), c.get("pid")), {**c, "shards": 0, "rows": 0, "seconds": 0.0})
+        row["shards"] += 1
+        row["rows"] += r.num_rows
+        row["seconds"] = round(row["seconds"] + r.compute_seconds, 3)
+        rd = r.reader or {}
+        reader = self.readers.setdefault((rd.get("host"), rd.get("pid")), {**rd, "shards": 0, "rows": 0})
+        reader["shards"] += 1
+        reader["rows"] += r.num_rows
+
+    def report(self, actors: list[dict] | None = None, startup_seconds: float | None = None) -> dict:
+        gpu = any(str(c.get("encode", "cpu")).startswith("cuda") for c in self.computes.values())
+        return {"placement": "gpu actors" if actors else ("workers on their GPU" if gpu else "cpu workers"),
+                "readers": sorted(self.readers.values(), key=lambda r: (str(r["host"]), r["pid"] or 0)),
+                "compute": sorted(self.computes.values(), key=lambda r: (str(r.get("host")), r.get("pid") or 0)),
+                "actors": actors or [], "actor_startup_seconds": startup_seconds}
+
+
+@dataclass(frozen=True)
 class Encoded:
     fragments: tuple[dict, ...]
     num_rows: int
     ground_truth_uri: str
     seconds: float = 0.0
-    #: which processes read the shards and which devices computed them (`device_report`)
+    #: which processes read the shards and which devices computed them (DeviceReport)
     devices: dict | None = None
     #: the held-out queries' top-k over the codes found in the encode pass (ids), and their
     #: candidates' exact distances (None without re-ranking); None when not searched in the pass
@@ -39,56 +283,43 @@ class Encoded:
     checkpoints_uri: str | None = None
 
 
-def device_report(results: list, actors: list[dict] | None = None, startup_seconds: float | None = None) -> dict:
-    """Which processes read shards, and where codes, exact neighbours and the evaluation's
-    search over the codes were computed."""
-    computes: dict = {}
-    readers: dict = {}
-    for r in results:
-        c = r.compute or {}
-        key = (c.get("host"), c.get("pid"))
-        row = computes.setdefault(key, {**c, "shards": 0, "rows": 0, "seconds": 0.0})
-        row["shards"] += 1
-        row["rows"] += r.num_rows
-        row["seconds"] = round(row["seconds"] + r.compute_seconds, 3)
-        rd = r.reader or {}
-        rrow = readers.setdefault((rd.get("host"), rd.get("pid")), {**rd, "shards": 0, "rows": 0})
-        rrow["shards"] += 1
-        rrow["rows"] += r.num_rows
-    gpu = any(str(c.get("encode", "cpu")).startswith("cuda") for c in computes.values())
-    return {"placement": "gpu actors" if actors else ("workers on their GPU" if gpu else "cpu workers"),
-            "readers": sorted(readers.values(), key=lambda r: (str(r["host"]), r["pid"] or 0)),
-            "compute": sorted(computes.values(), key=lambda r: (str(r.get("host")), r.get("pid") or 0)),
-            "actors": actors or [], "actor_startup_seconds": startup_seconds}
-
-
 def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
            executor: Executor) -> Encoded:
-    """Encode the shards into uncommitted Lance fragments; exact neighbours of the held-out
-    queries come from the same pass over the source. An incremental run encodes only its new
-    shards, keeps the other fragments as they are, and reads the kept shards' vectors once for
-    the exact neighbours. Every shard's pass also searches the queries over its codes (new, or
-    stored for kept shards) for the evaluation (EncodeJob.eval_search)."""
+    """Encode the new shards into uncommitted Lance fragments, with the held-out queries' exact
+    neighbours and search over the codes from the same pass; an incremental run keeps the
+    other fragments as they are and reads its kept shards once for the same searches. Every
+    shard's result is folded as it arrives: ties rank by position whatever the order."""
     start = time.perf_counter()
-    plan = planned.plan
-    diff = planned.diff
-    job = EncodeJob(table_uri=ctx.table_uri, codec=trained.codec, columns=Columns.of(plan),
-                    batch_size=opts.batch_size, eval_k=opts.eval_k, checkpoint_uri=ctx.run_file("shards"),
-                    rerank_codec=trained.rerank_codec, device=opts.device,
-                    eval_search=True, eval_rerank=opts.eval_rerank)
+    plan, diff = planned.plan, planned.diff
+    spec = ComputeSpec(trained.codec, trained.rerank_codec, opts.eval_k, search=True, rerank=opts.eval_rerank)
+    job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan), batch_size=opts.batch_size,
+                    checkpoint_uri=ctx.run_file("shards"), device=opts.device)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     pool = None
     gpu_compute = getattr(executor, "gpu_compute", None)  # optional in the Executor protocol
     if gpu_compute is not None and opts.device != "cpu" and len(plan.shards) > num_kept:
-        pool = gpu_compute(job, xq, ngpu=opts.ngpu)
-    actors = None
+        pool = gpu_compute(spec, xq, ngpu=opts.ngpu)
+    exact = TopK(len(qpos), opts.eval_k, exclude=qpos)
+    found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
+    searched = True  # (checkpoints of older runs lack the search)
+    fragments: dict[int, list[dict]] = {}
+    devices = DeviceReport()
+    num_rows, actors = 0, None
     try:
         if pool is not None:
             log.info("encode: %s, ready in %.1fs", pool.placement.describe(), pool.startup_seconds)
             job = dataclasses.replace(job, remote=pool)
-        results = executor.map(encode_shard, plan.shards[num_kept:], desc="encode",
-                               shared={"job": job, "queries": xq, "query_positions": qpos})
+        for _, r in executor.imap(encode_shard, plan.shards[num_kept:], desc="encode",
+                                  shared={"job": job, "queries": xq, "query_positions": qpos}):
+            exact.add(r.knn_D, r.knn_I)
+            if r.search_I is None:
+                searched = False
+            else:
+                found.add(r.search_D, r.search_I, r.search_E)
+            fragments[r.shard_index] = r.fragments
+            devices.add(r)
+            num_rows += r.num_rows
         if pool is not None:
             actors = pool.totals()
             if any(a.get("lost") for a in actors):
@@ -97,44 +328,28 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     finally:
         if pool is not None:
             pool.close()
-    devices = device_report(results, actors, pool.startup_seconds if pool is not None else None)
-    for c in devices["compute"]:
+    report = devices.report(actors, pool.startup_seconds if pool is not None else None)
+    for c in report["compute"]:
         log.info("encode: %s pid %s encoded %d rows of %d shards on %s%s, exact neighbours on %s, "
                  "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
-    # per shard (its index in the layout): exact (D, I), search (D, I, E)
-    parts = [(r.shard_index, (r.knn_D, r.knn_I), (r.search_D, r.search_I, r.search_E)) for r in results]
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
-        kept = KeptSearch(ctx.table_uri, diff.previous_version, trained.codec, trained.rerank_codec, opts.eval_rerank)
-        for i, (D, I, found) in enumerate(executor.map(
-                knn_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
-                desc="exact neighbours and search (kept rows)",
-                shared={"columns": Columns.of(plan), "metric": opts.metric, "k": opts.eval_k, "queries": xq,
-                        "query_positions": qpos, "search": kept, "batch_size": opts.batch_size,
-                        "ngpu": opts.ngpu})):
-            parts.append((plan.shards[i].index, (D, I), found))
-    # merged in layout order: among equal distances the first row wins, as in a search of the
-    # stored codes (evaluate --recompute), whatever order the shards finished in
-    parts.sort(key=lambda p: p[0])
-    truth = TopK(len(qpos), opts.eval_k, exclude=qpos)
-    for _, knn, _ in parts:
-        truth.add(*knn)
-    searched = [found for _, _, found in parts]
-    gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth.I)
+        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan), opts.batch_size, opts.ngpu)
+        for _, (D, I, f) in executor.imap(search_kept_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
+                                          desc="exact neighbours and search (kept rows)",
+                                          shared={"job": kept, "queries": xq, "query_positions": qpos}):
+            exact.add(D, I)
+            found.add(*f)
+    gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
     search_ids_uri = search_exact_uri = None
-    if all(s is not None and s[1] is not None for s in searched):  # (checkpoints of older runs lack it)
-        found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
-        for D, I, E in searched:
-            found.add(D, I, E)
+    if searched:
         search_ids_uri = save_array(ctx.run_file("search_ids.npy"), found.I)
         if opts.eval_rerank:
             search_exact_uri = save_array(ctx.run_file("search_exact.npy"), found.E)
-    fragments = (diff.kept_fragments if diff else []) + [
-        f for r in sorted(results, key=lambda r: r.shard_index) for f in r.fragments]
-    num_rows = sum(r.num_rows for r in results)
+    kept_fragments = list(diff.kept_fragments) if diff else []
+    new_fragments = [f for i in sorted(fragments) for f in fragments[i]]
     seconds = time.perf_counter() - start
-    log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows,
-             len(fragments) - (len(diff.kept_fragments) if diff else 0), len(diff.kept_fragments) if diff else 0,
-             seconds, num_rows / max(seconds, 1e-9))
-    return Encoded(tuple(fragments), plan.num_rows, gt_uri, seconds, devices, search_ids_uri, search_exact_uri,
-                   checkpoints_uri=job.checkpoint_uri)
+    log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows, len(new_fragments),
+             len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
+    return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
+                   search_exact_uri, checkpoints_uri=job.checkpoint_uri)
