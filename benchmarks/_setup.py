@@ -1,5 +1,5 @@
 """Shared set-up for the encode benchmarks: a generated corpus, its plan, a trained codec and
-the EncodeJob that `vecpress.pipeline.stages.s6_encode.encode_shard` runs (nothing here is timed)."""
+the EncodeJob that `vecpress.pipeline.stages.s6_encode.encode_shards` runs (nothing here is timed)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One encode worker at different batch sizes: whole `encode_shard` runs (read, encode, exact
+"""One encode worker at different batch sizes: whole `encode_shards` runs (read, encode, exact
 top-k, the search over the codes, Lance write) over the same shard, the sizes taken in turn
 `--rounds` times so that the machine's drift hits them alike.
 
@@ -32,7 +32,7 @@ from _setup import encode_setup  # noqa: E402
 from vecpress.kernels._faiss import faiss  # noqa: E402
 from vecpress.pipeline.sampling import sample_rows  # noqa: E402
 from vecpress.pipeline.scan import batch_rows  # noqa: E402
-from vecpress.pipeline.stages.s6_encode import encode_shard  # noqa: E402
+from vecpress.pipeline.stages.s6_encode import encode_shards  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
             for size in sizes:
                 run = dataclasses.replace(job, batch_size=size, table_uri=str(work / "out" / f"r{r}-{size}.lance"))
                 start = time.perf_counter()
-                encode_shard(shard, job=run, queries=xq, query_positions=qpos)
+                encode_shards((shard,), job=run, queries=xq, query_positions=qpos)
                 seconds[size].append(time.perf_counter() - start)
                 print(f"round {r}: batch {size or 'auto'}: {seconds[size][-1]:.2f} s", flush=True)
     finally:

@@ -3,7 +3,7 @@
     python benchmarks/scaling.py                       # 240k x 384-d, PQ48, 15 shards
     python benchmarks/scaling.py --workers 1,2 --rows 120000
 
-Each worker is one Ray task of 1 CPU running vecpress.pipeline.stages.s6_encode.encode_shard (read + validate +
+Each worker is one Ray task of 1 CPU running vecpress.pipeline.stages.s6_encode.encode_shards (read + validate +
 encode + exact top-k of the held-out queries + Lance fragment write), at most `n` in flight.
 Ray is started with max(8, cores) CPUs declared, so 8 workers run even on a smaller machine:
 there, counts above the core count measure oversubscription, not scaling. Efficiency is
@@ -30,7 +30,7 @@ from _setup import encode_setup  # noqa: E402
 
 from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
 from vecpress.pipeline.sampling import sample_rows  # noqa: E402
-from vecpress.pipeline.stages.s6_encode import encode_shard  # noqa: E402
+from vecpress.pipeline.stages.s6_encode import encode_shards  # noqa: E402
 
 
 def main() -> None:
@@ -65,9 +65,10 @@ def main() -> None:
         for n in counts:
             shutil.rmtree(work / "out", ignore_errors=True)
             ex.max_in_flight = n
-            ex.map(encode_shard, plan.shards[:n], desc="warm-up", shared=shared)  # workers import + load codec
+            # workers import and load the codec
+            ex.map(encode_shards, [(s,) for s in plan.shards[:n]], desc="warm-up", shared=shared)
             start = time.perf_counter()
-            results = ex.map(encode_shard, plan.shards, desc=f"encode x{n}", shared=shared)
+            results = ex.map(encode_shards, [(s,) for s in plan.shards], desc=f"encode x{n}", shared=shared)
             seconds = time.perf_counter() - start
             assert sum(r.num_rows for r in results) == plan.num_rows
             rows.append({"workers": n, "seconds": seconds, "rows_per_s": plan.num_rows / seconds})

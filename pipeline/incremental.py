@@ -86,7 +86,8 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
     src = manifest["source"]
     why = []
     for what, old, new in [("vector column", src["vector_column"], plan.vector_column),
-                           ("id column", src["id_column"], plan.id_column), ("passthrough columns", list(src["keep"]), list(plan.keep)),
+                           ("id column", src["id_column"], plan.id_column),
+                           ("passthrough columns", list(src["keep"]), list(plan.keep)),
                            ("vector type", src["vector_type"], plan.vector_type), ("metric", manifest["metric"], metric)]:
         if old != new:
             why.append(f"{what} changed ({old} -> {new})")

@@ -208,3 +208,39 @@ def pack_shards(runs: Iterable[tuple[SourceFile, int, int]], shard_rows: int, *,
 def shared_shard(shard: Shard, files: dict[str, SourceFile], shard_rows: int) -> bool:
     """Whether a shard holds small files only (pack_shards packs those together)."""
     return all(files[p.file_uri].num_rows < shard_rows // 2 for p in shard.pieces)
+
+
+def group_shards(shards: Iterable[Shard], min_rows: int) -> list[tuple[Shard, ...]]:
+    """Consecutive shards smaller than `min_rows` in groups of about that many rows; a shard
+    that large is a group of its own. A group is the work of one task: a scan's per-batch
+    costs (the evaluation's top-k of every held-out query) do not depend on a batch's rows,
+    so shards smaller than a batch (a small --shard-rows) are scanned together, not one by
+    one (and a group of small shards can be held in memory)."""
+    groups: list[tuple[Shard, ...]] = []
+    current: list[Shard] = []
+    rows = 0
+    for shard in shards:
+        if shard.num_rows >= min_rows:
+            if current:
+                groups.append(tuple(current))
+                current, rows = [], 0
+            groups.append((shard,))
+            continue
+        current.append(shard)
+        rows += shard.num_rows
+        if rows >= min_rows:
+            groups.append(tuple(current))
+            current, rows = [], 0
+    if current:
+        groups.append(tuple(current))
+    return groups
+
+
+def merge_shards(group: tuple[Shard, ...]) -> Shard:
+    """Consecutive shards as one run of rows (their pieces in order), for scanning them together."""
+    first = group[0]
+    if len(group) == 1:
+        return first
+    assert all(a.row_offset + a.num_rows == b.row_offset for a, b in zip(group, group[1:])), "shards not consecutive"
+    return Shard(first.index, tuple(p for s in group for p in s.pieces), sum(s.num_rows for s in group),
+                 first.row_offset)

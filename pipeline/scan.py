@@ -47,7 +47,7 @@ class Columns:
 #: vectors per batch (float32 bytes) when no batch size is given: below glibc's largest mmap
 #: threshold (32 MiB), so a worker's per-batch arrays (the decoded vectors, their normalised
 #: copy, the GEMM blocks) come back from its heap instead of fresh pages every batch. Measured
-#: (benchmarks/batch_size.py, whole encode_shard runs, 2-core machine): 1.21x the worker's rate
+#: (benchmarks/batch_size.py, whole encode_shards runs, 2-core machine): 1.21x the worker's rate
 #: with 65,536-row batches at 384-d, 1.24x at 768-d
 AUTO_BATCH_BYTES = 24 << 20
 #: rows per batch sent to a GPU encoder: large enough to overlap its host-to-GPU copies with
@@ -68,19 +68,28 @@ def batch_rows(batch_size: int, dim: int, *, gpu: bool) -> int:
 
 # ---- the scan ---------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Part:
+    """The rows of a batch that come from one file."""
+
+    piece: Piece
+    #: its first row within its file, and within the batch
+    first_row: int
+    start: int
+    #: the columns read, the vector column first
+    record: pa.RecordBatch
+
+
 @dataclass
 class ScanBatch:
     """One batch of a shard scan, and what the observers before this one found in it (ids in
-    `exact` and `found` are batch-local)."""
+    `exact` and `found` are batch-local). A batch holds `batch_size` rows (the shard's last
+    one fewer), from as many files as it takes: small files do not make small batches."""
 
-    piece: Piece
+    parts: list[Part]
     #: its first row within the shard, and that row's global position
     local: int
     position: int
-    #: its first row within its file
-    first_row: int
-    #: the columns read, the vector column first
-    record: pa.RecordBatch
     #: the raw vectors, float32
     x: np.ndarray
     codes: np.ndarray | None = None
@@ -98,16 +107,36 @@ class Observer(Protocol):
 
 def scan_shard(shard: Shard, columns: Columns, observers: list[Observer], *, batch_size: int,
                extra: tuple[str, ...] = ()) -> Iterator[ScanBatch]:
-    """Read the shard's vector column (and `extra` columns after it) batch by batch, validate
-    the vectors (vectors_as_numpy), and let every observer see every batch; yields the batches
-    once observed. Read and conversion errors name the file, column and rows."""
+    """Read the shard's vector column (and `extra` columns after it) in batches of
+    `batch_size` rows, validate the vectors (vectors_as_numpy, per file), and let every
+    observer see every batch; yields the batches once observed. Read and conversion errors
+    name the file, column and rows."""
+    parts: list[Part] = []
+    xs: list[np.ndarray] = []
+    rows = first = 0
+
+    def batch() -> ScanBatch:
+        b = ScanBatch(parts, first, shard.row_offset + first, xs[0] if len(xs) == 1 else np.concatenate(xs))
+        for observer in observers:
+            observer.observe(b)
+        return b
+
     for piece, local, first_row, record in iter_shard_batches(shard, [columns.vector, *extra], batch_size):
         x = vectors_as_numpy(record.column(0), columns.dim, where=piece.file_uri, column=columns.vector,
                              first_row=first_row)
-        batch = ScanBatch(piece, local, shard.row_offset + local, first_row, record, x)
-        for observer in observers:
-            observer.observe(batch)
-        yield batch
+        at = 0
+        while at < len(x):
+            take = min(len(x) - at, batch_size - rows)
+            if not parts:
+                first = local + at
+            parts.append(Part(piece, first_row + at, rows, record.slice(at, take)))
+            xs.append(x[at:at + take])
+            rows, at = rows + take, at + take
+            if rows == batch_size:
+                yield batch()
+                parts, xs, rows = [], [], 0
+    if rows:
+        yield batch()
 
 
 def run_scan(shard: Shard, columns: Columns, observers: list[Observer], *, batch_size: int) -> int:

@@ -33,7 +33,7 @@ from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.layout import Shard
+from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
 
 log = logging.getLogger("vecpress")
@@ -194,7 +194,8 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
     truth = TopK(len(xq), eval_k, exclude=query_positions)
     found = [TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True) for _ in trained]
     encode_seconds = [0.0] * len(trained)
-    for _, part in executor.imap(sweep_shard, plan.shards, desc="sweep",
+    groups = [merge_shards(g) for g in group_shards(plan.shards, batch_rows(opts.batch_size, plan.dim, gpu=False))]
+    for _, part in executor.imap(sweep_shard, groups, desc="sweep",
                                  shared={"job": job, "queries": xq, "query_positions": query_positions}):
         truth.add(part.truth_D, part.truth_I)
         for i, candidates in enumerate(part.candidates):

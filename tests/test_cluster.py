@@ -54,7 +54,7 @@ def recorded(fn, desc, marks, delay):
     def task(item, **shared):
         if desc == "encode":
             node = ray.get_runtime_context().get_node_id()
-            name = f"{node}-{item.index:04d}-{os.getpid()}"
+            name = f"{node}-{item[0].index:04d}-{os.getpid()}"  # (item: a group of shards)
             open(os.path.join(marks, "start-" + name), "w").close()
             time.sleep(delay)
             out = fn(item, **shared)

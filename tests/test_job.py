@@ -195,7 +195,8 @@ def test_retried_encode_skips_finished_shards(corpus, tmp_path):
     from vecpress.pipeline.stages.s7_commit import commit
 
     root, _ = corpus
-    opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1400)
+    # batch_size: shards of one batch or more are encoded one per task (smaller ones go together)
+    opts = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, shard_rows=1400, batch_size=700)
     ctx = RunContext.new(str(tmp_path / "out"), "corpus")
     planned = plan(ctx, opts.source([str(root / "src")]), opts)
     assert len(planned.plan.shards) > 3
@@ -205,7 +206,7 @@ def test_retried_encode_skips_finished_shards(corpus, tmp_path):
         encode(ctx, planned, sampled, trained, opts, FailAfter("encode", 2))
     done = sorted((tmp_path / "out/_vecpress/corpus/runs" / ctx.run_id / "shards").iterdir())
     assert len(done) == 2
-    first_fragments = [json.loads(np.load(p)["meta"].tobytes())["fragments"] for p in done]
+    first_fragments = [fs for p in done for fs in json.loads(np.load(p)["meta"].tobytes())["fragments"]]
     assert not (tmp_path / "out/corpus.lance/_versions").exists()  # nothing committed
 
     encoded = encode(ctx, planned, sampled, trained, opts, LocalExecutor())

@@ -30,7 +30,7 @@ def test_small_files_share_shards_and_their_rows_read_in_order(tmp_path):
     in order, each batch within one file, at the positions the plan gives."""
     from vecpress.pipeline.parquet import iter_shard_batches
     from vecpress.pipeline.sampling import sample_rows
-    from vecpress.pipeline.scan import Columns
+    from vecpress.pipeline.scan import Columns, scan_shard
 
     x = np.random.default_rng(1).standard_normal((4500, 8)).astype(np.float32)
     for i in range(30):
@@ -48,6 +48,15 @@ def test_small_files_share_shards_and_their_rows_read_in_order(tmp_path):
         got = np.concatenate([i for _, i in ids])
         assert np.array_equal(got, np.arange(shard.row_offset, shard.row_offset + shard.num_rows))
         assert [local for local, _ in ids] == list(np.cumsum([0] + [len(i) for _, i in ids[:-1]]))
+    batches = list(scan_shard(plan.shards[0], Columns.of(plan), [], batch_size=256, extra=("id",)))
+    assert [len(b.x) for b in batches] == [256, 256, 256, 232]  # small files do not make small batches
+    assert np.array_equal(np.concatenate([b.x for b in batches]), x[:1000])
+    assert [b.position for b in batches] == [0, 256, 512, 768]
+    for b in batches:  # each part of a batch is one file's, its ids where the plan puts them
+        for p in b.parts:
+            ids = p.record.column(1).to_numpy()
+            assert np.array_equal(ids, np.arange(p.first_row, p.first_row + len(ids)) + int(p.piece.file_uri[-10:-8]) * 150)
+            assert np.array_equal(ids, b.position + p.start + np.arange(len(ids)))
     shard = plan.shards[1]  # rows picked across its pieces come back as the plan says
     local = np.array([0, 1, 149, 400, 949])
     got = sample_rows((shard, local), columns=Columns.of(plan))
@@ -195,7 +204,7 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     from vecpress.pipeline.parquet import iter_shard_batches
     from vecpress.pipeline.sampling import sample_rows
     from vecpress.pipeline.scan import Columns, ComputeSpec
-    from vecpress.pipeline.stages.s6_encode import EncodeJob, encode_shard
+    from vecpress.pipeline.stages.s6_encode import EncodeJob, encode_shards
 
     folder, x = make_corpus(num_rows=3000, num_files=2)
     plan = plan_sources(SourceSpec((str(folder),)), shard_rows=1500)
@@ -204,17 +213,17 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     codec = save_codec(Codec.train(x, "PQ4", "l2", seed=0), str(tmp_path / "side"))
     job = EncodeJob(table_uri=str(tmp_path / "out.lance"), compute=ComputeSpec(codec, k=0), columns=Columns.of(plan),
                     checkpoint_uri=str(tmp_path / "shards"), device="cpu")
-    done = encode_shard(first, job=job)
+    done = encode_shards((first,), job=job)
     assert done.num_rows == first.num_rows
 
     # same rows, other values: the row counts still agree with the plan
     write_vectors(folder / "part-001.parquet", x[1500:] + 1.0, np.arange(1500, 3000))
-    for read in (lambda: encode_shard(second, job=job),
+    for read in (lambda: encode_shards((second,), job=job),
                  lambda: sample_rows((second, np.arange(3)), columns=Columns.of(plan)),
                  lambda: next(iter_shard_batches(second, ["embedding"], 100))):
         with pytest.raises(SourceChangedError, match=r"part-001\.parquet changed since it was planned"):
             read()
-    again = encode_shard(first, job=job)  # from its checkpoint
+    again = encode_shards((first,), job=job)  # from its checkpoint
     assert again.fragments == done.fragments and again.seconds == done.seconds
     # an untouched file reads as before
     assert next(iter_shard_batches(first, ["embedding"], 100))[3].num_rows == 100

@@ -8,7 +8,9 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss, num_gpus
 from vecpress.kernels.codecs.build import _innermost
-from vecpress.kernels.knn import TopK, as_distances, candidate_distances, exact_knn, prepare_vectors
+from vecpress.kernels.knn import (
+    TopK, as_distances, candidate_distances, exact_knn, order_by_distance_then_id, prepare_vectors,
+)
 
 
 def search_codes(index, metric: str, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0,
@@ -233,7 +235,7 @@ def _rows_of_codes(D: np.ndarray, I: np.ndarray, inverse: np.ndarray, k: int):
 
 def _by_distance_then_row(D: np.ndarray, I: np.ndarray):
     """Each query's (D, I) sorted by distance, equal distances by id."""
-    order = np.lexsort((I, D), axis=1)
+    order = order_by_distance_then_id(D, I)
     return np.take_along_axis(D, order, axis=1), np.take_along_axis(I, order, axis=1)
 
 

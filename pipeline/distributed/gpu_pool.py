@@ -132,7 +132,7 @@ class RemoteShardCompute:
     computes itself on its CPU (a GPU that lost its actors may be what failed), and its `info`
     says which actors it lost. Batches are pure compute, so sending one again is safe."""
 
-    device = "cuda"  # (where its batches go: encode_shard sizes them for a GPU)
+    device = "cuda"  # (where its batches go: encode_shards sizes them for a GPU)
 
     def __init__(self, pool: "GpuComputePool", first: int):
         self.pool = pool

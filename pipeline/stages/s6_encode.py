@@ -3,9 +3,9 @@ pass over the source finds the held-out queries' exact neighbours and their sear
 new codes (the evaluation); an incremental run reads its kept shards' vectors and stored
 codes once for the same two searches, and keeps their fragments as they are.
 
-A worker runs `encode_shard` (or `search_kept_shard`): one scan of the shard
-(pipeline.scan) whose observers compute the batch and fold its results, the codes streamed
-into Lance's fragment writer. The driver folds each shard's result as it arrives (a running
+A worker runs `encode_shards` (or `search_kept_shard`): one scan of a shard, or of a group
+of shards smaller than a batch (layout.group_shards), whose observers (pipeline.scan)
+compute each batch and fold its results, the codes streamed into Lance's fragment writer. The driver folds each shard's result as it arrives (a running
 top-k, the fragments' metadata), so its memory does not grow with the number of shards.
 """
 
@@ -29,7 +29,7 @@ from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array
 from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.layout import Shard
+from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.lance_io import open_lance
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.scan import (
@@ -65,8 +65,12 @@ class EncodeJob:
 
 @dataclass
 class ShardResult:
-    shard_index: int
-    fragments: list[dict]
+    """What one encode task did: its shards (one, or a group of small ones), the fragments of
+    each, and their top-k for the held-out queries."""
+
+    shards: list[int]
+    #: each shard's fragments (metadata JSON), parallel to `shards`
+    fragments: list[list[dict]]
     num_rows: int
     seconds: float
     #: this shard's exact top-k for the held-out queries (global positions), or None
@@ -89,7 +93,7 @@ class ShardResult:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         arrays = {name: a for name in self.ARRAYS if (a := getattr(self, name)) is not None}
-        meta = json.dumps({"shard_index": self.shard_index, "fragments": self.fragments,
+        meta = json.dumps({"shards": self.shards, "fragments": self.fragments,
                            "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
                            "compute": self.compute, "compute_seconds": self.compute_seconds})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
@@ -122,16 +126,17 @@ def _gathers(spec: ComputeSpec, queries: np.ndarray | None, query_positions: np.
     return exact, found
 
 
-def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = None,
-                 query_positions: np.ndarray | None = None) -> ShardResult:
-    """Encode one shard into Lance fragments (uncommitted), streaming `batch_size` rows at a time.
+def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarray | None = None,
+                  query_positions: np.ndarray | None = None) -> ShardResult:
+    """Encode consecutive shards (layout.group_shards: one, or small ones together) into
+    uncommitted Lance fragments, each shard its own, streaming `batch_size` rows at a time.
 
-    With `queries`, also computes the shard's exact top-k for them in the same read (ground
-    truth for evaluation), excluding each query's own row, and searches them over the codes.
+    With `queries`, also computes their exact top-k in the same read (ground truth for
+    evaluation), excluding each query's own row, and searches them over the codes.
     """
     checkpoint = None
     if job.checkpoint_uri:
-        checkpoint = storage.join(job.checkpoint_uri, f"shard-{shard.index:06d}.npz")
+        checkpoint = storage.join(job.checkpoint_uri, f"shards-{group[0].index:06d}-{group[-1].index:06d}.npz")
         if storage.exists(checkpoint):
             return ShardResult.from_bytes(storage.read_bytes(checkpoint))
     start = time.perf_counter()
@@ -141,37 +146,65 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
     schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
                           binary=codec.is_binary, rerank_size=warm_size)
     exact, found = _gathers(spec, queries, query_positions)
-    compute = job.remote.for_shard(shard.index) if job.remote is not None else \
+    compute = job.remote.for_shard(group[0].index) if job.remote is not None else \
         ShardCompute(spec, queries if exact is not None else None, device=job.device)
     computed = _Timed(compute)
     observers = [computed, *(g for g in (exact, found) if g is not None)]
     rows = batch_rows(job.batch_size, cols.dim, gpu=compute.device != "cpu")  # (a GPU actor's: "cuda")
     keep_fields = list(cols.out_fields)[1:]  # a file's own passthrough types are cast to these
+    ends = np.cumsum([s.num_rows for s in group])  # each shard's end, in rows of the group
     num_rows = 0
     failure: list[BaseException] = []
 
-    def output(b: ScanBatch) -> pa.RecordBatch:
-        ids = b.record.column(1)
-        if ids.null_count:
-            raise SourceError(f"{b.piece.file_uri}: column {cols.id!r}: {ids.null_count} of {len(ids)} rows have a "
-                              f"null id (in rows {b.first_row}..{b.first_row + len(ids) - 1})")
-        warm_cols = [codes_array(b.warm)] if warm_size else []
-        kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(b.record.columns[2:], keep_fields)]
-        return pa.record_batch([ids, codes_array(b.codes, binary=codec.is_binary), *warm_cols, *kept], schema=schema)
+    def output(b: ScanBatch):
+        """(shard of the group, record batch) of a batch's output rows, one per file it read."""
+        codes = codes_array(b.codes, binary=codec.is_binary)
+        warm = codes_array(b.warm) if warm_size else None
+        for part in b.parts:
+            ids, n = part.record.column(1), part.record.num_rows
+            if ids.null_count:
+                raise SourceError(f"{part.piece.file_uri}: column {cols.id!r}: {ids.null_count} of {n} rows have a "
+                                  f"null id (in rows {part.first_row}..{part.first_row + n - 1})")
+            kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(part.record.columns[2:], keep_fields)]
+            warm_part = [] if warm is None else [warm.slice(part.start, n)]
+            shard = int(np.searchsorted(ends, b.local + part.start, side="right"))
+            yield shard, pa.record_batch([ids, codes.slice(part.start, n), *warm_part, *kept], schema=schema)
 
-    def batches():
+    def outputs():
         nonlocal num_rows
         try:
-            for b in scan_shard(shard, cols, observers, batch_size=rows, extra=(cols.id, *cols.keep)):
+            for b in scan_shard(merge_shards(group), cols, observers, batch_size=rows, extra=(cols.id, *cols.keep)):
                 num_rows += len(b.x)
-                yield output(b)
+                yield from output(b)
         except GeneratorExit:  # closed by the writer after its own error: that one is the failure
             raise
         except BaseException as exc:  # lance re-raises it as OSError(LanceError(Arrow)); keep it
             failure.append(exc)
             raise
 
-    reader = pa.RecordBatchReader.from_batches(schema, batches())
+    if len(group) == 1:  # streamed into the writer: a worker holds one batch, not its shard
+        fragments = [_write_fragments(job, schema, (rb for _, rb in outputs()), failure)]
+    else:  # shards smaller than a batch: each one's rows in hand, then written as its own fragments
+        by_shard: list[list[pa.RecordBatch]] = [[] for _ in group]
+        for i, rb in outputs():
+            by_shard[i].append(rb)
+        fragments = [_write_fragments(job, schema, iter(rbs), failure) for rbs in by_shard]
+    result = ShardResult(shards=[s.index for s in group], fragments=fragments, num_rows=num_rows,
+                         seconds=time.perf_counter() - start, reader=where_am_i(), compute=compute.info,
+                         compute_seconds=computed.seconds)
+    if exact is not None:
+        result.knn_D, result.knn_I = exact.top.D, exact.top.I
+    if found is not None:
+        result.search_D, result.search_I, result.search_E = found.top.D, found.top.I, found.top.E
+    if checkpoint:  # written only after the fragments are durable
+        storage.write_bytes(checkpoint, result.to_bytes())
+    return result
+
+
+def _write_fragments(job: EncodeJob, schema: pa.Schema, batches, failure: list[BaseException]) -> list[dict]:
+    """Lance fragments (uncommitted) of the record batches, as metadata JSON. An error raised
+    by the batches' own generator (`failure`) is raised as it is, not as Lance wraps it."""
+    reader = pa.RecordBatchReader.from_batches(schema, batches)
     try:
         # mode="overwrite": field ids from this schema, not from the table's current version
         # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
@@ -182,16 +215,7 @@ def encode_shard(shard: Shard, *, job: EncodeJob, queries: np.ndarray | None = N
         if failure:
             raise failure[0] from None
         raise
-    result = ShardResult(shard_index=shard.index, fragments=[f.to_json() for f in frags], num_rows=num_rows,
-                         seconds=time.perf_counter() - start, reader=where_am_i(), compute=compute.info,
-                         compute_seconds=computed.seconds)
-    if exact is not None:
-        result.knn_D, result.knn_I = exact.top.D, exact.top.I
-    if found is not None:
-        result.search_D, result.search_I, result.search_E = found.top.D, found.top.I, found.top.E
-    if checkpoint:  # written only after the fragments are durable
-        storage.write_bytes(checkpoint, result.to_bytes())
-    return result
+    return [f.to_json() for f in frags]
 
 
 # ---- the kept rows of an incremental run ---------------------------------------------------------
@@ -212,9 +236,10 @@ class KeptSearch:
 
 def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries: np.ndarray,
                       query_positions: np.ndarray):
-    """A kept shard's exact top-k for the queries and their search over its stored codes (read
-    from the fragments it owns, `item[1]`), with the candidates' exact distances, in one read
-    of its vectors, as the encode pass finds them for new shards. Returns (D, I, (D, I, E))."""
+    """A kept shard's (or merged group's) exact top-k for the queries and their search over its
+    stored codes (read from the fragments it owns, `item[1]`), with the candidates' exact
+    distances, in one read of its vectors, as the encode pass finds them for new shards.
+    Returns (D, I, (D, I, E))."""
     shard, fragment_ids = item
     spec = job.compute
     compute = ShardCompute(spec, queries, device="cpu", search_ngpu=job.ngpu)  # (nothing to encode)
@@ -251,12 +276,12 @@ class DeviceReport:
     def add(self, r: ShardResult) -> None:
         c = r.compute or {}
         row = self.computes.setdefault((c.get("host"), c.get("pid")), {**c, "shards": 0, "rows": 0, "seconds": 0.0})
-        row["shards"] += 1
+        row["shards"] += len(r.shards)
         row["rows"] += r.num_rows
         row["seconds"] = round(row["seconds"] + r.compute_seconds, 3)
         rd = r.reader or {}
         reader = self.readers.setdefault((rd.get("host"), rd.get("pid")), {**rd, "shards": 0, "rows": 0})
-        reader["shards"] += 1
+        reader["shards"] += len(r.shards)
         reader["rows"] += r.num_rows
 
     def report(self, actors: list[dict] | None = None, startup_seconds: float | None = None) -> dict:
@@ -296,6 +321,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                     checkpoint_uri=ctx.run_file("shards"), device=opts.device)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
+    min_rows = batch_rows(opts.batch_size, plan.dim, gpu=False)  # shards smaller than a batch go together
     pool = None
     gpu_compute = getattr(executor, "gpu_compute", None)  # optional in the Executor protocol
     if gpu_compute is not None and opts.device != "cpu" and len(plan.shards) > num_kept:
@@ -310,14 +336,14 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         if pool is not None:
             log.info("encode: %s, ready in %.1fs", pool.placement.describe(), pool.startup_seconds)
             job = dataclasses.replace(job, remote=pool)
-        for _, r in executor.imap(encode_shard, plan.shards[num_kept:], desc="encode",
+        for _, r in executor.imap(encode_shards, group_shards(plan.shards[num_kept:], min_rows), desc="encode",
                                   shared={"job": job, "queries": xq, "query_positions": qpos}):
             exact.add(r.knn_D, r.knn_I)
             if r.search_I is None:
                 searched = False
             else:
                 found.add(r.search_D, r.search_I, r.search_E)
-            fragments[r.shard_index] = r.fragments
+            fragments.update(zip(r.shards, r.fragments))
             devices.add(r)
             num_rows += r.num_rows
         if pool is not None:
@@ -335,8 +361,10 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
         kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan), opts.batch_size, opts.ngpu)
-        for _, (D, I, f) in executor.imap(search_kept_shard, list(zip(plan.shards[:num_kept], diff.kept_fragment_ids)),
-                                          desc="exact neighbours and search (kept rows)",
+        ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
+        items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in group_shards(plan.shards[:num_kept],
+                                                                                              min_rows)]
+        for _, (D, I, f) in executor.imap(search_kept_shard, items, desc="exact neighbours and search (kept rows)",
                                           shared={"job": kept, "queries": xq, "query_positions": qpos}):
             exact.add(D, I)
             found.add(*f)
