@@ -21,12 +21,12 @@ py=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 case "$phase" in
   tests)
-    $py -m pytest -q -p no:cacheprovider -m gpu tests/ 2>&1 | tee "$results/gpu_tests.log" | tail -25
-    $py -m pytest -q -p no:cacheprovider tests/test_gpu_encode.py tests/test_gpu_pool.py 2>&1 \
+    $py -m pytest -q -p no:cacheprovider -m gpu --slow tests/ 2>&1 | tee "$results/gpu_tests.log" | tail -25
+    $py -m pytest -q -p no:cacheprovider --slow tests/kernels/test_gpu_encode.py tests/pipeline/distributed/test_gpu_pool.py 2>&1 \
       | tee -a "$results/gpu_tests.log" | tail -8
     ;;
   suite)
-    $py -m pytest -q -p no:cacheprovider tests/ 2>&1 | tee "$results/gpu_suite_tests.log" | tail -25
+    $py -m pytest -q -p no:cacheprovider --slow tests/ 2>&1 | tee "$results/gpu_suite_tests.log" | tail -25
     ;;
   kernel)
     $py benchmarks/gpu_encode.py --results "$results/gpu_encode.json" ${KERNEL_ARGS:-} 2>&1 \

@@ -13,7 +13,7 @@ but the input and the codes touches device memory.
 
 Distances are sum((x_j - c_kj)^2) in float32 with the first minimum winning, as faiss's
 `fvec_L2sqr_ny_nearest` computes them for dsub < 16 (faiss uses ||c||^2 - 2 x.c through BLAS
-above): codes equal faiss CPU's for all but near-tied sub-vectors (tests/test_gpu_encode.py,
+above): codes equal faiss CPU's for all but near-tied sub-vectors (tests/kernels/test_gpu_encode.py,
 on a GPU machine). Scalar and binary codes follow faiss's formulas exactly; `sq_codes` and
 `sign_codes` take the array module (numpy or cupy) as an argument, so the CPU tests check the
 same function against faiss that the GPU runs.

@@ -1,5 +1,9 @@
 """Shared fixtures: clustered Parquet corpora under tmp_path, one real local Ray per session,
-Prefect's test harness (only for the tests that use it), and the real SIFT sample."""
+Prefect's test harness (only for the tests that use it), and the real SIFT sample.
+
+Tests mirror the code: tests/kernels, tests/pipeline (tests/pipeline/distributed), tests/flows,
+and the repository-wide checks here (layers, packaging, docs, infra). `pytest` runs the fast
+layer; `pytest --slow` adds the multi-node and long tests (what CI runs)."""
 
 from __future__ import annotations
 
@@ -92,16 +96,26 @@ def sift5k():
     return data[:, -1].astype(np.int64), np.ascontiguousarray(data[:, :-1])
 
 
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true",
+                     help="also run the tests marked slow (multi-node Ray clusters, GPU actor pools, a served "
+                          "schedule: minutes); CI runs them")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` run only where faiss sees a GPU (CI has none)."""
+    """Tests marked `gpu` run only where faiss sees a GPU (CI has none); tests marked `slow`
+    only with --slow."""
     from vecpress.kernels._faiss import num_gpus
 
-    if num_gpus() > 0:
-        return
-    skip = pytest.mark.skip(reason="faiss sees no GPU")
+    skips = {}
+    if num_gpus() == 0:
+        skips["gpu"] = pytest.mark.skip(reason="faiss sees no GPU")
+    if not config.getoption("--slow"):
+        skips["slow"] = pytest.mark.skip(reason="slow: run with --slow")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 def assert_same_evaluation(in_pass: dict, stored: dict) -> None:

@@ -82,7 +82,7 @@ class Codec:
         faiss encodes PQ one vector at a time with SIMD kernels for 4- and 8-wide sub-vectors
         (and fewer), and through BLAS only from 16 wide. Measured (BENCHMARKS.md), the blocked
         numpy encoder is 2.4-4.7x faster at every other width, and faiss is faster at 4 and 8.
-        Codes are faiss's, near-ties aside (tests/test_pq_encode.py)."""
+        Codes are faiss's, near-ties aside (tests/kernels/test_pq_encode.py)."""
         return self._numpy_pq
 
     @functools.cached_property

@@ -90,7 +90,7 @@ def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray) -> None:
     k-means is small (2^nbits centroids in dsub dimensions) and uses threads poorly: the
     assignment is a GEMM with dsub-deep products. The centroids are the same, byte for byte:
     faiss seeds every sub-quantizer's k-means with the same ClusteringParameters, and k-means
-    gives the same result on any number of threads (tests/test_codecs.py compares the trained
+    gives the same result on any number of threads (tests/kernels/test_codecs.py compares the trained
     bytes). Measured (benchmarks/train.py): PQ48 on 50k x 384-d, 4.70 s -> 2.54 s on 2 cores."""
     x = _train_chain(chain, xt)
     pq = inner.pq

@@ -720,7 +720,7 @@ def test_failing_task_does_not_abort_the_driver(tmp_path):
 
     script = tmp_path / "failing_map.py"
     script.write_text(RAY_FAILING_MAP)
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
     why = [line for line in proc.stderr.splitlines() if "Check failed" in line] or [proc.stderr[-2000:]]
     assert proc.returncode == 0, f"driver exited with {proc.returncode}: " + "\n".join(why)

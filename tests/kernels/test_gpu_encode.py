@@ -16,7 +16,7 @@ import pytest
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.gpu_encode import gpu_count, plan_codec, run_plan
 from vecpress.kernels.synthetic import ClusteredEmbeddings
-from tests.test_pq_encode import MIN_AGREEMENT, agreement, unpack
+from tests.kernels.test_pq_encode import MIN_AGREEMENT, agreement, unpack
 
 # (dim, metric, spec): every family with a GPU path, each pre-transform kind, odd dims
 PLANNED = [

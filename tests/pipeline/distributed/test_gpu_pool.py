@@ -17,7 +17,7 @@ from vecpress.kernels.gpu_encode import gpu_count
 from vecpress.pipeline.distributed.gpu_pool import plan_placement
 from vecpress.pipeline.scan import LEFT_TO_READERS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_plan_placement():

@@ -24,7 +24,7 @@ from vecpress.flows.reporting import artifact_key, publish_run_report, render_ru
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.options import CompressOptions
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PREFECT_YAML = ROOT / "infra" / "prefect.yaml"
 
 
@@ -380,6 +380,7 @@ def test_second_run_of_the_deployment_is_cancelled(deployment, prefect_harness):
     assert second.is_cancelled() and "concurrency limit" in (second.message or "")
 
 
+@pytest.mark.slow
 def test_a_schedule_served_without_a_server_gets_its_runs(deployment, tmp_path, monkeypatch):
     """Prefect's temporary server runs no scheduler: a deployment served there never got a run.
     Without PREFECT_API_URL, `vecpress schedule` serves on a local `prefect server start`, whose

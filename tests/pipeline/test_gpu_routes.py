@@ -14,7 +14,7 @@ from vecpress.pipeline.executor import LocalExecutor
 from vecpress.pipeline.evaluate import evaluate_version
 from tests import fake_gpu
 from tests.conftest import assert_same_evaluation
-from tests.test_nightly import part, run
+from tests.pipeline.test_nightly import part, run
 
 DIM = 32
 
