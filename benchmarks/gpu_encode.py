@@ -138,7 +138,7 @@ def run_config(d: int, M: int, n: int, n_cpu: int, repeat: int, engines: set[str
     except ImportError:
         torch = None
     if torch is not None and torch.cuda.is_available():
-        from vecpress.kernels.pq_encode import device_tables, encode_block_torch
+        from torch_pq import device_tables, encode_block_torch
 
         ct, cnorm = device_tables(centroids, "cuda")
         tx = torch.as_tensor(dev_x, device="cuda")  # shares the cupy buffer (DLPack / CAI)

@@ -5,7 +5,7 @@ on the GPU too. Host rows travel through pinned, double-buffered transfers overl
 compute.
 
 Why a kernel of its own: faiss has no GPU path for standalone encoding (`sa_encode`, faiss
-issue #3038), and a batched GEMM + argmin (kernels.pq_encode's torch path) writes and re-reads
+issue #3038), and a batched GEMM + argmin (benchmarks/torch_pq.py, the naive baseline) writes and re-reads
 an n x M x 2^nbits distance tensor. Here one thread owns one (row, sub-quantizer) pair: it
 keeps its dsub floats in registers, walks the 2^nbits centroids of that sub-quantizer from
 shared memory (one load serves the whole warp), and keeps only the running minimum. Nothing

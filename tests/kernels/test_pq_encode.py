@@ -97,61 +97,6 @@ def test_refuses_non_pq_and_bad_shapes(trained):
         encode_pq(x[:, :-1], cb.centroids, cb.nbits)
     with pytest.raises(ValueError, match="nbits"):
         encode_pq(x, cb.centroids, 4)
-    with pytest.raises(ValueError, match="numpy engine"):
-        encode_pq(x, cb.centroids, cb.nbits, device="cuda", engine="numpy")
-
-
-@pytest.mark.parametrize("factory", [c[0] for c in CASES])
-def test_torch_cpu_matches_faiss(trained, factory):
-    torch = pytest.importorskip("torch")
-    index, x = trained[factory]
-    cb = pq_codebook(index)
-    want = index.sa_encode(x)
-    got = encode_pq(x, cb.centroids, cb.nbits, engine="torch", block_rows=500)
-    assert agreement(got, want, cb.M, cb.nbits) >= MIN_AGREEMENT
-    from_tensor = encode_pq(torch.from_numpy(x), cb.centroids, cb.nbits, engine="torch")
-    assert agreement(from_tensor, want, cb.M, cb.nbits) >= MIN_AGREEMENT
-
-
-def _cuda():
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("torch sees no CUDA device")
-    return torch
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("factory", [c[0] for c in CASES])
-def test_cuda_matches_faiss(trained, factory):
-    torch = _cuda()
-    index, x = trained[factory]
-    cb = pq_codebook(index)
-    want = index.sa_encode(x)
-    for got in (encode_pq(x, cb.centroids, cb.nbits, device="cuda", block_rows=700),
-                encode_pq(torch.from_numpy(x).cuda(), cb.centroids, cb.nbits, device="cuda")):
-        assert agreement(got, want, cb.M, cb.nbits) >= MIN_AGREEMENT
-
-
-@pytest.mark.gpu
-def test_cuda_double_buffered_pipeline_over_large_host_array():
-    """~800 MB of host rows in many blocks, from pageable and from pinned memory: every block
-    lands in its place (a reused buffer overwritten too early would show as wrong codes)."""
-    torch = _cuda()
-    d, n = 768, 260_000
-    gen = ClusteredEmbeddings(d, seed=7)
-    index = faiss.index_factory(d, "PQ96np")
-    index.pq.cp.niter = 4
-    index.train(gen.batch(0, 20_000))
-    cb = pq_codebook(index)
-    x = np.concatenate([gen.batch(100_000 + i, 65_000) for i in range(0, n, 65_000)])
-    # reference: the same kernel on a tensor already on the GPU (no staging, no second stream)
-    want = encode_pq(torch.from_numpy(x).cuda(), cb.centroids, cb.nbits, device="cuda")
-    got = encode_pq(x, cb.centroids, cb.nbits, device="cuda", block_rows=9_999)
-    assert np.array_equal(got, want)
-    pinned = torch.from_numpy(x).pin_memory()
-    assert np.array_equal(encode_pq(pinned, cb.centroids, cb.nbits, device="cuda", block_rows=9_999), want)
-    sample = slice(0, n, 13)
-    assert agreement(got[sample], index.sa_encode(x[sample]), cb.M, cb.nbits) >= MIN_AGREEMENT
 
 
 def test_codec_encode_on_cuda_falls_back_to_faiss_without_a_gpu():
