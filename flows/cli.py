@@ -129,6 +129,8 @@ def run_line(run: dict) -> str:
     if run["mode"] == "incremental":
         parts.append(f"+{run['rows_added']:,} / -{run['rows_removed']:,} rows ({run['files_added']} new, "
                      f"{run['files_rewritten']} rewritten, {run['files_removed']} deleted files)")
+        if run.get("rows_reencoded"):
+            parts.append(f"{run['rows_reencoded']:,} unchanged rows encoded again (shards packed anew)")
     if run.get("drift"):
         parts.append(f"drift: {run['drift']['reason']}")
     if run.get("gate"):

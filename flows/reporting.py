@@ -129,7 +129,8 @@ def render_run_report(report: dict) -> str:
         lines += ["", "## Data", ""] + _rows(data)
 
     changes = [(k.replace("_", " "), run.get(k)) for k in
-               ("rows_added", "rows_removed", "files_added", "files_removed", "files_rewritten", "files_unchanged")]
+               ("rows_added", "rows_removed", "rows_reencoded", "files_added", "files_removed", "files_rewritten",
+                "files_unchanged")]
     if any(v is not None for _, v in changes):
         lines += ["", "## Changes", ""] + _rows(changes)
 

@@ -32,7 +32,7 @@ log = logging.getLogger("vecpress")
 PRODUCTION_TAG = "production"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SourceDiff:
     """The current source snapshot against the layout of the table's latest version."""
 

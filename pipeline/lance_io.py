@@ -1,5 +1,5 @@
-"""The output Lance dataset: locating it, checking compatibility, the one atomic commit, and
-reading a version's manifest back.
+"""The output Lance dataset: locating it, checking compatibility and reading a version's
+manifest back (the one atomic commit is stages/s7_commit.py's).
 
 Layout under OUT (a LanceDB database directory):
     OUT/<table>.lance                 the compressed dataset (one version per run)
@@ -17,11 +17,10 @@ import re
 
 import lance
 import pyarrow as pa
-from lance.fragment import FragmentMetadata
 
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, OutputConflictError, VecpressError
-from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY, SIDECAR_DIR, same_columns
+from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, SIDECAR_DIR, same_columns
 
 log = logging.getLogger("vecpress")
 
@@ -99,33 +98,6 @@ def check_compatible(out: str, table: str, schema: pa.Schema, *, allow_schema_ch
         raise OutputConflictError(
             f"{table_uri(out, table)} exists with another schema ({ds.count_rows()} rows; has [{have}], "
             f"this run writes [{want}]); choose another --table or pass --allow-schema-change")
-    return ds.version
-
-
-def committed_by(out: str, table: str, run_id: str) -> int | None:
-    """The version a run already committed (retries must not commit twice), else None."""
-    ds = open_dataset(out, table)
-    if ds is None:
-        return None
-    for v in sorted((v["version"] for v in ds.versions()), reverse=True)[:20]:
-        tx = ds.read_transaction(v)
-        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
-            return v
-    return None
-
-
-def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
-                     read_version: int | None) -> int:
-    """Make the written fragments the table's new version, atomically, once per run id."""
-    done = committed_by(out, table, run_id)
-    if done is not None:
-        log.info("run %s already committed version %d; not committing again", run_id, done)
-        return done
-    frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
-    tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
-                           transaction_properties={RUN_ID_PROPERTY: run_id})
-    target, options = storage.lance_location(table_uri(out, table))
-    ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
     return ds.version
 
 

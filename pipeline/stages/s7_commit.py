@@ -11,20 +11,51 @@ import logging
 import time
 from dataclasses import dataclass
 
+import lance
+import pyarrow as pa
+from lance.fragment import FragmentMetadata
+
 from vecpress import __version__
 from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
-from vecpress.pipeline.lance_io import commit_overwrite
+from vecpress.pipeline.lance_io import open_dataset, table_uri
 from vecpress.pipeline.locking import check_lease
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.schema import MANIFEST_METADATA_KEY
+from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY
 from vecpress.pipeline.stages.s1_plan import Planned, output_schema
 from vecpress.pipeline.stages.s3_sample import Sampled
 from vecpress.pipeline.stages.s5_train import Trained
 from vecpress.pipeline.stages.s6_encode import Encoded
 
 log = logging.getLogger("vecpress")
+
+
+def committed_by(out: str, table: str, run_id: str) -> int | None:
+    """The version a run already committed (retries must not commit twice), else None."""
+    ds = open_dataset(out, table)
+    if ds is None:
+        return None
+    for v in sorted((v["version"] for v in ds.versions()), reverse=True)[:20]:
+        tx = ds.read_transaction(v)
+        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
+            return v
+    return None
+
+
+def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
+                     read_version: int | None) -> int:
+    """Make the written fragments the table's new version, atomically, once per run id."""
+    done = committed_by(out, table, run_id)
+    if done is not None:
+        log.info("run %s already committed version %d; not committing again", run_id, done)
+        return done
+    frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
+    tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
+                           transaction_properties={RUN_ID_PROPERTY: run_id})
+    target, options = storage.lance_location(table_uri(out, table))
+    ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
+    return ds.version
 
 
 @dataclass(frozen=True)
