@@ -140,6 +140,8 @@ class CompressOptions:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple([value] if isinstance(value, str) else value))
+        if self.keep is None:  # (a deployment's `keep: null`)
+            object.__setattr__(self, "keep", ())
         if self.metric not in METRICS:
             raise ConfigError(f"unknown metric {self.metric!r}; choose one of {', '.join(METRICS)}")
         for name in ("num_train", "num_queries", "eval_k", "shard_rows"):

@@ -54,6 +54,7 @@ def test_params_round_trip_and_unknown_names_are_refused():
     assert CompressOptions.from_params(opts.to_params()) == opts
     assert opts.changed() == {"codec": "PQ8", "keep": ["text"], "seed": 3}
     assert CompressOptions.from_params({"keep": ["a"]}).keep == ("a",)  # JSON lists become tuples
+    assert CompressOptions.from_params({"keep": None}).keep == ()
     with pytest.raises(ConfigError, match="unknown option.*nmu_train"):
         CompressOptions.from_params({"nmu_train": 5})
 

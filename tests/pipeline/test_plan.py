@@ -64,6 +64,25 @@ def test_small_files_share_shards_and_their_rows_read_in_order(tmp_path):
     assert plan == type(plan).from_dict(plan.to_dict())
 
 
+def test_a_layout_written_before_shards_spanned_files_still_reads():
+    """Versions written when a shard was one file's row groups keep their plan.json: it reads
+    as shards of one piece each (an incremental run extends them)."""
+    from vecpress.pipeline.layout import SourcePlan
+
+    old = {"vector_column": "embedding", "id_column": "id", "keep": ["text"], "dim": 8, "vector_type": "x",
+           "value_type": "float32", "num_rows": 300, "fields_b64": "",
+           "files": [{"uri": "/a.parquet", "size": 10, "fingerprint": "f", "num_rows": 300,
+                      "row_group_rows": [100, 100, 100], "mtime_ns": None}],
+           "shards": [{"index": 0, "file_uri": "/a.parquet", "fingerprint": "f", "row_group_start": 0,
+                       "row_group_stop": 2, "num_rows": 200, "row_offset": 0, "file_row_start": 0},
+                      {"index": 1, "file_uri": "/a.parquet", "fingerprint": "f", "row_group_start": 2,
+                       "row_group_stop": 3, "num_rows": 100, "row_offset": 200, "file_row_start": 200}]}
+    plan = SourcePlan.from_dict(old)
+    assert [s.files for s in plan.shards] == [("/a.parquet",), ("/a.parquet",)]
+    assert plan.shards[1].pieces[0].file_row_start == 200 and plan.row_group_rows() == [100, 100, 100]
+    assert plan.keep == ("text",) and plan.shard_rows == 500_000
+
+
 def test_fingerprint_changes_when_a_file_is_rewritten(make_corpus):
     folder, x = make_corpus(num_rows=3000, num_files=2)
     before = plan_sources(SourceSpec((str(folder),)))
