@@ -36,7 +36,7 @@ NUM_ROWS, DIM, NUM_FILES = 3000, 32, 3
 ROWS_PER_FILE = NUM_ROWS // NUM_FILES
 # mode="full": each rerun rebuilds, so a bad file is read by the stage each test expects
 OPTS = CompressOptions(codec="PQ8", num_train=2000, num_queries=50, eval_k=10, mode="full")
-# what plan_run derives from OPTS for NUM_ROWS rows (queries capped at 10% of rows)
+# what the plan stage derives from OPTS for NUM_ROWS rows (queries capped at 10% of rows)
 NUM_QUERIES = min(OPTS.num_queries, NUM_ROWS // 10)
 NUM_TRAIN = min(OPTS.num_train, NUM_ROWS - NUM_QUERIES)
 
