@@ -1,5 +1,5 @@
 """Shared set-up for the encode benchmarks: a generated corpus, its plan, a trained codec and
-the EncodeJob that `vecpress.pipeline.stages.s6_encode.encode_shards` runs (nothing here is timed)."""
+the EncodeJob that `vecpress.pipeline.stages.s06_encode.encode_shards` runs (nothing here is timed)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from vecpress.pipeline.demo import write_corpus
 from vecpress.pipeline.source import SourceSpec, plan_sources
 from vecpress.pipeline.sampling import sample_rows
 from vecpress.pipeline.scan import Columns, ComputeSpec
-from vecpress.pipeline.stages.s6_encode import EncodeJob
+from vecpress.pipeline.stages.s06_encode import EncodeJob
 
 
 def encode_setup(work: Path, *, rows: int, dim: int, files: int, codec: str, shard_rows: int,

@@ -32,7 +32,7 @@ from _setup import encode_setup  # noqa: E402
 from vecpress.kernels._faiss import faiss  # noqa: E402
 from vecpress.pipeline.sampling import sample_rows  # noqa: E402
 from vecpress.pipeline.scan import batch_rows  # noqa: E402
-from vecpress.pipeline.stages.s6_encode import encode_shards  # noqa: E402
+from vecpress.pipeline.stages.s06_encode import encode_shards  # noqa: E402
 
 
 def main() -> None:

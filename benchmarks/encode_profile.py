@@ -1,4 +1,4 @@
-"""Where one encode worker's time goes: the parts of s6_encode.encode_shards, timed
+"""Where one encode worker's time goes: the parts of s06_encode.encode_shards, timed
 one after another in one process over the same shard.
 
     python benchmarks/encode_profile.py --rows 200000 --dim 384 --codec PQ48

@@ -3,7 +3,7 @@
     python benchmarks/memory.py                     # shards of 20k, 50k, 100k, 200k rows x 384-d
     python benchmarks/memory.py --sizes 20000,200000 --dim 768
 
-For each size it writes a one-file corpus (one shard), then runs vecpress.pipeline.stages.s6_encode.encode_shards
+For each size it writes a one-file corpus (one shard), then runs vecpress.pipeline.stages.s06_encode.encode_shards
 on it in a fresh subprocess (with 1000 held-out queries and eval_k=100, as a run does) and
 reads that process's peak RSS (getrusage ru_maxrss) before and after the call. A worker that
 streams batches holds one batch, so its peak should not grow with the shard (target: within
@@ -29,7 +29,7 @@ CHILD = r"""
 import json, pickle, resource, sys, time
 import numpy as np
 from vecpress.pipeline.sampling import sample_rows
-from vecpress.pipeline.stages.s6_encode import encode_shards
+from vecpress.pipeline.stages.s06_encode import encode_shards
 plan, job = pickle.load(open(sys.argv[1], "rb"))
 shard = plan.shards[0]
 local = np.sort(np.random.default_rng(0).choice(shard.num_rows, 1000, replace=False))

@@ -3,7 +3,7 @@
     python benchmarks/scaling.py                       # 240k x 384-d, PQ48, 15 shards
     python benchmarks/scaling.py --workers 1,2 --rows 120000
 
-Each worker is one Ray task of 1 CPU running vecpress.pipeline.stages.s6_encode.encode_shards (read + validate +
+Each worker is one Ray task of 1 CPU running vecpress.pipeline.stages.s06_encode.encode_shards (read + validate +
 encode + exact top-k of the held-out queries + Lance fragment write), at most `n` in flight.
 Ray is started with max(8, cores) CPUs declared, so 8 workers run even on a smaller machine:
 there, counts above the core count measure oversubscription, not scaling. Efficiency is
@@ -30,7 +30,7 @@ from _setup import encode_setup  # noqa: E402
 
 from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
 from vecpress.pipeline.sampling import sample_rows  # noqa: E402
-from vecpress.pipeline.stages.s6_encode import encode_shards  # noqa: E402
+from vecpress.pipeline.stages.s06_encode import encode_shards  # noqa: E402
 
 
 def main() -> None:

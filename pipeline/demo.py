@@ -80,6 +80,6 @@ def _remove_parts(loc, *, keep: int) -> None:
 def demo_codec(dim: int) -> str:
     """The demo's codec: PQ with 8-wide sub-vectors (PQ48 at 384-d, 32x smaller), else the
     pipeline's default for `dim`."""
-    from vecpress.pipeline.stages.s1_plan import default_codec
+    from vecpress.pipeline.stages.s01_plan import default_codec
 
     return f"PQ{dim // 8}" if dim % 8 == 0 and dim // 8 <= 256 else default_codec(dim)

@@ -53,7 +53,7 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
 
     A run searches the queries over the codes while it holds them: new shards in the encode
     pass (ComputeSpec.search), kept shards of an incremental run in the read that finds
-    their exact neighbours (s6_encode.search_kept_shard). It records the results in the manifest.
+    their exact neighbours (s06_encode.search_kept_shard). It records the results in the manifest.
     Those are used unless `recompute`, or a different k, asks for a search over the stored
     codes (one read of every fragment's codes, and of the re-rank candidates' source rows)."""
     ds = require_dataset(out, table, version)

@@ -1,5 +1,5 @@
 """The output Lance dataset: locating it, checking compatibility and reading a version's
-manifest back (the one atomic commit is stages/s7_commit.py's).
+manifest back (the one atomic commit is stages/s07_commit.py's).
 
 Layout under OUT (a LanceDB database directory):
     OUT/<table>.lance                 the compressed dataset (one version per run)

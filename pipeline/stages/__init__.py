@@ -1,7 +1,7 @@
 """The compress job as stages, one module each, in the order they run:
 
-    s1_plan -> [s2_drift] -> s3_sample -> [s4_advise] -> s5_train -> s6_encode -> s7_commit
-    -> s8_evaluate -> s9_gate
+    s01_plan -> [s02_drift] -> s03_sample -> [s04_advise] -> s05_train -> s06_encode -> s07_commit
+    -> s09_evaluate -> s10_gate
 
 Each stage is a function from frozen inputs to a frozen result: it never edits what it was
 given, so a retried stage (Prefect's retry, or a person's) sees what its first try saw. Stage
@@ -23,15 +23,15 @@ from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import load_eval
 from vecpress.pipeline.source import SourceSpec
-from vecpress.pipeline.stages.s1_plan import plan
-from vecpress.pipeline.stages.s2_drift import drift
-from vecpress.pipeline.stages.s3_sample import sample
-from vecpress.pipeline.stages.s4_advise import Advised, advise
-from vecpress.pipeline.stages.s5_train import carried_codec, train
-from vecpress.pipeline.stages.s6_encode import encode
-from vecpress.pipeline.stages.s7_commit import Committed, commit
-from vecpress.pipeline.stages.s8_evaluate import evaluate
-from vecpress.pipeline.stages.s9_gate import gate
+from vecpress.pipeline.stages.s01_plan import plan
+from vecpress.pipeline.stages.s02_drift import drift
+from vecpress.pipeline.stages.s03_sample import sample
+from vecpress.pipeline.stages.s04_advise import Advised, advise
+from vecpress.pipeline.stages.s05_train import carried_codec, train
+from vecpress.pipeline.stages.s06_encode import encode
+from vecpress.pipeline.stages.s07_commit import Committed, commit
+from vecpress.pipeline.stages.s09_evaluate import evaluate
+from vecpress.pipeline.stages.s10_gate import gate
 
 log = logging.getLogger("vecpress")
 

@@ -187,12 +187,12 @@ class FailAfter:
 def test_retried_encode_skips_finished_shards(corpus, tmp_path):
     from vecpress.pipeline.executor import LocalExecutor
     from vecpress.pipeline.context import RunContext
-    from vecpress.pipeline.stages.s1_plan import plan
-    from vecpress.pipeline.stages.s3_sample import sample
-    from vecpress.pipeline.stages.s4_advise import Advised
-    from vecpress.pipeline.stages.s5_train import train
-    from vecpress.pipeline.stages.s6_encode import encode
-    from vecpress.pipeline.stages.s7_commit import commit
+    from vecpress.pipeline.stages.s01_plan import plan
+    from vecpress.pipeline.stages.s03_sample import sample
+    from vecpress.pipeline.stages.s04_advise import Advised
+    from vecpress.pipeline.stages.s05_train import train
+    from vecpress.pipeline.stages.s06_encode import encode
+    from vecpress.pipeline.stages.s07_commit import commit
 
     root, _ = corpus
     # batch_size: shards of one batch or more are encoded one per task (smaller ones go together)

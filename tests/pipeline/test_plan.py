@@ -223,7 +223,7 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     from vecpress.pipeline.parquet import iter_shard_batches
     from vecpress.pipeline.sampling import sample_rows
     from vecpress.pipeline.scan import Columns, ComputeSpec
-    from vecpress.pipeline.stages.s6_encode import EncodeJob, encode_shards
+    from vecpress.pipeline.stages.s06_encode import EncodeJob, encode_shards
 
     folder, x = make_corpus(num_rows=3000, num_files=2)
     plan = plan_sources(SourceSpec((str(folder),)), shard_rows=1500)

@@ -23,10 +23,10 @@ from vecpress.pipeline.lance_io import open_dataset, table_uri
 from vecpress.pipeline.locking import check_lease
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY
-from vecpress.pipeline.stages.s1_plan import Planned, output_schema
-from vecpress.pipeline.stages.s3_sample import Sampled
-from vecpress.pipeline.stages.s5_train import Trained
-from vecpress.pipeline.stages.s6_encode import Encoded
+from vecpress.pipeline.stages.s01_plan import Planned, output_schema
+from vecpress.pipeline.stages.s03_sample import Sampled
+from vecpress.pipeline.stages.s05_train import Trained
+from vecpress.pipeline.stages.s06_encode import Encoded
 
 log = logging.getLogger("vecpress")
 

@@ -12,8 +12,8 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.stages.s1_plan import Planned, resolve_codec
-from vecpress.pipeline.stages.s3_sample import Sampled
+from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
+from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
 
 log = logging.getLogger("vecpress")

@@ -12,9 +12,9 @@ from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.incremental import probe_quality
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.stages.s1_plan import Planned
-from vecpress.pipeline.stages.s3_sample import Sampled
-from vecpress.pipeline.stages.s4_advise import Advised
+from vecpress.pipeline.stages.s01_plan import Planned
+from vecpress.pipeline.stages.s03_sample import Sampled
+from vecpress.pipeline.stages.s04_advise import Advised
 
 log = logging.getLogger("vecpress")
 

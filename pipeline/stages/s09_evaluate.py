@@ -11,7 +11,7 @@ from vecpress.pipeline.context import RunContext
 from vecpress.pipeline.evaluate import evaluate_version
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.report import store_eval
-from vecpress.pipeline.stages.s7_commit import Committed
+from vecpress.pipeline.stages.s07_commit import Committed
 
 log = logging.getLogger("vecpress")
 

@@ -11,7 +11,7 @@ from vecpress.pipeline.context import RunContext, save_array, save_arrays
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.sampling import file_rows, read_sample
-from vecpress.pipeline.stages.s1_plan import Planned
+from vecpress.pipeline.stages.s01_plan import Planned
 
 log = logging.getLogger("vecpress")
 

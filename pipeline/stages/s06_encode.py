@@ -37,9 +37,9 @@ from vecpress.pipeline.scan import (
     where_am_i,
 )
 from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN, codes_array, codes_as_numpy, codes_schema
-from vecpress.pipeline.stages.s1_plan import Planned
-from vecpress.pipeline.stages.s3_sample import Sampled
-from vecpress.pipeline.stages.s5_train import Trained
+from vecpress.pipeline.stages.s01_plan import Planned
+from vecpress.pipeline.stages.s03_sample import Sampled
+from vecpress.pipeline.stages.s05_train import Trained
 
 log = logging.getLogger("vecpress")
 

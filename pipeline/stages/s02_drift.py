@@ -16,8 +16,8 @@ from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.incremental import drift_decision, probe_quality
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.sampling import layout_positions, read_sample, sample_sizes
-from vecpress.pipeline.stages.s1_plan import Planned, resolve_codec, write_plan
-from vecpress.pipeline.stages.s3_sample import Sampled
+from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec, write_plan
+from vecpress.pipeline.stages.s03_sample import Sampled
 
 log = logging.getLogger("vecpress")
 

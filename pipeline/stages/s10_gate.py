@@ -9,7 +9,7 @@ from vecpress.pipeline.context import RunContext
 from vecpress.pipeline.incremental import apply_retention, gate_version
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import load_eval, store_gate
-from vecpress.pipeline.stages.s7_commit import Committed
+from vecpress.pipeline.stages.s07_commit import Committed
 
 log = logging.getLogger("vecpress")
 
