@@ -38,8 +38,8 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
 
 #: retries per stage; the commit is idempotent per run id, the encode stage resumes from its
 #: shards' checkpoints
-RETRIES = {"plan": 1, "drift": 1, "sample": 1, "advise": 1, "train": 1, "encode": 2, "commit": 3, "evaluate": 1,
-           "gate": 1}
+RETRIES = {"plan": 1, "drift": 1, "sample": 1, "advise": 1, "train": 1, "encode": 2, "commit": 3, "index": 2,
+           "evaluate": 1, "gate": 1}
 
 TASKS = Stages(**{name: task(getattr(Stages(), name), name=name, retries=retries, cache_policy=NONE,
                              retry_condition_fn=_retry_unless_user_error, retry_delay_seconds=5)

@@ -21,6 +21,7 @@ from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.lance_io import fragment_offsets, open_lance, require_dataset, table_uri, version_manifest
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
+from vecpress.pipeline.served import evaluate_served
 from vecpress.pipeline.layout import SourcePlan
 
 
@@ -70,6 +71,12 @@ def evaluate_version(out: str, table: str, version: int, executor: Executor, *, 
     k = k or truth.shape[1]
     codec = load_codec(codec_ref)
     xp = prepare_vectors(xq, codec.metric)
+    if manifest.get("serve") == "lancedb":  # LanceDB's own search over the version's index
+        served = evaluate_served(out, table, ds.version, manifest, xq, qpos, truth[:, :k])
+        return {"num_queries": int(len(xq)), "k": k, "exclude_self": True,
+                **{f"recall_at_{kk}": served["defaults"][f"recall_at_{kk}"] for kk in (1, 10, 100)},
+                "rerank_from": None, "searched": "lancedb",
+                "relative_error": relative_error(xp, codec.decode(codec.encode(xq))), "served": served}
     warm = manifest_codec(out, manifest.get("rerank_codec"))
     in_pass = sample.get("search_ids_uri")
     if in_pass and not recompute and k == truth.shape[1] and (sample.get("search_exact_uri") or not rerank):

@@ -79,7 +79,8 @@ ADVICE_OPTIONS = ("max_bytes", "min_recall", "advise_rerank", "advise_codecs")
 
 
 def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: str | None, *,
-                         rerank_codec: str | None = None, advice: dict | None = None) -> list[str]:
+                         rerank_codec: str | None = None, advice: dict | None = None,
+                         serving: dict | None = None) -> list[str]:
     """Why the previous version cannot be extended (empty when it can). `codec` None is
     codec="auto": then `advice` (ADVICE_OPTIONS) must equal the previous run's, or the advisor
     could pick another codec; the warm column's codec must be `rerank_codec` either way."""
@@ -93,6 +94,10 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
             why.append(f"{what} changed ({old} -> {new})")
     if codec not in (None, manifest["codec"]["spec"]):
         why.append(f"codec changed ({manifest['codec']['spec']} -> {codec})")
+    for name, default in (("serve", "codes"), ("vector_dtype", "float16")):
+        old, new = (manifest.get("options") or {}).get(name, default), (serving or {}).get(name, default)
+        if old != new and (name == "serve" or (serving or {}).get("serve") == "lancedb"):
+            why.append(f"{name} changed ({old} -> {new})")
     old_warm = (manifest.get("rerank_codec") or {}).get("spec")
     if old_warm != rerank_codec:
         why.append(f"re-rank codec changed ({old_warm} -> {rerank_codec})")
@@ -105,7 +110,8 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
 
 
 def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: str | None,
-                 rerank_codec: str | None = None, advice: dict | None = None) -> SourceDiff | None:
+                 rerank_codec: str | None = None, advice: dict | None = None,
+                 serving: dict | None = None) -> SourceDiff | None:
     """None when there is no previous vecpress version to extend, or it cannot be extended
     (other columns, metric, codec or its choice, warm column: incremental_blockers): then the
     run is a full build."""
@@ -116,7 +122,8 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
         manifest = version_manifest(ds)
     except VecpressError:
         return None
-    blockers = incremental_blockers(manifest, plan, metric, codec, rerank_codec=rerank_codec, advice=advice)
+    blockers = incremental_blockers(manifest, plan, metric, codec, rerank_codec=rerank_codec, advice=advice,
+                                    serving=serving)
     if blockers:
         log.info("incremental: full rebuild instead: %s", "; ".join(blockers))
         return None

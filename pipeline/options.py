@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from vecpress.kernels.codecs.ivf import is_served_spec
 from vecpress.kernels.knn import METRICS
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.source import SourceSpec
@@ -27,6 +28,9 @@ from vecpress.pipeline.source import SourceSpec
 SAMPLE_ROW_GROUPS = 1024
 #: the re-rank factors the advisor can judge by (those an evaluation measures, and 0 = off)
 ADVISE_RERANK_FACTORS = (0, 1, 2, 4, 10)
+
+#: what an output table serves (CompressOptions.serve)
+SERVE = ("codes", "lancedb")
 
 #: the CLI commands that run the compress job, and the sweep
 RUN = ("compress", "schedule")
@@ -77,6 +81,13 @@ class CompressOptions:
         None, "codec spec (faiss factory string, extended): PQm, PQmxb, PQmx4fs, OPQm,PQm, RQmxb, LSQmxb, SQ4/6/8, "
               "SQfp16, SQbf16, RaBitQ, BIN, MRLn,<codec>..., or auto (with --max-bytes or --min-recall); "
               "default PQm with m = dim/4, at most 64 bytes", group="codec and evaluation")
+    serve: str = option("codes", "what the output table serves: codes (vecpress's codes, searched by vecpress) or "
+                                 "lancedb (the vectors and a LanceDB IVF_PQ index that vecpress builds: LanceDB's "
+                                 "tbl.search(q) searches it; --codec then names the index, e.g. IVF256,PQ48)",
+                         group="codec and evaluation", choices=SERVE)
+    vector_dtype: str = option("float16", "--serve lancedb: the type of the stored vectors, which LanceDB's "
+                                          "refine_factor re-ranks with (float16: half the bytes, the same recall)",
+                               group="codec and evaluation", choices=("float16", "float32"))
     metric: str = option("l2", "distance the codes are searched with; cosine = normalise, then inner product",
                          group="codec and evaluation", commands=ALL, choices=METRICS)
     num_train: int = option(100_000, "training-sample size: more trains better codebooks, slower and with more "
@@ -173,6 +184,23 @@ class CompressOptions:
         if self.advise_rerank not in ADVISE_RERANK_FACTORS:
             raise ConfigError(f"advise_rerank must be one of {', '.join(map(str, ADVISE_RERANK_FACTORS))} (the "
                               f"measured factors), got {self.advise_rerank}")
+        if self.serve not in SERVE:
+            raise ConfigError(f"--serve must be one of {', '.join(SERVE)}, got {self.serve!r}")
+        served = is_served_spec(self.codec)
+        if self.serve == "codes" and served:
+            raise ConfigError(f"--codec {self.codec} names a LanceDB index: add --serve lancedb")
+        if self.serve == "lancedb":
+            if self.codec == "auto":
+                raise ConfigError("--codec auto chooses among vecpress's codecs; with --serve lancedb give the index, "
+                                  "e.g. --codec IVF256,PQ48 (or none: about sqrt(rows) partitions, dim/8 sub-vectors)")
+            if self.codec is not None and not served:
+                raise ConfigError(f"--serve lancedb builds a LanceDB IVF_PQ index: --codec must name it "
+                                  f"(IVF<n>,PQ<m>, e.g. IVF256,PQ48), not {self.codec}")
+            if self.rerank_codec:
+                raise ConfigError("--rerank-codec adds a warm column to a codes table; with --serve lancedb, LanceDB's "
+                                  "refine_factor re-ranks with the stored vectors (--vector-dtype)")
+        if self.vector_dtype not in ("float16", "float32"):
+            raise ConfigError(f"--vector-dtype must be float16 or float32, got {self.vector_dtype!r}")
         if self.mode not in ("auto", "full"):
             raise ConfigError(f"mode must be auto or full, got {self.mode!r}")
         if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:

@@ -12,8 +12,15 @@ import pyarrow as pa
 from vecpress.pipeline import storage
 from vecpress.pipeline.lance_io import require_dataset, sidecar_uri, table_uri, version_manifest
 from vecpress.pipeline.schema import EVAL_TABLE_SUFFIX
+from vecpress.pipeline.served import index_info
 
 log = logging.getLogger("vecpress")
+
+
+def stored_bytes(manifest: dict) -> int:
+    """Bytes per vector the output stores: its codes, or (a LanceDB-served table) the vectors
+    and the index's codes."""
+    return manifest["code_bytes"] + (manifest.get("vector_bytes") or 0)
 
 
 def eval_uri(out: str, table: str, version: int) -> str:
@@ -23,7 +30,7 @@ def eval_uri(out: str, table: str, version: int) -> str:
 def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, stage_seconds: dict) -> dict:
     """Write the evaluation of `version` as JSON and as a row of the LanceDB eval table
     (replacing an earlier row for the same version)."""
-    source_bytes, code_bytes = manifest["source_bytes"], manifest["code_bytes"]
+    source_bytes, code_bytes = manifest["source_bytes"], stored_bytes(manifest)
     ev = {
         "table": table, "version": version, "run_id": manifest["run_id"], "codec": manifest["codec"]["spec"],
         "metric": manifest["metric"], "num_rows": manifest["num_rows"], **ev,
@@ -91,7 +98,10 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "codec_sha256": m["codec"]["sha256"],
         "code_bytes": m["code_bytes"],
         "source_bytes": m["source_bytes"],
-        "compression_ratio": round(m["source_bytes"] / m["code_bytes"], 3),
+        "compression_ratio": round(m["source_bytes"] / stored_bytes(m), 3),
+        "serve": m.get("serve", "codes"),
+        "vector_bytes": m.get("vector_bytes"),
+        "index": index_info(ds, m["source"]["vector_column"]) if m.get("serve") == "lancedb" else None,
         "run_id": m["run_id"],
         "created_at": m["created_at"],
         "id_column": m["source"]["id_column"],
@@ -111,8 +121,28 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "devices": m.get("devices"),
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
-            "rerank_from", "rerank", "searched")},
+            "rerank_from", "rerank", "searched", "served")},
     }
+
+
+def served_lines(served: dict | None) -> list[str]:
+    """LanceDB's search over a served version: recall@10 and p50 latency over the grid, and the
+    cheapest setting per recall target."""
+    if not served:
+        return []
+    d = served["defaults"]
+    lines = [f"LanceDB search  defaults: recall@10 {d['recall_at_10']:.3f}, p50 {d['p50_ms']:.1f} ms; "
+             "nprobes x refine_factor: recall@10 (p50 ms)"]
+    by_nprobes: dict = {}
+    for g in served["grid"]:
+        by_nprobes.setdefault(g["nprobes"], []).append(
+            f"r={g['refine_factor'] or '-'} {g['recall_at_10']:.3f} ({g['p50_ms']:.1f})")
+    lines += [f"  nprobes {n:<6}{'  '.join(cells)}" for n, cells in by_nprobes.items()]
+    for target, g in served["cheapest"].items():
+        lines.append(f"  recall@10 >= {target}: " + ("not reached on the grid" if g is None else
+                     f"nprobes {g['nprobes']}, refine_factor {g['refine_factor']} ({g['recall_at_10']:.3f}, "
+                     f"{g['p50_ms']:.1f} ms)"))
+    return lines
 
 
 def _human_bytes(n: float) -> str:
@@ -144,7 +174,9 @@ def summary_table(info: dict) -> str:
         f"rows            {rows:,} x {info['dim']}-d, metric {info['metric']}",
         f"codec           {info['codec']}",
         f"bytes before    {_human_bytes(rows * info['source_bytes'])} ({info['source_bytes']} B/vector)",
-        f"bytes after     {_human_bytes(rows * info['code_bytes'])} ({info['code_bytes']} B/vector)",
+        f"bytes after     {_human_bytes(rows * stored_bytes(info))} ({stored_bytes(info)} B/vector"
+        + (f": {info['vector_bytes']} B of vectors + {info['code_bytes']} B of index codes)" if info.get("vector_bytes")
+           else ")"),
         f"ratio           {info['compression_ratio']:.1f}x",
         f"recall@1/10/100 {r(1)} / {r(10)} / {r(100)}  ({ev.get('num_queries', 0)} held-out queries)",
         f"relative error  {ev['relative_error']:.4f}" if ev else "relative error  n/a (not evaluated)",
@@ -154,6 +186,12 @@ def summary_table(info: dict) -> str:
         lines.append(f"re-ranked @10   {'  '.join(parts)}  ({rerank_source(ev['rerank_from'])})")
     if info.get("rerank_codec"):
         lines.insert(5, f"warm column     {info['rerank_codec']} ({info['rerank_bytes']} B/vector, for re-ranking)")
+    if info.get("serve") == "lancedb":
+        index = info.get("index") or {}
+        lines[2] = (f"served by       LanceDB: {index.get('type', 'IVF_PQ')} {info['codec']} over column "
+                    f"{info['vector_column']}" + ("" if index.get("covers_all_rows") else
+                                                  " (its index does not cover every row: this version is not served)"))
+        lines += served_lines(ev.get("served"))
     devices = info.get("devices") or {}
     if devices.get("compute"):
         where = sorted({f"{c.get('encode')} ({c['gpu_name']})" if c.get("gpu_name") else str(c.get("encode"))

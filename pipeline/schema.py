@@ -58,3 +58,17 @@ def codes_as_numpy(arr) -> np.ndarray:
     size = arr.type.byte_width
     buf = arr.buffers()[1]
     return np.frombuffer(buf, np.uint8, count=len(arr) * size, offset=arr.offset * size).reshape(len(arr), size)
+
+
+#: --serve lancedb: the stored vectors' Arrow value type (CompressOptions.vector_dtype)
+VECTOR_TYPES = {"float16": pa.float16(), "float32": pa.float32()}
+
+
+def served_schema(id_field: pa.Field, vector_column: str, dim: int, dtype: str, keep_fields: list[pa.Field],
+                  metadata: dict[bytes, bytes] | None = None) -> pa.Schema:
+    """A LanceDB-served table: the source id column, the vectors (the source column's name,
+    fixed_size_list of `dtype`: what LanceDB indexes and searches), then the passthrough
+    columns."""
+    return pa.schema([pa.field(id_field.name, id_field.type, nullable=False),
+                      pa.field(vector_column, pa.list_(VECTOR_TYPES[dtype], dim), nullable=False), *keep_fields],
+                     metadata=metadata)

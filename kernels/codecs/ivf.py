@@ -94,6 +94,7 @@ class IvfPq:
 
     def __init__(self, spec: str, metric: str, index):
         self.spec, self.metric = spec, metric
+        self._owner = index  # (the downcast wrapper does not own the C++ index: keep its owner alive)
         self.index = faiss.downcast_index(index)
         self.dim = int(self.index.d)
         self.centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
@@ -116,7 +117,7 @@ class IvfPq:
         xt = prepare_vectors(xt, metric)
         mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
         index = faiss.index_factory(xt.shape[1], f"IVF{p.num_partitions},PQ{p.num_sub_vectors}np", mt)
-        ivf = faiss.extract_index_ivf(index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.seed = seed
         ivf.pq.cp.seed = seed
         index.train(xt)

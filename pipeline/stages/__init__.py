@@ -1,7 +1,7 @@
 """The compress job as stages, one module each, in the order they run:
 
     s01_plan -> [s02_drift] -> s03_sample -> [s04_advise] -> s05_train -> s06_encode -> s07_commit
-    -> s09_evaluate -> s10_gate
+    -> [s08_index] -> s09_evaluate -> s10_gate
 
 Each stage is a function from frozen inputs to a frozen result: it never edits what it was
 given, so a retried stage (Prefect's retry, or a person's) sees what its first try saw. Stage
@@ -30,6 +30,7 @@ from vecpress.pipeline.stages.s04_advise import Advised, advise
 from vecpress.pipeline.stages.s05_train import carried_codec, train
 from vecpress.pipeline.stages.s06_encode import encode
 from vecpress.pipeline.stages.s07_commit import Committed, commit
+from vecpress.pipeline.stages.s08_index import index
 from vecpress.pipeline.stages.s09_evaluate import evaluate
 from vecpress.pipeline.stages.s10_gate import gate
 
@@ -47,6 +48,7 @@ class Stages:
     train: Callable = train
     encode: Callable = encode
     commit: Callable = commit
+    index: Callable = index
     evaluate: Callable = evaluate
     gate: Callable = gate
 
@@ -88,7 +90,7 @@ def gate_fields(decision: dict) -> dict:
 
 def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, executor: Executor,
                stages: Stages = Stages()) -> RunResult:
-    """plan -> [drift] -> sample -> [advise] -> train -> encode -> commit -> evaluate -> gate.
+    """plan -> [drift] -> sample -> [advise] -> train -> encode -> commit -> [index] -> evaluate -> gate.
 
     With a previous version to extend, an unchanged source commits nothing; otherwise the drift
     check decides between an incremental run (codec kept, only changed files encoded) and a
@@ -126,6 +128,9 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
     committed = stages.commit(ctx, planned, sampled, trained, encoded, opts, advisor=advised.advisor, drift=decision,
                               stage_seconds=dict(times))
     times["commit"] = round(committed.seconds, 3)
+    if opts.serve == "lancedb":
+        committed = stages.index(ctx, committed, encoded, opts, executor)
+        times["index"] = round(committed.seconds, 3)
     ev = stages.evaluate(ctx, committed, executor, times)
     decided = stages.gate(ctx, committed, ev, opts)
     return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"],

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 from vecpress.kernels.codecs.build import check_codec_spec
+from vecpress.kernels.codecs.ivf import check_served_spec, default_served_spec
 from vecpress.kernels.codecs.spec import CodecSpecError, is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
@@ -19,7 +20,7 @@ from vecpress.pipeline.incremental import ADVICE_OPTIONS, SourceDiff, diff_sourc
 from vecpress.pipeline.lance_io import check_compatible
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.sampling import sample_sizes
-from vecpress.pipeline.schema import codes_schema
+from vecpress.pipeline.schema import codes_schema, served_schema
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.source import SourceSpec, plan_sources
 from vecpress.pipeline.sweep import candidate_specs
@@ -66,9 +67,13 @@ def check_rerank_codec(spec: str | None, dim: int, metric: str, num_train: int) 
     return size
 
 
-def output_schema(plan: SourcePlan, code_size: int, *, binary: bool, rerank_size: int | None,
-                  metadata: dict | None = None):
+def output_schema(plan: SourcePlan, opts: CompressOptions, code_size: int, *, binary: bool = False,
+                  rerank_size: int | None = None, metadata: dict | None = None):
+    """The output table's schema: a codes table, or (--serve lancedb) the vectors LanceDB indexes."""
     out_fields = plan.output_fields
+    if opts.serve == "lancedb":
+        return served_schema(out_fields.field(0), plan.vector_column, plan.dim, opts.vector_dtype,
+                             list(out_fields)[1:], metadata)
     return codes_schema(out_fields.field(0), code_size, list(out_fields)[1:], metadata, binary=binary,
                         rerank_size=rerank_size)
 
@@ -78,12 +83,15 @@ def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOp
     output table's schema."""
     plan = planned.plan
     try:
-        code_size = check_codec_spec(spec, plan.dim, opts.metric, planned.num_train)
-        rerank_size = check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
-        binary = is_binary_spec(spec, plan.dim)
+        if opts.serve == "lancedb":
+            code_size, rerank_size, binary = check_served_spec(spec, plan.dim, planned.num_train), None, False
+        else:
+            code_size = check_codec_spec(spec, plan.dim, opts.metric, planned.num_train)
+            rerank_size = check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
+            binary = is_binary_spec(spec, plan.dim)
     except CodecSpecError as exc:
         raise ConfigError(str(exc)) from None
-    schema = output_schema(plan, code_size, binary=binary, rerank_size=rerank_size)
+    schema = output_schema(plan, opts, code_size, binary=binary, rerank_size=rerank_size)
     read_version = check_compatible(ctx.out, ctx.table, schema, allow_schema_change=opts.allow_schema_change)
     return dataclasses.replace(planned, codec_spec=spec, code_size=code_size, read_version=read_version)
 
@@ -105,9 +113,14 @@ def plan(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
         auto = opts.codec == "auto"
         diff = diff_sources(ctx.out, ctx.table, snapshot, metric=opts.metric, codec=None if auto else opts.codec,
                             rerank_codec=opts.rerank_codec,
-                            advice={name: getattr(opts, name) for name in ADVICE_OPTIONS} if auto else None)
+                            advice={name: getattr(opts, name) for name in ADVICE_OPTIONS} if auto else None,
+                            serving={"serve": opts.serve, "vector_dtype": opts.vector_dtype})
         if diff is not None and diff.layout_lost and opts.force_retrain:
             diff = None  # nothing to extend: the retrain is a full rebuild
+        if diff is not None and opts.serve == "lancedb" and not diff.no_change:
+            log.info("incremental: full rebuild instead: a LanceDB-served table's index is rebuilt whole (index "
+                     "updates of changed files come later)")
+            diff = None
     if diff is not None:
         planned = dataclasses.replace(planned, diff=diff, plan=layout_after(snapshot, diff),
                                       num_train=diff.previous_manifest["sample"]["num_train"])
@@ -125,7 +138,9 @@ def plan(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
             raise ConfigError(str(exc)) from None
         what = "full build; codec chosen after sampling"
     else:
-        planned = resolve_codec(ctx, planned, opts.codec or default_codec(snapshot.dim), opts)
+        default = default_served_spec(snapshot.dim, snapshot.num_rows) if opts.serve == "lancedb" else \
+            default_codec(snapshot.dim)
+        planned = resolve_codec(ctx, planned, opts.codec or default, opts)
         what = f"full build; codec {planned.codec_spec} = {planned.code_size} bytes/vector"
     write_plan(ctx, planned.plan)
     log.info("plan: %d rows in %d files, %d shards, dim %d (%s); %s", snapshot.num_rows, len(snapshot.files),

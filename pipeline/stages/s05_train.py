@@ -1,5 +1,6 @@
-"""Stage 5, train: the codec (and the warm column's codec) on the sample, stored under its
-content hash; an incremental run carries the previous version's codecs instead."""
+"""Stage 5, train: the codec (and the warm column's codec), or with `--serve lancedb` the
+index's model (IVF centroids, PQ codebook), on the sample, stored under its content hash; an
+incremental run carries the previous version's instead."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.ivf import IvfPq
 from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.incremental import probe_quality
@@ -36,7 +38,8 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
     if advised.pretrained is not None and advised.pretrained.spec == spec:
         ref = advised.pretrained  # trained by the advisor's sweep on this same sample and seed
     else:
-        ref = save_codec(Codec.train(xt, spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+        kind = IvfPq if opts.serve == "lancedb" else Codec  # the served index's model, or a codec
+        ref = save_codec(kind.train(xt, spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
     warm = None
     if opts.rerank_codec:
         warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)

@@ -26,7 +26,7 @@ import pyarrow as pa
 from vecpress.kernels.knn import TopK
 from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import load_codec
-from vecpress.pipeline.context import RunContext, load_array, save_array
+from vecpress.pipeline.context import RunContext, load_array, save_array, save_arrays
 from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
@@ -36,7 +36,9 @@ from vecpress.pipeline.scan import (
     Columns, ComputeSpec, Computed, Gather, ScanBatch, ShardCompute, StoredCodes, batch_rows, run_scan, scan_shard,
     where_am_i,
 )
-from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN, codes_array, codes_as_numpy, codes_schema
+from vecpress.pipeline.schema import (
+    CODE_COLUMN, RERANK_COLUMN, codes_array, codes_as_numpy, codes_schema, served_schema,
+)
 from vecpress.pipeline.stages.s01_plan import Planned
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.stages.s05_train import Trained
@@ -61,6 +63,10 @@ class EncodeJob:
     #: encoders hosted elsewhere (pipeline.distributed's GPU actors): `remote.for_shard(i)` is
     #: the ShardCompute that shard i sends its batches to. None = compute in the worker
     remote: object | None = None
+    #: --serve lancedb: the stored vectors' type; the rows' index parts (partition, residual
+    #: code: IvfPq.encode) go to a file per task under `index_buffers_uri` (None: a codes table)
+    vector_dtype: str | None = None
+    index_buffers_uri: str | None = None
 
 
 @dataclass
@@ -86,6 +92,8 @@ class ShardResult:
     compute: dict | None = None
     #: seconds spent waiting for / in the compute (encode, exact neighbours, search over the codes)
     compute_seconds: float = 0.0
+    #: --serve lancedb: the file of the rows' index parts (partitions, residual codes), in row order
+    index_buffer_uri: str | None = None
 
     #: the array fields, stored beside the JSON fields in a checkpoint
     ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
@@ -95,7 +103,8 @@ class ShardResult:
         arrays = {name: a for name in self.ARRAYS if (a := getattr(self, name)) is not None}
         meta = json.dumps({"shards": self.shards, "fragments": self.fragments,
                            "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
-                           "compute": self.compute, "compute_seconds": self.compute_seconds})
+                           "compute": self.compute, "compute_seconds": self.compute_seconds,
+                           "index_buffer_uri": self.index_buffer_uri})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return buf.getvalue()
 
@@ -143,8 +152,12 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     spec, cols = job.compute, job.columns
     codec = load_codec(spec.codec)
     warm_size = load_codec(spec.rerank_codec).code_size if spec.rerank_codec else None
-    schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
-                          binary=codec.is_binary, rerank_size=warm_size)
+    if job.vector_dtype:
+        schema = served_schema(cols.out_fields.field(0), cols.vector, cols.dim, job.vector_dtype,
+                               list(cols.out_fields)[1:])
+    else:
+        schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
+                              binary=codec.is_binary, rerank_size=warm_size)
     exact, found = _gathers(spec, queries, query_positions)
     compute = job.remote.for_shard(group[0].index) if job.remote is not None else \
         ShardCompute(spec, queries if exact is not None else None, device=job.device)
@@ -156,9 +169,15 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     num_rows = 0
     failure: list[BaseException] = []
 
+    served: list[np.ndarray] = []  # --serve lancedb: the batches' index parts
+
     def output(b: ScanBatch):
         """(shard of the group, record batch) of a batch's output rows, one per file it read."""
-        codes = codes_array(b.codes, binary=codec.is_binary)
+        if job.vector_dtype:  # the vectors for LanceDB; their index parts kept for the index stage
+            served.append(b.codes)
+            codes = pa.FixedSizeListArray.from_arrays(pa.array(b.x.ravel().astype(job.vector_dtype)), cols.dim)
+        else:
+            codes = codes_array(b.codes, binary=codec.is_binary)
         warm = codes_array(b.warm) if warm_size else None
         for part in b.parts:
             ids, n = part.record.column(1), part.record.num_rows
@@ -189,9 +208,14 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
         for i, rb in outputs():
             by_shard[i].append(rb)
         fragments = [_write_fragments(job, schema, iter(rbs), failure) for rbs in by_shard]
+    buffer_uri = None
+    if job.vector_dtype:
+        parts, codes = codec.split(np.concatenate(served) if served else np.zeros((0, codec.code_size), np.uint8))
+        buffer_uri = save_arrays(storage.join(job.index_buffers_uri, f"shards-{group[0].index:06d}-"
+                                              f"{group[-1].index:06d}.npz"), {"partitions": parts, "codes": codes})
     result = ShardResult(shards=[s.index for s in group], fragments=fragments, num_rows=num_rows,
                          seconds=time.perf_counter() - start, reader=where_am_i(), compute=compute.info,
-                         compute_seconds=computed.seconds)
+                         compute_seconds=computed.seconds, index_buffer_uri=buffer_uri)
     if exact is not None:
         result.knn_D, result.knn_I = exact.top.D, exact.top.I
     if found is not None:
@@ -306,6 +330,9 @@ class Encoded:
     search_exact_uri: str | None = None
     #: the folder of the shards' checkpoints (removed once the commit that used them lands)
     checkpoints_uri: str | None = None
+    #: --serve lancedb: per encode task, (its first fragment, its fragments, its index buffer's
+    #: uri), fragments counted in `fragments`' order
+    index_buffers: tuple[tuple[int, int, str], ...] = ()
 
 
 def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
@@ -316,9 +343,12 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     shard's result is folded as it arrives: ties rank by position whatever the order."""
     start = time.perf_counter()
     plan, diff = planned.plan, planned.diff
-    spec = ComputeSpec(trained.codec, trained.rerank_codec, opts.eval_k, search=True, rerank=opts.eval_rerank)
+    served = opts.serve == "lancedb"  # (LanceDB's search is evaluated on the index, not in this pass)
+    spec = ComputeSpec(trained.codec, trained.rerank_codec, opts.eval_k, search=not served, rerank=opts.eval_rerank)
     job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan), batch_size=opts.batch_size,
-                    checkpoint_uri=ctx.run_file("shards"), device=opts.device)
+                    checkpoint_uri=ctx.run_file("shards"), device=opts.device,
+                    vector_dtype=opts.vector_dtype if served else None,
+                    index_buffers_uri=ctx.run_file("index-buffers") if served else None)
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     min_rows = batch_rows(opts.batch_size, plan.dim, gpu=False)  # shards smaller than a batch go together
@@ -330,6 +360,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
     searched = True  # (checkpoints of older runs lack the search)
     fragments: dict[int, list[dict]] = {}
+    buffers: dict[int, str] = {}  # first shard of a task -> its index buffer
     devices = DeviceReport()
     num_rows, actors = 0, None
     try:
@@ -344,6 +375,8 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             else:
                 found.add(r.search_D, r.search_I, r.search_E)
             fragments.update(zip(r.shards, r.fragments))
+            if r.index_buffer_uri:
+                buffers[r.shards[0]] = r.index_buffer_uri
             devices.add(r)
             num_rows += r.num_rows
         if pool is not None:
@@ -376,8 +409,15 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             search_exact_uri = save_array(ctx.run_file("search_exact.npy"), found.E)
     kept_fragments = list(diff.kept_fragments) if diff else []
     new_fragments = [f for i in sorted(fragments) for f in fragments[i]]
+    index_buffers, at = [], len(kept_fragments)
+    for i in sorted(fragments):  # each task's fragments, in the order they are committed
+        if i in buffers:
+            index_buffers.append([at, 0, buffers[i]])
+        if index_buffers:
+            index_buffers[-1][1] += len(fragments[i])
+        at += len(fragments[i])
     seconds = time.perf_counter() - start
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows, len(new_fragments),
              len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
     return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
-                   search_exact_uri, checkpoints_uri=job.checkpoint_uri)
+                   search_exact_uri, checkpoints_uri=job.checkpoint_uri, index_buffers=tuple(map(tuple, index_buffers)))

@@ -69,6 +69,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
                    opts: CompressOptions, *, advisor: dict | None, drift: dict | None, stage_seconds: dict) -> dict:
     plan = planned.plan
     rel = ctx.relative
+    served = opts.serve == "lancedb"
     return {
         "format": 1,
         "vecpress_version": __version__,
@@ -79,7 +80,8 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "dim": plan.dim,
         "metric": opts.metric,
         "codec": {**trained.codec.to_dict(), "uri": rel(trained.codec.uri)},
-        "codec_binary": is_binary_spec(trained.codec.spec, plan.dim),
+        "codec_binary": opts.serve == "codes" and is_binary_spec(trained.codec.spec, plan.dim),
+        "serve": opts.serve,
         "rerank_codec": None if trained.rerank_codec is None else {
             **trained.rerank_codec.to_dict(), "uri": rel(trained.rerank_codec.uri)},
         "source": {
@@ -99,7 +101,9 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             **{name: rel(uri) for name, uri in (("search_ids_uri", encoded.search_ids_uri),
                                                 ("search_exact_uri", encoded.search_exact_uri)) if uri},
         },
-        "code_bytes": trained.codec.code_size,
+        # --serve lancedb: the index's PQ bytes per row, and the stored vectors' bytes beside them
+        "code_bytes": trained.codec.code_size - 4 if served else trained.codec.code_size,  # (IvfPq: 4 + m)
+        "vector_bytes": plan.dim * (2 if opts.vector_dtype == "float16" else 4) if served else None,
         "rerank_bytes": None if trained.rerank_codec is None else trained.rerank_codec.code_size,
         "source_bytes": plan.source_bytes_per_vector,
         "options": dataclasses.asdict(opts),
@@ -122,7 +126,7 @@ def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     start = time.perf_counter()
     manifest = build_manifest(ctx, planned, sampled, trained, encoded, opts, advisor=advisor, drift=drift,
                               stage_seconds=stage_seconds)
-    schema = output_schema(planned.plan, trained.codec.code_size, binary=manifest["codec_binary"],
+    schema = output_schema(planned.plan, opts, trained.codec.code_size, binary=manifest["codec_binary"],
                            rerank_size=manifest["rerank_bytes"],
                            metadata={MANIFEST_METADATA_KEY: json.dumps(manifest).encode()})
     if ctx.lease is not None:

@@ -599,12 +599,18 @@ def test_failed_first_run_leaves_no_table(make_corpus, ray_one, tmp_path):
 @pytest.mark.parametrize("codec, expect", [
     ("PQ7", ["PQ7", "dim=32", "m must divide", "[2, 4, 8, 16, 32]"]),
     ("PQ8x12", ["PQ8x12", "4096 training vectors", f"only {NUM_TRAIN}"]),
-    ("IVF16,PQ8", ["IVF16,PQ8", "not a standalone codec"]),
+    ("HNSW32", ["HNSW32", "not a standalone codec"]),
 ])
 def test_impossible_codec_fails_before_reading_data(base, ray_executor, codec, expect):
     opts = CompressOptions(**{**OPTS.__dict__, "codec": codec})
     msg = fails_at_plan(base, ray_executor, ConfigError, opts=opts)
     assert_mentions(msg, *expect)
+
+
+def test_an_index_spec_needs_the_lancedb_output():
+    """IVF<n>,PQ<m> names a LanceDB index, which only a LanceDB-served table has."""
+    with pytest.raises(ConfigError, match="IVF16,PQ8 names a LanceDB index: add --serve lancedb"):
+        CompressOptions(**{**OPTS.__dict__, "codec": "IVF16,PQ8"})
 
 
 # ---- vectors_as_numpy --------------------------------------------------------------------------

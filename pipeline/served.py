@@ -1,0 +1,196 @@
+"""A LanceDB-served table (`--serve lancedb`): its IVF_PQ index, built from vecpress's model and
+codes, and the recall of LanceDB's own search over it.
+
+The encode pass leaves, per task, every row's partition and residual PQ code (IvfPq.encode)
+in the run folder. Once the rows are committed, each task's file becomes an index segment of
+its fragments, in a worker: the file is rewritten with the rows' Lance row ids, and Lance's
+`create_index_uncommitted` takes it as precomputed shuffle buffers with vecpress's centroids
+and codebook (Lance then trains and computes nothing). The driver commits the segments
+together: one new version whose index covers every row.
+
+Traps Lance leaves open (../shared/PITFALLS.md), and how this module closes them: without the
+centroids or the codebook Lance silently trains its own (both always passed); a row missing
+from a buffer is never returned (every buffer is checked against its fragments' rows); a
+float16 column needs a float16 model (the model is cast to the column's type); buffers are
+not filtered by fragment (one buffer per segment); segments sharing an index uuid overwrite
+each other (each segment gets its own).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import lance
+import lancedb
+import numpy as np
+import pyarrow as pa
+
+from vecpress.pipeline import storage
+from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.context import load_arrays
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.lance_io import open_lance
+
+log = logging.getLogger("vecpress")
+
+INDEX_TYPE = "IVF_PQ"
+#: the grid of LanceDB search settings every served version is measured at (refine_factor
+#: None: no re-ranking; else r x k candidates re-ranked with the stored vectors)
+GRID_NPROBES = (10, 20, 50)
+GRID_REFINE = (None, 2, 5)
+#: the recall targets `inspect` names the cheapest setting for
+RECALL_TARGETS = (0.9, 0.95)
+#: queries timed one by one for the latency of each setting
+LATENCY_QUERIES = 50
+
+
+def index_name(column: str) -> str:
+    return f"{column}_idx"
+
+
+@dataclass(frozen=True)
+class IndexJob:
+    """What every segment task needs: the committed version, the column, the model."""
+
+    table_uri: str
+    version: int
+    column: str
+    model: CodecRef
+    vector_dtype: str
+    #: folder for the segments' shuffle buffers (Lance datasets)
+    buffers_uri: str
+
+
+def build_index_segment(item: tuple[int, int, str], *, job: IndexJob):
+    """An uncommitted index segment over `item`'s fragments (the version's fragments number
+    first .. first + count - 1, in order) from the encode task's file of partitions and codes
+    (`item[2]`). Returns Lance's segment (picklable), for `commit_index`."""
+    first, count, uri = item
+    ds = open_lance(job.table_uri, job.version)
+    frags = ds.get_fragments()[first:first + count]
+    rows = [f.count_rows() for f in frags]
+    parts = load_arrays(uri)
+    if len(parts["partitions"]) != sum(rows):
+        raise VecpressError(f"{uri} holds {len(parts['partitions'])} rows' index parts for the {sum(rows)} rows of "
+                            f"fragments {[f.fragment_id for f in frags]} of {job.table_uri} version {job.version}")
+    row_ids = np.concatenate([(np.uint64(f.fragment_id) << np.uint64(32)) + np.arange(n, dtype=np.uint64)
+                              for f, n in zip(frags, rows)])
+    codes = np.ascontiguousarray(parts["codes"], np.uint8)
+    buffer = pa.table({"row_id": pa.array(row_ids, pa.uint64()),
+                       "__ivf_part_id": pa.array(parts["partitions"].astype(np.uint32), pa.uint32()),
+                       "__pq_code": pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()),
+                                                                      codes.shape[1])})
+    target, options = storage.lance_location(storage.join(job.buffers_uri, f"segment-{first:06d}"))
+    lance.write_dataset(buffer, target, mode="overwrite", storage_options=options)
+    model = load_codec(job.model)
+    dtype = np.float16 if job.vector_dtype == "float16" else np.float32  # (a float32 model on float16 panics)
+    return ds.create_index_uncommitted(
+        job.column, INDEX_TYPE, name=index_name(job.column), metric=model.lance_metric,
+        num_partitions=len(model.centroids), num_sub_vectors=model.num_sub_vectors,
+        ivf_centroids=model.centroids.astype(dtype), pq_codebook=model.codebook.astype(dtype),
+        fragment_ids=[f.fragment_id for f in frags], precomputed_shuffle_buffers=["buffer"],
+        precomputed_shuffle_buffers_path=storage.join(target, "data"), storage_options=options)
+
+
+def index_info(ds: lance.LanceDataset, column: str) -> dict | None:
+    """The version's index over `column` (type, name, segments, whether it covers every row),
+    or None when it has none."""
+    name = index_name(column)
+    segments = [i for i in ds.list_indices() if i["name"] == name]
+    if not segments:
+        return None
+    covered = set().union(*(set(i["fragment_ids"]) for i in segments))
+    return {"type": segments[0]["type"], "name": name, "column": column, "segments": len(segments),
+            "covers_all_rows": covered >= {f.fragment_id for f in ds.get_fragments()}}
+
+
+def indexed_version(table_uri: str, column: str) -> int | None:
+    """The latest version when its index covers every row of it, else None."""
+    ds = open_lance(table_uri)
+    info = index_info(ds, column)
+    return ds.version if info is not None and info["covers_all_rows"] else None
+
+
+def commit_index(table_uri: str, version: int, column: str, segments: list) -> int:
+    """Commit the segments as the version's index: a new version, whose rows it all covers."""
+    ds = open_lance(table_uri, version)
+    done = ds.commit_existing_index_segments(index_name(column), column, segments)
+    return done.version
+
+
+# ---- the recall of LanceDB's search ---------------------------------------------------------
+
+def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.ndarray, qpos: np.ndarray,
+                    truth: np.ndarray) -> dict:
+    """recall@1/10/100 of LanceDB's own search at its defaults, and recall@10 and the p50
+    latency of one query over the grid of nprobes x refine_factor, for the held-out queries
+    (raw vectors `xq`, their own positions `qpos` excluded from their results) against their
+    exact neighbours (positions `truth`). Searches the table as a user does: lancedb, the
+    version checked out, the id column compared."""
+    ds = open_lance(storage.join(storage.normalize(out), f"{table}.lance"), version)
+    id_col = manifest["source"]["id_column"]
+    ids = ds.take(np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist(), columns=[id_col])
+    by_position = dict(zip(np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist(), ids.column(0).to_pylist()))
+    own = [by_position[int(p)] for p in qpos]
+    want = [[by_position[int(p)] for p in row if p >= 0] for row in truth]
+    target, options = storage.lance_location(storage.normalize(out))
+    tbl = lancedb.connect(target, storage_options=options).open_table(table)
+    tbl.checkout(version)
+    k = truth.shape[1]
+
+    def search(query, nprobes, refine, limit):
+        q = tbl.search(query).select([id_col, "_distance"]).limit(limit)
+        if nprobes is not None:
+            q = q.nprobes(nprobes)
+        if refine is not None:
+            q = q.refine_factor(refine)
+        return q
+
+    def found(nprobes, refine, limit) -> list[list]:
+        t = search(xq, nprobes, refine, limit + 1).to_arrow()  # +1: the query's own row
+        out_ids = [[] for _ in range(len(xq))]
+        for qi, i in zip(t.column("query_index").to_pylist(), t.column(id_col).to_pylist()):
+            if i != own[qi] and len(out_ids[qi]) < limit:
+                out_ids[qi].append(i)
+        return out_ids
+
+    def recall(got, kk) -> float | None:
+        if kk > k:
+            return None
+        hits = sum(len(set(g[:kk]) & set(w[:kk])) for g, w in zip(got, want))
+        return hits / max(1, sum(len(w[:kk]) for w in want))
+
+    def p50_ms(nprobes, refine) -> float:
+        queries = xq[:LATENCY_QUERIES]
+        search(queries[0], nprobes, refine, 10).to_arrow()  # warm: index and files opened
+        times = []
+        for q in queries:
+            start = time.perf_counter()
+            search(q, nprobes, refine, 10).to_arrow()
+            times.append((time.perf_counter() - start) * 1000)
+        return round(float(np.median(times)), 3)
+
+    default = found(None, None, min(k, 100))
+    grid = []
+    for nprobes in GRID_NPROBES:
+        for refine in GRID_REFINE:
+            grid.append({"nprobes": nprobes, "refine_factor": refine, "recall_at_10": recall(found(nprobes, refine, 10), 10),
+                         "p50_ms": p50_ms(nprobes, refine)})
+    return {"index": INDEX_TYPE, "defaults": {"nprobes": None, "refine_factor": None,
+                                              **{f"recall_at_{kk}": recall(default, kk) for kk in (1, 10, 100)},
+                                              "p50_ms": p50_ms(None, None)},
+            "grid": grid, "cheapest": cheapest_settings(grid)}
+
+
+def cheapest_settings(grid: list[dict]) -> dict[str, dict | None]:
+    """Per recall target, the setting that reaches it with the least work: the fewest
+    partitions probed, then the least re-ranking (latencies of small tables are too close to
+    rank by)."""
+    cheapest = {}
+    for target_recall in RECALL_TARGETS:
+        ok = [g for g in grid if (g["recall_at_10"] or 0) >= target_recall]
+        cheapest[str(target_recall)] = min(ok, key=lambda g: (g["nprobes"], g["refine_factor"] or 1)) if ok else None
+    return cheapest
+

@@ -1,0 +1,168 @@
+"""`--serve lancedb`: the output holds the vectors and a Lance IVF_PQ index built from
+vecpress's model and codes; LanceDB's own search over it, from a process that imports only
+lancedb, finds what vecpress reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import lance
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from vecpress.kernels.codecs.ivf import IvfPq
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.context import load_array
+from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.report import inspect_table, summary_table
+from vecpress.pipeline.run import run_compress
+from tests.conftest import write_split
+
+N, DIM = 9000, 32
+OPTS = dict(serve="lancedb", codec="IVF32,PQ8", keep=("text",), num_train=4000, num_queries=150, eval_k=100,
+            shard_rows=3000, batch_size=1000, gate_max_drop=1.0)
+
+#: what a user runs: a fresh process, lancedb alone, the held-out queries searched as documented
+USER = r'''
+import json, sys
+import lancedb
+args = json.load(open(sys.argv[1]))
+tbl = lancedb.connect(args["out"]).open_table(args["table"])
+hits = []
+for q, own, want in zip(args["queries"], args["own"], args["truth"]):
+    s = tbl.search(q)
+    if args["nprobes"] is not None:
+        s = s.nprobes(args["nprobes"])
+    if args["refine"] is not None:
+        s = s.refine_factor(args["refine"])
+    got = [r["id"] for r in s.limit(11).to_list() if r["id"] != own][:10]
+    hits.append(len(set(got) & set(want[:10])) / 10)
+print(json.dumps({"recall_at_10": sum(hits) / len(hits),
+                  "unindexed": tbl.list_indices()[0].num_unindexed_rows}))
+'''
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("served")
+    x = ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(0, N)
+    write_split(root / "src", x, [0, 3000, 6000, N], "part-{}", row_group_size=1000)
+    return root, x
+
+
+@pytest.fixture(scope="module")
+def served(corpus, ray_executor):
+    root, x = corpus
+    result = run_compress([str(root / "src")], str(root / "out"), "t", CompressOptions(**OPTS), executor=ray_executor)
+    return root, x, result
+
+
+def user_recall(tmp_path, out: str, manifest: dict, nprobes, refine) -> dict:
+    """What a user measures with lancedb alone, for the version's held-out queries."""
+    sample = manifest["sample"]
+    xq = load_array(f"{out}/{sample['queries_uri']}")
+    qpos = load_array(f"{out}/{sample['query_positions_uri']}")
+    truth = load_array(f"{out}/{sample['ground_truth_uri']}")
+    ids = lance.dataset(f"{out}/t.lance").to_table(columns=["id"]).column(0).to_numpy()  # (ids = positions here)
+    args = {"out": out, "table": "t", "queries": xq.tolist(), "own": ids[qpos].tolist(),
+            "truth": [ids[row[row >= 0]].tolist() for row in truth], "nprobes": nprobes, "refine": refine}
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps(args))
+    done = subprocess.run([sys.executable, "-c", USER, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_served_table_holds_vectors_and_an_index_over_every_row(served):
+    root, x, result = served
+    ds = lance.dataset(str(root / "out" / "t.lance"))
+    assert ds.schema.names == ["id", "embedding", "text"]
+    assert ds.schema.field("embedding").type == pa.list_(pa.float16(), DIM)  # the default --vector-dtype
+    stored = np.stack(ds.to_table(columns=["embedding"]).column(0).to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(stored, x.astype(np.float16).astype(np.float32))
+    info = inspect_table(str(root / "out"), "t", "production")
+    assert info["version"] == result.version == ds.version == 2  # rows (1), then their index (2)
+    assert info["index"] == {"type": "IVF_PQ", "name": "embedding_idx", "column": "embedding", "segments": 3,
+                             "covers_all_rows": True}
+    assert info["serve"] == "lancedb" and info["code_bytes"] == 8 and info["vector_bytes"] == 2 * DIM
+    assert "served by       LanceDB: IVF_PQ IVF32,PQ8 over column embedding" in summary_table(info)
+
+
+def test_the_index_is_vecpress_s_model(served):
+    """Lance trained nothing: LanceDB's search over every partition, without re-ranking,
+    ranks as an exhaustive search over the model's own reconstructions does."""
+    root, x, result = served
+    model = load_codec(CodecRef(**{**result.manifest["codec"], "uri": str(root / "out" / result.manifest["codec"]["uri"])}))
+    assert isinstance(model, IvfPq) and len(model.centroids) == 32 and model.num_sub_vectors == 8
+    import lancedb
+
+    tbl = lancedb.connect(str(root / "out")).open_table("t")
+    xq = ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(50_000, 20)
+    got = tbl.search(xq).nprobes(32).select(["id", "_distance"]).limit(10).to_arrow()
+    _, want = model.search_codes(xq, model.encode(x), 10)
+    got_ids = [got.filter(pa.compute.equal(got["query_index"], i))["id"].to_pylist() for i in range(20)]
+    assert np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got_ids, want)]) > 0.95
+
+
+@pytest.mark.parametrize("nprobes,refine", [(None, None), (10, None), (20, 2)])
+def test_reported_recall_is_what_a_user_measures(served, tmp_path, nprobes, refine):
+    root, _, result = served
+    served_ev = result.eval["served"]
+    if nprobes is None:
+        reported = served_ev["defaults"]["recall_at_10"]
+    else:
+        reported = next(g for g in served_ev["grid"] if g["nprobes"] == nprobes and g["refine_factor"] == refine)[
+            "recall_at_10"]
+    user = user_recall(tmp_path, str(root / "out"), result.manifest, nprobes, refine)
+    assert user["unindexed"] == 0
+    assert user["recall_at_10"] == pytest.approx(reported, abs=0.01)
+    assert result.eval["searched"] == "lancedb" and result.eval["recall_at_10"] == served_ev["defaults"]["recall_at_10"]
+
+
+def test_the_grid_and_its_cheapest_settings(served):
+    _, _, result = served
+    grid = result.eval["served"]["grid"]
+    assert {g["nprobes"] for g in grid} == {10, 20, 50} and {g["refine_factor"] for g in grid} == {None, 2, 5}
+    assert all(g["p50_ms"] > 0 for g in grid)
+    best = {(g["nprobes"], g["refine_factor"]): g["recall_at_10"] for g in grid}
+    assert best[(20, 5)] > best[(20, None)]  # re-ranking with the stored vectors pays
+    cheapest = result.eval["served"]["cheapest"]["0.9"]
+    assert cheapest is not None and cheapest["recall_at_10"] >= 0.9
+    assert result.stage_seconds["index"] > 0 and result.stage_seconds["evaluate"] > 0
+
+
+def test_cosine_float32_and_a_run_with_nothing_new(corpus, tmp_path, ray_executor):
+    root, x = corpus
+    out = str(tmp_path / "out")
+    opts = CompressOptions(**{**OPTS, "metric": "cosine", "vector_dtype": "float32"})
+    first = run_compress([str(root / "src")], out, "t", opts, executor=ray_executor)
+    assert lance.dataset(f"{out}/t.lance").schema.field("embedding").type == pa.list_(pa.float32(), DIM)
+    assert first.eval["served"]["grid"][-1]["recall_at_10"] > 0.9  # nprobes 50, refine 5
+    again = run_compress([str(root / "src")], out, "t", opts, executor=ray_executor)
+    assert not again.committed and again.version == first.version
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(codec="IVF32,PQ8"), "add --serve lancedb"),
+    (dict(serve="lancedb", codec="PQ8"), "must name it"),
+    (dict(serve="lancedb", codec="auto", max_bytes=8), "give the index"),
+    (dict(serve="lancedb", rerank_codec="SQ8"), "refine_factor"),
+    (dict(serve="cloud"), "--serve must be"),
+])
+def test_serving_options_are_checked(kw, needle):
+    with pytest.raises(ConfigError, match=needle):
+        CompressOptions(**kw)
+
+
+def test_served_specs_are_checked_before_reading(corpus, tmp_path, ray_executor):
+    root, _ = corpus
+    with pytest.raises(ConfigError, match="PQ7 must divide dim=32"):
+        run_compress([str(root / "src")], str(tmp_path / "o"), "t",
+                     CompressOptions(**{**OPTS, "codec": "IVF32,PQ7"}), executor=ray_executor)
+    with pytest.raises(ConfigError, match="needs at least 5000 training vectors"):
+        run_compress([str(root / "src")], str(tmp_path / "o"), "t",
+                     CompressOptions(**{**OPTS, "codec": "IVF5000,PQ8"}), executor=ray_executor)
