@@ -12,6 +12,7 @@ from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
+from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
 from vecpress.pipeline.rerank import column_distances, source_distances
@@ -31,6 +32,19 @@ def read_query_vectors(uri: str, column: str, dim: int) -> np.ndarray:
                                 f"columns are {pf.schema_arrow.names}); pass --query-column")
         parts.append(vectors_as_numpy(pf.read(columns=[column]).column(0), dim, where=f, column=column))
     return np.concatenate(parts)
+
+
+def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str | None = None) -> np.ndarray:
+    """Query vectors in the table's stored form: (n, code_size) uint8, encoded by the version's
+    codec as its rows were. For a binary codec (BIN, BINt) that is what LanceDB searches by
+    Hamming distance: `tbl.search(code, vector_column_name="code").distance_type("hamming")`."""
+    m = version_manifest(require_dataset(out, table, version))
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    if queries.shape[1] != m["dim"]:
+        raise VecpressError(f"queries have shape {queries.shape}, the table holds {m['dim']}-d vectors")
+    if m.get("serve") == "lancedb":
+        raise VecpressError(f"table {table!r} serves its vectors to LanceDB: search it with the query vectors as they are")
+    return load_codec(manifest_codec(out, m["codec"])).encode(queries)
 
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",

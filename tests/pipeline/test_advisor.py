@@ -91,12 +91,12 @@ def test_binary_codes_search_the_same_in_lancedb(corpus, tmp_path, ray_executor)
     out = str(tmp_path / "out")
     run_compress([str(root / "src")], out, "bin", CompressOptions(codec="BIN", metric="cosine", **COMMON),
                  executor=ray_executor)
-    info = inspect_table(out, "bin")
-    codec = Codec.from_bytes(open(info["codec_uri"], "rb").read(), spec="BIN", metric="cosine")
+    from vecpress.pipeline.search import query_codes
+
     xq = ClusteredEmbeddings(DIM, seed=21, num_clusters=48).batch(70_000, 8)
     ours = search(out, "bin", xq, 10)
     table = lancedb.connect(out).open_table("bin")
-    for q, qcode in enumerate(codec.encode(xq)):
+    for q, qcode in enumerate(query_codes(out, "bin", xq)):  # the one call that makes a query searchable there
         theirs = table.search(qcode, vector_column_name="code").distance_type("hamming").limit(10).to_pandas()
         mine = ours.filter(pa.compute.equal(ours.column("query"), q))
         d_mine = mine.column("distance").to_numpy()
