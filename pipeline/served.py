@@ -19,6 +19,7 @@ each other (each segment gets its own).
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -59,8 +60,6 @@ class IndexJob:
     column: str
     model: CodecRef
     vector_dtype: str
-    #: folder for the segments' shuffle buffers (Lance datasets)
-    buffers_uri: str
 
 
 def build_index_segment(item: tuple[int, int, str], *, job: IndexJob):
@@ -82,16 +81,19 @@ def build_index_segment(item: tuple[int, int, str], *, job: IndexJob):
                        "__ivf_part_id": pa.array(parts["partitions"].astype(np.uint32), pa.uint32()),
                        "__pq_code": pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()),
                                                                       codes.shape[1])})
-    target, options = storage.lance_location(storage.join(job.buffers_uri, f"segment-{first:06d}"))
-    lance.write_dataset(buffer, target, mode="overwrite", storage_options=options)
     model = load_codec(job.model)
     dtype = np.float16 if job.vector_dtype == "float16" else np.float32  # (a float32 model on float16 panics)
-    return ds.create_index_uncommitted(
-        job.column, INDEX_TYPE, name=index_name(job.column), metric=model.lance_metric,
-        num_partitions=len(model.centroids), num_sub_vectors=model.num_sub_vectors,
-        ivf_centroids=model.centroids.astype(dtype), pq_codebook=model.codebook.astype(dtype),
-        fragment_ids=[f.fragment_id for f in frags], precomputed_shuffle_buffers=["buffer"],
-        precomputed_shuffle_buffers_path=storage.join(target, "data"), storage_options=options)
+    _, options = storage.lance_location(job.table_uri)
+    # the buffer is read once, by this call, in this process: a local file whatever the output
+    # (Lance takes no object-store URI for it)
+    with tempfile.TemporaryDirectory(prefix="vecpress-index-") as local:
+        lance.write_dataset(buffer, local + "/buffer", mode="overwrite")
+        return ds.create_index_uncommitted(
+            job.column, INDEX_TYPE, name=index_name(job.column), metric=model.lance_metric,
+            num_partitions=len(model.centroids), num_sub_vectors=model.num_sub_vectors,
+            ivf_centroids=model.centroids.astype(dtype), pq_codebook=model.codebook.astype(dtype),
+            fragment_ids=[f.fragment_id for f in frags], precomputed_shuffle_buffers=["buffer"],
+            precomputed_shuffle_buffers_path=local + "/buffer/data", storage_options=options)
 
 
 def index_info(ds: lance.LanceDataset, column: str) -> dict | None:

@@ -32,7 +32,7 @@ def index(ctx: RunContext, committed: Committed, encoded: Encoded, opts: Compres
     done = indexed_version(ctx.table_uri, column)
     if done is None or done <= committed.version:
         job = IndexJob(ctx.table_uri, committed.version, column, manifest_codec(ctx.out, committed.manifest["codec"]),
-                       opts.vector_dtype, ctx.run_file("index-segments"))
+                       opts.vector_dtype)
         segments = collect(executor.imap(build_index_segment, list(encoded.index_buffers), desc="index",
                                          shared={"job": job}))
         if ctx.lease is not None:
@@ -42,7 +42,7 @@ def index(ctx: RunContext, committed: Committed, encoded: Encoded, opts: Compres
                 "index": {"type": INDEX_TYPE, "name": f"{column}_idx", "column": column, "spec": committed.manifest[
                     "codec"]["spec"], "data_version": committed.version, "segments": len(encoded.index_buffers)}}
     storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
-    storage.remove_tree(ctx.run_file("index-segments"))  # (their contents are in the index now)
+    storage.remove_tree(ctx.run_file("index-buffers"))  # (the encode pass's codes: in the index now)
     log.info("index: %s over %s, %d segments, version %d", committed.manifest["codec"]["spec"], column,
              len(encoded.index_buffers), done)
     return dataclasses.replace(committed, version=done, manifest=manifest, seconds=time.perf_counter() - start)

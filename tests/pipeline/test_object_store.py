@@ -91,3 +91,35 @@ def test_s3_output_end_to_end(s3, tmp_path, ray_executor, monkeypatch):
     secret = os.environ["AWS_SECRET_ACCESS_KEY"]
     manifest = json.dumps(result.manifest) + json.dumps(info) + json.dumps(result.eval)
     assert secret not in manifest and "secret" not in manifest.lower()
+
+
+def test_s3_served_table_searches_from_lancedb(s3, tmp_path, ray_executor):
+    """--serve lancedb with the output on the S3-compatible server: the index segments are
+    built and committed there, and a process importing only lancedb searches the table."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from vecpress.pipeline.storage import lance_location
+
+    fs, query = s3
+    fs.create_dir("served")
+    x = ClusteredEmbeddings(16, seed=7).batch(0, 3000)
+    put_parquet(fs, "corpus/served/a.parquet", x, np.arange(3000))
+    out = f"s3://served/out?{query}"
+    result = run_compress([f"s3://corpus/served?{query}"], out, "t",
+                          CompressOptions(serve="lancedb", codec="IVF8,PQ4", num_train=2000, num_queries=100, eval_k=10,
+                                          gate_max_drop=1.0), executor=ray_executor)
+    assert result.version == 2 and result.eval["served"]["grid"][-1]["recall_at_10"] > 0.8
+    target, options = lance_location(out)
+    user = ("import json, sys, lancedb\n"
+            "a = json.loads(sys.argv[1])\n"
+            "t = lancedb.connect(a['target'], storage_options=a['options']).open_table('t')\n"
+            "print(json.dumps({'ids': [r['id'] for r in t.search(a['q']).nprobes(8).refine_factor(5).limit(1).to_list()],"
+            " 'unindexed': t.list_indices()[0].num_unindexed_rows}))\n")
+    done = subprocess.run([sys.executable, "-c", user, json.dumps({"target": target, "options": options,
+                                                                   "q": x[123].tolist()})],
+                          capture_output=True, text=True, check=True, env=os.environ)
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    assert got == {"ids": [123], "unindexed": 0}
