@@ -117,10 +117,6 @@ def plan(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
                             serving={"serve": opts.serve, "vector_dtype": opts.vector_dtype})
         if diff is not None and diff.layout_lost and opts.force_retrain:
             diff = None  # nothing to extend: the retrain is a full rebuild
-        if diff is not None and opts.serve == "lancedb" and not diff.no_change:
-            log.info("incremental: full rebuild instead: a LanceDB-served table's index is rebuilt whole (index "
-                     "updates of changed files come later)")
-            diff = None
     if diff is not None:
         planned = dataclasses.replace(planned, diff=diff, plan=layout_after(snapshot, diff),
                                       num_train=diff.previous_manifest["sample"]["num_train"])

@@ -256,6 +256,9 @@ class KeptSearch:
     batch_size: int = 0
     #: GPUs faiss may search on (-1 = those it sees, 0 = the CPU only)
     ngpu: int = -1
+    #: --serve lancedb: the kept rows have no stored codes; their index parts (the kept
+    #: model's partitions and codes) are computed from their vectors into a file in this folder
+    index_buffers_uri: str | None = None
 
 
 def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries: np.ndarray,
@@ -263,15 +266,32 @@ def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries
     """A kept shard's (or merged group's) exact top-k for the queries and their search over its
     stored codes (read from the fragments it owns, `item[1]`), with the candidates' exact
     distances, in one read of its vectors, as the encode pass finds them for new shards.
-    Returns (D, I, (D, I, E))."""
+    Returns (D, I, (D, I, E)); for a LanceDB-served table (D, I, the index buffer's uri)."""
     shard, fragment_ids = item
     spec = job.compute
+    if job.index_buffers_uri:
+        return _index_kept_shard(shard, job, queries, query_positions)
     compute = ShardCompute(spec, queries, device="cpu", search_ngpu=job.ngpu)  # (nothing to encode)
     codes, warm = _stored_codes(job, shard, fragment_ids, with_warm=spec.rerank_codec is not None and spec.rerank)
     exact, found = _gathers(spec, queries, query_positions)
     run_scan(shard, job.columns, [StoredCodes(codes, warm, compute), exact, found],
              batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0))
     return exact.top.D, exact.top.I, (found.top.D, found.top.I, found.top.E)
+
+
+def _index_kept_shard(shard: Shard, job: KeptSearch, queries: np.ndarray, query_positions: np.ndarray):
+    """A served table's kept rows: their exact top-k, and their index parts for the index
+    stage (the same model, so the same parts as when they were first encoded)."""
+    compute = ShardCompute(job.compute, queries, device="cpu", search_ngpu=job.ngpu)
+    exact, _ = _gathers(job.compute, queries, query_positions)
+    codes = []
+    for b in scan_shard(shard, job.columns, [Computed(compute), exact],
+                        batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0)):
+        codes.append(b.codes)
+    parts, pq_codes = compute.codec.split(np.concatenate(codes))
+    uri = save_arrays(storage.join(job.index_buffers_uri, f"kept-{shard.index:06d}.npz"),
+                      {"partitions": parts, "codes": pq_codes})
+    return exact.top.D, exact.top.I, uri
 
 
 def _stored_codes(job: KeptSearch, shard: Shard, fragment_ids: list[int], *, with_warm: bool):
@@ -358,9 +378,10 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         pool = gpu_compute(spec, xq, ngpu=opts.ngpu)
     exact = TopK(len(qpos), opts.eval_k, exclude=qpos)
     found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
-    searched = True  # (checkpoints of older runs lack the search)
+    searched = not served  # (a served table is searched by LanceDB; checkpoints of older runs lack the search)
     fragments: dict[int, list[dict]] = {}
     buffers: dict[int, str] = {}  # first shard of a task -> its index buffer
+    kept_buffers: list[tuple[int, int, str]] = []  # (first fragment, fragments, buffer) of kept groups
     devices = DeviceReport()
     num_rows, actors = 0, None
     try:
@@ -393,14 +414,19 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                  "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
-        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan), opts.batch_size, opts.ngpu)
+        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan), opts.batch_size, opts.ngpu,
+                          index_buffers_uri=job.index_buffers_uri)
         ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
-        items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in group_shards(plan.shards[:num_kept],
-                                                                                              min_rows)]
-        for _, (D, I, f) in executor.imap(search_kept_shard, items, desc="exact neighbours and search (kept rows)",
+        groups = group_shards(plan.shards[:num_kept], min_rows)
+        items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in groups]
+        for i, (D, I, f) in executor.imap(search_kept_shard, items, desc="exact neighbours and search (kept rows)",
                                           shared={"job": kept, "queries": xq, "query_positions": qpos}):
             exact.add(D, I)
-            found.add(*f)
+            if served:  # f: the group's index buffer; its fragments come first, in kept order
+                first = sum(len(ids[s.index]) for g in groups[:i] for s in g)
+                kept_buffers.append((first, len(items[i][1]), f))
+            else:
+                found.add(*f)
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
     search_ids_uri = search_exact_uri = None
     if searched:
@@ -420,4 +446,5 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows, len(new_fragments),
              len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
     return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
-                   search_exact_uri, checkpoints_uri=job.checkpoint_uri, index_buffers=tuple(map(tuple, index_buffers)))
+                   search_exact_uri, checkpoints_uri=job.checkpoint_uri,
+                   index_buffers=tuple(sorted(kept_buffers)) + tuple(map(tuple, index_buffers)))

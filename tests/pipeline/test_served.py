@@ -166,3 +166,36 @@ def test_served_specs_are_checked_before_reading(corpus, tmp_path, ray_executor)
     with pytest.raises(ConfigError, match="needs at least 5000 training vectors"):
         run_compress([str(root / "src")], str(tmp_path / "o"), "t",
                      CompressOptions(**{**OPTS, "codec": "IVF5000,PQ8"}), executor=ray_executor)
+
+
+def test_nightly_runs_keep_the_index_current(corpus, tmp_path, ray_executor):
+    """A new file is encoded with the same model and indexed; a deleted file's rows leave the
+    table and its index; kept rows keep their data files; the production version's index
+    covers every row, night after night."""
+    import shutil
+
+    import lancedb
+
+    root, x = corpus
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    shutil.copytree(root / "src", src)
+    opts = CompressOptions(**OPTS)
+    first = run_compress([str(src)], out, "t", opts, executor=ray_executor)
+    files = lambda v: {f.path for fr in lance.dataset(f"{out}/t.lance", version=v).get_fragments()  # noqa: E731
+                       for f in fr.metadata.files}
+    extra = ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 3000)  # (the same distribution: no drift)
+    write_split(src, extra, [0, 3000], "part-new{}", row_group_size=1000)
+    (src / "part-0.parquet").unlink()
+    night = run_compress([str(src)], out, "t", opts, executor=ray_executor)
+    assert night.mode == "incremental", night.drift
+    assert night.manifest["codec"]["sha256"] == first.manifest["codec"]["sha256"]
+    assert night.incremental["rows_added"] == 3000 and night.incremental["rows_removed"] == 3000
+    info = inspect_table(out, "t", "production")
+    assert info["version"] == night.version and info["index"]["covers_all_rows"] and info["num_rows"] == N
+    assert len(files(first.version) & files(night.version)) == 2  # the two kept files' data, not rewritten
+    tbl = lancedb.connect(out).open_table("t")
+    assert tbl.list_indices()[0].num_unindexed_rows == 0
+    hit = tbl.search(extra[7]).nprobes(32).refine_factor(5).limit(1).to_list()[0]
+    np.testing.assert_allclose(np.asarray(hit["embedding"], np.float32), extra[7], atol=1e-2)
+    gone = tbl.search(x[5]).nprobes(32).refine_factor(5).limit(1).to_list()[0]
+    assert gone["id"] != 5 and tbl.count_rows("id < 3000") == 3000  # (ids 0..2999 now: the new file's)
