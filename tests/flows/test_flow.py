@@ -181,3 +181,24 @@ def test_device_cuda_without_a_gpu_fails_instead_of_encoding_on_the_cpu(make_cor
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert rc == 2 and "--device cuda" in last and "sees no such GPU" in last
     assert open_dataset(str(tmp_path / "out"), "t") is None  # nothing committed
+
+
+def test_cli_serves_a_table_to_lancedb(corpus, tmp_path, capsys, ray_executor):
+    """`compress --serve lancedb`: its JSON carries LanceDB's recall over the grid, and
+    `inspect` prints the grid and the cheapest settings."""
+    folder, _ = corpus
+    out = tmp_path / "out"
+    rc = main(["compress", str(folder), str(out), "--table", "t", "--serve", "lancedb", "--codec", "IVF16,PQ8",
+               "--num-train", "2000", "--num-queries", "100", "--eval-k", "20", "--no-prefect", "--json"])
+    assert rc == 0
+    made = json.loads(capsys.readouterr().out)
+    grid = made["eval"]["served"]["grid"]
+    assert made["serve"] == "lancedb" and made["eval"]["searched"] == "lancedb"
+    assert {(g["nprobes"], g["refine_factor"]) for g in grid} >= {(10, None), (20, None), (50, None)}
+    assert all(set(g) == {"nprobes", "refine_factor", "recall_at_10", "p50_ms"} for g in grid)
+    assert main(["inspect", str(out), "--table", "t"]) == 0
+    text = capsys.readouterr().out
+    assert "served by       LanceDB: IVF_PQ IVF16,PQ8 over column embedding" in text
+    assert "nprobes 20" in text and "recall@10 >= 0.9" in text and "index" in text
+    assert main(["compress", str(folder), str(out), "--table", "t", "--codec", "IVF16,PQ8", "--no-prefect"]) == 2
+    assert "add --serve lancedb" in capsys.readouterr().err
