@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vecpress.kernels._faiss import faiss
+from vecpress.kernels._faiss import faiss, num_gpus
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import exact_knn, faiss_metric, prepare_vectors
 
@@ -112,7 +112,8 @@ class IvfPq:
 
     @classmethod
     def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1) -> "IvfPq":
-        """Train on raw vectors (normalised here for cosine), deterministic for a seed."""
+        """Train on raw vectors (normalised here for cosine), deterministic for a seed; k-means
+        assigns on a GPU where faiss sees one (`ngpu`: -1 all, 0 none)."""
         p = parse_served_spec(spec, xt.shape[1])
         xt = prepare_vectors(xt, metric)
         mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
@@ -120,7 +121,19 @@ class IvfPq:
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.seed = seed
         ivf.pq.cp.seed = seed
-        index.train(xt)
+        helpers = None
+        if num_gpus(ngpu) > 0:  # k-means assignment (partitions, then sub-quantizers) on the GPU
+            res = faiss.StandardGpuResources()
+            helpers = (res, faiss.GpuIndexFlatL2(res, xt.shape[1]), faiss.GpuIndexFlatL2(res, int(ivf.pq.dsub)))
+            if metric != "ip":  # (an inner-product IVF clusters with its own flat IP index)
+                ivf.clustering_index = helpers[1]
+            ivf.pq.assign_index = helpers[2]
+        try:
+            index.train(xt)
+        finally:
+            if helpers is not None:  # released: the model serialises as a plain CPU index
+                ivf.clustering_index = None
+                ivf.pq.assign_index = None
         return cls(p.spec, metric, index)
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
