@@ -419,12 +419,12 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
         groups = group_shards(plan.shards[:num_kept], min_rows)
         items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in groups]
+        firsts = np.cumsum([0] + [len(fids) for _, fids in items])  # each group's first kept fragment
         for i, (D, I, f) in executor.imap(search_kept_shard, items, desc="exact neighbours and search (kept rows)",
                                           shared={"job": kept, "queries": xq, "query_positions": qpos}):
             exact.add(D, I)
-            if served:  # f: the group's index buffer; its fragments come first, in kept order
-                first = sum(len(ids[s.index]) for g in groups[:i] for s in g)
-                kept_buffers.append((first, len(items[i][1]), f))
+            if served:  # f: the group's index buffer; kept fragments come first, in kept order
+                kept_buffers.append((int(firsts[i]), len(items[i][1]), f))
             else:
                 found.add(*f)
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
