@@ -190,10 +190,7 @@ class CompressOptions:
         if self.serve == "codes" and served:
             raise ConfigError(f"--codec {self.codec} names a LanceDB index: add --serve lancedb")
         if self.serve == "lancedb":
-            if self.codec == "auto":
-                raise ConfigError("--codec auto chooses among vecpress's codecs; with --serve lancedb give the index, "
-                                  "e.g. --codec IVF256,PQ48 (or none: about sqrt(rows) partitions, dim/8 sub-vectors)")
-            if self.codec is not None and not served:
+            if self.codec not in (None, "auto") and not served:
                 raise ConfigError(f"--serve lancedb builds a LanceDB IVF_PQ index: --codec must name it "
                                   f"(IVF<n>,PQ<m>, e.g. IVF256,PQ48), not {self.codec}")
             if self.rerank_codec:

@@ -25,6 +25,7 @@ import numpy as np
 
 from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.ivf import IvfPq, check_served_spec, is_served_spec, served_grid
 from vecpress.kernels.codecs.grid import default_grid
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
@@ -51,9 +52,21 @@ class TrainedCodec:
     train_seconds: float
 
 
+def codec_kind(spec: str):
+    """The class of a spec's trained form: IvfPq for a LanceDB index (IVF<n>,PQ<m>), else Codec."""
+    return IvfPq if is_served_spec(spec) else Codec
+
+
+def spec_bytes(spec: str, dim: int, metric: str, num_train: int) -> int:
+    """Bytes per vector of a spec (a LanceDB index: its PQ bytes), checked against the data;
+    CodecSpecError where it cannot work."""
+    return check_served_spec(spec, dim, num_train) if is_served_spec(spec) else \
+        check_codec_spec(spec, dim, metric, num_train)
+
+
 @functools.lru_cache(maxsize=64)
-def _codec(sha256: str, blob: bytes, spec: str, metric: str) -> Codec:
-    return Codec.from_bytes(blob, spec=spec, metric=metric, sha256=sha256)
+def _codec(sha256: str, blob: bytes, spec: str, metric: str) -> Codec | IvfPq:
+    return codec_kind(spec).from_bytes(blob, spec=spec, metric=metric, sha256=sha256)
 
 
 @dataclass(frozen=True)
@@ -135,34 +148,39 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
     for spec in specs:
         start = time.perf_counter()
         try:
-            codec = Codec.train(xt, spec, metric, seed=seed, ngpu=ngpu)
+            codec = codec_kind(spec).train(xt, spec, metric, seed=seed, ngpu=ngpu)
         except (CodecSpecError, RuntimeError, ValueError) as exc:
             failed.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
             log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])
             continue
         blob = codec.to_bytes()
-        out.append(TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), codec.code_size,
-                                time.perf_counter() - start))
-        log.info("sweep: trained %s (%d B) in %.1fs", spec, codec.code_size, out[-1].train_seconds)
+        size = codec.num_sub_vectors if isinstance(codec, IvfPq) else codec.code_size  # (an index: its PQ bytes)
+        out.append(TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), size, time.perf_counter() - start))
+        log.info("sweep: trained %s (%d B) in %.1fs", spec, size, out[-1].train_seconds)
     return out
 
 
 def candidate_specs(dim: int, metric: str, num_train: int, *, codecs: list[str] | None,
-                    budgets: list[int] | None) -> list[str]:
+                    budgets: list[int] | None, served_rows: int | None = None) -> list[str]:
     """The specs to sweep: `codecs` as given (each validated), else the default grid, cut to
-    the budgets' range."""
+    the budgets' range. `served_rows` (a LanceDB-served table of that many rows): the grid
+    of its index forms (served_grid), and only those."""
     if codecs:
         for spec in codecs:
+            if (served_rows is not None) != is_served_spec(spec):
+                raise ConfigError(f"{spec}: " + ("--serve lancedb sweeps LanceDB index forms (IVF<n>,PQ<m>)"
+                                                 if served_rows is not None else "an index form needs --serve lancedb"))
             try:
-                check_codec_spec(spec, dim, metric, num_train)
+                spec_bytes(spec, dim, metric, num_train)
             except CodecSpecError as exc:
                 raise ConfigError(str(exc)) from None
         specs = list(dict.fromkeys(codecs))
     else:
         lo, hi = (min(8, min(budgets)), max(budgets)) if budgets else (8, 256)
-        specs = default_grid(dim, metric, min_bytes=lo, max_bytes=hi)
+        specs = served_grid(dim, served_rows, min_bytes=min(lo, 4), max_bytes=hi) if served_rows is not None \
+            else default_grid(dim, metric, min_bytes=lo, max_bytes=hi)
     if budgets:
-        specs = [s for s in specs if check_codec_spec(s, dim, metric, num_train) <= max(budgets)]
+        specs = [s for s in specs if spec_bytes(s, dim, metric, num_train) <= max(budgets)]
     specs = [s for s in specs if _fits(s, dim, metric, num_train)]
     if not specs:
         raise ConfigError(f"no codec to sweep within budgets {budgets} for dim={dim}")
@@ -171,7 +189,7 @@ def candidate_specs(dim: int, metric: str, num_train: int, *, codecs: list[str] 
 
 def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
     try:
-        check_codec_spec(spec, dim, metric, num_train)
+        spec_bytes(spec, dim, metric, num_train)
         return True
     except CodecSpecError as exc:
         log.info("sweep: skipping %s: %s", spec, exc)

@@ -74,6 +74,15 @@ def default_served_spec(dim: int, num_rows: int) -> str:
     return f"IVF{min(nlist, 65_536)},PQ{nsub}"
 
 
+def served_grid(dim: int, num_rows: int, *, min_bytes: int = 8, max_bytes: int = 256) -> list[str]:
+    """The advisor's candidates for a LanceDB-served table: the default partitions, and PQ
+    with every usual sub-vector count that divides dim and falls within the bytes (each
+    sub-vector one byte)."""
+    nlist = parse_served_spec(default_served_spec(dim, num_rows), dim).num_partitions
+    return [f"IVF{nlist},PQ{m}" for m in (4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+            if dim % m == 0 and min_bytes <= m <= max_bytes]
+
+
 def check_served_spec(spec: str, dim: int, num_train: int) -> int:
     """Validate against the data and the training sample; returns the bytes per row in the
     index (m PQ bytes)."""

@@ -127,7 +127,8 @@ def plan(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
                 f"{planned.codec_spec} kept unless it drifted")
     elif opts.codec == "auto":
         candidate_specs(snapshot.dim, opts.metric, num_train, codecs=list(opts.advise_codecs or []) or None,
-                        budgets=[opts.max_bytes] if opts.max_bytes else None)  # fail before reading data
+                        budgets=[opts.max_bytes] if opts.max_bytes else None,
+                        served_rows=snapshot.num_rows if opts.serve == "lancedb" else None)  # fail before reading
         try:
             check_rerank_codec(opts.rerank_codec, snapshot.dim, opts.metric, num_train)
         except CodecSpecError as exc:

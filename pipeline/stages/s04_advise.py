@@ -1,5 +1,7 @@
-"""Stage 4 with `--codec auto`, advise: sweep the candidate codecs on this run's own sample and
-choose one (the sweep's reports go into the run's folder, its decision into the manifest)."""
+"""Stage 4 with `--codec auto`, advise: sweep the candidate codecs (with `--serve lancedb`, the
+index forms IVF<n>,PQ<m>, judged by their search over every partition) on this run's own
+sample and choose one (the sweep's reports go into the run's folder, its decision into the
+manifest)."""
 
 from __future__ import annotations
 
@@ -7,14 +9,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from vecpress.kernels.codecs.codec import Codec
 from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
-from vecpress.pipeline.sweep import candidate_specs, choose, run_sweep, score, write_reports
+from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
 
 log = logging.getLogger("vecpress")
 
@@ -40,7 +41,8 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     plan = planned.plan
     budgets = [opts.max_bytes] if opts.max_bytes else None
     specs = candidate_specs(plan.dim, opts.metric, planned.num_train,
-                            codecs=list(opts.advise_codecs or []) or None, budgets=budgets)
+                            codecs=list(opts.advise_codecs or []) or None, budgets=budgets,
+                            served_rows=plan.num_rows if opts.serve == "lancedb" else None)
     log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
     result = run_sweep(plan, load_array(sampled.train_uri), load_array(sampled.queries_uri),
                        load_array(sampled.query_positions_uri), specs, opts, executor=executor)
@@ -48,8 +50,8 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     reports = write_reports(result, ctx.run_file("sweep"), budgets)
     chosen = resolve_codec(ctx, planned, pick["codec"], opts)
     tc = next(c for c in result.trained if c.spec == pick["codec"])
-    pretrained = save_codec(Codec.from_bytes(tc.blob, spec=tc.spec, metric=opts.metric, sha256=tc.sha256),
-                            ctx.sidecar)
+    pretrained = save_codec(codec_kind(tc.spec).from_bytes(tc.blob, spec=tc.spec, metric=opts.metric,
+                                                           sha256=tc.sha256), ctx.sidecar)
     advisor = {
         "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
         "chosen": pick["codec"], "chosen_recall_at_10": score(pick, opts.advise_rerank),

@@ -149,7 +149,7 @@ def test_cosine_float32_and_a_run_with_nothing_new(corpus, tmp_path, ray_executo
 @pytest.mark.parametrize("kw,needle", [
     (dict(codec="IVF32,PQ8"), "add --serve lancedb"),
     (dict(serve="lancedb", codec="PQ8"), "must name it"),
-    (dict(serve="lancedb", codec="auto", max_bytes=8), "give the index"),
+    (dict(serve="lancedb", codec="auto"), "needs a target"),
     (dict(serve="lancedb", rerank_codec="SQ8"), "refine_factor"),
     (dict(serve="cloud"), "--serve must be"),
 ])
@@ -199,3 +199,23 @@ def test_nightly_runs_keep_the_index_current(corpus, tmp_path, ray_executor):
     np.testing.assert_allclose(np.asarray(hit["embedding"], np.float32), extra[7], atol=1e-2)
     gone = tbl.search(x[5]).nprobes(32).refine_factor(5).limit(1).to_list()[0]
     assert gone["id"] != 5 and tbl.count_rows("id < 3000") == 3000  # (ids 0..2999 now: the new file's)
+
+
+def test_the_advisor_chooses_among_index_forms(corpus, tmp_path, ray_executor):
+    """--codec auto with --serve lancedb sweeps IVF<n>,PQ<m> forms (judged by their search over
+    every partition) and builds the one it chose: the best recall@10 within the bytes."""
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    opts = CompressOptions(**{**OPTS, "codec": None, "max_bytes": 8})
+    result = run_compress([str(root / "src")], out, "t", opts, executor=ray_executor)
+    advisor = result.manifest["advisor"]
+    table = {r["codec"]: r for r in advisor["table"]}
+    assert set(table) == {"IVF128,PQ4", "IVF128,PQ8"}  # sqrt(9000) ~ 2^6.6 -> 128 partitions; PQ within 8 bytes
+    assert advisor["chosen"] == result.manifest["codec"]["spec"] == "IVF128,PQ8"
+    assert table["IVF128,PQ8"]["recall_at_10"] > table["IVF128,PQ4"]["recall_at_10"]
+    info = inspect_table(out, "t")
+    assert info["codec"] == "IVF128,PQ8" and info["index"]["covers_all_rows"] and info["code_bytes"] == 8
+    with pytest.raises(ConfigError, match="sweeps LanceDB index forms"):
+        run_compress([str(root / "src")], str(tmp_path / "o2"), "t",
+                     CompressOptions(**{**OPTS, "codec": "auto", "max_bytes": 8, "advise_codecs": ("PQ8",)}),
+                     executor=ray_executor)
