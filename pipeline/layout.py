@@ -79,14 +79,7 @@ class Shard:
     def locate(self, local_rows: np.ndarray) -> list[tuple[Piece, np.ndarray, np.ndarray]]:
         """Sorted shard-local rows by piece: [(piece, indexes into local_rows, rows within the
         piece)]."""
-        local_rows = np.asarray(local_rows, np.int64)
-        starts = self.piece_starts
-        which = np.searchsorted(starts, local_rows, side="right") - 1
-        out = []
-        for pi in np.unique(which):
-            sel = np.nonzero(which == pi)[0]
-            out.append((self.pieces[int(pi)], sel, local_rows[sel] - starts[pi]))
-        return out
+        return _by_start(self.pieces, self.piece_starts, local_rows)
 
     def describe(self) -> str:
         if len(self.pieces) == 1:
@@ -128,9 +121,6 @@ class SourcePlan:
     def output_fields(self) -> pa.Schema:
         return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.fields_b64)))
 
-    def file(self, uri: str) -> SourceFile:
-        return next(f for f in self.files if f.uri == uri)
-
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -144,14 +134,7 @@ class SourcePlan:
 
     def locate(self, positions: np.ndarray) -> list[tuple[Shard, np.ndarray, np.ndarray]]:
         """Group sorted global row positions by shard: [(shard, indexes into positions, local rows)]."""
-        offsets = np.array([s.row_offset for s in self.shards], np.int64)
-        which = np.searchsorted(offsets, positions, side="right") - 1
-        out = []
-        for si in np.unique(which):
-            sel = np.nonzero(which == si)[0]
-            shard = self.shards[int(si)]
-            out.append((shard, sel, positions[sel] - shard.row_offset))
-        return out
+        return _by_start(self.shards, np.array([s.row_offset for s in self.shards], np.int64), positions)
 
     def row_group_rows(self) -> list[int]:
         """Rows of every row group of the layout, in position order (an incremental run's
@@ -159,6 +142,18 @@ class SourcePlan:
         files = {f.uri: f for f in self.files}
         return [r for s in self.shards for p in s.pieces
                 for r in files[p.file_uri].row_group_rows[p.row_group_start:p.row_group_stop]]
+
+
+def _by_start(parts: tuple, starts: np.ndarray, rows) -> list[tuple[object, np.ndarray, np.ndarray]]:
+    """Sorted rows grouped by the part (piece, shard) whose first row `starts` holds: [(part,
+    indexes into rows, rows counted from the part's first)]."""
+    rows = np.asarray(rows, np.int64)
+    which = np.searchsorted(starts, rows, side="right") - 1
+    out = []
+    for i in np.unique(which):
+        sel = np.nonzero(which == i)[0]
+        out.append((parts[int(i)], sel, rows[sel] - starts[i]))
+    return out
 
 
 def pack_shards(runs: Iterable[tuple[SourceFile, int, int]], shard_rows: int, *, first_index: int = 0,

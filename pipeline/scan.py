@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Protocol
 
 import numpy as np
@@ -98,6 +98,13 @@ class ScanBatch:
     exact: tuple | None = None
     #: the evaluation's search over the batch's codes: (D, I, E or None)
     found: tuple | None = None
+    _prepared: dict = field(default_factory=dict, repr=False)
+
+    def prepared(self, metric: str) -> np.ndarray:
+        """The vectors prepared for `metric` (prepare_vectors), once per batch and metric."""
+        if metric not in self._prepared:
+            self._prepared[metric] = prepare_vectors(self.x, metric)
+        return self._prepared[metric]
 
 
 class Observer(Protocol):
@@ -188,7 +195,7 @@ class Exact:
         self.xq, self.k, self.metric = xq, k, metric
 
     def observe(self, batch: ScanBatch) -> None:
-        batch.exact = exact_knn(self.xq, prepare_vectors(batch.x, self.metric), self.k + 1, self.metric)
+        batch.exact = exact_knn(self.xq, batch.prepared(self.metric), self.k + 1, self.metric)
 
 
 # ---- the compute of one batch -------------------------------------------------------------------

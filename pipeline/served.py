@@ -133,8 +133,8 @@ def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.n
     version checked out, the id column compared."""
     ds = open_lance(storage.join(storage.normalize(out), f"{table}.lance"), version)
     id_col = manifest["source"]["id_column"]
-    ids = ds.take(np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist(), columns=[id_col])
-    by_position = dict(zip(np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist(), ids.column(0).to_pylist()))
+    positions = np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist()
+    by_position = dict(zip(positions, ds.take(positions, columns=[id_col]).column(0).to_pylist()))
     own = [by_position[int(p)] for p in qpos]
     want = [[by_position[int(p)] for p in row if p >= 0] for row in truth]
     target, options = storage.lance_location(storage.normalize(out))

@@ -101,7 +101,7 @@ class SweepCodecs:
         self.seconds = [0.0] * len(codecs)
 
     def observe(self, batch: ScanBatch) -> None:
-        x = prepare_vectors(batch.x, self.metric)
+        x = batch.prepared(self.metric)
         for i, codec in enumerate(self.codecs):
             start = time.perf_counter()
             codes = codec.encode(batch.x)  # as compress encodes: raw vectors, prepared once by the codec

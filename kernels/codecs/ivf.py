@@ -41,7 +41,6 @@ class ServedSpec:
     spec: str
     num_partitions: int
     num_sub_vectors: int
-    index_type: str = "IVF_PQ"
 
 
 def is_served_spec(spec: str | None) -> bool:

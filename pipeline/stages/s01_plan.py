@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from vecpress.kernels.codecs.build import check_codec_spec
-from vecpress.kernels.codecs.ivf import check_served_spec, default_served_spec
+from vecpress.kernels.codecs.ivf import default_served_spec
 from vecpress.kernels.codecs.spec import CodecSpecError, is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
@@ -23,7 +23,7 @@ from vecpress.pipeline.sampling import sample_sizes
 from vecpress.pipeline.schema import codes_schema, served_schema
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.source import SourceSpec, plan_sources
-from vecpress.pipeline.sweep import candidate_specs
+from vecpress.pipeline.sweep import candidate_specs, spec_bytes
 
 log = logging.getLogger("vecpress")
 
@@ -83,12 +83,9 @@ def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOp
     output table's schema."""
     plan = planned.plan
     try:
-        if opts.serve == "lancedb":
-            code_size, rerank_size, binary = check_served_spec(spec, plan.dim, planned.num_train), None, False
-        else:
-            code_size = check_codec_spec(spec, plan.dim, opts.metric, planned.num_train)
-            rerank_size = check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
-            binary = is_binary_spec(spec, plan.dim)
+        code_size = spec_bytes(spec, plan.dim, opts.metric, planned.num_train)
+        rerank_size = check_rerank_codec(opts.rerank_codec, plan.dim, opts.metric, planned.num_train)
+        binary = opts.serve == "codes" and is_binary_spec(spec, plan.dim)
     except CodecSpecError as exc:
         raise ConfigError(str(exc)) from None
     schema = output_schema(plan, opts, code_size, binary=binary, rerank_size=rerank_size)
