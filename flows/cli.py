@@ -1,4 +1,4 @@
-"""`vecpress`: demo, compress, inspect, search, generate."""
+"""`vecpress`: demo, compress, inspect, evaluate, search, sweep, generate, schedule."""
 
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def _add_run_switches(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", action="store_true", help="print the new version's inspect object as JSON")
 
 
-def options_from_args(args, command: str, **fixed) -> CompressOptions:
-    """The options `command` took on its command line, and `fixed` ones."""
-    return CompressOptions(**{o.name: getattr(args, o.name) for o in options_of(command)}, **fixed)
+def options_from_args(args, command: str) -> CompressOptions:
+    """The options `command` took on its command line (the others at their defaults)."""
+    return CompressOptions(**{o.name: getattr(args, o.name) for o in options_of(command)})
 
 
 def _paths(args, command: str) -> tuple[list[str], str]:

@@ -320,9 +320,8 @@ def table_lock(out: str, table: str, *, wait_seconds: float = 0, stale_after_sec
             renewed = dict(lease, renewed_at=_now(), expires_at=_now() + stale_after_seconds)
             try:
                 if not _write_if_ours(uri, renewed):
-                    lease["lost"] = True  # (the run's commit checks the file itself: check_lease)
                     log.error("lost the lease of table %r (%s): another run took it over; this run will not "
-                              "commit", table, uri)
+                              "commit (check_lease)", table, uri)
                     return
                 lease.update(renewed_at=renewed["renewed_at"], expires_at=renewed["expires_at"])
             except Exception as exc:  # transient I/O: try again at the next beat

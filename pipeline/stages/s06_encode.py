@@ -175,9 +175,10 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
         """(shard of the group, record batch) of a batch's output rows, one per file it read."""
         if job.vector_dtype:  # the vectors for LanceDB; their index parts kept for the index stage
             served.append(b.codes)
-            codes = pa.FixedSizeListArray.from_arrays(pa.array(b.x.ravel().astype(job.vector_dtype)), cols.dim)
+            stored = pa.FixedSizeListArray.from_arrays(pa.array(b.x.ravel().astype(job.vector_dtype, copy=False)),
+                                                       cols.dim)
         else:
-            codes = codes_array(b.codes, binary=codec.is_binary)
+            stored = codes_array(b.codes, binary=codec.is_binary)
         warm = codes_array(b.warm) if warm_size else None
         for part in b.parts:
             ids, n = part.record.column(1), part.record.num_rows
@@ -187,7 +188,7 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
             kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(part.record.columns[2:], keep_fields)]
             warm_part = [] if warm is None else [warm.slice(part.start, n)]
             shard = int(np.searchsorted(ends, b.local + part.start, side="right"))
-            yield shard, pa.record_batch([ids, codes.slice(part.start, n), *warm_part, *kept], schema=schema)
+            yield shard, pa.record_batch([ids, stored.slice(part.start, n), *warm_part, *kept], schema=schema)
 
     def outputs():
         nonlocal num_rows
