@@ -7,7 +7,7 @@ import hashlib
 from dataclasses import asdict, dataclass
 
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.ivf import IvfPq, is_served_spec
+from vecpress.kernels.codecs.ivf import IvfModel, is_served_spec
 from vecpress.pipeline import storage
 
 
@@ -26,7 +26,7 @@ class CodecRef:
         return asdict(self)
 
 
-def save_codec(codec: Codec | IvfPq, sidecar_uri: str) -> CodecRef:
+def save_codec(codec: Codec | IvfModel, sidecar_uri: str) -> CodecRef:
     """Write `codecs/<sha256>.faiss` under the sidecar folder (idempotent)."""
     data = codec.to_bytes()
     sha = hashlib.sha256(data).hexdigest()
@@ -38,11 +38,11 @@ def save_codec(codec: Codec | IvfPq, sidecar_uri: str) -> CodecRef:
 
 
 @functools.lru_cache(maxsize=8)
-def _load(uri: str, sha256: str, spec: str, metric: str) -> Codec | IvfPq:
-    kind = IvfPq if is_served_spec(spec) else Codec  # a served form (IVF...,PQ...) or a codec
+def _load(uri: str, sha256: str, spec: str, metric: str) -> Codec | IvfModel:
+    kind = IvfModel if is_served_spec(spec) else Codec  # a served form (IVF...,PQ...) or a codec
     return kind.from_bytes(storage.read_bytes(uri), spec=spec, metric=metric, sha256=sha256)
 
 
-def load_codec(ref: CodecRef) -> Codec | IvfPq:
+def load_codec(ref: CodecRef) -> Codec | IvfModel:
     """Read and sha256-verify a codec; cached per process (Ray workers load it once)."""
     return _load(ref.uri, ref.sha256, ref.spec, ref.metric)

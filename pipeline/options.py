@@ -19,7 +19,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from vecpress.kernels.codecs.ivf import is_served_spec
+from vecpress.kernels.codecs.ivf import SERVED_GRAMMAR, is_served_spec
 from vecpress.kernels.knn import METRICS
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.source import SourceSpec
@@ -191,8 +191,8 @@ class CompressOptions:
             raise ConfigError(f"--codec {self.codec} names a LanceDB index: add --serve lancedb")
         if self.serve == "lancedb":
             if self.codec not in (None, "auto") and not served:
-                raise ConfigError(f"--serve lancedb builds a LanceDB IVF_PQ index: --codec must name it "
-                                  f"(IVF<n>,PQ<m>, e.g. IVF256,PQ48), not {self.codec}")
+                raise ConfigError(f"--serve lancedb builds a LanceDB vector index: --codec must name it "
+                                  f"({SERVED_GRAMMAR}; e.g. IVF256,PQ48), not {self.codec}")
             if self.rerank_codec:
                 raise ConfigError("--rerank-codec adds a warm column to a codes table; with --serve lancedb, LanceDB's "
                                   "refine_factor re-ranks with the stored vectors (--vector-dtype)")

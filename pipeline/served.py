@@ -1,12 +1,15 @@
-"""A LanceDB-served table (`--serve lancedb`): its IVF_PQ index, built from vecpress's model and
-codes, and the recall of LanceDB's own search over it.
+"""A LanceDB-served table (`--serve lancedb`): its vector index (IVF_PQ, IVF_HNSW_PQ, IVF_SQ,
+IVF_HNSW_SQ, IVF_FLAT, IVF_HNSW_FLAT or IVF_RQ: kernels.codecs.ivf), built from vecpress's model,
+partitions and codes, and the recall of LanceDB's own search over it.
 
-The encode pass leaves, per task, every row's partition and residual PQ code (IvfPq.encode)
-in the run folder. Once the rows are committed, each task's file becomes an index segment of
-its fragments, in a worker: the file is rewritten with the rows' Lance row ids, and Lance's
-`create_index_uncommitted` takes it as precomputed shuffle buffers with vecpress's centroids
-and codebook (Lance then trains and computes nothing). The driver commits the segments
-together: one new version whose index covers every row.
+The encode pass leaves, per task, every row's partition and, for the PQ forms, its residual PQ
+code (IvfModel.encode) in the run folder. Once the rows are committed, each task's file becomes
+an index segment of its fragments, in a worker: the file is rewritten with the rows' Lance row
+ids, and Lance's `create_index_uncommitted` takes it with vecpress's centroids (and codebook):
+as precomputed shuffle buffers for the PQ forms (Lance then trains and computes nothing but an
+HNSW graph where asked), as a precomputed partition dataset for the others (Lance then encodes
+each partition's vectors, read from the table, with the bounds or rotation it fits). The driver
+commits the segments together: one new version whose index covers every row.
 
 Traps Lance leaves open (../shared/PITFALLS.md), and how this module closes them: without the
 centroids or the codebook Lance silently trains its own (both always passed); a row missing
@@ -36,7 +39,6 @@ from vecpress.pipeline.lance_io import open_lance
 
 log = logging.getLogger("vecpress")
 
-INDEX_TYPE = "IVF_PQ"
 #: the grid of LanceDB search settings every served version is measured at (refine_factor
 #: None: no re-ranking; else r x k candidates re-ranked with the stored vectors)
 GRID_NPROBES = (10, 20, 50)
@@ -76,24 +78,32 @@ def build_index_segment(item: tuple[int, int, str], *, job: IndexJob):
                             f"fragments {[f.fragment_id for f in frags]} of {job.table_uri} version {job.version}")
     row_ids = np.concatenate([(np.uint64(f.fragment_id) << np.uint64(32)) + np.arange(n, dtype=np.uint64)
                               for f, n in zip(frags, rows)])
-    codes = np.ascontiguousarray(parts["codes"], np.uint8)
-    buffer = pa.table({"row_id": pa.array(row_ids, pa.uint64()),
-                       "__ivf_part_id": pa.array(parts["partitions"].astype(np.uint32), pa.uint32()),
-                       "__pq_code": pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()),
-                                                                      codes.shape[1])})
     model = load_codec(job.model)
     dtype = np.float16 if job.vector_dtype == "float16" else np.float32  # (a float32 model on float16 panics)
     _, options = storage.lance_location(job.table_uri)
+    kw = dict(name=index_name(job.column), metric=model.lance_metric, num_partitions=len(model.centroids),
+              ivf_centroids=model.centroids.astype(dtype), fragment_ids=[f.fragment_id for f in frags],
+              storage_options=options)
     # the buffer is read once, by this call, in this process: a local file whatever the output
     # (Lance takes no object-store URI for it)
     with tempfile.TemporaryDirectory(prefix="vecpress-index-") as local:
-        lance.write_dataset(buffer, local + "/buffer", mode="overwrite")
-        return ds.create_index_uncommitted(
-            job.column, INDEX_TYPE, name=index_name(job.column), metric=model.lance_metric,
-            num_partitions=len(model.centroids), num_sub_vectors=model.num_sub_vectors,
-            ivf_centroids=model.centroids.astype(dtype), pq_codebook=model.codebook.astype(dtype),
-            fragment_ids=[f.fragment_id for f in frags], precomputed_shuffle_buffers=["buffer"],
-            precomputed_shuffle_buffers_path=local + "/buffer/data", storage_options=options)
+        if model.num_sub_vectors:  # partitions and codes: Lance computes nothing per row
+            codes = np.ascontiguousarray(parts["codes"], np.uint8)
+            buffer = pa.table({"row_id": pa.array(row_ids, pa.uint64()),
+                               "__ivf_part_id": pa.array(parts["partitions"].astype(np.uint32), pa.uint32()),
+                               "__pq_code": pa.FixedSizeListArray.from_arrays(pa.array(codes.ravel(), pa.uint8()),
+                                                                              codes.shape[1])})
+            lance.write_dataset(buffer, local + "/buffer", mode="overwrite")
+            return ds.create_index_uncommitted(
+                job.column, model.index_type, num_sub_vectors=model.num_sub_vectors,
+                pq_codebook=model.codebook.astype(dtype), precomputed_shuffle_buffers=["buffer"],
+                precomputed_shuffle_buffers_path=local + "/buffer/data", **kw)
+        # partitions only (one fragment, one file: Lance's rule): Lance encodes the vectors
+        buffer = pa.table({"row_id": pa.array(row_ids, pa.uint64()),
+                           "partition": pa.array(parts["partitions"].astype(np.uint32), pa.uint32())})
+        lance.write_dataset(buffer, local + "/partitions", mode="overwrite")
+        return ds.create_index_uncommitted(job.column, model.index_type,
+                                           precomputed_partition_dataset=local + "/partitions", **kw)
 
 
 def index_info(ds: lance.LanceDataset, column: str) -> dict | None:
@@ -180,7 +190,8 @@ def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.n
         for refine in GRID_REFINE:
             grid.append({"nprobes": nprobes, "refine_factor": refine, "recall_at_10": recall(found(nprobes, refine, 10), 10),
                          "p50_ms": p50_ms(nprobes, refine)})
-    return {"index": INDEX_TYPE, "defaults": {"nprobes": None, "refine_factor": None,
+    info = index_info(ds, manifest["source"]["vector_column"]) or {}
+    return {"index": info.get("type"), "defaults": {"nprobes": None, "refine_factor": None,
                                               **{f"recall_at_{kk}": recall(default, kk) for kk in (1, 10, 100)},
                                               "p50_ms": p50_ms(None, None)},
             "grid": grid, "cheapest": cheapest_settings(grid)}

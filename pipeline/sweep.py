@@ -25,7 +25,7 @@ import numpy as np
 
 from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.ivf import IvfPq, check_served_spec, is_served_spec, served_grid
+from vecpress.kernels.codecs.ivf import IvfModel, check_served_spec, is_served_spec, parse_served_spec, served_grid
 from vecpress.kernels.codecs.grid import default_grid
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
@@ -53,8 +53,8 @@ class TrainedCodec:
 
 
 def codec_kind(spec: str):
-    """The class of a spec's trained form: IvfPq for a LanceDB index (IVF<n>,PQ<m>), else Codec."""
-    return IvfPq if is_served_spec(spec) else Codec
+    """The class of a spec's trained form: IvfModel for a LanceDB index (IVF<n>,PQ<m>), else Codec."""
+    return IvfModel if is_served_spec(spec) else Codec
 
 
 def spec_bytes(spec: str, dim: int, metric: str, num_train: int) -> int:
@@ -65,7 +65,7 @@ def spec_bytes(spec: str, dim: int, metric: str, num_train: int) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _codec(sha256: str, blob: bytes, spec: str, metric: str) -> Codec | IvfPq:
+def _codec(sha256: str, blob: bytes, spec: str, metric: str) -> Codec | IvfModel:
     return codec_kind(spec).from_bytes(blob, spec=spec, metric=metric, sha256=sha256)
 
 
@@ -154,7 +154,7 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
             log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])
             continue
         blob = codec.to_bytes()
-        size = codec.num_sub_vectors if isinstance(codec, IvfPq) else codec.code_size  # (an index: its PQ bytes)
+        size = codec.served.index_bytes(codec.dim) if isinstance(codec, IvfModel) else codec.code_size
         out.append(TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), size, time.perf_counter() - start))
         log.info("sweep: trained %s (%d B) in %.1fs", spec, size, out[-1].train_seconds)
     return out
@@ -172,6 +172,10 @@ def candidate_specs(dim: int, metric: str, num_train: int, *, codecs: list[str] 
                                                  if served_rows is not None else "an index form needs --serve lancedb"))
             try:
                 spec_bytes(spec, dim, metric, num_train)
+                if served_rows is not None and not parse_served_spec(spec, dim).num_sub_vectors:
+                    raise ConfigError(f"{spec}: the advisor judges the PQ forms (IVF<n>,PQ<m>, IVF<n>,HNSW,PQ<m>), "
+                                      "whose codes vecpress computes; Lance encodes this one itself: build it with "
+                                      "compress --serve lancedb --codec " + spec + " and read its served recall")
             except CodecSpecError as exc:
                 raise ConfigError(str(exc)) from None
         specs = list(dict.fromkeys(codecs))

@@ -1,20 +1,30 @@
 """Served forms: the parts of a vector index that LanceDB searches, trained and computed here.
 
-A served spec names the index LanceDB builds over the output's vector column: `IVF<n>,PQ<m>`
-is Lance's IVF_PQ with n partitions and m 8-bit sub-quantizers of the residual to the
-partition's centroid. vecpress trains the coarse centroids and the PQ codebook (faiss, as
-`IVF<n>,PQ<m>np`), assigns every row to its partition and encodes its residual; Lance stores
-them as they are (its partitions and codes equal faiss's for the same model, ../shared/
-PITFALLS.md), so LanceDB's search is that of this model.
+A served spec names the index LanceDB builds over the output's vector column, and which of its
+parts vecpress supplies:
+
+- `IVF<n>,PQ<m>`: Lance's IVF_PQ, n partitions, m 8-bit sub-quantizers of the residual to the
+  partition's centroid. vecpress trains the centroids and the PQ codebook (faiss, as
+  `IVF<n>,PQ<m>np`), assigns every row to its partition and encodes its residual; Lance stores
+  them as they are (its partitions and codes equal faiss's for the same model, ../shared/
+  PITFALLS.md), so LanceDB's search is that of this model.
+- `IVF<n>,HNSW,PQ<m>`: Lance's IVF_HNSW_PQ, the same parts, plus an HNSW graph over each
+  partition's codes that Lance builds.
+- `IVF<n>,SQ`, `IVF<n>,HNSW,SQ`, `IVF<n>,FLAT`, `IVF<n>,HNSW,FLAT`, `IVF<n>,RaBitQ`: Lance's
+  IVF_SQ (8-bit), IVF_HNSW_SQ, IVF_FLAT, IVF_HNSW_FLAT and IVF_RQ (RaBitQ). vecpress trains the
+  centroids and assigns every row to its partition (the per-row work that dominates a build);
+  Lance's formats take no trained scalar-quantizer bounds or rotation, so Lance fits those
+  (each segment on its own rows) and encodes the vectors of each partition itself.
 
 Metrics as Lance applies them: "l2"; "cosine" (vectors normalised, then L2 partitions and
 residuals: Lance normalises stored vectors and queries for a cosine index); "ip" (Lance's
 "dot").
 
-`IvfPq` offers what a vecpress codec offers where the pipeline needs it: `encode` gives each
-row's partition (4 bytes, little-endian) followed by its m PQ bytes, `decode` the centroid
-plus the decoded residual, `search_codes` an exhaustive search over such codes (for drift
-probes on a sample, not a query path).
+`IvfModel` offers what a vecpress codec offers where the pipeline needs it: `encode` gives each
+row's partition (4 bytes, little-endian) followed by its m PQ bytes (none for the forms whose
+codes Lance computes), `decode` the centroid plus the decoded residual (the centroid alone
+without PQ), `search_codes` an exhaustive search over such reconstructions (for drift probes on
+a sample, not a query path).
 """
 
 from __future__ import annotations
@@ -36,11 +46,30 @@ LANCE_METRICS = {"l2": "l2", "cosine": "cosine", "ip": "dot"}
 POINTS_PER_CENTROID = 39
 
 
+#: spec word -> (Lance index type without HNSW, with HNSW)
+FORMS = {"PQ": ("IVF_PQ", "IVF_HNSW_PQ"), "SQ": ("IVF_SQ", "IVF_HNSW_SQ"), "FLAT": ("IVF_FLAT", "IVF_HNSW_FLAT"),
+         "RaBitQ": ("IVF_RQ", None)}
+SERVED_GRAMMAR = ("IVF<n>,PQ<m>, IVF<n>,HNSW,PQ<m>, IVF<n>,SQ, IVF<n>,HNSW,SQ, IVF<n>,FLAT, IVF<n>,HNSW,FLAT "
+                  "or IVF<n>,RaBitQ")
+
+
 @dataclass(frozen=True)
 class ServedSpec:
     spec: str
     num_partitions: int
-    num_sub_vectors: int
+    num_sub_vectors: int  # PQ bytes per row; 0 where Lance computes the codes (SQ, FLAT, RaBitQ)
+    form: str = "PQ"  # "PQ", "SQ", "FLAT" or "RaBitQ"
+    hnsw: bool = False
+
+    @property
+    def index_type(self) -> str:
+        """Lance's name of the index type."""
+        return FORMS[self.form][self.hnsw]
+
+    def index_bytes(self, dim: int) -> int:
+        """Bytes per row the index stores for the row's vector: PQ m; SQ one per dim; FLAT the
+        float32 vector; RaBitQ one bit per dim (Lance adds a few bytes of factors)."""
+        return {"PQ": self.num_sub_vectors, "SQ": dim, "FLAT": 4 * dim, "RaBitQ": -(-dim // 8)}[self.form]
 
 
 def is_served_spec(spec: str | None) -> bool:
@@ -48,18 +77,22 @@ def is_served_spec(spec: str | None) -> bool:
 
 
 def parse_served_spec(spec: str, dim: int) -> ServedSpec:
-    """`IVF<n>,PQ<m>` for this dim, or CodecSpecError saying what would fit."""
-    m = re.fullmatch(r"IVF(\d+),PQ(\d+)", spec.strip())
+    """A served spec for this dim, or CodecSpecError saying what would fit."""
+    m = re.fullmatch(r"IVF(\d+)(,HNSW)?,(?:PQ(\d+)|(SQ|FLAT|RaBitQ))", spec.strip())
     if not m:
-        raise CodecSpecError(f"served form {spec!r}: LanceDB serves IVF<n>,PQ<m> (Lance's IVF_PQ, 8-bit codes), "
-                             f"e.g. IVF256,PQ{max(1, dim // 8)}")
-    nlist, nsub = int(m.group(1)), int(m.group(2))
+        raise CodecSpecError(f"served form {spec!r}: LanceDB serves {SERVED_GRAMMAR} (Lance's IVF_PQ, IVF_HNSW_PQ, "
+                             f"IVF_SQ, IVF_HNSW_SQ, IVF_FLAT, IVF_HNSW_FLAT, IVF_RQ), e.g. IVF256,PQ{max(1, dim // 8)}")
+    nlist, hnsw = int(m.group(1)), m.group(2) is not None
+    form = m.group(4) or "PQ"
+    nsub = int(m.group(3)) if form == "PQ" else 0
     if nlist < 1:
         raise CodecSpecError(f"served form {spec!r}: at least one partition")
-    if nsub < 1 or dim % nsub:
+    if form == "PQ" and (nsub < 1 or dim % nsub):
         fits = [d for d in range(1, min(dim, 256) + 1) if dim % d == 0]
         raise CodecSpecError(f"served form {spec!r}: PQ{nsub} must divide dim={dim}: try one of {fits}")
-    return ServedSpec(spec.strip(), nlist, nsub)
+    if hnsw and FORMS[form][1] is None:
+        raise CodecSpecError(f"served form {spec!r}: Lance has no HNSW form of {form}: use IVF{nlist},{form}")
+    return ServedSpec(spec.strip(), nlist, nsub, form, hnsw)
 
 
 def default_served_spec(dim: int, num_rows: int) -> str:
@@ -83,19 +116,20 @@ def served_grid(dim: int, num_rows: int, *, min_bytes: int = 8, max_bytes: int =
 
 
 def check_served_spec(spec: str, dim: int, num_train: int) -> int:
-    """Validate against the data and the training sample; returns the bytes per row in the
-    index (m PQ bytes)."""
+    """Validate against the data and the training sample; returns the bytes per row the index
+    stores for a row's vector (ServedSpec.index_bytes)."""
     p = parse_served_spec(spec, dim)
-    need = max(p.num_partitions, 256)
+    need = max(p.num_partitions, 256 if p.num_sub_vectors else 1)
     if num_train < need:
-        raise CodecSpecError(f"served form {spec!r} needs at least {need} training vectors "
-                             f"({p.num_partitions} partitions, 256 centroids per sub-quantizer), only {num_train} "
-                             "available: fewer partitions, or sample a larger corpus")
-    return p.num_sub_vectors
+        what = f"{p.num_partitions} partitions" + (", 256 centroids per sub-quantizer" if p.num_sub_vectors else "")
+        raise CodecSpecError(f"served form {spec!r} needs at least {need} training vectors ({what}), only "
+                             f"{num_train} available: fewer partitions, or sample a larger corpus")
+    return p.index_bytes(dim)
 
 
-class IvfPq:
-    """A trained IVF-PQ model (faiss IndexIVFPQ, empty), its metric and spec."""
+class IvfModel:
+    """A trained served model (faiss IndexIVFPQ, or IndexIVFFlat for the forms whose codes Lance
+    computes; empty), its metric and spec."""
 
     is_binary = False
     is_pq = False
@@ -105,10 +139,16 @@ class IvfPq:
         self._owner = index  # (the downcast wrapper does not own the C++ index: keep its owner alive)
         self.index = faiss.downcast_index(index)
         self.dim = int(self.index.d)
+        self.served = parse_served_spec(spec, self.dim)
         self.centroids = self.index.quantizer.reconstruct_n(0, self.index.nlist)
-        pq = self.index.pq
-        self.codebook = faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
-        self.num_sub_vectors = int(pq.M)
+        pq = getattr(self.index, "pq", None) if self.served.num_sub_vectors else None
+        self._pq = pq
+        self.codebook = None if pq is None else faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub)
+        self.num_sub_vectors = 0 if pq is None else int(pq.M)
+
+    @property
+    def index_type(self) -> str:
+        return self.served.index_type
 
     @property
     def code_size(self) -> int:
@@ -119,39 +159,48 @@ class IvfPq:
         return LANCE_METRICS[self.metric]
 
     @classmethod
-    def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1) -> "IvfPq":
+    def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1) -> "IvfModel":
         """Train on raw vectors (normalised here for cosine), deterministic for a seed; k-means
         assigns on a GPU where faiss sees one (`ngpu`: -1 all, 0 none)."""
         p = parse_served_spec(spec, xt.shape[1])
         xt = prepare_vectors(xt, metric)
         mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
-        index = faiss.index_factory(xt.shape[1], f"IVF{p.num_partitions},PQ{p.num_sub_vectors}np", mt)
+        body = f"PQ{p.num_sub_vectors}np" if p.num_sub_vectors else "Flat"
+        index = faiss.index_factory(xt.shape[1], f"IVF{p.num_partitions},{body}", mt)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
         ivf.cp.seed = seed
-        ivf.pq.cp.seed = seed
+        pq = ivf.pq if p.num_sub_vectors else None
+        if pq is not None:
+            pq.cp.seed = seed
         helpers = None
         if num_gpus(ngpu) > 0:  # k-means assignment (partitions, then sub-quantizers) on the GPU
             res = faiss.StandardGpuResources()
-            helpers = (res, faiss.GpuIndexFlatL2(res, xt.shape[1]), faiss.GpuIndexFlatL2(res, int(ivf.pq.dsub)))
+            helpers = (res, faiss.GpuIndexFlatL2(res, xt.shape[1]),
+                       None if pq is None else faiss.GpuIndexFlatL2(res, int(pq.dsub)))
             if metric != "ip":  # (an inner-product IVF clusters with its own flat IP index)
                 ivf.clustering_index = helpers[1]
-            ivf.pq.assign_index = helpers[2]
+            if pq is not None:
+                pq.assign_index = helpers[2]
         try:
             index.train(xt)
         finally:
             if helpers is not None:  # released: the model serialises as a plain CPU index
                 ivf.clustering_index = None
-                ivf.pq.assign_index = None
+                if pq is not None:
+                    pq.assign_index = None
         return cls(p.spec, metric, index)
 
     def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(partition uint32, PQ code of the residual (n, m) uint8) of raw vectors."""
+        """(partition uint32, PQ code of the residual (n, m) uint8; m = 0 without PQ) of raw
+        vectors."""
         xp = prepare_vectors(x, self.metric)
         if xp.shape[0] == 0:
             return np.zeros(0, np.uint32), np.zeros((0, self.num_sub_vectors), np.uint8)
         _, part = self.index.quantizer.search(xp, 1)
         part = part[:, 0]
-        return part.astype(np.uint32), self.index.pq.compute_codes(np.ascontiguousarray(xp - self.centroids[part]))
+        if self._pq is None:
+            return part.astype(np.uint32), np.zeros((len(part), 0), np.uint8)
+        return part.astype(np.uint32), self._pq.compute_codes(np.ascontiguousarray(xp - self.centroids[part]))
 
     def encode(self, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
         part, codes = self.assign(x)
@@ -165,7 +214,9 @@ class IvfPq:
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         part, pq_codes = self.split(codes)
-        return self.centroids[part] + self.index.pq.decode(np.ascontiguousarray(pq_codes))
+        if self._pq is None:  # (Lance's own codes of the residual are not known here: the centroid)
+            return self.centroids[part]
+        return self.centroids[part] + self._pq.decode(np.ascontiguousarray(pq_codes))
 
     def search_codes(self, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0, device: int = -1):
         """Exhaustive search over the codes' reconstructions (a probe, not a query path)."""
@@ -185,7 +236,7 @@ class IvfPq:
         return faiss.serialize_index(self.index).tobytes()
 
     @classmethod
-    def from_bytes(cls, data: bytes, *, spec: str, metric: str, sha256: str | None = None) -> "IvfPq":
+    def from_bytes(cls, data: bytes, *, spec: str, metric: str, sha256: str | None = None) -> "IvfModel":
         if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError(f"model bytes do not match their checksum {sha256}")
         faiss_metric(metric)

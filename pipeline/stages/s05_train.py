@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass
 
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.ivf import IvfPq
+from vecpress.kernels.codecs.ivf import IvfModel
 from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.incremental import probe_quality
@@ -38,7 +38,7 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
     if advised.pretrained is not None and advised.pretrained.spec == spec:
         ref = advised.pretrained  # trained by the advisor's sweep on this same sample and seed
     else:
-        kind = IvfPq if opts.serve == "lancedb" else Codec  # the served index's model, or a codec
+        kind = IvfModel if opts.serve == "lancedb" else Codec  # the served index's model, or a codec
         ref = save_codec(kind.train(xt, spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
     warm = None
     if opts.rerank_codec:

@@ -64,7 +64,7 @@ class EncodeJob:
     #: the ShardCompute that shard i sends its batches to. None = compute in the worker
     remote: object | None = None
     #: --serve lancedb: the stored vectors' type; the rows' index parts (partition, residual
-    #: code: IvfPq.encode) go to a file per task under `index_buffers_uri` (None: a codes table)
+    #: code: IvfModel.encode) go to a file per task under `index_buffers_uri` (None: a codes table)
     vector_dtype: str | None = None
     index_buffers_uri: str | None = None
 

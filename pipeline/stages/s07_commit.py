@@ -16,6 +16,7 @@ import pyarrow as pa
 from lance.fragment import FragmentMetadata
 
 from vecpress import __version__
+from vecpress.kernels.codecs.ivf import parse_served_spec
 from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
@@ -101,8 +102,9 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             **{name: rel(uri) for name, uri in (("search_ids_uri", encoded.search_ids_uri),
                                                 ("search_exact_uri", encoded.search_exact_uri)) if uri},
         },
-        # --serve lancedb: the index's PQ bytes per row, and the stored vectors' bytes beside them
-        "code_bytes": trained.codec.code_size - 4 if served else trained.codec.code_size,  # (IvfPq: 4 + m)
+        # --serve lancedb: the index's bytes per row (PQ m, SQ dim...), and the stored vectors' beside them
+        "code_bytes": parse_served_spec(trained.codec.spec, plan.dim).index_bytes(plan.dim) if served
+        else trained.codec.code_size,
         "vector_bytes": plan.dim * (2 if opts.vector_dtype == "float16" else 4) if served else None,
         "rerank_bytes": None if trained.rerank_codec is None else trained.rerank_codec.code_size,
         "source_bytes": plan.source_bytes_per_vector,

@@ -1,4 +1,4 @@
-"""Stage 8 with `--serve lancedb`, index: the committed version's IVF_PQ index, one segment per
+"""Stage 8 with `--serve lancedb`, index: the committed version's vector index (IVF_PQ, ...), one segment per
 encode task built in parallel from the partitions and codes the encode pass computed, committed
 together as one new version (pipeline.served). A codes table has nothing to index."""
 
@@ -9,12 +9,13 @@ import json
 import logging
 import time
 
+from vecpress.kernels.codecs.ivf import parse_served_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext, manifest_codec
 from vecpress.pipeline.executor import Executor, collect
 from vecpress.pipeline.locking import check_lease
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.served import INDEX_TYPE, IndexJob, build_index_segment, commit_index, indexed_version
+from vecpress.pipeline.served import IndexJob, build_index_segment, commit_index, indexed_version
 from vecpress.pipeline.stages.s06_encode import Encoded
 from vecpress.pipeline.stages.s07_commit import Committed
 
@@ -38,9 +39,11 @@ def index(ctx: RunContext, committed: Committed, encoded: Encoded, opts: Compres
         if ctx.lease is not None:
             check_lease(ctx.lease)
         done = commit_index(ctx.table_uri, committed.version, column, segments)
+    spec = committed.manifest["codec"]["spec"]
     manifest = {**committed.manifest, "version": done,
-                "index": {"type": INDEX_TYPE, "name": f"{column}_idx", "column": column, "spec": committed.manifest[
-                    "codec"]["spec"], "data_version": committed.version, "segments": len(encoded.index_buffers)}}
+                "index": {"type": parse_served_spec(spec, committed.manifest["dim"]).index_type,
+                          "name": f"{column}_idx", "column": column, "spec": spec, "data_version": committed.version,
+                          "segments": len(encoded.index_buffers)}}
     storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
     storage.remove_tree(ctx.run_file("index-buffers"))  # (the encode pass's codes: in the index now)
     log.info("index: %s over %s, %d segments, version %d", committed.manifest["codec"]["spec"], column,

@@ -476,3 +476,37 @@ def test_default_grid_specs_all_train(data):
     for spec in default_grid(32, "cosine"):
         codec = Codec.train(x, spec, "cosine")
         assert codec.decode(codec.encode(x[:10])).shape == (10, 32), spec
+
+
+@pytest.mark.parametrize("spec,index_type,nsub,bytes_", [
+    ("IVF64,PQ8", "IVF_PQ", 8, 8), ("IVF64,HNSW,PQ8", "IVF_HNSW_PQ", 8, 8), ("IVF64,SQ", "IVF_SQ", 0, 32),
+    ("IVF64,HNSW,SQ", "IVF_HNSW_SQ", 0, 32), ("IVF64,FLAT", "IVF_FLAT", 0, 128),
+    ("IVF64,HNSW,FLAT", "IVF_HNSW_FLAT", 0, 128), ("IVF64,RaBitQ", "IVF_RQ", 0, 4)])
+def test_served_specs_name_lance_s_index_types(spec, index_type, nsub, bytes_):
+    from vecpress.kernels.codecs.ivf import parse_served_spec
+
+    p = parse_served_spec(spec, 32)
+    assert (p.index_type, p.num_sub_vectors, p.index_bytes(32)) == (index_type, nsub, bytes_)
+
+
+@pytest.mark.parametrize("spec,needle", [
+    ("IVF64,HNSW,RaBitQ", "no HNSW form of RaBitQ"), ("IVF64,SQ4", "LanceDB serves"), ("IVF64,PQ5", "must divide"),
+    ("IVF64,HNSW", "LanceDB serves")])
+def test_served_specs_that_lance_cannot_build_are_refused(spec, needle):
+    from vecpress.kernels.codecs.ivf import parse_served_spec
+
+    with pytest.raises(CodecSpecError, match=needle):
+        parse_served_spec(spec, 32)
+
+
+def test_a_model_without_pq_codes_only_the_partition():
+    from vecpress.kernels.codecs.ivf import IvfModel
+
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    model = IvfModel.train(x, "IVF16,SQ", "l2", seed=0, ngpu=0)
+    codes = model.encode(x[:10])
+    assert codes.shape == (10, 4) and model.codebook is None and model.index_type == "IVF_SQ"
+    parts, _ = IvfModel.split(codes)
+    np.testing.assert_array_equal(model.decode(codes), model.centroids[parts])
+    again = IvfModel.from_bytes(model.to_bytes(), spec="IVF16,SQ", metric="l2")
+    np.testing.assert_array_equal(again.encode(x[:10]), codes)

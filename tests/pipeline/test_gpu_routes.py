@@ -88,18 +88,18 @@ def test_gpu_route_of_training_gives_a_plain_cpu_codec(data, monkeypatch, spec):
 
 
 def test_gpu_route_of_the_served_model_gives_the_cpu_model(data, monkeypatch):
-    """IvfPq.train where faiss sees a GPU clusters partitions and sub-quantizers through
+    """IvfModel.train where faiss sees a GPU clusters partitions and sub-quantizers through
     GpuIndexFlatL2 (the stand-in assigns exactly as the CPU does) and releases it: the model
     is byte for byte the CPU-trained one, and serialises as a plain CPU index."""
-    from vecpress.kernels.codecs.ivf import IvfPq
+    from vecpress.kernels.codecs.ivf import IvfModel
 
     xb, _ = data
-    cpu = IvfPq.train(xb, "IVF16,PQ8", "l2", seed=1, ngpu=0)
+    cpu = IvfModel.train(xb, "IVF16,PQ8", "l2", seed=1, ngpu=0)
     created = []
     fake_gpu.install(monkeypatch)
     make = fake_gpu.gpu_index_flat_l2
     monkeypatch.setattr(fake_gpu.faiss, "GpuIndexFlatL2", lambda res, d: created.append(int(d)) or make(res, d))
-    gpu = IvfPq.train(xb, "IVF16,PQ8", "l2", seed=1, ngpu=1)
+    gpu = IvfModel.train(xb, "IVF16,PQ8", "l2", seed=1, ngpu=1)
     assert sorted(created) == sorted([xb.shape[1], xb.shape[1] // 8])  # partitions, and sub-quantizers
     assert gpu.to_bytes() == cpu.to_bytes()
-    assert IvfPq.from_bytes(gpu.to_bytes(), spec="IVF16,PQ8", metric="l2").num_sub_vectors == 8
+    assert IvfModel.from_bytes(gpu.to_bytes(), spec="IVF16,PQ8", metric="l2").num_sub_vectors == 8

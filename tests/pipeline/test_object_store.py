@@ -93,9 +93,11 @@ def test_s3_output_end_to_end(s3, tmp_path, ray_executor, monkeypatch):
     assert secret not in manifest and "secret" not in manifest.lower()
 
 
-def test_s3_served_table_searches_from_lancedb(s3, tmp_path, ray_executor):
+@pytest.mark.parametrize("spec", ["IVF8,PQ4", "IVF8,HNSW,SQ"])
+def test_s3_served_table_searches_from_lancedb(s3, tmp_path, ray_executor, spec):
     """--serve lancedb with the output on the S3-compatible server: the index segments are
-    built and committed there, and a process importing only lancedb searches the table."""
+    built and committed there (with partitions and codes, or partitions only), and a process
+    importing only lancedb searches the table."""
     import json
     import os
     import subprocess
@@ -104,12 +106,13 @@ def test_s3_served_table_searches_from_lancedb(s3, tmp_path, ray_executor):
     from vecpress.pipeline.storage import lance_location
 
     fs, query = s3
-    fs.create_dir("served")
+    bucket = "served-" + spec.replace(",", "-").lower()
+    fs.create_dir(bucket)
     x = ClusteredEmbeddings(16, seed=7).batch(0, 3000)
-    put_parquet(fs, "corpus/served/a.parquet", x, np.arange(3000))
-    out = f"s3://served/out?{query}"
-    result = run_compress([f"s3://corpus/served?{query}"], out, "t",
-                          CompressOptions(serve="lancedb", codec="IVF8,PQ4", num_train=2000, num_queries=100, eval_k=10,
+    put_parquet(fs, f"corpus/{bucket}/a.parquet", x, np.arange(3000))
+    out = f"s3://{bucket}/out?{query}"
+    result = run_compress([f"s3://corpus/{bucket}?{query}"], out, "t",
+                          CompressOptions(serve="lancedb", codec=spec, num_train=2000, num_queries=100, eval_k=10,
                                           gate_max_drop=1.0), executor=ray_executor)
     assert result.version == 2 and result.eval["served"]["grid"][-1]["recall_at_10"] > 0.8
     target, options = lance_location(out)

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from vecpress.kernels.codecs.ivf import IvfPq
+from vecpress.kernels.codecs.ivf import IvfModel
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.context import load_array
@@ -97,7 +97,7 @@ def test_the_index_is_vecpress_s_model(served):
     ranks as an exhaustive search over the model's own reconstructions does."""
     root, x, result = served
     model = load_codec(CodecRef(**{**result.manifest["codec"], "uri": str(root / "out" / result.manifest["codec"]["uri"])}))
-    assert isinstance(model, IvfPq) and len(model.centroids) == 32 and model.num_sub_vectors == 8
+    assert isinstance(model, IvfModel) and len(model.centroids) == 32 and model.num_sub_vectors == 8
     import lancedb
 
     tbl = lancedb.connect(str(root / "out")).open_table("t")
@@ -219,3 +219,63 @@ def test_the_advisor_chooses_among_index_forms(corpus, tmp_path, ray_executor):
         run_compress([str(root / "src")], str(tmp_path / "o2"), "t",
                      CompressOptions(**{**OPTS, "codec": "auto", "max_bytes": 8, "advise_codecs": ("PQ8",)}),
                      executor=ray_executor)
+    with pytest.raises(ConfigError, match="the advisor judges the PQ forms"):  # (Lance's codes: only a build tells)
+        run_compress([str(root / "src")], str(tmp_path / "o3"), "t",
+                     CompressOptions(**{**OPTS, "codec": "auto", "max_bytes": 64, "advise_codecs": ("IVF32,SQ",)}),
+                     executor=ray_executor)
+
+
+FORMS = {"IVF32,HNSW,PQ8": "IVF_HNSW_PQ", "IVF32,SQ": "IVF_SQ", "IVF32,HNSW,SQ": "IVF_HNSW_SQ",
+         "IVF32,FLAT": "IVF_FLAT", "IVF32,HNSW,FLAT": "IVF_HNSW_FLAT", "IVF32,RaBitQ": "IVF_RQ"}
+
+
+@pytest.mark.parametrize("spec", list(FORMS))
+def test_every_served_form(corpus, tmp_path, ray_executor, spec, monkeypatch):
+    """Each of Lance's index forms, built with vecpress's centroids (and codebook), one segment
+    per encode task: LanceDB searches it from a process that imports only lancedb and finds
+    what vecpress reports."""
+    monkeypatch.setenv("LANCE_INCLUDE_VECTOR_CENTROIDS", "true")  # (index_stats: the centroids)
+    root, x = corpus
+    out = str(tmp_path / "out")
+    result = run_compress([str(root / "src")], out, "t", CompressOptions(**{**OPTS, "codec": spec}),
+                          executor=ray_executor)
+    info = inspect_table(out, "t", "production")
+    assert info["index"]["type"] == FORMS[spec] == result.eval["served"]["index"] and info["index"]["covers_all_rows"]
+    model = load_codec(CodecRef(**{**result.manifest["codec"], "uri": f"{out}/{result.manifest['codec']['uri']}"}))
+    stats = lance.dataset(f"{out}/t.lance").stats.index_stats("embedding_idx")
+    for segment in stats["indices"]:  # Lance's partitions are vecpress's: its centroids, its assignment
+        np.testing.assert_allclose(np.asarray(segment["centroids"], np.float32), model.centroids, atol=1e-2)
+    sizes = np.sum([[p["size"] for p in s["partitions"]] for s in stats["indices"]], axis=0)
+    assert sizes.sum() == N and (np.abs(sizes - np.bincount(model.assign(x)[0], minlength=32)) <= 2).all()
+    grid = {(g["nprobes"], g["refine_factor"]): g["recall_at_10"] for g in result.eval["served"]["grid"]}
+    user = user_recall(tmp_path, out, result.manifest, 20, None)
+    assert user["unindexed"] == 0 and user["recall_at_10"] == pytest.approx(grid[(20, None)], abs=0.01)
+    assert grid[(50, 5)] > 0.9
+    if "FLAT" in spec:  # the vectors themselves, every partition probed: exact but for float16
+        assert grid[(50, None)] > 0.97
+
+
+@pytest.mark.parametrize("spec", ["IVF8,PQ4", "IVF8,SQ"])
+def test_lance_takes_the_partitions_vecpress_gives(tmp_path, spec):
+    """The segment holds each row in the partition the encode pass gave it, even where that is
+    not the nearest centroid (Lance computes no assignment of its own)."""
+    from vecpress.kernels.codecs.ivf import IvfModel
+    from vecpress.pipeline.codec_store import save_codec
+    from vecpress.pipeline.context import save_arrays
+    from vecpress.pipeline.served import IndexJob, build_index_segment, commit_index
+
+    x = ClusteredEmbeddings(16, seed=2, num_clusters=8).batch(0, 2000)
+    uri = str(tmp_path / "t.lance")
+    lance.write_dataset(pa.table({"v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 16)}), uri,
+                        max_rows_per_file=1000)
+    model = IvfModel.train(x, spec, "l2", seed=0, ngpu=0)
+    parts, codes = IvfModel.split(model.encode(x))
+    given = (parts + 1) % 8  # every row one partition off
+    buffers = [save_arrays(str(tmp_path / f"b{i}.npz"), {"partitions": given[i * 1000:(i + 1) * 1000],
+                                                         "codes": codes[i * 1000:(i + 1) * 1000]}) for i in range(2)]
+    job = IndexJob(uri, 1, "v", save_codec(model, str(tmp_path / "codecs")), "float32")
+    segments = [build_index_segment((i, 1, b), job=job) for i, b in enumerate(buffers)]
+    stats = lance.dataset(uri, version=commit_index(uri, 1, "v", segments)).stats.index_stats("v_idx")
+    sizes = np.sum([[p["size"] for p in s["partitions"]] for s in stats["indices"]], axis=0)
+    np.testing.assert_array_equal(sizes, np.bincount(given, minlength=8))
+    assert stats["index_type"] == model.index_type
