@@ -6,7 +6,10 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import signal
 import sys
+import threading
 import warnings
 
 import vecpress.flows  # noqa: F401  (sets Prefect/Ray environment defaults before they are imported)
@@ -76,8 +79,10 @@ def _run(inputs: list[str], out: str, table: str, opts: CompressOptions, *, no_p
 
         return run_compress(inputs, out, table, opts).report
     from vecpress.flows.compress import compress_flow
+    from vecpress.flows.server import start_temporary_server
 
     _quiet_prefect_console(quiet=log.level >= logging.WARNING)
+    start_temporary_server()  # (without PREFECT_API_URL: apart from the terminal's Ctrl-C)
     return compress_flow(inputs=inputs, out=out, table=table, **opts.to_params())
 
 
@@ -341,6 +346,60 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Stop:
+    """The command's SIGINT/SIGTERM handling (`with _Stop():` around it). The first signal raises
+    KeyboardInterrupt in the main thread, so the run stops through its usual failure path
+    (run_compress's `with` blocks release the lease and shut Ray down; nothing is committed;
+    SIGTERM's default would kill the process without any of that, and under Ray abort it). A
+    second signal, also during the exit (Prefect stopping its server, Ray its processes), exits
+    at once. Without an interrupt the previous handlers come back."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        #: the signal that stopped the command (Ray turns the exception a handler raises during
+        #: ray.wait into a plain KeyboardInterrupt, so the exception cannot tell)
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "_Stop":
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._interrupt) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        stopped = exc is not None and self.signal_of(exc) is not None  # (also Prefect's TerminationSignal)
+        for s, handler in self.previous.items():
+            signal.signal(s, _exit_at_once if stopped else handler)
+
+    def _interrupt(self, signum, frame) -> None:
+        self.signum = signum
+        for s in self.previous:
+            signal.signal(s, _exit_at_once)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def signal_of(self, exc: BaseException) -> int | None:
+        """The signal that `exc` stands for (a KeyboardInterrupt, or the TerminationSignal
+        Prefect's flow engine raises from its own SIGTERM handler), else None."""
+        if isinstance(exc, KeyboardInterrupt):
+            return self.signum or signal.SIGINT
+        external = getattr(sys.modules.get("prefect.exceptions"), "ExternalSignal", ())
+        if isinstance(exc, external) and isinstance(getattr(exc, "signal", None), int):
+            return exc.signal
+        return None
+
+
+def _exit_at_once(signum, frame) -> None:
+    """A second SIGINT/SIGTERM while the first one's run stops: exit now (the lease of a dead
+    process is taken over by the next run; nothing half-written is ever committed)."""
+    print(f"vecpress: {signal.Signals(signum).name} again: exiting at once", file=sys.stderr)
+    if "prefect" in sys.modules:
+        from vecpress.flows.server import stop_temporary_server
+
+        stop_temporary_server()
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
@@ -354,15 +413,20 @@ def main(argv: list[str] | None = None) -> int:
     # Ray starts its processes with fork+exec; lance/lancedb warn about fork-safety in general
     warnings.filterwarnings("ignore", message=".*not fork-safe.*")
     warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
+    stop = _Stop()
     try:
-        args.func(args)
+        with stop:
+            args.func(args)
     except VecpressError as exc:
         print(f"vecpress: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("vecpress: interrupted; a run stopped before its commit commits nothing (one stopped after it "
-              "is evaluated and gated by the next run)", file=sys.stderr)
-        return 130
+    except BaseException as exc:
+        signum = stop.signal_of(exc)
+        if signum is None:
+            raise
+        print(f"vecpress: interrupted ({signal.Signals(signum).name}); a run stopped before its commit commits "
+              "nothing (one stopped after it is evaluated and gated by the next run)", file=sys.stderr)
+        return 128 + signum
     return 0
 
 

@@ -14,7 +14,10 @@ cluster's maximum.
 
 from __future__ import annotations
 
+import logging
 import os
+import signal
+import threading
 import time
 from typing import Any
 
@@ -23,6 +26,18 @@ from vecpress.pipeline.executor import Progress, collect
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray  # noqa: E402
+
+
+class _TokenAuthNotice(logging.Filter):
+    """Drops Ray's warning that a new local Ray has token authentication on (Ray 2.60's default:
+    it writes ~/.ray/auth_token; RAY_AUTH_MODE=disabled opts out, the README says so): it came
+    with every command, even with -q, and asks nothing of the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(_TokenAuthNotice())
 
 
 #: seconds between two reads of the cluster's CPUs while a map runs (the in-flight cap)
@@ -60,10 +75,11 @@ class RayExecutor:
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
             kwargs.update(self.init_kwargs)
-            if self.address:
-                ray.init(address=self.address, **kwargs)
-            else:
-                ray.init(**kwargs)
+            with _signal_handlers_kept():
+                if self.address:
+                    ray.init(address=self.address, **kwargs)
+                else:
+                    ray.init(**kwargs)
             self._started = True
         return self
 
@@ -127,10 +143,12 @@ class RayExecutor:
                 while next_item < len(items) and len(pending) < limit:
                     pending[task.remote(fn, items[next_item], shared_ref)] = next_item
                     next_item += 1
-                ready, _ = ray.wait(list(pending), num_returns=1)
+                with _RAY_WAIT:
+                    ready, _ = ray.wait(list(pending), num_returns=1)
                 for ref in ready:
                     index = pending.pop(ref)
-                    result = _unwrap(ref)
+                    with _RAY_WAIT:
+                        result = _unwrap(ref)
                     progress.step()
                     yield index, result
                 if time.monotonic() - checked > LIMIT_REFRESH_SECONDS:  # nodes come and go
@@ -146,6 +164,70 @@ class RayExecutor:
 
     def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
         return collect(self.imap(fn, items, desc=desc, shared=shared))
+
+
+class _signal_handlers_kept:
+    """Keep the process's own SIGINT/SIGTERM handlers across `ray.init`. ray.init replaces the
+    SIGTERM handler (and the driver's core worker then aborts the process on SIGTERM, SIGABRT),
+    which took a run's interrupt away from whoever set one up (the command line stops a run on
+    SIGTERM as on Ctrl-C; Prefect's flow engine reports the run as crashed). A signal without a
+    Python handler (SIG_DFL, SIG_IGN) is left to Ray. The handlers come back wrapped for Ray's
+    waits (_RAY_WAIT)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self):
+        main = threading.current_thread() is threading.main_thread()
+        self.kept = {s: h for s in self.SIGNALS if main and callable(h := signal.getsignal(s))}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.kept.items():
+            signal.signal(s, _RAY_WAIT.passing(handler))
+
+
+class _RayWait:
+    """`with _RAY_WAIT:` around the driver's blocking Ray calls (ray.wait, ray.get). Ray runs
+    signal handlers inside them and lets only a KeyboardInterrupt out: another exception a
+    handler raises came out as a SystemError ("returned a result with an exception set"), so
+    Prefect's TerminationSignal on SIGTERM became an ordinary failure, and Prefect retried the
+    task. Handlers made `passing` raise such an exception as a KeyboardInterrupt inside the
+    block, and the block raises it again as itself."""
+
+    def __init__(self):
+        self.depth = 0
+        self.raised: BaseException | None = None
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, kind, exc, tb):
+        self.depth -= 1
+        raised, self.raised = self.raised, None
+        if raised is not None and isinstance(exc, KeyboardInterrupt):
+            raise raised
+
+    def passing(self, handler):
+        """`handler`, its exceptions carried through the blocks' Ray calls."""
+        if getattr(handler, "passes_ray_waits", False):
+            return handler
+
+        def passed(signum, frame):
+            if not self.depth:
+                return handler(signum, frame)
+            try:
+                return handler(signum, frame)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                self.raised = exc
+                raise KeyboardInterrupt(f"{type(exc).__name__} from the handler of signal {signum}") from exc
+
+        passed.passes_ray_waits = True
+        return passed
+
+
+_RAY_WAIT = _RayWait()
 
 
 def in_flight_cap(cpus: float, num_cpus_per_task: float) -> int:

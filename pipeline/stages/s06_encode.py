@@ -389,7 +389,9 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         if pool is not None:
             log.info("encode: %s, ready in %.1fs", pool.placement.describe(), pool.startup_seconds)
             job = dataclasses.replace(job, remote=pool)
-        for _, r in executor.imap(encode_shards, group_shards(plan.shards[num_kept:], min_rows), desc="encode",
+        groups = group_shards(plan.shards[num_kept:], min_rows)
+        log.info("encode: %d shards in %d tasks", len(plan.shards) - num_kept, len(groups))
+        for _, r in executor.imap(encode_shards, groups, desc="encode",
                                   shared={"job": job, "queries": xq, "query_positions": qpos}):
             exact.add(r.knn_D, r.knn_I)
             if r.search_I is None:
