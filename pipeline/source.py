@@ -124,13 +124,17 @@ def _output_field(schemas: list[pa.Schema], col: str) -> pa.Field:
                     metadata=first.metadata)
 
 
-def _pick_vector_column(uri: str, schema: pa.Schema) -> str:
+def _pick_vector_column(uri: str, schema: pa.Schema, num_rows: int) -> str:
     candidates = [f.name for f in schema if vector_type(f.type) is not None]
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise SourceError(f"{uri}: no float vector column (fixed_size_list/list of float32 or float16); "
-                          f"columns are {schema.names}")
+        lists = [f"column {f.name!r} has type {describe_type(f.type)}" for f in schema
+                 if pa.types.is_fixed_size_list(f.type) or pa.types.is_list(f.type) or pa.types.is_large_list(f.type)]
+        raise SourceError(f"{uri}: no float vector column ({num_rows} rows): "
+                          + ("; ".join(lists) + "; expected fixed_size_list or list of float32/float16 (cast other "
+                             "types yourself, or choose another column with --vector-column)" if lists else
+                             f"expected fixed_size_list or list of float32/float16; columns are {schema.names}"))
     raise SourceError(f"{uri}: several vector columns {candidates}: choose one with --vector-column")
 
 
@@ -160,7 +164,7 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
     if unreadable:
         raise SourceError(_summarize(f"{len(unreadable)} of {len(uris)} input files are unreadable", unreadable))
 
-    vector_column = spec.vector_column or _pick_vector_column(uris[0], footers[uris[0]][3])
+    vector_column = spec.vector_column or _pick_vector_column(uris[0], footers[uris[0]][3], footers[uris[0]][2].num_rows)
     if spec.id_column == vector_column or spec.id_column in spec.keep or vector_column in spec.keep \
             or len(set(spec.keep)) < len(spec.keep):
         raise SourceError(f"columns must be distinct: id={spec.id_column!r}, vector={vector_column!r}, keep={list(spec.keep)}")

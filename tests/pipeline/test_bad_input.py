@@ -262,14 +262,19 @@ def test_wrong_typed_vectors(base, ray_executor, kind):
     assert_mentions(msg, part.name, "'embedding'", f"{ROWS_PER_FILE} rows", kind, "float32", "float16")
 
 
-def test_wrong_typed_vectors_without_vector_column_named(base, ray_executor):
-    """With no --vector-column and no float-list column in the first file, the message lists
-    the columns that are there."""
+@pytest.mark.parametrize("kind", ["list<double>", "fixed_size_list<double>"])
+def test_wrong_typed_vectors_without_vector_column_named(base, ray_executor, kind):
+    """With no --vector-column and no float-list column in the first file, the message names
+    the file, its rows, and each list column with its type (it named the type only with
+    --vector-column)."""
     for p in base.folder.glob("*.parquet"):
         p.unlink()
-    write_part(base.folder / "part-000.parquet", ragged(list(base.x.astype(np.float64)), pa.float64()))
+    x = base.x.astype(np.float64)
+    write_part(base.folder / "part-000.parquet", ragged(list(x), pa.float64()) if kind == "list<double>" else
+               fixed(x, pa.float64()))
     msg = fails_at_plan(base, ray_executor)
-    assert_mentions(msg, "part-000.parquet", "no float vector column", "embedding", "float32")
+    assert_mentions(msg, "part-000.parquet", "no float vector column", f"{len(x)} rows", "'embedding'", kind,
+                    "float32")
 
 
 def test_id_column_of_wrong_type(base, ray_executor):
