@@ -49,9 +49,8 @@ def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",
            version: int | None = None, executor: Executor | None = None) -> pa.Table:
-    """Top-k per query: columns query, rank, <id>, distance (smaller is better: squared L2, or
-    negated similarity for ip/cosine, or Hamming distance for binary codes before re-ranking),
-    reranked, and the table's passthrough columns.
+    """Top-k per query: columns query, rank, <id>, the score (`score_column`), reranked, and
+    the table's passthrough columns.
 
     With `rerank` = r, r x k candidates are re-ranked by exact distance to vectors read from
     the warm column (`rerank_from="column"`), the source Parquet ("source"), or the warm
@@ -95,8 +94,25 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     positions = I[q, rank]
     id_col, keep = m["source"]["id_column"], m["source"]["keep"]
     rows = ds.take(positions.tolist(), columns=[id_col, *keep])
+    hamming = not rerank and load_codec(codec).is_binary
+    name, score = score_column(m["metric"], D[q, rank], hamming=hamming)
     cols = {"query": pa.array(q, pa.int64()), "rank": pa.array(rank, pa.int64()), id_col: rows.column(id_col),
-            "distance": pa.array(D[q, rank], pa.float32()), "reranked": pa.array(np.full(len(q), bool(rerank)))}
+            name: pa.array(score, pa.float32()), "reranked": pa.array(np.full(len(q), bool(rerank)))}
     for c in keep:
         cols[c] = rows.column(c)
     return pa.table(cols)
+
+
+def score_column(metric: str, D: np.ndarray, *, hamming: bool = False) -> tuple[str, np.ndarray]:
+    """The search's scores as shown, named: `distance` (squared L2, smaller is better),
+    `cosine_distance` (1 - cosine similarity, 0..2, smaller is better; estimates from the codes
+    are clipped at 0), `inner_product` (larger is better), or `hamming_distance` (bits that
+    differ between the codes: binary codes before re-ranking). The kernels' D for ip/cosine is
+    the negated similarity (smaller is better), which showed as negative distances."""
+    if hamming:
+        return "hamming_distance", D
+    if metric == "cosine":
+        return "cosine_distance", np.maximum(1.0 + D, 0.0)
+    if metric == "ip":
+        return "inner_product", -D
+    return "distance", D
