@@ -328,6 +328,23 @@ def plot_png(result: SweepResult, uri: str) -> None:
     """recall@10 against bytes per vector (log scale), Pareto front marked; re-ranked x4 too."""
     import io
 
+    import matplotlib.pyplot as plt
+
+    fig, _ = sweep_figure(result)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+#: where a codec's label may go, in points from its marker, tried in this order (left of the
+#: marker for a negative x: the label then ends there)
+LABEL_OFFSETS = [(4, 4), (4, -11), (-4, 4), (-4, -11), (4, 13), (4, -20), (-4, 13), (-4, -20), (4, 22), (4, -29),
+                 (-4, 22), (-4, -29), (4, 31), (4, -38), (-4, 31), (-4, -38)]
+
+
+def sweep_figure(result: SweepResult):
+    """The sweep's plot as a matplotlib figure and its codec labels (plot_png saves it)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -345,8 +362,6 @@ def plot_png(result: SweepResult, uri: str) -> None:
     front = sorted((r for r in rows if r["pareto"]), key=lambda r: r["code_bytes"])
     ax.plot([r["code_bytes"] for r in front], [r["recall_at_10"] for r in front], color="#d62728", lw=1.5,
             zorder=1, label="Pareto front")
-    for r, x, y in zip(rows, xs, ys):
-        ax.annotate(r["codec"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("bytes per vector")
     ax.set_ylabel("recall@10 (k-recall@k, held-out queries)")
@@ -354,11 +369,39 @@ def plot_png(result: SweepResult, uri: str) -> None:
     ax.grid(True, alpha=0.3)
     ax.set_title(f"vecpress sweep: {result.num_rows:,} x {result.dim}-d, {result.metric}")
     ax.legend(loc="lower right", fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    storage.write_bytes(uri, buf.getvalue())
+    fig.tight_layout()  # (before the labels: it moves the axes, and the labels are placed in pixels)
+    return fig, _place_labels(fig, ax, [r["codec"] for r in rows], xs, ys)
+
+
+def _place_labels(fig, ax, names: list[str], xs: list, ys: list) -> list:
+    """Each name next to its marker, at the first of LABEL_OFFSETS where it overlaps no label
+    placed before it (else where it overlaps least): codecs of the same size and similar recall
+    wrote their names over each other. A label cut off by the figure's edge counts as overlapping."""
+    renderer = fig.canvas.get_renderer()
+    placed, labels = [], []
+    for i in sorted(range(len(names)), key=lambda i: (xs[i], -ys[i])):
+        best = None
+        for dx, dy in LABEL_OFFSETS:
+            label = ax.annotate(names[i], (xs[i], ys[i]), textcoords="offset points", xytext=(dx, dy), fontsize=7,
+                                ha="left" if dx >= 0 else "right")
+            box = label.get_window_extent(renderer)
+            overlap = sum(_common_area(box, b) for b in placed) + 10 * (_common_area(box, box) -
+                                                                        _common_area(box, fig.bbox))  # (cut off)
+            if best is None or overlap < best[0]:
+                if best is not None:
+                    best[1].remove()
+                best = (overlap, label, box)
+            else:
+                label.remove()
+            if overlap == 0:
+                break
+        placed.append(best[2])
+        labels.append(best[1])
+    return labels
+
+
+def _common_area(a, b) -> float:
+    return max(0.0, min(a.x1, b.x1) - max(a.x0, b.x0)) * max(0.0, min(a.y1, b.y1) - max(a.y0, b.y0))
 
 
 def write_reports(result: SweepResult, out: str, budgets: list[int] | None = None) -> dict[str, str]:
