@@ -12,6 +12,7 @@ the command cannot wait for that.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -41,6 +42,14 @@ def stop_temporary_server() -> None:
         process.terminate()
 
 
+def _stop_with_parent() -> None:
+    """In the server's process before it starts (Linux): SIGTERM when the command's process ends
+    however it ends (killed, os._exit), as it did in the command's process group."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _server_class():
     from prefect.server.api.server import SubprocessASGIServer
 
@@ -58,7 +67,7 @@ def _server_class():
                  "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
                  "--log-level", "error", "--lifespan", "on"],
                 env={**os.environ, **env, **get_current_settings().to_environment_variables(exclude_unset=True)},
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_stop_with_parent if sys.platform == "linux" else None)
 
         def stop(self) -> None:
             # Prefect's stop waits up to 5 s for the server to finish, and that was most of an

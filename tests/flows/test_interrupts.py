@@ -42,10 +42,12 @@ def table_v1(make_corpus, tmp_path, ray_executor, capsys):
     return folder, out
 
 
-def stop_mid_encode(args: list[str], sig: int, *, to_group: bool, env: dict | None = None) -> tuple[int, float, str]:
+def stop_mid_encode(args: list[str], sig: int, *, to_group: bool, env: dict | None = None,
+                    again_after: float | None = None) -> tuple[int, float, str]:
     """Run `vecpress compress ARGS` in a process (a session of its own, as a terminal's job), send
     `sig` to it (or to its process group, as a terminal's Ctrl-C does) once the encode stage has
-    started, and return (exit status, seconds from the signal to the exit, its output)."""
+    started (and once more `again_after` seconds later), and return (exit status, seconds from
+    the signal to the exit, its output)."""
     env = {**os.environ, **(env or {})}
     env.pop("PREFECT_API_URL", None)  # (Prefect's temporary server when Prefect runs the flow)
     proc = subprocess.Popen([sys.executable, "-m", "vecpress.flows.cli", "compress", *args], cwd=ROOT, env=env,
@@ -66,10 +68,10 @@ def stop_mid_encode(args: list[str], sig: int, *, to_group: bool, env: dict | No
         time.sleep(1)  # tasks under way
         assert proc.poll() is None, "the run ended before the signal:\n" + "".join(lines)
         sent = time.monotonic()
-        if to_group:
-            os.killpg(proc.pid, sig)
-        else:
-            proc.send_signal(sig)
+        for _ in range(1 if again_after is None else 2):
+            if proc.poll() is None:
+                os.killpg(proc.pid, sig) if to_group else proc.send_signal(sig)
+                time.sleep(again_after or 0)
         rc = proc.wait(120)
         elapsed = time.monotonic() - sent
     finally:
@@ -114,3 +116,16 @@ def test_signal_stops_a_prefect_run_on_the_temporary_server(table_v1, sig, capsy
                                           to_group=sig == signal.SIGINT)
     assert_stopped(rc, elapsed, output, sig, out, folder, capsys)
     assert "Crashed" in output  # Prefect recorded the run's end
+
+
+def test_a_second_ctrl_c_exits_at_once_without_a_traceback(table_v1, capsys):
+    """A second Ctrl-C while the first one's run stops ended in a traceback and exit status 1."""
+    folder, out = table_v1
+    rc, elapsed, output = stop_mid_encode([str(folder), str(out), "--table", "t", *SLOW], signal.SIGINT,
+                                          to_group=True, again_after=0.5)
+    assert rc == 130 and elapsed < EXIT_BOUND_S and "Traceback" not in output, output
+    assert "vecpress: SIGINT again: exiting at once" in output or "vecpress: interrupted (SIGINT)" in output, output
+    assert open_dataset(str(out), "t").version == 1
+    assert main(["-q", "compress", str(folder), str(out), "--table", "t", *FAST, "--force-retrain",
+                 "--no-prefect"]) == 0  # a lease left by the process is taken over (its pid is gone)
+    assert open_dataset(str(out), "t").version == 2
