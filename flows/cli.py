@@ -146,15 +146,15 @@ def cmd_demo(args) -> None:
     from vecpress.pipeline import storage
     from vecpress.pipeline.demo import corpus_parameters, demo_codec, write_corpus, written_corpus
 
+    if args.codec is None and args.dim >= 1:  # (write_corpus refuses --dim 0)
+        args.codec = demo_codec(args.dim)
+    opts = dataclasses.replace(options_from_args(args, "demo"), **DEMO_FIXED)  # checked before writing
     src = storage.join(args.out, "source")
     wanted = corpus_parameters(args.rows, args.dim, args.files, args.seed)
     if written_corpus(src) == wanted:
         log.info("using the sample corpus already in %s", src)
     else:  # none yet, or made with other --rows/--dim/--files/--seed
         write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
-    if args.codec is None:
-        args.codec = demo_codec(args.dim)
-    opts = dataclasses.replace(options_from_args(args, "demo"), **DEMO_FIXED)
     info = _run([src], args.out, args.table, opts, no_prefect=args.no_prefect)
     _print_result(info, args.json)
     if not args.json:
@@ -201,7 +201,8 @@ def cmd_search(args) -> None:
     from vecpress.pipeline.search import read_query_vectors, search
 
     m = version_manifest(require_dataset(args.out, args.table, args.version))
-    xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"])
+    xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"],
+                            metric=m["metric"])
     result = search(args.out, args.table, xq, args.k, rerank=args.rerank, rerank_from=args.rerank_from,
                     version=args.version)
     if args.json:
@@ -297,7 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="top-k ids for query vectors, by asymmetric distance over the codes")
     s.add_argument("out", help="output folder")
     s.add_argument("--table", required=True)
-    s.add_argument("--queries", required=True, help="Parquet file/folder of query vectors")
+    s.add_argument("--queries", required=True, help="Parquet file/folder of query vectors, or a .npy file of an "
+                   "(n, dim) float array")
     s.add_argument("--query-column", default=None, help="vector column in the queries (default: the table's)")
     s.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
     s.add_argument("--rerank", type=int, default=0, metavar="R",
@@ -355,6 +357,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*not fork-safe.*")
     warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
     try:
+        if getattr(args, "table", None) is not None:  # every command with a table checks its name first
+            from vecpress.pipeline.lance_io import check_table_name
+
+            check_table_name(args.table)
         args.func(args)
     except VecpressError as exc:
         print(f"vecpress: error: {exc}", file=sys.stderr)

@@ -26,9 +26,9 @@ def write_corpus(uri: str, *, num_rows: int = 100_000, dim: int = 384, num_files
     text string) under `uri`, and `_corpus.json` with these parameters; returns their URIs.
     Deterministic in (num_rows, dim, num_files, seed). Files `part-NNNNN.parquet` that an
     earlier call left there beyond `num_files` are removed (they would join the corpus)."""
-    for name, value, least in (("rows", num_rows, 1), ("dim", dim, 1), ("files", num_files, 1)):
+    for name, value, least in (("rows", num_rows, 1), ("dim", dim, 1), ("files", num_files, 1), ("seed", seed, 0)):
         if value < least:
-            raise ConfigError(f"--{name} must be at least {least}, got {value}")
+            raise ConfigError(f"--{name} must be at least {least}, got {value}")  # (a seed too: numpy's)
     if num_files > num_rows:
         raise ConfigError(f"--files {num_files} is more than --rows {num_rows}: a file would be empty")
     gen = ClusteredEmbeddings(dim, seed=seed)

@@ -20,6 +20,16 @@ class ConfigError(VecpressError):
     """Invalid options: unknown metric, impossible codec, bad table name."""
 
 
+class OutputWriteError(VecpressError):
+    """The output cannot be written (disk full, a read-only file system, no permission): names
+    the path. Nothing is committed; the previous version stays as it was."""
+
+
+class CorruptFileError(VecpressError):
+    """A file vecpress wrote and reads back (a trained codec) is missing, damaged or altered
+    since: names the file."""
+
+
 class SourceChangedError(VecpressError):
     """The source files differ from the ones a dataset was built from (re-rank needs them)."""
 

@@ -24,12 +24,15 @@ from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, SIDECAR_DIR, same_co
 
 log = logging.getLogger("vecpress")
 
-_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+#: a table name, matched whole (fullmatch: `$` would also accept a trailing newline)
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
 
 
 def check_table_name(table: str) -> str:
-    if not _TABLE_NAME.match(table or "") or table.endswith("_eval"):
-        raise ConfigError(f"invalid table name {table!r}: use letters, digits, '_' and '-' "
+    """`table` when it is a valid table name, else ConfigError: the one check of table names,
+    made by every command before anything is written (a name is a folder, OUT/<table>.lance)."""
+    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table) or table.endswith("_eval"):
+        raise ConfigError(f"invalid table name {table!r} (--table): use letters, digits, '_' and '-' "
                           "(at most 128, not starting with '-', not ending in '_eval')")
     return table
 

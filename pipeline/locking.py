@@ -303,7 +303,8 @@ def table_lock(out: str, table: str, *, wait_seconds: float = 0, stale_after_sec
     while True:
         lease["renewed_at"] = _now()
         lease["expires_at"] = lease["renewed_at"] + stale_after_seconds
-        acquired, holder = _try_acquire(uri, lease)
+        with storage.writing(uri, "the table's lease"):
+            acquired, holder = _try_acquire(uri, lease)
         if acquired:
             break
         if holder is not None and _now() >= deadline:

@@ -158,6 +158,8 @@ class CompressOptions:
         for name in ("num_train", "num_queries", "eval_k", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:  # (numpy's SeedSequence refuses it, inside the first Ray task)
+            raise ConfigError(f"--seed must not be negative, got {self.seed}")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {self.batch_size}")
         if self.sample_row_groups < 0:

@@ -53,12 +53,13 @@ def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, sta
     target, options = storage.lance_location(out)
     db = lancedb.connect(target, storage_options=options)
     name = table + EVAL_TABLE_SUFFIX
-    if name in db.list_tables().tables:
-        t = db.open_table(name)
-        t.delete(f"version = {int(version)}")
-        t.add(data)
-    else:
-        db.create_table(name, data)
+    with storage.writing(storage.join(out, f"{name}.lance"), "the evaluation table"):
+        if name in db.list_tables().tables:
+            t = db.open_table(name)
+            t.delete(f"version = {int(version)}")
+            t.add(data)
+        else:
+            db.create_table(name, data)
     return ev
 
 

@@ -3,35 +3,62 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.pipeline import storage
-from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
-from vecpress.pipeline.parquet import open_parquet, vectors_as_numpy
+from vecpress.pipeline.parquet import read_fingerprint, vectors_as_numpy
 from vecpress.pipeline.source import list_parquet_files
 from vecpress.pipeline.evaluate import CodeSearch, search_fragment
 
 
-def read_query_vectors(uri: str, column: str, dim: int) -> np.ndarray:
-    """Query vectors from a Parquet file or folder, validated like the corpus."""
+def read_query_vectors(uri: str, column: str, dim: int, *, metric: str | None = None) -> np.ndarray:
+    """Query vectors from a Parquet file or folder, or a .npy file of an (n, dim) float array,
+    validated like the corpus (cosine: no all-zero vectors). SourceError naming the file for
+    anything else."""
+    if str(uri).endswith(".npy"):
+        return _npy_queries(uri, dim, metric=metric)
     parts = []
     for f in list_parquet_files([uri]):
-        pf = open_parquet(f)
+        loc = storage.resolve(f)
+        try:
+            handle = loc.fs.open_input_file(loc.path)
+            _, _, metadata = read_fingerprint(handle, f)
+            pf = pq.ParquetFile(handle, metadata=metadata)
+        except (SourceError, OSError, pa.ArrowException) as exc:
+            raise SourceError(f"--queries {f}: not a readable Parquet file nor a .npy array of query vectors: "
+                              f"{storage.one_line(exc).removeprefix(f + ': ')}") from None
         if column not in pf.schema_arrow.names:
             raise VecpressError(f"{f}: no column {column!r} for query vectors ({pf.metadata.num_rows} rows; "
                                 f"columns are {pf.schema_arrow.names}); pass --query-column")
-        parts.append(vectors_as_numpy(pf.read(columns=[column]).column(0), dim, where=f, column=column))
+        parts.append(vectors_as_numpy(pf.read(columns=[column]).column(0), dim, where=f, column=column,
+                                      nonzero=metric == "cosine"))
     return np.concatenate(parts)
+
+
+def _npy_queries(uri: str, dim: int, *, metric: str | None) -> np.ndarray:
+    """Query vectors from a .npy file: an (n, dim) array of floats, finite (and, for cosine, not all zero)."""
+    try:
+        x = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SourceError(f"--queries {uri}: not a readable .npy array of query vectors: {storage.one_line(exc)}") from None
+    if x.ndim != 2 or x.shape[1] != dim or x.dtype.kind != "f" or not len(x):
+        raise SourceError(f"--queries {uri}: holds a {x.dtype} array of shape {x.shape}; expected (n, {dim}) floats, "
+                          "n at least 1")
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim)
+    return vectors_as_numpy(arr, dim, where=uri, column="(the .npy array)", nonzero=metric == "cosine")
 
 
 def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str | None = None) -> np.ndarray:

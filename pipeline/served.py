@@ -86,7 +86,8 @@ def build_index_segment(item: tuple[int, int, str], *, job: IndexJob):
               storage_options=options)
     # the buffer is read once, by this call, in this process: a local file whatever the output
     # (Lance takes no object-store URI for it)
-    with tempfile.TemporaryDirectory(prefix="vecpress-index-") as local:
+    with storage.writing(job.table_uri, "the vector index"), \
+            tempfile.TemporaryDirectory(prefix="vecpress-index-") as local:
         if model.num_sub_vectors:  # partitions and codes: Lance computes nothing per row
             codes = np.ascontiguousarray(parts["codes"], np.uint8)
             buffer = pa.table({"row_id": pa.array(row_ids, pa.uint64()),
@@ -128,7 +129,8 @@ def indexed_version(table_uri: str, column: str) -> int | None:
 def commit_index(table_uri: str, version: int, column: str, segments: list) -> int:
     """Commit the segments as the version's index: a new version, whose rows it all covers."""
     ds = open_lance(table_uri, version)
-    done = ds.commit_existing_index_segments(index_name(column), column, segments)
+    with storage.writing(table_uri, "the vector index"):
+        done = ds.commit_existing_index_segments(index_name(column), column, segments)
     return done.version
 
 

@@ -234,8 +234,9 @@ def _write_fragments(job: EncodeJob, schema: pa.Schema, batches, failure: list[B
         # mode="overwrite": field ids from this schema, not from the table's current version
         # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
         target, options = storage.lance_location(job.table_uri)
-        frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite", storage_options=options,
-                                               max_rows_per_file=job.max_rows_per_file)
+        with storage.writing(job.table_uri, "the new version's data files"):
+            frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite",
+                                                   storage_options=options, max_rows_per_file=job.max_rows_per_file)
     except Exception:
         if failure:
             raise failure[0] from None
@@ -366,7 +367,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     plan, diff = planned.plan, planned.diff
     served = opts.serve == "lancedb"  # (LanceDB's search is evaluated on the index, not in this pass)
     spec = ComputeSpec(trained.codec, trained.rerank_codec, opts.eval_k, search=not served, rerank=opts.eval_rerank)
-    job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan), batch_size=opts.batch_size,
+    job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan, opts.metric), batch_size=opts.batch_size,
                     checkpoint_uri=ctx.run_file("shards"), device=opts.device,
                     vector_dtype=opts.vector_dtype if served else None,
                     index_buffers_uri=ctx.run_file("index-buffers") if served else None)
@@ -415,7 +416,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                  "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
-        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan), opts.batch_size, opts.ngpu,
+        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan, opts.metric), opts.batch_size, opts.ngpu,
                           index_buffers_uri=job.index_buffers_uri)
         ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
         groups = group_shards(plan.shards[:num_kept], min_rows)

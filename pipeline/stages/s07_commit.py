@@ -54,8 +54,10 @@ def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[di
     frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
     tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
                            transaction_properties={RUN_ID_PROPERTY: run_id})
-    target, options = storage.lance_location(table_uri(out, table))
-    ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
+    uri = table_uri(out, table)
+    target, options = storage.lance_location(uri)
+    with storage.writing(uri, "the new version"):
+        ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
     return ds.version
 
 
