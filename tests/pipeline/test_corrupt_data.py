@@ -18,16 +18,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.pipeline.test_bad_input import (  # noqa: F401  (base, ray_one: fixtures)
-    DIM, NUM_FILES, NUM_ROWS, OPTS, ROWS_PER_FILE, TABLE, SpyExecutor, assert_mentions, assert_unchanged, base,
-    compress, fails_at_plan, fixed, last_part, num_sampled_rows_of_file, ray_one, rerun, rows_of_file, snapshot,
-    source, write_part)
+from tests.pipeline import test_bad_input
+from tests.pipeline.test_bad_input import (
+    DIM, NUM_FILES, NUM_ROWS, OPTS, ROWS_PER_FILE, TABLE, SpyExecutor, assert_mentions, assert_unchanged, compress,
+    fails_at_plan, fixed, last_part, num_sampled_rows_of_file, rerun, rows_of_file, snapshot, source, write_part)
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.codec_store import _load, load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.errors import CorruptFileError, OutputConflictError, OutputWriteError, SourceError
 from vecpress.pipeline.parquet import value_bounds
 from vecpress.pipeline.search import search
+
+#: test_bad_input's fixtures: version 1 of a good table, and its Ray with one task in flight
+base = test_bad_input.base
+ray_one = test_bad_input.ray_one
 
 #: rows per row group of a damaged file (its row groups then have numbers to name)
 DAMAGED_ROW_GROUP = 250
