@@ -88,13 +88,14 @@ class CompressOptions:
     vector_dtype: str = option("float16", "--serve lancedb: the type of the stored vectors, which LanceDB's "
                                           "refine_factor re-ranks with (float16: half the bytes, the same recall)",
                                group="codec and evaluation", choices=("float16", "float32"))
-    metric: str = option("l2", "distance the codes are searched with; cosine = normalise, then inner product",
+    metric: str = option("l2", "distance the codes are searched with; cosine = normalise, then inner product (all-zero "
+                                 "vectors are refused)",
                          group="codec and evaluation", commands=ALL, choices=METRICS)
     num_train: int = option(100_000, "training-sample size: more trains better codebooks, slower and with more "
                                      "memory", group="codec and evaluation", commands=ALL)
     num_queries: int = option(1_000, "held-out query vectors for evaluation, never trained on (at most 10% of "
                                      "the rows)", group="codec and evaluation", commands=ALL)
-    seed: int = option(0, "seeds sampling and training: the same inputs and seed give the same codes",
+    seed: int = option(0, "seeds sampling and training (0 or more): the same inputs and seed give the same codes",
                        group="codec and evaluation", commands=ALL)
     sample_row_groups: int = option(
         SAMPLE_ROW_GROUPS, "most Parquet row groups the sample reads, chosen at random; rows are drawn uniformly "
