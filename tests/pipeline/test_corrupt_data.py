@@ -26,7 +26,6 @@ from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline.codec_store import _load, load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.errors import CorruptFileError, OutputConflictError, OutputWriteError, SourceError
-from vecpress.pipeline.parquet import value_bounds
 from vecpress.pipeline.search import search
 
 #: test_bad_input's fixtures: version 1 of a good table, and its Ray with one task in flight
@@ -78,6 +77,8 @@ def test_values_outside_the_footer_statistics_are_refused(base, ray_one, stage):
 
 def test_footer_statistics_are_read_where_the_footer_has_them(tmp_path):
     """float32 and float16 statistics per row group (float16 ones are 2 bytes); none without them."""
+    from vecpress.pipeline.parquet import value_bounds
+
     x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
     for value_type in (pa.float32(), pa.float16()):
         path = tmp_path / f"{value_type}.parquet"
