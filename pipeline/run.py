@@ -38,10 +38,18 @@ def run_compress(inputs: Sequence[str] | str, out: str, table: str, opts: Compre
     return check_gate(result)
 
 
+@contextlib.contextmanager
 def _executor(executor: Executor | None, opts: CompressOptions):
-    """`executor` as it is, else a RayExecutor on `opts.ray_address`, shut down after the run."""
+    """`executor` as it is, else a RayExecutor on `opts.ray_address`, shut down after the run.
+    It starts (or joins) Ray at its first use, after planning: input that planning refuses
+    (schemas, another dimension than the table's, an impossible codec) fails before Ray starts."""
     if executor is not None:
-        return contextlib.nullcontext(executor)
+        yield executor
+        return
     from vecpress.pipeline.distributed import RayExecutor
 
-    return RayExecutor(opts.ray_address)
+    ex = RayExecutor(opts.ray_address)
+    try:
+        yield ex
+    finally:
+        ex.shutdown()

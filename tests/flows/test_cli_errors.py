@@ -5,7 +5,11 @@ read-only output folder. Each printed a traceback, or was accepted and left a st
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,3 +138,28 @@ def test_a_read_only_output_folder_is_one_line(table, tmp_path, capsys):
     assert f"{out}/_vecpress/t/lock.json: cannot write the table's lease: " in last
     assert last.endswith(("read-only file system", "permission denied"))
     assert open_dataset(str(out), "t").version == before
+
+
+def test_planning_refuses_another_dimension_before_ray_starts(table, tmp_path):
+    """The run started Ray before planning, so every input planning refuses (here vectors of
+    another dimension than the table's) cost a Ray start first. A fresh process whose Ray would
+    live under RAY_TMPDIR: the error, and no Ray session there."""
+    from tests.conftest import write_vectors
+    from vecpress.kernels.synthetic import ClusteredEmbeddings
+
+    _, out = table
+    write_vectors(tmp_path / "wide" / "a.parquet", ClusteredEmbeddings(48, seed=1).batch(0, 500))
+    ray_dir = Path(tempfile.mkdtemp(prefix="vp-", dir="/tmp")) / "ray"  # (short: Ray's socket paths)
+    env = {**os.environ, "RAY_TMPDIR": str(ray_dir), "RAY_ADDRESS": ""}
+    try:
+        done = subprocess.run([sys.executable, "-m", "vecpress.flows.cli", "-q", "compress", str(tmp_path / "wide"),
+                               str(out), "--table", "t", "--codec", "PQ8", "--no-prefect"], env=env,
+                              capture_output=True, text=True)
+    finally:
+        started = ray_dir.exists()
+        shutil.rmtree(ray_dir.parent, ignore_errors=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("vecpress: error: ") and "dimension 48, table has 32" in last
+    assert not started, "Ray was started before planning"
+    assert open_dataset(str(out), "t").version == 1
