@@ -343,11 +343,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record: main called again in one process (tests,
+    notebooks) after sys.stderr was replaced must not write to the stream it had then (a closed
+    one: "--- Logging error ---" and a traceback, on the command's one-line errors)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s vecpress %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)

@@ -94,6 +94,10 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     m = version_manifest(ds)
     if queries.ndim != 2 or queries.shape[1] != m["dim"]:
         raise VecpressError(f"queries have shape {queries.shape}, the table holds {m['dim']}-d vectors")
+    if m["metric"] == "cosine" and not np.asarray(queries).any(axis=1).all():
+        zero = np.flatnonzero(~np.asarray(queries).any(axis=1))
+        raise VecpressError(f"{len(zero)} of {len(queries)} queries are all-zero vectors (first: query {zero[0]}), "
+                            f"which cosine cannot normalise (table {table!r} is searched by cosine)")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
     job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)

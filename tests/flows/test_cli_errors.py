@@ -163,3 +163,25 @@ def test_planning_refuses_another_dimension_before_ray_starts(table, tmp_path):
     assert last.startswith("vecpress: error: ") and "dimension 48, table has 32" in last
     assert not started, "Ray was started before planning"
     assert open_dataset(str(out), "t").version == 1
+
+
+def test_all_zero_queries_are_refused_for_a_cosine_table(tmp_path, capsys, ray_executor):
+    """They were normalised silently (left at zero: every row scores 0)."""
+    from tests.conftest import write_vectors
+    from vecpress.kernels.synthetic import ClusteredEmbeddings
+    from vecpress.pipeline.errors import SourceError, VecpressError
+    from vecpress.pipeline.search import read_query_vectors, search
+
+    write_vectors(tmp_path / "src" / "a.parquet", ClusteredEmbeddings(32, seed=0).batch(0, 2000))
+    out = tmp_path / "out"
+    run_compress([str(tmp_path / "src")], str(out), "c", CompressOptions(**{**OPTS.__dict__, "metric": "cosine"}),
+                 executor=ray_executor)
+    xq = np.ones((3, 32), np.float32)
+    xq[1] = 0
+    with pytest.raises(VecpressError, match="1 of 3 queries are all-zero vectors \\(first: query 1\\)"):
+        search(str(out), "c", xq, 5)
+    np.save(tmp_path / "q.npy", xq)
+    with pytest.raises(SourceError, match="1 of 3 rows are all-zero vectors"):
+        read_query_vectors(str(tmp_path / "q.npy"), "embedding", 32, metric="cosine")
+    last = one_line_error(capsys, main(["search", str(out), "--table", "c", "--queries", str(tmp_path / "q.npy")]))
+    assert "q.npy" in last and "all-zero vectors" in last and "cosine" in last

@@ -76,13 +76,16 @@ def test_values_outside_the_footer_statistics_are_refused(base, ray_one, stage):
 
 
 def test_footer_statistics_are_read_where_the_footer_has_them(tmp_path):
-    """float32 and float16 statistics per row group (float16 ones are 2 bytes); none without them."""
+    """float32 and float16 statistics per row group (float16 ones are 2 bytes), of fixed and
+    variable lists; none without them."""
+    from tests.pipeline.test_bad_input import ragged
     from vecpress.pipeline.parquet import value_bounds
 
     x = np.random.default_rng(0).standard_normal((600, 8)).astype(np.float32)
-    for value_type in (pa.float32(), pa.float16()):
+    for value_type, vectors in ((pa.float32(), fixed), (pa.float16(), fixed), (pa.float32(), ragged)):
         path = tmp_path / f"{value_type}.parquet"
-        pq.write_table(pa.table({"v": fixed(x, value_type)}), path, row_group_size=200)
+        arr = vectors(x, value_type) if vectors is fixed else ragged(list(x), value_type)
+        pq.write_table(pa.table({"v": arr}), path, row_group_size=200)
         bounds = value_bounds(pq.read_metadata(path), "v", range(1, 3))
         y = x.astype(value_type.to_pandas_dtype())
         assert bounds.first_group == 1 and bounds.starts.tolist() == [200, 400, 600]
@@ -190,7 +193,7 @@ def tmpfs(tmp_path):
 
     yield mount
     for folder in reversed(mounted):
-        subprocess.run(["umount", str(folder)], check=True)
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)  # (a failed test's traceback may hold a file)
 
 
 def fill(folder, leave: int):
@@ -200,6 +203,16 @@ def fill(folder, leave: int):
     with open(filler, "wb") as f:
         f.write(b"\0" * max(0, st.f_bavail * st.f_frsize - leave))
     return filler
+
+
+def test_a_full_disk_under_the_sample_corpus_is_named(tmpfs):
+    from vecpress.pipeline.demo import write_corpus
+
+    disk = tmpfs("disk", "256k")
+    with pytest.raises(OutputWriteError) as excinfo:
+        write_corpus(str(disk / "corpus"), num_rows=4000, dim=32, num_files=2)
+    assert str(excinfo.value) == f"{disk / 'corpus'}: cannot write the sample corpus: no space left on device"
+    assert not list((disk / "corpus").glob("*.parquet")), "a half-written file would join the corpus"
 
 
 @pytest.mark.parametrize("free", [0, 64 << 10, 320 << 10], ids=["full", "64k", "320k"])
