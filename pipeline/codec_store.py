@@ -53,7 +53,7 @@ def _load(uri: str, sha256: str, spec: str, metric: str) -> Codec | IvfModel:
                                f"sha256 {got[:16]}..., the manifest's {sha256[:16]}...): the file was altered or "
                                "damaged since it was written; rebuild the table with --mode full")
     try:
-        return kind.from_bytes(data, spec=spec, metric=metric, sha256=sha256)
+        return kind.from_bytes(data, spec=spec, metric=metric)  # (its checksum checked above)
     except (ValueError, RuntimeError) as exc:  # (faiss's errors are RuntimeErrors of many lines)
         raise CorruptFileError(f"{uri}: the trained codec {spec} cannot be read: {one_line(exc)}") from None
 
