@@ -280,8 +280,9 @@ class ShardCompute:
                      "exact_knn": "faiss-gpu" if self.knn_ngpu else ("faiss-cpu" if self.knn_here else LEFT_TO_READERS),
                      "code_search": None if self.queries is None else
                      (search_device if self.search_here else LEFT_TO_READERS)}
-        if on_gpu and self.info["encode"] != "cpu":
-            self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
+        encoder = self.codec.gpu_encoder(self.device) if on_gpu and self.info["encode"] != "cpu" else None
+        if encoder is not None:
+            self.info["gpu_name"] = encoder.device_name
 
     def __call__(self, x: np.ndarray):
         """-> (codes, warm codes or None, exact (D, I) or None, search_batch's (D, I, E) or None)."""
