@@ -34,15 +34,26 @@ class CodeSearch:
 
 
 def search_fragment(item: tuple[int, int], *, job: CodeSearch, queries: np.ndarray,
-                    query_positions: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ADC top-k of the queries over one committed fragment's codes, as global positions."""
+                    query_positions: np.ndarray | None = None,
+                    allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ADC top-k of the queries over one committed fragment's codes, as global positions;
+    only over the rows whose global positions `allowed` lists (sorted), when given."""
     fragment_id, row_offset = item
     codec = load_codec(job.codec)
     ds = open_lance(job.table_uri, job.version)
     codes = codes_as_numpy(ds.get_fragment(fragment_id).to_table(columns=[CODE_COLUMN]).column(0))
     topk = TopK(queries.shape[0], job.k, exclude=query_positions)
+    local = None
+    if allowed is not None:
+        local = allowed[(allowed >= row_offset) & (allowed < row_offset + len(codes))] - row_offset
+        codes = codes[local]
+    if len(codes) == 0:
+        return topk.D, topk.I
     # one extra result per query so that excluding the query's own row still leaves k
-    topk.add(*codec.search_codes(queries, codes, min(job.k + 1, codes.shape[0])), offset=row_offset)
+    D, I = codec.search_codes(queries, codes, min(job.k + 1, codes.shape[0]))
+    if local is not None:
+        I = np.where(I >= 0, local[np.maximum(I, 0)], -1)
+    topk.add(D, I, offset=row_offset)
     return topk.D, topk.I
 
 
