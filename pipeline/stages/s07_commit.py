@@ -145,5 +145,7 @@ def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
     if encoded.checkpoints_uri:
         storage.remove_tree(encoded.checkpoints_uri)  # (they hold the shards' results, now in the version)
+    if encoded.ids_uri:
+        storage.remove_tree(encoded.ids_uri)  # (checked for duplicates before the commit)
     log.info("commit: %s version %d (%d rows)", ctx.table_uri, version, encoded.num_rows)
     return Committed(version, manifest, time.perf_counter() - start)
