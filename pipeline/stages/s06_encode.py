@@ -32,6 +32,7 @@ from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.identity import find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets
 from vecpress.pipeline.kept import KeptSearch, search_kept_shard
+from vecpress.pipeline.lance_io import remove_uncommitted
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.scan import (
@@ -383,8 +384,11 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         refuse_duplicates(find_duplicate_ids(executor, sorted(id_files), job.id_buckets), plan,
                           num_kept_rows=sum(s.num_rows for s in plan.shards[:num_kept]),
                           previous_version=diff.previous_version if diff else None)
-    except VecpressError:
-        storage.remove_tree(job.ids_uri)
+    except VecpressError:  # nothing of this run's encoding is left: data files, checkpoints, ids, buffers
+        remove_uncommitted(ctx.table_uri, [f for i in fragments for f in fragments[i]])
+        for folder in (job.ids_uri, job.checkpoint_uri, job.index_buffers_uri):
+            if folder:
+                storage.remove_tree(folder)
         raise
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
     search_ids_uri = search_exact_uri = None

@@ -38,6 +38,10 @@ def corpus(folder, num_files=3, rows=400, dim=16, seed=0, first_id=0, ids=None):
     return x, all_ids
 
 
+def data_files(ds) -> set[str]:
+    return {d.path for f in ds.get_fragments() for d in f.metadata.files}
+
+
 # ---- links ------------------------------------------------------------------------------------
 
 def test_link_to_a_listed_file_is_refused_and_followed_once(tmp_path):
@@ -138,23 +142,25 @@ def test_bucketed_check_finds_every_duplicate(tmp_path, id_type):
         assert rows == expect and value == ids[rows[0]].as_py()
 
 
-def test_duplicate_ids_in_the_input_are_refused_and_nothing_is_committed(tmp_path, ray_executor):
+@pytest.mark.parametrize("serve", ["codes", "lancedb"])
+def test_duplicate_ids_in_the_input_are_refused_and_nothing_is_committed(tmp_path, ray_executor, serve):
     src, out = tmp_path / "src", tmp_path / "out"
+    opts = OPTS if serve == "codes" else dataclasses.replace(OPTS, serve="lancedb", codec="IVF4,PQ4")
     ids = np.arange(1200, dtype=np.int64)
     ids[800:1100] = np.arange(300)  # part-2's first 300 rows repeat part-0's ids
     ids[1150] = 5  # and one of them a third time
     corpus(src, ids=ids)
     with pytest.raises(SourceError, match="occur more than once") as err:
-        run_compress([str(src)], str(out), TABLE, OPTS, executor=ray_executor)
+        run_compress([str(src)], str(out), TABLE, opts, executor=ray_executor)
     msg = str(err.value)
     assert "\n" not in msg and "column 'id': 300 id(s) occur more than once in the 3 input file(s) (301 surplus rows " \
         "of 1200)" in msg
     assert re.search(r"e\.g\. id 0 at rows 0 \(.*part-0\.parquet row 0\), 800 \(.*part-2\.parquet row 0\); id 1 at "
                      r"rows 1 \(.*part-0\.parquet row 1\), 801", msg)
     assert re.search(r"id 5 at rows 5 \(.*\), 805 \(.*\), 1150 \(.*part-2\.parquet row 350\)", msg) is None  # (3 shown)
-    assert not (out / f"{TABLE}.lance" / "_versions").exists()
+    assert not (out / f"{TABLE}.lance").exists()  # no version, no data file written for one
     runs = out / "_vecpress" / TABLE / "runs"
-    assert not list(runs.glob("*/ids"))  # the ids files are gone
+    assert not [p for p in runs.glob("*/*") if p.is_dir()]  # nor ids files, checkpoints or index buffers
 
 
 def test_duplicates_against_kept_rows_in_an_incremental_run(tmp_path, ray_executor):
@@ -174,6 +180,7 @@ def test_duplicates_against_kept_rows_in_an_incremental_run(tmp_path, ray_execut
         run_compress([str(src)], str(out), TABLE, OPTS, executor=ray_executor)
     ds = lance.dataset(str(out / f"{TABLE}.lance"))
     assert ds.version == 1 and ds.count_rows() == 2000
+    assert {p.name for p in (out / f"{TABLE}.lance" / "data").iterdir()} == data_files(ds)  # none of the failed run's
     (src / "part-9.parquet").unlink()
     write_vectors(src / "part-9.parquet", x, np.arange(2000, 2600), row_group_size=200)
     again = run_compress([str(src)], str(out), TABLE, OPTS, executor=ray_executor)
