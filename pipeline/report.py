@@ -132,6 +132,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "rerank_bytes": m.get("rerank_bytes"),
         "advisor": m.get("advisor"),
         "devices": m.get("devices"),
+        "id_check": m.get("id_check"),
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank", "searched", "served")},

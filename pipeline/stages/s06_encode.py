@@ -298,6 +298,8 @@ class Encoded:
     checkpoints_uri: str | None = None
     #: the folder of the tasks' ids (pipeline.identity; removed with the checkpoints)
     ids_uri: str | None = None
+    #: the duplicate-id check's record (rows, buckets, seconds): every id is unique
+    id_check: dict | None = None
     #: --serve lancedb: per encode task, (its first fragment, its fragments, its index buffer's
     #: uri), fragments counted in `fragments`' order
     index_buffers: tuple[tuple[int, int, str], ...] = ()
@@ -380,6 +382,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                 kept_buffers.append((int(firsts[i]), len(items[i][1]), f))
             else:
                 found.add(*f)
+    check_start = time.perf_counter()
     try:  # one task per bucket of ids, in parallel: no process holds every id
         refuse_duplicates(find_duplicate_ids(executor, sorted(id_files), job.id_buckets), plan,
                           num_kept_rows=sum(s.num_rows for s in plan.shards[:num_kept]),
@@ -390,6 +393,8 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             if folder:
                 storage.remove_tree(folder)
         raise
+    id_check = {"unique": True, "rows": plan.num_rows, "buckets": job.id_buckets, "task_files": len(id_files),
+                "seconds": round(time.perf_counter() - check_start, 3)}
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
     search_ids_uri = search_exact_uri = None
     if searched:
@@ -409,5 +414,5 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows, len(new_fragments),
              len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
     return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
-                   search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri,
+                   search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri, id_check=id_check,
                    index_buffers=tuple(sorted(kept_buffers)) + tuple(map(tuple, index_buffers)))

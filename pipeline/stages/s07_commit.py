@@ -122,6 +122,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "drift_baseline": trained.baseline,
         "stage_seconds": stage_seconds,
         "devices": encoded.devices,
+        "id_check": encoded.id_check,
     }
 
 

@@ -143,7 +143,10 @@ def test_bucketed_check_finds_every_duplicate(tmp_path, id_type):
 
 
 @pytest.mark.parametrize("serve", ["codes", "lancedb"])
-def test_duplicate_ids_in_the_input_are_refused_and_nothing_is_committed(tmp_path, ray_executor, serve):
+def test_duplicate_ids_in_the_input_are_refused_and_nothing_is_committed(tmp_path, ray_executor, serve, monkeypatch):
+    from vecpress.pipeline import identity
+
+    monkeypatch.setattr(identity, "ID_BUCKET_ROWS", 250)  # 5 buckets of ids, checked by 5 Ray tasks
     src, out = tmp_path / "src", tmp_path / "out"
     opts = OPTS if serve == "codes" else dataclasses.replace(OPTS, serve="lancedb", codec="IVF4,PQ4")
     ids = np.arange(1200, dtype=np.int64)
@@ -187,3 +190,5 @@ def test_duplicates_against_kept_rows_in_an_incremental_run(tmp_path, ray_execut
     assert again.mode == "incremental" and again.version == 2
     ids = lance.dataset(str(out / f"{TABLE}.lance")).to_table(columns=["id"]).column(0).to_numpy()
     assert sorted(ids.tolist()) == list(range(2600))
+    check = inspect_table(str(out), TABLE)["id_check"]  # (the kept rows' ids checked too)
+    assert check["unique"] and check["rows"] == 2600 and check["buckets"] == 1 and check["task_files"] >= 2
