@@ -3,11 +3,14 @@ pass over the source finds the held-out queries' exact neighbours and their sear
 new codes (the evaluation); an incremental run reads its kept shards' vectors and stored
 codes once for the same two searches, and keeps their fragments as they are.
 
-A worker runs `encode_shards` (or pipeline.kept's `search_kept_shard`): one scan of a shard, or of a group
-of shards smaller than a batch (layout.group_shards), whose observers (pipeline.scan)
-compute each batch and fold its results, the codes streamed into Lance's fragment writer, its
-ids (with their positions) to a file by hash bucket for the duplicate check (pipeline.identity). The driver folds each shard's result as it arrives (a running
-top-k, the fragments' metadata), so its memory does not grow with the number of shards.
+A worker runs `encode_shards` (or pipeline.kept's `search_kept_shard`): one scan of a shard,
+or of a group of shards smaller than a batch (layout.group_shards), whose observers
+(pipeline.scan) compute each batch and fold its results, the codes streamed into Lance's
+fragment writer, the ids (with their positions) written by hash bucket to one file for the
+duplicate check (pipeline.identity). The driver folds each shard's result as it arrives (a
+running top-k, the fragments' metadata), so its memory does not grow with the number of
+shards; once all are in, one task per bucket of ids looks for repeats, and any refuses the
+run before its commit.
 """
 
 from __future__ import annotations
