@@ -117,3 +117,18 @@ def fragment_offsets(ds: lance.LanceDataset) -> list[tuple[int, int, int]]:
         out.append((frag.fragment_id, offset, n))
         offset += n
     return out
+
+
+def remove_uncommitted(uri: str, fragments: list[dict]) -> None:
+    """Delete the data files of fragments written (write_fragments) but never committed, for a
+    run that fails before its commit; the table folder too when it has no version at all."""
+    if not storage.exists(storage.join(uri, "_versions")):
+        storage.remove_tree(uri)
+        return
+    for f in fragments:
+        for data in f.get("files", []):
+            loc = storage.resolve(storage.join(uri, "data", data["path"]))
+            try:
+                loc.fs.delete_file(loc.path)
+            except FileNotFoundError:
+                pass

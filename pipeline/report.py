@@ -79,6 +79,19 @@ def load_eval(out: str, table: str, version: int) -> dict | None:
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
+def source_files(out: str, manifest: dict) -> dict:
+    """A version's source: its files (every file read, from the run's plan), and those read
+    through a symbolic link (--follow-links) or reached twice and read once."""
+    src = manifest["source"]
+    info = {k: src[k] for k in ("num_files", "vector_type", "uris")}
+    plan_uri = storage.join(storage.normalize(out), src["plan_uri"])
+    plan = json.loads(storage.read_bytes(plan_uri)) if storage.exists(plan_uri) else {}
+    info["files"] = [f["uri"] for f in plan["files"]] if "files" in plan else src["uris"]
+    info["links"] = [list(p) for p in plan.get("links", src.get("links", []))]
+    info["aliases"] = [list(p) for p in plan.get("aliases", src.get("aliases", []))]
+    return info
+
+
 def inspect_table(out: str, table: str, version: int | str | None = None) -> dict:
     """One JSON-able object describing a version: size, codec, source and its evaluation."""
     ds = require_dataset(out, table, version)
@@ -107,7 +120,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "id_column": m["source"]["id_column"],
         "vector_column": m["source"]["vector_column"],
         "keep": m["source"]["keep"],
-        "source": {k: m["source"][k] for k in ("num_files", "vector_type", "uris")},
+        "source": source_files(out, m),
         "sample": {k: m["sample"][k] for k in ("seed", "num_train", "num_queries")},
         "stage_seconds": (ev or {}).get("stage_seconds", m.get("stage_seconds")),
         "tags": sorted(name for name, t in ds.tags.list().items() if t["version"] == ds.version),
@@ -119,6 +132,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "rerank_bytes": m.get("rerank_bytes"),
         "advisor": m.get("advisor"),
         "devices": m.get("devices"),
+        "id_check": m.get("id_check"),
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank", "searched", "served")},
@@ -164,6 +178,7 @@ def summary_table(info: dict) -> str:
     """A short human summary of `inspect_table` output."""
     ev = info.get("eval") or {}
     rows = info["num_rows"]
+    src = info.get("source") or {}
 
     def r(k):
         v = ev.get(f"recall_at_{k}")
@@ -178,6 +193,9 @@ def summary_table(info: dict) -> str:
         + (f": {info['vector_bytes']} B of vectors + {info['code_bytes']} B of index codes)" if info.get("vector_bytes")
            else ")"),
         f"ratio           {info['compression_ratio']:.1f}x",
+        f"source          {len(src.get('files') or [])} files" + (f", {len(src['links'])} read through links"
+                                                                  if src.get("links") else "")
+        + (f", {len(src['aliases'])} second names of a file read once" if src.get("aliases") else ""),
         f"recall@1/10/100 {r(1)} / {r(10)} / {r(100)}  ({ev.get('num_queries', 0)} held-out queries)",
         f"relative error  {ev['relative_error']:.4f}" if ev else "relative error  n/a (not evaluated)",
     ]

@@ -164,6 +164,15 @@ class Gather:
             self.top.add(*result, offset=batch.position)
 
 
+def gathers(spec: ComputeSpec, queries: np.ndarray | None, query_positions: np.ndarray | None):
+    """(exact, found) Gather observers of a shard's searches (None where not asked for)."""
+    if queries is None or spec.k <= 0:
+        return None, None
+    exact = Gather("exact", len(queries), spec.k, query_positions)
+    found = Gather("found", len(queries), spec.k, query_positions, with_extra=spec.rerank) if spec.search else None
+    return exact, found
+
+
 class Computed:
     """The batch's codes, warm codes and searches, from a ShardCompute (in this process) or a
     RemoteShardCompute (a GPU actor)."""

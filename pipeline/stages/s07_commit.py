@@ -31,6 +31,9 @@ from vecpress.pipeline.stages.s06_encode import Encoded
 
 log = logging.getLogger("vecpress")
 
+#: links (and second names of a file) a manifest names; the plan has them all
+MANIFEST_LINKS = 20
+
 
 def committed_by(out: str, table: str, run_id: str) -> int | None:
     """The version a run already committed (retries must not commit twice), else None."""
@@ -91,6 +94,9 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             "vector_column": plan.vector_column, "id_column": plan.id_column, "keep": list(plan.keep),
             "vector_type": plan.vector_type, "bytes_per_vector": plan.source_bytes_per_vector,
             "plan_uri": rel(ctx.run_file("plan.json")),
+            # (the plan lists every file read; these name the ones read through a link, or not read twice)
+            "links_followed": len(plan.links), "links": [list(p) for p in plan.links[:MANIFEST_LINKS]],
+            "aliases_skipped": len(plan.aliases), "aliases": [list(p) for p in plan.aliases[:MANIFEST_LINKS]],
         },
         "sample": {
             "seed": opts.seed, "num_train": sampled.num_train, "num_queries": sampled.num_queries,
@@ -116,6 +122,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "drift_baseline": trained.baseline,
         "stage_seconds": stage_seconds,
         "devices": encoded.devices,
+        "id_check": encoded.id_check,
     }
 
 
@@ -139,5 +146,7 @@ def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
     if encoded.checkpoints_uri:
         storage.remove_tree(encoded.checkpoints_uri)  # (they hold the shards' results, now in the version)
+    if encoded.ids_uri:
+        storage.remove_tree(encoded.ids_uri)  # (checked for duplicates before the commit)
     log.info("commit: %s version %d (%d rows)", ctx.table_uri, version, encoded.num_rows)
     return Committed(version, manifest, time.perf_counter() - start)
