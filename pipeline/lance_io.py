@@ -24,6 +24,12 @@ from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, SIDECAR_DIR, same_co
 
 log = logging.getLogger("vecpress")
 
+#: the tag of the version readers get by default (the last one that passed the quality gate)
+PRODUCTION_TAG = "production"
+#: tags of versions that failed the gate: `failed-<run id>` (a branch of that name holds it, or
+#: for a LanceDB-served table a main version that was restored over)
+FAILED_TAG_PREFIX = "failed-"
+
 _TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
 
 
@@ -80,10 +86,43 @@ def open_lance(uri: str, version: int | str | None = None) -> lance.LanceDataset
 
 
 def require_dataset(out: str, table: str, version: int | str | None = None) -> lance.LanceDataset:
+    """The table at `version`; without one, the version readers get by default (`default_ref`)."""
     ds = open_dataset(out, table, version)
     if ds is None:
         raise VecpressError(f"no table {table!r} in {out} (expected {table_uri(out, table)})")
+    if version is None:
+        ref = default_ref(ds)
+        if ref is not None:
+            ds = open_dataset(out, table, ref)
     return ds
+
+
+def default_ref(ds: lance.LanceDataset) -> str | None:
+    """What `vecpress search/evaluate/inspect` read without --version: the `production` tag
+    (the last version that passed the quality gate), else None (the latest version, which
+    then is the last good one: a version that fails the gate never becomes latest for long).
+    A table whose latest version holds no vecpress data (created by a first run that failed
+    the gate) gives a one-line VecpressError naming the failed versions' tags."""
+    tags = ds.tags.list()
+    if PRODUCTION_TAG in tags:
+        return PRODUCTION_TAG
+    if MANIFEST_METADATA_KEY not in (ds.schema.metadata or {}):
+        failed = sorted(t for t in tags if t.startswith(FAILED_TAG_PREFIX))
+        if failed:
+            raise VecpressError(f"{ds.uri}: no version has passed the quality gate yet (version {ds.version} holds "
+                                f"no data); the failed ones are tags {', '.join(failed)}: pass --version TAG")
+    return None
+
+
+def version_ref(ds: lance.LanceDataset, asked: int | str | None) -> int | str:
+    """How to open `ds`'s version again elsewhere (a worker): its number on the main branch,
+    or the tag it was opened by when that tag names a version on another branch (whose
+    numbers are its own)."""
+    if isinstance(asked, str):
+        tag = ds.tags.list().get(asked) or {}
+        if tag.get("branch"):
+            return asked
+    return ds.version
 
 
 def check_compatible(out: str, table: str, schema: pa.Schema, *, allow_schema_change: bool = False) -> int | None:

@@ -14,7 +14,7 @@ from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
-from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
+from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest, version_ref
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.parquet import open_parquet, vectors_as_numpy
@@ -48,7 +48,7 @@ def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str
 
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",
-           version: int | None = None, executor: Executor | None = None) -> pa.Table:
+           version: int | str | None = None, executor: Executor | None = None) -> pa.Table:
     """Top-k per query: columns query, rank, <id>, distance (smaller is better: squared L2, or
     negated similarity for ip/cosine, or Hamming distance for binary codes before re-ranking),
     reranked, and the table's passthrough columns.
@@ -69,7 +69,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         raise VecpressError(f"queries have shape {queries.shape}, the table holds {m['dim']}-d vectors")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)
+    job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec, k=num_candidates)
     found = TopK(queries.shape[0], num_candidates)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared={"job": job, "queries": queries}):

@@ -164,8 +164,10 @@ def finish_stopped_run(ctx: RunContext, diff, result: RunResult, opts: CompressO
 
 
 def check_gate(result: RunResult) -> RunResult:
-    """Raise QualityGateError when the run's version failed the gate (it stays committed, untagged)."""
+    """Raise QualityGateError when the run's version failed the gate (it stays inspectable as
+    the tag `failed-<run id>`; readers by default still get the last good version)."""
     if result.gate is not None and not result.gate["passed"]:
-        raise QualityGateError(f"version {result.version} of {result.manifest['table']} failed the quality gate: "
-                               f"{result.gate['reason']}")
+        tag = result.gate.get("failed_tag")
+        raise QualityGateError(f"version {result.version} of {result.manifest['table']}"
+                               + (f" (tag {tag})" if tag else "") + f" failed the quality gate: {result.gate['reason']}")
     return result

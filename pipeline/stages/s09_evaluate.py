@@ -19,10 +19,10 @@ log = logging.getLogger("vecpress")
 def evaluate(ctx: RunContext, committed: Committed, executor: Executor, stage_seconds: dict) -> dict:
     """Evaluate the committed version and store the result beside it (JSON + LanceDB table)."""
     start = time.perf_counter()
-    ev = evaluate_version(ctx.out, ctx.table, committed.version, executor,
+    ev = evaluate_version(ctx.out, ctx.table, committed.at, executor,
                           rerank=committed.manifest["options"]["eval_rerank"])
     seconds = {**stage_seconds, "evaluate": round(time.perf_counter() - start, 3)}
-    ev = store_eval(ctx.out, ctx.table, committed.version, committed.manifest, ev, seconds)
+    ev = store_eval(ctx.out, ctx.table, committed.at, committed.manifest, ev, seconds)
     log.info("evaluate: recall@1 %s recall@10 %s recall@100 %s relative error %.4f", *(
         "n/a" if ev.get(f"recall_at_{k}") is None else f"{ev[f'recall_at_{k}']:.3f}" for k in RECALL_KS),
         ev["relative_error"])
