@@ -125,6 +125,11 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
     if blockers:
         log.info("incremental: full rebuild instead: %s", "; ".join(blockers))
         return None
+    plan_uri = storage.join(storage.normalize(out), manifest["source"]["plan_uri"])
+    if not storage.exists(plan_uri):
+        log.warning("incremental: full rebuild instead: %s version %d's layout %s is gone (its run folder was "
+                    "removed)", table_uri(out, table), ds.version, plan_uri)
+        return None
     prev = previous_layout(out, manifest)
     old = {f.uri: f for f in prev.files}
     new = {f.uri: f for f in plan.files}

@@ -33,6 +33,7 @@ from vecpress.pipeline.stages.s07_commit import Committed, commit
 from vecpress.pipeline.stages.s08_index import index
 from vecpress.pipeline.stages.s09_evaluate import evaluate
 from vecpress.pipeline.stages.s10_gate import gate
+from vecpress.pipeline.tidy import remove
 
 log = logging.getLogger("vecpress")
 
@@ -121,6 +122,7 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
         planned = advised.planned
         trained = stages.train(ctx, advised, sampled, opts)
         times["train"] = round(trained.seconds, 3)
+        remove(sampled.train_uri)  # the raw training sample: of no use once trained
     else:
         trained = carried_codec(ctx, planned)
     encoded = stages.encode(ctx, planned, sampled, trained, opts, executor)

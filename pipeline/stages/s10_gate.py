@@ -15,6 +15,7 @@ from vecpress.pipeline.incremental import apply_retention, gate_version
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import eval_uri, load_eval, store_gate
 from vecpress.pipeline.stages.s07_commit import Committed
+from vecpress.pipeline.tidy import prune_runs
 
 log = logging.getLogger("vecpress")
 
@@ -41,6 +42,7 @@ def gate(ctx: RunContext, committed: Committed, ev: dict, opts: CompressOptions)
         decision = {**decision, "reason": decision["reason"] + f"; committed as tag {committed.ref} (a branch), "
                     "the table's latest version unchanged"}
     store_gate(ctx.out, ctx.table, committed.at, decision)
-    decision = {**decision, "retention": apply_retention(ctx.out, ctx.table, opts.keep_versions)}
+    retention = apply_retention(ctx.out, ctx.table, opts.keep_versions)
+    decision = {**decision, "retention": {**retention, **prune_runs(ctx.out, ctx.table, ctx.run_id, opts.keep_versions)}}
     (log.info if decision["passed"] else log.warning)("gate: %s", decision["reason"])
     return decision

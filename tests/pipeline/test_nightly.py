@@ -245,7 +245,8 @@ def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_pa
         raise RuntimeError("worker lost during evaluate")
 
     with pytest.raises(RuntimeError, match="worker lost"):
-        run_compress([str(src)], str(out), "t", OPTS, executor=ray_executor, stages=Stages(evaluate=lost))
+        run_compress([str(src)], str(out), "t", CompressOptions(**{**OPTS.__dict__, "gate_max_drop": 1.0}),
+                     executor=ray_executor, stages=Stages(evaluate=lost))
     assert lance.dataset(uri).version == 2 and load_eval(str(out), "t", 2) is None
     assert lance.dataset(uri, version="production").version == 1
     night3 = run(src, out, ray_executor, gate_max_drop=1.0)  # (new held-out queries: recall moves)
@@ -297,8 +298,18 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     from vecpress.pipeline.sampling import layout_positions
     from vecpress.pipeline.source import SourcePlan
 
+    from vecpress.pipeline.stages import Stages, train
+
     out = tmp_path / "out"
-    n1 = run(src, out, ray_executor)
+    seen = {}
+
+    def train_and_keep_the_sample(ctx, advised, sampled, opts):
+        seen["xt"] = load_array(sampled.train_uri)  # (the run deletes its training sample once trained)
+        return train(ctx, advised, sampled, opts)
+
+    n1 = run_compress([str(src)], str(out), "t", OPTS, executor=ray_executor,
+                      stages=Stages(train=train_and_keep_the_sample))
+    assert not (out / n1.manifest["sample"]["queries_uri"]).with_name("train.npy").exists()
     (src / "a.parquet").unlink()  # the kept rows move: b and c now start the layout
     part(src, "d.parquet", 3000, 4000)
     n2 = run(src, out, ray_executor, gate_max_drop=1.0)  # (100 queries: recall moves by a few points)
@@ -313,7 +324,7 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     ids = lance.dataset(str(out / "t.lance")).to_table(columns=["id"]).column(0).to_numpy()
     train_ids = {int(ids[p]) for p in trained}
     x = np.concatenate([ClusteredEmbeddings(DIM, seed=0, num_clusters=32).batch(lo, 1000) for lo in (0, 1000, 2000)])
-    xt = load_array(str(out / n1.manifest["sample"]["queries_uri"]).replace("queries.npy", "train.npy"))
+    xt = seen["xt"]
     assert {tuple(v) for v in x[sorted(train_ids)].round(4)} <= {tuple(v) for v in xt.round(4)}
     queries = load_array(str(out / n2.manifest["sample"]["query_positions_uri"]))
     assert len(queries) == 100 and not np.isin(queries, trained).any()
