@@ -5,7 +5,8 @@ Layout under OUT (a LanceDB database directory):
     OUT/<table>.lance                 the compressed dataset (one version per run)
     OUT/<table>_eval.lance            evaluation results, one row per version (LanceDB table)
     OUT/_vecpress/<table>/codecs/     trained codecs, <sha256>.faiss
-    OUT/_vecpress/<table>/runs/<id>/  per-run manifest and samples
+    OUT/<table>.lance/tree/failed-<run id>/  a codes version that failed the gate (a branch: pipeline.gated)
+    OUT/_vecpress/<table>/runs/<id>/  per-run manifest, plan, held-out queries (pipeline.tidy prunes them)
     OUT/_vecpress/<table>/eval/       evaluation JSON per version
 """
 
