@@ -67,7 +67,14 @@ def commit_failed(out: str, table: str, schema: pa.Schema, fragments: list[dict]
         ds = open_lance(uri)
     elif read_version is None:
         read_version = ds.version
-    branch = ds.checkout_version((tag, None)) if tag in ds.branches.list() else ds.create_branch(tag, read_version)
+    if tag in ds.branches.list():  # a retry: the branch is there, maybe with the commit too
+        branch = ds.checkout_version((tag, None))
+        tx = branch.read_transaction(branch.version)
+        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
+            open_lance(uri).tags.create(tag, (tag, branch.version))
+            return tag, branch.version
+    else:
+        branch = ds.create_branch(tag, read_version)
     root = next((b.id for b in branch.base_paths().values() if b.is_dataset_root), 0)
     branch_data = storage.join(uri, "tree", tag, "data")
     frags = []

@@ -148,6 +148,10 @@ def prune_runs(out: str, table: str, run_id: str, keep_versions: int) -> dict:
                 ds.branches.delete(tag)
             remove(storage.join(sidecar_uri(out, table), "eval", f"version-{tag}.json"))
             dropped.append(tag)
+    for name in branches:  # a failed version's branch whose commit or tag never landed (a crash)
+        if name.startswith(FAILED_TAG_PREFIX) and name not in tags and name != f"{FAILED_TAG_PREFIX}{run_id}":
+            ds.branches.delete(name)
+            dropped.append(name)
     keep = {run_id}
     for v in versions:
         keep |= _run_folders(_manifest(open_lance(uri, v)), table)

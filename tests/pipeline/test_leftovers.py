@@ -164,3 +164,25 @@ def test_a_failed_gate_keeps_its_run_folder_and_retention_drops_old_failures(src
     assert tag.removeprefix("failed-") in run_folders(out)
     assert failed[0][0].removeprefix("failed-") not in run_folders(out)
     assert not (out / "t.lance" / "tree" / failed[0][0]).exists()
+
+
+def test_a_failed_versions_commit_is_once_per_run(tmp_path):
+    """A retried commit of a version that failed the gate (Prefect retries the commit) finds it
+    on its branch, tagged or not yet, and commits nothing twice; the table's latest is untouched."""
+    from vecpress.pipeline.gated import commit_failed
+
+    out, uri = tmp_path / "out", str(tmp_path / "out" / "t.lance")
+    kept = pa.table({"id": pa.array(range(5), pa.int64())})
+    lance.write_dataset(kept, uri)
+    new = pa.table({"id": pa.array(range(100, 103), pa.int64())})
+    frags = [lance.dataset(uri).get_fragments()[0].metadata.to_json()] + \
+        [f.to_json() for f in lance.fragment.write_fragments(new, uri, schema=new.schema, mode="overwrite")]
+    args = dict(run_id="r1", read_version=1, num_kept=1)
+    tag, version = commit_failed(str(out), "t", kept.schema, frags, **args)
+    assert tag == "failed-r1" and lance.dataset(uri).version == 1 and lance.dataset(uri).count_rows() == 5
+    assert sorted(lance.dataset(uri, version=tag).to_table().column("id").to_pylist()) == [0, 1, 2, 3, 4, 100, 101, 102]
+    assert commit_failed(str(out), "t", kept.schema, frags, **args) == (tag, version)
+    lance.dataset(uri).tags.delete(tag)  # as if the first try died between its commit and its tag
+    assert commit_failed(str(out), "t", kept.schema, frags, **args) == (tag, version)
+    assert lance.dataset(uri, version=tag).count_rows() == 8
+    assert (out / "t.lance" / "tree" / tag / "data").is_dir() and len(os.listdir(out / "t.lance" / "data")) == 1
