@@ -50,7 +50,7 @@ def search_fragment(item: tuple[int, int], *, job: CodeSearch, queries: np.ndarr
 
 
 def evaluate_version(out: str, table: str, version: int | str | None, executor: Executor, *, k: int | None = None,
-                     rerank: bool = True, recompute: bool = False) -> dict:
+                     rerank: bool = True, recompute: bool = False, served_grid: bool = True) -> dict:
     """Recall of search over the version's codes against the exact neighbours recorded for its
     held-out queries (and after exact re-ranking of r x k candidates), and the codec's relative
     reconstruction error.
@@ -75,7 +75,8 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
     codec = load_codec(codec_ref)
     xp = prepare_vectors(xq, codec.metric)
     if manifest.get("serve") == "lancedb":  # LanceDB's own search over the version's index
-        served = evaluate_served(out, table, version_ref(ds, version), manifest, xq, qpos, truth[:, :k])
+        served = evaluate_served(out, table, version_ref(ds, version), manifest, xq, qpos, truth[:, :k],
+                                 grid=served_grid)
         return {"num_queries": int(len(xq)), "k": k, "exclude_self": True,
                 **{f"recall_at_{kk}": served["defaults"][f"recall_at_{kk}"] for kk in (1, 10, 100)},
                 "rerank_from": None, "searched": "lancedb",

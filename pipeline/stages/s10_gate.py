@@ -5,15 +5,13 @@ version is on a branch of its own); a LanceDB-served table's version that fails 
 
 from __future__ import annotations
 
-import json
 import logging
 
-from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
-from vecpress.pipeline.gated import failed_tag, restore_after_failure
+from vecpress.pipeline.gated import replace_failed
 from vecpress.pipeline.incremental import apply_retention, gate_version
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.report import eval_uri, load_eval, store_gate
+from vecpress.pipeline.report import load_eval, store_gate
 from vecpress.pipeline.stages.s07_commit import Committed
 from vecpress.pipeline.tidy import prune_runs
 
@@ -25,19 +23,11 @@ def gate(ctx: RunContext, committed: Committed, ev: dict, opts: CompressOptions)
     commit, when it was); a failed version committed on main is replaced as the latest by the
     last good one. Then apply retention. The decision is added to the version's evaluation JSON."""
     decision = gate_version(ctx.out, ctx.table, committed.version, ev.get("recall_at_10"), floor=opts.gate_min_recall,
-                            max_drop=opts.gate_max_drop, load_eval=load_eval, decided=committed.gate)
+                            max_drop=opts.gate_max_drop, load_eval=load_eval,
+                            decided=committed.gate or ev.get("gate_decided"))
     if not decision["passed"] and committed.ref is None:
-        good = decision["previous_version"]
-        run_id = committed.manifest["run_id"]
-        latest = restore_after_failure(ctx.out, ctx.table, run_id, committed.version, good)
-        decision = {**decision, "failed_tag": failed_tag(run_id), "restored_version": latest,
-                    "reason": decision["reason"] + f"; version {latest} restores " +
-                    ("no rows (no version has passed yet)" if good is None else f"version {good}") + " as the latest"}
-        if good is not None and (good_ev := load_eval(ctx.out, ctx.table, good)) is not None:
-            restored = {**good_ev, "version": latest, "gate": {
-                **(good_ev.get("gate") or {}), "passed": True, "restored_from": good,
-                "reason": f"a restore of version {good}, after version {committed.version} failed the gate"}}
-            storage.write_bytes(eval_uri(ctx.out, ctx.table, latest), json.dumps(restored, indent=1).encode())
+        if "restored_version" not in decision:  # (not replaced yet by the evaluate stage)
+            decision = {**decision, **replace_failed(ctx.out, ctx.table, committed, decision)}
     elif not decision["passed"]:
         decision = {**decision, "reason": decision["reason"] + f"; committed as tag {committed.ref} (a branch), "
                     "the table's latest version unchanged"}

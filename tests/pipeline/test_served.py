@@ -227,6 +227,7 @@ def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ra
     (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
     failed = inspect_table(out, "t", tag)
     assert failed["num_rows"] == N + 1000 and failed["gate"]["passed"] is False
+    assert len(failed["eval"]["served"]["grid"]) == 9  # measured after the restore, on the failed version
     assert inspect_table(out, "t")["version"] == first.version  # vecpress's default: production
     assert inspect_table(out, "t", ds.version)["eval"] == inspect_table(out, "t", first.version)["eval"]
     again = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
