@@ -10,7 +10,9 @@ import lancedb
 import pyarrow as pa
 
 from vecpress.pipeline import storage
-from vecpress.pipeline.lance_io import require_dataset, sidecar_uri, table_uri, version_manifest, version_ref
+from vecpress.pipeline.lance_io import (
+    open_lance, require_dataset, sidecar_uri, table_uri, version_manifest, version_ref,
+)
 from vecpress.pipeline.schema import EVAL_TABLE_SUFFIX
 from vecpress.pipeline.served import index_info
 
@@ -99,7 +101,7 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "table": table,
         "uri": table_uri(out, table),
         "version": ds.version,
-        "latest_version": ds.latest_version,
+        "latest_version": ds.latest_version if branch is None else _main_latest(out, table),
         "num_rows": ds.count_rows(),
         "dim": m["dim"],
         "metric": m["metric"],
@@ -134,6 +136,11 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank", "searched", "served")},
     }
+
+
+def _main_latest(out: str, table: str) -> int:
+    """The main branch's latest version (a version on another branch counts its own)."""
+    return open_lance(table_uri(out, table)).version
 
 
 def served_lines(served: dict | None) -> list[str]:

@@ -141,6 +141,7 @@ def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ra
     assert ev["gate"]["passed"] is False and "below the floor" in ev["gate"]["reason"]
     info = inspect_table(str(out), "t", version=tag)
     assert info["num_rows"] == 3600 and info["branch"] == tag and info["gate"]["passed"] is False
+    assert info["latest_version"] == 1 and info["tags"] == [tag]
     prod = lance.dataset(uri, version="production")  # readers of production see version 1
     assert prod.version == 1 and prod.count_rows() == 3000
     assert inspect_table(str(out), "t", version="production")["eval"]["recall_at_10"] == first.eval["recall_at_10"]
