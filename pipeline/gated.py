@@ -90,8 +90,8 @@ def commit_failed(out: str, table: str, schema: pa.Schema, fragments: list[dict]
         frags.append(FragmentMetadata.from_json(json.dumps(f)))
     tx = lance.Transaction(read_version=branch.version, operation=lance.LanceOperation.Overwrite(schema, frags),
                            transaction_properties={RUN_ID_PROPERTY: run_id})
-    target, options = storage.lance_location(branch.uri)
-    done = lance.LanceDataset.commit(target, tx, read_version=branch.version, storage_options=options)
+    _, options = storage.lance_location(uri)  # (the branch's uri has no query string: the table's options)
+    done = lance.LanceDataset.commit(branch.uri, tx, read_version=branch.version, storage_options=options)
     open_lance(uri).tags.create(tag, (tag, done.version))
     log.warning("version %d of branch %s holds the run's data (tag %s); the table's latest version stays %d",
                 done.version, tag, tag, read_version)
