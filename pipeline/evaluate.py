@@ -19,7 +19,7 @@ from vecpress.pipeline.context import load_array, manifest_codec
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.lance_io import (
-    fragment_offsets, open_lance, require_dataset, table_uri, version_manifest, version_ref,
+    fragment_offsets, open_lance, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
 )
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
@@ -97,7 +97,8 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
         if warm is not None:
             E, rerank_from = column_distances(ds, warm, xp, found.I, codec.metric), "column"
         else:
-            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(storage.join(base, manifest["source"]["plan_uri"]))))
+            plan = SourcePlan.from_dict(json.loads(read_run_file(out, manifest["source"]["plan_uri"],
+                                                                 needed_for="re-ranking from the source")))
             E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
     return evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
                       xp=xp, searched="stored codes")

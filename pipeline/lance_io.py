@@ -157,3 +157,12 @@ def fragment_offsets(ds: lance.LanceDataset) -> list[tuple[int, int, int]]:
         out.append((frag.fragment_id, offset, n))
         offset += n
     return out
+
+
+def read_run_file(out: str, rel: str, *, needed_for: str) -> bytes:
+    """A file of a version's run folder (`rel`: relative to OUT, as manifests hold them); a
+    one-line VecpressError when it is gone (the run folder removed by hand)."""
+    uri = storage.join(storage.normalize(out), rel)
+    if not storage.exists(uri):
+        raise VecpressError(f"{uri} is missing (its run folder was removed?): {needed_for} needs it")
+    return storage.read_bytes(uri)

@@ -9,12 +9,13 @@ import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.knn import TopK, prepare_vectors
-from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
-from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest, version_ref
+from vecpress.pipeline.lance_io import (
+    fragment_offsets, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
+)
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.parquet import open_parquet, vectors_as_numpy
@@ -84,8 +85,8 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         if warm is not None and rerank_from != "source":
             E = column_distances(ds, warm, xq, I, m["metric"])
         else:
-            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(
-                storage.join(storage.normalize(out), m["source"]["plan_uri"]))))
+            plan = SourcePlan.from_dict(json.loads(read_run_file(out, m["source"]["plan_uri"],
+                                                                 needed_for="re-ranking from the source")))
             E = source_distances(plan, xq, I, m["metric"], executor)
         order = np.argsort(E, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(E, order, axis=1), np.take_along_axis(I, order, axis=1)

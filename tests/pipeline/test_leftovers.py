@@ -139,6 +139,12 @@ def test_a_missing_run_folder_falls_back_to_a_full_run(src, tmp_path, caplog):
     shutil.rmtree(out / "_vecpress" / "t" / "runs" / first.run_id)
     with pytest.raises(VecpressError, match=r"queries.npy is missing \(its run folder was removed\?\)"):
         evaluate_version(str(out), "t", first.version, LocalExecutor(), recompute=True)
+    from vecpress.pipeline.search import search
+
+    xq = ClusteredEmbeddings(DIM, seed=0, num_clusters=16).batch(0, 2)
+    assert len(search(str(out), "t", xq, 3)) == 6  # the codes need no run folder
+    with pytest.raises(VecpressError, match=r"plan.json is missing .*re-ranking from the source needs it$"):
+        search(str(out), "t", xq, 3, rerank=4)
     part(src, "p2.parquet", 2000, 3000)
     with caplog.at_level(logging.WARNING, logger="vecpress"):
         night = run(src, out)
