@@ -235,6 +235,24 @@ def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ra
     assert lancedb.connect(out).open_table("t").count_rows() == N + 1000
 
 
+def test_a_first_served_run_that_fails_the_gate_leaves_an_empty_table(corpus, tmp_path, ray_executor):
+    """Issue 17: no good version to restore: the latest is an empty version (LanceDB readers
+    get no rows, not the failed ones); the failed version keeps its tag and index."""
+    import lancedb
+
+    from vecpress.pipeline.errors import QualityGateError
+
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    with pytest.raises(QualityGateError, match="restores no rows"):
+        run_compress([str(root / "src")], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    assert lancedb.connect(out).open_table("t").count_rows() == 0
+    (tag,) = [t for t in lance.dataset(f"{out}/t.lance").tags.list() if t.startswith("failed-")]
+    info = inspect_table(out, "t", tag)
+    assert info["num_rows"] == N and info["index"]["covers_all_rows"] and info["gate"]["passed"] is False
+
+
 def test_the_advisor_chooses_among_index_forms(corpus, tmp_path, ray_executor):
     """--codec auto with --serve lancedb sweeps IVF<n>,PQ<m> forms (judged by their search over
     every partition) and builds the one it chose: the best recall@10 within the bytes."""
