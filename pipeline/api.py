@@ -23,13 +23,9 @@ from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.errors import VecpressError
-from vecpress.pipeline.lance_io import require_dataset, version_manifest
+from vecpress.pipeline.lance_io import default_ref, require_dataset, version_manifest, version_ref
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import inspect_table
-
-#: the tag a table handle reads by default, where the table has it
-PRODUCTION = "production"
-
 
 def compress(inputs: Sequence[str] | str, out: str, table: str, *, executor=None, **options: Any) -> dict:
     """Compress the Parquet files under `inputs` into a new version of `out/<table>.lance` and
@@ -55,10 +51,9 @@ class Table:
 
     def __init__(self, out: str, table: str, version: int | str | None = None):
         self.out, self.name = out, table
-        if version is None:
-            latest = require_dataset(out, table)
-            version = PRODUCTION if PRODUCTION in latest.tags.list() else latest.version
-        self._ds = require_dataset(out, table, version)
+        self._ds = require_dataset(out, table, version)  # (None: production, else the latest)
+        #: how to open this version again: its number, or the tag of a failed version's branch
+        self._ref = version_ref(self._ds, version if version is not None else default_ref(self._ds))
         self.manifest = version_manifest(self._ds)
 
     def __repr__(self) -> str:
@@ -90,7 +85,7 @@ class Table:
 
     def report(self) -> dict:
         """The version's report: size, codec, source and its evaluation (`vecpress inspect --json`)."""
-        return inspect_table(self.out, self.name, self.version)
+        return inspect_table(self.out, self.name, self._ref)
 
     def versions(self) -> list[dict]:
         """Every version of the table: number, time and the tags on it."""
@@ -182,7 +177,7 @@ class Query:
 
         t, m = self._table, self._table.manifest
         found = search(t.out, t.name, self._q, self._k, rerank=self._rerank, rerank_from=self._rerank_from,
-                       version=t.version, where=self._where, columns=self._select)
+                       version=t._ref, where=self._where, columns=self._select)
         distance = found.column("distance").to_numpy()
         if m["metric"] in ("cosine", "ip") and not (m.get("codec_binary") and not self._rerank):
             distance = 1.0 + distance  # vecpress's -similarity -> LanceDB's 1 - similarity

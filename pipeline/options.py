@@ -131,7 +131,8 @@ class CompressOptions:
                                                  "no floor)", group="nightly runs", metavar="R")
     gate_max_drop: float = option(0.02, "... and recall@10 is at most D below the production version's",
                                   group="nightly runs", metavar="D")
-    keep_versions: int = option(20, "versions kept (tagged versions are never removed; 0 = all)",
+    keep_versions: int = option(20, "versions kept, and failed versions (tags failed-<run id>) kept; run folders "
+                                    "go with their versions (tagged versions are never removed; 0 = all)",
                                 group="nightly runs")
     # ---- execution ----------------------------------------------------------------------------
     batch_size: int = option(0, "rows per batch in a worker; bounds its memory. 0 = automatic: about 24 MiB of "

@@ -9,12 +9,13 @@ import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.knn import TopK, prepare_vectors
-from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
-from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
+from vecpress.pipeline.lance_io import (
+    fragment_offsets, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
+)
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.parquet import open_parquet, vectors_as_numpy
@@ -48,7 +49,7 @@ def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str
 
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",
-           version: int | None = None, executor: Executor | None = None, where: str | None = None,
+           version: int | str | None = None, executor: Executor | None = None, where: str | None = None,
            columns: list[str] | None = None) -> pa.Table:
     """Top-k per query: columns query, rank, <id>, distance (smaller is better: squared L2, or
     negated similarity for ip/cosine, or Hamming distance for binary codes before re-ranking),
@@ -73,7 +74,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         raise VecpressError(f"queries have shape {queries.shape}, the table holds {m['dim']}-d vectors")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)
+    job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec, k=num_candidates)
     found = TopK(queries.shape[0], num_candidates)
     offsets = fragment_offsets(ds)
     shared = {"job": job, "queries": queries}
@@ -92,8 +93,8 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         if warm is not None and rerank_from != "source":
             E = column_distances(ds, warm, xq, I, m["metric"])
         else:
-            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(
-                storage.join(storage.normalize(out), m["source"]["plan_uri"]))))
+            plan = SourcePlan.from_dict(json.loads(read_run_file(out, m["source"]["plan_uri"],
+                                                                 needed_for="re-ranking from the source")))
             E = source_distances(plan, xq, I, m["metric"], executor)
         order = np.argsort(E, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(E, order, axis=1), np.take_along_axis(I, order, axis=1)
