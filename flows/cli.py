@@ -181,8 +181,8 @@ def cmd_evaluate(args) -> None:
     from vecpress.pipeline.report import rerank_source
 
     version = require_dataset(args.out, args.table, args.version).version
-    with RayExecutor(args.ray_address) as ex:
-        ev = evaluate_version(args.out, args.table, version, ex, k=args.k, rerank=args.rerank, recompute=True)
+    with RayExecutor(args.ray_address) as ex:  # (a tag: it may name a version on a branch of its own)
+        ev = evaluate_version(args.out, args.table, args.version if isinstance(args.version, str) else version, ex, k=args.k, rerank=args.rerank, recompute=True)
     if args.json:
         print(json.dumps({"table": args.table, "version": version, **ev}, indent=1))
         return
@@ -278,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a table version and its evaluation")
     i.add_argument("out", help="output folder")
     i.add_argument("--table", required=True)
-    i.add_argument("--version", type=_version, default=None, help="version number or tag, e.g. production "
-                   "(default: latest)")
+    i.add_argument("--version", type=_version, default=None, help="version number or tag, e.g. production or "
+                   "failed-<run id> (default: production, the last version that passed the quality gate)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "run measured it while encoding; this reads the codes and the source back)")
     e.add_argument("out", help="output folder")
     e.add_argument("--table", required=True)
-    e.add_argument("--version", type=_version, default=None, help="version number or tag (default: latest)")
+    e.add_argument("--version", type=_version, default=None, help="version number or tag (default: production)")
     e.add_argument("-k", type=int, default=None, help="results per query, at most the run's --eval-k (default: it)")
     e.add_argument("--no-rerank", dest="rerank", action="store_false",
                    help="skip the re-ranked recall (it reads the candidates' vectors back)")
@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank-from", choices=["auto", "source", "column"], default="auto",
                    help="where re-rank vectors come from: the warm column, the source Parquet, or auto "
                         "(the warm column when the table has one) (default: %(default)s)")
-    s.add_argument("--version", type=_version, default=None, help="version number or tag (default: latest)")
+    s.add_argument("--version", type=_version, default=None, help="version number or tag (default: production)")
     s.add_argument("--json", action="store_true", help="one JSON object per result line")
     s.set_defaults(func=cmd_search)
 

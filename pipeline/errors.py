@@ -12,6 +12,11 @@ class SourceError(VecpressError):
     schema, bad vectors. Raised before anything is committed."""
 
 
+class DuplicateIdError(SourceError):
+    """Ids that occur more than once in the input, or in the input and the rows an
+    incremental run keeps. Found while encoding; nothing is committed."""
+
+
 class OutputConflictError(VecpressError):
     """The output table exists and is incompatible with this run (another schema)."""
 

@@ -74,6 +74,9 @@ class CompressOptions:
                             commands=RUN + ("sweep",))
     keep: tuple[str, ...] = option((), "passthrough columns copied unchanged to the output (e.g. text,url)",
                                    group="source", commands=RUN, sep=",", metavar="COLS")
+    follow_links: bool = option(False, "read what symbolic links inside the input folders point to (each real file "
+                                       "once, a link cycle walked once) instead of refusing them",
+                                group="source", commands=RUN + ("sweep",))
     allow_schema_change: bool = option(False, "replace an existing table even if its schema differs",
                                        group="source", commands=RUN)
     # ---- codec and evaluation ---------------------------------------------------------------
@@ -129,7 +132,8 @@ class CompressOptions:
                                                  "no floor)", group="nightly runs", metavar="R")
     gate_max_drop: float = option(0.02, "... and recall@10 is at most D below the production version's",
                                   group="nightly runs", metavar="D")
-    keep_versions: int = option(20, "versions kept (tagged versions are never removed; 0 = all)",
+    keep_versions: int = option(20, "versions kept, and failed versions (tags failed-<run id>) kept; run folders "
+                                    "go with their versions (tagged versions are never removed; 0 = all)",
                                 group="nightly runs")
     # ---- execution ----------------------------------------------------------------------------
     batch_size: int = option(0, "rows per batch in a worker; bounds its memory. 0 = automatic: about 24 MiB of "
@@ -221,7 +225,8 @@ class CompressOptions:
         """The files and columns a run reads: `inputs` (files, folders or URIs) and these
         options' columns."""
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-        return SourceSpec(tuple(str(i) for i in inputs), self.vector_column, self.id_column, tuple(self.keep))
+        return SourceSpec(tuple(str(i) for i in inputs), self.vector_column, self.id_column, tuple(self.keep),
+                          follow_links=self.follow_links)
 
     def to_params(self) -> dict[str, Any]:
         """The options as flat JSON-able values (tuples as lists): what `from_params` takes."""

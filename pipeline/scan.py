@@ -172,6 +172,15 @@ class Gather:
             self.top.add(*result, offset=batch.position)
 
 
+def gathers(spec: ComputeSpec, queries: np.ndarray | None, query_positions: np.ndarray | None):
+    """(exact, found) Gather observers of a shard's searches (None where not asked for)."""
+    if queries is None or spec.k <= 0:
+        return None, None
+    exact = Gather("exact", len(queries), spec.k, query_positions)
+    found = Gather("found", len(queries), spec.k, query_positions, with_extra=spec.rerank) if spec.search else None
+    return exact, found
+
+
 class Computed:
     """The batch's codes, warm codes and searches, from a ShardCompute (in this process) or a
     RemoteShardCompute (a GPU actor)."""
@@ -288,8 +297,9 @@ class ShardCompute:
                      "exact_knn": "faiss-gpu" if self.knn_ngpu else ("faiss-cpu" if self.knn_here else LEFT_TO_READERS),
                      "code_search": None if self.queries is None else
                      (search_device if self.search_here else LEFT_TO_READERS)}
-        if on_gpu and self.info["encode"] != "cpu":
-            self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
+        encoder = self.codec.gpu_encoder(self.device) if on_gpu and self.info["encode"] != "cpu" else None
+        if encoder is not None:
+            self.info["gpu_name"] = encoder.device_name
 
     def __call__(self, x: np.ndarray):
         """-> (codes, warm codes or None, exact (D, I) or None, search_batch's (D, I, E) or None)."""

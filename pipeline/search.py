@@ -16,7 +16,9 @@ from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
-from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
+from vecpress.pipeline.lance_io import (
+    fragment_offsets, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
+)
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.parquet import read_fingerprint, vectors_as_numpy
@@ -75,10 +77,14 @@ def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str
 
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",
-           version: int | None = None, executor: Executor | None = None) -> pa.Table:
+           version: int | str | None = None, executor: Executor | None = None, where: str | None = None,
+           columns: list[str] | None = None) -> pa.Table:
     """Top-k per query: columns query, rank, <id>, distance (smaller is better: squared L2, or
     negated similarity for ip/cosine, or Hamming distance for binary codes before re-ranking),
-    reranked, and the table's passthrough columns.
+    reranked, and the table's passthrough columns (or `columns`, any of the table's).
+
+    `where` (a Lance SQL filter over the table's columns) restricts the search to the rows it
+    selects, before scoring: k results whenever k rows match.
 
     With `rerank` = r, r x k candidates are re-ranked by exact distance to vectors read from
     the warm column (`rerank_from="column"`), the source Parquet ("source"), or the warm
@@ -100,10 +106,14 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
                             f"which cosine cannot normalise (table {table!r} is searched by cosine)")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)
+    job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec, k=num_candidates)
     found = TopK(queries.shape[0], num_candidates)
-    items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
-    for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared={"job": job, "queries": queries}):
+    offsets = fragment_offsets(ds)
+    shared = {"job": job, "queries": queries}
+    if where is not None:
+        shared["allowed"] = filtered_positions(ds, where, offsets)
+    items = [(fid, off) for fid, off, _ in offsets]
+    for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared=shared):
         found.add(D, I)
     D, I = found.result()
     if rerank:
@@ -115,8 +125,8 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         if warm is not None and rerank_from != "source":
             E = column_distances(ds, warm, xq, I, m["metric"])
         else:
-            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(
-                storage.join(storage.normalize(out), m["source"]["plan_uri"]))))
+            plan = SourcePlan.from_dict(json.loads(read_run_file(out, m["source"]["plan_uri"],
+                                                                 needed_for="re-ranking from the source")))
             E = source_distances(plan, xq, I, m["metric"], executor)
         order = np.argsort(E, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(E, order, axis=1), np.take_along_axis(I, order, axis=1)
@@ -124,10 +134,28 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     D, I = D[:, :k], I[:, :k]
     q, rank = np.nonzero(I >= 0)
     positions = I[q, rank]
-    id_col, keep = m["source"]["id_column"], m["source"]["keep"]
+    id_col = m["source"]["id_column"]
+    keep = [c for c in (m["source"]["keep"] if columns is None else columns) if c != id_col]
+    missing = [c for c in keep if c not in ds.schema.names]
+    if missing:
+        raise VecpressError(f"table {table!r} version {ds.version} has no column(s) {missing}; it has {ds.schema.names}")
     rows = ds.take(positions.tolist(), columns=[id_col, *keep])
     cols = {"query": pa.array(q, pa.int64()), "rank": pa.array(rank, pa.int64()), id_col: rows.column(id_col),
             "distance": pa.array(D[q, rank], pa.float32()), "reranked": pa.array(np.full(len(q), bool(rerank)))}
     for c in keep:
         cols[c] = rows.column(c)
     return pa.table(cols)
+
+
+def filtered_positions(ds, where: str, offsets: list[tuple[int, int, int]]) -> np.ndarray:
+    """The sorted global positions of the rows a Lance SQL filter selects (one scan of the
+    filter's columns); VecpressError naming the filter when Lance refuses it."""
+    start = {fid: off for fid, off, _ in offsets}
+    try:
+        addr = ds.to_table(columns=[], filter=where, with_row_address=True).column("_rowaddr").to_numpy()
+    except (ValueError, OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise VecpressError(f"where {where!r} on {ds.uri} version {ds.version}: {reason}") from None
+    frag, local = (addr >> np.uint64(32)).astype(np.int64), (addr & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    base = np.array([start[int(f)] for f in frag], np.int64) if len(frag) else np.zeros(0, np.int64)
+    return np.sort(base + local)

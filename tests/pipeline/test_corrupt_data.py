@@ -215,9 +215,27 @@ def test_a_full_disk_under_the_sample_corpus_is_named(tmpfs):
     assert not list((disk / "corpus").glob("*.parquet")), "a half-written file would join the corpus"
 
 
-@pytest.mark.parametrize("free", [0, 64 << 10, 320 << 10], ids=["full", "64k", "320k"])
+def test_lance_errors_of_a_full_disk_are_recognised(tmpfs):
+    """Lance's writer reports a full disk as an OSError/RuntimeError whose text holds the errno
+    ("... (os error 28)"); `storage.writing` (around the fragment writes, the commit, the index
+    and the eval table) names the path instead."""
+    import lance
+
+    from vecpress.pipeline import storage
+
+    disk = tmpfs("disk", "256k")
+    table = pa.table({"v": fixed(np.random.default_rng(0).standard_normal((4000, 32)).astype(np.float32))})
+    uri = str(disk / "t.lance")
+    with pytest.raises(OutputWriteError) as excinfo:
+        with storage.writing(uri, "the new version's data files"):
+            lance.fragment.write_fragments(table, uri, schema=table.schema, mode="overwrite")
+    assert str(excinfo.value) == f"{uri}: cannot write the new version's data files: no space left on device"
+
+
+@pytest.mark.parametrize("free", [0, 64 << 10], ids=["full", "64k"])
 def test_a_full_disk_is_named_and_commits_nothing(make_corpus, ray_one, tmpfs, free):
-    """Disk full was a traceback naming no path (OSError from numpy's save, Lance's writer...)."""
+    """Disk full was a traceback naming no path (OSError from numpy's save, Lance's writer...):
+    here the lease (nothing free) and the run's sample (64 KiB free)."""
     folder, _ = make_corpus(num_rows=NUM_ROWS, dim=DIM, num_files=NUM_FILES)
     disk = tmpfs("disk", "4m")
     out = disk / "out"

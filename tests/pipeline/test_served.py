@@ -201,6 +201,58 @@ def test_nightly_runs_keep_the_index_current(corpus, tmp_path, ray_executor):
     assert gone["id"] != 5 and tbl.count_rows("id < 3000") == 3000  # (ids 0..2999 now: the new file's)
 
 
+def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ray_executor):
+    """Issue 17: a LanceDB-served version is evaluated by LanceDB's search over its committed
+    index; when it fails the gate it is tagged failed-<run id> and the good version restored as
+    the latest, so LanceDB's open_table serves the good data again (it served the failed one)."""
+    import shutil
+
+    import lancedb
+
+    from vecpress.pipeline.errors import QualityGateError
+
+    root, _ = corpus
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    shutil.copytree(root / "src", src)
+    first = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
+    write_split(src, ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 1000), [0, 1000], "part-new{}",
+                row_group_size=1000)
+    with pytest.raises(QualityGateError, match=r"\(tag failed-.*below the floor.*restores version"):
+        run_compress([str(src)], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    tbl = lancedb.connect(out).open_table("t")
+    assert tbl.count_rows() == N and tbl.count_rows(f"id >= {N}") == 0  # latest: the good data again
+    assert tbl.list_indices()[0].num_unindexed_rows == 0
+    ds = lance.dataset(f"{out}/t.lance")
+    (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
+    failed = inspect_table(out, "t", tag)
+    assert failed["num_rows"] == N + 1000 and failed["gate"]["passed"] is False
+    assert len(failed["eval"]["served"]["grid"]) == 9  # measured after the restore, on the failed version
+    assert inspect_table(out, "t")["version"] == first.version  # vecpress's default: production
+    assert inspect_table(out, "t", ds.version)["eval"] == inspect_table(out, "t", first.version)["eval"]
+    again = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
+    assert again.mode == "incremental" and again.gate["passed"]  # extends the restored good version
+    assert lancedb.connect(out).open_table("t").count_rows() == N + 1000
+
+
+def test_a_first_served_run_that_fails_the_gate_leaves_an_empty_table(corpus, tmp_path, ray_executor):
+    """Issue 17: no good version to restore: the latest is an empty version (LanceDB readers
+    get no rows, not the failed ones); the failed version keeps its tag and index."""
+    import lancedb
+
+    from vecpress.pipeline.errors import QualityGateError
+
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    with pytest.raises(QualityGateError, match="restores no rows"):
+        run_compress([str(root / "src")], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    assert lancedb.connect(out).open_table("t").count_rows() == 0
+    (tag,) = [t for t in lance.dataset(f"{out}/t.lance").tags.list() if t.startswith("failed-")]
+    info = inspect_table(out, "t", tag)
+    assert info["num_rows"] == N and info["index"]["covers_all_rows"] and info["gate"]["passed"] is False
+
+
 def test_the_advisor_chooses_among_index_forms(corpus, tmp_path, ray_executor):
     """--codec auto with --serve lancedb sweeps IVF<n>,PQ<m> forms (judged by their search over
     every partition) and builds the one it chose: the best recall@10 within the bytes."""
