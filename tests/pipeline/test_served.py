@@ -21,7 +21,7 @@ from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import inspect_table, summary_table
 from vecpress.pipeline.run import run_compress
-from tests.conftest import write_split
+from tests.conftest import write_split, write_vectors
 
 N, DIM = 9000, 32
 OPTS = dict(serve="lancedb", codec="IVF32,PQ8", keep=("text",), num_train=4000, num_queries=150, eval_k=100,
@@ -215,8 +215,8 @@ def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ra
     src, out = tmp_path / "src", str(tmp_path / "out")
     shutil.copytree(root / "src", src)
     first = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
-    write_split(src, ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 1000), [0, 1000], "part-new{}",
-                row_group_size=1000)
+    write_vectors(src / "part-new0.parquet", ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 1000),
+                  np.arange(N, N + 1000), extra={"text": pa.array([f"doc {j}" for j in range(N, N + 1000)])})
     with pytest.raises(QualityGateError, match=r"\(tag failed-.*below the floor.*restores version"):
         run_compress([str(src)], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
                      executor=ray_executor)
