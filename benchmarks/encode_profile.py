@@ -58,7 +58,7 @@ def main() -> None:
     batches = []
     faiss_only = {"seconds": 0.0}
     t = time.perf_counter()
-    for piece, _, first_row, batch in iter_shard_batches(shard, [cols.vector, cols.id], job.batch_size):
+    for piece, _, first_row, batch, _ in iter_shard_batches(shard, [cols.vector, cols.id], job.batch_size):
         now = time.perf_counter()
         parts["parquet decode"] += now - t
         x = vectors_as_numpy(batch.column(0), cols.dim, where=piece.file_uri, column=cols.vector, first_row=first_row)

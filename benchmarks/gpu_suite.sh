@@ -9,11 +9,13 @@
 #   bash benchmarks/gpu_suite.sh e2e      # pipeline_throughput.py on the GPU and CPU-only
 #   bash benchmarks/gpu_suite.sh scaling  # scaling.py 1/2/4/8 CPU workers + memory.py
 #   bash benchmarks/gpu_suite.sh train    # train.py: faiss's PQ training, vecpress's parallel one, GPU k-means
+#   bash benchmarks/gpu_suite.sh served   # served.py: vecpress's LanceDB index build against create_index
+#                                         # (accelerator="cuda"), and with 1/2/4/8/16 tasks at once
 #
 # Results go to ${RESULTS:-benchmarks/results}; logs beside them. Needs faiss-gpu, CuPy, Ray,
 # pylance and lancedb importable (see ../shared/gpu/README.md for an offline machine).
 set -uo pipefail
-phase=${1:?phase: tests | suite | kernel | e2e | scaling | train}
+phase=${1:?phase: tests | suite | kernel | e2e | scaling | train | served}
 results=${RESULTS:-benchmarks/results}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 LANCE_LOG=error
@@ -49,6 +51,11 @@ case "$phase" in
   train)
     $py benchmarks/train.py --dims 384,768 --specs "PQ48;PQ64;PQ96" --results "$results/train.json" 2>&1 \
       | tee "$results/train.log" | grep -v "^WARNING"
+    ;;
+  served)
+    $py benchmarks/served.py --rows ${ROWS:-1000000} --dim 768 --partitions 1024 --sub-vectors 96 --files 16 \
+      --accelerator cuda --workers 1,2,4,8,16 --results "$results/served_gpu.json" 2>&1 \
+      | tee "$results/served_gpu.log" | grep "^|"
     ;;
   *) echo "unknown phase $phase" >&2; exit 2 ;;
 esac

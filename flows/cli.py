@@ -151,15 +151,15 @@ def cmd_demo(args) -> None:
     from vecpress.pipeline import storage
     from vecpress.pipeline.demo import corpus_parameters, demo_codec, write_corpus, written_corpus
 
+    if args.codec is None and args.dim >= 1:  # (write_corpus refuses --dim 0)
+        args.codec = demo_codec(args.dim)
+    opts = dataclasses.replace(options_from_args(args, "demo"), **DEMO_FIXED)  # checked before writing
     src = storage.join(args.out, "source")
     wanted = corpus_parameters(args.rows, args.dim, args.files, args.seed)
     if written_corpus(src) == wanted:
         log.info("using the sample corpus already in %s", src)
     else:  # none yet, or made with other --rows/--dim/--files/--seed
         write_corpus(src, num_rows=args.rows, dim=args.dim, num_files=args.files, seed=args.seed)
-    if args.codec is None:
-        args.codec = demo_codec(args.dim)
-    opts = dataclasses.replace(options_from_args(args, "demo"), **DEMO_FIXED)
     info = _run([src], args.out, args.table, opts, no_prefect=args.no_prefect)
     _print_result(info, args.json)
     if not args.json:
@@ -186,8 +186,8 @@ def cmd_evaluate(args) -> None:
     from vecpress.pipeline.report import rerank_source
 
     version = require_dataset(args.out, args.table, args.version).version
-    with RayExecutor(args.ray_address) as ex:
-        ev = evaluate_version(args.out, args.table, version, ex, k=args.k, rerank=args.rerank, recompute=True)
+    with RayExecutor(args.ray_address) as ex:  # (a tag: it may name a version on a branch of its own)
+        ev = evaluate_version(args.out, args.table, args.version if isinstance(args.version, str) else version, ex, k=args.k, rerank=args.rerank, recompute=True)
     if args.json:
         print(json.dumps({"table": args.table, "version": version, **ev}, indent=1))
         return
@@ -203,17 +203,29 @@ def cmd_evaluate(args) -> None:
 
 def cmd_search(args) -> None:
     from vecpress.pipeline.lance_io import require_dataset, version_manifest
-    from vecpress.pipeline.search import read_query_vectors, search
+    from vecpress.pipeline.search import named_scores, read_query_vectors, search
 
     m = version_manifest(require_dataset(args.out, args.table, args.version))
-    xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"])
+    xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"],
+                            metric=m["metric"])
     result = search(args.out, args.table, xq, args.k, rerank=args.rerank, rerank_from=args.rerank_from,
                     version=args.version)
+    result = named_scores(result, m["metric"], hamming=not args.rerank and _binary_codes(args.out, m))
     if args.json:
         for row in result.to_pylist():
             print(json.dumps(row, default=str))
     else:
         print(result.to_pandas().to_string(index=False))
+
+
+def _binary_codes(out: str, m: dict) -> bool:
+    """Whether a version's codes are binary (searched by Hamming distance)."""
+    if "codec_binary" in m:
+        return bool(m["codec_binary"])
+    from vecpress.pipeline.codec_store import load_codec  # (manifests written before it was recorded)
+    from vecpress.pipeline.context import manifest_codec
+
+    return m.get("codec") is not None and load_codec(manifest_codec(out, m["codec"])).is_binary
 
 
 def cmd_sweep(args) -> None:
@@ -282,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe a table version and its evaluation")
     i.add_argument("out", help="output folder")
     i.add_argument("--table", required=True)
-    i.add_argument("--version", type=_version, default=None, help="version number or tag, e.g. production "
-                   "(default: latest)")
+    i.add_argument("--version", type=_version, default=None, help="version number or tag, e.g. production or "
+                   "failed-<run id> (default: production, the last version that passed the quality gate)")
     i.add_argument("--json", action="store_true", help="print one JSON object")
     i.set_defaults(func=cmd_inspect)
 
@@ -291,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "run measured it while encoding; this reads the codes and the source back)")
     e.add_argument("out", help="output folder")
     e.add_argument("--table", required=True)
-    e.add_argument("--version", type=_version, default=None, help="version number or tag (default: latest)")
+    e.add_argument("--version", type=_version, default=None, help="version number or tag (default: production)")
     e.add_argument("-k", type=int, default=None, help="results per query, at most the run's --eval-k (default: it)")
     e.add_argument("--no-rerank", dest="rerank", action="store_false",
                    help="skip the re-ranked recall (it reads the candidates' vectors back)")
@@ -302,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("search", help="top-k ids for query vectors, by asymmetric distance over the codes")
     s.add_argument("out", help="output folder")
     s.add_argument("--table", required=True)
-    s.add_argument("--queries", required=True, help="Parquet file/folder of query vectors")
+    s.add_argument("--queries", required=True, help="Parquet file/folder of query vectors, or a .npy file of an "
+                   "(n, dim) float array")
     s.add_argument("--query-column", default=None, help="vector column in the queries (default: the table's)")
     s.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
     s.add_argument("--rerank", type=int, default=0, metavar="R",
@@ -310,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--rerank-from", choices=["auto", "source", "column"], default="auto",
                    help="where re-rank vectors come from: the warm column, the source Parquet, or auto "
                         "(the warm column when the table has one) (default: %(default)s)")
-    s.add_argument("--version", type=_version, default=None, help="version number or tag (default: latest)")
+    s.add_argument("--version", type=_version, default=None, help="version number or tag (default: production)")
     s.add_argument("--json", action="store_true", help="one JSON object per result line")
     s.set_defaults(func=cmd_search)
 
@@ -344,6 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(n, "schedule")
     n.set_defaults(func=cmd_schedule)
     return p
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is at each record: main called again in one process (tests,
+    notebooks) after sys.stderr was replaced must not write to the stream it had then (a closed
+    one: "--- Logging error ---" and a traceback, on the command's one-line errors)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 class _Stop:
@@ -404,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
     if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s vecpress %(message)s", "%H:%M:%S"))
         log.addHandler(handler)
     log.setLevel(level)
@@ -415,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*fork support is experimental.*")
     stop = _Stop()
     try:
+        if getattr(args, "table", None) is not None:  # every command with a table checks its name first
+            from vecpress.pipeline.lance_io import check_table_name
+
+            check_table_name(args.table)
         with stop:
             args.func(args)
     except VecpressError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,11 +27,17 @@ def write_corpus(uri: str, *, num_rows: int = 100_000, dim: int = 384, num_files
     text string) under `uri`, and `_corpus.json` with these parameters; returns their URIs.
     Deterministic in (num_rows, dim, num_files, seed). Files `part-NNNNN.parquet` that an
     earlier call left there beyond `num_files` are removed (they would join the corpus)."""
-    for name, value, least in (("rows", num_rows, 1), ("dim", dim, 1), ("files", num_files, 1)):
+    for name, value, least in (("rows", num_rows, 1), ("dim", dim, 1), ("files", num_files, 1), ("seed", seed, 0)):
         if value < least:
-            raise ConfigError(f"--{name} must be at least {least}, got {value}")
+            raise ConfigError(f"--{name} must be at least {least}, got {value}")  # (a seed too: numpy's)
     if num_files > num_rows:
         raise ConfigError(f"--files {num_files} is more than --rows {num_rows}: a file would be empty")
+    with storage.writing(uri, "the sample corpus"):  # (a full disk: one line naming the folder)
+        return _write_corpus(uri, num_rows, dim, num_files, seed, row_group_size, chunk)
+
+
+def _write_corpus(uri: str, num_rows: int, dim: int, num_files: int, seed: int, row_group_size: int,
+                  chunk: int) -> list[str]:
     gen = ClusteredEmbeddings(dim, seed=seed)
     loc = storage.resolve(uri)
     loc.fs.create_dir(loc.path, recursive=True)
@@ -40,14 +47,19 @@ def write_corpus(uri: str, *, num_rows: int = 100_000, dim: int = 384, num_files
     files = []
     for i in range(num_files):
         path = f"{loc.path}/part-{i:05d}.parquet"
-        with pq.ParquetWriter(loc.fs.open_output_stream(path), schema) as w:
-            for start in range(bounds[i], bounds[i + 1], chunk):
-                n = min(chunk, bounds[i + 1] - start)
-                x = gen.batch(start, n)
-                ids = np.arange(start, start + n, dtype=np.int64)
-                text = [f"doc {j} about {TOPICS[j % len(TOPICS)]}" for j in ids]
-                w.write_table(pa.table([pa.array(ids), pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
-                                        pa.array(text)], schema=schema), row_group_size=row_group_size)
+        try:
+            with loc.fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as w:
+                for start in range(bounds[i], bounds[i + 1], chunk):
+                    n = min(chunk, bounds[i + 1] - start)
+                    x = gen.batch(start, n)
+                    ids = np.arange(start, start + n, dtype=np.int64)
+                    text = [f"doc {j} about {TOPICS[j % len(TOPICS)]}" for j in ids]
+                    w.write_table(pa.table([pa.array(ids), pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim),
+                                            pa.array(text)], schema=schema), row_group_size=row_group_size)
+        except BaseException:  # (a full disk: no half-written file that would join the corpus)
+            with contextlib.suppress(OSError):
+                loc.fs.delete_file(path)
+            raise
         files.append(loc.uri_for(path))
     with loc.fs.open_output_stream(f"{loc.path}/{CORPUS_FILE}") as f:
         f.write(json.dumps(corpus_parameters(num_rows, dim, num_files, seed)).encode())

@@ -12,12 +12,27 @@ class SourceError(VecpressError):
     schema, bad vectors. Raised before anything is committed."""
 
 
+class DuplicateIdError(SourceError):
+    """Ids that occur more than once in the input, or in the input and the rows an
+    incremental run keeps. Found while encoding; nothing is committed."""
+
+
 class OutputConflictError(VecpressError):
     """The output table exists and is incompatible with this run (another schema)."""
 
 
 class ConfigError(VecpressError):
     """Invalid options: unknown metric, impossible codec, bad table name."""
+
+
+class OutputWriteError(VecpressError):
+    """The output cannot be written (disk full, a read-only file system, no permission): names
+    the path. Nothing is committed; the previous version stays as it was."""
+
+
+class CorruptFileError(VecpressError):
+    """A file vecpress wrote and reads back (a trained codec) is missing, damaged or altered
+    since: names the file."""
 
 
 class SourceChangedError(VecpressError):

@@ -24,12 +24,10 @@ from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import VecpressError
-from vecpress.pipeline.lance_io import open_dataset, table_uri, version_manifest
+from vecpress.pipeline.lance_io import PRODUCTION_TAG, open_dataset, table_uri, version_manifest
 from vecpress.pipeline.layout import Shard, SourcePlan, pack_shards, shared_shard
 
 log = logging.getLogger("vecpress")
-
-PRODUCTION_TAG = "production"
 
 
 @dataclass(frozen=True)
@@ -126,6 +124,11 @@ def diff_sources(out: str, table: str, plan: SourcePlan, *, metric: str, codec: 
                                     serving=serving)
     if blockers:
         log.info("incremental: full rebuild instead: %s", "; ".join(blockers))
+        return None
+    plan_uri = storage.join(storage.normalize(out), manifest["source"]["plan_uri"])
+    if not storage.exists(plan_uri):
+        log.warning("incremental: full rebuild instead: %s version %d's layout %s is gone (its run folder was "
+                    "removed)", table_uri(out, table), ds.version, plan_uri)
         return None
     prev = previous_layout(out, manifest)
     old = {f.uri: f for f in prev.files}
@@ -225,13 +228,14 @@ def drift_decision(baseline: dict | None, current: dict, *, threshold: float, fo
 
 # ---- quality gate and retention -----------------------------------------------------------------
 
-def gate_version(out: str, table: str, version: int, recall_at_10: float | None, *, floor: float | None,
-                 max_drop: float, tag: str = PRODUCTION_TAG, load_eval=None) -> dict:
-    """Move `tag` to `version` if its recall@10 reaches `floor` and is at most `max_drop` below
-    the currently tagged version's; otherwise leave the tag where it is. A version whose
-    recall@10 was not measured passes only where neither check applies."""
+def gate_decision(out: str, table: str, recall_at_10: float | None, *, floor: float | None, max_drop: float,
+                  tag: str = PRODUCTION_TAG, load_eval=None) -> dict:
+    """Whether a version with this recall@10 may take `tag`: it reaches `floor` and is at most
+    `max_drop` below the currently tagged version's. A version whose recall@10 was not measured
+    passes only where neither check applies. Decides only (a codes table's run decides before
+    its commit, from the encode pass's search: pipeline.gated)."""
     ds = open_dataset(out, table)
-    tags = ds.tags.list()
+    tags = ds.tags.list() if ds is not None else {}
     previous = tags[tag]["version"] if tag in tags else None
     prev_recall = None
     if previous is not None and load_eval is not None:
@@ -254,11 +258,24 @@ def gate_version(out: str, table: str, version: int, recall_at_10: float | None,
     if problems:
         return {**d, "passed": False, "tagged_version": previous,
                 "reason": "; ".join(problems) + f": '{tag}' stays on version {previous}"}
-    if previous is None:
+    return {**d, "passed": True, "tagged_version": None, "reason": ""}
+
+
+def gate_version(out: str, table: str, version: int, recall_at_10: float | None, *, floor: float | None,
+                 max_drop: float, tag: str = PRODUCTION_TAG, load_eval=None, decided: dict | None = None) -> dict:
+    """Move `tag` to `version` if it passes (gate_decision, or the decision `decided` already
+    made before the commit); otherwise leave the tag where it is."""
+    d = decided or gate_decision(out, table, recall_at_10, floor=floor, max_drop=max_drop, tag=tag,
+                                 load_eval=load_eval)
+    if not d["passed"]:
+        return d
+    ds = open_dataset(out, table)
+    tags = ds.tags.list()
+    if tag not in tags:
         ds.tags.create(tag, version)
-    elif previous != version:
+    elif tags[tag]["version"] != version:
         ds.tags.update(tag, version)
-    return {**d, "passed": True, "tagged_version": version, "reason": f"'{tag}' now on version {version}"}
+    return {**d, "tagged_version": version, "reason": f"'{tag}' now on version {version}"}
 
 
 def apply_retention(out: str, table: str, keep_versions: int) -> dict:

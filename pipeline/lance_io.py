@@ -5,7 +5,8 @@ Layout under OUT (a LanceDB database directory):
     OUT/<table>.lance                 the compressed dataset (one version per run)
     OUT/<table>_eval.lance            evaluation results, one row per version (LanceDB table)
     OUT/_vecpress/<table>/codecs/     trained codecs, <sha256>.faiss
-    OUT/_vecpress/<table>/runs/<id>/  per-run manifest and samples
+    OUT/<table>.lance/tree/failed-<run id>/  a codes version that failed the gate (a branch: pipeline.gated)
+    OUT/_vecpress/<table>/runs/<id>/  per-run manifest, plan, held-out queries (pipeline.tidy prunes them)
     OUT/_vecpress/<table>/eval/       evaluation JSON per version
 """
 
@@ -24,12 +25,21 @@ from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, SIDECAR_DIR, same_co
 
 log = logging.getLogger("vecpress")
 
-_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}$")
+#: the tag of the version readers get by default (the last one that passed the quality gate)
+PRODUCTION_TAG = "production"
+#: tags of versions that failed the gate: `failed-<run id>` (a branch of that name holds it, or
+#: for a LanceDB-served table a main version that was restored over)
+FAILED_TAG_PREFIX = "failed-"
+
+#: a table name, matched whole (fullmatch: `$` would also accept a trailing newline)
+_TABLE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_\-]{0,127}")
 
 
 def check_table_name(table: str) -> str:
-    if not _TABLE_NAME.match(table or "") or table.endswith("_eval"):
-        raise ConfigError(f"invalid table name {table!r}: use letters, digits, '_' and '-' "
+    """`table` when it is a valid table name, else ConfigError: the one check of table names,
+    made by every command before anything is written (a name is a folder, OUT/<table>.lance)."""
+    if not isinstance(table, str) or not _TABLE_NAME.fullmatch(table) or table.endswith("_eval"):
+        raise ConfigError(f"invalid table name {table!r} (--table): use letters, digits, '_' and '-' "
                           "(at most 128, not starting with '-', not ending in '_eval')")
     return table
 
@@ -80,10 +90,43 @@ def open_lance(uri: str, version: int | str | None = None) -> lance.LanceDataset
 
 
 def require_dataset(out: str, table: str, version: int | str | None = None) -> lance.LanceDataset:
+    """The table at `version`; without one, the version readers get by default (`default_ref`)."""
     ds = open_dataset(out, table, version)
     if ds is None:
         raise VecpressError(f"no table {table!r} in {out} (expected {table_uri(out, table)})")
+    if version is None:
+        ref = default_ref(ds)
+        if ref is not None:
+            ds = open_dataset(out, table, ref)
     return ds
+
+
+def default_ref(ds: lance.LanceDataset) -> str | None:
+    """What `vecpress search/evaluate/inspect` read without --version: the `production` tag
+    (the last version that passed the quality gate), else None (the latest version, which
+    then is the last good one: a version that fails the gate never becomes latest for long).
+    A table whose latest version holds no vecpress data (created by a first run that failed
+    the gate) gives a one-line VecpressError naming the failed versions' tags."""
+    tags = ds.tags.list()
+    if PRODUCTION_TAG in tags:
+        return PRODUCTION_TAG
+    if MANIFEST_METADATA_KEY not in (ds.schema.metadata or {}):
+        failed = sorted(t for t in tags if t.startswith(FAILED_TAG_PREFIX))
+        if failed:
+            raise VecpressError(f"{ds.uri}: no version has passed the quality gate yet (version {ds.version} holds "
+                                f"no data); the failed ones are tags {', '.join(failed)}: pass --version TAG")
+    return None
+
+
+def version_ref(ds: lance.LanceDataset, asked: int | str | None) -> int | str:
+    """How to open `ds`'s version again elsewhere (a worker): its number on the main branch,
+    or the tag it was opened by when that tag names a version on another branch (whose
+    numbers are its own)."""
+    if isinstance(asked, str):
+        tag = ds.tags.list().get(asked) or {}
+        if tag.get("branch"):
+            return asked
+    return ds.version
 
 
 def check_compatible(out: str, table: str, schema: pa.Schema, *, allow_schema_change: bool = False) -> int | None:
@@ -117,3 +160,27 @@ def fragment_offsets(ds: lance.LanceDataset) -> list[tuple[int, int, int]]:
         out.append((frag.fragment_id, offset, n))
         offset += n
     return out
+
+
+def remove_uncommitted(uri: str, fragments: list[dict]) -> None:
+    """Delete the data files of fragments written (write_fragments) but never committed, for a
+    run that fails before its commit; the table folder too when it has no version at all."""
+    if not storage.exists(storage.join(uri, "_versions")):
+        storage.remove_tree(uri)
+        return
+    for f in fragments:
+        for data in f.get("files", []):
+            loc = storage.resolve(storage.join(uri, "data", data["path"]))
+            try:
+                loc.fs.delete_file(loc.path)
+            except FileNotFoundError:
+                pass
+
+
+def read_run_file(out: str, rel: str, *, needed_for: str) -> bytes:
+    """A file of a version's run folder (`rel`: relative to OUT, as manifests hold them); a
+    one-line VecpressError when it is gone (the run folder removed by hand)."""
+    uri = storage.join(storage.normalize(out), rel)
+    if not storage.exists(uri):
+        raise VecpressError(f"{uri} is missing (its run folder was removed?): {needed_for} needs it")
+    return storage.read_bytes(uri)

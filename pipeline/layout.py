@@ -112,6 +112,10 @@ class SourcePlan:
     fields_b64: str = field(repr=False, default="")
     #: the shard size the layout was cut to (an incremental run packs its new shards to it)
     shard_rows: int = 500_000
+    #: (link as found, real file read) for each file read through a symbolic link (--follow-links)
+    links: tuple[tuple[str, str], ...] = ()
+    #: (path not read, file read instead): a real file the listing reached a second time
+    aliases: tuple[tuple[str, str], ...] = ()
 
     @property
     def source_bytes_per_vector(self) -> int:
@@ -130,6 +134,8 @@ class SourcePlan:
         d["keep"] = tuple(d["keep"])
         d["files"] = tuple(SourceFile(**{**f, "row_group_rows": tuple(f["row_group_rows"])}) for f in d["files"])
         d["shards"] = tuple(Shard.from_dict(s) for s in d["shards"])
+        for name in ("links", "aliases"):
+            d[name] = tuple(tuple(pair) for pair in d.get(name, ()))
         return cls(**d)
 
     def locate(self, positions: np.ndarray) -> list[tuple[Shard, np.ndarray, np.ndarray]]:

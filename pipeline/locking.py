@@ -23,6 +23,7 @@ concurrency limit as well when the output is on an object store.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -176,10 +177,15 @@ def _create_local(path: str, data: bytes) -> bool:
     """Create `path` with `data` iff it does not exist; atomic, never half-written."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:  # (a full disk: no half-written file left behind)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     try:
         os.link(tmp, path)
         return True
@@ -303,7 +309,8 @@ def table_lock(out: str, table: str, *, wait_seconds: float = 0, stale_after_sec
     while True:
         lease["renewed_at"] = _now()
         lease["expires_at"] = lease["renewed_at"] + stale_after_seconds
-        acquired, holder = _try_acquire(uri, lease)
+        with storage.writing(uri, "the table's lease"):
+            acquired, holder = _try_acquire(uri, lease)
         if acquired:
             break
         if holder is not None and _now() >= deadline:

@@ -74,6 +74,9 @@ class CompressOptions:
                             commands=RUN + ("sweep",))
     keep: tuple[str, ...] = option((), "passthrough columns copied unchanged to the output (e.g. text,url)",
                                    group="source", commands=RUN, sep=",", metavar="COLS")
+    follow_links: bool = option(False, "read what symbolic links inside the input folders point to (each real file "
+                                       "once, a link cycle walked once) instead of refusing them",
+                                group="source", commands=RUN + ("sweep",))
     allow_schema_change: bool = option(False, "replace an existing table even if its schema differs",
                                        group="source", commands=RUN)
     # ---- codec and evaluation ---------------------------------------------------------------
@@ -88,13 +91,14 @@ class CompressOptions:
     vector_dtype: str = option("float16", "--serve lancedb: the type of the stored vectors, which LanceDB's "
                                           "refine_factor re-ranks with (float16: half the bytes, the same recall)",
                                group="codec and evaluation", choices=("float16", "float32"))
-    metric: str = option("l2", "distance the codes are searched with; cosine = normalise, then inner product",
+    metric: str = option("l2", "distance the codes are searched with; cosine = normalise, then inner product (all-zero "
+                                 "vectors are refused)",
                          group="codec and evaluation", commands=ALL, choices=METRICS)
     num_train: int = option(100_000, "training-sample size: more trains better codebooks, slower and with more "
                                      "memory", group="codec and evaluation", commands=ALL)
     num_queries: int = option(1_000, "held-out query vectors for evaluation, never trained on (at most 10% of "
                                      "the rows)", group="codec and evaluation", commands=ALL)
-    seed: int = option(0, "seeds sampling and training: the same inputs and seed give the same codes",
+    seed: int = option(0, "seeds sampling and training (0 or more): the same inputs and seed give the same codes",
                        group="codec and evaluation", commands=ALL)
     sample_row_groups: int = option(
         SAMPLE_ROW_GROUPS, "most Parquet row groups the sample reads, chosen at random; rows are drawn uniformly "
@@ -128,7 +132,8 @@ class CompressOptions:
                                                  "no floor)", group="nightly runs", metavar="R")
     gate_max_drop: float = option(0.02, "... and recall@10 is at most D below the production version's",
                                   group="nightly runs", metavar="D")
-    keep_versions: int = option(20, "versions kept (tagged versions are never removed; 0 = all)",
+    keep_versions: int = option(20, "versions kept, and failed versions (tags failed-<run id>) kept; run folders "
+                                    "go with their versions (tagged versions are never removed; 0 = all)",
                                 group="nightly runs")
     # ---- execution ----------------------------------------------------------------------------
     batch_size: int = option(0, "rows per batch in a worker; bounds its memory. 0 = automatic: about 24 MiB of "
@@ -158,6 +163,8 @@ class CompressOptions:
         for name in ("num_train", "num_queries", "eval_k", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:  # (numpy's SeedSequence refuses it, inside the first Ray task)
+            raise ConfigError(f"--seed must not be negative, got {self.seed}")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {self.batch_size}")
         if self.sample_row_groups < 0:
@@ -218,7 +225,8 @@ class CompressOptions:
         """The files and columns a run reads: `inputs` (files, folders or URIs) and these
         options' columns."""
         inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-        return SourceSpec(tuple(str(i) for i in inputs), self.vector_column, self.id_column, tuple(self.keep))
+        return SourceSpec(tuple(str(i) for i in inputs), self.vector_column, self.id_column, tuple(self.keep),
+                          follow_links=self.follow_links)
 
     def to_params(self) -> dict[str, Any]:
         """The options as flat JSON-able values (tuples as lists): what `from_params` takes."""

@@ -5,6 +5,8 @@ fingerprint before it is read."""
 from __future__ import annotations
 
 import hashlib
+import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -78,15 +80,89 @@ def describe_type(t: pa.DataType) -> str:
     return str(t).replace("element: ", "").replace("item: ", "")
 
 
+@dataclass(frozen=True)
+class ValueBounds:
+    """The min/max statistics a Parquet footer holds for a vector column's values, per row
+    group of a run of row groups: the values decoded from a row group must lie within them.
+    A page damaged into other, still readable values is caught here at no extra read (the
+    footer is read anyway, the values are decoded anyway)."""
+
+    #: the first row group's number in its file
+    first_group: int
+    #: the file row where each row group starts, then where the last one ends
+    starts: np.ndarray
+    #: each row group's min and max (float64; NaN where the footer has none)
+    low: np.ndarray
+    high: np.ndarray
+
+
+def _statistic(value) -> float:
+    """A footer statistic as a float: float32 columns give floats, float16 ones their 2 bytes."""
+    if isinstance(value, (bytes, bytearray)) and len(value) == 2:
+        return float(np.frombuffer(value, "<f2")[0])
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def value_bounds(metadata: pq.FileMetaData, column: str, row_groups: range) -> ValueBounds | None:
+    """The footer's statistics of `column`'s values (its one leaf, `<column>.list.element` or
+    `.item`) for `row_groups`, or None where the footer has none."""
+    leaves = [i for i in range(metadata.num_columns) if metadata.schema.column(i).path.startswith(column + ".")]
+    if len(leaves) != 1 or not len(row_groups):
+        return None
+    starts = [sum(metadata.row_group(g).num_rows for g in range(row_groups.start))]
+    low, high = [], []
+    for g in row_groups:
+        rg = metadata.row_group(g)
+        stats = rg.column(leaves[0]).statistics
+        has = stats is not None and stats.has_min_max
+        low.append(_statistic(stats.min) if has else math.nan)
+        high.append(_statistic(stats.max) if has else math.nan)
+        starts.append(starts[-1] + rg.num_rows)
+    if all(math.isnan(v) for v in low + high):
+        return None
+    return ValueBounds(row_groups.start, np.array(starts, np.int64), np.array(low), np.array(high))
+
+
+def _extremes(x: np.ndarray, groups: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row group, min, max) of each run of rows of one row group (`groups`: each row's, or
+    None: one run): contiguous reductions, cheaper than np.isfinite's mask."""
+    cuts = [0, len(x)] if groups is None else [0, *(np.flatnonzero(np.diff(groups)) + 1), len(x)]
+    runs = [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return (np.array([-1 if groups is None else groups[a] for a, _ in runs], np.int64),
+            np.array([x[a:b].min() for a, b in runs]), np.array([x[a:b].max() for a, b in runs]))
+
+
+def _check_value_bounds(x: np.ndarray, bounds: ValueBounds, g: np.ndarray, file_rows: np.ndarray, *, where: str,
+                        column: str) -> None:
+    """SourceError naming the first row whose values leave its row group's footer statistics
+    (`g`: each row's row group in `bounds`, `file_rows`: its row in the file)."""
+    low, high = bounds.low[g], bounds.high[g]
+    row_min, row_max = x.min(axis=1), x.max(axis=1)
+    with np.errstate(invalid="ignore"):  # (NaN: no statistics for that row group)
+        below, above = row_min < low, row_max > high
+    bad = below | above
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    value = row_min[i] if below[i] else row_max[i]
+    same = g == g[i]
+    raise SourceError(f"{where}: column {column!r}: row group {bounds.first_group + int(g[i])}: value {float(value):g} "
+                      f"(row {int(file_rows[i])}) is outside the footer's statistics [min {low[i]:g}, max {high[i]:g}] "
+                      f"({int(bad[same].sum())} of {int(same.sum())} rows read from it): the file is damaged")
+
+
 def vectors_as_numpy(arr: pa.Array, dim: int, *, where: str, column: str, first_row: int = 0,
-                     rows: np.ndarray | None = None) -> np.ndarray:
+                     rows: np.ndarray | None = None, bounds: ValueBounds | None = None,
+                     nonzero: bool = False) -> np.ndarray:
     """The one Arrow -> numpy conversion for vectors: exact, float32, shape (n, dim).
 
     `rows`, when given, holds the file row of each element (for arrays of sampled rows), else
     the rows are `first_row`, `first_row + 1`, ...
     Refuses (SourceError naming file, column, row count and first bad row) null vectors, null
-    components, rows of another dimension, NaN/Inf and non-float types. Handles slices
-    correctly (`FixedSizeListArray.values` ignores slice offsets; `flatten()` drops nulls).
+    components, rows of another dimension, NaN/Inf and non-float types; values outside their
+    row group's footer statistics (`bounds`: the file is damaged); with `nonzero` (cosine,
+    which divides by the norm) all-zero vectors. Handles slices correctly
+    (`FixedSizeListArray.values` ignores slice offsets; `flatten()` drops nulls).
     """
     if isinstance(arr, pa.ChunkedArray):
         arr = arr.combine_chunks()
@@ -123,9 +199,24 @@ def vectors_as_numpy(arr: pa.Array, dim: int, *, where: str, column: str, first_
     x = values.to_numpy(zero_copy_only=False).reshape(n, dim)
     if x.dtype != np.float32:
         x = x.astype(np.float32)
-    finite = np.isfinite(x)
-    if not finite.all():
-        fail(~finite.all(axis=1), "contain NaN or Inf")
+    # the extremes of each row group's rows: NaN and Inf show in them (NaN propagates), and the
+    # footer's statistics bound them
+    file_rows = groups = None
+    if bounds is not None:
+        file_rows = first_row + np.arange(n) if rows is None else np.asarray(rows)
+        groups = np.clip(np.searchsorted(bounds.starts, file_rows, side="right") - 1, 0, len(bounds.low) - 1)
+    run_group, run_min, run_max = _extremes(x, groups)
+    if not (np.isfinite(run_min).all() and np.isfinite(run_max).all()):
+        fail(~np.isfinite(x).all(axis=1), "contain NaN or Inf")
+    if bounds is not None:
+        with np.errstate(invalid="ignore"):  # (NaN: no statistics for that row group)
+            outside = (run_min < bounds.low[run_group]) | (run_max > bounds.high[run_group])
+        if outside.any():
+            _check_value_bounds(x, bounds, groups, file_rows, where=where, column=column)
+    if nonzero:
+        zero = ~x.any(axis=1)
+        if zero.any():
+            fail(zero, "are all-zero vectors, which cosine cannot normalise (drop them, or use --metric l2 or ip)")
     return x
 
 
@@ -133,16 +224,18 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_size: int):
     """Stream a shard's rows, piece after piece, as RecordBatches of at most `batch_size` rows
     (a batch never spans two files).
 
-    Yields (piece, its first row within the shard, first row index within the file, batch).
+    Yields (piece, its first row within the shard, first row index within the file, batch,
+    the footer's statistics of the first column's values in the piece (value_bounds) or None).
     Read errors name the file and row groups."""
     for piece, start in zip(shard.pieces, shard.piece_starts):
         pf = open_piece(piece)
+        row_groups = range(piece.row_group_start, piece.row_group_stop)
+        bounds = value_bounds(pf.metadata, columns[0], row_groups)
         try:
             row = piece.file_row_start
-            for batch in pf.iter_batches(batch_size=batch_size, columns=columns,
-                                         row_groups=range(piece.row_group_start, piece.row_group_stop),
+            for batch in pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=row_groups,
                                          use_threads=False):
-                yield piece, int(start) + row - piece.file_row_start, row, batch
+                yield piece, int(start) + row - piece.file_row_start, row, batch, bounds
                 row += batch.num_rows
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"{piece.file_uri}: cannot read row groups {piece.row_group_start}.."
@@ -151,9 +244,9 @@ def iter_shard_batches(shard: Shard, columns: list[str], batch_size: int):
             raise SourceChangedError(f"{piece.describe()}: read {row - piece.file_row_start} rows (file changed?)")
 
 
-def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int) -> np.ndarray:
+def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *, nonzero: bool = False) -> np.ndarray:
     """The vectors at sorted shard-local rows, reading only the row groups that hold them,
-    validated as every read is (vectors_as_numpy)."""
+    validated as every read is (vectors_as_numpy, against the footer's statistics too)."""
     parts = []
     for piece, _, rows in shard.locate(local_rows):
         pf = open_piece(piece)
@@ -169,6 +262,7 @@ def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int) ->
         except (OSError, pa.ArrowException) as exc:
             raise SourceError(f"{piece.file_uri}: cannot read row groups {piece.row_group_start}.."
                               f"{piece.row_group_stop - 1}: {exc}") from exc
+        bounds = value_bounds(pf.metadata, column, range(piece.row_group_start, piece.row_group_stop))
         parts.append(vectors_as_numpy(pa.concat_tables(tables).column(0), dim, where=piece.file_uri, column=column,
-                                      rows=piece.file_row_start + rows))
+                                      rows=piece.file_row_start + rows, bounds=bounds, nonzero=nonzero))
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)

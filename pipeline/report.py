@@ -10,7 +10,9 @@ import lancedb
 import pyarrow as pa
 
 from vecpress.pipeline import storage
-from vecpress.pipeline.lance_io import require_dataset, sidecar_uri, table_uri, version_manifest
+from vecpress.pipeline.lance_io import (
+    open_lance, require_dataset, sidecar_uri, table_uri, version_manifest, version_ref,
+)
 from vecpress.pipeline.schema import EVAL_TABLE_SUFFIX
 from vecpress.pipeline.served import index_info
 
@@ -23,13 +25,16 @@ def stored_bytes(manifest: dict) -> int:
     return manifest["code_bytes"] + (manifest.get("vector_bytes") or 0)
 
 
-def eval_uri(out: str, table: str, version: int) -> str:
+def eval_uri(out: str, table: str, version: int | str) -> str:
+    """A version's evaluation JSON: by number, or by its tag for a version on another branch
+    (a codes table's failed version: pipeline.gated)."""
     return storage.join(sidecar_uri(out, table), "eval", f"version-{version}.json")
 
 
-def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, stage_seconds: dict) -> dict:
+def store_eval(out: str, table: str, version: int | str, manifest: dict, ev: dict, stage_seconds: dict) -> dict:
     """Write the evaluation of `version` as JSON and as a row of the LanceDB eval table
-    (replacing an earlier row for the same version)."""
+    (replacing an earlier row for the same version). A version on another branch (`version`
+    its tag) gets the JSON only: the table's rows are the main branch's versions."""
     source_bytes, code_bytes = manifest["source_bytes"], stored_bytes(manifest)
     ev = {
         "table": table, "version": version, "run_id": manifest["run_id"], "codec": manifest["codec"]["spec"],
@@ -38,6 +43,8 @@ def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, sta
         "compression_ratio": round(source_bytes / code_bytes, 3), "stage_seconds": stage_seconds,
     }
     storage.write_bytes(eval_uri(out, table, version), json.dumps(ev, indent=1).encode())
+    if isinstance(version, str):
+        return ev
     row = {k: v for k, v in ev.items() if k not in ("stage_seconds", "rerank")}
     row["stage_seconds"] = json.dumps(stage_seconds)
     row["rerank"] = json.dumps(ev.get("rerank"))
@@ -53,16 +60,17 @@ def store_eval(out: str, table: str, version: int, manifest: dict, ev: dict, sta
     target, options = storage.lance_location(out)
     db = lancedb.connect(target, storage_options=options)
     name = table + EVAL_TABLE_SUFFIX
-    if name in db.list_tables().tables:
-        t = db.open_table(name)
-        t.delete(f"version = {int(version)}")
-        t.add(data)
-    else:
-        db.create_table(name, data)
+    with storage.writing(storage.join(out, f"{name}.lance"), "the evaluation table"):
+        if name in db.list_tables().tables:
+            t = db.open_table(name)
+            t.delete(f"version = {int(version)}")
+            t.add(data)
+        else:
+            db.create_table(name, data)
     return ev
 
 
-def store_gate(out: str, table: str, version: int, gate: dict) -> None:
+def store_gate(out: str, table: str, version: int | str, gate: dict) -> None:
     """Add the quality-gate decision to a version's evaluation JSON."""
     ev = load_eval(out, table, version) or {}
     storage.write_bytes(eval_uri(out, table, version), json.dumps({**ev, "gate": gate}, indent=1).encode())
@@ -70,26 +78,44 @@ def store_gate(out: str, table: str, version: int, gate: dict) -> None:
 
 def run_report(out: str, table: str, result) -> dict:
     """What a run did, for logs and Prefect artifacts: the version's inspect object plus `run`."""
-    info = inspect_table(out, table, result.version) if result.version is not None else {"table": table}
+    ref = (result.gate or {}).get("failed_tag") or result.version
+    info = inspect_table(out, table, ref) if ref is not None else {"table": table}
     return {**info, "run": result.summary()}
 
 
-def load_eval(out: str, table: str, version: int) -> dict | None:
+def load_eval(out: str, table: str, version: int | str) -> dict | None:
     uri = eval_uri(out, table, version)
     return json.loads(storage.read_bytes(uri)) if storage.exists(uri) else None
 
 
+def source_files(out: str, manifest: dict) -> dict:
+    """A version's source: its files (every file read, from the run's plan), and those read
+    through a symbolic link (--follow-links) or reached twice and read once."""
+    src = manifest["source"]
+    info = {k: src[k] for k in ("num_files", "vector_type", "uris")}
+    plan_uri = storage.join(storage.normalize(out), src["plan_uri"])
+    plan = json.loads(storage.read_bytes(plan_uri)) if storage.exists(plan_uri) else {}
+    info["files"] = [f["uri"] for f in plan["files"]] if "files" in plan else src["uris"]
+    info["links"] = [list(p) for p in plan.get("links", src.get("links", []))]
+    info["aliases"] = [list(p) for p in plan.get("aliases", src.get("aliases", []))]
+    return info
+
+
 def inspect_table(out: str, table: str, version: int | str | None = None) -> dict:
-    """One JSON-able object describing a version: size, codec, source and its evaluation."""
+    """One JSON-able object describing a version (default: the one readers get, production):
+    size, codec, source and its evaluation."""
     ds = require_dataset(out, table, version)
     m = version_manifest(ds)
     base = storage.normalize(out)
-    ev = load_eval(out, table, ds.version)
+    ref = version_ref(ds, version)
+    ev = load_eval(out, table, ref)
+    tags = ds.tags.list()
+    branch = (tags.get(ref) or {}).get("branch") if isinstance(ref, str) else None
     return {
         "table": table,
         "uri": table_uri(out, table),
         "version": ds.version,
-        "latest_version": ds.latest_version,
+        "latest_version": ds.latest_version if branch is None else _main_latest(out, table),
         "num_rows": ds.count_rows(),
         "dim": m["dim"],
         "metric": m["metric"],
@@ -107,10 +133,11 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "id_column": m["source"]["id_column"],
         "vector_column": m["source"]["vector_column"],
         "keep": m["source"]["keep"],
-        "source": {k: m["source"][k] for k in ("num_files", "vector_type", "uris")},
+        "source": source_files(out, m),
         "sample": {k: m["sample"][k] for k in ("seed", "num_train", "num_queries")},
         "stage_seconds": (ev or {}).get("stage_seconds", m.get("stage_seconds")),
-        "tags": sorted(name for name, t in ds.tags.list().items() if t["version"] == ds.version),
+        "tags": sorted(name for name, t in tags.items() if t["version"] == ds.version and t.get("branch") == branch),
+        "branch": branch,
         "mode": m.get("mode", "full"),
         "incremental": m.get("incremental"),
         "drift": m.get("drift"),
@@ -119,10 +146,16 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "rerank_bytes": m.get("rerank_bytes"),
         "advisor": m.get("advisor"),
         "devices": m.get("devices"),
+        "id_check": m.get("id_check"),
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank", "searched", "served")},
     }
+
+
+def _main_latest(out: str, table: str) -> int:
+    """The main branch's latest version (a version on another branch counts its own)."""
+    return open_lance(table_uri(out, table)).version
 
 
 def served_lines(served: dict | None) -> list[str]:
@@ -164,6 +197,7 @@ def summary_table(info: dict) -> str:
     """A short human summary of `inspect_table` output."""
     ev = info.get("eval") or {}
     rows = info["num_rows"]
+    src = info.get("source") or {}
 
     def r(k):
         v = ev.get(f"recall_at_{k}")
@@ -178,6 +212,9 @@ def summary_table(info: dict) -> str:
         + (f": {info['vector_bytes']} B of vectors + {info['code_bytes']} B of index codes)" if info.get("vector_bytes")
            else ")"),
         f"ratio           {info['compression_ratio']:.1f}x",
+        f"source          {len(src.get('files') or [])} files" + (f", {len(src['links'])} read through links"
+                                                                  if src.get("links") else "")
+        + (f", {len(src['aliases'])} second names of a file read once" if src.get("aliases") else ""),
         f"recall@1/10/100 {r(1)} / {r(10)} / {r(100)}  ({ev.get('num_queries', 0)} held-out queries)",
         f"relative error  {ev['relative_error']:.4f}" if ev else "relative error  n/a (not evaluated)",
     ]

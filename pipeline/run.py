@@ -6,14 +6,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from typing import Callable, Sequence
 
+from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.locking import LeaseRef, table_lock
+from vecpress.pipeline.locking import LeaseRef, check_lease, table_lock
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import run_report
 from vecpress.pipeline.stages import RunResult, Stages, check_gate, run_stages
+from vecpress.pipeline.tidy import discard_run, sweep_table
+
+log = logging.getLogger("vecpress")
 
 
 def run_compress(inputs: Sequence[str] | str, out: str, table: str, opts: CompressOptions = CompressOptions(), *,
@@ -31,17 +36,51 @@ def run_compress(inputs: Sequence[str] | str, out: str, table: str, opts: Compre
     result's `report`."""
     ctx = RunContext.new(out, table, run_id)
     with table_lock(ctx.out, table, run_id=ctx.run_id) as lease, _executor(executor, opts) as ex:
-        result = run_stages(dataclasses.replace(ctx, lease=LeaseRef.of(lease)), opts.source(inputs), opts, ex, stages)
+        ctx = dataclasses.replace(ctx, lease=LeaseRef.of(lease))
+        if not storage.exists(ctx.run_file("shards")):  # (a run resumed by its id keeps its checkpoints' files)
+            sweep_table(ctx.out, table)  # what crashed runs left
+        try:
+            result = run_stages(ctx, opts.source(inputs), opts, ex, stages)
+        except BaseException:  # (KeyboardInterrupt too)
+            _discard(ctx)
+            raise
+        if not result.committed:
+            discard_run(ctx.out, table, ctx.run_id)
     result = dataclasses.replace(result, report=run_report(ctx.out, table, result))
     if on_report is not None:
         on_report(result.report)
     return check_gate(result)
 
 
+def _discard(ctx: RunContext) -> None:
+    """A failed run removes what it wrote and did not commit: the fragments' data files and
+    other unreferenced files in the table's folder (only while it still holds the lease: else
+    they may be the new holder's), and its run folder or working files. Errors here are
+    logged, never raised over the run's own."""
+    try:
+        check_lease(ctx.lease)
+    except Exception as exc:
+        log.warning("not cleaning up after the failed run %s: %s", ctx.run_id, exc)
+        return
+    try:
+        sweep_table(ctx.out, ctx.table)
+        discard_run(ctx.out, ctx.table, ctx.run_id)
+    except Exception as exc:
+        log.warning("could not clean up after the failed run %s (the next run will): %s", ctx.run_id, exc)
+
+
+@contextlib.contextmanager
 def _executor(executor: Executor | None, opts: CompressOptions):
-    """`executor` as it is, else a RayExecutor on `opts.ray_address`, shut down after the run."""
+    """`executor` as it is, else a RayExecutor on `opts.ray_address`, shut down after the run.
+    It starts (or joins) Ray at its first use, after planning: input that planning refuses
+    (schemas, another dimension than the table's, an impossible codec) fails before Ray starts."""
     if executor is not None:
-        return contextlib.nullcontext(executor)
+        yield executor
+        return
     from vecpress.pipeline.distributed import RayExecutor
 
-    return RayExecutor(opts.ray_address)
+    ex = RayExecutor(opts.ray_address)
+    try:
+        yield ex
+    finally:
+        ex.shutdown()

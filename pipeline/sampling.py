@@ -78,7 +78,7 @@ def choose_positions(num_rows: int, num_train: int, num_queries: int, seed: int,
 def sample_rows(item: tuple[Shard, np.ndarray], *, columns: Columns) -> np.ndarray:
     """Vectors of the given sorted shard-local rows (validated like every other read)."""
     shard, local_rows = item
-    return read_vectors(shard, np.asarray(local_rows, np.int64), columns.vector, columns.dim)
+    return read_vectors(shard, np.asarray(local_rows, np.int64), columns.vector, columns.dim, nonzero=columns.nonzero)
 
 
 class Sample(NamedTuple):
@@ -90,9 +90,10 @@ class Sample(NamedTuple):
 
 
 def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, executor: Executor, *,
-                max_row_groups: int = 0, exclude=None) -> Sample:
+                max_row_groups: int = 0, exclude=None, metric: str | None = None) -> Sample:
     """The training and query vectors, read across the corpus (see choose_positions, and its
-    `exclude`): only the row groups holding sampled rows are read."""
+    `exclude`): only the row groups holding sampled rows are read (read for `metric`: cosine
+    refuses all-zero vectors)."""
     sizes = plan.row_group_rows()
     train_pos, query_pos = choose_positions(plan.num_rows, num_train, num_queries, seed, row_group_rows=sizes,
                                             max_row_groups=max_row_groups, exclude=exclude)
@@ -100,7 +101,7 @@ def read_sample(plan: SourcePlan, num_train: int, num_queries: int, seed: int, e
     touched = int(np.unique(np.searchsorted(np.cumsum(sizes), positions, side="right")).size)
     log.info("sample: %d rows from %d of %d row groups", len(positions), touched, len(sizes))
     items = [(shard, local) for shard, _, local in plan.locate(positions)]
-    x = np.concatenate(executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan)}))
+    x = np.concatenate(executor.map(sample_rows, items, desc="sample", shared={"columns": Columns.of(plan, metric)}))
     is_query = np.isin(positions, query_pos)
     return Sample(x[~is_query], x[is_query], positions[is_query], touched, positions[~is_query])
 

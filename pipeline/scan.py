@@ -38,10 +38,17 @@ class Columns:
     keep: tuple[str, ...]
     dim: int
     out_fields: pa.Schema  # id + keep fields
+    #: the metric the vectors are read for: cosine refuses all-zero vectors (it cannot normalise them)
+    metric: str | None = None
 
     @classmethod
-    def of(cls, plan: SourcePlan) -> "Columns":
-        return cls(plan.vector_column, plan.id_column, tuple(plan.keep), plan.dim, plan.output_fields)
+    def of(cls, plan: SourcePlan, metric: str | None = None) -> "Columns":
+        return cls(plan.vector_column, plan.id_column, tuple(plan.keep), plan.dim, plan.output_fields, metric)
+
+    @property
+    def nonzero(self) -> bool:
+        """Whether all-zero vectors are refused (cosine)."""
+        return self.metric == "cosine"
 
 
 #: vectors per batch (float32 bytes) when no batch size is given: below glibc's largest mmap
@@ -117,7 +124,8 @@ def scan_shard(shard: Shard, columns: Columns, observers: list[Observer], *, bat
     """Read the shard's vector column (and `extra` columns after it) in batches of
     `batch_size` rows, validate the vectors (vectors_as_numpy, per file), and let every
     observer see every batch; yields the batches once observed. Read and conversion errors
-    name the file, column and rows."""
+    name the file, column and rows; so do values outside their row group's footer statistics,
+    and (cosine) all-zero vectors."""
     parts: list[Part] = []
     xs: list[np.ndarray] = []
     rows = first = 0
@@ -128,9 +136,9 @@ def scan_shard(shard: Shard, columns: Columns, observers: list[Observer], *, bat
             observer.observe(b)
         return b
 
-    for piece, local, first_row, record in iter_shard_batches(shard, [columns.vector, *extra], batch_size):
+    for piece, local, first_row, record, bounds in iter_shard_batches(shard, [columns.vector, *extra], batch_size):
         x = vectors_as_numpy(record.column(0), columns.dim, where=piece.file_uri, column=columns.vector,
-                             first_row=first_row)
+                             first_row=first_row, bounds=bounds, nonzero=columns.nonzero)
         at = 0
         while at < len(x):
             take = min(len(x) - at, batch_size - rows)
@@ -162,6 +170,15 @@ class Gather:
         result = getattr(batch, self.field)
         if result is not None:
             self.top.add(*result, offset=batch.position)
+
+
+def gathers(spec: ComputeSpec, queries: np.ndarray | None, query_positions: np.ndarray | None):
+    """(exact, found) Gather observers of a shard's searches (None where not asked for)."""
+    if queries is None or spec.k <= 0:
+        return None, None
+    exact = Gather("exact", len(queries), spec.k, query_positions)
+    found = Gather("found", len(queries), spec.k, query_positions, with_extra=spec.rerank) if spec.search else None
+    return exact, found
 
 
 class Computed:
@@ -280,8 +297,9 @@ class ShardCompute:
                      "exact_knn": "faiss-gpu" if self.knn_ngpu else ("faiss-cpu" if self.knn_here else LEFT_TO_READERS),
                      "code_search": None if self.queries is None else
                      (search_device if self.search_here else LEFT_TO_READERS)}
-        if on_gpu and self.info["encode"] != "cpu":
-            self.info["gpu_name"] = self.codec.gpu_encoder(self.device).device_name
+        encoder = self.codec.gpu_encoder(self.device) if on_gpu and self.info["encode"] != "cpu" else None
+        if encoder is not None:
+            self.info["gpu_name"] = encoder.device_name
 
     def __call__(self, x: np.ndarray):
         """-> (codes, warm codes or None, exact (D, I) or None, search_batch's (D, I, E) or None)."""

@@ -3,35 +3,64 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.pipeline import storage
-from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor, LocalExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
-from vecpress.pipeline.lance_io import fragment_offsets, require_dataset, table_uri, version_manifest
+from vecpress.pipeline.lance_io import (
+    fragment_offsets, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
+)
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
-from vecpress.pipeline.parquet import open_parquet, vectors_as_numpy
+from vecpress.pipeline.parquet import read_fingerprint, vectors_as_numpy
 from vecpress.pipeline.source import list_parquet_files
 from vecpress.pipeline.evaluate import CodeSearch, search_fragment
 
 
-def read_query_vectors(uri: str, column: str, dim: int) -> np.ndarray:
-    """Query vectors from a Parquet file or folder, validated like the corpus."""
+def read_query_vectors(uri: str, column: str, dim: int, *, metric: str | None = None) -> np.ndarray:
+    """Query vectors from a Parquet file or folder, or a .npy file of an (n, dim) float array,
+    validated like the corpus (cosine: no all-zero vectors). SourceError naming the file for
+    anything else."""
+    if str(uri).endswith(".npy"):
+        return _npy_queries(uri, dim, metric=metric)
     parts = []
     for f in list_parquet_files([uri]):
-        pf = open_parquet(f)
+        loc = storage.resolve(f)
+        try:
+            handle = loc.fs.open_input_file(loc.path)
+            _, _, metadata = read_fingerprint(handle, f)
+            pf = pq.ParquetFile(handle, metadata=metadata)
+        except (SourceError, OSError, pa.ArrowException) as exc:
+            raise SourceError(f"--queries {f}: not a readable Parquet file nor a .npy array of query vectors: "
+                              f"{storage.one_line(exc).removeprefix(f + ': ')}") from None
         if column not in pf.schema_arrow.names:
             raise VecpressError(f"{f}: no column {column!r} for query vectors ({pf.metadata.num_rows} rows; "
                                 f"columns are {pf.schema_arrow.names}); pass --query-column")
-        parts.append(vectors_as_numpy(pf.read(columns=[column]).column(0), dim, where=f, column=column))
+        parts.append(vectors_as_numpy(pf.read(columns=[column]).column(0), dim, where=f, column=column,
+                                      nonzero=metric == "cosine"))
     return np.concatenate(parts)
+
+
+def _npy_queries(uri: str, dim: int, *, metric: str | None) -> np.ndarray:
+    """Query vectors from a .npy file: an (n, dim) array of floats, finite (and, for cosine, not all zero)."""
+    try:
+        x = np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise SourceError(f"--queries {uri}: not a readable .npy array of query vectors: {storage.one_line(exc)}") from None
+    if x.ndim != 2 or x.shape[1] != dim or x.dtype.kind != "f" or not len(x):
+        raise SourceError(f"--queries {uri}: holds a {x.dtype} array of shape {x.shape}; expected (n, {dim}) floats, "
+                          "n at least 1")
+    arr = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), dim)
+    return vectors_as_numpy(arr, dim, where=uri, column="(the .npy array)", nonzero=metric == "cosine")
 
 
 def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str | None = None) -> np.ndarray:
@@ -48,9 +77,14 @@ def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str
 
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",
-           version: int | None = None, executor: Executor | None = None) -> pa.Table:
-    """Top-k per query: columns query, rank, <id>, the score (`score_column`), reranked, and
-    the table's passthrough columns.
+           version: int | str | None = None, executor: Executor | None = None, where: str | None = None,
+           columns: list[str] | None = None) -> pa.Table:
+    """Top-k per query: columns query, rank, <id>, distance (smaller is better: squared L2, or
+    negated similarity for ip/cosine, or Hamming distance for binary codes before re-ranking),
+    reranked, and the table's passthrough columns (or `columns`, any of the table's).
+
+    `where` (a Lance SQL filter over the table's columns) restricts the search to the rows it
+    selects, before scoring: k results whenever k rows match.
 
     With `rerank` = r, r x k candidates are re-ranked by exact distance to vectors read from
     the warm column (`rerank_from="column"`), the source Parquet ("source"), or the warm
@@ -66,12 +100,20 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     m = version_manifest(ds)
     if queries.ndim != 2 or queries.shape[1] != m["dim"]:
         raise VecpressError(f"queries have shape {queries.shape}, the table holds {m['dim']}-d vectors")
+    if m["metric"] == "cosine" and not np.asarray(queries).any(axis=1).all():
+        zero = np.flatnonzero(~np.asarray(queries).any(axis=1))
+        raise VecpressError(f"{len(zero)} of {len(queries)} queries are all-zero vectors (first: query {zero[0]}), "
+                            f"which cosine cannot normalise (table {table!r} is searched by cosine)")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    job = CodeSearch(table_uri=table_uri(out, table), version=ds.version, codec=codec, k=num_candidates)
+    job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec, k=num_candidates)
     found = TopK(queries.shape[0], num_candidates)
-    items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
-    for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared={"job": job, "queries": queries}):
+    offsets = fragment_offsets(ds)
+    shared = {"job": job, "queries": queries}
+    if where is not None:
+        shared["allowed"] = filtered_positions(ds, where, offsets)
+    items = [(fid, off) for fid, off, _ in offsets]
+    for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared=shared):
         found.add(D, I)
     D, I = found.result()
     if rerank:
@@ -83,8 +125,8 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         if warm is not None and rerank_from != "source":
             E = column_distances(ds, warm, xq, I, m["metric"])
         else:
-            plan = SourcePlan.from_dict(json.loads(storage.read_bytes(
-                storage.join(storage.normalize(out), m["source"]["plan_uri"]))))
+            plan = SourcePlan.from_dict(json.loads(read_run_file(out, m["source"]["plan_uri"],
+                                                                 needed_for="re-ranking from the source")))
             E = source_distances(plan, xq, I, m["metric"], executor)
         order = np.argsort(E, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(E, order, axis=1), np.take_along_axis(I, order, axis=1)
@@ -92,27 +134,48 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     D, I = D[:, :k], I[:, :k]
     q, rank = np.nonzero(I >= 0)
     positions = I[q, rank]
-    id_col, keep = m["source"]["id_column"], m["source"]["keep"]
+    id_col = m["source"]["id_column"]
+    keep = [c for c in (m["source"]["keep"] if columns is None else columns) if c != id_col]
+    missing = [c for c in keep if c not in ds.schema.names]
+    if missing:
+        raise VecpressError(f"table {table!r} version {ds.version} has no column(s) {missing}; it has {ds.schema.names}")
     rows = ds.take(positions.tolist(), columns=[id_col, *keep])
-    hamming = not rerank and load_codec(codec).is_binary
-    name, score = score_column(m["metric"], D[q, rank], hamming=hamming)
     cols = {"query": pa.array(q, pa.int64()), "rank": pa.array(rank, pa.int64()), id_col: rows.column(id_col),
-            name: pa.array(score, pa.float32()), "reranked": pa.array(np.full(len(q), bool(rerank)))}
+            "distance": pa.array(D[q, rank], pa.float32()), "reranked": pa.array(np.full(len(q), bool(rerank)))}
     for c in keep:
         cols[c] = rows.column(c)
     return pa.table(cols)
 
 
-def score_column(metric: str, D: np.ndarray, *, hamming: bool = False) -> tuple[str, np.ndarray]:
-    """The search's scores as shown, named: `distance` (squared L2, smaller is better),
-    `cosine_distance` (1 - cosine similarity, 0..2, smaller is better; estimates from the codes
-    are clipped at 0), `inner_product` (larger is better), or `hamming_distance` (bits that
-    differ between the codes: binary codes before re-ranking). The kernels' D for ip/cosine is
-    the negated similarity (smaller is better), which showed as negative distances."""
+def filtered_positions(ds, where: str, offsets: list[tuple[int, int, int]]) -> np.ndarray:
+    """The sorted global positions of the rows a Lance SQL filter selects (one scan of the
+    filter's columns); VecpressError naming the filter when Lance refuses it."""
+    start = {fid: off for fid, off, _ in offsets}
+    try:
+        addr = ds.to_table(columns=[], filter=where, with_row_address=True).column("_rowaddr").to_numpy()
+    except (ValueError, OSError, RuntimeError) as exc:
+        reason = str(exc).strip().splitlines()[0][:200]
+        raise VecpressError(f"where {where!r} on {ds.uri} version {ds.version}: {reason}") from None
+    frag, local = (addr >> np.uint64(32)).astype(np.int64), (addr & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    base = np.array([start[int(f)] for f in frag], np.int64) if len(frag) else np.zeros(0, np.int64)
+    return np.sort(base + local)
+
+
+def named_scores(result: pa.Table, metric: str, *, hamming: bool = False) -> pa.Table:
+    """`search`'s result with its `distance` column as a person reads it (the command line
+    prints this), named: `distance` (squared L2, smaller is nearer), `cosine_distance` (1 -
+    cosine similarity, 0..2, smaller is nearer; estimates from the codes clipped at 0),
+    `inner_product` (larger is nearer), or `hamming_distance` (bits that differ between the
+    codes: binary codes before re-ranking). `distance` for ip/cosine is the negated
+    similarity, which showed as negative distances."""
+    D = result.column("distance").to_numpy()
     if hamming:
-        return "hamming_distance", D
-    if metric == "cosine":
-        return "cosine_distance", np.maximum(1.0 + D, 0.0)
-    if metric == "ip":
-        return "inner_product", -D
-    return "distance", D
+        name, score = "hamming_distance", D
+    elif metric == "cosine":
+        name, score = "cosine_distance", np.maximum(1.0 + D, 0.0)
+    elif metric == "ip":
+        name, score = "inner_product", -D
+    else:
+        return result
+    at = result.column_names.index("distance")
+    return result.set_column(at, name, pa.array(score, pa.float32()))

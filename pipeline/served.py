@@ -86,7 +86,8 @@ def build_index_segment(item: tuple[int, int, str], *, job: IndexJob):
               storage_options=options)
     # the buffer is read once, by this call, in this process: a local file whatever the output
     # (Lance takes no object-store URI for it)
-    with tempfile.TemporaryDirectory(prefix="vecpress-index-") as local:
+    with storage.writing(job.table_uri, "the vector index"), \
+            tempfile.TemporaryDirectory(prefix="vecpress-index-") as local:
         if model.num_sub_vectors:  # partitions and codes: Lance computes nothing per row
             codes = np.ascontiguousarray(parts["codes"], np.uint8)
             buffer = pa.table({"row_id": pa.array(row_ids, pa.uint64()),
@@ -128,19 +129,21 @@ def indexed_version(table_uri: str, column: str) -> int | None:
 def commit_index(table_uri: str, version: int, column: str, segments: list) -> int:
     """Commit the segments as the version's index: a new version, whose rows it all covers."""
     ds = open_lance(table_uri, version)
-    done = ds.commit_existing_index_segments(index_name(column), column, segments)
+    with storage.writing(table_uri, "the vector index"):
+        done = ds.commit_existing_index_segments(index_name(column), column, segments)
     return done.version
 
 
 # ---- the recall of LanceDB's search ---------------------------------------------------------
 
 def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.ndarray, qpos: np.ndarray,
-                    truth: np.ndarray) -> dict:
+                    truth: np.ndarray, *, grid: bool = True) -> dict:
     """recall@1/10/100 of LanceDB's own search at its defaults, and recall@10 and the p50
     latency of one query over the grid of nprobes x refine_factor, for the held-out queries
     (raw vectors `xq`, their own positions `qpos` excluded from their results) against their
     exact neighbours (positions `truth`). Searches the table as a user does: lancedb, the
-    version checked out, the id column compared."""
+    version checked out, the id column compared. `grid` False: the defaults only (what the
+    quality gate needs, a tenth of the searches)."""
     ds = open_lance(storage.join(storage.normalize(out), f"{table}.lance"), version)
     id_col = manifest["source"]["id_column"]
     positions = np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist()
@@ -185,11 +188,11 @@ def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.n
         return round(float(np.median(times)), 3)
 
     default = found(None, None, min(k, 100))
+    settings = [(n, r) for n in GRID_NPROBES for r in GRID_REFINE] if grid else []
     grid = []
-    for nprobes in GRID_NPROBES:
-        for refine in GRID_REFINE:
-            grid.append({"nprobes": nprobes, "refine_factor": refine, "recall_at_10": recall(found(nprobes, refine, 10), 10),
-                         "p50_ms": p50_ms(nprobes, refine)})
+    for nprobes, refine in settings:
+        grid.append({"nprobes": nprobes, "refine_factor": refine, "recall_at_10": recall(found(nprobes, refine, 10), 10),
+                     "p50_ms": p50_ms(nprobes, refine)})
     info = index_info(ds, manifest["source"]["vector_column"]) or {}
     return {"index": info.get("type"), "defaults": {"nprobes": None, "refine_factor": None,
                                               **{f"recall_at_{kk}": recall(default, kk) for kk in (1, 10, 100)},

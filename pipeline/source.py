@@ -12,15 +12,14 @@ nullability and names aside).
 from __future__ import annotations
 
 import base64
-import posixpath
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import SourceError
+from vecpress.pipeline.listing import list_inputs
 from vecpress.pipeline.layout import SourceFile, SourcePlan, pack_shards
 from vecpress.pipeline.parquet import describe_type, open_parquet, read_fingerprint, vector_type
 from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN
@@ -39,39 +38,17 @@ class SourceSpec:
     id_column: str = "id"
     #: passthrough columns copied unchanged to the output (e.g. text, url)
     keep: tuple[str, ...] = ()
+    #: read what symbolic links inside the input folders point to (each real file once)
+    #: instead of refusing them
+    follow_links: bool = False
 
 
 # ---- listing ------------------------------------------------------------------------------
 
-def list_parquet_files(uris) -> list[str]:
-    """All Parquet files under the given files/directories, sorted, hidden files skipped."""
-    return list(_parquet_files(uris))
-
-
-def _parquet_files(uris) -> dict[str, int | None]:
-    """list_parquet_files's files (sorted) -> their modification times (ns), from the listing."""
-    found: dict[str, int | None] = {}
-    for uri in uris:
-        loc = storage.resolve(uri)
-        try:
-            info = loc.fs.get_file_info(loc.path)
-        except OSError as exc:
-            raise SourceError(f"{uri}: cannot access input: {exc}") from exc
-        if info.type == pafs.FileType.NotFound:
-            raise SourceError(f"{uri}: input does not exist")
-        if info.type == pafs.FileType.File:
-            found[loc.uri_for(loc.path)] = info.mtime_ns
-            continue
-        infos = loc.fs.get_file_info(pafs.FileSelector(loc.path, recursive=True))
-        for fi in infos:
-            rel = posixpath.relpath(fi.path, loc.path)
-            if fi.type != pafs.FileType.File or any(p.startswith((".", "_")) for p in rel.split("/")):
-                continue
-            if fi.path.endswith((".parquet", ".parq", ".pq")):
-                found[loc.uri_for(fi.path)] = fi.mtime_ns
-    if not found:
-        raise SourceError(f"no Parquet files found in {', '.join(map(str, uris))}")
-    return dict(sorted(found.items()))
+def list_parquet_files(uris, *, follow_links: bool = False) -> list[str]:
+    """All Parquet files under the given files/directories, sorted, hidden files skipped, each
+    real file once; links inside a folder refused unless `follow_links` (pipeline.listing)."""
+    return list(list_inputs(uris, follow_links=follow_links).files)
 
 
 def _read_footer(uri: str) -> tuple[int, str, pq.FileMetaData, pa.Schema]:
@@ -152,7 +129,8 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
     """Read every file's footer, validate the schemas against each other and the spec, and
     cut the sorted files' row groups into shards of about `shard_rows` rows (layout.pack_shards:
     whole row groups, small files sharing shards)."""
-    mtimes = _parquet_files(spec.uris)
+    listing = list_inputs(spec.uris, follow_links=spec.follow_links)
+    mtimes = listing.files
     uris = list(mtimes)
     footers = {}
     unreadable = []
@@ -228,6 +206,7 @@ def plan_sources(spec: SourceSpec, *, shard_rows: int = 500_000) -> SourcePlan:
         vector_type=f"{kind}<{value_type}>[{dim}]", value_type=value_type, num_rows=int(total),
         files=tuple(files), shards=tuple(shards),
         fields_b64=base64.b64encode(out_fields.serialize().to_pybytes()).decode(), shard_rows=shard_rows,
+        links=tuple(listing.links), aliases=tuple(listing.aliases),
     )
 
 

@@ -7,11 +7,21 @@ re-applied to every file found under it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import posixpath
 from dataclasses import dataclass
 
 import pyarrow.fs as pafs
+
+from vecpress.pipeline.errors import OutputWriteError, VecpressError
+
+#: what an error that refuses a write says, by errno; Lance's and Arrow's errors carry it only in
+#: their text ("... (os error 28)", "[Errno 30] ...", the strerror itself)
+WRITE_ERRNOS = {errno.ENOSPC: "no space left on device", errno.EROFS: "read-only file system",
+                errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+                errno.EDQUOT: "disk quota exceeded"}
 
 
 def _has_scheme(uri: str) -> bool:
@@ -61,6 +71,39 @@ def join(uri: str, *parts: str) -> str:
     return f"{joined}?{query}" if query else joined
 
 
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (Lance's and faiss's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def write_failure(exc: BaseException) -> str | None:
+    """Why a write failed when the output cannot be written at all (WRITE_ERRNOS: disk full,
+    read-only, no permission), else None (another error, raised as it is)."""
+    number = getattr(exc, "errno", None)
+    if number in WRITE_ERRNOS:
+        return WRITE_ERRNOS[number]
+    text = str(exc).lower()
+    for number, reason in WRITE_ERRNOS.items():
+        if reason in text or f"os error {number})" in text or f"[errno {number}]" in text:
+            return reason
+    return None
+
+
+@contextlib.contextmanager
+def writing(uri: str, what: str = "the output"):
+    """Raise OutputWriteError naming `uri` for an error of the block that says the output
+    cannot be written (write_failure); other errors as they are."""
+    try:
+        yield
+    except VecpressError:
+        raise
+    except (OSError, RuntimeError, ValueError) as exc:  # (Lance: OSError / RuntimeError; Arrow: its own OSError)
+        reason = write_failure(exc)
+        if reason is None:
+            raise
+        raise OutputWriteError(f"{uri}: cannot write {what}: {reason}") from exc
+
+
 def read_bytes(uri: str) -> bytes:
     loc = resolve(uri)
     with loc.fs.open_input_stream(loc.path) as f:
@@ -68,19 +111,27 @@ def read_bytes(uri: str) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file; on local disks via a temporary name and rename (never half-written)."""
+    """Write a whole file; on local disks via a temporary name and rename (never half-written,
+    and the temporary file removed when the write fails). OutputWriteError naming the file
+    when the disk is full, read-only or not ours to write (`writing`)."""
     loc = resolve(uri)
     parent = posixpath.dirname(loc.path)
-    if parent:
-        loc.fs.create_dir(parent, recursive=True)
-    if loc.scheme:
-        with loc.fs.open_output_stream(loc.path) as f:
-            f.write(data)
-        return
-    tmp = f"{loc.path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, loc.path)
+    with writing(uri):
+        if parent:
+            loc.fs.create_dir(parent, recursive=True)
+        if loc.scheme:
+            with loc.fs.open_output_stream(loc.path) as f:
+                f.write(data)
+            return
+        tmp = f"{loc.path}.tmp-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, loc.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
 
 def is_file(uri: str) -> bool:

@@ -211,7 +211,7 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
     if not trained:
         raise VecpressError("no candidate codec could be trained: " + "; ".join(
             f"{f['codec']}: {f['error']}" for f in result.failed))
-    job = SweepJob(columns=Columns.of(plan), metric=metric, codecs=tuple(trained), eval_k=eval_k,
+    job = SweepJob(columns=Columns.of(plan, metric), metric=metric, codecs=tuple(trained), eval_k=eval_k,
                    batch_size=opts.batch_size)
     truth = TopK(len(xq), eval_k, exclude=query_positions)
     found = [TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True) for _ in trained]
@@ -428,6 +428,6 @@ def sweep_corpus(inputs, out: str, opts: CompressOptions = CompressOptions(), *,
     nt, nq = sample_sizes(plan.num_rows, opts.num_train, opts.num_queries)
     specs = candidate_specs(plan.dim, opts.metric, nt, codecs=codecs, budgets=budgets)
     log.info("sweep: %d rows x %d-d, %d candidate codecs: %s", plan.num_rows, plan.dim, len(specs), ", ".join(specs))
-    s = read_sample(plan, nt, nq, opts.seed, executor, max_row_groups=opts.sample_row_groups)
+    s = read_sample(plan, nt, nq, opts.seed, executor, max_row_groups=opts.sample_row_groups, metric=opts.metric)
     result = run_sweep(plan, s.train, s.queries, s.query_positions, specs, opts, executor=executor)
     return result, write_reports(result, out, budgets)

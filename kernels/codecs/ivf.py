@@ -190,20 +190,25 @@ class IvfModel:
                     pq.assign_index = None
         return cls(p.spec, metric, index)
 
-    def assign(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def assign(self, x: np.ndarray, *, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
         """(partition uint32, PQ code of the residual (n, m) uint8; m = 0 without PQ) of raw
-        vectors."""
+        vectors. The partition search (the per-row cost that grows with the partitions) runs
+        on GPU `device` ("cuda:N") where faiss sees one, else on the CPU; the codes on the CPU."""
         xp = prepare_vectors(x, self.metric)
         if xp.shape[0] == 0:
             return np.zeros(0, np.uint32), np.zeros((0, self.num_sub_vectors), np.uint8)
-        _, part = self.index.quantizer.search(xp, 1)
+        if self.encode_device(device) != "cpu":
+            space = "ip" if self.metric == "ip" else "l2"
+            _, part = exact_knn(xp, self.centroids, 1, space, ngpu=1, device=int(device.partition(":")[2] or 0))
+        else:
+            _, part = self.index.quantizer.search(xp, 1)
         part = part[:, 0]
         if self._pq is None:
             return part.astype(np.uint32), np.zeros((len(part), 0), np.uint8)
         return part.astype(np.uint32), self._pq.compute_codes(np.ascontiguousarray(xp - self.centroids[part]))
 
     def encode(self, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
-        part, codes = self.assign(x)
+        part, codes = self.assign(x, device=device)
         return np.hstack([part.astype("<u4").view(np.uint8).reshape(-1, 4), codes])
 
     @staticmethod
@@ -227,7 +232,10 @@ class IvfModel:
         return "faiss-cpu"
 
     def encode_device(self, device: str = "cuda") -> str:
-        return "cpu"
+        """Where `encode(x, device=device)` assigns partitions: "cuda:N" or "cpu"."""
+        if device == "cpu" or num_gpus(-1) == 0:
+            return "cpu"
+        return f"cuda:{int(device.partition(':')[2] or 0)}"
 
     def gpu_encoder(self, device: str = "cuda"):
         return None

@@ -33,6 +33,7 @@ from vecpress.pipeline.stages.s07_commit import Committed, commit
 from vecpress.pipeline.stages.s08_index import index
 from vecpress.pipeline.stages.s09_evaluate import evaluate
 from vecpress.pipeline.stages.s10_gate import gate
+from vecpress.pipeline.tidy import remove
 
 log = logging.getLogger("vecpress")
 
@@ -121,6 +122,7 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
         planned = advised.planned
         trained = stages.train(ctx, advised, sampled, opts)
         times["train"] = round(trained.seconds, 3)
+        remove(sampled.train_uri)  # the raw training sample: of no use once trained
     else:
         trained = carried_codec(ctx, planned)
     encoded = stages.encode(ctx, planned, sampled, trained, opts, executor)
@@ -131,7 +133,7 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
     if opts.serve == "lancedb":
         committed = stages.index(ctx, committed, encoded, opts, executor)
         times["index"] = round(committed.seconds, 3)
-    ev = stages.evaluate(ctx, committed, executor, times)
+    ev = stages.evaluate(ctx, committed, executor, times, opts=opts)
     decided = stages.gate(ctx, committed, ev, opts)
     return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"],
                      reason="committed" if decided["passed"] else decided["reason"],
@@ -155,7 +157,7 @@ def finish_stopped_run(ctx: RunContext, diff, result: RunResult, opts: CompressO
     if ev is None:
         log.warning("version %d was committed by run %s, which stopped before evaluating it: evaluating it now",
                     diff.previous_version, manifest["run_id"])
-        ev = stages.evaluate(ctx, committed, executor, manifest.get("stage_seconds") or {})
+        ev = stages.evaluate(ctx, committed, executor, manifest.get("stage_seconds") or {}, opts=opts)
     decided = stages.gate(ctx, committed, ev, opts)
     return dataclasses.replace(result, manifest=manifest, eval=ev, reason=f"{result.reason}; evaluated and gated it "
                                f"(its run stopped after the commit)" + ("" if decided["passed"] else
@@ -164,8 +166,10 @@ def finish_stopped_run(ctx: RunContext, diff, result: RunResult, opts: CompressO
 
 
 def check_gate(result: RunResult) -> RunResult:
-    """Raise QualityGateError when the run's version failed the gate (it stays committed, untagged)."""
+    """Raise QualityGateError when the run's version failed the gate (it stays inspectable as
+    the tag `failed-<run id>`; readers by default still get the last good version)."""
     if result.gate is not None and not result.gate["passed"]:
-        raise QualityGateError(f"version {result.version} of {result.manifest['table']} failed the quality gate: "
-                               f"{result.gate['reason']}")
+        tag = result.gate.get("failed_tag")
+        raise QualityGateError(f"version {result.version} of {result.manifest['table']}"
+                               + (f" (tag {tag})" if tag else "") + f" failed the quality gate: {result.gate['reason']}")
     return result

@@ -15,9 +15,9 @@ from vecpress.kernels.codecs.ivf import default_served_spec
 from vecpress.kernels.codecs.spec import CodecSpecError, is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
-from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.errors import ConfigError, OutputConflictError, VecpressError
 from vecpress.pipeline.incremental import ADVICE_OPTIONS, SourceDiff, diff_sources, layout_after
-from vecpress.pipeline.lance_io import check_compatible
+from vecpress.pipeline.lance_io import check_compatible, open_dataset, table_uri, version_manifest
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.sampling import sample_sizes
 from vecpress.pipeline.schema import codes_schema, served_schema
@@ -93,6 +93,24 @@ def resolve_codec(ctx: RunContext, planned: Planned, spec: str, opts: CompressOp
     return dataclasses.replace(planned, codec_spec=spec, code_size=code_size, read_version=read_version)
 
 
+def check_dimension(out: str, table: str, plan: SourcePlan, *, allow_schema_change: bool = False) -> None:
+    """OutputConflictError when the table's latest version holds vectors of another dimension
+    than the input's (a codes table's schema need not show it: PQ8 codes are 8 bytes at any
+    dimension), unless `allow_schema_change` (the run then replaces the table)."""
+    ds = open_dataset(out, table)
+    if ds is None or allow_schema_change:
+        return
+    try:
+        dim = version_manifest(ds).get("dim")
+    except VecpressError:  # not vecpress's: check_compatible compares the schemas
+        return
+    if dim is not None and dim != plan.dim:
+        raise OutputConflictError(
+            f"{table_uri(out, table)}: the input's vectors ({plan.vector_column!r}, {plan.num_rows} rows in "
+            f"{len(plan.files)} files) have dimension {plan.dim}, table has {dim} ({ds.count_rows()} rows, version "
+            f"{ds.version}); choose another --table or pass --allow-schema-change to replace it")
+
+
 def write_plan(ctx: RunContext, plan: SourcePlan) -> None:
     """The layout the run writes, in its folder (a version's manifest points at it)."""
     storage.write_bytes(ctx.run_file("plan.json"), json.dumps(plan.to_dict(), indent=1).encode())
@@ -103,6 +121,7 @@ def plan(ctx: RunContext, source: SourceSpec, opts: CompressOptions) -> Planned:
     compare the sources with the table's latest version (incremental runs)."""
     start = time.perf_counter()
     snapshot = plan_sources(source, shard_rows=opts.shard_rows)
+    check_dimension(ctx.out, ctx.table, snapshot, allow_schema_change=opts.allow_schema_change)
     num_train, num_queries = sample_sizes(snapshot.num_rows, opts.num_train, opts.num_queries)
     planned = Planned(snapshot, snapshot, None, None, num_train, num_queries, None)
     diff = None

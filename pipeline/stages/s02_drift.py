@@ -44,7 +44,8 @@ def drift(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Ex
     # held out from the rows the kept codec was trained on (they would flatter its error)
     train_rows = kept_training_rows(ctx, prev)
     probe = read_sample(planned.plan, 0, planned.num_queries, seed, executor, max_row_groups=opts.sample_row_groups,
-                        exclude=layout_positions(planned.plan, load_arrays(train_rows)) if train_rows else None)
+                        exclude=layout_positions(planned.plan, load_arrays(train_rows)) if train_rows else None,
+                        metric=opts.metric)
     xq, qpos = probe.queries, probe.query_positions
     codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
     current = probe_quality(codec, xq)

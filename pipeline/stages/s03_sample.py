@@ -33,7 +33,7 @@ def sample(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: E
     """Read the training sample and held-out queries, uniformly across the whole corpus."""
     start = time.perf_counter()
     s = read_sample(planned.plan, planned.num_train, planned.num_queries, opts.seed, executor,
-                    max_row_groups=opts.sample_row_groups)
+                    max_row_groups=opts.sample_row_groups, metric=opts.metric)
     log.info("sample: %d training vectors, %d held-out queries (seed %d)", len(s.train), len(s.queries), opts.seed)
     return Sampled(
         train_uri=save_array(ctx.run_file("train.npy"), s.train),

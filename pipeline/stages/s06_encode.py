@@ -3,10 +3,14 @@ pass over the source finds the held-out queries' exact neighbours and their sear
 new codes (the evaluation); an incremental run reads its kept shards' vectors and stored
 codes once for the same two searches, and keeps their fragments as they are.
 
-A worker runs `encode_shards` (or `search_kept_shard`): one scan of a shard, or of a group
-of shards smaller than a batch (layout.group_shards), whose observers (pipeline.scan)
-compute each batch and fold its results, the codes streamed into Lance's fragment writer. The driver folds each shard's result as it arrives (a running
-top-k, the fragments' metadata), so its memory does not grow with the number of shards.
+A worker runs `encode_shards` (or pipeline.kept's `search_kept_shard`): one scan of a shard,
+or of a group of shards smaller than a batch (layout.group_shards), whose observers
+(pipeline.scan) compute each batch and fold its results, the codes streamed into Lance's
+fragment writer, the ids (with their positions) written by hash bucket to one file for the
+duplicate check (pipeline.identity). The driver folds each shard's result as it arrives (a
+running top-k, the fragments' metadata), so its memory does not grow with the number of
+shards; once all are in, one task per bucket of ids looks for repeats, and any refuses the
+run before its commit.
 """
 
 from __future__ import annotations
@@ -29,15 +33,16 @@ from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array, save_arrays
 from vecpress.pipeline.errors import SourceError, VecpressError
 from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.identity import find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets
+from vecpress.pipeline.kept import KeptSearch, search_kept_shard
+from vecpress.pipeline.lance_io import remove_uncommitted
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
-from vecpress.pipeline.lance_io import open_lance
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.scan import (
-    Columns, ComputeSpec, Computed, Gather, ScanBatch, ShardCompute, StoredCodes, batch_rows, run_scan, scan_shard,
-    where_am_i,
+    Columns, ComputeSpec, Computed, ScanBatch, ShardCompute, batch_rows, gathers, scan_shard, where_am_i,
 )
 from vecpress.pipeline.schema import (
-    CODE_COLUMN, RERANK_COLUMN, codes_array, codes_as_numpy, codes_schema, served_schema,
+    codes_array, codes_schema, served_schema,
 )
 from vecpress.pipeline.stages.s01_plan import Planned
 from vecpress.pipeline.stages.s03_sample import Sampled
@@ -67,6 +72,10 @@ class EncodeJob:
     #: code: IvfModel.encode) go to a file per task under `index_buffers_uri` (None: a codes table)
     vector_dtype: str | None = None
     index_buffers_uri: str | None = None
+    #: folder of the tasks' ids (pipeline.identity: one file per task, `id_buckets` batches by
+    #: hash), checked for duplicates once every task is done (None: not checked)
+    ids_uri: str | None = None
+    id_buckets: int = 1
 
 
 @dataclass
@@ -94,6 +103,8 @@ class ShardResult:
     compute_seconds: float = 0.0
     #: --serve lancedb: the file of the rows' index parts (partitions, residual codes), in row order
     index_buffer_uri: str | None = None
+    #: the file of the task's ids by bucket (pipeline.identity), or None
+    ids_file_uri: str | None = None
 
     #: the array fields, stored beside the JSON fields in a checkpoint
     ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
@@ -104,7 +115,7 @@ class ShardResult:
         meta = json.dumps({"shards": self.shards, "fragments": self.fragments,
                            "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
                            "compute": self.compute, "compute_seconds": self.compute_seconds,
-                           "index_buffer_uri": self.index_buffer_uri})
+                           "index_buffer_uri": self.index_buffer_uri, "ids_file_uri": self.ids_file_uri})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return buf.getvalue()
 
@@ -126,15 +137,6 @@ class _Timed(Computed):
         self.seconds += time.perf_counter() - start
 
 
-def _gathers(spec: ComputeSpec, queries: np.ndarray | None, query_positions: np.ndarray | None):
-    """(exact, found) Gather observers of a shard's searches (None where not asked for)."""
-    if queries is None or spec.k <= 0:
-        return None, None
-    exact = Gather("exact", len(queries), spec.k, query_positions)
-    found = Gather("found", len(queries), spec.k, query_positions, with_extra=spec.rerank) if spec.search else None
-    return exact, found
-
-
 def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarray | None = None,
                   query_positions: np.ndarray | None = None) -> ShardResult:
     """Encode consecutive shards (layout.group_shards: one, or small ones together) into
@@ -147,7 +149,9 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     if job.checkpoint_uri:
         checkpoint = storage.join(job.checkpoint_uri, f"shards-{group[0].index:06d}-{group[-1].index:06d}.npz")
         if storage.exists(checkpoint):
-            return ShardResult.from_bytes(storage.read_bytes(checkpoint))
+            done = ShardResult.from_bytes(storage.read_bytes(checkpoint))
+            if not job.ids_uri or (done.ids_file_uri and storage.exists(done.ids_file_uri)):
+                return done
     start = time.perf_counter()
     spec, cols = job.compute, job.columns
     codec = load_codec(spec.codec)
@@ -158,7 +162,7 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     else:
         schema = codes_schema(cols.out_fields.field(0), codec.code_size, list(cols.out_fields)[1:],
                               binary=codec.is_binary, rerank_size=warm_size)
-    exact, found = _gathers(spec, queries, query_positions)
+    exact, found = gathers(spec, queries, query_positions)
     compute = job.remote.for_shard(group[0].index) if job.remote is not None else \
         ShardCompute(spec, queries if exact is not None else None, device=job.device)
     computed = _Timed(compute)
@@ -170,6 +174,8 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     failure: list[BaseException] = []
 
     served: list[np.ndarray] = []  # --serve lancedb: the batches' index parts
+    ids_read: list[pa.Array] = []  # the ids and their global positions, for the duplicate check
+    positions: list[np.ndarray] = []
 
     def output(b: ScanBatch):
         """(shard of the group, record batch) of a batch's output rows, one per file it read."""
@@ -185,6 +191,9 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
             if ids.null_count:
                 raise SourceError(f"{part.piece.file_uri}: column {cols.id!r}: {ids.null_count} of {n} rows have a "
                                   f"null id (in rows {part.first_row}..{part.first_row + n - 1})")
+            if job.ids_uri:
+                ids_read.append(ids)
+                positions.append(b.position + part.start + np.arange(n, dtype=np.int64))
             kept = [a if a.type == f.type else a.cast(f.type) for a, f in zip(part.record.columns[2:], keep_fields)]
             warm_part = [] if warm is None else [warm.slice(part.start, n)]
             shard = int(np.searchsorted(ends, b.local + part.start, side="right"))
@@ -214,9 +223,13 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
         parts, codes = codec.split(np.concatenate(served) if served else np.zeros((0, codec.code_size), np.uint8))
         buffer_uri = save_arrays(storage.join(job.index_buffers_uri, f"shards-{group[0].index:06d}-"
                                               f"{group[-1].index:06d}.npz"), {"partitions": parts, "codes": codes})
+    ids_file = None
+    if job.ids_uri:
+        ids_file = write_id_buckets(storage.join(job.ids_uri, f"shards-{group[0].index:06d}-{group[-1].index:06d}"
+                                                 ".arrow"), ids_read, positions, job.id_buckets, cols.out_fields.field(0).type)
     result = ShardResult(shards=[s.index for s in group], fragments=fragments, num_rows=num_rows,
                          seconds=time.perf_counter() - start, reader=where_am_i(), compute=compute.info,
-                         compute_seconds=computed.seconds, index_buffer_uri=buffer_uri)
+                         compute_seconds=computed.seconds, index_buffer_uri=buffer_uri, ids_file_uri=ids_file)
     if exact is not None:
         result.knn_D, result.knn_I = exact.top.D, exact.top.I
     if found is not None:
@@ -234,78 +247,14 @@ def _write_fragments(job: EncodeJob, schema: pa.Schema, batches, failure: list[B
         # mode="overwrite": field ids from this schema, not from the table's current version
         # (the commit is an Overwrite; "append" rejects or mis-numbers a changed schema)
         target, options = storage.lance_location(job.table_uri)
-        frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite", storage_options=options,
-                                               max_rows_per_file=job.max_rows_per_file)
+        with storage.writing(job.table_uri, "the new version's data files"):
+            frags = lance.fragment.write_fragments(reader, target, schema=schema, mode="overwrite",
+                                                   storage_options=options, max_rows_per_file=job.max_rows_per_file)
     except Exception:
         if failure:
             raise failure[0] from None
         raise
     return [f.to_json() for f in frags]
-
-
-# ---- the kept rows of an incremental run ---------------------------------------------------------
-
-@dataclass(frozen=True)
-class KeptSearch:
-    """The evaluation's search over kept rows: their stored codes are in the fragments of the
-    previous version that each kept shard owns."""
-
-    table_uri: str
-    version: int
-    compute: ComputeSpec
-    columns: Columns
-    batch_size: int = 0
-    #: GPUs faiss may search on (-1 = those it sees, 0 = the CPU only)
-    ngpu: int = -1
-    #: --serve lancedb: the kept rows have no stored codes; their index parts (the kept
-    #: model's partitions and codes) are computed from their vectors into a file in this folder
-    index_buffers_uri: str | None = None
-
-
-def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries: np.ndarray,
-                      query_positions: np.ndarray):
-    """A kept shard's (or merged group's) exact top-k for the queries and their search over its
-    stored codes (read from the fragments it owns, `item[1]`), with the candidates' exact
-    distances, in one read of its vectors, as the encode pass finds them for new shards.
-    Returns (D, I, (D, I, E)); for a LanceDB-served table (D, I, the index buffer's uri)."""
-    shard, fragment_ids = item
-    spec = job.compute
-    if job.index_buffers_uri:
-        return _index_kept_shard(shard, job, queries, query_positions)
-    compute = ShardCompute(spec, queries, device="cpu", search_ngpu=job.ngpu)  # (nothing to encode)
-    codes, warm = _stored_codes(job, shard, fragment_ids, with_warm=spec.rerank_codec is not None and spec.rerank)
-    exact, found = _gathers(spec, queries, query_positions)
-    run_scan(shard, job.columns, [StoredCodes(codes, warm, compute), exact, found],
-             batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0))
-    return exact.top.D, exact.top.I, (found.top.D, found.top.I, found.top.E)
-
-
-def _index_kept_shard(shard: Shard, job: KeptSearch, queries: np.ndarray, query_positions: np.ndarray):
-    """A served table's kept rows: their exact top-k, and their index parts for the index
-    stage (the same model, so the same parts as when they were first encoded)."""
-    compute = ShardCompute(job.compute, queries, device="cpu", search_ngpu=job.ngpu)
-    exact, _ = _gathers(job.compute, queries, query_positions)
-    codes = []
-    for b in scan_shard(shard, job.columns, [Computed(compute), exact],
-                        batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0)):
-        codes.append(b.codes)
-    parts, pq_codes = compute.codec.split(np.concatenate(codes))
-    uri = save_arrays(storage.join(job.index_buffers_uri, f"kept-{shard.index:06d}.npz"),
-                      {"partitions": parts, "codes": pq_codes})
-    return exact.top.D, exact.top.I, uri
-
-
-def _stored_codes(job: KeptSearch, shard: Shard, fragment_ids: list[int], *, with_warm: bool):
-    """The codes (and warm codes) a kept shard's rows were stored with, in row order."""
-    ds = open_lance(job.table_uri, job.version)
-    columns = [CODE_COLUMN, RERANK_COLUMN] if with_warm else [CODE_COLUMN]
-    tables = [ds.get_fragment(fid).to_table(columns=columns) for fid in fragment_ids]
-    codes = np.concatenate([codes_as_numpy(t.column(0)) for t in tables])
-    if len(codes) != shard.num_rows:
-        raise VecpressError(f"{job.table_uri} version {job.version}: fragments {fragment_ids} hold {len(codes)} "
-                            f"codes for the {shard.num_rows} rows of {shard.describe()}")
-    warm = np.concatenate([codes_as_numpy(t.column(1)) for t in tables]) if with_warm else None
-    return codes, warm
 
 
 # ---- the driver ------------------------------------------------------------------------------------
@@ -351,6 +300,10 @@ class Encoded:
     search_exact_uri: str | None = None
     #: the folder of the shards' checkpoints (removed once the commit that used them lands)
     checkpoints_uri: str | None = None
+    #: the folder of the tasks' ids (pipeline.identity; removed with the checkpoints)
+    ids_uri: str | None = None
+    #: the duplicate-id check's record (rows, buckets, seconds): every id is unique
+    id_check: dict | None = None
     #: --serve lancedb: per encode task, (its first fragment, its fragments, its index buffer's
     #: uri), fragments counted in `fragments`' order
     index_buffers: tuple[tuple[int, int, str], ...] = ()
@@ -366,10 +319,12 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     plan, diff = planned.plan, planned.diff
     served = opts.serve == "lancedb"  # (LanceDB's search is evaluated on the index, not in this pass)
     spec = ComputeSpec(trained.codec, trained.rerank_codec, opts.eval_k, search=not served, rerank=opts.eval_rerank)
-    job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan), batch_size=opts.batch_size,
+    job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan, opts.metric),
+                    batch_size=opts.batch_size,
                     checkpoint_uri=ctx.run_file("shards"), device=opts.device,
                     vector_dtype=opts.vector_dtype if served else None,
-                    index_buffers_uri=ctx.run_file("index-buffers") if served else None)
+                    index_buffers_uri=ctx.run_file("index-buffers") if served else None,
+                    ids_uri=ctx.run_file("ids"), id_buckets=num_id_buckets(plan.num_rows))
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     min_rows = batch_rows(opts.batch_size, plan.dim, gpu=False)  # shards smaller than a batch go together
@@ -384,6 +339,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     buffers: dict[int, str] = {}  # first shard of a task -> its index buffer
     kept_buffers: list[tuple[int, int, str]] = []  # (first fragment, fragments, buffer) of kept groups
     devices = DeviceReport()
+    id_files: list[str] = []  # every task's ids, by bucket
     num_rows, actors = 0, None
     try:
         if pool is not None:
@@ -402,6 +358,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             if r.index_buffer_uri:
                 buffers[r.shards[0]] = r.index_buffer_uri
             devices.add(r)
+            id_files.append(r.ids_file_uri)
             num_rows += r.num_rows
         if pool is not None:
             actors = pool.totals()
@@ -417,19 +374,35 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                  "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
-        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan), opts.batch_size, opts.ngpu,
-                          index_buffers_uri=job.index_buffers_uri)
+        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan, opts.metric), opts.batch_size,
+                          opts.ngpu, index_buffers_uri=job.index_buffers_uri, ids_uri=job.ids_uri,
+                          id_buckets=job.id_buckets)
         ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
         groups = group_shards(plan.shards[:num_kept], min_rows)
         items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in groups]
         firsts = np.cumsum([0] + [len(fids) for _, fids in items])  # each group's first kept fragment
-        for i, (D, I, f) in executor.imap(search_kept_shard, items, desc="exact neighbours and search (kept rows)",
-                                          shared={"job": kept, "queries": xq, "query_positions": qpos}):
+        for i, (D, I, f, ids_file) in executor.imap(search_kept_shard, items,
+                                                    desc="exact neighbours and search (kept rows)",
+                                                    shared={"job": kept, "queries": xq, "query_positions": qpos}):
             exact.add(D, I)
+            id_files.append(ids_file)
             if served:  # f: the group's index buffer; kept fragments come first, in kept order
                 kept_buffers.append((int(firsts[i]), len(items[i][1]), f))
             else:
                 found.add(*f)
+    check_start = time.perf_counter()
+    try:  # one task per bucket of ids, in parallel: no process holds every id
+        refuse_duplicates(find_duplicate_ids(executor, sorted(id_files), job.id_buckets), plan,
+                          num_kept_rows=sum(s.num_rows for s in plan.shards[:num_kept]),
+                          previous_version=diff.previous_version if diff else None)
+    except VecpressError:  # nothing of this run's encoding is left: data files, checkpoints, ids, buffers
+        remove_uncommitted(ctx.table_uri, [f for i in fragments for f in fragments[i]])
+        for folder in (job.ids_uri, job.checkpoint_uri, job.index_buffers_uri):
+            if folder:
+                storage.remove_tree(folder)
+        raise
+    id_check = {"unique": True, "rows": plan.num_rows, "buckets": job.id_buckets, "task_files": len(id_files),
+                "seconds": round(time.perf_counter() - check_start, 3)}
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
     search_ids_uri = search_exact_uri = None
     if searched:
@@ -449,5 +422,5 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows, len(new_fragments),
              len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
     return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
-                   search_exact_uri, checkpoints_uri=job.checkpoint_uri,
+                   search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri, id_check=id_check,
                    index_buffers=tuple(sorted(kept_buffers)) + tuple(map(tuple, index_buffers)))

@@ -20,9 +20,13 @@ from vecpress.kernels.codecs.ivf import parse_served_spec
 from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
+from vecpress.pipeline.evaluate import in_pass_evaluation
+from vecpress.pipeline.gated import commit_failed
+from vecpress.pipeline.incremental import gate_decision
 from vecpress.pipeline.lance_io import open_dataset, table_uri
 from vecpress.pipeline.locking import check_lease
 from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.report import load_eval
 from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY
 from vecpress.pipeline.stages.s01_plan import Planned, output_schema
 from vecpress.pipeline.stages.s03_sample import Sampled
@@ -30,6 +34,9 @@ from vecpress.pipeline.stages.s05_train import Trained
 from vecpress.pipeline.stages.s06_encode import Encoded
 
 log = logging.getLogger("vecpress")
+
+#: links (and second names of a file) a manifest names; the plan has them all
+MANIFEST_LINKS = 20
 
 
 def committed_by(out: str, table: str, run_id: str) -> int | None:
@@ -54,8 +61,10 @@ def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[di
     frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
     tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
                            transaction_properties={RUN_ID_PROPERTY: run_id})
-    target, options = storage.lance_location(table_uri(out, table))
-    ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
+    uri = table_uri(out, table)
+    target, options = storage.lance_location(uri)
+    with storage.writing(uri, "the new version"):
+        ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
     return ds.version
 
 
@@ -64,6 +73,16 @@ class Committed:
     version: int
     manifest: dict
     seconds: float = 0.0
+    #: the gate's decision when it was taken before the commit (a codes table: pipeline.gated),
+    #: else None (decided by the gate stage after the evaluation)
+    gate: dict | None = None
+    #: how to open the version: its number, or the tag `failed-<run id>` of a version that
+    #: failed the gate and was committed on that branch
+    ref: int | str | None = None
+
+    @property
+    def at(self) -> int | str:
+        return self.version if self.ref is None else self.ref
 
 
 def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, encoded: Encoded,
@@ -91,6 +110,9 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             "vector_column": plan.vector_column, "id_column": plan.id_column, "keep": list(plan.keep),
             "vector_type": plan.vector_type, "bytes_per_vector": plan.source_bytes_per_vector,
             "plan_uri": rel(ctx.run_file("plan.json")),
+            # (the plan lists every file read; these name the ones read through a link, or not read twice)
+            "links_followed": len(plan.links), "links": [list(p) for p in plan.links[:MANIFEST_LINKS]],
+            "aliases_skipped": len(plan.aliases), "aliases": [list(p) for p in plan.aliases[:MANIFEST_LINKS]],
         },
         "sample": {
             "seed": opts.seed, "num_train": sampled.num_train, "num_queries": sampled.num_queries,
@@ -116,6 +138,7 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "drift_baseline": trained.baseline,
         "stage_seconds": stage_seconds,
         "devices": encoded.devices,
+        "id_check": encoded.id_check,
     }
 
 
@@ -131,13 +154,35 @@ def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     schema = output_schema(planned.plan, opts, trained.codec.code_size, binary=manifest["codec_binary"],
                            rerank_size=manifest["rerank_bytes"],
                            metadata={MANIFEST_METADATA_KEY: json.dumps(manifest).encode()})
+    decided = precommit_gate(ctx, manifest, encoded.num_rows, opts)
     if ctx.lease is not None:
         check_lease(ctx.lease)
-    version = commit_overwrite(ctx.out, ctx.table, schema, list(encoded.fragments), run_id=ctx.run_id,
-                               read_version=planned.read_version)
-    manifest = {**manifest, "version": version}
+    ref = None
+    if decided is not None and not decided["passed"]:  # never the table's latest: on a branch of its own
+        ref, version = commit_failed(ctx.out, ctx.table, schema, list(encoded.fragments), run_id=ctx.run_id,
+                                     read_version=planned.read_version,
+                                     num_kept=len(planned.diff.kept_fragments) if planned.diff else 0)
+        decided = {**decided, "failed_tag": ref}
+    else:
+        version = commit_overwrite(ctx.out, ctx.table, schema, list(encoded.fragments), run_id=ctx.run_id,
+                                   read_version=planned.read_version)
+    manifest = {**manifest, "version": version, **({"branch": ref} if ref else {})}
     storage.write_bytes(ctx.run_file("manifest.json"), json.dumps(manifest, indent=1).encode())
     if encoded.checkpoints_uri:
         storage.remove_tree(encoded.checkpoints_uri)  # (they hold the shards' results, now in the version)
-    log.info("commit: %s version %d (%d rows)", ctx.table_uri, version, encoded.num_rows)
-    return Committed(version, manifest, time.perf_counter() - start)
+    if encoded.ids_uri:
+        storage.remove_tree(encoded.ids_uri)  # (checked for duplicates before the commit)
+    log.info("commit: %s version %d%s (%d rows)", ctx.table_uri, version, f" of branch {ref}" if ref else "",
+             encoded.num_rows)
+    return Committed(version, manifest, time.perf_counter() - start, gate=decided, ref=ref)
+
+
+def precommit_gate(ctx: RunContext, manifest: dict, num_rows: int, opts: CompressOptions) -> dict | None:
+    """A codes table's gate decision from the encode pass's search, before anything is
+    committed; None when the run cannot decide yet (a LanceDB-served table: its recall is
+    LanceDB's search over the committed index)."""
+    ev = in_pass_evaluation(ctx.out, manifest, num_rows, rerank=opts.eval_rerank)
+    if ev is None:
+        return None
+    return gate_decision(ctx.out, ctx.table, ev.get("recall_at_10"), floor=opts.gate_min_recall,
+                         max_drop=opts.gate_max_drop, load_eval=load_eval)

@@ -99,7 +99,7 @@ def test_binary_codes_search_the_same_in_lancedb(corpus, tmp_path, ray_executor)
     for q, qcode in enumerate(query_codes(out, "bin", xq)):  # the one call that makes a query searchable there
         theirs = table.search(qcode, vector_column_name="code").distance_type("hamming").limit(10).to_pandas()
         mine = ours.filter(pa.compute.equal(ours.column("query"), q))
-        d_mine = mine.column("hamming_distance").to_numpy()
+        d_mine = mine.column("distance").to_numpy()
         d_theirs = theirs["_distance"].to_numpy()
         np.testing.assert_array_equal(d_mine, d_theirs)  # same Hamming distances, in order
         strict = d_mine < d_mine[-1]  # ids above the last tie must agree exactly

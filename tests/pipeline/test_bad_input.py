@@ -550,12 +550,14 @@ class InterruptedEncode:
 
     def __init__(self, inner):
         self.inner = inner
+        self.written: set[str] = set()
 
     def imap(self, fn, items, *, desc, shared=None):
         if desc != "encode":
             return self.inner.imap(fn, items, desc=desc, shared=shared)
         items = list(items)
-        fn(items[0], **(shared or {}))
+        r = fn(items[0], **(shared or {}))
+        self.written |= {f["files"][0]["path"] for frags in r.fragments for f in frags}
         raise KeyboardInterrupt
 
     def map(self, fn, items, *, desc, shared=None):
@@ -568,9 +570,11 @@ def data_files(snap: Snapshot) -> set[str]:
 
 def test_interrupted_encode_leaves_previous_version(base, ray_executor):
     before = data_files(base.snap)
+    interrupted = InterruptedEncode(ray_executor)
     with pytest.raises(KeyboardInterrupt):
-        rerun(base, InterruptedEncode(ray_executor))
-    assert data_files(base.snap) > before, "the first shard should have left orphaned fragment files"
+        rerun(base, interrupted)
+    assert interrupted.written and not interrupted.written & before, "the first shard wrote no fragment files"
+    assert data_files(base.snap) == before  # issue 17: the interrupted run removed the files it wrote
     assert_unchanged(base.snap)
 
     res = rerun(base, ray_executor)

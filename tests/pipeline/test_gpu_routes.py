@@ -103,3 +103,20 @@ def test_gpu_route_of_the_served_model_gives_the_cpu_model(data, monkeypatch):
     assert sorted(created) == sorted([xb.shape[1], xb.shape[1] // 8])  # partitions, and sub-quantizers
     assert gpu.to_bytes() == cpu.to_bytes()
     assert IvfModel.from_bytes(gpu.to_bytes(), spec="IVF16,PQ8", metric="l2").num_sub_vectors == 8
+
+
+@pytest.mark.parametrize("spec,metric", [("IVF16,PQ8", "l2"), ("IVF16,SQ", "cosine"), ("IVF16,PQ4", "ip")])
+def test_gpu_route_of_the_served_encode_gives_the_cpu_partitions(data, monkeypatch, spec, metric):
+    """The encode pass of a served table on a GPU actor (device cuda:0) searches the partitions
+    with faiss's GPU brute force; the partitions, and so the residual codes, are the CPU's."""
+    from vecpress.kernels.codecs.ivf import IvfModel
+
+    xb, _ = data
+    model = IvfModel.train(xb, spec, metric, seed=1, ngpu=0)
+    cpu = model.encode(xb)
+    assert model.encode_device("cuda:0") == "cpu"  # (no GPU: the CPU route)
+    gpu = fake_gpu.install(monkeypatch)
+    assert model.encode_device("cuda:0") == "cuda:0" and model.encode_device("cpu") == "cpu"
+    on_gpu = model.encode(xb, device="cuda:0")
+    assert gpu.calls and gpu.calls[0][1:] == (16, 1, 0)  # the 16 centroids, top-1, GPU 0
+    assert np.array_equal(on_gpu, cpu)

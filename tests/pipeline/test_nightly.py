@@ -117,25 +117,69 @@ def test_search_after_incremental_rerank_uses_new_layout(src, tmp_path, ray_exec
 
 
 def test_gate_failure_keeps_production_on_the_previous_version(src, tmp_path, ray_executor):
+    """Issue 17: a codes table's version that fails the gate is decided before its commit and
+    committed on a branch of its own (tag failed-<run id>): LanceDB's latest and vecpress's
+    default reads stay on the good version, with no window (it was the table's latest)."""
+    import lancedb
+
+    from vecpress.pipeline.search import search
+
     out = tmp_path / "out"
     uri = str(out / "t.lance")
     spec = [str(src)]
     first = run_compress(spec, str(out), "t", OPTS, executor=ray_executor)
     part(src, "d.parquet", 3000, 3600)
-    with pytest.raises(QualityGateError, match="below the floor.*'production' stays on version 1"):
+    with pytest.raises(QualityGateError, match=r"\(tag failed-.*below the floor.*'production' stays on version 1"):
         run_compress(spec, str(out), "t", CompressOptions(**{**OPTS.__dict__, "gate_min_recall": 0.9999}),
                      executor=ray_executor)
-    assert lance.dataset(uri).version == 2  # committed, evaluated ...
-    assert load_eval(str(out), "t", 2)["gate"]["passed"] is False
-    prod = lance.dataset(uri, version="production")  # ... but readers of production see version 1
+    assert lance.dataset(uri).version == 1  # never the latest ...
+    assert lancedb.connect(str(out)).open_table("t").count_rows() == 3000
+    (tag,) = [t for t in lance.dataset(uri).tags.list() if t.startswith("failed-")]
+    failed = lance.dataset(uri, version=tag)  # ... but inspectable by its tag, with the reason
+    assert failed.count_rows() == 3600
+    ev = load_eval(str(out), "t", tag)
+    assert ev["gate"]["passed"] is False and "below the floor" in ev["gate"]["reason"]
+    info = inspect_table(str(out), "t", version=tag)
+    assert info["num_rows"] == 3600 and info["branch"] == tag and info["gate"]["passed"] is False
+    assert info["latest_version"] == 1 and info["tags"] == [tag]
+    prod = lance.dataset(uri, version="production")  # readers of production see version 1
     assert prod.version == 1 and prod.count_rows() == 3000
     assert inspect_table(str(out), "t", version="production")["eval"]["recall_at_10"] == first.eval["recall_at_10"]
-    text = summary_table(inspect_table(str(out), "t", version=2))  # the human inspect says why
+    assert inspect_table(str(out), "t")["num_rows"] == 3000  # vecpress's default read: production
+    xq = ClusteredEmbeddings(DIM, seed=0, num_clusters=32).batch(3000, 600)[:3]  # rows of the failed version only
+    assert not set(search(str(out), "t", xq, 5).column("id").to_pylist()) & set(range(3000, 3600))
+    assert set(search(str(out), "t", xq, 1, version=tag).column("id").to_pylist()) == {3000, 3001, 3002}
+    text = summary_table(info)  # the human inspect says why
     assert "gate            recall@10" in text and "'production' stays on version 1" in text
     assert "drift " in text and "incremental     on version 1: +600 rows" in text
     for missing in (9, "nightly"):  # what the table has, instead of Lance's source paths
-        with pytest.raises(VecpressError, match=r"no version .* \(it has versions 1-2, tags production\)$"):
+        with pytest.raises(VecpressError, match=r"no version .* \(it has versions 1, tags failed-.*, production\)$"):
             inspect_table(str(out), "t", version=missing)
+    # the next run extends the good version, not the failed one, and passes
+    again = run_compress(spec, str(out), "t", CompressOptions(**{**OPTS.__dict__, "gate_max_drop": 1.0}),
+                         executor=ray_executor)
+    assert again.mode == "incremental" and again.incremental["previous_version"] == 1 and again.version == 2
+    assert lance.dataset(uri, version=tag).count_rows() == 3600  # the failed version is still readable
+
+
+def test_first_run_that_fails_the_gate_creates_an_empty_table(src, tmp_path, ray_executor):
+    """Issue 17: the first run on a new table fails the gate: the table exists with no rows
+    (LanceDB readers get an empty table), vecpress's default read says no version passed,
+    and the failed data is tag failed-<run id>."""
+    import lancedb
+
+    out = tmp_path / "out"
+    with pytest.raises(QualityGateError, match="below the floor"):
+        run(src, out, ray_executor, gate_min_recall=0.9999)
+    tbl = lancedb.connect(str(out)).open_table("t")
+    assert tbl.count_rows() == 0 and "code" in tbl.schema.names
+    (tag,) = [t for t in lance.dataset(str(out / "t.lance")).tags.list() if t.startswith("failed-")]
+    with pytest.raises(VecpressError, match=r"no version has passed the quality gate yet.*tags failed-.*--version"):
+        inspect_table(str(out), "t")
+    assert inspect_table(str(out), "t", version=tag)["num_rows"] == 3000
+    ok = run(src, out, ray_executor)  # a full build on the empty version
+    assert ok.mode == "full" and ok.gate["passed"] and lancedb.connect(str(out)).open_table("t").count_rows() == 3000
+    assert inspect_table(str(out), "t")["tags"] == ["production"]
 
 
 def test_gate_without_recall_at_10_fails_only_a_check_that_applies(src, tmp_path, ray_executor):
@@ -202,7 +246,8 @@ def test_a_run_that_stopped_after_its_commit_is_finished_by_the_next(src, tmp_pa
         raise RuntimeError("worker lost during evaluate")
 
     with pytest.raises(RuntimeError, match="worker lost"):
-        run_compress([str(src)], str(out), "t", OPTS, executor=ray_executor, stages=Stages(evaluate=lost))
+        run_compress([str(src)], str(out), "t", CompressOptions(**{**OPTS.__dict__, "gate_max_drop": 1.0}),
+                     executor=ray_executor, stages=Stages(evaluate=lost))
     assert lance.dataset(uri).version == 2 and load_eval(str(out), "t", 2) is None
     assert lance.dataset(uri, version="production").version == 1
     night3 = run(src, out, ray_executor, gate_max_drop=1.0)  # (new held-out queries: recall moves)
@@ -231,12 +276,16 @@ def test_retention_keeps_tagged_versions(src, tmp_path, ray_executor):
     opts = CompressOptions(**{**OPTS.__dict__, "mode": "full", "keep_versions": 1})
     run_compress(spec, str(out), "t", opts, executor=ray_executor)  # v1, production
     lance.dataset(uri).tags.create("pinned", 1)
-    with pytest.raises(QualityGateError):  # v2 fails the gate: production stays on v1
+    with pytest.raises(QualityGateError):  # fails the gate: on a branch, production stays on v1
         run_compress(spec, str(out), "t", CompressOptions(**{**opts.__dict__, "gate_min_recall": 0.9999}),
                      executor=ray_executor)
-    run_compress(spec, str(out), "t", CompressOptions(**{**opts.__dict__, "gate_max_drop": 1.0}), executor=ray_executor)
+    for _ in range(2):  # v2, v3
+        run_compress(spec, str(out), "t", CompressOptions(**{**opts.__dict__, "gate_max_drop": 1.0}),
+                     executor=ray_executor)
     versions = [v["version"] for v in lance.dataset(uri).versions()]
     assert 1 in versions and 3 in versions and 2 not in versions  # untagged old version dropped
+    (tag,) = [t for t in lance.dataset(uri).tags.list() if t.startswith("failed-")]
+    assert lance.dataset(uri, version=tag).count_rows() == 3000  # the failed version's files survived it
 
 
 def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src, tmp_path, ray_executor):
@@ -250,8 +299,18 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     from vecpress.pipeline.sampling import layout_positions
     from vecpress.pipeline.source import SourcePlan
 
+    from vecpress.pipeline.stages import Stages, train
+
     out = tmp_path / "out"
-    n1 = run(src, out, ray_executor)
+    seen = {}
+
+    def train_and_keep_the_sample(ctx, advised, sampled, opts):
+        seen["xt"] = load_array(sampled.train_uri)  # (the run deletes its training sample once trained)
+        return train(ctx, advised, sampled, opts)
+
+    n1 = run_compress([str(src)], str(out), "t", OPTS, executor=ray_executor,
+                      stages=Stages(train=train_and_keep_the_sample))
+    assert not (out / n1.manifest["sample"]["queries_uri"]).with_name("train.npy").exists()
     (src / "a.parquet").unlink()  # the kept rows move: b and c now start the layout
     part(src, "d.parquet", 3000, 4000)
     n2 = run(src, out, ray_executor, gate_max_drop=1.0)  # (100 queries: recall moves by a few points)
@@ -266,7 +325,7 @@ def test_incremental_queries_are_held_out_from_the_kept_codecs_training_rows(src
     ids = lance.dataset(str(out / "t.lance")).to_table(columns=["id"]).column(0).to_numpy()
     train_ids = {int(ids[p]) for p in trained}
     x = np.concatenate([ClusteredEmbeddings(DIM, seed=0, num_clusters=32).batch(lo, 1000) for lo in (0, 1000, 2000)])
-    xt = load_array(str(out / n1.manifest["sample"]["queries_uri"]).replace("queries.npy", "train.npy"))
+    xt = seen["xt"]
     assert {tuple(v) for v in x[sorted(train_ids)].round(4)} <= {tuple(v) for v in xt.round(4)}
     queries = load_array(str(out / n2.manifest["sample"]["query_positions_uri"]))
     assert len(queries) == 100 and not np.isin(queries, trained).any()

@@ -126,3 +126,41 @@ def test_s3_served_table_searches_from_lancedb(s3, tmp_path, ray_executor, spec)
                           capture_output=True, text=True, check=True, env=os.environ)
     got = json.loads(done.stdout.strip().splitlines()[-1])
     assert got == {"ids": [123], "unindexed": 0}
+
+
+def test_s3_failed_gate_and_leftovers(s3, ray_executor):
+    """Issue 17 on an object store: a version that fails the gate goes to its branch (its files
+    moved there), the latest stays the good one; a crash's uncommitted fragment is swept by the
+    next run."""
+    import lance
+
+    from vecpress.pipeline.errors import QualityGateError
+    from vecpress.pipeline.lance_io import open_lance
+    from vecpress.pipeline.report import inspect_table
+    from vecpress.pipeline.storage import lance_location
+
+    fs, query = s3
+    fs.create_dir("gated")
+    x = ClusteredEmbeddings(16, seed=7).batch(0, 3000)
+    put_parquet(fs, "corpus/gated/a.parquet", x[:2000], np.arange(2000))
+    out = f"s3://gated/out?{query}"
+    opts = dict(codec="PQ4", num_train=1000, num_queries=100, eval_k=10)
+    run_compress([f"s3://corpus/gated?{query}"], out, "t", CompressOptions(**opts), executor=ray_executor)
+    put_parquet(fs, "corpus/gated/b.parquet", x[2000:], np.arange(2000, 3000))
+    with pytest.raises(QualityGateError, match="tag failed-"):
+        run_compress([f"s3://corpus/gated?{query}"], out, "t", CompressOptions(**opts, gate_min_recall=0.9999),
+                     executor=ray_executor)
+    table = f"s3://gated/out/t.lance?{query}"
+    ds = open_lance(table)
+    (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
+    assert ds.version == 1 and ds.count_rows() == 2000
+    assert inspect_table(out, "t", tag)["num_rows"] == 3000 and inspect_table(out, "t")["num_rows"] == 2000
+    assert fs.get_file_info(pafs.FileSelector(f"gated/out/t.lance/tree/{tag}/data"))  # the new files moved there
+    target, options = lance_location(table)
+    frags = lance.fragment.write_fragments(ds.to_table(limit=3), target, schema=ds.schema, mode="overwrite",
+                                           storage_options=options)  # a crashed run's fragment
+    leftover = f"gated/out/t.lance/data/{frags[0].files[0].path}"
+    assert fs.get_file_info(leftover).type == pafs.FileType.File
+    again = run_compress([f"s3://corpus/gated?{query}"], out, "t", CompressOptions(**opts, gate_max_drop=1.0),
+                         executor=ray_executor)
+    assert again.committed and fs.get_file_info(leftover).type == pafs.FileType.NotFound

@@ -42,7 +42,7 @@ def test_small_files_share_shards_and_their_rows_read_in_order(tmp_path):
         assert s.files == tuple(str(tmp_path / f"f{i:02d}.parquet") for i in
                                 np.unique(np.arange(s.row_offset, s.row_offset + s.num_rows) // 150))
     for shard in plan.shards:
-        ids = [(local, batch.column(1).to_numpy()) for _, local, _, batch in
+        ids = [(local, batch.column(1).to_numpy()) for _, local, _, batch, _ in
                iter_shard_batches(shard, ["embedding", "id"], 1000)]
         assert all(len(set(np.diff(i))) <= 1 for _, i in ids)  # no batch spans two files
         got = np.concatenate([i for _, i in ids])

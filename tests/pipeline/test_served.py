@@ -21,7 +21,7 @@ from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import inspect_table, summary_table
 from vecpress.pipeline.run import run_compress
-from tests.conftest import write_split
+from tests.conftest import write_split, write_vectors
 
 N, DIM = 9000, 32
 OPTS = dict(serve="lancedb", codec="IVF32,PQ8", keep=("text",), num_train=4000, num_queries=150, eval_k=100,
@@ -199,6 +199,58 @@ def test_nightly_runs_keep_the_index_current(corpus, tmp_path, ray_executor):
     np.testing.assert_allclose(np.asarray(hit["embedding"], np.float32), extra[7], atol=1e-2)
     gone = tbl.search(x[5]).nprobes(32).refine_factor(5).limit(1).to_list()[0]
     assert gone["id"] != 5 and tbl.count_rows("id < 3000") == 3000  # (ids 0..2999 now: the new file's)
+
+
+def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ray_executor):
+    """Issue 17: a LanceDB-served version is evaluated by LanceDB's search over its committed
+    index; when it fails the gate it is tagged failed-<run id> and the good version restored as
+    the latest, so LanceDB's open_table serves the good data again (it served the failed one)."""
+    import shutil
+
+    import lancedb
+
+    from vecpress.pipeline.errors import QualityGateError
+
+    root, _ = corpus
+    src, out = tmp_path / "src", str(tmp_path / "out")
+    shutil.copytree(root / "src", src)
+    first = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
+    write_vectors(src / "part-new0.parquet", ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 1000),
+                  np.arange(N, N + 1000), extra={"text": pa.array([f"doc {j}" for j in range(N, N + 1000)])})
+    with pytest.raises(QualityGateError, match=r"\(tag failed-.*below the floor.*restores version"):
+        run_compress([str(src)], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    tbl = lancedb.connect(out).open_table("t")
+    assert tbl.count_rows() == N and tbl.count_rows(f"id >= {N}") == 0  # latest: the good data again
+    assert tbl.list_indices()[0].num_unindexed_rows == 0
+    ds = lance.dataset(f"{out}/t.lance")
+    (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
+    failed = inspect_table(out, "t", tag)
+    assert failed["num_rows"] == N + 1000 and failed["gate"]["passed"] is False
+    assert len(failed["eval"]["served"]["grid"]) == 9  # measured after the restore, on the failed version
+    assert inspect_table(out, "t")["version"] == first.version  # vecpress's default: production
+    assert inspect_table(out, "t", ds.version)["eval"] == inspect_table(out, "t", first.version)["eval"]
+    again = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
+    assert again.mode == "incremental" and again.gate["passed"]  # extends the restored good version
+    assert lancedb.connect(out).open_table("t").count_rows() == N + 1000
+
+
+def test_a_first_served_run_that_fails_the_gate_leaves_an_empty_table(corpus, tmp_path, ray_executor):
+    """Issue 17: no good version to restore: the latest is an empty version (LanceDB readers
+    get no rows, not the failed ones); the failed version keeps its tag and index."""
+    import lancedb
+
+    from vecpress.pipeline.errors import QualityGateError
+
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    with pytest.raises(QualityGateError, match="restores no rows"):
+        run_compress([str(root / "src")], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
+                     executor=ray_executor)
+    assert lancedb.connect(out).open_table("t").count_rows() == 0
+    (tag,) = [t for t in lance.dataset(f"{out}/t.lance").tags.list() if t.startswith("failed-")]
+    info = inspect_table(out, "t", tag)
+    assert info["num_rows"] == N and info["index"]["covers_all_rows"] and info["gate"]["passed"] is False
 
 
 def test_the_advisor_chooses_among_index_forms(corpus, tmp_path, ray_executor):

@@ -1,0 +1,170 @@
+"""Duplicate ids, found without an extra pass over the vectors and without one process
+holding every id.
+
+Each encode task (and, in an incremental run, each read of kept rows) writes the ids it
+read with their global positions to one small Arrow IPC file in the run's folder, sorted into
+`num_buckets` record batches by a hash of the id (`write_id_buckets`). Then one task per
+bucket (`check_bucket`, through the executor, in parallel) reads that bucket's batch from
+every file and finds the ids that occur more than once: its memory is the bucket's ids, about
+ID_BUCKET_ROWS rows, whatever the corpus' size. The driver folds the buckets' counts and a
+few examples (`find_duplicate_ids`).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vecpress.pipeline import storage
+from vecpress.pipeline.errors import DuplicateIdError
+from vecpress.pipeline.layout import SourcePlan
+
+#: about this many ids per bucket: a bucket check holds them (int64 ids and positions: 16
+#: bytes a row, so ~32 MiB here, and a sort of them)
+ID_BUCKET_ROWS = 2_000_000
+#: duplicated ids an error names
+MAX_EXAMPLES = 3
+#: positions of one duplicated id an example names
+MAX_EXAMPLE_ROWS = 4
+
+_SCHEMA_POSITION = pa.field("position", pa.int64())
+
+
+def num_id_buckets(num_rows: int) -> int:
+    return max(1, -(-int(num_rows) // ID_BUCKET_ROWS))
+
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: every input bit moves every output bit (uint64, wrapping)."""
+    h = h.astype(np.uint64, copy=True)
+    h ^= h >> np.uint64(30)
+    h *= np.uint64(0xBF58476D1CE4E5B9)
+    h ^= h >> np.uint64(27)
+    h *= np.uint64(0x94D049BB133111EB)
+    h ^= h >> np.uint64(31)
+    return h
+
+
+def hash_ids(ids: pa.Array) -> np.ndarray:
+    """A 64-bit hash of each id (int64 or string; no nulls), vectorised: equal ids hash equal."""
+    if pa.types.is_integer(ids.type):
+        return _mix(ids.to_numpy(zero_copy_only=False).view(np.uint64))
+    ids = ids.cast(pa.large_string()) if not pa.types.is_large_string(ids.type) else ids
+    n = len(ids)
+    offsets = np.frombuffer(ids.buffers()[1], np.int64)[ids.offset:ids.offset + n + 1]
+    data = ids.buffers()[2]
+    raw = np.frombuffer(data, np.uint8) if data is not None else np.zeros(0, np.uint8)
+    lengths = np.diff(offsets)
+    h = np.zeros(n, np.uint64)
+    body = raw[offsets[0]:offsets[-1]].astype(np.uint64)
+    if len(body):
+        # sum of byte * P^(its place in the string), wrapping: a polynomial hash per string
+        place = np.arange(len(body)) - np.repeat(offsets[:-1] - offsets[0], lengths)
+        powers = np.cumprod(np.full(int(lengths.max()), 0x100000001B3, np.uint64))
+        terms = (body + np.uint64(1)) * powers[place]
+        nonempty = lengths > 0
+        h[nonempty] = np.add.reduceat(terms, (offsets[:-1] - offsets[0])[nonempty])
+    return _mix(h ^ lengths.astype(np.uint64))
+
+
+def write_id_buckets(uri: str, ids: list[pa.Array], positions: list[np.ndarray], num_buckets: int,
+                     id_type: pa.DataType) -> str:
+    """The ids and global positions one task read, as one Arrow IPC file of `num_buckets`
+    record batches (batch b: the ids whose hash is b modulo num_buckets)."""
+    arr = pa.concat_arrays([a.cast(id_type) for a in ids]) if ids else pa.array([], id_type)
+    pos = np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64)
+    bucket = (hash_ids(arr) % np.uint64(num_buckets)).astype(np.int64)
+    order = np.argsort(bucket, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(np.bincount(bucket, minlength=num_buckets))])
+    schema = pa.schema([pa.field("id", id_type), _SCHEMA_POSITION])
+    rb = pa.record_batch([arr.take(pa.array(order)), pa.array(pos[order])], schema=schema)
+    sink = io.BytesIO()
+    with pa.ipc.new_file(sink, schema) as writer:
+        for b in range(num_buckets):
+            writer.write_batch(rb.slice(int(starts[b]), int(starts[b + 1] - starts[b])))
+    storage.write_bytes(uri, sink.getvalue())
+    return uri
+
+
+def _read_bucket(uri: str, bucket: int) -> pa.RecordBatch:
+    loc = storage.resolve(uri)
+    with loc.fs.open_input_file(loc.path) as f:
+        return pa.ipc.open_file(f).get_batch(bucket)
+
+
+@dataclass
+class Duplicates:
+    """Ids that occur more than once: how many, the rows beyond each one's first, a few
+    examples (id, its first positions), the earliest first."""
+
+    num_ids: int = 0
+    num_surplus_rows: int = 0
+    examples: list[tuple[object, list[int]]] = field(default_factory=list)
+
+    def fold(self, other: "Duplicates") -> "Duplicates":
+        self.num_ids += other.num_ids
+        self.num_surplus_rows += other.num_surplus_rows
+        self.examples = sorted(self.examples + other.examples, key=lambda e: e[1])[:MAX_EXAMPLES]
+        return self
+
+
+def check_bucket(bucket: int, *, files: tuple[str, ...]) -> Duplicates:
+    """The duplicated ids of one bucket, read from every task's file."""
+    batches = [_read_bucket(uri, bucket) for uri in files]
+    batches = [b for b in batches if b.num_rows]
+    if not batches:
+        return Duplicates()
+    table = pa.Table.from_batches(batches)
+    ids = table.column("id").combine_chunks()
+    pos = table.column("position").to_numpy()
+    key = ids.to_numpy(zero_copy_only=False) if pa.types.is_integer(ids.type) else \
+        pc.dictionary_encode(ids).indices.to_numpy(zero_copy_only=False)
+    order = np.lexsort((pos, key))
+    k = key[order]
+    first = np.concatenate([[True], k[1:] != k[:-1]])
+    group = np.cumsum(first) - 1
+    sizes = np.bincount(group)
+    dup_groups = np.nonzero(sizes > 1)[0]
+    if not len(dup_groups):
+        return Duplicates()
+    starts = np.nonzero(first)[0]
+    shown = dup_groups[np.argsort(pos[order[starts[dup_groups]]], kind="stable")[:MAX_EXAMPLES]]
+    examples = [(ids[int(order[starts[g]])].as_py(),
+                 pos[order[starts[g]:starts[g] + min(int(sizes[g]), MAX_EXAMPLE_ROWS)]].tolist()) for g in shown]
+    return Duplicates(int(len(dup_groups)), int(sizes[dup_groups].sum() - len(dup_groups)), examples)
+
+
+def find_duplicate_ids(executor, files: list[str], num_buckets: int) -> Duplicates:
+    """Every bucket checked, one task each, through `executor`; their results folded."""
+    found = Duplicates()
+    for _, d in executor.imap(check_bucket, range(num_buckets), desc="duplicate ids",
+                              shared={"files": tuple(files)}):
+        found.fold(d)
+    return found
+
+
+def _where(plan: SourcePlan, position: int, num_kept_rows: int) -> str:
+    """A global position as its file and row there (and whether the run keeps it)."""
+    (shard, _, local), = plan.locate(np.array([position]))
+    (piece, _, row), = shard.locate(local)
+    kept = "kept row: " if position < num_kept_rows else ""
+    return f"{position} ({kept}{piece.file_uri} row {piece.file_row_start + int(row[0])})"
+
+
+def refuse_duplicates(found: Duplicates, plan: SourcePlan, *, num_kept_rows: int = 0,
+                      previous_version: int | None = None) -> None:
+    """DuplicateIdError naming the count and a few examples (their rows, files and rows
+    there) when `found` holds any duplicated id."""
+    if not found.num_ids:
+        return
+    examples = "; ".join(f"id {i!r} at rows " + ", ".join(_where(plan, p, num_kept_rows) for p in rows)
+                         for i, rows in found.examples)
+    against = f" and the rows kept from version {previous_version}" if num_kept_rows else ""
+    raise DuplicateIdError(
+        f"column {plan.id_column!r}: {found.num_ids} id(s) occur more than once in the {len(plan.files)} input "
+        f"file(s){against} ({found.num_surplus_rows} surplus rows of {plan.num_rows}), e.g. {examples}; "
+        "nothing committed: make the ids unique")
