@@ -202,15 +202,23 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from vecpress.pipeline.lance_io import require_dataset, version_manifest
-    from vecpress.pipeline.search import named_scores, read_query_vectors, search
+    """The Python API's search (vecpress.open(...).search(q)), printed: the same code path."""
+    from vecpress.pipeline.api import Table
+    from vecpress.pipeline.search import named_scores, read_query_vectors
 
-    m = version_manifest(require_dataset(args.out, args.table, args.version))
+    tbl = Table(args.out, args.table, args.version)
+    m = tbl.manifest
     xq = read_query_vectors(args.queries, args.query_column or m["source"]["vector_column"], m["dim"],
                             metric=m["metric"])
-    result = search(args.out, args.table, xq, args.k, rerank=args.rerank, rerank_from=args.rerank_from,
-                    version=args.version)
-    result = named_scores(result, m["metric"], hamming=not args.rerank and _binary_codes(args.out, m))
+    query = tbl.search(xq).limit(args.k)
+    if args.nprobes is not None:
+        query = query.nprobes(args.nprobes)
+    if args.rerank:
+        query = query.rerank(args.rerank, source=args.rerank_from == "source", column=args.rerank_from == "column")
+    if args.where:
+        query = query.where(args.where)
+    hamming = tbl.serve == "codes" and not args.rerank and _binary_codes(args.out, m)
+    result = named_scores(query.to_arrow(), m["metric"], m["source"]["id_column"], hamming=hamming)
     if args.json:
         for row in result.to_pylist():
             print(json.dumps(row, default=str))
@@ -311,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=cmd_evaluate)
 
-    s = sub.add_parser("search", help="top-k ids for query vectors, by asymmetric distance over the codes")
+    s = sub.add_parser("search", help="top-k ids for query vectors: over the codes, or LanceDB's index for a "
+                       "--serve lancedb table (the Python API's search)")
     s.add_argument("out", help="output folder")
     s.add_argument("--table", required=True)
     s.add_argument("--queries", required=True, help="Parquet file/folder of query vectors, or a .npy file of an "
@@ -319,10 +328,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--query-column", default=None, help="vector column in the queries (default: the table's)")
     s.add_argument("-k", type=int, default=10, help="results per query (default: %(default)s)")
     s.add_argument("--rerank", type=int, default=0, metavar="R",
-                   help="re-rank R x k candidates exactly against the source vectors (default: off)")
+                   help="re-rank R x k candidates exactly against the source vectors (a LanceDB-served table: "
+                        "refine_factor R, with its stored vectors) (default: off)")
     s.add_argument("--rerank-from", choices=["auto", "source", "column"], default="auto",
                    help="where re-rank vectors come from: the warm column, the source Parquet, or auto "
                         "(the warm column when the table has one) (default: %(default)s)")
+    s.add_argument("--nprobes", type=int, default=None, metavar="N",
+                   help="partitions probed (LanceDB-served tables; default: LanceDB's)")
+    s.add_argument("--where", default=None, metavar="SQL",
+                   help="search only the rows this Lance SQL filter selects, e.g. \"lang = 'en'\"")
     s.add_argument("--version", type=_version, default=None, help="version number or tag (default: production)")
     s.add_argument("--json", action="store_true", help="one JSON object per result line")
     s.set_defaults(func=cmd_search)

@@ -161,21 +161,30 @@ def filtered_positions(ds, where: str, offsets: list[tuple[int, int, int]]) -> n
     return np.sort(base + local)
 
 
-def named_scores(result: pa.Table, metric: str, *, hamming: bool = False) -> pa.Table:
-    """`search`'s result with its `distance` column as a person reads it (the command line
-    prints this), named: `distance` (squared L2, smaller is nearer), `cosine_distance` (1 -
-    cosine similarity, 0..2, smaller is nearer; estimates from the codes clipped at 0),
-    `inner_product` (larger is nearer), or `hamming_distance` (bits that differ between the
-    codes: binary codes before re-ranking). `distance` for ip/cosine is the negated
-    similarity, which showed as negative distances."""
-    D = result.column("distance").to_numpy()
+def named_scores(result: pa.Table, metric: str, id_column: str, *, hamming: bool = False) -> pa.Table:
+    """A search result of the Python API (query_index, <id>, ..., `_distance` as LanceDB's)
+    as the command line prints it: columns query, rank, <id>, the score, and the rest. The
+    score is named for what it is: `distance` (squared L2, smaller is nearer),
+    `cosine_distance` (1 - cosine similarity, 0..2, smaller is nearer; estimates from the codes
+    clipped at 0), `inner_product` (larger is nearer), or `hamming_distance` (bits that differ
+    between the codes: binary codes before re-ranking)."""
+    D = result.column("_distance").to_numpy(zero_copy_only=False)
     if hamming:
         name, score = "hamming_distance", D
     elif metric == "cosine":
-        name, score = "cosine_distance", np.maximum(1.0 + D, 0.0)
+        name, score = "cosine_distance", np.maximum(D, 0.0)
     elif metric == "ip":
-        name, score = "inner_product", -D
+        name, score = "inner_product", 1.0 - D  # (LanceDB's dot distance is 1 - inner product)
     else:
-        return result
-    at = result.column_names.index("distance")
-    return result.set_column(at, name, pa.array(score, pa.float32()))
+        name, score = "distance", D
+    query = result.column("query_index").to_numpy()
+    rank = np.zeros(len(query), np.int64)
+    if len(query):
+        starts = np.r_[0, np.nonzero(np.diff(query))[0] + 1]
+        rank = np.arange(len(query)) - np.repeat(starts, np.diff(np.r_[starts, len(query)]))
+    cols = {"query": pa.array(query, pa.int64()), "rank": pa.array(rank), id_column: result.column(id_column),
+            name: pa.array(score, pa.float32())}
+    for c in result.column_names:
+        if c not in ("query_index", "_distance", id_column):
+            cols[c] = result.column(c)
+    return pa.table(cols)

@@ -75,3 +75,28 @@ def test_schedule_help_lists_only_what_schedule_takes():
     with pytest.raises(SystemExit) as exit_:
         main(["schedule", "in", "out", "--table", "t", "--no-prefect"])
     assert exit_.value.code == 2
+
+
+def test_search_of_a_served_table_is_lancedb_s_with_nprobes_and_where(make_corpus, tmp_path, capsys, ray_executor):
+    """`vecpress search` runs the Python API's search: on a --serve lancedb table that is
+    LanceDB's own (--nprobes, --rerank as refine_factor), with --where applied before scoring."""
+    import lancedb
+
+    folder, x = make_corpus(num_rows=3000, dim=16, num_files=1)
+    out = tmp_path / "out"
+    assert main(["-q", "compress", str(folder), str(out), "--table", "t", "--serve", "lancedb", "--codec", "IVF8,PQ4",
+                 "--num-train", "2000", "--num-queries", "50", "--eval-k", "10", "--no-prefect"]) == 0
+    capsys.readouterr()
+    q = tmp_path / "q.npy"
+    np.save(q, x[[3, 2500]])
+    assert main(["search", str(out), "--table", "t", "--queries", str(q), "-k", "4", "--nprobes", "8", "--rerank", "5",
+                 "--where", "id >= 2000", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["query"] for r in rows] == [0] * 4 + [1] * 4 and [r["rank"] for r in rows] == [0, 1, 2, 3] * 2
+    assert all(r["id"] >= 2000 for r in rows) and rows[4]["id"] == 2500 and rows[4]["distance"] < 1e-3
+    want = lancedb.connect(str(out)).open_table("t").search(x[3]).nprobes(8).refine_factor(5) \
+        .where("id >= 2000", prefilter=True).limit(4).to_list()
+    assert [r["id"] for r in rows[:4]] == [r["id"] for r in want]
+    assert main(["search", str(out), "--table", "t", "--queries", str(q), "--rerank", "2", "--rerank-from",
+                 "source"]) == 2  # (a codes-table option on a served table: one line)
+    assert "re-ranks with its stored vectors" in capsys.readouterr().err
