@@ -162,21 +162,6 @@ def fragment_offsets(ds: lance.LanceDataset) -> list[tuple[int, int, int]]:
     return out
 
 
-def remove_uncommitted(uri: str, fragments: list[dict]) -> None:
-    """Delete the data files of fragments written (write_fragments) but never committed, for a
-    run that fails before its commit; the table folder too when it has no version at all."""
-    if not storage.exists(storage.join(uri, "_versions")):
-        storage.remove_tree(uri)
-        return
-    for f in fragments:
-        for data in f.get("files", []):
-            loc = storage.resolve(storage.join(uri, "data", data["path"]))
-            try:
-                loc.fs.delete_file(loc.path)
-            except FileNotFoundError:
-                pass
-
-
 def read_run_file(out: str, rel: str, *, needed_for: str) -> bytes:
     """A file of a version's run folder (`rel`: relative to OUT, as manifests hold them); a
     one-line VecpressError when it is gone (the run folder removed by hand)."""

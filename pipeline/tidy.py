@@ -27,7 +27,7 @@ from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY, SID
 log = logging.getLogger("vecpress")
 
 #: a run's working files, of no use once the run is over (the training sample: raw vectors)
-WORKING_FILES = ("train.npy", "shards", "index-buffers")
+WORKING_FILES = ("train.npy", "shards", "index-buffers", "ids")
 
 
 def sweep_table(out: str, table: str) -> dict:
@@ -36,7 +36,12 @@ def sweep_table(out: str, table: str) -> dict:
     The caller holds the table's lease. Returns what was removed."""
     ds = open_dataset(out, table)
     removed = {"data_files": 0, "index_files": 0, "staging_files": 0, "bytes": 0}
-    if ds is not None:
+    if ds is None and storage.exists(table_uri(out, table)):  # no version: all of it is uncommitted
+        loc = storage.resolve(table_uri(out, table))
+        removed["data_files"] = sum(1 for f in loc.fs.get_file_info(FileSelector(loc.path, recursive=True))
+                                    if f.type == FileType.File and f.path.endswith(".lance"))
+        storage.remove_tree(table_uri(out, table))
+    elif ds is not None:
         # no version is old enough to go (retention is apply_retention's); unreferenced files go
         # at once, not after Lance's 7 days: with the lease held, none is another run's
         stats = ds.cleanup_old_versions(older_than=dt.timedelta(days=365 * 100), delete_unverified=True,
@@ -64,18 +69,24 @@ def runs_uri(out: str, table: str) -> str:
     return storage.join(sidecar_uri(out, table), "runs")
 
 
+def committed_by(out: str, table: str, run_id: str) -> int | None:
+    """The version a run already committed (retries must not commit twice), else None."""
+    ds = open_dataset(out, table)
+    if ds is None:
+        return None
+    for v in sorted((v["version"] for v in ds.versions()), reverse=True)[:20]:
+        tx = ds.read_transaction(v)
+        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
+            return v
+    return None
+
+
 def committed_anything(out: str, table: str, run_id: str) -> bool:
     """Whether a run committed a version (on the main branch or, failing the gate, its own)."""
     ds = open_dataset(out, table)
     if ds is None:
         return False
-    if f"{FAILED_TAG_PREFIX}{run_id}" in ds.tags.list():
-        return True
-    for v in sorted((v["version"] for v in ds.versions()), reverse=True)[:20]:
-        tx = ds.read_transaction(v)
-        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
-            return True
-    return False
+    return f"{FAILED_TAG_PREFIX}{run_id}" in ds.tags.list() or committed_by(out, table, run_id) is not None
 
 
 def discard_run(out: str, table: str, run_id: str) -> None:

@@ -31,11 +31,10 @@ from vecpress.kernels.knn import TopK
 from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array, save_arrays
-from vecpress.pipeline.errors import SourceError, VecpressError
+from vecpress.pipeline.errors import SourceError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.identity import find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets
 from vecpress.pipeline.kept import KeptSearch, search_kept_shard
-from vecpress.pipeline.lance_io import remove_uncommitted
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.scan import (
@@ -391,16 +390,11 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             else:
                 found.add(*f)
     check_start = time.perf_counter()
-    try:  # one task per bucket of ids, in parallel: no process holds every id
-        refuse_duplicates(find_duplicate_ids(executor, sorted(id_files), job.id_buckets), plan,
-                          num_kept_rows=sum(s.num_rows for s in plan.shards[:num_kept]),
-                          previous_version=diff.previous_version if diff else None)
-    except VecpressError:  # nothing of this run's encoding is left: data files, checkpoints, ids, buffers
-        remove_uncommitted(ctx.table_uri, [f for i in fragments for f in fragments[i]])
-        for folder in (job.ids_uri, job.checkpoint_uri, job.index_buffers_uri):
-            if folder:
-                storage.remove_tree(folder)
-        raise
+    # one task per bucket of ids, in parallel: no process holds every id. A refusal leaves
+    # nothing behind: run_compress removes a failed run's uncommitted files and run folder
+    refuse_duplicates(find_duplicate_ids(executor, sorted(id_files), job.id_buckets), plan,
+                      num_kept_rows=sum(s.num_rows for s in plan.shards[:num_kept]),
+                      previous_version=diff.previous_version if diff else None)
     id_check = {"unique": True, "rows": plan.num_rows, "buckets": job.id_buckets, "task_files": len(id_files),
                 "seconds": round(time.perf_counter() - check_start, 3)}
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)

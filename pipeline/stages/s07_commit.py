@@ -23,11 +23,12 @@ from vecpress.pipeline.context import RunContext
 from vecpress.pipeline.evaluate import in_pass_evaluation
 from vecpress.pipeline.gated import commit_failed
 from vecpress.pipeline.incremental import gate_decision
-from vecpress.pipeline.lance_io import open_dataset, table_uri
+from vecpress.pipeline.lance_io import table_uri
 from vecpress.pipeline.locking import check_lease
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import load_eval
 from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY
+from vecpress.pipeline.tidy import committed_by
 from vecpress.pipeline.stages.s01_plan import Planned, output_schema
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.stages.s05_train import Trained
@@ -37,18 +38,6 @@ log = logging.getLogger("vecpress")
 
 #: links (and second names of a file) a manifest names; the plan has them all
 MANIFEST_LINKS = 20
-
-
-def committed_by(out: str, table: str, run_id: str) -> int | None:
-    """The version a run already committed (retries must not commit twice), else None."""
-    ds = open_dataset(out, table)
-    if ds is None:
-        return None
-    for v in sorted((v["version"] for v in ds.versions()), reverse=True)[:20]:
-        tx = ds.read_transaction(v)
-        if tx is not None and (tx.transaction_properties or {}).get(RUN_ID_PROPERTY) == run_id:
-            return v
-    return None
 
 
 def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
