@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.errors import VecpressError
@@ -190,12 +189,10 @@ class Query:
         return pa.table(cols)
 
     def _served(self) -> pa.Table:
-        import lancedb
+        from vecpress.pipeline.served import lancedb_table
 
         t = self._table
-        target, options = storage.lance_location(storage.normalize(t.out))
-        tbl = lancedb.connect(target, storage_options=options).open_table(t.name)
-        tbl.checkout(t.version)
+        tbl = lancedb_table(t.out, t.name, t.version)
         id_col = t.manifest["source"]["id_column"]
         select = [id_col, *[c for c in (self._select if self._select is not None else t.manifest["source"]["keep"])
                             if c != id_col]]

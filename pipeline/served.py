@@ -136,6 +136,14 @@ def commit_index(table_uri: str, version: int, column: str, segments: list) -> i
 
 # ---- the recall of LanceDB's search ---------------------------------------------------------
 
+def lancedb_table(out: str, table: str, version: int):
+    """The table as a LanceDB user opens it (lancedb.connect(out).open_table), at `version`."""
+    target, options = storage.lance_location(storage.normalize(out))
+    tbl = lancedb.connect(target, storage_options=options).open_table(table)
+    tbl.checkout(version)
+    return tbl
+
+
 def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.ndarray, qpos: np.ndarray,
                     truth: np.ndarray, *, grid: bool = True) -> dict:
     """recall@1/10/100 of LanceDB's own search at its defaults, and recall@10 and the p50
@@ -150,9 +158,7 @@ def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.n
     by_position = dict(zip(positions, ds.take(positions, columns=[id_col]).column(0).to_pylist()))
     own = [by_position[int(p)] for p in qpos]
     want = [[by_position[int(p)] for p in row if p >= 0] for row in truth]
-    target, options = storage.lance_location(storage.normalize(out))
-    tbl = lancedb.connect(target, storage_options=options).open_table(table)
-    tbl.checkout(version)
+    tbl = lancedb_table(out, table, version)
     k = truth.shape[1]
 
     def search(query, nprobes, refine, limit):
