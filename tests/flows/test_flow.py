@@ -40,7 +40,14 @@ def test_flow_runs_every_stage_as_a_task(corpus, tmp_path, prefect_harness, ray_
             runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
             return sorted((r.name.rsplit("-", 1)[0], r.state.type.value) for r in runs)
 
+    import time
+
+    # Prefect records task runs asynchronously: wait (bounded) until every stage's is in
+    deadline = time.monotonic() + 30
     names = anyio.run(task_names)
+    while len(names) < 8 and time.monotonic() < deadline:
+        time.sleep(0.5)
+        names = anyio.run(task_names)
     assert [n for n, _ in names] == sorted(["plan", "sample", "advise", "train", "encode", "commit", "evaluate", "gate"])
     assert all(s == "COMPLETED" for _, s in names)
 
