@@ -127,9 +127,10 @@ class Query:
         return self
 
     def nprobes(self, n: int) -> "Query":
-        """Partitions probed: LanceDB-served tables. A codes table has no partitions (its search
-        reads every code): asking for some is an error, not a silent no-op."""
-        if self._table.serve != "lancedb":
+        """Partitions probed per query (default: the version's own, which its evaluation chose:
+        the fewest within 0.01 of the recall of scoring every code). A codes table without
+        partitions scores every code: asking for some is an error, not a silent no-op."""
+        if self._table.serve != "lancedb" and not self._table.manifest.get("partitions"):
             raise VecpressError(f"table {self._table.name!r} version {self._table.version} is a codes table "
                                 "without partitions: its search scores every code (no nprobes)")
         self._nprobes = int(n)
@@ -176,7 +177,7 @@ class Query:
 
         t, m = self._table, self._table.manifest
         found = search(t.out, t.name, self._q, self._k, rerank=self._rerank, rerank_from=self._rerank_from,
-                       version=t._ref, where=self._where, columns=self._select)
+                       version=t._ref, where=self._where, columns=self._select, nprobes=self._nprobes)
         distance = found.column("distance").to_numpy()
         if m["metric"] in ("cosine", "ip") and not (m.get("codec_binary") and not self._rerank):
             distance = 1.0 + distance  # vecpress's -similarity -> LanceDB's 1 - similarity

@@ -15,8 +15,9 @@ from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.identity import write_id_buckets
 from vecpress.pipeline.lance_io import open_lance
 from vecpress.pipeline.layout import Shard
+from vecpress.pipeline.lists import ListsSpec, write_task_lists
 from vecpress.pipeline.scan import (
-    Columns, ComputeSpec, Computed, ShardCompute, StoredCodes, batch_rows, gathers, run_scan, scan_shard,
+    Columns, ComputeSpec, Computed, Partitions, ShardCompute, StoredCodes, batch_rows, gathers, scan_shard,
 )
 from vecpress.pipeline.schema import CODE_COLUMN, RERANK_COLUMN, codes_as_numpy
 
@@ -39,6 +40,8 @@ class KeptSearch:
     #: EncodeJob's: the kept rows' ids (read from their fragments) go there too
     ids_uri: str | None = None
     id_buckets: int = 1
+    #: EncodeJob's: the kept rows' partitions and stored codes go to the inverted lists too
+    lists: ListsSpec | None = None
 
 
 def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries: np.ndarray,
@@ -46,19 +49,24 @@ def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries
     """A kept shard's (or merged group's) exact top-k for the queries and their search over its
     stored codes (read from the fragments it owns, `item[1]`), with the candidates' exact
     distances, in one read of its vectors, as the encode pass finds them for new shards.
-    Returns (D, I, (D, I, E), ids file or None); for a LanceDB-served table (D, I, the index
-    buffer's uri, ids file or None)."""
+    Returns (D, I, (D, I, E), ids file or None, inverted lists' file or None); for a
+    LanceDB-served table (D, I, the index buffer's uri, ids file or None, None)."""
     shard, fragment_ids = item
     spec = job.compute
     ids_file = _kept_ids(job, shard, fragment_ids) if job.ids_uri else None
     if job.index_buffers_uri:
-        return (*_index_kept_shard(shard, job, queries, query_positions), ids_file)
+        return (*_index_kept_shard(shard, job, queries, query_positions), ids_file, None)
     compute = ShardCompute(spec, queries, device="cpu", search_ngpu=job.ngpu)  # (nothing to encode)
     codes, warm = _stored_codes(job, shard, fragment_ids, with_warm=spec.rerank_codec is not None and spec.rerank)
     exact, found = gathers(spec, queries, query_positions)
-    run_scan(shard, job.columns, [StoredCodes(codes, warm, compute), exact, found],
-             batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0))
-    return exact.top.D, exact.top.I, (found.top.D, found.top.I, found.top.E), ids_file
+    observers = [StoredCodes(codes, warm, compute), exact, found]
+    if job.lists is not None:
+        observers.append(Partitions(job.lists.coarse))
+    partitions = [b.partitions for b in scan_shard(shard, job.columns, observers, batch_size=batch_rows(
+        job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0))]
+    lists_file = None if job.lists is None else write_task_lists(
+        job.lists, f"kept-{shard.index:06d}", partitions, [shard.row_offset + np.arange(shard.num_rows)], [codes])
+    return exact.top.D, exact.top.I, (found.top.D, found.top.I, found.top.E), ids_file, lists_file
 
 
 def _kept_ids(job: KeptSearch, shard: Shard, fragment_ids: list[int]) -> str:

@@ -109,6 +109,10 @@ class CompressOptions:
     rerank_codec: str | None = option(
         None, "also store a warm column with this codec (e.g. SQ8, SQfp16) for re-ranking without the source; "
               "costs its bytes per vector", group="codec and evaluation", metavar="SPEC")
+    partitions: int | None = option(
+        None, "a codes table's coarse partitions (IVF, trained with the codec): a query scores only the codes of "
+              "its --nprobes nearest ones. Default (auto): about sqrt(rows), a power of two, for tables of 100,000 "
+              "rows or more; 0 = none (every query scores every code)", group="codec and evaluation", metavar="N")
     eval_rerank: bool = option(True, "skip measuring recall after exact re-ranking (it reads the candidates' "
                                      "vectors back)", group="codec and evaluation", flag="--no-eval-rerank")
     # ---- advisor ------------------------------------------------------------------------------
@@ -165,6 +169,11 @@ class CompressOptions:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:  # (numpy's SeedSequence refuses it, inside the first Ray task)
             raise ConfigError(f"--seed must not be negative, got {self.seed}")
+        if self.partitions is not None and (self.partitions < 0 or self.partitions > 65_536):
+            raise ConfigError(f"--partitions must be from 0 (none) to 65536, got {self.partitions}")
+        if self.partitions and self.serve == "lancedb":
+            raise ConfigError("--partitions partitions a codes table; with --serve lancedb, --codec names the "
+                              "index's partitions (e.g. IVF256,PQ48)")
         if self.batch_size < 0:
             raise ConfigError(f"batch_size must be at least 1, or 0 for the automatic size, got {self.batch_size}")
         if self.sample_row_groups < 0:

@@ -147,6 +147,8 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "advisor": m.get("advisor"),
         "devices": m.get("devices"),
         "id_check": m.get("id_check"),
+        "partitions": None if not m.get("partitions") else {k: m["partitions"][k] for k in (
+            "nlist", "default_nprobes", "sizes", "exhaustive", "grid")},
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank", "searched", "served")},
@@ -176,6 +178,20 @@ def served_lines(served: dict | None) -> list[str]:
                      f"nprobes {g['nprobes']}, refine_factor {g['refine_factor']} ({g['recall_at_10']:.3f}, "
                      f"{g['p50_ms']:.1f} ms)"))
     return lines
+
+
+def partition_lines(partitions: dict | None) -> list[str]:
+    """A codes table's partitions: the default nprobes, and recall@10 (p50 ms of one query)
+    along the grid its run measured, against scoring every code."""
+    if not partitions:
+        return []
+    every = (partitions.get("exhaustive") or {}).get("recall_at_10")
+    sizes = partitions["sizes"]
+    cells = [f"{g['nprobes']}: {g['recall_at_10']:.3f} ({g['p50_ms']:.1f})" for g in partitions["grid"]]
+    return [f"partitions      {partitions['nlist']} ({sizes['min']:,}..{sizes['max']:,} rows each); a query probes "
+            f"{partitions['default_nprobes']} by default" + ("" if every is None else
+                                                             f" (every code scored: recall@10 {every:.3f})"),
+            "  nprobes: recall@10 (p50 ms)  " + "  ".join(cells)]
 
 
 def _human_bytes(n: float) -> str:
@@ -229,6 +245,7 @@ def summary_table(info: dict) -> str:
                     f"{info['vector_column']}" + ("" if index.get("covers_all_rows") else
                                                   " (its index does not cover every row: this version is not served)"))
         lines += served_lines(ev.get("served"))
+    lines += partition_lines(info.get("partitions"))
     devices = info.get("devices") or {}
     if devices.get("compute"):
         where = sorted({f"{c.get('encode')} ({c['gpu_name']})" if c.get("gpu_name") else str(c.get("encode"))

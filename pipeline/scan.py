@@ -105,6 +105,8 @@ class ScanBatch:
     exact: tuple | None = None
     #: the evaluation's search over the batch's codes: (D, I, E or None)
     found: tuple | None = None
+    #: each row's coarse partition (Partitions), for a codes table's inverted lists
+    partitions: np.ndarray | None = None
     _prepared: dict = field(default_factory=dict, repr=False)
 
     def prepared(self, metric: str) -> np.ndarray:
@@ -203,6 +205,17 @@ class StoredCodes:
         batch.codes = self.codes[rows]
         batch.warm = None if self.warm is None else self.warm[rows]
         batch.exact, batch.found = self.compute.searches(batch.x, batch.codes, batch.warm)
+
+
+class Partitions:
+    """Each batch's coarse partitions (pipeline.lists), from its raw vectors: on GPU `device`
+    where faiss sees one (IvfModel.assign), else on the CPU."""
+
+    def __init__(self, coarse: CodecRef, device: str = "cpu"):
+        self.coarse, self.device = load_codec(coarse), device
+
+    def observe(self, batch: ScanBatch) -> None:
+        batch.partitions = self.coarse.assign(batch.x, device=self.device)[0]
 
 
 class Exact:

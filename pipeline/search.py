@@ -21,6 +21,7 @@ from vecpress.pipeline.lance_io import (
 )
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
+from vecpress.pipeline.lists import InvertedLists, ListsSpec, open_lists, search_lists
 from vecpress.pipeline.parquet import read_fingerprint, vectors_as_numpy
 from vecpress.pipeline.source import list_parquet_files
 from vecpress.pipeline.evaluate import CodeSearch, search_fragment
@@ -78,13 +79,18 @@ def query_codes(out: str, table: str, queries: np.ndarray, *, version: int | str
 
 def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: int = 0, rerank_from: str = "auto",
            version: int | str | None = None, executor: Executor | None = None, where: str | None = None,
-           columns: list[str] | None = None) -> pa.Table:
+           columns: list[str] | None = None, nprobes: int | None = None) -> pa.Table:
     """Top-k per query: columns query, rank, <id>, distance (smaller is better: squared L2, or
     negated similarity for ip/cosine, or Hamming distance for binary codes before re-ranking),
     reranked, and the table's passthrough columns (or `columns`, any of the table's).
 
+    A table with partitions (pipeline.lists) scores only the codes of each query's `nprobes`
+    nearest partitions (default: the version's, chosen by its evaluation); `nprobes` equal to
+    the partitions scores them all. Without partitions every code is scored.
+
     `where` (a Lance SQL filter over the table's columns) restricts the search to the rows it
-    selects, before scoring: k results whenever k rows match.
+    selects, before scoring: k results whenever k rows match (among the probed partitions'
+    rows, with partitions).
 
     With `rerank` = r, r x k candidates are re-ranked by exact distance to vectors read from
     the warm column (`rerank_from="column"`), the source Parquet ("source"), or the warm
@@ -106,16 +112,28 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
                             f"which cosine cannot normalise (table {table!r} is searched by cosine)")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec, k=num_candidates)
-    found = TopK(queries.shape[0], num_candidates)
     offsets = fragment_offsets(ds)
-    shared = {"job": job, "queries": queries}
-    if where is not None:
-        shared["allowed"] = filtered_positions(ds, where, offsets)
-    items = [(fid, off) for fid, off, _ in offsets]
-    for _, (D, I) in executor.imap(search_fragment, items, desc="search", shared=shared):
-        found.add(D, I)
-    D, I = found.result()
+    allowed = None if where is None else filtered_positions(ds, where, offsets)
+    lists = version_lists(out, m)
+    if lists is None and nprobes is not None:
+        raise VecpressError(f"table {table!r} version {ds.version} has no partitions: its search scores every "
+                            "code (no nprobes; compress with --partitions N for partitions)")
+    if lists is not None:
+        nprobes = m["partitions"]["default_nprobes"] if nprobes is None else nprobes
+        if not 1 <= nprobes <= lists.spec.nlist:
+            raise VecpressError(f"nprobes must be from 1 to {lists.spec.nlist} (the partitions of table {table!r} "
+                                f"version {ds.version}), got {nprobes}")
+        D, I = search_lists(lists, load_codec(codec), queries, num_candidates, nprobes, allowed=allowed)
+    else:
+        job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec,
+                         k=num_candidates)
+        found = TopK(queries.shape[0], num_candidates)
+        shared = {"job": job, "queries": queries} if allowed is None else \
+            {"job": job, "queries": queries, "allowed": allowed}
+        for _, (D, I) in executor.imap(search_fragment, [(fid, off) for fid, off, _ in offsets], desc="search",
+                                       shared=shared):
+            found.add(D, I)
+        D, I = found.result()
     if rerank:
         xq = prepare_vectors(queries, m["metric"])
         warm = manifest_codec(out, m.get("rerank_codec"))
@@ -145,6 +163,17 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     for c in keep:
         cols[c] = rows.column(c)
     return pa.table(cols)
+
+
+def version_lists(out: str, manifest: dict) -> InvertedLists | None:
+    """A version's inverted lists (open, kept per process), or None without partitions."""
+    entry = manifest.get("partitions")
+    if not entry:
+        return None
+    coarse = manifest_codec(out, entry["coarse"])
+    code_size = manifest_codec(out, manifest["codec"]).code_size
+    return open_lists(ListsSpec(storage.join(storage.normalize(out), entry["uri"]), coarse, entry["nlist"],
+                                entry["num_groups"], code_size))
 
 
 def filtered_positions(ds, where: str, offsets: list[tuple[int, int, int]]) -> np.ndarray:

@@ -27,7 +27,7 @@ from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY, SID
 log = logging.getLogger("vecpress")
 
 #: a run's working files, of no use once the run is over (the training sample: raw vectors)
-WORKING_FILES = ("train.npy", "shards", "index-buffers", "ids")
+WORKING_FILES = ("train.npy", "shards", "index-buffers", "ids", "lists/parts")
 
 
 def sweep_table(out: str, table: str) -> dict:

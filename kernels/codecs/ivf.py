@@ -207,6 +207,17 @@ class IvfModel:
             return part.astype(np.uint32), np.zeros((len(part), 0), np.uint8)
         return part.astype(np.uint32), self._pq.compute_codes(np.ascontiguousarray(xp - self.centroids[part]))
 
+    def probe(self, xq: np.ndarray, nprobes: int) -> np.ndarray:
+        """The `nprobes` partitions nearest each raw query (n, nprobes) int64, nearest first
+        (the coarse search of an IVF query; -1 where there are fewer partitions)."""
+        _, part = self.index.quantizer.search(prepare_vectors(np.atleast_2d(xq), self.metric),
+                                              int(min(nprobes, self.index.nlist)))
+        return part
+
+    @property
+    def num_partitions(self) -> int:
+        return int(self.index.nlist)
+
     def encode(self, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
         part, codes = self.assign(x, device=device)
         return np.hstack([part.astype("<u4").view(np.uint8).reshape(-1, 4), codes])

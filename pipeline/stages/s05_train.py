@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.ivf import IvfModel
 from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
+from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.incremental import probe_quality
+from vecpress.pipeline.lists import auto_partitions, coarse_spec
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.stages.s01_plan import Planned
 from vecpress.pipeline.stages.s03_sample import Sampled
@@ -28,6 +30,8 @@ class Trained:
     seconds: float = 0.0
     #: the codec's fit on held-out data when trained: the reference for drift checks
     baseline: dict | None = None
+    #: a codes table's coarse quantizer (pipeline.lists: IVF centroids), or None without partitions
+    coarse: CodecRef | None = None
 
 
 def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOptions) -> Trained:
@@ -43,13 +47,33 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
     warm = None
     if opts.rerank_codec:
         warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+    coarse = None
+    nlist = num_partitions(opts, advised.planned.plan.num_rows, len(xt))
+    if nlist:  # trained with the codec, on the same sample
+        coarse = save_codec(IvfModel.train(xt, coarse_spec(nlist), opts.metric, seed=opts.seed, ngpu=opts.ngpu),
+                            ctx.sidecar)
     baseline = probe_quality(load_codec(ref), load_array(sampled.queries_uri))  # held out: never trained on
-    log.info("train: %s on %d vectors in %.1fs -> %s", ref.spec, xt.shape[0], time.perf_counter() - start, ref.uri)
-    return Trained(ref, warm, time.perf_counter() - start, baseline)
+    log.info("train: %s%s on %d vectors in %.1fs -> %s", ref.spec, f" with {nlist} partitions" if nlist else "",
+             xt.shape[0], time.perf_counter() - start, ref.uri)
+    return Trained(ref, warm, time.perf_counter() - start, baseline, coarse)
+
+
+def num_partitions(opts: CompressOptions, num_rows: int, num_train: int) -> int:
+    """A codes table's coarse partitions: --partitions, or by default (auto) lists.auto_partitions;
+    none for a LanceDB-served table (its index has its own)."""
+    if opts.serve != "codes":
+        return 0
+    if opts.partitions is None:
+        return auto_partitions(num_rows, num_train)
+    if opts.partitions > num_train:
+        raise ConfigError(f"--partitions {opts.partitions} needs at least as many training vectors, and the sample "
+                          f"holds {num_train} (of {num_rows} rows): fewer partitions, or a larger --num-train")
+    return opts.partitions
 
 
 def carried_codec(ctx: RunContext, planned: Planned) -> Trained:
     """An incremental run keeps the previous version's codec (and warm codec) as they are."""
     prev = planned.diff.previous_manifest
     return Trained(manifest_codec(ctx.out, prev["codec"]), manifest_codec(ctx.out, prev.get("rerank_codec")),
-                   baseline=prev.get("drift_baseline"))
+                   baseline=prev.get("drift_baseline"),
+                   coarse=manifest_codec(ctx.out, (prev.get("partitions") or {}).get("coarse")))

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.knn import TopK
+from vecpress.kernels.metrics import recall_table
 from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array, save_arrays
@@ -35,10 +36,11 @@ from vecpress.pipeline.errors import SourceError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.identity import find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets
 from vecpress.pipeline.kept import KeptSearch, search_kept_shard
+from vecpress.pipeline.lists import InvertedLists, ListsSpec, build_lists, measure_nprobes, write_task_lists
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.scan import (
-    Columns, ComputeSpec, Computed, ScanBatch, ShardCompute, batch_rows, gathers, scan_shard, where_am_i,
+    Columns, ComputeSpec, Computed, Partitions, ScanBatch, ShardCompute, batch_rows, gathers, scan_shard, where_am_i,
 )
 from vecpress.pipeline.schema import (
     codes_array, codes_schema, served_schema,
@@ -75,6 +77,9 @@ class EncodeJob:
     #: hash), checked for duplicates once every task is done (None: not checked)
     ids_uri: str | None = None
     id_buckets: int = 1
+    #: a codes table's inverted lists (pipeline.lists): each task's rows by partition go to a
+    #: file under `lists.parts_uri` (None: no partitions)
+    lists: ListsSpec | None = None
 
 
 @dataclass
@@ -104,6 +109,8 @@ class ShardResult:
     index_buffer_uri: str | None = None
     #: the file of the task's ids by bucket (pipeline.identity), or None
     ids_file_uri: str | None = None
+    #: the file of the task's rows by partition (pipeline.lists), or None
+    lists_file_uri: str | None = None
 
     #: the array fields, stored beside the JSON fields in a checkpoint
     ARRAYS = ("knn_D", "knn_I", "search_D", "search_I", "search_E")
@@ -114,7 +121,8 @@ class ShardResult:
         meta = json.dumps({"shards": self.shards, "fragments": self.fragments,
                            "num_rows": self.num_rows, "seconds": self.seconds, "reader": self.reader,
                            "compute": self.compute, "compute_seconds": self.compute_seconds,
-                           "index_buffer_uri": self.index_buffer_uri, "ids_file_uri": self.ids_file_uri})
+                           "index_buffer_uri": self.index_buffer_uri, "ids_file_uri": self.ids_file_uri,
+                           "lists_file_uri": self.lists_file_uri})
         np.savez(buf, meta=np.frombuffer(meta.encode(), np.uint8), **arrays)
         return buf.getvalue()
 
@@ -149,7 +157,8 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
         checkpoint = storage.join(job.checkpoint_uri, f"shards-{group[0].index:06d}-{group[-1].index:06d}.npz")
         if storage.exists(checkpoint):
             done = ShardResult.from_bytes(storage.read_bytes(checkpoint))
-            if not job.ids_uri or (done.ids_file_uri and storage.exists(done.ids_file_uri)):
+            if all(not wanted or (uri and storage.exists(uri)) for wanted, uri in
+                   ((job.ids_uri, done.ids_file_uri), (job.lists, done.lists_file_uri))):
                 return done
     start = time.perf_counter()
     spec, cols = job.compute, job.columns
@@ -166,6 +175,8 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
         ShardCompute(spec, queries if exact is not None else None, device=job.device)
     computed = _Timed(compute)
     observers = [computed, *(g for g in (exact, found) if g is not None)]
+    if job.lists is not None:
+        observers.append(Partitions(job.lists.coarse, compute.device))
     rows = batch_rows(job.batch_size, cols.dim, gpu=compute.device != "cpu")  # (a GPU actor's: "cuda")
     keep_fields = list(cols.out_fields)[1:]  # a file's own passthrough types are cast to these
     ends = np.cumsum([s.num_rows for s in group])  # each shard's end, in rows of the group
@@ -175,6 +186,7 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     served: list[np.ndarray] = []  # --serve lancedb: the batches' index parts
     ids_read: list[pa.Array] = []  # the ids and their global positions, for the duplicate check
     positions: list[np.ndarray] = []
+    listed: tuple[list, list, list] = ([], [], [])  # partitions, positions, codes for the inverted lists
 
     def output(b: ScanBatch):
         """(shard of the group, record batch) of a batch's output rows, one per file it read."""
@@ -184,6 +196,9 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
                                                        cols.dim)
         else:
             stored = codes_array(b.codes, binary=codec.is_binary)
+        if job.lists is not None:
+            for into, part in zip(listed, (b.partitions, b.position + np.arange(len(b.x), dtype=np.int64), b.codes)):
+                into.append(part)
         warm = codes_array(b.warm) if warm_size else None
         for part in b.parts:
             ids, n = part.record.column(1), part.record.num_rows
@@ -226,9 +241,13 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     if job.ids_uri:
         ids_file = write_id_buckets(storage.join(job.ids_uri, f"shards-{group[0].index:06d}-{group[-1].index:06d}"
                                                  ".arrow"), ids_read, positions, job.id_buckets, cols.out_fields.field(0).type)
+    lists_file = None
+    if job.lists is not None:
+        lists_file = write_task_lists(job.lists, f"shards-{group[0].index:06d}-{group[-1].index:06d}", *listed)
     result = ShardResult(shards=[s.index for s in group], fragments=fragments, num_rows=num_rows,
                          seconds=time.perf_counter() - start, reader=where_am_i(), compute=compute.info,
-                         compute_seconds=computed.seconds, index_buffer_uri=buffer_uri, ids_file_uri=ids_file)
+                         compute_seconds=computed.seconds, index_buffer_uri=buffer_uri, ids_file_uri=ids_file,
+                         lists_file_uri=lists_file)
     if exact is not None:
         result.knn_D, result.knn_I = exact.top.D, exact.top.I
     if found is not None:
@@ -306,6 +325,10 @@ class Encoded:
     #: --serve lancedb: per encode task, (its first fragment, its fragments, its index buffer's
     #: uri), fragments counted in `fragments`' order
     index_buffers: tuple[tuple[int, int, str], ...] = ()
+    #: a codes table's inverted lists (pipeline.lists: their spec, the partitions' sizes, the
+    #: held-out queries' recall along the nprobes grid), or None without partitions
+    lists: ListsSpec | None = None
+    partitions: dict | None = None
 
 
 def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
@@ -323,7 +346,9 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                     checkpoint_uri=ctx.run_file("shards"), device=opts.device,
                     vector_dtype=opts.vector_dtype if served else None,
                     index_buffers_uri=ctx.run_file("index-buffers") if served else None,
-                    ids_uri=ctx.run_file("ids"), id_buckets=num_id_buckets(plan.num_rows))
+                    ids_uri=ctx.run_file("ids"), id_buckets=num_id_buckets(plan.num_rows),
+                    lists=None if served or trained.coarse is None else
+                    ListsSpec.for_rows(ctx.run_file("lists"), trained.coarse, plan.num_rows, trained.codec.code_size))
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     min_rows = batch_rows(opts.batch_size, plan.dim, gpu=False)  # shards smaller than a batch go together
@@ -339,6 +364,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     kept_buffers: list[tuple[int, int, str]] = []  # (first fragment, fragments, buffer) of kept groups
     devices = DeviceReport()
     id_files: list[str] = []  # every task's ids, by bucket
+    list_files: list[str] = []  # every task's rows, by partition
     num_rows, actors = 0, None
     try:
         if pool is not None:
@@ -358,6 +384,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                 buffers[r.shards[0]] = r.index_buffer_uri
             devices.add(r)
             id_files.append(r.ids_file_uri)
+            list_files.append(r.lists_file_uri)
             num_rows += r.num_rows
         if pool is not None:
             actors = pool.totals()
@@ -375,16 +402,17 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
         kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan, opts.metric), opts.batch_size,
                           opts.ngpu, index_buffers_uri=job.index_buffers_uri, ids_uri=job.ids_uri,
-                          id_buckets=job.id_buckets)
+                          id_buckets=job.id_buckets, lists=job.lists)
         ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
         groups = group_shards(plan.shards[:num_kept], min_rows)
         items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in groups]
         firsts = np.cumsum([0] + [len(fids) for _, fids in items])  # each group's first kept fragment
-        for i, (D, I, f, ids_file) in executor.imap(search_kept_shard, items,
+        for i, (D, I, f, ids_file, lists_file) in executor.imap(search_kept_shard, items,
                                                     desc="exact neighbours and search (kept rows)",
                                                     shared={"job": kept, "queries": xq, "query_positions": qpos}):
             exact.add(D, I)
             id_files.append(ids_file)
+            list_files.append(lists_file)
             if served:  # f: the group's index buffer; kept fragments come first, in kept order
                 kept_buffers.append((int(firsts[i]), len(items[i][1]), f))
             else:
@@ -398,6 +426,10 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     id_check = {"unique": True, "rows": plan.num_rows, "buckets": job.id_buckets, "task_files": len(id_files),
                 "seconds": round(time.perf_counter() - check_start, 3)}
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
+    partitions = None
+    if job.lists is not None:
+        partitions = inverted_lists(ctx, job.lists, list_files, executor, xq=xq, qpos=qpos, truth=exact.I,
+                                    found=found.I if searched else None, codec=trained.codec)
     search_ids_uri = search_exact_uri = None
     if searched:
         search_ids_uri = save_array(ctx.run_file("search_ids.npy"), found.I)
@@ -417,4 +449,30 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
              len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
     return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
                    search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri, id_check=id_check,
-                   index_buffers=tuple(sorted(kept_buffers)) + tuple(map(tuple, index_buffers)))
+                   index_buffers=tuple(sorted(kept_buffers)) + tuple(map(tuple, index_buffers)), lists=job.lists,
+                   partitions=partitions)
+
+
+def inverted_lists(ctx: RunContext, spec: ListsSpec, files: list[str], executor: Executor, *, xq: np.ndarray,
+                   qpos: np.ndarray, truth: np.ndarray, found: np.ndarray | None, codec) -> dict:
+    """Build the inverted lists from the tasks' files (removed after), and measure their
+    search of the held-out queries along the nprobes grid against the encode pass's
+    exhaustive search over the same codes: the manifest's `partitions` record."""
+    start = time.perf_counter()
+    sizes = build_lists(executor, spec, files)
+    storage.remove_tree(spec.parts_uri)
+    built = time.perf_counter() - start
+    exhaustive = recall_table(truth, found, int(sizes.sum())) if found is not None else \
+        {"recall_at_10": None}
+    measured = measure_nprobes(InvertedLists(spec), load_codec(codec), xq, qpos, truth, int(sizes.sum()), exhaustive)
+    log.info("inverted lists: %d partitions (%d to %d rows), built in %.1fs; default nprobes %d: recall@10 %s "
+             "(exhaustive %s)", spec.nlist, sizes.min(), sizes.max(), built, measured["default_nprobes"],
+             _recall_at(measured, measured["default_nprobes"]), exhaustive["recall_at_10"])
+    return {**measured, "uri": ctx.relative(spec.uri), "num_groups": spec.num_groups,
+            "coarse": {**spec.coarse.to_dict(), "uri": ctx.relative(spec.coarse.uri)},
+            "sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
+            "build_seconds": round(built, 3), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _recall_at(measured: dict, nprobes: int):
+    return next((r["recall_at_10"] for r in measured["grid"] if r["nprobes"] == nprobes), None)

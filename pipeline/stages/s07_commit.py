@@ -128,6 +128,8 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "stage_seconds": stage_seconds,
         "devices": encoded.devices,
         "id_check": encoded.id_check,
+        # a codes table's inverted lists (pipeline.lists), or None: every query scores every code
+        "partitions": encoded.partitions,
     }
 
 

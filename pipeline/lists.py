@@ -1,0 +1,228 @@
+"""Inverted lists: a codes table's rows by coarse partition, so that a query scores only the
+codes of the `nprobes` partitions nearest it instead of every row.
+
+The coarse quantizer (IVF centroids: kernels.codecs.ivf.IvfModel of form `IVF<n>,FLAT`) is
+trained with the codec, on the same sample. The encode pass assigns every row its partition
+from its raw vector (scan.Partitions) and each encode task writes the (partition, position,
+code) of its rows to one file, by group of partitions (`write_task_lists`, pipeline.buckets).
+Then one task per group (`build_group`) reads that group from every task's file and writes
+the group's lists: one Arrow IPC file with one record batch per partition (positions and
+codes, in position order). A query reads only the record batches of the partitions it
+probes (`InvertedLists.read`). No process holds more than one group (about
+LIST_GROUP_ROWS rows).
+
+The lists live in the run's folder beside its codec and are named by the version's manifest
+(`partitions`). The table's rows keep their order (row i is the source's position i): LanceDB
+readers, re-ranking from the source and incremental runs see the table as before.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from vecpress.kernels.codecs.ivf import POINTS_PER_CENTROID
+from vecpress.kernels.knn import TopK
+from vecpress.kernels.metrics import recall_table
+from vecpress.pipeline import storage
+from vecpress.pipeline.buckets import open_batches, read_bucket_of_all, write_buckets
+from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.schema import codes_array, codes_as_numpy
+
+#: rows of one group of partitions: what a build task holds (positions, codes, a sort of them)
+LIST_GROUP_ROWS = 1_000_000
+#: --partitions auto: tables of fewer rows get none (their exhaustive search takes milliseconds)
+AUTO_MIN_ROWS = 100_000
+#: the default nprobes is the fewest whose recall@10 is within this of the exhaustive search's
+NPROBES_TOLERANCE = 0.01
+#: query blocks of a batch search hold about this many candidates (queries x nprobes x k)
+BLOCK_CANDIDATES = 4_000_000
+
+
+def auto_partitions(num_rows: int, num_train: int) -> int:
+    """--partitions auto: a power of two near sqrt(rows), with at least POINTS_PER_CENTROID
+    training vectors each (faiss's k-means rule); 0 below AUTO_MIN_ROWS rows."""
+    if num_rows < AUTO_MIN_ROWS:
+        return 0
+    nlist = 1 << int(round(np.log2(np.sqrt(num_rows))))
+    while nlist > 1 and num_train < nlist * POINTS_PER_CENTROID:
+        nlist //= 2
+    return min(nlist, 65_536)
+
+
+def coarse_spec(nlist: int) -> str:
+    """The coarse quantizer's form: IVF centroids, nothing per row but the partition."""
+    return f"IVF{nlist},FLAT"
+
+
+@dataclass(frozen=True)
+class ListsSpec:
+    """Where a run's inverted lists go and how they are cut: `num_groups` groups of
+    consecutive partitions, one build task and one file each."""
+
+    uri: str
+    coarse: CodecRef
+    nlist: int
+    num_groups: int
+    code_size: int
+
+    @classmethod
+    def for_rows(cls, uri: str, coarse: CodecRef, num_rows: int, code_size: int) -> "ListsSpec":
+        nlist = load_codec(coarse).num_partitions
+        return cls(uri, coarse, nlist, max(1, min(nlist, -(-num_rows // LIST_GROUP_ROWS))), code_size)
+
+    @property
+    def partitions_per_group(self) -> int:
+        return -(-self.nlist // self.num_groups)
+
+    def partitions_of(self, group: int) -> range:
+        per = self.partitions_per_group
+        return range(group * per, min(self.nlist, (group + 1) * per))
+
+    def group_uri(self, group: int) -> str:
+        return storage.join(self.uri, f"lists-{group:05d}.arrow")
+
+    @property
+    def parts_uri(self) -> str:
+        """The encode tasks' files (working files, removed once the lists are built)."""
+        return storage.join(self.uri, "parts")
+
+    def schema(self) -> pa.Schema:
+        return pa.schema([pa.field("partition", pa.int32()), pa.field("position", pa.int64()),
+                          pa.field("code", pa.binary(self.code_size))])
+
+
+def write_task_lists(spec: ListsSpec, name: str, partitions: list[np.ndarray], positions: list[np.ndarray],
+                     codes: list[np.ndarray]) -> str:
+    """One encode task's rows (their partitions, global positions and codes), by group of
+    partitions, to `<parts>/<name>.arrow`."""
+    part = np.concatenate(partitions).astype(np.int32) if partitions else np.zeros(0, np.int32)
+    pos = np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64)
+    code = np.concatenate(codes) if codes else np.zeros((0, spec.code_size), np.uint8)
+    rows = pa.record_batch([pa.array(part), pa.array(pos), codes_array(code)], schema=spec.schema())
+    return write_buckets(storage.join(spec.parts_uri, f"{name}.arrow"), rows, part // spec.partitions_per_group,
+                         spec.num_groups)
+
+
+def build_group(group: int, *, spec: ListsSpec, files: tuple[str, ...]) -> np.ndarray:
+    """A group's lists from every task's file: one record batch per partition, rows in
+    position order. Returns the sizes of the group's partitions."""
+    parts = spec.partitions_of(group)
+    table = read_bucket_of_all(files, group) or spec.schema().empty_table()
+    part = table.column("partition").to_numpy() - parts.start
+    order = np.lexsort((table.column("position").to_numpy(), part))
+    rows = table.select(["position", "code"]).take(pa.array(order))
+    batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in rows.columns], schema=rows.schema)
+    write_buckets(spec.group_uri(group), batch, part[order], len(parts))
+    return np.bincount(part, minlength=len(parts)).astype(np.int64)
+
+
+def build_lists(executor, spec: ListsSpec, files: list[str]) -> np.ndarray:
+    """Every group's lists, one task each (through `executor`); the partitions' sizes, which
+    are also saved beside them (`sizes.npy`)."""
+    sizes = np.zeros(spec.nlist, np.int64)
+    shared = {"spec": spec, "files": tuple(sorted(files))}
+    for g, s in executor.imap(build_group, range(spec.num_groups), desc="inverted lists", shared=shared):
+        sizes[spec.partitions_of(g).start:spec.partitions_of(g).stop] = s
+    return sizes
+
+
+class InvertedLists:
+    """A version's lists, read partition by partition (each group's file opened once)."""
+
+    def __init__(self, spec: ListsSpec):
+        self.spec = spec
+        self._files: dict[int, pa.ipc.RecordBatchFileReader] = {}
+
+    def read(self, partition: int) -> tuple[np.ndarray, np.ndarray]:
+        """(global positions, codes (n, code_size) uint8) of one partition's rows."""
+        group = int(partition) // self.spec.partitions_per_group
+        if group not in self._files:
+            self._files[group] = open_batches(self.spec.group_uri(group))
+        batch = self._files[group].get_batch(int(partition) - group * self.spec.partitions_per_group)
+        return batch.column(0).to_numpy(), codes_as_numpy(batch.column(1))
+
+
+def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprobes: int, *,
+                 exclude: np.ndarray | None = None, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of raw queries over the codes of their `nprobes` nearest partitions: (D, I), I
+    global positions (-1 where fewer than k rows were probed). `exclude[q]`: a position never
+    returned for query q (its own row); `allowed`: sorted positions, the only ones returned.
+    A batch reads each probed partition once for all the queries that probe it."""
+    probes = load_codec(lists.spec.coarse).probe(queries, nprobes)
+    kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
+    D_out = np.full((len(queries), k), np.inf, np.float32)
+    I_out = np.full((len(queries), k), -1, np.int64)
+    block = max(1, BLOCK_CANDIDATES // (probes.shape[1] * kk))
+    for q0 in range(0, len(queries), block):
+        P = probes[q0:q0 + block]
+        D = np.full(P.shape + (kk,), np.inf, np.float32)
+        I = np.full(P.shape + (kk,), -1, np.int64)
+        flat = np.argsort(P.ravel(), kind="stable")
+        parts, starts = np.unique(P.ravel()[flat], return_index=True)
+        for p, lo, hi in zip(parts, starts, np.r_[starts[1:], flat.size]):
+            if p < 0:
+                continue
+            pos, codes = lists.read(p)
+            if allowed is not None:
+                member = np.searchsorted(allowed, pos)
+                keep = (member < len(allowed)) & (allowed[np.minimum(member, len(allowed) - 1)] == pos)
+                pos, codes = pos[keep], codes[keep]
+            if not len(pos):
+                continue
+            qs, slot = np.divmod(flat[lo:hi], P.shape[1])
+            d, i = codec.search_codes(queries[q0 + qs], codes, min(kk, len(pos)))
+            D[qs, slot, :d.shape[1]] = d
+            I[qs, slot, :d.shape[1]] = np.where(i >= 0, pos[np.maximum(i, 0)], -1)
+        top = TopK(len(P), k, exclude=None if exclude is None else exclude[q0:q0 + block])
+        top.add(D.reshape(len(P), -1), I.reshape(len(P), -1))
+        D_out[q0:q0 + block], I_out[q0:q0 + block] = top.result()
+    return D_out, I_out
+
+
+def nprobes_grid(nlist: int) -> list[int]:
+    """The nprobes an evaluation measures: powers of two below the partitions, then all."""
+    return [1 << i for i in range(int(np.log2(max(nlist, 1))) + 1) if 1 << i < nlist] + [nlist]
+
+
+def measure_nprobes(lists: InvertedLists, codec, xq: np.ndarray, qpos: np.ndarray, truth: np.ndarray,
+                    num_rows: int, exhaustive: dict) -> dict:
+    """Recall of the search over the lists against the exact neighbours, along the nprobes grid
+    (up to the first that matches the exhaustive search's recall@10), with single-query
+    latency, and the default nprobes: the fewest whose recall@10 is within NPROBES_TOLERANCE
+    of the exhaustive search over the same codes (`exhaustive`: its recall record)."""
+    target = exhaustive["recall_at_10"]
+    grid, default = [], None
+    for n in nprobes_grid(lists.spec.nlist):
+        start = time.perf_counter()
+        _, I = search_lists(lists, codec, xq, truth.shape[1], n, exclude=qpos)
+        seconds = time.perf_counter() - start
+        latency = _single_query_ms(lists, codec, xq[:20], n)
+        row = {"nprobes": n, **recall_table(truth, I, num_rows),
+               "batch_seconds": round(seconds, 4), "p50_ms": latency}
+        grid.append(row)
+        if default is None and target is not None and row["recall_at_10"] >= target - NPROBES_TOLERANCE:
+            default = n
+        if target is None or row["recall_at_10"] >= target:
+            break
+    return {"nlist": lists.spec.nlist, "default_nprobes": default or lists.spec.nlist, "exhaustive": exhaustive,
+            "tolerance": NPROBES_TOLERANCE, "grid": grid}
+
+
+def _single_query_ms(lists: InvertedLists, codec, xq: np.ndarray, nprobes: int) -> float:
+    times = []
+    for q in xq:
+        start = time.perf_counter()
+        search_lists(lists, codec, q[None], 10, nprobes)
+        times.append(time.perf_counter() - start)
+    return round(float(np.median(times)) * 1000, 3)
+
+
+@functools.lru_cache(maxsize=16)
+def open_lists(spec: ListsSpec) -> InvertedLists:
+    """A version's lists, kept open per process (a table handle's searches reuse them)."""
+    return InvertedLists(spec)
