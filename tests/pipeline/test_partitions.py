@@ -1,0 +1,217 @@
+"""Partitioned codes tables (pipeline.lists): coarse partitions trained with the codec, every
+row in exactly one inverted list with its stored code, search that reads only the probed
+partitions (and equals the exhaustive search when it probes them all), the default nprobes
+chosen by measured recall, incremental runs, filters and errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import vecpress
+from vecpress.kernels.metrics import knn_recall
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.pipeline import storage
+from vecpress.pipeline.codec_store import load_codec
+from vecpress.pipeline.context import load_array
+from vecpress.pipeline.errors import ConfigError, VecpressError
+from vecpress.pipeline.executor import LocalExecutor
+from vecpress.pipeline.lance_io import require_dataset, version_manifest
+from vecpress.pipeline.lists import InvertedLists, auto_partitions, nprobes_grid, search_lists
+from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
+from vecpress.pipeline.search import version_lists
+from tests.conftest import write_split, write_vectors
+
+N, DIM, NLIST = 12_000, 32, 32
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("partitions")
+    x = ClusteredEmbeddings(DIM, seed=5, num_clusters=40).batch(0, N)
+    write_split(root / "src", x, [0, 5000, N], "part-{}", row_group_size=1000)
+    return root, x
+
+
+def _compress(root, x_name, out, executor, **options):
+    return vecpress.compress([str(root / x_name)], str(out), "t", executor=executor,
+                             **{"codec": "PQ8", "partitions": NLIST, "num_train": 4000, "num_queries": 200,
+                                "keep": ["text"], "gate_max_drop": 1.0, "shard_rows": 3000, **options})
+
+
+@pytest.fixture(scope="module")
+def table(corpus, ray_executor):
+    root, x = corpus
+    out = root / "out"
+    report = _compress(root, "src", out, ray_executor)
+    return str(out), x, report
+
+
+def _lists(out):
+    m = version_manifest(require_dataset(out, "t"))
+    return version_lists(out, m), m
+
+
+def test_every_row_is_in_one_list_with_its_stored_code_and_nearest_partition(table):
+    out, x, _ = table
+    lists, m = _lists(out)
+    assert lists.spec.nlist == NLIST and m["partitions"]["nlist"] == NLIST
+    coarse = load_codec(lists.spec.coarse)
+    stored = codes_as_numpy(require_dataset(out, "t").to_table(columns=[CODE_COLUMN]).column(0))
+    seen = np.zeros(N, np.int64)
+    for p in range(NLIST):
+        pos, codes = lists.read(p)
+        assert (np.diff(pos) > 0).all()  # in position order, no repeat
+        seen[pos] += 1
+        np.testing.assert_array_equal(codes, stored[pos])
+        np.testing.assert_array_equal(coarse.assign(x[pos])[0], p)
+    np.testing.assert_array_equal(seen, 1)  # nothing missing, nothing twice
+    assert m["partitions"]["sizes"]["min"] >= 0 and m["partitions"]["sizes"]["max"] < N
+
+
+def test_probing_every_partition_equals_the_exhaustive_search(table):
+    out, x, _ = table
+    lists, m = _lists(out)
+    codec = vecpress.open(out, "t").codec
+    xq = x[:40] + 0.01
+    D, I = search_lists(lists, codec, xq, 10, NLIST)
+    stored = codes_as_numpy(require_dataset(out, "t").to_table(columns=[CODE_COLUMN]).column(0))
+    De, Ie = codec.search_codes(xq, stored, 10)
+    np.testing.assert_allclose(D, De, rtol=1e-5, atol=1e-5)
+    assert (I == Ie).mean() > 0.99  # (ties among equal distances aside)
+    # the API at nprobes = all partitions gives the same ids
+    got = vecpress.open(out, "t").search(xq).nprobes(NLIST).limit(10).to_arrow()
+    assert (got.column("id").to_numpy().reshape(40, 10) == I).mean() > 0.99
+
+
+def test_default_nprobes_is_the_fewest_within_tolerance_of_scoring_every_code(table):
+    out, x, report = table
+    p = vecpress.open(out, "t").manifest["partitions"]
+    every = p["exhaustive"]["recall_at_10"]
+    assert every == pytest.approx(report["eval"]["recall_at_10"])
+    grid = {g["nprobes"]: g["recall_at_10"] for g in p["grid"]}
+    assert list(grid) == nprobes_grid(NLIST)[:len(grid)]
+    default = p["default_nprobes"]
+    assert grid[default] >= every - p["tolerance"]
+    assert all(r < every - p["tolerance"] for n, r in grid.items() if n < default)
+    assert default < NLIST  # clustered data: a few partitions suffice
+    # the recorded recall is what the search gives: re-measure it at the default
+    m = vecpress.open(out, "t")
+    base = storage.normalize(out)
+    xq = load_array(storage.join(base, m.manifest["sample"]["queries_uri"]))
+    qpos = load_array(storage.join(base, m.manifest["sample"]["query_positions_uri"]))
+    truth = load_array(storage.join(base, m.manifest["sample"]["ground_truth_uri"]))
+    lists, _ = _lists(out)
+    _, I = search_lists(lists, m.codec, xq, truth.shape[1], default, exclude=qpos)
+    assert knn_recall(truth, I, 10) == pytest.approx(grid[default])
+
+
+def test_search_reads_only_the_probed_partitions(table, monkeypatch):
+    out, x, _ = table
+    read = []
+    original = InvertedLists.read
+    monkeypatch.setattr(InvertedLists, "read", lambda self, p: read.append(int(p)) or original(self, p))
+    tbl = vecpress.open(out, "t")
+    res = tbl.search(x[7]).nprobes(3).limit(5).to_list()
+    coarse = load_codec(_lists(out)[0].spec.coarse)
+    assert sorted(read) == sorted(coarse.probe(x[7][None], 3)[0].tolist())
+    assert res[0]["id"] == 7 and len(res) == 5
+    read.clear()
+    tbl.search(x[7]).limit(5).to_list()
+    assert len(read) == tbl.manifest["partitions"]["default_nprobes"]
+
+
+def test_batch_equals_single_queries_and_filters_apply(table):
+    out, x, _ = table
+    tbl = vecpress.open(out, "t")
+    batch = tbl.search(x[:6]).nprobes(4).limit(5).to_arrow()
+    for q in range(6):
+        single = tbl.search(x[q]).nprobes(4).limit(5).to_arrow()
+        rows = batch.filter(batch.column("query_index").to_numpy() == q)
+        assert rows.column("id").to_pylist() == single.column("id").to_pylist()
+        np.testing.assert_allclose(rows.column("_distance").to_numpy(), single.column("_distance").to_numpy(),
+                                   rtol=1e-5)
+    filtered = tbl.search(x[:6]).nprobes(NLIST).where("id >= 6000").limit(5).to_arrow()
+    assert filtered.num_rows == 30 and min(filtered.column("id").to_pylist()) >= 6000
+    reranked = tbl.search(x[:3]).limit(3).rerank(4, source=True).to_arrow()
+    assert reranked.column("id").to_pylist()[::3] == [0, 1, 2]
+    assert reranked.column("_distance").to_numpy()[::3] == pytest.approx(0.0, abs=1e-4)
+
+
+def test_nprobes_out_of_range_and_without_partitions_are_errors(table, corpus, tmp_path):
+    out, x, _ = table
+    with pytest.raises(VecpressError, match=f"nprobes must be from 1 to {NLIST}"):
+        vecpress.open(out, "t").search(x[0]).nprobes(NLIST + 1).to_arrow()
+    root, _ = corpus
+    plain = tmp_path / "plain"
+    _compress(root, "src", plain, LocalExecutor(), partitions=0)
+    assert vecpress.open(str(plain), "t").manifest["partitions"] is None
+    with pytest.raises(VecpressError, match="without partitions"):
+        vecpress.open(str(plain), "t").search(x[0]).nprobes(2)
+
+
+def test_bad_partitions_option():
+    with pytest.raises(ConfigError, match="--partitions must be from 0"):
+        vecpress.CompressOptions(partitions=-1)
+    with pytest.raises(ConfigError, match="--partitions partitions a codes table"):
+        vecpress.CompressOptions(partitions=16, serve="lancedb")
+
+
+def test_more_partitions_than_training_vectors_is_refused_before_encoding(corpus, tmp_path):
+    root, _ = corpus
+    with pytest.raises(ConfigError, match="--partitions 5000 needs at least as many training vectors"):
+        _compress(root, "src", tmp_path / "o", LocalExecutor(), partitions=5000, num_train=1000)
+
+
+def test_auto_partitions():
+    assert auto_partitions(50_000, 100_000) == 0
+    assert auto_partitions(1_000_000, 100_000) == 1024
+    assert auto_partitions(10_000_000, 100_000) == 2048  # (39 training vectors per partition at least)
+    assert auto_partitions(100_000, 100_000) == 256
+
+
+def test_incremental_run_lists_kept_and_new_rows_with_the_same_centroids(corpus, tmp_path):
+    root, x = corpus
+    src = tmp_path / "src"
+    write_split(src, x[:8000], [0, 4000, 8000], "part-{}", row_group_size=1000)
+    out = tmp_path / "out"
+    first = _compress(tmp_path, "src", out, LocalExecutor())
+    extra = ClusteredEmbeddings(DIM, seed=5, num_clusters=40).batch(8000, 3000)
+    write_vectors(src / "part-9.parquet", extra, np.arange(8000, 11000, dtype=np.int64),
+                  extra={"text": pa.array([f"doc {j}" for j in range(8000, 11000)])})
+    second = _compress(tmp_path, "src", out, LocalExecutor())
+    assert second["mode"] == "incremental" and first["version"] < second["version"]
+    lists, m = _lists(str(out))
+    assert m["partitions"]["coarse"]["sha256"] == vecpress.open(str(out), "t", version=first["version"]) \
+        .manifest["partitions"]["coarse"]["sha256"]
+    positions = np.concatenate([lists.read(p)[0] for p in range(NLIST)])
+    np.testing.assert_array_equal(np.sort(positions), np.arange(11_000))
+    res = vecpress.open(str(out), "t").search(extra[5]).limit(1).to_list()
+    assert res[0]["id"] == 8005
+
+
+def test_same_inputs_and_seed_give_the_same_lists(corpus, tmp_path):
+    root, _ = corpus
+    a = _compress(root, "src", tmp_path / "a", LocalExecutor())
+    b = _compress(root, "src", tmp_path / "b", LocalExecutor())
+    la, ma = _lists(str(tmp_path / "a"))
+    lb, mb = _lists(str(tmp_path / "b"))
+    assert ma["partitions"]["coarse"]["sha256"] == mb["partitions"]["coarse"]["sha256"]
+    for p in range(NLIST):
+        pa_, ca = la.read(p)
+        pb, cb = lb.read(p)
+        np.testing.assert_array_equal(pa_, pb)
+        np.testing.assert_array_equal(ca, cb)
+    assert a["eval"]["recall_at_10"] == b["eval"]["recall_at_10"]
+
+
+def test_real_sift_partitioned_recall_close_to_exhaustive(sift5k, tmp_path):
+    ids, x = sift5k
+    write_vectors(tmp_path / "sift" / "a.parquet", x, ids, row_group_size=500)
+    report = vecpress.compress([str(tmp_path / "sift")], str(tmp_path / "out"), "sift", executor=LocalExecutor(),
+                               codec="PQ16", partitions=16, num_train=4000, num_queries=200, gate_max_drop=1.0)
+    p = vecpress.open(str(tmp_path / "out"), "sift").manifest["partitions"]
+    grid = {g["nprobes"]: g["recall_at_10"] for g in p["grid"]}
+    assert grid[p["default_nprobes"]] >= report["eval"]["recall_at_10"] - 0.01
+    assert grid[1] < grid[p["default_nprobes"]] or p["default_nprobes"] == 1
