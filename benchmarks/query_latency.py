@@ -1,12 +1,15 @@
 """Query latency of a codes table through the Python API, against corpus size: what a user
 waits for one query (p50 of `vecpress.open(...).search(q).limit(10).to_arrow()`), for a
 batch of queries, and with 100 candidates re-ranked from the source Parquet, with recall@10
-against exact neighbours. The baseline for issue 18's partitioned search.
+against exact neighbours: partitioned search at the table's default nprobes (and the other
+--nprobes) against the exhaustive search over the same codes (every partition probed: every
+code scored), in the same run.
 
-    python benchmarks/query_latency.py --sizes 100000,1000000 --dim 128 --codec PQ16
+    python benchmarks/query_latency.py --sizes 100000,1000000,10000000 --dim 128 --codec PQ16
 
-Per size: a clustered corpus as Parquet (4 files, not timed), compressed on a local Ray (not
-timed), then fresh queries (not in the corpus). Prints a table, writes JSON.
+Per size: a clustered corpus as Parquet (4 files, not timed), compressed on a local Ray with
+the default partitions (--partitions auto; timed, reported), then fresh queries (not in the
+corpus). Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -41,11 +44,8 @@ def p50_ms(fn, repeats: int) -> float:
     return float(np.median(times) * 1000)
 
 
-def recall_at_10(tbl, xq: np.ndarray, truth: np.ndarray, rerank: int = 0) -> float:
-    q = tbl.search(xq).limit(10)
-    if rerank:
-        q = q.rerank(rerank, source=True)
-    got = q.to_arrow()
+def recall_at_10(query, xq: np.ndarray, truth: np.ndarray, rerank: int = 0) -> float:
+    got = query(xq, rerank)
     ids = [[] for _ in xq]
     for qi, i in zip(got.column("query_index").to_pylist(), got.column("id").to_pylist()):
         ids[qi].append(i)
@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--codec", default="PQ16")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=20, help="single queries timed per setting")
+    ap.add_argument("--nprobes", default="", help="more nprobes to measure beside the default and all (e.g. 8,32)")
+    ap.add_argument("--partitions", type=int, default=None, help="--partitions of the compress (default: auto)")
     ap.add_argument("--results", default="benchmarks/results/query_latency.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vecpress-query-"))
@@ -76,18 +78,32 @@ def main() -> None:
             xq = gen.batch(10 * n, args.queries)
             truth = faiss.knn(xq, x, 10)[1]
             del x
+            start = time.perf_counter()
             vecpress.compress(str(src), str(work / f"out-{n}"), "t", executor=ex, codec=args.codec, num_train=50_000,
-                              num_queries=200, eval_k=10, gate_max_drop=1.0)
+                              num_queries=200, eval_k=10, gate_max_drop=1.0, partitions=args.partitions)
+            compress_s = time.perf_counter() - start
             tbl = vecpress.open(str(work / f"out-{n}"), "t")
-            row = {"rows": n, "search": "exhaustive (every code)",
-                   "single_p50_ms": p50_ms(lambda: tbl.search(xq[0]).limit(10).to_arrow(), args.repeats),
-                   "batch_ms": p50_ms(lambda: tbl.search(xq).limit(10).to_arrow(), 3),
-                   "rerank100_single_p50_ms": p50_ms(lambda: tbl.search(xq[0]).limit(10).rerank(10, source=True)
-                                                     .to_arrow(), max(3, args.repeats // 4)),
-                   "recall_at_10": recall_at_10(tbl, xq, truth),
-                   "recall_at_10_rerank100": recall_at_10(tbl, xq, truth, rerank=10)}
-            rows.append(row)
-            print(row, flush=True)
+            part = tbl.manifest["partitions"] or {}
+            settings = [(f"default nprobes {part['default_nprobes']} of {part['nlist']}", part["default_nprobes"])] \
+                if part else []
+            settings += [(f"nprobes {p} of {part['nlist']}", p) for p in map(int, filter(None, args.nprobes.split(",")))
+                         if part and p not in (part["default_nprobes"], part["nlist"])]
+            settings.append(("exhaustive (every code)", part.get("nlist")))
+            for name, nprobes in settings:
+                def query(q, rerank=0, nprobes=nprobes):
+                    qb = tbl.search(q).limit(10)
+                    qb = qb.nprobes(nprobes) if nprobes else qb
+                    return (qb.rerank(rerank, source=True) if rerank else qb).to_arrow()
+
+                row = {"rows": n, "search": name, "nprobes": nprobes, "partitions": part.get("nlist"),
+                       "compress_seconds": round(compress_s, 1),
+                       "single_p50_ms": p50_ms(lambda: query(xq[0]), args.repeats),
+                       "batch_ms": p50_ms(lambda: query(xq), 3),
+                       "rerank100_single_p50_ms": p50_ms(lambda: query(xq[0], 10), max(3, args.repeats // 4)),
+                       "recall_at_10": recall_at_10(query, xq, truth),
+                       "recall_at_10_rerank100": recall_at_10(query, xq, truth, rerank=10)}
+                rows.append(row)
+                print(row, flush=True)
     print(f"\n{args.codec}, {args.dim}-d, {args.queries} fresh queries (batch), {os.cpu_count()} CPUs "
           f"({platform.machine()})\n")
     print("| rows | search | 1 query p50 ms | batch of %d ms | 1 query + re-rank 100 from source, p50 ms "

@@ -39,8 +39,8 @@ LIST_GROUP_ROWS = 1_000_000
 AUTO_MIN_ROWS = 100_000
 #: the default nprobes is the fewest whose recall@10 is within this of the exhaustive search's
 NPROBES_TOLERANCE = 0.01
-#: query blocks of a batch search hold about this many candidates (queries x nprobes x k)
-BLOCK_CANDIDATES = 4_000_000
+#: a batch search keeps the partitions it read, up to about this many bytes, for its next queries
+READ_CACHE_BYTES = 256 << 20
 
 
 def auto_partitions(num_rows: int, num_train: int) -> int:
@@ -152,36 +152,41 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     """Top-k of raw queries over the codes of their `nprobes` nearest partitions: (D, I), I
     global positions (-1 where fewer than k rows were probed). `exclude[q]`: a position never
     returned for query q (its own row); `allowed`: sorted positions, the only ones returned.
-    A batch reads each probed partition once for all the queries that probe it."""
+    Each query scores its partitions' codes in one search (ADC's cost is per query and code
+    either way; one call per query beats one per partition of a batch, which pays faiss's
+    per-call overhead for every partition); a batch reads a partition once
+    (`READ_CACHE_BYTES` of them kept at a time)."""
     probes = load_codec(lists.spec.coarse).probe(queries, nprobes)
     kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
-    D_out = np.full((len(queries), k), np.inf, np.float32)
-    I_out = np.full((len(queries), k), -1, np.int64)
-    block = max(1, BLOCK_CANDIDATES // (probes.shape[1] * kk))
-    for q0 in range(0, len(queries), block):
-        P = probes[q0:q0 + block]
-        D = np.full(P.shape + (kk,), np.inf, np.float32)
-        I = np.full(P.shape + (kk,), -1, np.int64)
-        flat = np.argsort(P.ravel(), kind="stable")
-        parts, starts = np.unique(P.ravel()[flat], return_index=True)
-        for p, lo, hi in zip(parts, starts, np.r_[starts[1:], flat.size]):
-            if p < 0:
-                continue
-            pos, codes = lists.read(p)
-            if allowed is not None:
-                member = np.searchsorted(allowed, pos)
-                keep = (member < len(allowed)) & (allowed[np.minimum(member, len(allowed) - 1)] == pos)
-                pos, codes = pos[keep], codes[keep]
-            if not len(pos):
-                continue
-            qs, slot = np.divmod(flat[lo:hi], P.shape[1])
-            d, i = codec.search_codes(queries[q0 + qs], codes, min(kk, len(pos)))
-            D[qs, slot, :d.shape[1]] = d
-            I[qs, slot, :d.shape[1]] = np.where(i >= 0, pos[np.maximum(i, 0)], -1)
-        top = TopK(len(P), k, exclude=None if exclude is None else exclude[q0:q0 + block])
-        top.add(D.reshape(len(P), -1), I.reshape(len(P), -1))
-        D_out[q0:q0 + block], I_out[q0:q0 + block] = top.result()
-    return D_out, I_out
+    D = np.full((len(queries), k), np.inf, np.float32)
+    I = np.full((len(queries), k), -1, np.int64)
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    held = 0
+    for q, partitions in enumerate(probes):
+        for p in partitions[partitions >= 0]:
+            if p not in cache:
+                if held > READ_CACHE_BYTES:
+                    cache, held = {}, 0
+                cache[p] = lists.read(p)
+                held += cache[p][0].nbytes + cache[p][1].nbytes
+        pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
+        d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
+        top = TopK(1, k, exclude=None if exclude is None else exclude[q:q + 1])
+        top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
+        D[q], I[q] = top.D[0], top.I[0]
+    return D, I
+
+
+def _rows(read: list[tuple[np.ndarray, np.ndarray]], code_size: int,
+          allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The (positions, codes) read of some partitions, together; only those `allowed` lists."""
+    pos = np.concatenate([r[0] for r in read]) if read else np.zeros(0, np.int64)
+    codes = np.concatenate([r[1] for r in read]) if read else np.zeros((0, code_size), np.uint8)
+    if allowed is not None:
+        at = np.minimum(np.searchsorted(allowed, pos), max(len(allowed) - 1, 0))
+        keep = allowed[at] == pos if len(allowed) else np.zeros(len(pos), bool)
+        pos, codes = pos[keep], codes[keep]
+    return pos, codes
 
 
 def nprobes_grid(nlist: int) -> list[int]:
