@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where re-rank vectors come from: the warm column, the source Parquet, or auto "
                         "(the warm column when the table has one) (default: %(default)s)")
     s.add_argument("--nprobes", type=int, default=None, metavar="N",
-                   help="partitions probed (LanceDB-served tables; default: LanceDB's)")
+                   help="partitions a query probes: a codes table with partitions (default: the version's, "
+                        "chosen by its evaluation) or a LanceDB-served table (default: LanceDB's)")
     s.add_argument("--where", default=None, metavar="SQL",
                    help="search only the rows this Lance SQL filter selects, e.g. \"lang = 'en'\"")
     s.add_argument("--version", type=_version, default=None, help="version number or tag (default: production)")

@@ -21,6 +21,7 @@ from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.lance_io import (
     fragment_offsets, open_lance, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
 )
+from vecpress.pipeline.lists import measure_nprobes, version_lists
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
 from vecpress.pipeline.served import evaluate_served
@@ -96,7 +97,8 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
     if not recompute and k == truth.shape[1]:
         found = in_pass_evaluation(out, manifest, ds.count_rows(), rerank=rerank)
         if found is not None:
-            return found
+            return {**found, "partitions": manifest.get("partitions") and {
+                key: manifest["partitions"][key] for key in ("nlist", "default_nprobes", "tolerance", "grid")}}
     job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec_ref, k=k)
     items = [(fid, off) for fid, off, _ in fragment_offsets(ds)]
     found = TopK(len(qpos), k, exclude=qpos)
@@ -111,8 +113,13 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
             plan = SourcePlan.from_dict(json.loads(read_run_file(out, manifest["source"]["plan_uri"],
                                                                  needed_for="re-ranking from the source")))
             E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
-    return evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
-                      xp=xp, searched="stored codes")
+    record = evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
+                        xp=xp, searched="stored codes")
+    lists = version_lists(out, manifest)
+    if lists is not None:  # the search over the partitions, against this search over every code
+        measured = measure_nprobes(lists, codec, xq, qpos, truth[:, :k], ds.count_rows(), record)
+        record["partitions"] = {key: measured[key] for key in ("nlist", "default_nprobes", "tolerance", "grid")}
+    return record
 
 
 def in_pass_evaluation(out: str, manifest: dict, num_rows: int, *, rerank: bool) -> dict | None:

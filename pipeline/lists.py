@@ -31,6 +31,7 @@ from vecpress.kernels.metrics import recall_table
 from vecpress.pipeline import storage
 from vecpress.pipeline.buckets import open_batches, read_bucket_of_all, write_buckets
 from vecpress.pipeline.codec_store import CodecRef, load_codec
+from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.schema import codes_array, codes_as_numpy
 
 #: rows of one group of partitions: what a build task holds (positions, codes, a sort of them)
@@ -231,3 +232,14 @@ def _single_query_ms(lists: InvertedLists, codec, xq: np.ndarray, nprobes: int) 
 def open_lists(spec: ListsSpec) -> InvertedLists:
     """A version's lists, kept open per process (a table handle's searches reuse them)."""
     return InvertedLists(spec)
+
+
+def version_lists(out: str, manifest: dict) -> InvertedLists | None:
+    """A version's inverted lists (open, kept per process), or None without partitions."""
+    entry = manifest.get("partitions")
+    if not entry:
+        return None
+    coarse = manifest_codec(out, entry["coarse"])
+    code_size = manifest_codec(out, manifest["codec"]).code_size
+    return open_lists(ListsSpec(storage.join(storage.normalize(out), entry["uri"]), coarse, entry["nlist"],
+                                entry["num_groups"], code_size))

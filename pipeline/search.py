@@ -21,7 +21,7 @@ from vecpress.pipeline.lance_io import (
 )
 from vecpress.pipeline.rerank import column_distances, source_distances
 from vecpress.pipeline.layout import SourcePlan
-from vecpress.pipeline.lists import InvertedLists, ListsSpec, open_lists, search_lists
+from vecpress.pipeline.lists import search_lists, version_lists
 from vecpress.pipeline.parquet import read_fingerprint, vectors_as_numpy
 from vecpress.pipeline.source import list_parquet_files
 from vecpress.pipeline.evaluate import CodeSearch, search_fragment
@@ -163,17 +163,6 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
     for c in keep:
         cols[c] = rows.column(c)
     return pa.table(cols)
-
-
-def version_lists(out: str, manifest: dict) -> InvertedLists | None:
-    """A version's inverted lists (open, kept per process), or None without partitions."""
-    entry = manifest.get("partitions")
-    if not entry:
-        return None
-    coarse = manifest_codec(out, entry["coarse"])
-    code_size = manifest_codec(out, manifest["codec"]).code_size
-    return open_lists(ListsSpec(storage.join(storage.normalize(out), entry["uri"]), coarse, entry["nlist"],
-                                entry["num_groups"], code_size))
 
 
 def filtered_positions(ds, where: str, offsets: list[tuple[int, int, int]]) -> np.ndarray:

@@ -5,6 +5,8 @@ chosen by measured recall, incremental runs, filters and errors."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -18,9 +20,8 @@ from vecpress.pipeline.context import load_array
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import LocalExecutor
 from vecpress.pipeline.lance_io import require_dataset, version_manifest
-from vecpress.pipeline.lists import InvertedLists, auto_partitions, nprobes_grid, search_lists
+from vecpress.pipeline.lists import InvertedLists, auto_partitions, nprobes_grid, search_lists, version_lists
 from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
-from vecpress.pipeline.search import version_lists
 from tests.conftest import write_split, write_vectors
 
 N, DIM, NLIST = 12_000, 32, 32
@@ -215,3 +216,30 @@ def test_real_sift_partitioned_recall_close_to_exhaustive(sift5k, tmp_path):
     grid = {g["nprobes"]: g["recall_at_10"] for g in p["grid"]}
     assert grid[p["default_nprobes"]] >= report["eval"]["recall_at_10"] - 0.01
     assert grid[1] < grid[p["default_nprobes"]] or p["default_nprobes"] == 1
+
+
+def test_evaluate_remeasures_the_grid_from_the_stored_codes(table):
+    from vecpress.pipeline.evaluate import evaluate_version
+
+    out, _, _ = table
+    stored = vecpress.open(out, "t").manifest["partitions"]
+    ev = evaluate_version(out, "t", None, LocalExecutor(), rerank=False, recompute=True)
+    assert ev["searched"] == "stored codes"
+    assert ev["partitions"]["default_nprobes"] == stored["default_nprobes"]
+    assert [g["recall_at_10"] for g in ev["partitions"]["grid"]] == \
+        pytest.approx([g["recall_at_10"] for g in stored["grid"]], abs=0.005)
+    quick = evaluate_version(out, "t", None, LocalExecutor(), rerank=False)
+    assert quick["partitions"]["grid"] == stored["grid"]
+
+
+def test_cli_search_probes_the_given_partitions(table, tmp_path, capsys):
+    from vecpress.flows.cli import main
+
+    out, x, _ = table
+    np.save(tmp_path / "q.npy", x[:2])
+    assert main(["search", out, "--table", "t", "--queries", str(tmp_path / "q.npy"), "-k", "3", "--nprobes",
+                 str(NLIST), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [r["id"] for r in lines if r["rank"] == 0] == [0, 1]
+    assert main(["search", out, "--table", "t", "--queries", str(tmp_path / "q.npy"), "--nprobes", "0"]) != 0
+    assert "nprobes must be from 1" in capsys.readouterr().err
