@@ -26,7 +26,8 @@ import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.codecs.ivf import POINTS_PER_CENTROID
-from vecpress.kernels.knn import TopK
+from vecpress.kernels.codecs.spec import is_binary_spec
+from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.kernels.metrics import recall_table
 from vecpress.pipeline import storage
 from vecpress.pipeline.buckets import open_batches, read_bucket_of_all, write_buckets
@@ -38,8 +39,10 @@ from vecpress.pipeline.schema import codes_array, codes_as_numpy
 LIST_GROUP_ROWS = 1_000_000
 #: --partitions auto: tables of fewer rows get none (their exhaustive search takes milliseconds)
 AUTO_MIN_ROWS = 100_000
-#: the default nprobes is the fewest whose recall@10 is within this of the exhaustive search's
+#: the default nprobes is the fewest whose recall@10 is within this of the best measured
 NPROBES_TOLERANCE = 0.01
+#: the nprobes grid stops where doubling nprobes gains less recall@10 than this
+PLATEAU = 0.002
 #: a batch search keeps the partitions it read, up to about this many bytes, for its next queries
 READ_CACHE_BYTES = 256 << 20
 
@@ -53,6 +56,19 @@ def auto_partitions(num_rows: int, num_train: int) -> int:
     while nlist > 1 and num_train < nlist * POINTS_PER_CENTROID:
         nlist //= 2
     return min(nlist, 65_536)
+
+
+def residual_fits(spec: str, dim: int) -> bool:
+    """Whether a codec of this spec can code residuals (vectors minus their centroid): not
+    binary sign codes, nor an MRL prefix (it would renormalise the residual)."""
+    return not is_binary_spec(spec, dim) and not spec.upper().startswith("MRL")
+
+
+def residual_metric(metric: str) -> str:
+    """The metric a residual codec is trained and searched with: L2 for L2; inner product for
+    ip and cosine (the query's product with a row is its product with the centroid plus that
+    with the residual; cosine's vectors are normalised before the residual is taken)."""
+    return "l2" if metric == "l2" else "ip"
 
 
 def coarse_spec(nlist: int) -> str:
@@ -70,11 +86,16 @@ class ListsSpec:
     nlist: int
     num_groups: int
     code_size: int
+    #: the codec of the rows' residuals to their centroids, which the lists hold; None: the
+    #: lists hold the table's own codes
+    residual: CodecRef | None = None
 
     @classmethod
-    def for_rows(cls, uri: str, coarse: CodecRef, num_rows: int, code_size: int) -> "ListsSpec":
+    def for_rows(cls, uri: str, coarse: CodecRef, num_rows: int, code_size: int,
+                 residual: CodecRef | None = None) -> "ListsSpec":
         nlist = load_codec(coarse).num_partitions
-        return cls(uri, coarse, nlist, max(1, min(nlist, -(-num_rows // LIST_GROUP_ROWS))), code_size)
+        return cls(uri, coarse, nlist, max(1, min(nlist, -(-num_rows // LIST_GROUP_ROWS))),
+                   residual.code_size if residual else code_size, residual)
 
     @property
     def partitions_per_group(self) -> int:
@@ -157,8 +178,10 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     either way; one call per query beats one per partition of a batch, which pays faiss's
     per-call overhead for every partition); a batch reads a partition once
     (`READ_CACHE_BYTES` of them kept at a time)."""
-    probes = load_codec(lists.spec.coarse).probe(queries, nprobes)
+    coarse = load_codec(lists.spec.coarse)
+    probes = coarse.probe(queries, nprobes)
     kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
+    score = _residual_scorer(coarse, load_codec(lists.spec.residual), kk) if lists.spec.residual else None
     D = np.full((len(queries), k), np.inf, np.float32)
     I = np.full((len(queries), k), -1, np.int64)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -170,12 +193,33 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
                     cache, held = {}, 0
                 cache[p] = lists.read(p)
                 held += cache[p][0].nbytes + cache[p][1].nbytes
-        pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
-        d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
         top = TopK(1, k, exclude=None if exclude is None else exclude[q:q + 1])
-        top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
+        if score is not None:  # residual codes: each partition's, relative to its own centroid
+            for p in partitions[partitions >= 0]:
+                top.add(*score(queries[q], p, *_rows([cache[p]], lists.spec.code_size, allowed)))
+        else:
+            pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
+            d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
+            top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
         D[q], I[q] = top.D[0], top.I[0]
     return D, I
+
+
+def _residual_scorer(coarse, residual, k: int):
+    """score(raw query, partition, positions, codes) -> (D, I) of the query's top-k among a
+    partition's residual codes, I positions: ADC of the query relative to the centroid (L2:
+    |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>)."""
+    def score(query: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray):
+        xq = prepare_vectors(query[None], coarse.metric)
+        centroid = coarse.centroids[p]
+        if residual.metric == "l2":
+            d, i = residual.search_codes(xq - centroid, codes, min(k, len(pos)))
+        else:
+            d, i = residual.search_codes(xq, codes, min(k, len(pos)))
+            d = d - float(xq[0] @ centroid)
+        return d, np.where(i >= 0, pos[np.maximum(i, 0)], -1)
+
+    return score
 
 
 def _rows(read: list[tuple[np.ndarray, np.ndarray]], code_size: int,
@@ -197,25 +241,27 @@ def nprobes_grid(nlist: int) -> list[int]:
 
 def measure_nprobes(lists: InvertedLists, codec, xq: np.ndarray, qpos: np.ndarray, truth: np.ndarray,
                     num_rows: int, exhaustive: dict) -> dict:
-    """Recall of the search over the lists against the exact neighbours, along the nprobes grid
-    (up to the first that matches the exhaustive search's recall@10), with single-query
-    latency, and the default nprobes: the fewest whose recall@10 is within NPROBES_TOLERANCE
-    of the exhaustive search over the same codes (`exhaustive`: its recall record)."""
-    target = exhaustive["recall_at_10"]
-    grid, default = [], None
+    """Recall of the search over the lists against the exact neighbours along the nprobes
+    grid, with single-query latency, and the default nprobes. The grid stops once recall@10
+    has reached the exhaustive search's over the table's codes (`exhaustive`: its recall
+    record; less NPROBES_TOLERANCE) and stopped rising (by less than PLATEAU from the point
+    before), or at every partition. The default nprobes is the fewest within
+    NPROBES_TOLERANCE of the best recall@10 on the grid."""
+    target = exhaustive.get("recall_at_10")
+    grid = []
     for n in nprobes_grid(lists.spec.nlist):
         start = time.perf_counter()
         _, I = search_lists(lists, codec, xq, truth.shape[1], n, exclude=qpos)
         seconds = time.perf_counter() - start
-        latency = _single_query_ms(lists, codec, xq[:20], n)
-        row = {"nprobes": n, **recall_table(truth, I, num_rows),
-               "batch_seconds": round(seconds, 4), "p50_ms": latency}
-        grid.append(row)
-        if default is None and target is not None and row["recall_at_10"] >= target - NPROBES_TOLERANCE:
-            default = n
-        if target is None or row["recall_at_10"] >= target:
+        grid.append({"nprobes": n, **recall_table(truth, I, num_rows), "batch_seconds": round(seconds, 4),
+                     "p50_ms": _single_query_ms(lists, codec, xq[:20], n)})
+        recall = grid[-1]["recall_at_10"]
+        if recall is None or len(grid) > 1 and recall - grid[-2]["recall_at_10"] < PLATEAU and \
+                (target is None or recall >= target - NPROBES_TOLERANCE):
             break
-    return {"nlist": lists.spec.nlist, "default_nprobes": default or lists.spec.nlist, "exhaustive": exhaustive,
+    best = max((g["recall_at_10"] or 0.0) for g in grid)
+    default = next(g["nprobes"] for g in grid if (g["recall_at_10"] or 0.0) >= best - NPROBES_TOLERANCE)
+    return {"nlist": lists.spec.nlist, "default_nprobes": default, "exhaustive": exhaustive,
             "tolerance": NPROBES_TOLERANCE, "grid": grid}
 
 
@@ -241,5 +287,6 @@ def version_lists(out: str, manifest: dict) -> InvertedLists | None:
         return None
     coarse = manifest_codec(out, entry["coarse"])
     code_size = manifest_codec(out, manifest["codec"]).code_size
+    residual = manifest_codec(out, entry.get("residual"))
     return open_lists(ListsSpec(storage.join(storage.normalize(out), entry["uri"]), coarse, entry["nlist"],
-                                entry["num_groups"], code_size))
+                                entry["num_groups"], residual.code_size if residual else code_size, residual))

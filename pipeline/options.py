@@ -113,6 +113,11 @@ class CompressOptions:
         None, "a codes table's coarse partitions (IVF, trained with the codec): a query scores only the codes of "
               "its --nprobes nearest ones. Default (auto): about sqrt(rows), a power of two, for tables of 100,000 "
               "rows or more; 0 = none (every query scores every code)", group="codec and evaluation", metavar="N")
+    residual: bool = option(True, "list a partitioned table's rows by the codes of their residuals to their "
+                                  "partition's centroid (a second codec of the same spec, trained on residuals, "
+                                  "as IVF-PQ does: more recall for the same bytes) instead of the table's codes "
+                                  "(binary and MRL codecs always list their own codes)",
+                            group="codec and evaluation", flag="--no-residual")
     eval_rerank: bool = option(True, "skip measuring recall after exact re-ranking (it reads the candidates' "
                                      "vectors back)", group="codec and evaluation", flag="--no-eval-rerank")
     # ---- advisor ------------------------------------------------------------------------------

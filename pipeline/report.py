@@ -147,8 +147,8 @@ def inspect_table(out: str, table: str, version: int | str | None = None) -> dic
         "advisor": m.get("advisor"),
         "devices": m.get("devices"),
         "id_check": m.get("id_check"),
-        "partitions": None if not m.get("partitions") else {k: m["partitions"][k] for k in (
-            "nlist", "default_nprobes", "sizes", "exhaustive", "grid")},
+        "partitions": None if not m.get("partitions") else {k: m["partitions"].get(k) for k in (
+            "nlist", "default_nprobes", "sizes", "exhaustive", "grid", "residual")},
         "eval": None if ev is None else {k: ev.get(k) for k in (
             "num_queries", "k", "exclude_self", "recall_at_1", "recall_at_10", "recall_at_100", "relative_error",
             "rerank_from", "rerank", "searched", "served")},
@@ -189,7 +189,8 @@ def partition_lines(partitions: dict | None) -> list[str]:
     sizes = partitions["sizes"]
     cells = [f"{g['nprobes']}: {g['recall_at_10']:.3f} ({g['p50_ms']:.1f})" for g in partitions["grid"]]
     return [f"partitions      {partitions['nlist']} ({sizes['min']:,}..{sizes['max']:,} rows each); a query probes "
-            f"{partitions['default_nprobes']} by default" + ("" if every is None else
+            f"{partitions['default_nprobes']} by default" + (", residual codes" if partitions.get("residual") else "")
+            + ("" if every is None else
                                                              f" (every code scored: recall@10 {every:.3f})"),
             "  nprobes: recall@10 (p50 ms)  " + "  ".join(cells)]
 

@@ -105,8 +105,10 @@ class ScanBatch:
     exact: tuple | None = None
     #: the evaluation's search over the batch's codes: (D, I, E or None)
     found: tuple | None = None
-    #: each row's coarse partition (Partitions), for a codes table's inverted lists
+    #: each row's coarse partition (Partitions), for a codes table's inverted lists, and the
+    #: code of its residual to the partition's centroid (None: the lists hold `codes`)
     partitions: np.ndarray | None = None
+    residual_codes: np.ndarray | None = None
     _prepared: dict = field(default_factory=dict, repr=False)
 
     def prepared(self, metric: str) -> np.ndarray:
@@ -209,13 +211,18 @@ class StoredCodes:
 
 class Partitions:
     """Each batch's coarse partitions (pipeline.lists), from its raw vectors: on GPU `device`
-    where faiss sees one (IvfModel.assign), else on the CPU."""
+    where faiss sees one (IvfModel.assign), else on the CPU; with a `residual` codec, the
+    codes of the rows' residuals to their centroids too."""
 
-    def __init__(self, coarse: CodecRef, device: str = "cpu"):
+    def __init__(self, coarse: CodecRef, residual: CodecRef | None = None, device: str = "cpu"):
         self.coarse, self.device = load_codec(coarse), device
+        self.residual = load_codec(residual) if residual else None
 
     def observe(self, batch: ScanBatch) -> None:
         batch.partitions = self.coarse.assign(batch.x, device=self.device)[0]
+        if self.residual is not None:
+            batch.residual_codes = self.residual.encode(self.coarse.residuals(batch.x, batch.partitions),
+                                                        device=self.device)
 
 
 class Exact:

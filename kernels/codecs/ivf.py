@@ -214,6 +214,11 @@ class IvfModel:
                                               int(min(nprobes, self.index.nlist)))
         return part
 
+    def residuals(self, x: np.ndarray, partitions: np.ndarray) -> np.ndarray:
+        """Raw vectors' residuals to their partitions' centroids (vectors prepared for the
+        metric first: normalised for cosine), float32."""
+        return np.ascontiguousarray(prepare_vectors(x, self.metric) - self.centroids[np.asarray(partitions)])
+
     @property
     def num_partitions(self) -> int:
         return int(self.index.nlist)

@@ -14,7 +14,7 @@ from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.incremental import probe_quality
-from vecpress.pipeline.lists import auto_partitions, coarse_spec
+from vecpress.pipeline.lists import auto_partitions, coarse_spec, residual_fits, residual_metric
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.stages.s01_plan import Planned
 from vecpress.pipeline.stages.s03_sample import Sampled
@@ -32,6 +32,9 @@ class Trained:
     baseline: dict | None = None
     #: a codes table's coarse quantizer (pipeline.lists: IVF centroids), or None without partitions
     coarse: CodecRef | None = None
+    #: the codec of the rows' residuals to their centroids, which the inverted lists hold (None:
+    #: the lists hold the table's codes)
+    residual: CodecRef | None = None
 
 
 def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOptions) -> Trained:
@@ -47,15 +50,20 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
     warm = None
     if opts.rerank_codec:
         warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
-    coarse = None
+    coarse = residual = None
     nlist = num_partitions(opts, advised.planned.plan.num_rows, len(xt))
     if nlist:  # trained with the codec, on the same sample
-        coarse = save_codec(IvfModel.train(xt, coarse_spec(nlist), opts.metric, seed=opts.seed, ngpu=opts.ngpu),
-                            ctx.sidecar)
+        model = IvfModel.train(xt, coarse_spec(nlist), opts.metric, seed=opts.seed, ngpu=opts.ngpu)
+        coarse = save_codec(model, ctx.sidecar)
+        if opts.residual and residual_fits(ref.spec, model.dim):
+            r = model.residuals(xt, model.assign(xt)[0])
+            residual = save_codec(Codec.train(r, ref.spec, residual_metric(opts.metric), seed=opts.seed,
+                                              ngpu=opts.ngpu), ctx.sidecar)
     baseline = probe_quality(load_codec(ref), load_array(sampled.queries_uri))  # held out: never trained on
-    log.info("train: %s%s on %d vectors in %.1fs -> %s", ref.spec, f" with {nlist} partitions" if nlist else "",
-             xt.shape[0], time.perf_counter() - start, ref.uri)
-    return Trained(ref, warm, time.perf_counter() - start, baseline, coarse)
+    log.info("train: %s%s on %d vectors in %.1fs -> %s", ref.spec, f" with {nlist} partitions" +
+             (" (residual codes)" if residual else "") if nlist else "", xt.shape[0], time.perf_counter() - start,
+             ref.uri)
+    return Trained(ref, warm, time.perf_counter() - start, baseline, coarse, residual)
 
 
 def num_partitions(opts: CompressOptions, num_rows: int, num_train: int) -> int:
@@ -76,4 +84,5 @@ def carried_codec(ctx: RunContext, planned: Planned) -> Trained:
     prev = planned.diff.previous_manifest
     return Trained(manifest_codec(ctx.out, prev["codec"]), manifest_codec(ctx.out, prev.get("rerank_codec")),
                    baseline=prev.get("drift_baseline"),
-                   coarse=manifest_codec(ctx.out, (prev.get("partitions") or {}).get("coarse")))
+                   coarse=manifest_codec(ctx.out, (prev.get("partitions") or {}).get("coarse")),
+                   residual=manifest_codec(ctx.out, (prev.get("partitions") or {}).get("residual")))

@@ -176,7 +176,7 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
     computed = _Timed(compute)
     observers = [computed, *(g for g in (exact, found) if g is not None)]
     if job.lists is not None:
-        observers.append(Partitions(job.lists.coarse, compute.device))
+        observers.append(Partitions(job.lists.coarse, job.lists.residual, compute.device))
     rows = batch_rows(job.batch_size, cols.dim, gpu=compute.device != "cpu")  # (a GPU actor's: "cuda")
     keep_fields = list(cols.out_fields)[1:]  # a file's own passthrough types are cast to these
     ends = np.cumsum([s.num_rows for s in group])  # each shard's end, in rows of the group
@@ -197,7 +197,8 @@ def encode_shards(group: tuple[Shard, ...], *, job: EncodeJob, queries: np.ndarr
         else:
             stored = codes_array(b.codes, binary=codec.is_binary)
         if job.lists is not None:
-            for into, part in zip(listed, (b.partitions, b.position + np.arange(len(b.x), dtype=np.int64), b.codes)):
+            for into, part in zip(listed, (b.partitions, b.position + np.arange(len(b.x), dtype=np.int64),
+                                           b.codes if b.residual_codes is None else b.residual_codes)):
                 into.append(part)
         warm = codes_array(b.warm) if warm_size else None
         for part in b.parts:
@@ -348,7 +349,8 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                     index_buffers_uri=ctx.run_file("index-buffers") if served else None,
                     ids_uri=ctx.run_file("ids"), id_buckets=num_id_buckets(plan.num_rows),
                     lists=None if served or trained.coarse is None else
-                    ListsSpec.for_rows(ctx.run_file("lists"), trained.coarse, plan.num_rows, trained.codec.code_size))
+                    ListsSpec.for_rows(ctx.run_file("lists"), trained.coarse, plan.num_rows, trained.codec.code_size,
+                                       trained.residual))
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0
     min_rows = batch_rows(opts.batch_size, plan.dim, gpu=False)  # shards smaller than a batch go together
@@ -470,6 +472,7 @@ def inverted_lists(ctx: RunContext, spec: ListsSpec, files: list[str], executor:
              _recall_at(measured, measured["default_nprobes"]), exhaustive["recall_at_10"])
     return {**measured, "uri": ctx.relative(spec.uri), "num_groups": spec.num_groups,
             "coarse": {**spec.coarse.to_dict(), "uri": ctx.relative(spec.coarse.uri)},
+            "residual": spec.residual and {**spec.residual.to_dict(), "uri": ctx.relative(spec.residual.uri)},
             "sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
             "build_seconds": round(built, 3), "seconds": round(time.perf_counter() - start, 3)}
 

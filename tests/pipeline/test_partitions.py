@@ -43,8 +43,18 @@ def _compress(root, x_name, out, executor, **options):
 
 @pytest.fixture(scope="module")
 def table(corpus, ray_executor):
+    """Lists of the table's own codes (--no-residual)."""
     root, x = corpus
     out = root / "out"
+    report = _compress(root, "src", out, ray_executor, residual=False)
+    return str(out), x, report
+
+
+@pytest.fixture(scope="module")
+def residual_table(corpus, ray_executor):
+    """Lists of residual codes (the default)."""
+    root, x = corpus
+    out = root / "residual"
     report = _compress(root, "src", out, ray_executor)
     return str(out), x, report
 
@@ -243,3 +253,57 @@ def test_cli_search_probes_the_given_partitions(table, tmp_path, capsys):
     assert [r["id"] for r in lines if r["rank"] == 0] == [0, 1]
     assert main(["search", out, "--table", "t", "--queries", str(tmp_path / "q.npy"), "--nprobes", "0"]) != 0
     assert "nprobes must be from 1" in capsys.readouterr().err
+
+
+def test_residual_lists_hold_the_codes_of_each_rows_residual_to_its_centroid(residual_table):
+    out, x, _ = residual_table
+    lists, m = _lists(out)
+    assert m["partitions"]["residual"]["spec"] == "PQ8" and lists.spec.residual is not None
+    coarse, residual = load_codec(lists.spec.coarse), load_codec(lists.spec.residual)
+    assert residual.metric == "l2" and residual.code_size == 8
+    for p in range(0, NLIST, 5):
+        pos, codes = lists.read(p)
+        np.testing.assert_array_equal(codes, residual.encode(coarse.residuals(x[pos], np.full(len(pos), p))))
+
+
+def test_residual_search_ranks_by_the_distance_to_centroid_plus_residual(residual_table):
+    out, x, _ = residual_table
+    lists, _ = _lists(out)
+    coarse, residual = load_codec(lists.spec.coarse), load_codec(lists.spec.residual)
+    recon = np.zeros_like(x)
+    for p in range(NLIST):
+        pos, codes = lists.read(p)
+        recon[pos] = coarse.centroids[p] + residual.decode(codes)
+    xq = x[100:120] + 0.02
+    D, I = search_lists(lists, vecpress.open(out, "t").codec, xq, 10, NLIST)
+    exact = ((xq[:, None, :] - recon[None]) ** 2).sum(-1)
+    np.testing.assert_allclose(D, np.sort(exact, axis=1)[:, :10], rtol=1e-4, atol=1e-3)
+    assert (I == np.argsort(exact, axis=1, kind="stable")[:, :10]).mean() > 0.98
+
+
+def test_residual_lists_reach_at_least_the_recall_of_the_table_codes(residual_table, table):
+    res = vecpress.open(residual_table[0], "t").manifest["partitions"]
+    plain = vecpress.open(table[0], "t").manifest["partitions"]
+    best = {name: max(g["recall_at_10"] for g in p["grid"]) for name, p in (("res", res), ("plain", plain))}
+    assert best["res"] >= best["plain"] - 0.005
+    grid = {g["nprobes"]: g["recall_at_10"] for g in res["grid"]}
+    assert grid[res["default_nprobes"]] >= max(grid.values()) - res["tolerance"]
+    hits = vecpress.open(residual_table[0], "t").search(residual_table[1][9]).limit(3).to_list()
+    assert hits[0]["id"] == 9
+
+
+def test_cosine_residual_search_gives_cosine_distances(corpus, tmp_path):
+    root, x = corpus
+    _compress(root, "src", tmp_path / "cos", LocalExecutor(), metric="cosine")
+    tbl = vecpress.open(str(tmp_path / "cos"), "t")
+    assert tbl.manifest["partitions"]["residual"]["metric"] == "ip"
+    got = tbl.search(x[3]).nprobes(NLIST).limit(5).to_arrow()
+    assert got.column("id")[0].as_py() == 3
+    d = got.column("_distance").to_numpy()
+    assert (np.diff(d) >= -1e-6).all() and 0 <= d[0] < 0.05 and (d < 2.01).all()
+
+
+def test_binary_codecs_list_their_own_codes(corpus, tmp_path):
+    root, _ = corpus
+    _compress(root, "src", tmp_path / "bin", LocalExecutor(), codec="BIN")
+    assert vecpress.open(str(tmp_path / "bin"), "t").manifest["partitions"]["residual"] is None
