@@ -168,11 +168,13 @@ def find_duplicate_ids(executor, files: list[str], num_buckets: int, *, keep: st
     return found
 
 
-def collect_dropped(found: Duplicates, uri: str) -> str:
-    """The buckets' dropped positions as one sorted int64 array at `uri` (pipeline.rowmap):
-    8 bytes per dropped row in the driver, none per kept row."""
+def collect_dropped(found: Duplicates, uri: str) -> np.ndarray:
+    """The buckets' dropped positions as one sorted int64 array, saved at `uri` (pipeline.rowmap
+    reads it): 8 bytes per dropped row in the driver, none per kept row."""
     parts = [load_array(f) for f in sorted(found.surplus_files)]
-    return save_array(uri, np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64))
+    dropped = np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+    save_array(uri, dropped)
+    return dropped
 
 
 def _where(plan: SourcePlan, position: int, num_kept_rows: int) -> str:
