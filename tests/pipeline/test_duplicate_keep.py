@@ -183,3 +183,29 @@ def test_incremental_run_after_keep_decides_again(tmp_path, ray_executor):
                  executor=ray_executor)
     assert res.column("id").to_pylist() == all_ids[kept[[3, 1000]]].tolist()
     assert np.allclose(res.column("distance").to_numpy(), 0, atol=1e-4)
+
+
+def test_keep_with_serve_lancedb_indexes_the_kept_rows(tmp_path, ray_executor):
+    """--serve lancedb: the stored vectors are the kept rows', and the index (built from the
+    encode tasks' buffers, filtered like their fragments) covers exactly those rows."""
+    import lancedb
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    ids = duplicated_ids()
+    x = corpus(src, ids)
+    opts = dataclasses.replace(OPTS, duplicate_ids="keep-last", serve="lancedb", codec="IVF4,PQ4")
+    r = run_compress([str(src)], str(out), TABLE, opts, executor=ray_executor)
+    kept = kept_positions(ids, "keep-last")
+    t = read_table(out)
+    assert t.column("id").to_numpy().tolist() == ids[kept].tolist()
+    assert t.column("text").to_pylist() == [f"pos {p}" for p in kept]
+    vectors = np.stack(t.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
+    assert np.allclose(vectors, x[kept], atol=1e-2)
+    ds = lance.dataset(str(out / f"{TABLE}.lance"))
+    (index,) = ds.list_indices()
+    assert ds.stats.index_stats(index["name"])["num_indexed_rows"] == len(kept)
+    tbl = lancedb.connect(str(out)).open_table(TABLE)
+    q = x[kept[[10, 700]]]
+    got = [tbl.search(v).limit(1).nprobes(4).refine_factor(50).to_arrow().column("id")[0].as_py() for v in q]
+    assert got == ids[kept[[10, 700]]].tolist()
+    assert r.eval["recall_at_10"] is not None
