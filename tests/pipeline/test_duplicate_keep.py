@@ -31,15 +31,15 @@ OPTS = CompressOptions(codec="PQ4", num_train=500, num_queries=40, eval_k=10, sh
 ROWS, DIM = 400, 16
 
 
-def corpus(folder, ids, *, seed=0, first=0, name="part-{}"):
-    """Files of ROWS rows: clustered vectors, the given ids, a `text` column naming each row's
+def corpus(folder, ids, *, seed=0, first=0, name="part-{}", rows=ROWS):
+    """Files of `rows` rows: clustered vectors, the given ids, a `text` column naming each row's
     position (first + row number)."""
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((8, DIM)) * 3
     x = (centers[rng.integers(0, 8, len(ids))] + rng.standard_normal((len(ids), DIM))).astype(np.float32)
-    for i in range(0, len(ids), ROWS):
-        write_vectors(folder / f"{name.format(i // ROWS)}.parquet", x[i:i + ROWS], ids[i:i + ROWS],
-                      extra={"text": pa.array([f"pos {first + p}" for p in range(i, min(i + ROWS, len(ids)))])},
+    for i in range(0, len(ids), rows):
+        write_vectors(folder / f"{name.format(i // rows)}.parquet", x[i:i + rows], ids[i:i + rows],
+                      extra={"text": pa.array([f"pos {first + p}" for p in range(i, min(i + rows, len(ids)))])},
                       row_group_size=200)
     return x
 
@@ -209,3 +209,29 @@ def test_keep_with_serve_lancedb_indexes_the_kept_rows(tmp_path, ray_executor):
     got = [tbl.search(v).limit(1).nprobes(4).refine_factor(50).to_arrow().column("id")[0].as_py() for v in q]
     assert got == ids[kept[[10, 700]]].tolist()
     assert r.eval["recall_at_10"] is not None
+
+
+def test_keep_last_in_an_incremental_run_drops_a_kept_row(tmp_path, ray_executor):
+    """Version 1 has unique ids; a new file repeats two of its ids: the incremental run keeps
+    the old files' fragments but writes again the kept ones that hold a row it now drops."""
+    src, out = tmp_path / "src", tmp_path / "out"
+    ids = np.arange(1200, dtype=np.int64)
+    x = corpus(src, ids, rows=600)  # (files of at least half a shard: shards of their own, kept whole)
+    opts = dataclasses.replace(OPTS, duplicate_ids="keep-last", drift_threshold=100.0)  # (the codec kept)
+    first = run_compress([str(src)], str(out), TABLE, opts, executor=ray_executor)
+    assert first.manifest["id_check"]["unique"] and "dropped_uri" not in first.manifest["id_check"]
+    new_ids = np.arange(2000, 2400, dtype=np.int64)
+    new_ids[[0, 399]] = [3, 1000]
+    x_new = corpus(src, new_ids, seed=1, first=1200, name="zz-{}", rows=600)
+    second = run_compress([str(src)], str(out), TABLE, opts, executor=ray_executor)
+    assert second.mode == "incremental" and second.incremental["files_unchanged"] == 2 and second.manifest["id_check"]["rows_dropped"] == 2
+    all_ids = np.concatenate([ids, new_ids])
+    kept = kept_positions(all_ids, "keep-last")
+    t = read_table(out)
+    assert t.column("id").to_numpy().tolist() == all_ids[kept].tolist()
+    assert t.column("text").to_pylist() == [f"pos {p}" for p in kept]
+    x_all = np.concatenate([x, x_new])
+    res = search(str(out), TABLE, x_all[kept[[3, 998, 1500]]], k=1, rerank=100, rerank_from="source",
+                 executor=ray_executor)
+    assert res.column("id").to_pylist() == all_ids[kept[[3, 998, 1500]]].tolist()
+    assert np.allclose(res.column("distance").to_numpy(), 0, atol=1e-4)
