@@ -455,7 +455,7 @@ def _dropped_record(dup: Duplicates, rows: RowMap, uri: str, plan, keep: str) ->
     log.warning("duplicate ids: %d id(s) of column %r occur more than once; --duplicate-ids %s: %d of %d rows "
                 "dropped, e.g. %s", dup.num_ids, plan.id_column, keep, len(rows.dropped), plan.num_rows,
                 "; ".join(f"id {i!r} at positions {p}" for i, p in examples))
-    return {"num_ids_duplicated": dup.num_ids, "rows_dropped": int(len(rows.dropped)), "examples": examples,
+    return {"num_ids_duplicated": dup.num_ids, "rows_dropped": len(rows.dropped), "examples": examples,
             "dropped_uri": uri}
 
 

@@ -156,7 +156,7 @@ def test_truth_read_again_when_the_pass_was_not_deep_enough(tmp_path, ray_execut
     truth = load_array(str(out) + "/" + sample["ground_truth_uri"])
     qpos = load_array(str(out) + "/" + sample["query_positions_uri"])
     own = np.where(qpos >= 800, qpos - 800, -1)  # (the third copy is kept)
-    D, I = exact_knn(x[qpos], base, 11, "l2")
+    _, I = exact_knn(x[qpos], base, 11, "l2")
     want = np.array([[i for i in row if i != o][:10] for row, o in zip(I, own)])
     assert np.array_equal(truth, want)
 
