@@ -23,6 +23,7 @@ from vecpress.pipeline.lance_io import (
 )
 from vecpress.pipeline.lists import measure_nprobes, version_lists
 from vecpress.pipeline.rerank import column_distances, source_distances
+from vecpress.pipeline.rowmap import RowMap
 from vecpress.pipeline.schema import CODE_COLUMN, codes_as_numpy
 from vecpress.pipeline.served import evaluate_served
 from vecpress.pipeline.layout import SourcePlan
@@ -65,7 +66,8 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
                      rerank: bool = True, recompute: bool = False, served_grid: bool = True) -> dict:
     """Recall of search over the version's codes against the exact neighbours recorded for its
     held-out queries (and after exact re-ranking of r x k candidates), and the codec's relative
-    reconstruction error.
+    reconstruction error. Everything here is in table rows: the recorded neighbours are, and
+    the queries' own positions and the re-rank's source reads go through the version's RowMap.
 
     A run searches the queries over the codes while it holds them: new shards in the encode
     pass (ComputeSpec.search), kept shards of an incremental run in the read that finds
@@ -78,7 +80,8 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
     codec_ref = manifest_codec(out, manifest["codec"])
     sample = manifest["sample"]
     xq = _load(base, sample["queries_uri"])
-    qpos = _load(base, sample["query_positions_uri"])
+    rows = RowMap.of_manifest(out, manifest)
+    qpos = rows.rows_of(_load(base, sample["query_positions_uri"]))  # the queries' own table rows (-1: dropped)
     truth = _load(base, sample["ground_truth_uri"])
     if k is not None and not 1 <= k <= truth.shape[1]:
         raise ConfigError(f"k must be from 1 to {truth.shape[1]} (the neighbours version {version}'s run recorded, "
@@ -112,7 +115,8 @@ def evaluate_version(out: str, table: str, version: int | str | None, executor: 
         else:
             plan = SourcePlan.from_dict(json.loads(read_run_file(out, manifest["source"]["plan_uri"],
                                                                  needed_for="re-ranking from the source")))
-            E, rerank_from = source_distances(plan, xp, found.I, codec.metric, executor), "source"
+            E = source_distances(plan, xp, rows.positions_of(found.I), codec.metric, executor)
+            rerank_from = "source"
     record = evaluation(truth, found.I, E, num_rows=ds.count_rows(), rerank_from=rerank_from, codec=codec, xq=xq,
                         xp=xp, searched="stored codes")
     lists = version_lists(out, manifest)

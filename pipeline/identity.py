@@ -8,6 +8,10 @@ bucket (`check_bucket`, through the executor, in parallel) reads that bucket's b
 every file and finds the ids that occur more than once: its memory is the bucket's ids, about
 ID_BUCKET_ROWS rows, whatever the corpus' size. The driver folds the buckets' counts and a
 few examples (`find_duplicate_ids`).
+
+With --duplicate-ids keep-first / keep-last a bucket's check also writes the positions it
+drops (each duplicated id's rows but its first, or its last, by position) to a small file
+of its own; `collect_dropped` joins them into the one sorted array pipeline.rowmap reads.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vecpress.pipeline import storage
+from vecpress.pipeline.context import load_array, save_array
 from vecpress.pipeline.errors import DuplicateIdError
 from vecpress.pipeline.layout import SourcePlan
 
@@ -32,6 +37,9 @@ MAX_EXAMPLES = 3
 MAX_EXAMPLE_ROWS = 4
 
 _SCHEMA_POSITION = pa.field("position", pa.int64())
+
+#: what a run does with an id that occurs more than once (CompressOptions.duplicate_ids)
+DUPLICATE_IDS = ("refuse", "keep-first", "keep-last")
 
 
 def num_id_buckets(num_rows: int) -> int:
@@ -104,16 +112,22 @@ class Duplicates:
     num_ids: int = 0
     num_surplus_rows: int = 0
     examples: list[tuple[object, list[int]]] = field(default_factory=list)
+    #: keep-first / keep-last: the buckets' files of the positions they drop
+    surplus_files: list[str] = field(default_factory=list)
 
     def fold(self, other: "Duplicates") -> "Duplicates":
         self.num_ids += other.num_ids
         self.num_surplus_rows += other.num_surplus_rows
         self.examples = sorted(self.examples + other.examples, key=lambda e: e[1])[:MAX_EXAMPLES]
+        self.surplus_files += other.surplus_files
         return self
 
 
-def check_bucket(bucket: int, *, files: tuple[str, ...]) -> Duplicates:
-    """The duplicated ids of one bucket, read from every task's file."""
+def check_bucket(bucket: int, *, files: tuple[str, ...], keep: str = "refuse",
+                 surplus_uri: str | None = None) -> Duplicates:
+    """The duplicated ids of one bucket, read from every task's file. With `keep` keep-first
+    or keep-last, the positions of the rows it drops go to a file in `surplus_uri` (only
+    when there are some): a bucket's, so the result stays small whatever the duplicates."""
     batches = [_read_bucket(uri, bucket) for uri in files]
     batches = [b for b in batches if b.num_rows]
     if not batches:
@@ -135,16 +149,32 @@ def check_bucket(bucket: int, *, files: tuple[str, ...]) -> Duplicates:
     shown = dup_groups[np.argsort(pos[order[starts[dup_groups]]], kind="stable")[:MAX_EXAMPLES]]
     examples = [(ids[int(order[starts[g]])].as_py(),
                  pos[order[starts[g]:starts[g] + min(int(sizes[g]), MAX_EXAMPLE_ROWS)]].tolist()) for g in shown]
-    return Duplicates(int(len(dup_groups)), int(sizes[dup_groups].sum() - len(dup_groups)), examples)
+    found = Duplicates(int(len(dup_groups)), int(sizes[dup_groups].sum() - len(dup_groups)), examples)
+    if keep != "refuse":
+        # within a group rows are in position order: keep its first, or its last
+        kept = first if keep == "keep-first" else np.concatenate([k[1:] != k[:-1], [True]])
+        surplus = np.sort(pos[order[~kept]])
+        found.surplus_files = [save_array(storage.join(surplus_uri, f"bucket-{bucket:06d}.npy"), surplus)]
+    return found
 
 
-def find_duplicate_ids(executor, files: list[str], num_buckets: int) -> Duplicates:
+def find_duplicate_ids(executor, files: list[str], num_buckets: int, *, keep: str = "refuse",
+                       surplus_uri: str | None = None) -> Duplicates:
     """Every bucket checked, one task each, through `executor`; their results folded."""
     found = Duplicates()
     for _, d in executor.imap(check_bucket, range(num_buckets), desc="duplicate ids",
-                              shared={"files": tuple(files)}):
+                              shared={"files": tuple(files), "keep": keep, "surplus_uri": surplus_uri}):
         found.fold(d)
     return found
+
+
+def collect_dropped(found: Duplicates, uri: str) -> np.ndarray:
+    """The buckets' dropped positions as one sorted int64 array, saved at `uri` (pipeline.rowmap
+    reads it): 8 bytes per dropped row in the driver, none per kept row."""
+    parts = [load_array(f) for f in sorted(found.surplus_files)]
+    dropped = np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
+    save_array(uri, dropped)
+    return dropped
 
 
 def _where(plan: SourcePlan, position: int, num_kept_rows: int) -> str:

@@ -90,6 +90,9 @@ def incremental_blockers(manifest: dict, plan: SourcePlan, metric: str, codec: s
                            ("vector type", src["vector_type"], plan.vector_type), ("metric", manifest["metric"], metric)]:
         if old != new:
             why.append(f"{what} changed ({old} -> {new})")
+    dropped = (manifest.get("id_check") or {}).get("rows_dropped")
+    if dropped:  # (its layout counts source positions; its fragments hold fewer rows: pipeline.rowmap)
+        why.append(f"it dropped {dropped} rows of duplicated ids (--duplicate-ids): its rows are decided again")
     if codec not in (None, manifest["codec"]["spec"]):
         why.append(f"codec changed ({manifest['codec']['spec']} -> {codec})")
     for name, default in (("serve", "codes"), ("vector_dtype", "float16")):

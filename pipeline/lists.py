@@ -33,6 +33,7 @@ from vecpress.pipeline import storage
 from vecpress.pipeline.buckets import open_batches, read_bucket_of_all, write_buckets
 from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.context import manifest_codec
+from vecpress.pipeline.rowmap import RowMap
 from vecpress.pipeline.schema import codes_array, codes_as_numpy
 
 #: rows of one group of partitions: what a build task holds (positions, codes, a sort of them)
@@ -130,24 +131,29 @@ def write_task_lists(spec: ListsSpec, name: str, partitions: list[np.ndarray], p
                          spec.num_groups)
 
 
-def build_group(group: int, *, spec: ListsSpec, files: tuple[str, ...]) -> np.ndarray:
+def build_group(group: int, *, spec: ListsSpec, files: tuple[str, ...], dropped: np.ndarray) -> np.ndarray:
     """A group's lists from every task's file: one record batch per partition, rows in
-    position order. Returns the sizes of the group's partitions."""
+    position order, each listed by its table row (RowMap: the positions in `dropped`, rows a
+    run dropped as duplicated ids, left out). Returns the sizes of the group's partitions."""
     parts = spec.partitions_of(group)
     table = read_bucket_of_all(files, group) or spec.schema().empty_table()
+    rows_of = RowMap(dropped).rows_of(table.column("position").to_numpy())
+    if len(dropped):
+        table = table.filter(pa.array(rows_of >= 0)).set_column(1, "position", pa.array(rows_of[rows_of >= 0]))
+        rows_of = rows_of[rows_of >= 0]
     part = table.column("partition").to_numpy() - parts.start
-    order = np.lexsort((table.column("position").to_numpy(), part))
+    order = np.lexsort((rows_of, part))
     rows = table.select(["position", "code"]).take(pa.array(order))
     batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in rows.columns], schema=rows.schema)
     write_buckets(spec.group_uri(group), batch, part[order], len(parts))
     return np.bincount(part, minlength=len(parts)).astype(np.int64)
 
 
-def build_lists(executor, spec: ListsSpec, files: list[str]) -> np.ndarray:
-    """Every group's lists, one task each (through `executor`); the partitions' sizes, which
-    are also saved beside them (`sizes.npy`)."""
+def build_lists(executor, spec: ListsSpec, files: list[str], *, dropped: np.ndarray | None = None) -> np.ndarray:
+    """Every group's lists, one task each (through `executor`); the partitions' sizes."""
     sizes = np.zeros(spec.nlist, np.int64)
-    shared = {"spec": spec, "files": tuple(sorted(files))}
+    shared = {"spec": spec, "files": tuple(sorted(files)),
+              "dropped": np.zeros(0, np.int64) if dropped is None else dropped}
     for g, s in executor.imap(build_group, range(spec.num_groups), desc="inverted lists", shared=shared):
         sizes[spec.partitions_of(g).start:spec.partitions_of(g).stop] = s
     return sizes

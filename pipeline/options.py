@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from vecpress.kernels.codecs.ivf import SERVED_GRAMMAR, is_served_spec
 from vecpress.kernels.knn import METRICS
 from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.identity import DUPLICATE_IDS
 from vecpress.pipeline.source import SourceSpec
 
 #: most row groups the sample reads by default (sampling.choose_positions; 0 = no limit)
@@ -74,6 +75,10 @@ class CompressOptions:
                             commands=RUN + ("sweep",))
     keep: tuple[str, ...] = option((), "passthrough columns copied unchanged to the output (e.g. text,url)",
                                    group="source", commands=RUN, sep=",", metavar="COLS")
+    duplicate_ids: str = option(
+        "refuse", "an id that occurs more than once (in the input, or against the rows an incremental run keeps): "
+                  "refuse (nothing committed), or commit only its first or last row by position (the others are "
+                  "dropped and counted in the report)", group="source", commands=RUN, choices=DUPLICATE_IDS)
     follow_links: bool = option(False, "read what symbolic links inside the input folders point to (each real file "
                                        "once, a link cycle walked once) instead of refusing them",
                                 group="source", commands=RUN + ("sweep",))
@@ -219,6 +224,8 @@ class CompressOptions:
                                   "refine_factor re-ranks with the stored vectors (--vector-dtype)")
         if self.vector_dtype not in ("float16", "float32"):
             raise ConfigError(f"--vector-dtype must be float16 or float32, got {self.vector_dtype!r}")
+        if self.duplicate_ids not in DUPLICATE_IDS:
+            raise ConfigError(f"--duplicate-ids must be one of {', '.join(DUPLICATE_IDS)}, got {self.duplicate_ids!r}")
         if self.mode not in ("auto", "full"):
             raise ConfigError(f"mode must be auto or full, got {self.mode!r}")
         if self.drift_threshold < 0 or self.gate_max_drop < 0 or self.keep_versions < 0:

@@ -40,7 +40,8 @@ def shard_pair_distances(item: PairsInShard, *, queries: np.ndarray, metric: str
 
 
 def source_distances(plan: SourcePlan, xq: np.ndarray, I: np.ndarray, metric: str, executor: Executor) -> np.ndarray:
-    """Exact distances (nq, c) of prepared queries xq to candidate global positions I (-1 = none)."""
+    """Exact distances (nq, c) of prepared queries xq to candidate source positions I (-1 = none;
+    a table's rows are mapped to them by its RowMap)."""
     E = np.full(I.size, np.inf, np.float32)
     slots = np.nonzero(I.ravel() >= 0)[0]
     if slots.size == 0:

@@ -20,6 +20,7 @@ from vecpress.pipeline.lance_io import (
     fragment_offsets, read_run_file, require_dataset, table_uri, version_manifest, version_ref,
 )
 from vecpress.pipeline.rerank import column_distances, source_distances
+from vecpress.pipeline.rowmap import RowMap
 from vecpress.pipeline.layout import SourcePlan
 from vecpress.pipeline.lists import search_lists, version_lists
 from vecpress.pipeline.parquet import read_fingerprint, vectors_as_numpy
@@ -145,7 +146,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         else:
             plan = SourcePlan.from_dict(json.loads(read_run_file(out, m["source"]["plan_uri"],
                                                                  needed_for="re-ranking from the source")))
-            E = source_distances(plan, xq, I, m["metric"], executor)
+            E = source_distances(plan, xq, RowMap.of_manifest(out, m).positions_of(I), m["metric"], executor)
         order = np.argsort(E, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(E, order, axis=1), np.take_along_axis(I, order, axis=1)
         I[~np.isfinite(D)] = -1

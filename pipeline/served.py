@@ -154,9 +154,9 @@ def evaluate_served(out: str, table: str, version: int, manifest: dict, xq: np.n
     quality gate needs, a tenth of the searches)."""
     ds = open_lance(storage.join(storage.normalize(out), f"{table}.lance"), version)
     id_col = manifest["source"]["id_column"]
-    positions = np.unique(np.concatenate([truth[truth >= 0], qpos])).tolist()
+    positions = np.unique(np.concatenate([truth[truth >= 0], qpos[qpos >= 0]])).tolist()
     by_position = dict(zip(positions, ds.take(positions, columns=[id_col]).column(0).to_pylist()))
-    own = [by_position[int(p)] for p in qpos]
+    own = [by_position.get(int(p)) for p in qpos]  # (None: the query's own row was dropped as a duplicate)
     want = [[by_position[int(p)] for p in row if p >= 0] for row in truth]
     tbl = lancedb_table(out, table, version)
     k = truth.shape[1]

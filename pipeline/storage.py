@@ -165,6 +165,13 @@ def lance_location(uri: str) -> tuple[str, dict[str, str] | None]:
     return base, opts or None
 
 
+def remove_file(uri: str) -> None:
+    """Remove one file (nothing when it does not exist)."""
+    loc = resolve(uri)
+    if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
+        loc.fs.delete_file(loc.path)
+
+
 def remove_tree(uri: str) -> None:
     """Remove a folder and everything under it (nothing when it does not exist)."""
     loc = resolve(uri)

@@ -10,7 +10,8 @@ fragment writer, the ids (with their positions) written by hash bucket to one fi
 duplicate check (pipeline.identity). The driver folds each shard's result as it arrives (a
 running top-k, the fragments' metadata), so its memory does not grow with the number of
 shards; once all are in, one task per bucket of ids looks for repeats, and any refuses the
-run before its commit.
+run before its commit, or (--duplicate-ids keep-first / keep-last) decides which rows go:
+pipeline.dedup takes them out of the fragments and of the evaluation's top-k.
 """
 
 from __future__ import annotations
@@ -34,11 +35,15 @@ from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array, save_arrays
 from vecpress.pipeline.errors import SourceError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.identity import find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets
+from vecpress.pipeline.dedup import Unit, drop_rows, exact_kept_shard, kept_top, pass_k
+from vecpress.pipeline.identity import (
+    Duplicates, collect_dropped, find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets,
+)
 from vecpress.pipeline.kept import KeptSearch, search_kept_shard
 from vecpress.pipeline.lists import InvertedLists, ListsSpec, build_lists, measure_nprobes, write_task_lists
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.rowmap import RowMap
 from vecpress.pipeline.scan import (
     Columns, ComputeSpec, Computed, Partitions, ScanBatch, ShardCompute, batch_rows, gathers, scan_shard, where_am_i,
 )
@@ -321,8 +326,11 @@ class Encoded:
     checkpoints_uri: str | None = None
     #: the folder of the tasks' ids (pipeline.identity; removed with the checkpoints)
     ids_uri: str | None = None
-    #: the duplicate-id check's record (rows, buckets, seconds): every id is unique
+    #: the duplicate-id check's record (rows, buckets, seconds, and with a keep option the rows
+    #: dropped: how many, examples, `dropped_uri`, the sorted positions pipeline.rowmap reads)
     id_check: dict | None = None
+    #: data files of fragments written again without dropped rows: removed once the commit lands
+    replaced_files: tuple[str, ...] = ()
     #: --serve lancedb: per encode task, (its first fragment, its fragments, its index buffer's
     #: uri), fragments counted in `fragments`' order
     index_buffers: tuple[tuple[int, int, str], ...] = ()
@@ -341,7 +349,8 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     start = time.perf_counter()
     plan, diff = planned.plan, planned.diff
     served = opts.serve == "lancedb"  # (LanceDB's search is evaluated on the index, not in this pass)
-    spec = ComputeSpec(trained.codec, trained.rerank_codec, opts.eval_k, search=not served, rerank=opts.eval_rerank)
+    k = pass_k(opts.eval_k, opts.duplicate_ids)  # (deeper where rows may be dropped after the pass)
+    spec = ComputeSpec(trained.codec, trained.rerank_codec, k, search=not served, rerank=opts.eval_rerank)
     job = EncodeJob(table_uri=ctx.table_uri, compute=spec, columns=Columns.of(plan, opts.metric),
                     batch_size=opts.batch_size,
                     checkpoint_uri=ctx.run_file("shards"), device=opts.device,
@@ -358,12 +367,12 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     gpu_compute = getattr(executor, "gpu_compute", None)  # optional in the Executor protocol
     if gpu_compute is not None and opts.device != "cpu" and len(plan.shards) > num_kept:
         pool = gpu_compute(spec, xq, ngpu=opts.ngpu)
-    exact = TopK(len(qpos), opts.eval_k, exclude=qpos)
-    found = TopK(len(qpos), opts.eval_k, exclude=qpos, with_extra=opts.eval_rerank)
+    exact = TopK(len(qpos), k, exclude=qpos)
+    found = TopK(len(qpos), k, exclude=qpos, with_extra=opts.eval_rerank)
     searched = not served  # (a served table is searched by LanceDB; checkpoints of older runs lack the search)
     fragments: dict[int, list[dict]] = {}
-    buffers: dict[int, str] = {}  # first shard of a task -> its index buffer
-    kept_buffers: list[tuple[int, int, str]] = []  # (first fragment, fragments, buffer) of kept groups
+    tasks: dict[int, tuple[list[int], str | None]] = {}  # first shard of a task -> its shards, index buffer
+    kept_units: list[Unit] = []  # an incremental run's kept groups, in order
     devices = DeviceReport()
     id_files: list[str] = []  # every task's ids, by bucket
     list_files: list[str] = []  # every task's rows, by partition
@@ -382,8 +391,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             else:
                 found.add(r.search_D, r.search_I, r.search_E)
             fragments.update(zip(r.shards, r.fragments))
-            if r.index_buffer_uri:
-                buffers[r.shards[0]] = r.index_buffer_uri
+            tasks[r.shards[0]] = (r.shards, r.index_buffer_uri)
             devices.add(r)
             id_files.append(r.ids_file_uri)
             list_files.append(r.lists_file_uri)
@@ -408,60 +416,83 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
         groups = group_shards(plan.shards[:num_kept], min_rows)
         items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in groups]
-        firsts = np.cumsum([0] + [len(fids) for _, fids in items])  # each group's first kept fragment
+        metadata = dict(zip((f for fids in diff.kept_fragment_ids for f in fids), diff.kept_fragments))
+        kept_units = [Unit(shard.row_offset, shard.num_rows, tuple(metadata[f] for f in fids)) for shard, fids in items]
         for i, (D, I, f, ids_file, lists_file) in executor.imap(search_kept_shard, items,
                                                     desc="exact neighbours and search (kept rows)",
                                                     shared={"job": kept, "queries": xq, "query_positions": qpos}):
             exact.add(D, I)
             id_files.append(ids_file)
             list_files.append(lists_file)
-            if served:  # f: the group's index buffer; kept fragments come first, in kept order
-                kept_buffers.append((int(firsts[i]), len(items[i][1]), f))
+            if served:  # f: the group's index buffer
+                kept_units[i] = dataclasses.replace(kept_units[i], buffer_uri=f)
             else:
                 found.add(*f)
     check_start = time.perf_counter()
     # one task per bucket of ids, in parallel: no process holds every id. A refusal leaves
     # nothing behind: run_compress removes a failed run's uncommitted files and run folder
-    refuse_duplicates(find_duplicate_ids(executor, sorted(id_files), job.id_buckets), plan,
-                      num_kept_rows=sum(s.num_rows for s in plan.shards[:num_kept]),
-                      previous_version=diff.previous_version if diff else None)
-    id_check = {"unique": True, "rows": plan.num_rows, "buckets": job.id_buckets, "task_files": len(id_files),
-                "seconds": round(time.perf_counter() - check_start, 3)}
-    gt_uri = save_array(ctx.run_file("ground_truth.npy"), exact.I)
-    partitions = None
-    if job.lists is not None:
-        partitions = inverted_lists(ctx, job.lists, list_files, executor, xq=xq, qpos=qpos, truth=exact.I,
-                                    found=found.I if searched else None, codec=trained.codec)
+    keep = opts.duplicate_ids
+    dup = find_duplicate_ids(executor, sorted(id_files), job.id_buckets, keep=keep,
+                             surplus_uri=storage.join(job.ids_uri, "surplus") if keep != "refuse" else None)
+    num_kept_rows = sum(s.num_rows for s in plan.shards[:num_kept])
+    if keep == "refuse":
+        refuse_duplicates(dup, plan, num_kept_rows=num_kept_rows,
+                          previous_version=diff.previous_version if diff else None)
+    rows = RowMap(collect_dropped(dup, ctx.run_file("dropped.npy"))) if dup.num_ids else RowMap.identity()
+    id_check = {"unique": not dup.num_ids, "rows": plan.num_rows, "buckets": job.id_buckets,
+                "task_files": len(id_files), "duplicate_ids": keep}
+    units = kept_units + [Unit(plan.shards[i].row_offset, sum(plan.shards[j].num_rows for j in shards),
+                               tuple(f for j in shards for f in fragments[j]), buffer)
+                          for i, (shards, buffer) in sorted(tasks.items())]
+    replaced: tuple[str, ...] = ()
+    if rows:
+        id_check.update(_dropped_record(dup, rows, ctx.run_file("dropped.npy"), plan, keep))
+        units, replaced = _drop_from_units(units, rows, executor, table_uri=ctx.table_uri,
+                                           max_rows_per_file=job.max_rows_per_file)
+    id_check["seconds"] = round(time.perf_counter() - check_start, 3)
+    truth, _, complete = kept_top(exact.I, rows, opts.eval_k)
+    if not complete.all():
+        truth = rows.rows_of(_exact_over_kept(plan, rows, xq, qpos, opts, executor, complete))
+    gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth)
     search_ids_uri = search_exact_uri = None
     if searched:
-        search_ids_uri = save_array(ctx.run_file("search_ids.npy"), found.I)
-        if opts.eval_rerank:
-            search_exact_uri = save_array(ctx.run_file("search_exact.npy"), found.E)
-    kept_fragments = list(diff.kept_fragments) if diff else []
-    new_fragments = [f for i in sorted(fragments) for f in fragments[i]]
-    index_buffers, at = [], len(kept_fragments)
-    for i in sorted(fragments):  # each task's fragments, in the order they are committed
-        if i in buffers:
-            index_buffers.append([at, 0, buffers[i]])
-        if index_buffers:
-            index_buffers[-1][1] += len(fragments[i])
-        at += len(fragments[i])
+        found_I, extra, complete = kept_top(found.I, rows, opts.eval_k, *([found.E] if opts.eval_rerank else []))
+        if not complete.all():  # (the evaluation searches the committed codes instead)
+            log.info("encode: %d of %d queries' search over the codes held too many dropped rows: the evaluation "
+                     "searches the committed codes", int((~complete).sum()), len(complete))
+        else:
+            search_ids_uri = save_array(ctx.run_file("search_ids.npy"), found_I)
+            if opts.eval_rerank:
+                search_exact_uri = save_array(ctx.run_file("search_exact.npy"), extra[0])
+    partitions = None
+    if job.lists is not None:  # (the search in the pass, where complete, is the exhaustive one to match)
+        partitions = inverted_lists(ctx, job.lists, list_files, executor, xq=xq, qpos=rows.rows_of(qpos), truth=truth,
+                                    found=found_I if search_ids_uri else None, codec=trained.codec, rows=rows)
+    new_fragments = [f for u in units[len(kept_units):] for f in u.fragments]
+    kept_fragments = [f for u in units[:len(kept_units)] for f in u.fragments]
+    index_buffers, at = [], 0
+    for u in units:  # each unit's fragments, in the order they are committed
+        if u.buffer_uri and u.fragments:
+            index_buffers.append((at, len(u.fragments), u.buffer_uri))
+        at += len(u.fragments)
     seconds = time.perf_counter() - start
     log.info("encode: %d rows in %d new fragments (%d kept), %.1fs (%.0f rows/s)", num_rows, len(new_fragments),
              len(kept_fragments), seconds, num_rows / max(seconds, 1e-9))
-    return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows, gt_uri, seconds, report, search_ids_uri,
-                   search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri, id_check=id_check,
-                   index_buffers=tuple(sorted(kept_buffers)) + tuple(map(tuple, index_buffers)), lists=job.lists,
-                   partitions=partitions)
+    return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows - len(rows.dropped), gt_uri, seconds, report,
+                   search_ids_uri, search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri,
+                   id_check=id_check, replaced_files=replaced, index_buffers=tuple(index_buffers),
+                   lists=job.lists, partitions=partitions)
 
 
 def inverted_lists(ctx: RunContext, spec: ListsSpec, files: list[str], executor: Executor, *, xq: np.ndarray,
-                   qpos: np.ndarray, truth: np.ndarray, found: np.ndarray | None, codec) -> dict:
-    """Build the inverted lists from the tasks' files (removed after), and measure their
-    search of the held-out queries along the nprobes grid against the encode pass's
-    exhaustive search over the same codes: the manifest's `partitions` record."""
+                   qpos: np.ndarray, truth: np.ndarray, found: np.ndarray | None, codec, rows: RowMap) -> dict:
+    """Build the inverted lists from the tasks' files (removed after; the rows `rows` drops
+    left out, the others listed by their table row), and measure their search of the
+    held-out queries along the nprobes grid against the encode pass's exhaustive search over
+    the table's codes (`found`; `truth`, `qpos` and `found` in table rows): the manifest's
+    `partitions` record."""
     start = time.perf_counter()
-    sizes = build_lists(executor, spec, files)
+    sizes = build_lists(executor, spec, files, dropped=rows.dropped)
     storage.remove_tree(spec.parts_uri)
     built = time.perf_counter() - start
     exhaustive = recall_table(truth, found, int(sizes.sum())) if found is not None else \
@@ -479,3 +510,44 @@ def inverted_lists(ctx: RunContext, spec: ListsSpec, files: list[str], executor:
 
 def _recall_at(measured: dict, nprobes: int):
     return next((r["recall_at_10"] for r in measured["grid"] if r["nprobes"] == nprobes), None)
+
+
+def _dropped_record(dup: Duplicates, rows: RowMap, uri: str, plan, keep: str) -> dict:
+    """The id check's record of the rows a keep option dropped, and its log line."""
+    examples = [[i, p] for i, p in dup.examples]
+    log.warning("duplicate ids: %d id(s) of column %r occur more than once; --duplicate-ids %s: %d of %d rows "
+                "dropped, e.g. %s", dup.num_ids, plan.id_column, keep, len(rows.dropped), plan.num_rows,
+                "; ".join(f"id {i!r} at positions {p}" for i, p in examples))
+    return {"num_ids_duplicated": dup.num_ids, "rows_dropped": len(rows.dropped), "examples": examples,
+            "dropped_uri": uri}
+
+
+def _drop_from_units(units: list[Unit], rows: RowMap, executor: Executor, **shared) -> tuple[list[Unit], tuple]:
+    """The units that hold a dropped row, written again without it (one task each); the
+    others as they are. Returns the units and the data files the rewrites replaced."""
+    items = [(i, u, rows.dropped_in(u.start, u.start + u.num_rows)) for i, u in enumerate(units)]
+    items = [it for it in items if len(it[2])]
+    units, replaced = list(units), []
+    done = executor.map(drop_rows, [(u, local) for _, u, local in items], desc="drop duplicated rows", shared=shared)
+    for (i, _, _), r in zip(items, done):
+        units[i] = r.unit
+        replaced += r.replaced
+    return units, tuple(replaced)
+
+
+def _exact_over_kept(plan, rows: RowMap, xq: np.ndarray, qpos: np.ndarray, opts: CompressOptions, executor: Executor,
+                     complete: np.ndarray) -> np.ndarray:
+    """The queries' exact top-k over the kept rows (global positions), from one more read of
+    the source: when the encode pass's deeper top-k held too many dropped rows for some."""
+    log.info("encode: %d of %d queries had more than %d dropped rows among their %d nearest: their exact neighbours "
+             "are read again over the kept rows", int((~complete).sum()), len(complete), opts.eval_k,
+             2 * opts.eval_k)
+    rows_per_batch = batch_rows(opts.batch_size, plan.dim, gpu=False)
+    top = TopK(len(qpos), opts.eval_k, exclude=qpos)
+    for _, (D, I) in executor.imap(exact_kept_shard, [merge_shards(g) for g in group_shards(plan.shards, rows_per_batch)],
+                                   desc="exact neighbours (kept rows)",
+                                   shared={"columns": Columns.of(plan, opts.metric), "metric": opts.metric,
+                                           "queries": xq, "query_positions": qpos, "k": opts.eval_k,
+                                           "dropped": rows.dropped, "batch_size": rows_per_batch}):
+        top.add(D, I)
+    return top.I

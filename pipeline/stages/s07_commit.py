@@ -127,10 +127,17 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
         "drift_baseline": trained.baseline,
         "stage_seconds": stage_seconds,
         "devices": encoded.devices,
-        "id_check": encoded.id_check,
+        "id_check": _id_check(encoded.id_check, rel),
         # a codes table's inverted lists (pipeline.lists), or None: every query scores every code
         "partitions": encoded.partitions,
     }
+
+
+def _id_check(check: dict | None, rel) -> dict | None:
+    """The id check's record, its file of dropped positions (pipeline.rowmap) relative to OUT."""
+    if not check or not check.get("dropped_uri"):
+        return check
+    return {**check, "dropped_uri": rel(check["dropped_uri"])}
 
 
 def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, encoded: Encoded,
@@ -163,6 +170,8 @@ def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         storage.remove_tree(encoded.checkpoints_uri)  # (they hold the shards' results, now in the version)
     if encoded.ids_uri:
         storage.remove_tree(encoded.ids_uri)  # (checked for duplicates before the commit)
+    for uri in encoded.replaced_files:  # (fragments written again without dropped duplicated rows)
+        storage.remove_file(uri)
     log.info("commit: %s version %d%s (%d rows)", ctx.table_uri, version, f" of branch {ref}" if ref else "",
              encoded.num_rows)
     return Committed(version, manifest, time.perf_counter() - start, gate=decided, ref=ref)

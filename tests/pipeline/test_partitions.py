@@ -307,3 +307,21 @@ def test_binary_codecs_list_their_own_codes(corpus, tmp_path):
     root, _ = corpus
     _compress(root, "src", tmp_path / "bin", LocalExecutor(), codec="BIN")
     assert vecpress.open(str(tmp_path / "bin"), "t").manifest["partitions"]["residual"] is None
+
+
+def test_rows_dropped_as_duplicated_ids_are_not_listed(corpus, tmp_path):
+    root, x = corpus
+    src = tmp_path / "src"
+    write_split(src, x[:6000], [0, 3000, 6000], "part-{}", row_group_size=1000)
+    shifted = x[:500] + 5.0  # the same ids again, other vectors, in a file read last
+    write_vectors(src / "zz-dup.parquet", shifted, np.arange(500, dtype=np.int64),
+                  extra={"text": pa.array([f"dup {j}" for j in range(500)])})
+    report = _compress(tmp_path, "src", tmp_path / "out", LocalExecutor(), duplicate_ids="keep-first")
+    assert report["id_check"]["rows_dropped"] == 500
+    lists, m = _lists(str(tmp_path / "out"))
+    positions = np.concatenate([lists.read(p)[0] for p in range(NLIST)])
+    np.testing.assert_array_equal(np.sort(positions), np.arange(6000))  # table rows, the dropped ones left out
+    tbl = vecpress.open(str(tmp_path / "out"), "t")
+    hit = tbl.search(shifted[3]).nprobes(NLIST).limit(1).to_list()[0]
+    assert hit["text"] != "dup 3"
+    assert tbl.search(x[4321]).limit(1).to_list()[0]["id"] == 4321
