@@ -41,7 +41,9 @@ def open_batches(uri: str) -> pa.ipc.RecordBatchFileReader:
 
 def read_bucket(uri: str, bucket: int) -> pa.RecordBatch:
     """Bucket `bucket` of a file write_buckets wrote (only that batch is read)."""
-    return open_batches(uri).get_batch(bucket)
+    loc = storage.resolve(uri)
+    with loc.fs.open_input_file(loc.path) as f:
+        return pa.ipc.open_file(f).get_batch(bucket)
 
 
 def read_bucket_of_all(files: list[str] | tuple[str, ...], bucket: int) -> pa.Table | None:

@@ -16,7 +16,6 @@ of its own; `collect_dropped` joins them into the one sorted array pipeline.rowm
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +24,7 @@ import pyarrow.compute as pc
 
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import load_array, save_array
+from vecpress.pipeline.buckets import read_bucket_of_all, write_buckets
 from vecpress.pipeline.errors import DuplicateIdError
 from vecpress.pipeline.layout import SourcePlan
 
@@ -85,23 +85,9 @@ def write_id_buckets(uri: str, ids: list[pa.Array], positions: list[np.ndarray],
     record batches (batch b: the ids whose hash is b modulo num_buckets)."""
     arr = pa.concat_arrays([a.cast(id_type) for a in ids]) if ids else pa.array([], id_type)
     pos = np.concatenate(positions).astype(np.int64) if positions else np.zeros(0, np.int64)
-    bucket = (hash_ids(arr) % np.uint64(num_buckets)).astype(np.int64)
-    order = np.argsort(bucket, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(np.bincount(bucket, minlength=num_buckets))])
     schema = pa.schema([pa.field("id", id_type), _SCHEMA_POSITION])
-    rb = pa.record_batch([arr.take(pa.array(order)), pa.array(pos[order])], schema=schema)
-    sink = io.BytesIO()
-    with pa.ipc.new_file(sink, schema) as writer:
-        for b in range(num_buckets):
-            writer.write_batch(rb.slice(int(starts[b]), int(starts[b + 1] - starts[b])))
-    storage.write_bytes(uri, sink.getvalue())
-    return uri
-
-
-def _read_bucket(uri: str, bucket: int) -> pa.RecordBatch:
-    loc = storage.resolve(uri)
-    with loc.fs.open_input_file(loc.path) as f:
-        return pa.ipc.open_file(f).get_batch(bucket)
+    return write_buckets(uri, pa.record_batch([arr, pa.array(pos)], schema=schema),
+                         (hash_ids(arr) % np.uint64(num_buckets)).astype(np.int64), num_buckets)
 
 
 @dataclass
@@ -128,11 +114,9 @@ def check_bucket(bucket: int, *, files: tuple[str, ...], keep: str = "refuse",
     """The duplicated ids of one bucket, read from every task's file. With `keep` keep-first
     or keep-last, the positions of the rows it drops go to a file in `surplus_uri` (only
     when there are some): a bucket's, so the result stays small whatever the duplicates."""
-    batches = [_read_bucket(uri, bucket) for uri in files]
-    batches = [b for b in batches if b.num_rows]
-    if not batches:
+    table = read_bucket_of_all(files, bucket)
+    if table is None:
         return Duplicates()
-    table = pa.Table.from_batches(batches)
     ids = table.column("id").combine_chunks()
     pos = table.column("position").to_numpy()
     key = ids.to_numpy(zero_copy_only=False) if pa.types.is_integer(ids.type) else \
