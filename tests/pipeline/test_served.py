@@ -85,7 +85,14 @@ def test_served_table_holds_vectors_and_an_index_over_every_row(served):
     stored = np.stack(ds.to_table(columns=["embedding"]).column(0).to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(stored, x.astype(np.float16).astype(np.float32))
     info = inspect_table(str(root / "out"), "t", "production")
-    assert info["version"] == result.version == ds.version == 2  # rows (1), then their index (2)
+    assert info["version"] == result.version == ds.version == 2  # empty (1), then the candidate promoted (2)
+    assert [v["version"] for v in ds.versions()] == [1, 2] and lance.dataset(ds.uri, version=1).count_rows() == 0
+    # promoted as it was built: every file in the folder is the version's own, none copied
+    table_dir = root / "out" / "t.lance"
+    assert {p.name for p in (table_dir / "data").iterdir()} == {
+        f.path for frag in ds.get_fragments() for f in frag.data_files()}
+    assert {p.name for p in (table_dir / "_indices").iterdir()} == {i["uuid"] for i in ds.list_indices()}
+    assert not (table_dir / "tree").exists()
     assert info["index"] == {"type": "IVF_PQ", "name": "embedding_idx", "column": "embedding", "segments": 3,
                              "covers_all_rows": True}
     assert info["serve"] == "lancedb" and info["code_bytes"] == 8 and info["vector_bytes"] == 2 * DIM
