@@ -150,7 +150,8 @@ def commit_failed(out: str, table: str, schema: pa.Schema, fragments: list[dict]
         ds = open_lance(uri)
     elif read_version is None:
         read_version = ds.version
-    _, options = storage.lance_location(uri)  # (the branch's uri has no query string: the table's options)
+    # (a branch checked out from the table keeps the table's uri: commits go to the branch's own)
+    branch_uri, options = storage.lance_location(storage.join(uri, "tree", tag))
     done = None
     if tag in ds.branches.list():  # a retry: the branch is there, maybe with the commit too
         branch = ds.checkout_version((tag, None))
@@ -173,17 +174,17 @@ def commit_failed(out: str, table: str, schema: pa.Schema, fragments: list[dict]
             frags.append(FragmentMetadata.from_json(json.dumps(f)))
         tx = lance.Transaction(read_version=branch.version, operation=lance.LanceOperation.Overwrite(schema, frags),
                                transaction_properties={RUN_ID_PROPERTY: run_id})
-        done = lance.LanceDataset.commit(branch.uri, tx, read_version=branch.version, storage_options=options)
+        done = lance.LanceDataset.commit(branch_uri, tx, read_version=branch.version, storage_options=options)
     if indices and not done.list_indices():
-        done = _commit_branch_index(uri, tag, done, indices, len(fragments), options)
+        done = _commit_branch_index(uri, tag, done, indices, len(fragments), run_id=run_id)
     open_lance(uri).tags.create(tag, (tag, done.version))
     log.warning("version %d of branch %s holds the run's data (tag %s); the table's latest version stays %d",
                 done.version, tag, tag, read_version)
     return tag, done.version
 
 
-def _commit_branch_index(uri: str, tag: str, branch: lance.LanceDataset, indices: list, num_fragments: int,
-                         options: dict | None) -> lance.LanceDataset:
+def _commit_branch_index(uri: str, tag: str, branch: lance.LanceDataset, indices: list, num_fragments: int, *,
+                         run_id: str) -> lance.LanceDataset:
     """Move a candidate's index segments (`indices`, Lance's Index records, their files under
     the table's `_indices/<uuid>`) into the branch's folder and commit them over its version.
     Their row ids name fragment ids: the branch's must be the candidate's (both numbered on
@@ -197,8 +198,11 @@ def _commit_branch_index(uri: str, tag: str, branch: lance.LanceDataset, indices
         src = storage.join(uri, "_indices", index.uuid)
         for name in [f.path for f in index.files or []] or _list(src):
             _move(storage.join(src, name), storage.join(uri, "tree", tag, "_indices", index.uuid, name))
-    op = lance.LanceOperation.CreateIndex([dataclasses.replace(i, base_id=None) for i in indices], [])
-    return lance.LanceDataset.commit(branch.uri, op, read_version=branch.version, storage_options=options)
+    tx = lance.Transaction(read_version=branch.version, transaction_properties={RUN_ID_PROPERTY: run_id},
+                           operation=lance.LanceOperation.CreateIndex(
+                               [dataclasses.replace(i, base_id=None) for i in indices], []))
+    branch_uri, options = storage.lance_location(storage.join(uri, "tree", tag))
+    return lance.LanceDataset.commit(branch_uri, tx, read_version=branch.version, storage_options=options)
 
 
 def _list(folder: str) -> list[str]:
