@@ -5,7 +5,7 @@ Layout under OUT (a LanceDB database directory):
     OUT/<table>.lance                 the compressed dataset (one version per run)
     OUT/<table>_eval.lance            evaluation results, one row per version (LanceDB table)
     OUT/_vecpress/<table>/codecs/     trained codecs, <sha256>.faiss
-    OUT/<table>.lance/tree/failed-<run id>/  a codes version that failed the gate (a branch: pipeline.gated)
+    OUT/<table>.lance/tree/failed-<run id>/  a version that failed the gate (a branch: pipeline.gated)
     OUT/_vecpress/<table>/runs/<id>/  per-run manifest, plan, held-out queries (pipeline.tidy prunes them)
     OUT/_vecpress/<table>/eval/       evaluation JSON per version
 """
@@ -27,8 +27,8 @@ log = logging.getLogger("vecpress")
 
 #: the tag of the version readers get by default (the last one that passed the quality gate)
 PRODUCTION_TAG = "production"
-#: tags of versions that failed the gate: `failed-<run id>` (a branch of that name holds it, or
-#: for a LanceDB-served table a main version that was restored over)
+#: tags of versions that failed the gate: `failed-<run id>` (a branch of that name holds it; or a
+#: main version restored over, one an older vecpress committed before its gate: pipeline.gated)
 FAILED_TAG_PREFIX = "failed-"
 
 #: a table name, matched whole (fullmatch: `$` would also accept a trailing newline)

@@ -9,7 +9,8 @@ ids, and Lance's `create_index_uncommitted` takes it with vecpress's centroids (
 as precomputed shuffle buffers for the PQ forms (Lance then trains and computes nothing but an
 HNSW graph where asked), as a precomputed partition dataset for the others (Lance then encodes
 each partition's vectors, read from the table, with the bounds or rotation it fits). The driver
-commits the segments together: one new version whose index covers every row.
+commits the segments together: one new version whose index covers every row, detached
+(the run's candidate until it passes the gate: pipeline.gated).
 
 Traps Lance leaves open (../shared/PITFALLS.md), and how this module closes them: without the
 centroids or the codebook Lance silently trains its own (both always passed); a row missing
@@ -119,18 +120,13 @@ def index_info(ds: lance.LanceDataset, column: str) -> dict | None:
             "covers_all_rows": covered >= {f.fragment_id for f in ds.get_fragments()}}
 
 
-def indexed_version(table_uri: str, column: str) -> int | None:
-    """The latest version when its index covers every row of it, else None."""
-    ds = open_lance(table_uri)
-    info = index_info(ds, column)
-    return ds.version if info is not None and info["covers_all_rows"] else None
-
-
-def commit_index(table_uri: str, version: int, column: str, segments: list) -> int:
-    """Commit the segments as the version's index: a new version, whose rows it all covers."""
-    ds = open_lance(table_uri, version)
+def commit_index(table_uri: str, version: int, segments: list) -> int:
+    """Commit the segments as the index of `version` (a served run's candidate: pipeline.gated):
+    a new detached version, whose rows it all covers, which no reader of latest sees."""
+    target, options = storage.lance_location(table_uri)
+    op = lance.LanceOperation.CreateIndex(list(segments), [])
     with storage.writing(table_uri, "the vector index"):
-        done = ds.commit_existing_index_segments(index_name(column), column, segments)
+        done = lance.LanceDataset.commit(target, op, read_version=version, storage_options=options, detached=True)
     return done.version
 
 

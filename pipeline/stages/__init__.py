@@ -133,7 +133,7 @@ def run_stages(ctx: RunContext, source: SourceSpec, opts: CompressOptions, execu
     if opts.serve == "lancedb":
         committed = stages.index(ctx, committed, encoded, opts, executor)
         times["index"] = round(committed.seconds, 3)
-    ev = stages.evaluate(ctx, committed, executor, times, opts=opts)
+    ev = stages.evaluate(ctx, committed, executor, times)
     decided = stages.gate(ctx, committed, ev, opts)
     return RunResult(ctx.run_id, committed.version, committed.manifest, ev, ev["stage_seconds"],
                      reason="committed" if decided["passed"] else decided["reason"],
@@ -157,7 +157,7 @@ def finish_stopped_run(ctx: RunContext, diff, result: RunResult, opts: CompressO
     if ev is None:
         log.warning("version %d was committed by run %s, which stopped before evaluating it: evaluating it now",
                     diff.previous_version, manifest["run_id"])
-        ev = stages.evaluate(ctx, committed, executor, manifest.get("stage_seconds") or {}, opts=opts)
+        ev = stages.evaluate(ctx, committed, executor, manifest.get("stage_seconds") or {})
     decided = stages.gate(ctx, committed, ev, opts)
     return dataclasses.replace(result, manifest=manifest, eval=ev, reason=f"{result.reason}; evaluated and gated it "
                                f"(its run stopped after the commit)" + ("" if decided["passed"] else

@@ -1,6 +1,8 @@
 """Stage 7, commit: one atomic Lance commit makes the new version appear whole or not at all,
 once per run id, and only while the run still holds the table's lease. Its manifest (what was
-built, from what, how) rides in the version's schema metadata and in the run's folder."""
+built, from what, how) rides in the version's schema metadata and in the run's folder. A
+LanceDB-served table's version is first a detached candidate, which the index stage indexes,
+gates and promotes (pipeline.gated)."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
 from vecpress.pipeline.evaluate import in_pass_evaluation
-from vecpress.pipeline.gated import commit_failed
+from vecpress.pipeline.gated import commit_candidate, commit_failed
 from vecpress.pipeline.incremental import gate_decision
 from vecpress.pipeline.lance_io import table_uri
 from vecpress.pipeline.locking import check_lease
@@ -62,11 +64,13 @@ class Committed:
     version: int
     manifest: dict
     seconds: float = 0.0
-    #: the gate's decision when it was taken before the commit (a codes table: pipeline.gated),
-    #: else None (decided by the gate stage after the evaluation)
+    #: the gate's decision when it was taken before the evaluation (a codes table's before its
+    #: commit, a LanceDB-served table's once its index is built: pipeline.gated), else None
+    #: (decided by the gate stage: a version whose run stopped after its commit)
     gate: dict | None = None
-    #: how to open the version: its number, or the tag `failed-<run id>` of a version that
-    #: failed the gate and was committed on that branch
+    #: how to open the version: its number (a served run's candidate: a detached version's,
+    #: until the index stage gates it), or the tag `failed-<run id>` of a version that failed
+    #: the gate and was committed on that branch
     ref: int | str | None = None
 
     @property
@@ -161,6 +165,9 @@ def commit(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                                      read_version=planned.read_version,
                                      num_kept=len(planned.diff.kept_fragments) if planned.diff else 0)
         decided = {**decided, "failed_tag": ref}
+    elif opts.serve == "lancedb":  # a detached candidate: gated once its index is built (pipeline.gated)
+        version = commit_candidate(ctx.out, ctx.table, schema, list(encoded.fragments), run_id=ctx.run_id,
+                                   read_version=planned.read_version)
     else:
         version = commit_overwrite(ctx.out, ctx.table, schema, list(encoded.fragments), run_id=ctx.run_id,
                                    read_version=planned.read_version)

@@ -1,7 +1,8 @@
 """Stage 10, gate: tag the new version `production` if it passes the quality gate, then drop the
-versions beyond the retention rule. A codes table's run decided before its commit (a failed
-version is on a branch of its own); a LanceDB-served table's version that fails is tagged
-`failed-<run id>` and the last good version restored as the latest (pipeline.gated)."""
+versions beyond the retention rule. A run decided before its evaluation (a codes table's before
+its commit, a LanceDB-served table's once its index was built: a failed version is on a branch
+of its own); a version found on main unevaluated (its run stopped after the commit) that fails
+is tagged `failed-<run id>` and the last good version restored as the latest (pipeline.gated)."""
 
 from __future__ import annotations
 
@@ -20,14 +21,13 @@ log = logging.getLogger("vecpress")
 
 def gate(ctx: RunContext, committed: Committed, ev: dict, opts: CompressOptions) -> dict:
     """Tag the new version `production` if it passes the quality gate (as decided before the
-    commit, when it was); a failed version committed on main is replaced as the latest by the
-    last good one. Then apply retention. The decision is added to the version's evaluation JSON."""
+    evaluation, when it was); a failed version committed on main is replaced as the latest by
+    the last good one. Then apply retention. The decision is added to the version's evaluation JSON."""
     decision = gate_version(ctx.out, ctx.table, committed.version, ev.get("recall_at_10"), floor=opts.gate_min_recall,
                             max_drop=opts.gate_max_drop, load_eval=load_eval,
-                            decided=committed.gate or ev.get("gate_decided"))
+                            decided=committed.gate)
     if not decision["passed"] and committed.ref is None:
-        if "restored_version" not in decision:  # (not replaced yet by the evaluate stage)
-            decision = {**decision, **replace_failed(ctx.out, ctx.table, committed, decision)}
+        decision = {**decision, **replace_failed(ctx.out, ctx.table, committed, decision)}
     elif not decision["passed"]:
         decision = {**decision, "reason": decision["reason"] + f"; committed as tag {committed.ref} (a branch), "
                     "the table's latest version unchanged"}

@@ -192,3 +192,53 @@ def test_a_failed_versions_commit_is_once_per_run(tmp_path):
     assert commit_failed(str(out), "t", kept.schema, frags, **args) == (tag, version)
     assert lance.dataset(uri, version=tag).count_rows() == 8
     assert (out / "t.lance" / "tree" / tag / "data").is_dir() and len(os.listdir(out / "t.lance" / "data")) == 1
+    lance.dataset(uri).create_branch("failed-r9", 1)  # as if a first try died between its branch and its commit
+    tag9, _ = commit_failed(str(out), "t", kept.schema, frags[:1], **{**args, "run_id": "r9"})
+    assert lance.dataset(uri).version == 1 and lance.dataset(uri, version=tag9).count_rows() == 5  # main untouched
+
+
+def test_a_served_candidate_is_promoted_or_filed_once_per_run(tmp_path):
+    """A served run's candidate (rows and index, detached): a retried promotion finds its
+    commit and makes no second version; a retried filing of a failed one (the first try died
+    before its tag) finds its branch and commits its index there once; no candidate ever
+    appears in main's history."""
+    import numpy as np
+
+    from vecpress.pipeline.gated import commit_candidate, commit_failed_candidate, promote, settled
+    from vecpress.pipeline.served import commit_index
+
+    out, uri = str(tmp_path / "out"), str(tmp_path / "out" / "t.lance")
+    rng = np.random.default_rng(0)
+
+    def rows(start, n):
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        return pa.table({"id": pa.array(range(start, start + n), pa.int64()),
+                         "v": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 8)})
+
+    def candidate(run_id, new):
+        main = lance.dataset(uri) if os.path.isdir(uri) else None
+        kept = [f.metadata.to_json() for f in main.get_fragments()] if main else []
+        frags = kept + [f.to_json() for f in lance.fragment.write_fragments(new, uri, schema=new.schema)]
+        data = commit_candidate(out, "t", new.schema, frags, run_id=run_id, read_version=main and main.version)
+        ds = lance.dataset(uri, version=data)
+        segs = [ds.create_index_uncommitted("v", "IVF_PQ", name="v_idx", num_partitions=2, num_sub_vectors=2,
+                                            fragment_ids=[f.fragment_id]) for f in ds.get_fragments()]
+        return commit_index(uri, data, segs)
+
+    first = candidate("r1", rows(0, 600))
+    assert [v["version"] for v in lance.dataset(uri).versions()] == [1] and lance.dataset(uri).count_rows() == 0
+    assert promote(out, "t", first, run_id="r1") == promote(out, "t", first, run_id="r1") == 2
+    assert settled(out, "t", "r1") == (2, None) and lance.dataset(uri).count_rows() == 600
+    failed = candidate("r2", rows(1000, 300))
+    assert settled(out, "t", "r2") is None and lance.dataset(uri).version == 2
+    tag, version = commit_failed_candidate(out, "t", failed, run_id="r2")
+    lance.dataset(uri).tags.delete(tag)  # as if the first try died between its commits and its tag
+    assert commit_failed_candidate(out, "t", failed, run_id="r2") == (tag, version)
+    assert settled(out, "t", "r2") == (version, tag)
+    assert [v["version"] for v in lance.dataset(uri).versions()] == [1, 2]
+    branch = lance.dataset(uri, version=tag)
+    assert branch.count_rows() == 900 and len(branch.list_indices()) == 2
+    assert len(lance.dataset(uri).get_fragments()) == 1  # (the kept one; the new one moved to the branch)
+    q = branch.to_table(filter="id = 1000").column("v")[0].values.to_numpy()
+    near = branch.to_table(nearest={"column": "v", "q": q, "k": 1, "nprobes": 2, "refine_factor": 50})
+    assert near["id"][0].as_py() == 1000  # (its index found it: the moved index files resolve)

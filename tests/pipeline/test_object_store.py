@@ -164,3 +164,45 @@ def test_s3_failed_gate_and_leftovers(s3, ray_executor):
     again = run_compress([f"s3://corpus/gated?{query}"], out, "t", CompressOptions(**opts, gate_max_drop=1.0),
                          executor=ray_executor)
     assert again.committed and fs.get_file_info(leftover).type == pafs.FileType.NotFound
+
+
+def test_s3_served_failed_gate_never_reaches_main(s3, ray_executor):
+    """Issue 17, --serve lancedb on an object store: the failed candidate (rows and index, built
+    detached) goes to its branch with its files, main's history never holds it, LanceDB
+    searches it by its tag; the next passing run is promoted and its files stay the ones built."""
+    import lance
+    import lancedb
+
+    from vecpress.pipeline.errors import QualityGateError
+    from vecpress.pipeline.lance_io import open_lance
+    from vecpress.pipeline.storage import lance_location
+
+    fs, query = s3
+    fs.create_dir("served-gated")
+    x = ClusteredEmbeddings(16, seed=7).batch(0, 3000)
+    put_parquet(fs, "corpus/served-gated/a.parquet", x[:2000], np.arange(2000))
+    out = f"s3://served-gated/out?{query}"
+    opts = dict(serve="lancedb", codec="IVF8,PQ4", num_train=1000, num_queries=100, eval_k=10)
+    first = run_compress([f"s3://corpus/served-gated?{query}"], out, "t", CompressOptions(**opts),
+                         executor=ray_executor)
+    put_parquet(fs, "corpus/served-gated/b.parquet", x[2000:], np.arange(2000, 3000))
+    with pytest.raises(QualityGateError, match="latest version unchanged"):
+        run_compress([f"s3://corpus/served-gated?{query}"], out, "t", CompressOptions(**opts, gate_min_recall=0.9999),
+                     executor=ray_executor)
+    table = f"s3://served-gated/out/t.lance?{query}"
+    ds = open_lance(table)
+    (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
+    assert [v["version"] for v in ds.versions()] == [1, first.version] and ds.count_rows() == 2000
+    assert fs.get_file_info(pafs.FileSelector(f"served-gated/out/t.lance/tree/{tag}/_indices", recursive=True))
+    target, options = lance_location(out)
+    tbl = lancedb.connect(target, storage_options=options).open_table("t")
+    assert tbl.version == first.version and tbl.count_rows() == 2000
+    tbl.checkout(tag)
+    assert tbl.count_rows() == 3000 and tbl.list_indices()[0].num_unindexed_rows == 0
+    assert tbl.search(x[2500]).nprobes(8).refine_factor(5).limit(1).to_list()[0]["id"] == 2500
+    again = run_compress([f"s3://corpus/served-gated?{query}"], out, "t", CompressOptions(**opts, gate_max_drop=1.0),
+                         executor=ray_executor)
+    assert again.gate["passed"] and open_lance(table).version == again.version == first.version + 1
+    tbl = lancedb.connect(target, storage_options=options).open_table("t")
+    assert tbl.count_rows() == 3000 and tbl.list_indices()[0].num_unindexed_rows == 0
+    assert lance.dataset(target + "/t.lance", version=tag, storage_options=options).count_rows() == 3000

@@ -85,7 +85,14 @@ def test_served_table_holds_vectors_and_an_index_over_every_row(served):
     stored = np.stack(ds.to_table(columns=["embedding"]).column(0).to_numpy(zero_copy_only=False))
     np.testing.assert_allclose(stored, x.astype(np.float16).astype(np.float32))
     info = inspect_table(str(root / "out"), "t", "production")
-    assert info["version"] == result.version == ds.version == 2  # rows (1), then their index (2)
+    assert info["version"] == result.version == ds.version == 2  # empty (1), then the candidate promoted (2)
+    assert [v["version"] for v in ds.versions()] == [1, 2] and lance.dataset(ds.uri, version=1).count_rows() == 0
+    # promoted as it was built: every file in the folder is the version's own, none copied
+    table_dir = root / "out" / "t.lance"
+    assert {p.name for p in (table_dir / "data").iterdir()} == {
+        f.path for frag in ds.get_fragments() for f in frag.data_files()}
+    assert {p.name for p in (table_dir / "_indices").iterdir()} == {i["uuid"] for i in ds.list_indices()}
+    assert not (table_dir / "tree").exists()
     assert info["index"] == {"type": "IVF_PQ", "name": "embedding_idx", "column": "embedding", "segments": 3,
                              "covers_all_rows": True}
     assert info["serve"] == "lancedb" and info["code_bytes"] == 8 and info["vector_bytes"] == 2 * DIM
@@ -202,10 +209,12 @@ def test_nightly_runs_keep_the_index_current(corpus, tmp_path, ray_executor):
 
 
 def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ray_executor):
-    """Issue 17: a LanceDB-served version is evaluated by LanceDB's search over its committed
-    index; when it fails the gate it is tagged failed-<run id> and the good version restored as
-    the latest, so LanceDB's open_table serves the good data again (it served the failed one)."""
+    """Issue 17: a LanceDB-served run builds its version (rows and index) as a detached
+    candidate, which LanceDB's search gates; one that fails goes to its branch failed-<run id>,
+    and main never changes: no reader of latest, polling through the run, and no version of
+    main's history ever holds the failed rows. The failed version stays searchable by its tag."""
     import shutil
+    import threading
 
     import lancedb
 
@@ -215,40 +224,63 @@ def test_a_served_version_that_fails_the_gate_is_not_served(corpus, tmp_path, ra
     src, out = tmp_path / "src", str(tmp_path / "out")
     shutil.copytree(root / "src", src)
     first = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
-    write_vectors(src / "part-new0.parquet", ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 1000),
-                  np.arange(N, N + 1000), extra={"text": pa.array([f"doc {j}" for j in range(N, N + 1000)])})
-    with pytest.raises(QualityGateError, match=r"\(tag failed-.*below the floor.*restores version"):
-        run_compress([str(src)], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
-                     executor=ray_executor)
-    tbl = lancedb.connect(out).open_table("t")
-    assert tbl.count_rows() == N and tbl.count_rows(f"id >= {N}") == 0  # latest: the good data again
-    assert tbl.list_indices()[0].num_unindexed_rows == 0
+    extra = ClusteredEmbeddings(DIM, seed=5, num_clusters=48).batch(N, 1000)
+    write_vectors(src / "part-new0.parquet", extra, np.arange(N, N + 1000),
+                  extra={"text": pa.array([f"doc {j}" for j in range(N, N + 1000)])})
+    seen, stop = [], threading.Event()
+
+    def read_latest():  # a LanceDB user, opening the table over and over during the run
+        while not stop.is_set():
+            tbl = lancedb.connect(out).open_table("t")
+            seen.append((tbl.version, tbl.count_rows(f"id >= {N}")))
+            stop.wait(0.05)
+
+    reader = threading.Thread(target=read_latest)
+    reader.start()
+    try:
+        with pytest.raises(QualityGateError, match=r"\(tag failed-.*below the floor.*latest version unchanged"):
+            run_compress([str(src)], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
+                         executor=ray_executor)
+    finally:
+        stop.set()
+        reader.join()
+    assert len(seen) > 10 and {s for s in seen} == {(first.version, 0)}
     ds = lance.dataset(f"{out}/t.lance")
+    assert [v["version"] for v in ds.versions()] == list(range(1, first.version + 1))  # main: no new version
+    assert all(lance.dataset(f"{out}/t.lance", version=v["version"]).count_rows(f"id >= {N}") == 0
+               for v in ds.versions())
     (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
     failed = inspect_table(out, "t", tag)
-    assert failed["num_rows"] == N + 1000 and failed["gate"]["passed"] is False
-    assert len(failed["eval"]["served"]["grid"]) == 9  # measured after the restore, on the failed version
+    assert failed["num_rows"] == N + 1000 and failed["gate"]["passed"] is False and failed["index"]["covers_all_rows"]
+    assert len(failed["eval"]["served"]["grid"]) == 9
     assert inspect_table(out, "t")["version"] == first.version  # vecpress's default: production
-    assert inspect_table(out, "t", ds.version)["eval"] == inspect_table(out, "t", first.version)["eval"]
+    tbl = lancedb.connect(out).open_table("t")
+    tbl.checkout(tag)  # the failed version, searched by LanceDB with its own index
+    assert tbl.list_indices()[0].num_unindexed_rows == 0
+    assert tbl.search(extra[7]).nprobes(32).refine_factor(5).limit(1).to_list()[0]["id"] == N + 7
     again = run_compress([str(src)], out, "t", CompressOptions(**OPTS), executor=ray_executor)
-    assert again.mode == "incremental" and again.gate["passed"]  # extends the restored good version
+    assert again.mode == "incremental" and again.gate["passed"] and again.version == first.version + 1
     assert lancedb.connect(out).open_table("t").count_rows() == N + 1000
+    assert lance.dataset(f"{out}/t.lance", version=tag).count_rows() == N + 1000  # its files survived the sweep
 
 
 def test_a_first_served_run_that_fails_the_gate_leaves_an_empty_table(corpus, tmp_path, ray_executor):
-    """Issue 17: no good version to restore: the latest is an empty version (LanceDB readers
-    get no rows, not the failed ones); the failed version keeps its tag and index."""
+    """Issue 17: a new table is created empty (the candidate is a detached version of that);
+    a failed candidate goes to its branch: LanceDB readers get no rows, never the failed ones;
+    the failed version keeps its tag and index."""
     import lancedb
 
     from vecpress.pipeline.errors import QualityGateError
 
     root, _ = corpus
     out = str(tmp_path / "out")
-    with pytest.raises(QualityGateError, match="restores no rows"):
+    with pytest.raises(QualityGateError, match="latest version unchanged"):
         run_compress([str(root / "src")], out, "t", CompressOptions(**{**OPTS, "gate_min_recall": 0.9999}),
                      executor=ray_executor)
     assert lancedb.connect(out).open_table("t").count_rows() == 0
-    (tag,) = [t for t in lance.dataset(f"{out}/t.lance").tags.list() if t.startswith("failed-")]
+    ds = lance.dataset(f"{out}/t.lance")
+    assert [v["version"] for v in ds.versions()] == [1]
+    (tag,) = [t for t in ds.tags.list() if t.startswith("failed-")]
     info = inspect_table(out, "t", tag)
     assert info["num_rows"] == N and info["index"]["covers_all_rows"] and info["gate"]["passed"] is False
 
@@ -327,7 +359,7 @@ def test_lance_takes_the_partitions_vecpress_gives(tmp_path, spec):
                                                          "codes": codes[i * 1000:(i + 1) * 1000]}) for i in range(2)]
     job = IndexJob(uri, 1, "v", save_codec(model, str(tmp_path / "codecs")), "float32")
     segments = [build_index_segment((i, 1, b), job=job) for i, b in enumerate(buffers)]
-    stats = lance.dataset(uri, version=commit_index(uri, 1, "v", segments)).stats.index_stats("v_idx")
+    stats = lance.dataset(uri, version=commit_index(uri, 1, segments)).stats.index_stats("v_idx")
     sizes = np.sum([[p["size"] for p in s["partitions"]] for s in stats["indices"]], axis=0)
     np.testing.assert_array_equal(sizes, np.bincount(given, minlength=8))
     assert stats["index_type"] == model.index_type
