@@ -16,7 +16,7 @@ from vecpress.pipeline.locking import LeaseRef, check_lease, table_lock
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import run_report
 from vecpress.pipeline.stages import RunResult, Stages, check_gate, run_stages
-from vecpress.pipeline.tidy import discard_run, sweep_table
+from vecpress.pipeline.tidy import discard_run, remove_detached_manifests, sweep_table
 
 log = logging.getLogger("vecpress")
 
@@ -46,6 +46,7 @@ def run_compress(inputs: Sequence[str] | str, out: str, table: str, opts: Compre
             raise
         if not result.committed:
             discard_run(ctx.out, table, ctx.run_id)
+        remove_detached_manifests(ctx.out, table)  # (a served run's candidate: promoted or filed by now)
     result = dataclasses.replace(result, report=run_report(ctx.out, table, result))
     if on_report is not None:
         on_report(result.report)

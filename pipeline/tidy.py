@@ -34,8 +34,9 @@ def sweep_table(out: str, table: str) -> dict:
     """Remove the files of the table's folder that no version references (uncommitted
     fragments, index segments and transactions of failed or interrupted runs, staging files).
     The caller holds the table's lease. Returns what was removed."""
+    removed = {"data_files": 0, "index_files": 0, "staging_files": 0, "bytes": 0,
+               "detached_manifests": remove_detached_manifests(out, table)}
     ds = open_dataset(out, table)
-    removed = {"data_files": 0, "index_files": 0, "staging_files": 0, "bytes": 0}
     if ds is None and storage.exists(table_uri(out, table)):  # no version: all of it is uncommitted
         loc = storage.resolve(table_uri(out, table))
         removed["data_files"] = sum(1 for f in loc.fs.get_file_info(FileSelector(loc.path, recursive=True))
@@ -63,6 +64,24 @@ def sweep_table(out: str, table: str) -> dict:
                     "staging files (%d bytes)", table_uri(out, table), removed["data_files"], removed["index_files"],
                     removed["staging_files"], removed["bytes"])
     return removed
+
+
+def remove_detached_manifests(out: str, table: str) -> int:
+    """Remove the manifests of detached versions (`_versions/d<n>.manifest`: a served run's
+    candidates, pipeline.gated), which Lance's cleanup keeps forever. With the lease held none
+    is in use: a promoted candidate's data is main's version now, a failed one's its branch's,
+    and a crashed run's is a leftover (its files go with the sweep that follows). Returns how
+    many were removed."""
+    loc = storage.resolve(storage.join(table_uri(out, table), "_versions"))
+    try:
+        infos = loc.fs.get_file_info(FileSelector(loc.path, allow_not_found=True))
+    except OSError:
+        return 0
+    detached = [f.path for f in infos if f.type == FileType.File and f.base_name.startswith("d")
+                and f.base_name.endswith(".manifest")]
+    for path in detached:
+        loc.fs.delete_file(path)
+    return len(detached)
 
 
 def runs_uri(out: str, table: str) -> str:

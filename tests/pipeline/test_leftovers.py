@@ -242,3 +242,13 @@ def test_a_served_candidate_is_promoted_or_filed_once_per_run(tmp_path):
     q = branch.to_table(filter="id = 1000").column("v")[0].values.to_numpy()
     near = branch.to_table(nearest={"column": "v", "q": q, "k": 1, "nprobes": 2, "refine_factor": 50})
     assert near["id"][0].as_py() == 1000  # (its index found it: the moved index files resolve)
+    # the candidates' detached manifests, which Lance's cleanup keeps, go once the run is done
+    from vecpress.pipeline.tidy import remove_detached_manifests, sweep_table
+
+    assert any(n.startswith("d") for n in os.listdir(os.path.join(uri, "_versions")))
+    assert remove_detached_manifests(out, "t") >= 3
+    assert not any(n.startswith("d") for n in os.listdir(os.path.join(uri, "_versions")))
+    sweep_table(out, "t")
+    assert lance.dataset(uri).count_rows() == 600 and lance.dataset(uri, version=tag).count_rows() == 900
+    assert lance.dataset(uri, version=tag).to_table(nearest={"column": "v", "q": q, "k": 1, "nprobes": 2,
+                                                              "refine_factor": 50})["id"][0].as_py() == 1000
