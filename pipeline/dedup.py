@@ -19,6 +19,7 @@ read of the source, over the kept rows only (`exact_kept_shard`).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, replace
 
 import lance
@@ -32,7 +33,13 @@ from vecpress.pipeline import storage
 from vecpress.pipeline.context import load_arrays, save_arrays
 from vecpress.pipeline.layout import Shard
 from vecpress.pipeline.rowmap import RowMap
-from vecpress.pipeline.scan import Columns, scan_shard
+from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.identity import Duplicates
+from vecpress.pipeline.layout import group_shards, merge_shards
+from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.scan import Columns, batch_rows, scan_shard
+
+log = logging.getLogger("vecpress")
 
 #: rows per batch a rewrite reads and writes
 REWRITE_BATCH_ROWS = 65_536
@@ -139,3 +146,44 @@ def exact_kept_shard(shard: Shard, *, columns: Columns, metric: str, queries: np
     for _ in scan_shard(shard, columns, [observer], batch_size=batch_size):
         pass
     return observer.top.D, observer.top.I
+
+
+def dropped_record(dup: Duplicates, rows: RowMap, uri: str, plan, keep: str) -> dict:
+    """The id check's record of the rows a keep option dropped, and its log line."""
+    examples = [[i, p] for i, p in dup.examples]
+    log.warning("duplicate ids: %d id(s) of column %r occur more than once; --duplicate-ids %s: %d of %d rows "
+                "dropped, e.g. %s", dup.num_ids, plan.id_column, keep, len(rows.dropped), plan.num_rows,
+                "; ".join(f"id {i!r} at positions {p}" for i, p in examples))
+    return {"num_ids_duplicated": dup.num_ids, "rows_dropped": len(rows.dropped), "examples": examples,
+            "dropped_uri": uri}
+
+
+def drop_from_units(units: list[Unit], rows: RowMap, executor: Executor, **shared) -> tuple[list[Unit], tuple]:
+    """The units that hold a dropped row, written again without it (one task each); the
+    others as they are. Returns the units and the data files the rewrites replaced."""
+    items = [(i, u, rows.dropped_in(u.start, u.start + u.num_rows)) for i, u in enumerate(units)]
+    items = [it for it in items if len(it[2])]
+    units, replaced = list(units), []
+    done = executor.map(drop_rows, [(u, local) for _, u, local in items], desc="drop duplicated rows", shared=shared)
+    for (i, _, _), r in zip(items, done):
+        units[i] = r.unit
+        replaced += r.replaced
+    return units, tuple(replaced)
+
+
+def exact_over_kept(plan, rows: RowMap, xq: np.ndarray, qpos: np.ndarray, opts: CompressOptions, executor: Executor,
+                     complete: np.ndarray) -> np.ndarray:
+    """The queries' exact top-k over the kept rows (global positions), from one more read of
+    the source: when the encode pass's deeper top-k held too many dropped rows for some."""
+    log.info("encode: %d of %d queries had more than %d dropped rows among their %d nearest: their exact neighbours "
+             "are read again over the kept rows", int((~complete).sum()), len(complete), opts.eval_k,
+             2 * opts.eval_k)
+    rows_per_batch = batch_rows(opts.batch_size, plan.dim, gpu=False)
+    top = TopK(len(qpos), opts.eval_k, exclude=qpos)
+    for _, (D, I) in executor.imap(exact_kept_shard, [merge_shards(g) for g in group_shards(plan.shards, rows_per_batch)],
+                                   desc="exact neighbours (kept rows)",
+                                   shared={"columns": Columns.of(plan, opts.metric), "metric": opts.metric,
+                                           "queries": xq, "query_positions": qpos, "k": opts.eval_k,
+                                           "dropped": rows.dropped, "batch_size": rows_per_batch}):
+        top.add(D, I)
+    return top.I

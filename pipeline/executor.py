@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
+import os
 import time
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
@@ -58,6 +60,27 @@ class LocalExecutor:
 
     def map(self, fn, items, *, desc, shared=None):
         return collect(self.imap(fn, items, desc=desc, shared=shared))
+
+
+class ThreadExecutor(LocalExecutor):
+    """Runs items on a pool of threads in this process: for work that waits on I/O or runs
+    in native code that releases the GIL (Parquet decoding, faiss, Lance reads), such as one
+    query's re-rank reads, where starting Ray would cost more than the work."""
+
+    def __init__(self, max_workers: int | None = None):
+        self.max_workers = max_workers or os.cpu_count() or 1
+
+    def imap(self, fn, items, *, desc, shared=None):
+        items = list(items)
+        if len(items) < 2 or self.max_workers < 2:
+            yield from super().imap(fn, items, desc=desc, shared=shared)
+            return
+        progress = Progress(desc, len(items))
+        with concurrent.futures.ThreadPoolExecutor(min(self.max_workers, len(items))) as pool:
+            futures = {pool.submit(fn, item, **(shared or {})): i for i, item in enumerate(items)}
+            for future in concurrent.futures.as_completed(futures):
+                progress.step()
+                yield futures[future], future.result()
 
 
 def collect(results: Iterable[tuple[int, Any]]) -> list:

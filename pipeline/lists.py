@@ -19,6 +19,7 @@ readers, re-ranking from the source and incremental runs see the table as before
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from dataclasses import dataclass
 
@@ -35,6 +36,8 @@ from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.rowmap import RowMap
 from vecpress.pipeline.schema import codes_array, codes_as_numpy
+
+log = logging.getLogger("vecpress")
 
 #: rows of one group of partitions: what a build task holds (positions, codes, a sort of them)
 LIST_GROUP_ROWS = 1_000_000
@@ -284,6 +287,34 @@ def _single_query_ms(lists: InvertedLists, codec, xq: np.ndarray, nprobes: int) 
 def open_lists(spec: ListsSpec) -> InvertedLists:
     """A version's lists, kept open per process (a table handle's searches reuse them)."""
     return InvertedLists(spec)
+
+
+def build_and_measure(relative, spec: ListsSpec, files: list[str], executor, *, xq: np.ndarray,
+                   qpos: np.ndarray, truth: np.ndarray, found: np.ndarray | None, codec, rows: RowMap) -> dict:
+    """Build the inverted lists from the tasks' files (removed after; the rows `rows` drops
+    left out, the others listed by their table row), and measure their search of the
+    held-out queries along the nprobes grid against the encode pass's exhaustive search over
+    the table's codes (`found`; `truth`, `qpos` and `found` in table rows): the manifest's
+    `partitions` record."""
+    start = time.perf_counter()
+    sizes = build_lists(executor, spec, files, dropped=rows.dropped)
+    storage.remove_tree(spec.parts_uri)
+    built = time.perf_counter() - start
+    exhaustive = recall_table(truth, found, int(sizes.sum())) if found is not None else \
+        {"recall_at_10": None}
+    measured = measure_nprobes(InvertedLists(spec), load_codec(codec), xq, qpos, truth, int(sizes.sum()), exhaustive)
+    log.info("inverted lists: %d partitions (%d to %d rows), built in %.1fs; default nprobes %d: recall@10 %s "
+             "(exhaustive %s)", spec.nlist, sizes.min(), sizes.max(), built, measured["default_nprobes"],
+             _recall_at(measured, measured["default_nprobes"]), exhaustive["recall_at_10"])
+    return {**measured, "uri": relative(spec.uri), "num_groups": spec.num_groups,
+            "coarse": {**spec.coarse.to_dict(), "uri": relative(spec.coarse.uri)},
+            "residual": spec.residual and {**spec.residual.to_dict(), "uri": relative(spec.residual.uri)},
+            "sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
+            "build_seconds": round(built, 3), "seconds": round(time.perf_counter() - start, 3)}
+
+
+def _recall_at(measured: dict, nprobes: int):
+    return next((r["recall_at_10"] for r in measured["grid"] if r["nprobes"] == nprobes), None)
 
 
 def version_lists(out: str, manifest: dict) -> InvertedLists | None:

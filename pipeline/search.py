@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from vecpress.kernels.knn import TopK, prepare_vectors
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import SourceError, VecpressError
-from vecpress.pipeline.executor import Executor, LocalExecutor
+from vecpress.pipeline.executor import Executor, LocalExecutor, ThreadExecutor
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import manifest_codec
 from vecpress.pipeline.lance_io import (
@@ -102,6 +102,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         raise VecpressError(f"rerank must be 0 (off) or a factor of at least 1, got {rerank}")
     if rerank_from not in ("auto", "source", "column"):
         raise VecpressError(f"rerank_from must be auto, source or column, not {rerank_from!r}")
+    reads = executor or ThreadExecutor()  # (one search's re-rank reads: threads, not Ray tasks)
     executor = executor or LocalExecutor()
     ds = require_dataset(out, table, version)
     m = version_manifest(ds)
@@ -146,7 +147,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         else:
             plan = SourcePlan.from_dict(json.loads(read_run_file(out, m["source"]["plan_uri"],
                                                                  needed_for="re-ranking from the source")))
-            E = source_distances(plan, xq, RowMap.of_manifest(out, m).positions_of(I), m["metric"], executor)
+            E = source_distances(plan, xq, RowMap.of_manifest(out, m).positions_of(I), m["metric"], reads)
         order = np.argsort(E, axis=1, kind="stable")[:, :k]
         D, I = np.take_along_axis(E, order, axis=1), np.take_along_axis(I, order, axis=1)
         I[~np.isfinite(D)] = -1

@@ -29,18 +29,17 @@ import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.knn import TopK
-from vecpress.kernels.metrics import recall_table
 from vecpress.pipeline import storage
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import RunContext, load_array, save_array, save_arrays
 from vecpress.pipeline.errors import SourceError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.dedup import Unit, drop_rows, exact_kept_shard, kept_top, pass_k
+from vecpress.pipeline.dedup import Unit, drop_from_units, dropped_record, exact_over_kept, kept_top, pass_k
 from vecpress.pipeline.identity import (
-    Duplicates, collect_dropped, find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets,
+    collect_dropped, find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets,
 )
 from vecpress.pipeline.kept import KeptSearch, search_kept_shard
-from vecpress.pipeline.lists import InvertedLists, ListsSpec, build_lists, measure_nprobes, write_task_lists
+from vecpress.pipeline.lists import ListsSpec, build_and_measure, write_task_lists
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.rowmap import RowMap
@@ -446,13 +445,13 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                           for i, (shards, buffer) in sorted(tasks.items())]
     replaced: tuple[str, ...] = ()
     if rows:
-        id_check.update(_dropped_record(dup, rows, ctx.run_file("dropped.npy"), plan, keep))
-        units, replaced = _drop_from_units(units, rows, executor, table_uri=ctx.table_uri,
+        id_check.update(dropped_record(dup, rows, ctx.run_file("dropped.npy"), plan, keep))
+        units, replaced = drop_from_units(units, rows, executor, table_uri=ctx.table_uri,
                                            max_rows_per_file=job.max_rows_per_file)
     id_check["seconds"] = round(time.perf_counter() - check_start, 3)
     truth, _, complete = kept_top(exact.I, rows, opts.eval_k)
     if not complete.all():
-        truth = rows.rows_of(_exact_over_kept(plan, rows, xq, qpos, opts, executor, complete))
+        truth = rows.rows_of(exact_over_kept(plan, rows, xq, qpos, opts, executor, complete))
     gt_uri = save_array(ctx.run_file("ground_truth.npy"), truth)
     search_ids_uri = search_exact_uri = None
     if searched:
@@ -466,7 +465,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                 search_exact_uri = save_array(ctx.run_file("search_exact.npy"), extra[0])
     partitions = None
     if job.lists is not None:  # (the search in the pass, where complete, is the exhaustive one to match)
-        partitions = inverted_lists(ctx, job.lists, list_files, executor, xq=xq, qpos=rows.rows_of(qpos), truth=truth,
+        partitions = build_and_measure(ctx.relative, job.lists, list_files, executor, xq=xq, qpos=rows.rows_of(qpos), truth=truth,
                                     found=found_I if search_ids_uri else None, codec=trained.codec, rows=rows)
     new_fragments = [f for u in units[len(kept_units):] for f in u.fragments]
     kept_fragments = [f for u in units[:len(kept_units)] for f in u.fragments]
@@ -482,72 +481,3 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                    search_ids_uri, search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri,
                    id_check=id_check, replaced_files=replaced, index_buffers=tuple(index_buffers),
                    lists=job.lists, partitions=partitions)
-
-
-def inverted_lists(ctx: RunContext, spec: ListsSpec, files: list[str], executor: Executor, *, xq: np.ndarray,
-                   qpos: np.ndarray, truth: np.ndarray, found: np.ndarray | None, codec, rows: RowMap) -> dict:
-    """Build the inverted lists from the tasks' files (removed after; the rows `rows` drops
-    left out, the others listed by their table row), and measure their search of the
-    held-out queries along the nprobes grid against the encode pass's exhaustive search over
-    the table's codes (`found`; `truth`, `qpos` and `found` in table rows): the manifest's
-    `partitions` record."""
-    start = time.perf_counter()
-    sizes = build_lists(executor, spec, files, dropped=rows.dropped)
-    storage.remove_tree(spec.parts_uri)
-    built = time.perf_counter() - start
-    exhaustive = recall_table(truth, found, int(sizes.sum())) if found is not None else \
-        {"recall_at_10": None}
-    measured = measure_nprobes(InvertedLists(spec), load_codec(codec), xq, qpos, truth, int(sizes.sum()), exhaustive)
-    log.info("inverted lists: %d partitions (%d to %d rows), built in %.1fs; default nprobes %d: recall@10 %s "
-             "(exhaustive %s)", spec.nlist, sizes.min(), sizes.max(), built, measured["default_nprobes"],
-             _recall_at(measured, measured["default_nprobes"]), exhaustive["recall_at_10"])
-    return {**measured, "uri": ctx.relative(spec.uri), "num_groups": spec.num_groups,
-            "coarse": {**spec.coarse.to_dict(), "uri": ctx.relative(spec.coarse.uri)},
-            "residual": spec.residual and {**spec.residual.to_dict(), "uri": ctx.relative(spec.residual.uri)},
-            "sizes": {"min": int(sizes.min()), "max": int(sizes.max()), "empty": int((sizes == 0).sum())},
-            "build_seconds": round(built, 3), "seconds": round(time.perf_counter() - start, 3)}
-
-
-def _recall_at(measured: dict, nprobes: int):
-    return next((r["recall_at_10"] for r in measured["grid"] if r["nprobes"] == nprobes), None)
-
-
-def _dropped_record(dup: Duplicates, rows: RowMap, uri: str, plan, keep: str) -> dict:
-    """The id check's record of the rows a keep option dropped, and its log line."""
-    examples = [[i, p] for i, p in dup.examples]
-    log.warning("duplicate ids: %d id(s) of column %r occur more than once; --duplicate-ids %s: %d of %d rows "
-                "dropped, e.g. %s", dup.num_ids, plan.id_column, keep, len(rows.dropped), plan.num_rows,
-                "; ".join(f"id {i!r} at positions {p}" for i, p in examples))
-    return {"num_ids_duplicated": dup.num_ids, "rows_dropped": len(rows.dropped), "examples": examples,
-            "dropped_uri": uri}
-
-
-def _drop_from_units(units: list[Unit], rows: RowMap, executor: Executor, **shared) -> tuple[list[Unit], tuple]:
-    """The units that hold a dropped row, written again without it (one task each); the
-    others as they are. Returns the units and the data files the rewrites replaced."""
-    items = [(i, u, rows.dropped_in(u.start, u.start + u.num_rows)) for i, u in enumerate(units)]
-    items = [it for it in items if len(it[2])]
-    units, replaced = list(units), []
-    done = executor.map(drop_rows, [(u, local) for _, u, local in items], desc="drop duplicated rows", shared=shared)
-    for (i, _, _), r in zip(items, done):
-        units[i] = r.unit
-        replaced += r.replaced
-    return units, tuple(replaced)
-
-
-def _exact_over_kept(plan, rows: RowMap, xq: np.ndarray, qpos: np.ndarray, opts: CompressOptions, executor: Executor,
-                     complete: np.ndarray) -> np.ndarray:
-    """The queries' exact top-k over the kept rows (global positions), from one more read of
-    the source: when the encode pass's deeper top-k held too many dropped rows for some."""
-    log.info("encode: %d of %d queries had more than %d dropped rows among their %d nearest: their exact neighbours "
-             "are read again over the kept rows", int((~complete).sum()), len(complete), opts.eval_k,
-             2 * opts.eval_k)
-    rows_per_batch = batch_rows(opts.batch_size, plan.dim, gpu=False)
-    top = TopK(len(qpos), opts.eval_k, exclude=qpos)
-    for _, (D, I) in executor.imap(exact_kept_shard, [merge_shards(g) for g in group_shards(plan.shards, rows_per_batch)],
-                                   desc="exact neighbours (kept rows)",
-                                   shared={"columns": Columns.of(plan, opts.metric), "metric": opts.metric,
-                                           "queries": xq, "query_positions": qpos, "k": opts.eval_k,
-                                           "dropped": rows.dropped, "batch_size": rows_per_batch}):
-        top.add(D, I)
-    return top.I
