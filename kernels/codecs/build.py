@@ -87,6 +87,10 @@ def build_index(spec: str, dim: int, metric: str):
     # binary codes are compared by Hamming distance whatever the metric; faiss's LSH is L2-only
     index = _faiss_index(p.spec, p.factory, d_in, faiss.METRIC_L2 if p.binary else mt, what)
     chain, inner = _innermost(index)
+    if p.sq_type:  # (a type faiss's factory has no word for: built as SQ8, its type swapped in)
+        inner.sq.qtype = getattr(faiss.ScalarQuantizer, p.sq_type)
+        inner.sq.set_derived_sizes()
+        inner.code_size = inner.sq.code_size
     if not isinstance(inner, (faiss.IndexFlatCodes, faiss.IndexPQFastScan)):
         raise CodecSpecError(
             f"codec {p.spec!r} builds a {type(inner).__name__}, not a standalone codec: use a "

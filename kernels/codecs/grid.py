@@ -15,7 +15,8 @@ def default_grid(dim: int, metric: str, *, min_bytes: int = 8, max_bytes: int = 
     a few seconds each on 20k x 384 vectors on 2 cores: 8-bit PQ only with >= 8 dims per
     sub-vector (or m <= 8), one RQ with beam 1 (on a PCA64 projection above dim 64), OPQ only
     at dim <= 64 with >= 8 dims per sub-vector, no LSQ, MRL prefixes only at dim >= 256 (they
-    only pay off on Matryoshka-trained embeddings).
+    only pay off on Matryoshka-trained embeddings). faiss 1.15's EDEN and TurboQuant scalar
+    types need no k-means: they cost the sweep their encoding only.
     """
     faiss_metric(metric)
     cands: list[str] = []
@@ -30,6 +31,11 @@ def default_grid(dim: int, metric: str, *, min_bytes: int = 8, max_bytes: int = 
     # RQ: beam 1 (beam 4 is 5x slower to train); above dim 64 on a 64-dim PCA projection
     cands += ["RQ8x8,beam=1" if dim <= 64 else "PCA64,RQ8x8,beam=1"]
     cands += ["SQ4", "SQ6", "SQ8", "SQfp16", "SQbf16", "SQ8,calibrate=0.001"]
+    # faiss 1.15's rotation-based scalar types: no k-means, seconds to train at any size.
+    # EDEN at 1, 2 and 4 bits per dim; TurboQuant's MSE-optimal types assume unit vectors
+    # (cosine), its plain ones carry a per-vector correction (any metric)
+    cands += ["SQeden1", "SQeden2", "SQeden4"]
+    cands += ["SQtqmse1", "SQtqmse2", "SQtqmse4"] if metric == "cosine" else ["SQtq2", "SQtq4"]
     cands += ["BIN", "BINt", "RaBitQ", "RaBitQ4"]
     if dim >= 256:
         half, quarter = dim // 2, dim // 4

@@ -18,6 +18,11 @@ Spec grammar (comma-separated, `key=value` options anywhere after the first toke
 - scalar: `SQ4`, `SQ6`, `SQ8`, `SQfp16`, `SQbf16`. Option `calibrate=q` (SQ4/6/8 only): each
   dimension's range is the [q, 1-q] quantile range of the training sample instead of min..max,
   so a few outliers do not waste the levels (faiss RS_quantiles).
+- faiss 1.15's rotation-based scalar types, trained by no k-means at all: `SQeden1`..`SQeden8`
+  (EDEN: b bits per dim after a random rotation, scaled per vector; built as faiss's
+  QT_<b>bit_eden, which its factory has no word for), and TurboQuant `SQtq2`..`SQtq5` (b bits
+  per dim and a per-vector correction) and `SQtqmse1`..`SQtqmse8` (b bits per dim, MSE-optimal
+  for unit vectors: for cosine).
 - RaBitQ: `RaBitQ` (1 bit per dim + 8 bytes of factors), `RaBitQ2`..`RaBitQ8` (multi-bit).
   Option `qb=N` (0..8): bits used to quantize queries during search (0 = float queries).
   faiss 1.15's decode() of a multi-bit RaBitQ code returns only the 1-bit reconstruction;
@@ -69,6 +74,9 @@ class ParsedSpec:
     factory: str  # faiss factory string of the codec (BIN/BINt replaced by LSH)
     binary: str | None  # "BIN" or "BINt"
     options: dict = field(default_factory=dict)
+    #: a faiss ScalarQuantizer type the factory cannot name (`SQeden4` -> "QT_4bit_eden"): the
+    #: factory builds an SQ8 in its place and codecs.build swaps the type in
+    sq_type: str | None = None
 
 
 def parse_spec(spec: str, dim: int) -> ParsedSpec:
@@ -120,7 +128,17 @@ def parse_spec(spec: str, dim: int) -> ParsedSpec:
                              "RR<d> or PCAR<d> before BIN instead")
     if any(t in ("BIN", "BINt") for t in body[:-1]):
         raise CodecSpecError(f"codec {spec!r}: BIN/BINt must be the last codec part")
-    return ParsedSpec(spec=spec.strip(), mrl=mrl, factory=",".join(body), binary=binary, options=options)
+    sq_type = None
+    for i, tok in enumerate(body):
+        if m := re.fullmatch(r"SQeden(\d*)", tok):
+            bits = int(m.group(1) or 0)
+            if not 1 <= bits <= 8:
+                raise CodecSpecError(f"codec {spec!r}: EDEN takes 1 to 8 bits per dim (SQeden1..SQeden8), got {tok}")
+            if sq_type is not None or i != len(body) - 1:
+                raise CodecSpecError(f"codec {spec!r}: SQeden<b> must be the last codec part, and only once")
+            sq_type, body[i] = f"QT_{bits}bit_eden", "SQ8"
+    return ParsedSpec(spec=spec.strip(), mrl=mrl, factory=",".join(body), binary=binary, options=options,
+                      sq_type=sq_type)
 
 
 def is_binary_spec(spec: str, dim: int) -> bool:

@@ -37,7 +37,23 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int)
         index.train(xt)
     _release_gpu(inner)
     del keep_alive
+    if parse_spec(spec, dim).sq_type and parse_spec(spec, dim).sq_type.endswith("_eden"):
+        _scale_eden(chain, inner, xt)
     return index
+
+
+def _scale_eden(chain, inner, xt: np.ndarray) -> None:
+    """faiss 1.15's EDEN levels are fixed for coordinates of unit variance (Lloyd-Max for a
+    standard normal), so its error depends on the data's scale (unit vectors at 2 bits:
+    8x their own energy). Scaled by the training data's RMS coordinate, as it reaches the
+    quantizer, the codec is scale-invariant (SIFT, unit vectors and Gaussians alike: relative
+    error 0.11-0.15 at 2 bits, 0.009-0.011 at 4)."""
+    x = xt
+    for vt in chain:
+        x = vt.apply(x)
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+    levels = faiss.vector_to_array(inner.sq.trained) * (rms if rms > 0 else 1.0)
+    faiss.copy_array_to_vector(levels.astype(np.float32), inner.sq.trained)
 
 
 def _pretransform_levels(index) -> list:

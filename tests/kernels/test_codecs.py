@@ -63,6 +63,10 @@ FAMILIES = [
     ("MRL32,PQ8", "cosine", 8, 2000),
     ("MRL32,SQ8", "ip", 32, 2000),
     ("MRL48,PQ16x4fs", "l2", 8, 2000),
+    ("SQeden4", "l2", 32, 2000),
+    ("RR64,SQeden2", "cosine", 16, 2000),
+    ("SQtq4", "l2", 40, 2000),
+    ("SQtqmse4", "cosine", 32, 2000),
 ]
 
 
@@ -431,6 +435,9 @@ def test_pq_training_is_never_polysemous(data):
     ("BIN,PQ8", 5000, "BIN/BINt must be the last"),
     ("", 5000, "empty codec spec"),
     ("PQ16x5fs", 5000, "could not parse"),  # fast-scan is 4-bit only
+    ("SQeden9", 5000, "EDEN takes 1 to 8 bits"),
+    ("SQeden4,PQ8", 5000, "SQeden<b> must be the last"),
+    ("SQeden4,calibrate=0.01", 5000, "calibrate= applies to SQ4/SQ6/SQ8"),
 ])
 def test_impossible_specs_are_rejected(spec, num_train, needle):
     with pytest.raises(CodecSpecError, match=needle):
@@ -451,14 +458,16 @@ def test_code_sizes_without_data(spec, dim, size):
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_default_grid_is_valid_and_covers_the_range(dim, metric):
     grid = default_grid(dim, metric)
-    assert len(grid) == len(set(grid)) and 8 <= len(grid) <= 24, grid
+    assert len(grid) == len(set(grid)) and 8 <= len(grid) <= 28, grid
     sizes = [check_codec_spec(s, dim, metric, 20_000) for s in grid]
     assert sizes == sorted(sizes) and all(8 <= b <= 256 for b in sizes)
     assert min(sizes) == 8 and max(sizes) >= 64, "both ends of the budget range"
     families = {next(f for f in ("MRL", "OPQ", "PCA64,RQ", "RQ", "PQ", "SQ", "BIN", "RaBitQ") if s.startswith(f))
                 for s in grid}
     assert {"PQ", "RaBitQ"} <= families and ({"RQ", "PCA64,RQ"} & families)
-    assert ("SQ" in families) == (dim <= 512), "SQ4 is dim/2 bytes"
+    assert ("SQ" in families) and (("SQ4" in grid) == (dim <= 512)), "SQ4 is dim/2 bytes, SQeden1 dim/8"
+    assert any(s.startswith("SQeden") for s in grid)
+    assert any(s.startswith("SQtqmse" if metric == "cosine" else "SQtq") for s in grid)
     assert any(s.endswith("x4fs") for s in grid)
     assert ("MRL" in families) == (dim >= 256)
     if dim >= 64:
@@ -510,3 +519,16 @@ def test_a_model_without_pq_codes_only_the_partition():
     np.testing.assert_array_equal(model.decode(codes), model.centroids[parts])
     again = IvfModel.from_bytes(model.to_bytes(), spec="IVF16,SQ", metric="l2")
     np.testing.assert_array_equal(again.encode(x[:10]), codes)
+
+
+@pytest.mark.parametrize("spec", ["SQeden2", "RR64,SQeden4"])
+def test_eden_is_scale_invariant(data, spec):
+    """faiss's EDEN levels assume unit-variance coordinates; vecpress scales them to the data."""
+    xb, _ = data
+    errors = []
+    for scale in (1 / np.linalg.norm(xb, axis=1).mean(), 1.0, 100.0):  # unit vectors, raw, large
+        x = (xb * scale).astype(np.float32)
+        codec = Codec.train(x, spec, "l2")
+        errors.append(relative_error(x, codec.decode(codec.encode(x))))
+    assert max(errors) - min(errors) < 0.01, errors
+    assert max(errors) < (0.2 if "eden2" in spec else 0.03), errors
