@@ -191,7 +191,7 @@ def partition_lines(partitions: dict | None) -> list[str]:
     return [f"partitions      {partitions['nlist']} ({sizes['min']:,}..{sizes['max']:,} rows each); a query probes "
             f"{partitions['default_nprobes']} by default" + (", residual codes" if partitions.get("residual") else "")
             + ("" if every is None else
-                                                             f" (every code scored: recall@10 {every:.3f})"),
+                                                             f" (the table's codes, every one scored: recall@10 {every:.3f})"),
             "  nprobes: recall@10 (p50 ms)  " + "  ".join(cells)]
 
 
