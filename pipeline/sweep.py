@@ -33,6 +33,7 @@ from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
+from vecpress.pipeline.heartbeat import Heartbeat
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
@@ -148,7 +149,10 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
     for spec in specs:
         start = time.perf_counter()
         try:
-            codec = codec_kind(spec).train(xt, spec, metric, seed=seed, ngpu=ngpu)
+            with Heartbeat(f"sweep: train {spec} on {len(xt):,} vectors") as beat:
+                kind = codec_kind(spec)
+                codec = kind.train(xt, spec, metric, seed=seed, ngpu=ngpu,
+                                   **({"progress": beat.step} if kind is Codec else {}))
         except (CodecSpecError, RuntimeError, ValueError) as exc:
             failed.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
             log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])

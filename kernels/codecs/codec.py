@@ -43,10 +43,13 @@ class Codec:
 
     # ---- training -------------------------------------------------------------------------
     @classmethod
-    def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1) -> "Codec":
+    def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1,
+              progress=None) -> "Codec":
         """Train on `xt` (raw vectors; normalised here for cosine). Deterministic for a given
-        seed and sample. Uses faiss's GPU k-means assignment when faiss sees a GPU."""
-        index = train_index(xt, spec, metric, seed=seed, ngpu=ngpu)
+        seed and sample. Uses faiss's GPU k-means assignment when faiss sees a GPU.
+        `progress(done, total)`, if given, hears of each step finished where the training has
+        steps of its own (a PQ's sub-quantizers)."""
+        index = train_index(xt, spec, metric, seed=seed, ngpu=ngpu, progress=progress)
         return cls(spec=spec, metric=metric, dim=int(index.d), index=index)
 
     # ---- coding ---------------------------------------------------------------------------

@@ -4,7 +4,7 @@ k-means assignment where faiss sees a GPU (released afterwards: a plain CPU code
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 from vecpress.kernels.knn import prepare_vectors
 
 
-def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int):
+def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None):
     """The faiss index of `spec` trained on `xt` (raw vectors; normalised here for cosine):
     what Codec.train wraps. Deterministic for a given seed and sample. Uses faiss's GPU
     k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none)."""
@@ -32,7 +32,7 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int)
         return index
     keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
     if keep_alive is None and _trains_pq_in_parallel(inner):
-        _train_pq_in_parallel(index, chain, inner, xt)
+        _train_pq_in_parallel(index, chain, inner, xt, progress)
     else:
         index.train(xt)
     _release_gpu(inner)
@@ -98,7 +98,7 @@ def _trains_pq_in_parallel(inner) -> bool:
         and int(inner.pq.train_type) == faiss.ProductQuantizer.Train_default and int(inner.pq.M) > 1
 
 
-def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray) -> None:
+def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray, progress=None) -> None:
     """Train the pre-transforms as faiss does (IndexPreTransform.train), then the PQ's M
     sub-quantizers side by side, one k-means per CPU thread, each on one thread.
 
@@ -120,7 +120,11 @@ def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray) -> None:
         return faiss.vector_to_array(clustering.centroids)
 
     with ThreadPoolExecutor(max(1, min(M, faiss.omp_get_max_threads()))) as pool:
-        centroids = list(pool.map(sub_quantizer, range(M)))
+        futures = [pool.submit(sub_quantizer, m) for m in range(M)]
+        for done, _ in enumerate(as_completed(futures), 1):
+            if progress is not None:
+                progress(done, M)
+        centroids = [f.result() for f in futures]
     faiss.copy_array_to_vector(np.concatenate(centroids).astype(np.float32), pq.centroids)
     inner.is_trained = True
     for level in _pretransform_levels(index):

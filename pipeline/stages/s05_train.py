@@ -13,6 +13,7 @@ from vecpress.kernels.codecs.ivf import IvfModel
 from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
+from vecpress.pipeline.heartbeat import Heartbeat
 from vecpress.pipeline.incremental import probe_quality
 from vecpress.pipeline.lists import auto_partitions, coarse_spec, residual_fits, residual_metric
 from vecpress.pipeline.options import CompressOptions
@@ -46,24 +47,31 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
         ref = advised.pretrained  # trained by the advisor's sweep on this same sample and seed
     else:
         kind = IvfModel if opts.serve == "lancedb" else Codec  # the served index's model, or a codec
-        ref = save_codec(kind.train(xt, spec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+        ref = save_codec(_train(kind, xt, spec, opts.metric, opts), ctx.sidecar)
     warm = None
     if opts.rerank_codec:
-        warm = save_codec(Codec.train(xt, opts.rerank_codec, opts.metric, seed=opts.seed, ngpu=opts.ngpu), ctx.sidecar)
+        warm = save_codec(_train(Codec, xt, opts.rerank_codec, opts.metric, opts, "the warm column's "), ctx.sidecar)
     coarse = residual = None
     nlist = num_partitions(opts, advised.planned.plan.num_rows, len(xt))
     if nlist:  # trained with the codec, on the same sample
-        model = IvfModel.train(xt, coarse_spec(nlist), opts.metric, seed=opts.seed, ngpu=opts.ngpu)
+        model = _train(IvfModel, xt, coarse_spec(nlist), opts.metric, opts, "the partitions' ")
         coarse = save_codec(model, ctx.sidecar)
         if opts.residual and residual_fits(ref.spec, model.dim):
             r = model.residuals(xt, model.assign(xt)[0])
-            residual = save_codec(Codec.train(r, ref.spec, residual_metric(opts.metric), seed=opts.seed,
-                                              ngpu=opts.ngpu), ctx.sidecar)
+            residual = save_codec(_train(Codec, r, ref.spec, residual_metric(opts.metric), opts, "the residuals' "),
+                                  ctx.sidecar)
     baseline = probe_quality(load_codec(ref), load_array(sampled.queries_uri))  # held out: never trained on
     log.info("train: %s%s on %d vectors in %.1fs -> %s", ref.spec, f" with {nlist} partitions" +
              (" (residual codes)" if residual else "") if nlist else "", xt.shape[0], time.perf_counter() - start,
              ref.uri)
     return Trained(ref, warm, time.perf_counter() - start, baseline, coarse, residual)
+
+
+def _train(kind, xt, spec: str, metric: str, opts: CompressOptions, what: str = ""):
+    """`kind.train` (a Codec or an IvfModel), its progress in the log (pipeline.heartbeat)."""
+    with Heartbeat(f"train: {what}{spec} on {len(xt):,} vectors") as beat:
+        steps = {"progress": beat.step} if kind is Codec else {}
+        return kind.train(xt, spec, metric, seed=opts.seed, ngpu=opts.ngpu, **steps)
 
 
 def num_partitions(opts: CompressOptions, num_rows: int, num_train: int) -> int:
