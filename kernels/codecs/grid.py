@@ -28,8 +28,11 @@ def default_grid(dim: int, metric: str, *, min_bytes: int = 8, max_bytes: int = 
     cands += [f"PQ{m}x4fs" for m in (16, 32, 64, 128) if dim % m == 0 and dim // m >= 2]
     if dim <= 64:  # OPQ's 50 rotation iterations: 3 s at dim 64, 10 s at 128, minutes at 384
         cands += [f"OPQ{m},PQ{m}" for m in (8, 16) if dim % m == 0 and dim // m >= 8][:1]
-    # RQ: beam 1 (beam 4 is 5x slower to train); above dim 64 on a 64-dim PCA projection
+    # RQ: beam 1 (beam 4 is 5x slower to train); above dim 64 on a 64-dim PCA projection too.
+    # The best codecs per byte (BENCHMARKS.md: codec families) and the costliest to train:
+    # the advisor's first stage (pipeline.preselect) judges them on a small sample
     cands += ["RQ8x8,beam=1" if dim <= 64 else "PCA64,RQ8x8,beam=1"]
+    cands += [f"RQ{m}x8,beam=1" for m in (16, 32) if dim > 64]
     cands += ["SQ4", "SQ6", "SQ8", "SQfp16", "SQbf16", "SQ8,calibrate=0.001"]
     # faiss 1.15's rotation-based scalar types: no k-means, seconds to train at any size.
     # EDEN at 1, 2 and 4 bits per dim; TurboQuant's MSE-optimal types assume unit vectors

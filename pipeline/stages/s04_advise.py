@@ -13,6 +13,7 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
+from vecpress.pipeline.preselect import preselect
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
@@ -43,9 +44,13 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     specs = candidate_specs(plan.dim, opts.metric, planned.num_train,
                             codecs=list(opts.advise_codecs or []) or None, budgets=budgets,
                             served_rows=plan.num_rows if opts.serve == "lancedb" else None)
+    xt, xq = load_array(sampled.train_uri), load_array(sampled.queries_uri)
+    staged = None
+    if not opts.advise_codecs and opts.serve == "codes":  # (a list given is swept as it is)
+        specs, staged = preselect(specs, xt, xq, metric=opts.metric, seed=opts.seed, ngpu=opts.ngpu,
+                                  max_bytes=opts.max_bytes, min_recall=opts.min_recall)
     log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
-    result = run_sweep(plan, load_array(sampled.train_uri), load_array(sampled.queries_uri),
-                       load_array(sampled.query_positions_uri), specs, opts, executor=executor)
+    result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor)
     pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
     reports = write_reports(result, ctx.run_file("sweep"), budgets)
     chosen = resolve_codec(ctx, planned, pick["codec"], opts)
@@ -56,6 +61,8 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
         "chosen": pick["codec"], "chosen_recall_at_10": score(pick, opts.advise_rerank),
         "code_bytes": pick["code_bytes"], "table": result.rows, "failed": result.failed,
+        # the first stage (pipeline.preselect): every candidate on a small sample, and the kept
+        "first_stage": staged,
         "report_uri": ctx.relative(reports["md"]),
     }
     log.info("advise: chose %s (%d B, recall@10 %.3f%s)", pick["codec"], pick["code_bytes"],

@@ -196,3 +196,31 @@ def test_mark_pareto():
             {"code_bytes": 16, "recall_at_10": 0.45}, {"code_bytes": 16, "recall_at_10": 0.7}]
     mark_pareto(rows)
     assert [r["pareto"] for r in rows] == [True, False, False, True]
+
+
+@pytest.mark.parametrize("criterion", [dict(max_bytes=16), dict(min_recall=0.6)])
+def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corpus, tmp_path, ray_executor,
+                                                                          criterion):
+    """Every candidate of the default grid is trained on a small part of the sample first;
+    only the front-runners are swept over the corpus, and the pick is within 0.01 recall@10
+    (with max_bytes) of the best codec of a full sweep of the same grid, or as cheap (with
+    min_recall) as the full sweep's."""
+    from vecpress.kernels.codecs.grid import default_grid
+    from vecpress.pipeline.preselect import FRONT_RUNNERS
+
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", **criterion, **COMMON),
+                 executor=ray_executor)
+    advisor = inspect_table(out, "t")["advisor"]
+    stage = advisor["first_stage"]
+    grid = default_grid(DIM, "cosine", min_bytes=8, max_bytes=criterion.get("max_bytes", 256))
+    assert [r["codec"] for r in stage["rows"]] == grid and len(stage["kept"]) <= FRONT_RUNNERS
+    assert {r["codec"] for r in advisor["table"]} == set(stage["kept"]) and advisor["chosen"] in stage["kept"]
+    full, _ = sweep_corpus([str(root / "src")], str(tmp_path / "full"), CompressOptions(metric="cosine", **COMMON),
+                           codecs=grid, executor=ray_executor)
+    recall = {r["codec"]: r["recall_at_10"] for r in full.rows}
+    if "max_bytes" in criterion:
+        assert recall[advisor["chosen"]] >= choose(full.rows, **criterion)["recall_at_10"] - 0.01
+    else:
+        assert advisor["code_bytes"] <= choose(full.rows, **criterion)["code_bytes"]

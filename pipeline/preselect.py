@@ -1,0 +1,78 @@
+"""The advisor's first stage: every candidate of the default grid trained on a small part of
+the sample and judged there, so that only the front-runners are trained on the whole sample
+and swept over the corpus (one round of successive halving).
+
+The first stage trains each candidate on STAGE1_TRAIN_ROWS rows of the training sample and
+searches its codes of the next STAGE1_BASE_ROWS rows (rows it did not train on) for the
+held-out queries, against their exact neighbours among those rows. That costs seconds per
+candidate where training on the whole sample and a pass over the corpus cost minutes for
+the costly families (residual and additive quantizers), and it ranks candidates the way the
+full sweep does closely enough to keep the best among the FRONT_RUNNERS (tests compare the
+pick with a full sweep's).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.spec import CodecSpecError
+from vecpress.kernels.knn import exact_knn, prepare_vectors
+from vecpress.kernels.metrics import knn_recall
+
+log = logging.getLogger("vecpress")
+
+STAGE1_TRAIN_ROWS = 10_000
+STAGE1_BASE_ROWS = 20_000
+STAGE1_QUERIES = 300
+#: candidates the second stage trains on the whole sample and sweeps over the corpus
+FRONT_RUNNERS = 4
+#: --min-recall: first-stage candidates within this of the target still run in the second
+MIN_RECALL_MARGIN = 0.05
+
+
+def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, seed: int, ngpu: int,
+              max_bytes: int | None, min_recall: float | None) -> tuple[list[str], dict | None]:
+    """(the front-runners among `specs`, the first stage's record), or (specs, None) when
+    there are no more than FRONT_RUNNERS of them or the sample is too small to split."""
+    n1 = min(STAGE1_TRAIN_ROWS, len(xt) // 2)
+    if len(specs) <= FRONT_RUNNERS or n1 < 1000:
+        return specs, None
+    start = time.perf_counter()
+    base, q = xt[n1:n1 + STAGE1_BASE_ROWS], xq[:STAGE1_QUERIES]
+    _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
+    rows = []
+    for spec in specs:
+        began = time.perf_counter()
+        try:
+            codec = Codec.train(xt[:n1], spec, metric, seed=seed, ngpu=ngpu)
+        except (CodecSpecError, RuntimeError, ValueError) as exc:
+            rows.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
+            continue
+        _, found = codec.search_codes(q, codec.encode(base), 10)
+        rows.append({"codec": spec, "code_bytes": codec.code_size, "recall_at_10": round(knn_recall(exact, found, 10), 4),
+                     "seconds": round(time.perf_counter() - began, 3)})
+    kept = front_runners([r for r in rows if "error" not in r], max_bytes=max_bytes, min_recall=min_recall)
+    record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
+              "seconds": round(time.perf_counter() - start, 3)}
+    log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
+             "front-runners: %s", len(rows), n1, len(base), record["seconds"], ", ".join(kept))
+    return kept, record
+
+
+def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,
+                  keep: int = FRONT_RUNNERS) -> list[str]:
+    """With max_bytes: the `keep` best recalls within the budget. With min_recall: the
+    cheapest that come within MIN_RECALL_MARGIN of it, and the best recall of all (so that a
+    target no candidate reaches still gets the closest)."""
+    if max_bytes is not None:
+        ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
+                    key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
+        return [r["codec"] for r in ok[:keep]] or [r["codec"] for r in rows[:keep]]
+    near = sorted((r for r in rows if r["recall_at_10"] >= (min_recall or 0) - MIN_RECALL_MARGIN),
+                  key=lambda r: (r["code_bytes"], -r["recall_at_10"]))
+    best = max(rows, key=lambda r: r["recall_at_10"])
+    return list(dict.fromkeys([r["codec"] for r in near[:keep - 1]] + [best["codec"]]))
