@@ -1,0 +1,94 @@
+"""The advisor against a full sweep of the same grid: its pick, its recall@10 in the full
+sweep's table against the best there, and the time each takes, beside the time to train one
+PQ at the budget (the issue's yardstick: the advisor in at most ~3x that).
+
+    python benchmarks/advisor.py --rows 50000 --dim 384 --budgets 16,32
+
+A clustered corpus (cosine) as Parquet, then per budget: `compress --codec auto --max-bytes B`
+(the two-stage advisor, timed as its advise stage), a full sweep of the default grid within B
+(`vecpress sweep`'s code), and PQ training at B bytes. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from _results import write_results  # noqa: E402
+
+from vecpress.kernels.codecs.codec import Codec  # noqa: E402
+from vecpress.kernels.codecs.grid import default_grid  # noqa: E402
+from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
+from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
+from vecpress.pipeline.options import CompressOptions  # noqa: E402
+from vecpress.pipeline.report import inspect_table  # noqa: E402
+from vecpress.pipeline.run import run_compress  # noqa: E402
+from vecpress.pipeline.sweep import choose, sweep_corpus  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, default=50_000)
+    ap.add_argument("--dim", type=int, default=384)
+    ap.add_argument("--budgets", default="16,32")
+    ap.add_argument("--num-train", type=int, default=50_000)
+    ap.add_argument("--results", default="benchmarks/results/advisor.json")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vecpress-advisor-"))
+    x = ClusteredEmbeddings(args.dim, seed=5, num_clusters=300).batch(0, args.rows)
+    src = work / "src"
+    src.mkdir()
+    for i, part in enumerate(np.array_split(np.arange(args.rows), 4)):
+        pq.write_table(pa.table({"id": part, "embedding": pa.FixedSizeListArray.from_arrays(
+            pa.array(x[part].ravel()), args.dim)}), src / f"p{i}.parquet", row_group_size=8192)
+    common = dict(metric="cosine", num_train=min(args.num_train, args.rows // 2), num_queries=500, eval_k=10)
+    rows = []
+    with RayExecutor() as ex:
+        for budget in map(int, args.budgets.split(",")):
+            out = str(work / f"out-{budget}")
+            run = run_compress([str(src)], out, "t", CompressOptions(codec="auto", max_bytes=budget, gate_max_drop=1.0,
+                                                                     **common), executor=ex)
+            advisor = inspect_table(out, "t")["advisor"]
+            advise_s = run.manifest["stage_seconds"]["advise"]
+            grid = default_grid(args.dim, "cosine", min_bytes=8, max_bytes=budget)
+            start = time.perf_counter()
+            full, _ = sweep_corpus([str(src)], str(work / f"sweep-{budget}"), CompressOptions(**common), codecs=grid,
+                                   budgets=[budget], executor=ex)
+            sweep_s = time.perf_counter() - start
+            best = choose(full.rows, max_bytes=budget)
+            recall = {r["codec"]: r["recall_at_10"] for r in full.rows}
+            m = max(d for d in (8, 16, 24, 32, 48, 64, 96, 128) if d <= budget and args.dim % d == 0)
+            start = time.perf_counter()
+            Codec.train(x[:common["num_train"]], f"PQ{m}", "cosine")
+            pq_s = time.perf_counter() - start
+            row = {"budget": budget, "candidates": len(grid), "pick": advisor["chosen"],
+                   "pick_recall_full_sweep": recall.get(advisor["chosen"]), "best": best["codec"],
+                   "best_recall": best["recall_at_10"], "advise_seconds": round(advise_s, 1),
+                   "full_sweep_seconds": round(sweep_s, 1), f"train_PQ{m}_seconds": round(pq_s, 1),
+                   "pq_spec": f"PQ{m}", "pq_seconds": round(pq_s, 1),
+                   "first_stage_seconds": (advisor.get("first_stage") or {}).get("seconds"),
+                   "front_runners": (advisor.get("first_stage") or {}).get("kept")}
+            rows.append(row)
+            print(row, flush=True)
+    print(f"\n{args.rows:,} x {args.dim}-d (cosine), {common['num_train']:,} training vectors, {os.cpu_count()} CPUs\n")
+    print("| budget | candidates | advisor's pick (full-sweep R@10) | full sweep's best (R@10) | advise s | "
+          "full sweep s | one PQ's training s |")
+    print("| ---: | ---: | --- | --- | ---: | ---: | ---: |")
+    for r in rows:
+        print(f"| {r['budget']} | {r['candidates']} | {r['pick']} ({r['pick_recall_full_sweep']:.3f}) | {r['best']} "
+              f"({r['best_recall']:.3f}) | {r['advise_seconds']} | {r['full_sweep_seconds']} | "
+              f"{r['pq_seconds']} ({r['pq_spec']}) |")
+    write_results(args.results, {"args": vars(args), "machine": platform.platform(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
