@@ -62,8 +62,8 @@ def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries
     observers = [StoredCodes(codes, warm, compute), exact, found]
     if job.lists is not None:
         observers.append(Partitions(job.lists.coarse, job.lists.residual))
-    batches = [(b.partitions, b.residual_codes) for b in scan_shard(shard, job.columns, observers, batch_size=batch_rows(
-        job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0))]
+    rows = batch_rows(job.batch_size, job.columns.dim, gpu=compute.knn_ngpu > 0)
+    batches = [(b.partitions, b.residual_codes) for b in scan_shard(shard, job.columns, observers, batch_size=rows)]
     lists_file = None if job.lists is None else write_task_lists(
         job.lists, f"kept-{shard.index:06d}", [p for p, _ in batches], [shard.row_offset + np.arange(shard.num_rows)],
         [codes] if job.lists.residual is None else [r for _, r in batches])

@@ -304,8 +304,8 @@ def build_and_measure(relative, spec: ListsSpec, files: list[str], executor, *, 
         {"recall_at_10": None}
     measured = measure_nprobes(InvertedLists(spec), load_codec(codec), xq, qpos, truth, int(sizes.sum()), exhaustive)
     log.info("inverted lists: %d partitions (%d to %d rows), built in %.1fs; default nprobes %d: recall@10 %s "
-             "(the table's codes, every one scored: %s)", spec.nlist, sizes.min(), sizes.max(), built, measured["default_nprobes"],
-             _recall_at(measured, measured["default_nprobes"]), exhaustive["recall_at_10"])
+             "(the table's codes, every one scored: %s)", spec.nlist, sizes.min(), sizes.max(), built,
+             measured["default_nprobes"], _recall_at(measured, measured["default_nprobes"]), exhaustive["recall_at_10"])
     return {**measured, "uri": relative(spec.uri), "num_groups": spec.num_groups,
             "coarse": {**spec.coarse.to_dict(), "uri": relative(spec.coarse.uri)},
             "residual": spec.residual and {**spec.residual.to_dict(), "uri": relative(spec.residual.uri)},

@@ -53,7 +53,8 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
             rows.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
             continue
         _, found = codec.search_codes(q, codec.encode(base), 10)
-        rows.append({"codec": spec, "code_bytes": codec.code_size, "recall_at_10": round(knn_recall(exact, found, 10), 4),
+        rows.append({"codec": spec, "code_bytes": codec.code_size,
+                     "recall_at_10": round(knn_recall(exact, found, 10), 4),
                      "seconds": round(time.perf_counter() - began, 3)})
     kept = front_runners([r for r in rows if "error" not in r], max_bytes=max_bytes, min_recall=min_recall)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,

@@ -188,10 +188,10 @@ def partition_lines(partitions: dict | None) -> list[str]:
     every = (partitions.get("exhaustive") or {}).get("recall_at_10")
     sizes = partitions["sizes"]
     cells = [f"{g['nprobes']}: {g['recall_at_10']:.3f} ({g['p50_ms']:.1f})" for g in partitions["grid"]]
+    residual = ", residual codes" if partitions.get("residual") else ""
+    exhaustive = "" if every is None else f" (the table's codes, every one scored: recall@10 {every:.3f})"
     return [f"partitions      {partitions['nlist']} ({sizes['min']:,}..{sizes['max']:,} rows each); a query probes "
-            f"{partitions['default_nprobes']} by default" + (", residual codes" if partitions.get("residual") else "")
-            + ("" if every is None else
-                                                             f" (the table's codes, every one scored: recall@10 {every:.3f})"),
+            f"{partitions['default_nprobes']} by default{residual}{exhaustive}",
             "  nprobes: recall@10 (p50 ms)  " + "  ".join(cells)]
 
 
