@@ -65,27 +65,35 @@ def commit_empty(out: str, table: str, schema: pa.Schema, read_version: int | No
     return lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options).version
 
 
+def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
+                     read_version: int | None, detached: bool = False) -> int:
+    """Make the written fragments the table's new version, atomically, once per run id (a
+    run that already committed gets that version); `detached`: a version outside main's
+    history (Lance's detached commit), which no reader of latest sees."""
+    done = committed_by(out, table, run_id)
+    if done is not None:
+        log.info("run %s already committed version %d; not committing again", run_id, done)
+        return done
+    frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
+    tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
+                           transaction_properties={RUN_ID_PROPERTY: run_id})
+    uri = table_uri(out, table)
+    target, options = storage.lance_location(uri)
+    with storage.writing(uri, "the candidate version" if detached else "the new version"):
+        return lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options,
+                                         detached=detached).version
+
+
 def commit_candidate(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
                      read_version: int | None) -> int:
     """A LanceDB-served run's rows as a detached version of the main version they were read
     from (the candidate: no reader of latest sees it): its number. On a new table, an empty
     version first (Lance commits no detached version where there is none). A run that already
     promoted its candidate (a retry, a resumed run) gets main's version instead."""
-    done = committed_by(out, table, run_id)
-    if done is not None:
-        log.info("run %s already made version %d the latest; not committing again", run_id, done)
-        return done
-    if read_version is None:
+    if read_version is None and committed_by(out, table, run_id) is None:
         ds = open_dataset(out, table)
         read_version = ds.version if ds is not None else commit_empty(out, table, schema, None)
-    frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
-    tx = lance.Transaction(read_version=read_version, operation=lance.LanceOperation.Overwrite(schema, frags),
-                           transaction_properties={RUN_ID_PROPERTY: run_id})
-    uri = table_uri(out, table)
-    target, options = storage.lance_location(uri)
-    with storage.writing(uri, "the candidate version"):
-        return lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options,
-                                         detached=True).version
+    return commit_overwrite(out, table, schema, fragments, run_id=run_id, read_version=read_version, detached=True)
 
 
 def settled(out: str, table: str, run_id: str) -> tuple[int, str | None] | None:

@@ -13,9 +13,6 @@ import logging
 import time
 from dataclasses import dataclass
 
-import lance
-import pyarrow as pa
-from lance.fragment import FragmentMetadata
 
 from vecpress import __version__
 from vecpress.kernels.codecs.ivf import parse_served_spec
@@ -23,14 +20,12 @@ from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import RunContext
 from vecpress.pipeline.evaluate import in_pass_evaluation
-from vecpress.pipeline.gated import commit_candidate, commit_failed
+from vecpress.pipeline.gated import commit_candidate, commit_failed, commit_overwrite
 from vecpress.pipeline.incremental import gate_decision
-from vecpress.pipeline.lance_io import table_uri
 from vecpress.pipeline.locking import check_lease
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.report import load_eval
-from vecpress.pipeline.schema import MANIFEST_METADATA_KEY, RUN_ID_PROPERTY
-from vecpress.pipeline.tidy import committed_by
+from vecpress.pipeline.schema import MANIFEST_METADATA_KEY
 from vecpress.pipeline.stages.s01_plan import Planned, output_schema
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.stages.s05_train import Trained
@@ -40,23 +35,6 @@ log = logging.getLogger("vecpress")
 
 #: links (and second names of a file) a manifest names; the plan has them all
 MANIFEST_LINKS = 20
-
-
-def commit_overwrite(out: str, table: str, schema: pa.Schema, fragments: list[dict], *, run_id: str,
-                     read_version: int | None) -> int:
-    """Make the written fragments the table's new version, atomically, once per run id."""
-    done = committed_by(out, table, run_id)
-    if done is not None:
-        log.info("run %s already committed version %d; not committing again", run_id, done)
-        return done
-    frags = [FragmentMetadata.from_json(json.dumps(f)) for f in fragments]
-    tx = lance.Transaction(read_version=read_version or 0, operation=lance.LanceOperation.Overwrite(schema, frags),
-                           transaction_properties={RUN_ID_PROPERTY: run_id})
-    uri = table_uri(out, table)
-    target, options = storage.lance_location(uri)
-    with storage.writing(uri, "the new version"):
-        ds = lance.LanceDataset.commit(target, tx, read_version=read_version, storage_options=options)
-    return ds.version
 
 
 @dataclass(frozen=True)
