@@ -11,6 +11,12 @@ import time
 log = logging.getLogger("vecpress")
 
 
+def train_logged(kind, xt, spec: str, metric: str, *, seed: int, ngpu: int, what: str):
+    """`kind.train` (a Codec or an IvfModel) with its progress in the log: `what` names it."""
+    with Heartbeat(f"{what}{spec} on {len(xt):,} vectors") as beat:
+        return kind.train(xt, spec, metric, seed=seed, ngpu=ngpu, progress=beat.step)
+
+
 class Heartbeat:
     """`with Heartbeat("train: RQ16x8 on 100,000 vectors") as beat:` ... `beat.step(done, total)`."""
 

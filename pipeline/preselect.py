@@ -18,10 +18,9 @@ import time
 
 import numpy as np
 
-from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall
+from vecpress.pipeline.sweep import load_trained, train_candidates
 
 log = logging.getLogger("vecpress")
 
@@ -44,18 +43,14 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     start = time.perf_counter()
     base, q = xt[n1:n1 + STAGE1_BASE_ROWS], xq[:STAGE1_QUERIES]
     _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
-    rows = []
-    for spec in specs:
+    rows: list[dict] = []
+    for tc in train_candidates(specs, xt[:n1], metric, seed=seed, ngpu=ngpu, failed=rows):
         began = time.perf_counter()
-        try:
-            codec = Codec.train(xt[:n1], spec, metric, seed=seed, ngpu=ngpu)
-        except (CodecSpecError, RuntimeError, ValueError) as exc:
-            rows.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
-            continue
+        codec = load_trained(tc, metric)
         _, found = codec.search_codes(q, codec.encode(base), 10)
-        rows.append({"codec": spec, "code_bytes": codec.code_size,
+        rows.append({"codec": tc.spec, "code_bytes": tc.code_size,
                      "recall_at_10": round(knn_recall(exact, found, 10), 4),
-                     "seconds": round(time.perf_counter() - began, 3)})
+                     "seconds": round(tc.train_seconds + time.perf_counter() - began, 3)})
     kept = front_runners([r for r in rows if "error" not in r], max_bytes=max_bytes, min_recall=min_recall)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
               "seconds": round(time.perf_counter() - start, 3)}

@@ -33,7 +33,7 @@ from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.heartbeat import Heartbeat
+from vecpress.pipeline.heartbeat import train_logged
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
@@ -68,6 +68,11 @@ def spec_bytes(spec: str, dim: int, metric: str, num_train: int) -> int:
 @functools.lru_cache(maxsize=64)
 def _codec(sha256: str, blob: bytes, spec: str, metric: str) -> Codec | IvfModel:
     return codec_kind(spec).from_bytes(blob, spec=spec, metric=metric, sha256=sha256)
+
+
+def load_trained(tc: "TrainedCodec", metric: str) -> Codec | IvfModel:
+    """A candidate train_candidates trained, as a codec again."""
+    return _codec(tc.sha256, tc.blob, tc.spec, metric)
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def sweep_shard(shard: Shard, *, job: SweepJob, queries: np.ndarray, query_posit
     encoded batches with their exact distances."""
     xq = prepare_vectors(queries, job.metric)
     truth = Gather("exact", len(xq), job.eval_k, query_positions)
-    codecs = SweepCodecs([_codec(c.sha256, c.blob, c.spec, job.metric) for c in job.codecs], queries, xq,
+    codecs = SweepCodecs([load_trained(c, job.metric) for c in job.codecs], queries, xq,
                          query_positions, max(NUM_CANDIDATES, job.eval_k), job.metric)
     num_rows = run_scan(shard, job.columns, [Exact(xq, job.eval_k, job.metric), truth, codecs],
                         batch_size=batch_rows(job.batch_size, job.columns.dim, gpu=False))
@@ -149,10 +154,7 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
     for spec in specs:
         start = time.perf_counter()
         try:
-            with Heartbeat(f"sweep: train {spec} on {len(xt):,} vectors") as beat:
-                kind = codec_kind(spec)
-                codec = kind.train(xt, spec, metric, seed=seed, ngpu=ngpu,
-                                   **({"progress": beat.step} if kind is Codec else {}))
+            codec = train_logged(codec_kind(spec), xt, spec, metric, seed=seed, ngpu=ngpu, what="sweep: train ")
         except (CodecSpecError, RuntimeError, ValueError) as exc:
             failed.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
             log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])
@@ -229,7 +231,7 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
             encode_seconds[i] += part.encode_seconds[i]
     xp = prepare_vectors(xq, metric)
     for i, tc in enumerate(trained):
-        codec = _codec(tc.sha256, tc.blob, tc.spec, metric)
+        codec = load_trained(tc, metric)
         encode_s = encode_seconds[i]
         ev = recall_table(truth.I, found[i].I[:, :eval_k], plan.num_rows, None)
         ev["rerank"] = recall_table(truth.I, found[i].I, plan.num_rows, found[i].E)["rerank"]

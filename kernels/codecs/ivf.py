@@ -159,9 +159,11 @@ class IvfModel:
         return LANCE_METRICS[self.metric]
 
     @classmethod
-    def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1) -> "IvfModel":
+    def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1,
+              progress=None) -> "IvfModel":
         """Train on raw vectors (normalised here for cosine), deterministic for a seed; k-means
-        assigns on a GPU where faiss sees one (`ngpu`: -1 all, 0 none)."""
+        assigns on a GPU where faiss sees one (`ngpu`: -1 all, 0 none). `progress`: as
+        Codec.train's; faiss trains this model in one step, so it hears of none."""
         p = parse_served_spec(spec, xt.shape[1])
         xt = prepare_vectors(xt, metric)
         mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2

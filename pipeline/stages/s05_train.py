@@ -13,7 +13,7 @@ from vecpress.kernels.codecs.ivf import IvfModel
 from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
-from vecpress.pipeline.heartbeat import Heartbeat
+from vecpress.pipeline.heartbeat import train_logged
 from vecpress.pipeline.incremental import probe_quality
 from vecpress.pipeline.lists import auto_partitions, coarse_spec, residual_fits, residual_metric
 from vecpress.pipeline.options import CompressOptions
@@ -68,10 +68,7 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
 
 
 def _train(kind, xt, spec: str, metric: str, opts: CompressOptions, what: str = ""):
-    """`kind.train` (a Codec or an IvfModel), its progress in the log (pipeline.heartbeat)."""
-    with Heartbeat(f"train: {what}{spec} on {len(xt):,} vectors") as beat:
-        steps = {"progress": beat.step} if kind is Codec else {}
-        return kind.train(xt, spec, metric, seed=opts.seed, ngpu=opts.ngpu, **steps)
+    return train_logged(kind, xt, spec, metric, seed=opts.seed, ngpu=opts.ngpu, what=f"train: {what}")
 
 
 def num_partitions(opts: CompressOptions, num_rows: int, num_train: int) -> int:
