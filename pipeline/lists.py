@@ -158,7 +158,8 @@ def build_lists(executor, spec: ListsSpec, files: list[str], *, dropped: np.ndar
     shared = {"spec": spec, "files": tuple(sorted(files)),
               "dropped": np.zeros(0, np.int64) if dropped is None else dropped}
     for g, s in executor.imap(build_group, range(spec.num_groups), desc="inverted lists", shared=shared):
-        sizes[spec.partitions_of(g).start:spec.partitions_of(g).stop] = s
+        parts = spec.partitions_of(g)
+        sizes[parts.start:parts.stop] = s
     return sizes
 
 
@@ -204,8 +205,9 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
                 held += cache[p][0].nbytes + cache[p][1].nbytes
         top = TopK(1, k, exclude=None if exclude is None else exclude[q:q + 1])
         if score is not None:  # residual codes: each partition's, relative to its own centroid
+            xq = prepare_vectors(queries[q:q + 1], coarse.metric)
             for p in partitions[partitions >= 0]:
-                top.add(*score(queries[q], p, *_rows([cache[p]], lists.spec.code_size, allowed)))
+                top.add(*score(xq, p, *_rows([cache[p]], lists.spec.code_size, allowed)))
         else:
             pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
             d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
@@ -215,11 +217,10 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
 
 
 def _residual_scorer(coarse, residual, k: int):
-    """score(raw query, partition, positions, codes) -> (D, I) of the query's top-k among a
-    partition's residual codes, I positions: ADC of the query relative to the centroid (L2:
-    |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>)."""
-    def score(query: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray):
-        xq = prepare_vectors(query[None], coarse.metric)
+    """score(prepared query (1, d), partition, positions, codes) -> (D, I) of the query's top-k
+    among a partition's residual codes, I positions: ADC of the query relative to the centroid
+    (L2: |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>)."""
+    def score(xq: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray):
         centroid = coarse.centroids[p]
         if residual.metric == "l2":
             d, i = residual.search_codes(xq - centroid, codes, min(k, len(pos)))

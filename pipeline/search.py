@@ -114,7 +114,7 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
                             f"which cosine cannot normalise (table {table!r} is searched by cosine)")
     codec = manifest_codec(out, m["codec"])
     num_candidates = k * max(1, rerank)
-    offsets = fragment_offsets(ds)
+    offsets = fragment_offsets(ds) if where is not None or m.get("partitions") is None else None
     allowed = None if where is None else filtered_positions(ds, where, offsets)
     lists = version_lists(out, m)
     if lists is None and nprobes is not None:
@@ -130,10 +130,8 @@ def search(out: str, table: str, queries: np.ndarray, k: int = 10, *, rerank: in
         job = CodeSearch(table_uri=table_uri(out, table), version=version_ref(ds, version), codec=codec,
                          k=num_candidates)
         found = TopK(queries.shape[0], num_candidates)
-        shared = {"job": job, "queries": queries} if allowed is None else \
-            {"job": job, "queries": queries, "allowed": allowed}
         for _, (D, I) in executor.imap(search_fragment, [(fid, off) for fid, off, _ in offsets], desc="search",
-                                       shared=shared):
+                                       shared={"job": job, "queries": queries, "allowed": allowed}):
             found.add(D, I)
         D, I = found.result()
     if rerank:
