@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from vecpress.pipeline import storage
+from vecpress.pipeline import pages, storage
 from vecpress.pipeline.errors import SourceChangedError, SourceError
 from vecpress.pipeline.layout import Piece, Shard
 
@@ -46,11 +46,11 @@ def read_fingerprint(f, uri: str) -> tuple[int, str, pq.FileMetaData]:
     return size, hashlib.sha256(size.to_bytes(8, "little") + footer).hexdigest(), metadata
 
 
-def open_piece(piece: Piece) -> pq.ParquetFile:
-    """The piece's file, opened for reading (as open_parquet), once its size and footer are
-    checked against the plan's fingerprint: a file rewritten after planning would otherwise
-    give rows that disagree with the plan's (or with other shards' already encoded).
-    SourceChangedError where they differ."""
+def _open_checked(piece: Piece) -> tuple[pa.NativeFile, pq.FileMetaData]:
+    """The piece's file, opened, and its metadata, once its size and footer are checked
+    against the plan's fingerprint: a file rewritten after planning would otherwise give rows
+    that disagree with the plan's (or with other shards' already encoded). SourceChangedError
+    where they differ."""
     loc = storage.resolve(piece.file_uri)
     try:
         f = loc.fs.open_input_file(loc.path)
@@ -64,6 +64,12 @@ def open_piece(piece: Piece) -> pq.ParquetFile:
         raise SourceChangedError(f"{piece.file_uri} changed since it was planned (now {size} bytes, another "
                                  f"footer): its row groups {piece.row_group_start}..{piece.row_group_stop - 1} "
                                  f"({piece.num_rows} rows) are not the ones planned; run again to plan anew")
+    return f, metadata
+
+
+def open_piece(piece: Piece) -> pq.ParquetFile:
+    """The piece's file, opened for reading (as open_parquet) once checked (_open_checked)."""
+    f, metadata = _open_checked(piece)
     return pq.ParquetFile(f, metadata=metadata, pre_buffer=False)
 
 
@@ -266,26 +272,47 @@ def _rows_of_row_group(pf, rg: int, column: str, rows: np.ndarray) -> pa.Table:
     return pa.Table.from_batches(chunks)
 
 
+#: read candidates' rows from their pages where pages.py handles the column (False: by Arrow
+#: only; benchmarks/query_latency.py compares the two)
+USE_PAGES = True
+
+
+def _rows_by_pages(f, metadata, piece: Piece, rg: int, column: str, rows: np.ndarray, dim: int) -> pa.Array | None:
+    """Rows `rows` of row group `rg` read from their pages alone (pages.py), or None where the
+    page reader does not handle the column chunk."""
+    if not USE_PAGES:
+        return None
+    try:
+        chunk = pages.chunk_pages(f, metadata, rg, pages.leaf_index(metadata, column), (piece.file_uri, piece.fingerprint))
+        x = pages.read_rows(f, chunk, rows, dim)
+    except pages.Unsupported:
+        return None
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), dim)
+
+
 def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *, nonzero: bool = False) -> np.ndarray:
-    """The vectors at sorted shard-local rows, reading only the row groups that hold them and
-    decoding each only up to its last wanted row, validated as every read is
-    (vectors_as_numpy, against the footer's statistics too)."""
+    """The vectors at sorted shard-local rows, reading only the pages that hold them where the
+    page reader handles the column (pages.py), else only the row groups that hold them, each
+    decoded only up to its last wanted row; validated as every read is (vectors_as_numpy,
+    against the footer's statistics too)."""
     parts = []
     for piece, _, rows in shard.locate(local_rows):
-        pf = open_piece(piece)
-        bounds = np.cumsum([0] + [pf.metadata.row_group(i).num_rows
-                                  for i in range(piece.row_group_start, piece.row_group_stop)])
-        tables = []
-        try:
-            for j, rg in enumerate(range(piece.row_group_start, piece.row_group_stop)):
-                lo, hi = bounds[j], bounds[j + 1]
-                sel = rows[(rows >= lo) & (rows < hi)]
-                if sel.size:
-                    tables.append(_rows_of_row_group(pf, rg, column, sel - lo))
-        except (OSError, pa.ArrowException) as exc:
-            raise SourceError(f"{piece.file_uri}: cannot read row groups {piece.row_group_start}.."
-                              f"{piece.row_group_stop - 1}: {exc}") from exc
-        bounds = value_bounds(pf.metadata, column, range(piece.row_group_start, piece.row_group_stop))
-        parts.append(vectors_as_numpy(pa.concat_tables(tables).column(0), dim, where=piece.file_uri, column=column,
-                                      rows=piece.file_row_start + rows, bounds=bounds, nonzero=nonzero))
+        f, metadata = _open_checked(piece)
+        pf = None
+        row_groups = range(piece.row_group_start, piece.row_group_stop)
+        starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in row_groups])
+        bounds = value_bounds(metadata, column, row_groups)
+        for j, rg in enumerate(row_groups):
+            sel = rows[(rows >= starts[j]) & (rows < starts[j + 1])]
+            if not sel.size:
+                continue
+            try:
+                arr = _rows_by_pages(f, metadata, piece, rg, column, sel - starts[j], dim)
+                if arr is None:
+                    pf = pf or pq.ParquetFile(f, metadata=metadata, pre_buffer=False)
+                    arr = _rows_of_row_group(pf, rg, column, sel - starts[j]).column(0)
+            except (OSError, pa.ArrowException) as exc:
+                raise SourceError(f"{piece.file_uri}: cannot read row group {rg} ({len(sel)} rows wanted): {exc}") from exc
+            parts.append(vectors_as_numpy(arr, dim, where=piece.file_uri, column=column,
+                                          rows=piece.file_row_start + sel, bounds=bounds, nonzero=nonzero))
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)
