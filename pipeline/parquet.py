@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 
 from vecpress.pipeline import pages, storage
 from vecpress.pipeline.errors import SourceChangedError, SourceError
+from vecpress.pipeline.executor import report_progress
 from vecpress.pipeline.layout import Piece, Shard
 
 VALUE_TYPES = {pa.float32(): "float32", pa.float16(): "float16"}
@@ -315,4 +316,5 @@ def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *,
                 raise SourceError(f"{piece.file_uri}: cannot read row group {rg} ({len(sel)} rows wanted): {exc}") from exc
             parts.append(vectors_as_numpy(arr, dim, where=piece.file_uri, column=column,
                                           rows=piece.file_row_start + sel, bounds=bounds, nonzero=nonzero))
+            report_progress(sum(len(p) for p in parts), len(local_rows))
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)

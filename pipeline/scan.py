@@ -25,6 +25,7 @@ from vecpress.kernels.gpu_encode import gpu_count
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, gpu_knn, prepare_vectors
 from vecpress.pipeline.codec_store import CodecRef, load_codec
 from vecpress.pipeline.errors import ConfigError
+from vecpress.pipeline.executor import report_progress
 from vecpress.pipeline.layout import Piece, Shard, SourcePlan
 from vecpress.pipeline.parquet import iter_shard_batches, vectors_as_numpy
 
@@ -138,6 +139,7 @@ def scan_shard(shard: Shard, columns: Columns, observers: list[Observer], *, bat
         b = ScanBatch(parts, first, shard.row_offset + first, xs[0] if len(xs) == 1 else np.concatenate(xs))
         for observer in observers:
             observer.observe(b)
+        report_progress(first + len(b.x), shard.num_rows)
         return b
 
     for piece, local, first_row, record, bounds in iter_shard_batches(shard, [columns.vector, *extra], batch_size):

@@ -21,7 +21,7 @@ import threading
 import time
 from typing import Any
 
-from vecpress.pipeline.executor import Progress, collect
+from vecpress.pipeline.executor import Progress, collect, reporting_to
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
@@ -47,9 +47,43 @@ LIMIT_REFRESH_SECONDS = 2.0
 MIN_IN_FLIGHT = 2
 
 
+#: seconds between two of a task's progress reports (report_progress), and between two reads
+#: of them by the driver
+REPORT_SECONDS = 5.0
+
+
+@ray.remote(num_cpus=0)
+class _ProgressBoard:
+    """Where running tasks post their progress (report_progress) for the driver to read."""
+
+    def __init__(self):
+        self.reports: dict[str, dict[int, tuple[int, int]]] = {}
+
+    def report(self, key: str, index: int, done: int, total: int) -> None:
+        self.reports.setdefault(key, {})[index] = (done, total)
+
+    def take(self, key: str) -> dict[int, tuple[int, int]]:
+        return self.reports.pop(key, {})
+
+
+class _Reporter:
+    """A task's report_progress sink: posts to the board at most every REPORT_SECONDS
+    (fire and forget: progress never slows or fails a task)."""
+
+    def __init__(self, board, key: str, index: int, every: float):
+        self.board, self.key, self.index, self.every, self.last = board, key, index, every, time.monotonic()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            self.board.report.remote(self.key, self.index, done, total)
+
+
 @ray.remote(max_retries=2, retry_exceptions=False)
-def _call(fn, item, shared):
-    return fn(item, **shared)
+def _call(fn, item, shared, board=None, key: str = "", index: int = 0, every: float = REPORT_SECONDS):
+    with reporting_to(None if board is None else _Reporter(board, key, index, every)):
+        return fn(item, **shared)
 
 
 class RayExecutor:
@@ -70,6 +104,8 @@ class RayExecutor:
         self.init_kwargs = init_kwargs or {}
         self._started = False
         self._gpu_pool = None  # prestarted GPU actors not yet taken by an encode stage
+        self._board = None  # the tasks' progress board, started with the first map
+        self._maps = 0
 
     def start(self) -> "RayExecutor":
         if not ray.is_initialized():
@@ -87,6 +123,9 @@ class RayExecutor:
         if self._gpu_pool is not None:  # prestarted but never used (the run failed or had nothing to encode)
             self._gpu_pool.close()
             self._gpu_pool = None
+        if self._board is not None and ray.is_initialized():
+            ray.kill(self._board)
+        self._board = None
         if self._started and ray.is_initialized():
             ray.shutdown()
         self._started = False
@@ -136,21 +175,29 @@ class RayExecutor:
         task = _call.options(num_cpus=self.num_cpus_per_task)
         limit, checked = self.in_flight_limit(), time.monotonic()
         progress = Progress(desc, len(items))
+        if self._board is None:
+            self._board = _ProgressBoard.remote()
+        self._maps += 1
+        key = f"{os.getpid()}-{self._maps}"
         pending: dict = {}
-        next_item = 0
+        next_item, polled = 0, time.monotonic()
         try:
             while next_item < len(items) or pending:
                 while next_item < len(items) and len(pending) < limit:
-                    pending[task.remote(fn, items[next_item], shared_ref)] = next_item
+                    pending[task.remote(fn, items[next_item], shared_ref, self._board, key, next_item,
+                                                  REPORT_SECONDS)] = next_item
                     next_item += 1
                 with _RAY_WAIT:
-                    ready, _ = ray.wait(list(pending), num_returns=1)
+                    ready, _ = ray.wait(list(pending), num_returns=1, timeout=REPORT_SECONDS)
                 for ref in ready:
                     index = pending.pop(ref)
                     with _RAY_WAIT:
                         result = _unwrap(ref)
-                    progress.step()
+                    progress.step(index=index)
                     yield index, result
+                if time.monotonic() - polled >= REPORT_SECONDS:
+                    polled = time.monotonic()
+                    self._read_progress(key, set(pending.values()), progress)
                 if time.monotonic() - checked > LIMIT_REFRESH_SECONDS:  # nodes come and go
                     limit, checked = self.in_flight_limit(), time.monotonic()
         except (Exception, GeneratorExit):
@@ -164,6 +211,19 @@ class RayExecutor:
 
     def map(self, fn, items, *, desc: str, shared: dict[str, Any] | None = None) -> list:
         return collect(self.imap(fn, items, desc=desc, shared=shared))
+
+    def _read_progress(self, key: str, running: set[int], progress: Progress) -> None:
+        """The running tasks' reports into `progress`, which logs them when due. Progress is
+        only shown: a board that does not answer is skipped."""
+        try:
+            with _RAY_WAIT:
+                reports = ray.get(self._board.take.remote(key), timeout=REPORT_SECONDS)
+        except (ray.exceptions.RayError, TimeoutError):
+            reports = {}
+        for index, (done, total) in reports.items():
+            if index in running:
+                progress.update(index, done, total)
+        progress.tick()
 
 
 class _signal_handlers_kept:
