@@ -1,21 +1,28 @@
 """An incremental run's kept rows: their fragments stay as they are, but the evaluation needs
 their exact neighbours and their search over the stored codes, and the duplicate check their
-ids. `search_kept_shard` reads a kept shard (or a group of small ones) once for all of it, as
-the encode pass (stages/s06_encode.py) does for new shards."""
+ids. Where the previous run recorded them (pipeline/reuse.py), those results are taken as
+they are and the kept shard is not read at all; else `search_kept_shard` reads a kept shard
+(or a group of small ones) once for all of it, as the encode pass (stages/s06_encode.py)
+does for new shards. `fold_kept` does both for the encode stage."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
+from vecpress.kernels.knn import TopK
 from vecpress.pipeline import storage
 from vecpress.pipeline.context import save_arrays
+from vecpress.pipeline.dedup import Unit
 from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.identity import write_id_buckets
 from vecpress.pipeline.lance_io import open_lance
-from vecpress.pipeline.layout import Shard
+from vecpress.pipeline.layout import Shard, SourcePlan, group_shards, merge_shards
 from vecpress.pipeline.lists import ListsSpec, write_task_lists
+from vecpress.pipeline.reuse import Recorded, UnitRecorder, relist_group, reusable
 from vecpress.pipeline.scan import (
     Columns, ComputeSpec, Computed, Partitions, ShardCompute, StoredCodes, batch_rows, gathers, scan_shard,
 )
@@ -70,6 +77,11 @@ def search_kept_shard(item: tuple[Shard, list[int]], *, job: KeptSearch, queries
     return exact.top.D, exact.top.I, (found.top.D, found.top.I, found.top.E), ids_file, lists_file
 
 
+def kept_ids(item: tuple[Shard, list[int]], *, job: KeptSearch) -> str:
+    """A task: the ids of a kept shard whose results are reused (_kept_ids)."""
+    return _kept_ids(job, *item)
+
+
 def _kept_ids(job: KeptSearch, shard: Shard, fragment_ids: list[int]) -> str:
     """The kept rows' ids, as committed (read from their fragments), into the ids folder."""
     ds = open_lance(job.table_uri, job.version)
@@ -108,3 +120,75 @@ def _stored_codes(job: KeptSearch, shard: Shard, fragment_ids: list[int], *, wit
                             f"codes for the {shard.num_rows} rows of {shard.describe()}")
     warm = np.concatenate([codes_as_numpy(t.column(1)) for t in tables]) if with_warm else None
     return codes, warm
+
+
+@dataclass
+class KeptFold:
+    """What an incremental run's kept rows add to its encode stage."""
+
+    units: list[Unit]  # their fragments, by group, in layout order
+    id_files: list[str]
+    list_files: list[str]
+    rows_reused: int  # kept rows not read: their results recorded by an earlier run
+    rows_read: int
+
+
+def fold_kept(executor: Executor, plan: SourcePlan, diff, job: KeptSearch, *, xq: np.ndarray, qpos: np.ndarray,
+              exact: TopK, found: TopK, min_rows: int, served: bool, out: str, recorded: list[Recorded] | None,
+              previous_lists: ListsSpec | None, recorder: UnitRecorder | None) -> KeptFold:
+    """Fold the kept shards' exact top-k and search over their codes into `exact` and `found`,
+    from the recorded units where they cover them (reusable), else from one read of each
+    group; their ids and list rows go to the files returned."""
+    shards = list(plan.shards[:len(diff.kept_shards)])
+    ids = dict(zip((s.index for s in shards), diff.kept_fragment_ids))
+    metadata = dict(zip((f for fids in diff.kept_fragment_ids for f in fids), diff.kept_fragments))
+    usable = recorded is not None and not served and (job.lists is None or previous_lists is not None)
+    reused = reusable(recorded, shards, k=exact.k, extra=job.compute.rerank) if usable else []
+    covered = {r.first + j for r in reused for j in range(len(r.unit.keys))}
+    runs: list[list[Shard]] = [[]]
+    for i, s in enumerate(shards):  # the uncovered shards, in runs of consecutive ones
+        if i in covered:
+            runs.append([])
+        else:
+            runs[-1].append(s)
+    scanned = [g for run in runs if run for g in group_shards(run, min_rows)]
+    taken = [tuple(shards[r.first:r.first + len(r.unit.keys)]) for r in reused]
+
+    def item(g):
+        return merge_shards(g), [f for s in g for f in ids[s.index]]
+
+    units = {g[0].row_offset: Unit(g[0].row_offset, sum(s.num_rows for s in g),
+                                   tuple(metadata[f] for s in g for f in ids[s.index])) for g in [*scanned, *taken]}
+    id_files, list_files = [], []
+    for r, g in zip(reused, taken):
+        a = r.unit.arrays(out, r.shift)
+        search = (a["search_D"], a["search_I"], a.get("search_E"))
+        exact.add(a["knn_D"], a["knn_I"])
+        found.add(*search[:2], *([search[2]] if job.compute.rerank else []))
+        if recorder is not None:
+            recorder.add(list(g), (a["knn_D"], a["knn_I"]), search)
+    if taken and job.ids_uri:
+        id_files += executor.map(kept_ids, [item(g) for g in taken], desc="ids (kept rows, not read)",
+                                 shared={"job": job})
+    if taken and job.lists is not None:
+        spans = np.array(sorted((r.unit.row_offset, r.unit.row_offset + r.unit.num_rows, r.shift) for r in reused),
+                         np.int64)
+        list_files += executor.map(relist_group, range(previous_lists.num_groups), desc="inverted lists (kept rows)",
+                                   shared={"previous": previous_lists, "spans": spans, "spec": job.lists})
+    items = [item(g) for g in scanned]
+    for i, (D, I, f, ids_file, lists_file) in executor.imap(search_kept_shard, items,
+                                                           desc="exact neighbours and search (kept rows)",
+                                                           shared={"job": job, "queries": xq,
+                                                                   "query_positions": qpos}):
+        exact.add(D, I)
+        id_files.append(ids_file)
+        list_files.append(lists_file)
+        at = scanned[i][0].row_offset
+        if served:  # f: the group's index buffer
+            units[at] = dataclasses.replace(units[at], buffer_uri=f)
+        else:
+            found.add(*f)
+            if recorder is not None:
+                recorder.add(list(scanned[i]), (D, I), f)
+    return KeptFold([units[at] for at in sorted(units)], [f for f in id_files if f], [f for f in list_files if f],
+                    rows_reused=sum(r.unit.num_rows for r in reused), rows_read=sum(s.num_rows for s, _ in items))

@@ -207,7 +207,12 @@ def chunk_pages(f, metadata, rg: int, leaf: int, key) -> ChunkPages:
     pages, dictionary, pos, values = [], None, start, 0
     while pos < end:
         h, n = _read_header(f, pos, end)
-        page = _page(h, pos + n, values)
+        try:
+            page = _page(h, pos + n, values)
+        except (KeyError, TypeError) as exc:  # not a page header: a damaged file (Arrow reports it)
+            raise Unsupported(f"unreadable page header at byte {pos}: {exc!r}") from None
+        if page.compressed < 0 or page.uncompressed < 0 or page.num_values < 0:
+            raise Unsupported(f"a page header with negative sizes at byte {pos}")
         pos = page.offset + page.compressed
         if page.kind == _DICTIONARY_PAGE:
             dictionary = page

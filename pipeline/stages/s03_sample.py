@@ -27,6 +27,10 @@ class Sampled:
     row_groups_read: int | None = None
     #: where the training rows are (sampling.file_rows), for later incremental runs' queries
     train_rows_uri: str | None = None
+    #: an incremental run on the previous version's queries: the units its run recorded
+    #: (pipeline.reuse), and its inverted lists' spec (kept rows are listed from them)
+    previous_units: list | None = None
+    previous_lists: object | None = None
 
 
 def sample(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Executor) -> Sampled:

@@ -1,7 +1,8 @@
 """Stage 6, encode: every new shard into uncommitted Lance fragments, in parallel. The same
 pass over the source finds the held-out queries' exact neighbours and their search over the
-new codes (the evaluation); an incremental run reads its kept shards' vectors and stored
-codes once for the same two searches, and keeps their fragments as they are.
+new codes (the evaluation); an incremental run keeps its kept shards' fragments as they are
+and takes their results from the previous run's record (pipeline.reuse), or reads their
+vectors and stored codes once for the same two searches where it has none.
 
 A worker runs `encode_shards` (or pipeline.kept's `search_kept_shard`): one scan of a shard,
 or of a group of shards smaller than a batch (layout.group_shards), whose observers
@@ -38,7 +39,8 @@ from vecpress.pipeline.dedup import Unit, drop_from_units, dropped_record, exact
 from vecpress.pipeline.identity import (
     collect_dropped, find_duplicate_ids, num_id_buckets, refuse_duplicates, write_id_buckets,
 )
-from vecpress.pipeline.kept import KeptSearch, search_kept_shard
+from vecpress.pipeline.kept import KeptSearch, fold_kept
+from vecpress.pipeline.reuse import UnitRecorder
 from vecpress.pipeline.lists import ListsSpec, build_and_measure, write_task_lists
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards
 from vecpress.pipeline.options import CompressOptions
@@ -337,6 +339,10 @@ class Encoded:
     #: held-out queries' recall along the nprobes grid), or None without partitions
     lists: ListsSpec | None = None
     partitions: dict | None = None
+    #: every unit's results, for the next incremental run (pipeline.reuse), or None (served)
+    units_uri: str | None = None
+    #: an incremental run's kept rows read, and not read (their results reused)
+    kept_rows: dict | None = None
 
 
 def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained, opts: CompressOptions,
@@ -367,6 +373,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     if gpu_compute is not None and opts.device != "cpu" and len(plan.shards) > num_kept:
         pool = gpu_compute(spec, xq, ngpu=opts.ngpu)
     exact = TopK(len(qpos), k, exclude=qpos)
+    recorder = None if served else UnitRecorder(ctx)  # (what the next incremental run need not read)
     found = TopK(len(qpos), k, exclude=qpos, with_extra=opts.eval_rerank)
     searched = not served  # (a served table is searched by LanceDB; checkpoints of older runs lack the search)
     fragments: dict[int, list[dict]] = {}
@@ -390,6 +397,9 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
             else:
                 found.add(r.search_D, r.search_I, r.search_E)
             fragments.update(zip(r.shards, r.fragments))
+            if recorder is not None:
+                recorder.add([plan.shards[i] for i in r.shards], (r.knn_D, r.knn_I),
+                             (r.search_D, r.search_I, r.search_E))
             tasks[r.shards[0]] = (r.shards, r.index_buffer_uri)
             devices.add(r)
             id_files.append(r.ids_file_uri)
@@ -408,25 +418,18 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
         log.info("encode: %s pid %s encoded %d rows of %d shards on %s%s, exact neighbours on %s, "
                  "search over the codes on %s", c.get("host"), c.get("pid"), c["rows"], c["shards"], c.get("encode"),
                  f" ({c['gpu_name']})" if c.get("gpu_name") else "", c.get("exact_knn"), c.get("code_search"))
-    if num_kept:  # one read of the kept rows: their exact neighbours, and the search over their stored codes
-        kept = KeptSearch(ctx.table_uri, diff.previous_version, spec, Columns.of(plan, opts.metric), opts.batch_size,
-                          opts.ngpu, index_buffers_uri=job.index_buffers_uri, ids_uri=job.ids_uri,
-                          id_buckets=job.id_buckets, lists=job.lists)
-        ids = dict(zip((s.index for s in plan.shards[:num_kept]), diff.kept_fragment_ids))
-        groups = group_shards(plan.shards[:num_kept], min_rows)
-        items = [(merge_shards(g), [f for s in g for f in ids[s.index]]) for g in groups]
-        metadata = dict(zip((f for fids in diff.kept_fragment_ids for f in fids), diff.kept_fragments))
-        kept_units = [Unit(shard.row_offset, shard.num_rows, tuple(metadata[f] for f in fids)) for shard, fids in items]
-        for i, (D, I, f, ids_file, lists_file) in executor.imap(search_kept_shard, items,
-                                                    desc="exact neighbours and search (kept rows)",
-                                                    shared={"job": kept, "queries": xq, "query_positions": qpos}):
-            exact.add(D, I)
-            id_files.append(ids_file)
-            list_files.append(lists_file)
-            if served:  # f: the group's index buffer
-                kept_units[i] = dataclasses.replace(kept_units[i], buffer_uri=f)
-            else:
-                found.add(*f)
+    kept = None
+    if num_kept:  # the kept rows' results: recorded by the previous run, else one read of them
+        kept = fold_kept(executor, plan, diff, KeptSearch(
+            ctx.table_uri, diff.previous_version, spec, Columns.of(plan, opts.metric), opts.batch_size, opts.ngpu,
+            index_buffers_uri=job.index_buffers_uri, ids_uri=job.ids_uri, id_buckets=job.id_buckets,
+            lists=job.lists), xq=xq, qpos=qpos, exact=exact, found=found, min_rows=min_rows, served=served,
+            out=ctx.out, recorded=sampled.previous_units, previous_lists=sampled.previous_lists, recorder=recorder)
+        kept_units = kept.units
+        id_files += kept.id_files
+        list_files += kept.list_files
+        log.info("encode: %d kept rows read, %d not read (their results recorded by the previous run)",
+                 kept.rows_read, kept.rows_reused)
     check_start = time.perf_counter()
     # one task per bucket of ids, in parallel: no process holds every id. A refusal leaves
     # nothing behind: run_compress removes a failed run's uncommitted files and run folder
@@ -480,4 +483,5 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     return Encoded(tuple(kept_fragments + new_fragments), plan.num_rows - len(rows.dropped), gt_uri, seconds, report,
                    search_ids_uri, search_exact_uri, checkpoints_uri=job.checkpoint_uri, ids_uri=job.ids_uri,
                    id_check=id_check, replaced_files=replaced, index_buffers=tuple(index_buffers),
-                   lists=job.lists, partitions=partitions)
+                   lists=job.lists, partitions=partitions, units_uri=recorder.save() if recorder else None,
+                   kept_rows=kept and {"read": kept.rows_read, "not_read": kept.rows_reused})

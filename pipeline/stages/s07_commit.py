@@ -93,7 +93,9 @@ def build_manifest(ctx: RunContext, planned: Planned, sampled: Sampled, trained:
             "train_rows_uri": rel(sampled.train_rows_uri) if sampled.train_rows_uri else None,
             "ground_truth_uri": rel(encoded.ground_truth_uri),
             **{name: rel(uri) for name, uri in (("search_ids_uri", encoded.search_ids_uri),
-                                                ("search_exact_uri", encoded.search_exact_uri)) if uri},
+                                                ("search_exact_uri", encoded.search_exact_uri),
+                                                ("units_uri", encoded.units_uri)) if uri},
+            "kept_rows": encoded.kept_rows,
         },
         # --serve lancedb: the index's bytes per row (PQ m, SQ dim...), and the stored vectors' beside them
         "code_bytes": parse_served_spec(trained.codec.spec, plan.dim).index_bytes(plan.dim) if served
