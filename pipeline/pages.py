@@ -316,7 +316,8 @@ def _decoded(f, page: Page, chunk: ChunkPages) -> tuple[memoryview, int]:
     """A data page's body and the byte offset of its values (checked to match its levels)."""
     body = _body(f, page, chunk.codec)
     pos = _values_at(body, page, chunk)
-    if page.encoding in (_PLAIN, _BYTE_STREAM_SPLIT) and len(body) - pos != page.num_values * np.dtype(chunk.dtype).itemsize:
+    width = np.dtype(chunk.dtype).itemsize
+    if page.encoding in (_PLAIN, _BYTE_STREAM_SPLIT) and len(body) - pos != page.num_values * width:
         raise Unsupported("a page whose values do not match its levels")
     return body, pos
 
@@ -353,7 +354,8 @@ def read_rows(f, chunk: ChunkPages, rows: np.ndarray, dim: int) -> np.ndarray:
         while got < dim:
             page = chunk.pages[p]
             lo, hi = v0 + got - page.first_value, min(v1 - page.first_value, page.num_values)
-            if page.encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY) and dictionary is None and chunk.dictionary is not None:
+            needs_dictionary = page.encoding in (_PLAIN_DICTIONARY, _RLE_DICTIONARY)
+            if needs_dictionary and dictionary is None and chunk.dictionary is not None:
                 d = chunk.dictionary
                 dictionary = np.frombuffer(_body(f, d, chunk.codec), chunk.dtype, d.num_values)
             if p not in decoded:

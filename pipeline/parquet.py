@@ -284,7 +284,8 @@ def _rows_by_pages(f, metadata, piece: Piece, rg: int, column: str, rows: np.nda
     if not USE_PAGES:
         return None
     try:
-        chunk = pages.chunk_pages(f, metadata, rg, pages.leaf_index(metadata, column), (piece.file_uri, piece.fingerprint))
+        leaf = pages.leaf_index(metadata, column)
+        chunk = pages.chunk_pages(f, metadata, rg, leaf, (piece.file_uri, piece.fingerprint))
         x = pages.read_rows(f, chunk, rows, dim)
     except pages.Unsupported:
         return None
@@ -313,7 +314,8 @@ def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *,
                     pf = pf or pq.ParquetFile(f, metadata=metadata, pre_buffer=False)
                     arr = _rows_of_row_group(pf, rg, column, sel - starts[j]).column(0)
             except (OSError, pa.ArrowException) as exc:
-                raise SourceError(f"{piece.file_uri}: cannot read row group {rg} ({len(sel)} rows wanted): {exc}") from exc
+                raise SourceError(f"{piece.file_uri}: cannot read row group {rg} ({len(sel)} rows wanted): "
+                                  f"{exc}") from exc
             parts.append(vectors_as_numpy(arr, dim, where=piece.file_uri, column=column,
                                           rows=piece.file_row_start + sel, bounds=bounds, nonzero=nonzero))
             report_progress(sum(len(p) for p in parts), len(local_rows))

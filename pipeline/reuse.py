@@ -152,7 +152,8 @@ def query_positions_in(previous: SourcePlan, plan: SourcePlan, positions: np.nda
     spans: dict[str, list[tuple[int, int, int]]] = {}
     for shard in plan.shards:
         for piece, start in zip(shard.pieces, shard.piece_starts):
-            spans.setdefault(piece.file_uri, []).append((piece.file_row_start, piece.num_rows, shard.row_offset + start))
+            spans.setdefault(piece.file_uri, []).append(
+                (piece.file_row_start, piece.num_rows, shard.row_offset + start))
     for j, (f, row) in enumerate(zip(rows["file_index"].tolist(), rows["row"].tolist())):
         uri = str(rows["uris"][f])
         if now.get(uri) != before.get(uri):

@@ -99,7 +99,8 @@ def test_incremental_runs_read_only_new_files(tmp_path, ray_executor, partitions
         stored = evaluate_version(str(out), "t", version, ray_executor, recompute=True)
         assert_same_evaluation(result.eval, stored)
         if partitions:
-            recall = [[(g["nprobes"], g["recall_at_10"]) for g in e["partitions"]["grid"]] for e in (result.eval, stored)]
+            recall = [[(g["nprobes"], g["recall_at_10"]) for g in e["partitions"]["grid"]]
+                      for e in (result.eval, stored)]
             assert recall[0] == recall[1]
 
 
