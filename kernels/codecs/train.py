@@ -31,6 +31,8 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
         _train_binary(index, chain, inner, xt, binary=parse_spec(spec, dim).binary)
         return index
     keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
+    if keep_alive is None:
+        xt = _cpu_residual_training(inner, xt, seed)
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
     else:
@@ -40,6 +42,28 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     if parse_spec(spec, dim).sq_type and parse_spec(spec, dim).sq_type.endswith("_eden"):
         _scale_eden(chain, inner, xt)
     return index
+
+
+def _cpu_residual_training(inner, xt: np.ndarray, seed: int) -> np.ndarray:
+    """Residual quantizers (RQ, PRQ) trained on the CPU: plain k-means at each stage instead
+    of faiss's default progressive-dimension k-means, on at most the rows one stage's k-means
+    samples anyway (faiss's max_points_per_centroid x 2^nbits: 65,536 for 8 bits; a seeded
+    subsample). Each stage beam-encodes every training row, so rows past that only cost time
+    and memory (n x beam x dim floats). Measured (BENCHMARKS.md, "Residual quantizer
+    training"): RQ16x8 on 300k x 768-d, 2 cores, ... """
+    if isinstance(inner, faiss.IndexResidualQuantizer):
+        quantizers = [inner.rq]
+    elif isinstance(inner, faiss.IndexProductResidualQuantizer):
+        quantizers = [faiss.downcast_AdditiveQuantizer(inner.prq.subquantizer(i)) for i in range(inner.prq.nsplits)]
+    else:
+        return xt
+    cap = 0
+    for q in quantizers:
+        q.train_type = faiss.ResidualQuantizer.Train_default
+        cap = max(cap, int(q.cp.max_points_per_centroid) << int(faiss.vector_to_array(q.nbits).max()))
+    if len(xt) <= cap:
+        return xt
+    return xt[np.sort(np.random.default_rng(seed).choice(len(xt), cap, replace=False))]
 
 
 def _scale_eden(chain, inner, xt: np.ndarray) -> None:

@@ -51,10 +51,10 @@ def drift(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Ex
     units, lists = previous_record(ctx, prev, opts)
     probed = new_rows_plan(planned.plan, len(diff.kept_shards)) if units is not None else planned.plan
     codec = load_codec(manifest_codec(ctx.out, prev["codec"]))
+    # held out from the rows the kept codec was trained on (they would flatter its error)
+    train_rows = kept_training_rows(ctx, prev)
     probe = None
     if probed.num_rows >= 2:
-        # held out from the rows the kept codec was trained on (they would flatter its error)
-        train_rows = kept_training_rows(ctx, prev)
         probe = read_sample(probed, 0, min(planned.num_queries, probed.num_rows), seed, executor,
                             max_row_groups=opts.sample_row_groups, metric=opts.metric,
                             exclude=layout_positions(probed, load_arrays(train_rows)) if train_rows else None)
@@ -89,16 +89,17 @@ def drift(ctx: RunContext, planned: Planned, opts: CompressOptions, executor: Ex
     sampled = Sampled(train_uri="", queries_uri=save_array(ctx.run_file("queries.npy"), xq),
                       query_positions_uri=save_array(ctx.run_file("query_positions.npy"), qpos),
                       num_train=prev["sample"]["num_train"], num_queries=len(xq),
-                      train_rows_uri=kept_training_rows(ctx, prev), seconds=seconds,
+                      train_rows_uri=train_rows, seconds=seconds,
                       previous_units=units, previous_lists=lists)
     return Drifted(planned, decision, sampled, seconds)
 
 
 def previous_record(ctx: RunContext, prev: dict, opts: CompressOptions) -> tuple[list | None, object | None]:
     """(the units the previous version's run recorded, its lists' spec or None), or (None,
-    None) where an incremental run cannot reuse them: a LanceDB-served table, a version from
-    before they were recorded, a run folder gone."""
-    units = recorded_units(ctx.out, prev) if opts.serve != "lancedb" else None
+    None) where an incremental run cannot reuse them: a LanceDB-served table, another
+    --num-queries, a version from before they were recorded, a run folder gone."""
+    same_queries = (prev.get("options") or {}).get("num_queries") == opts.num_queries
+    units = recorded_units(ctx.out, prev) if opts.serve != "lancedb" and same_queries else None
     base = storage.normalize(ctx.out)
     if units is None or not all(storage.exists(storage.join(base, prev["sample"][name]))
                                 for name in ("queries_uri", "query_positions_uri")):
