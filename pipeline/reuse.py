@@ -45,6 +45,7 @@ class Recorded:
     num_rows: int
     uri: str  # relative to OUT
     k: int  # results per query
+    search: bool  # the search over the codes is recorded (search_D, search_I)
     extra: bool  # the search's candidates carry their exact distances (search_E)
 
     def arrays(self, out: str, shift: int) -> dict[str, np.ndarray]:
@@ -63,16 +64,19 @@ class UnitRecorder:
         self.ctx, self.records = ctx, []
 
     def add(self, shards: list[Shard], knn: tuple, search: tuple | None) -> None:
+        if knn[1] is None:  # (no exact top-k: nothing a later run could merge)
+            return
         name = f"units/unit-{shards[0].index:06d}-{shards[-1].index:06d}.npz"
         arrays = {"knn_D": knn[0], "knn_I": knn[1]}
-        if search is not None:
+        if search is not None and search[1] is not None:
             arrays.update(search_D=search[0], search_I=search[1])
             if len(search) > 2 and search[2] is not None:
                 arrays["search_E"] = search[2]
         uri = save_arrays(self.ctx.run_file(name), arrays)
         self.records.append({"keys": [shard_key(s) for s in shards], "row_offset": int(shards[0].row_offset),
                              "num_rows": int(sum(s.num_rows for s in shards)), "uri": self.ctx.relative(uri),
-                             "k": int(knn[1].shape[1]), "extra": "search_E" in arrays})
+                             "k": int(knn[1].shape[1]), "search": "search_I" in arrays,
+                             "extra": "search_E" in arrays})
 
     def save(self) -> str:
         uri = self.ctx.run_file("units.json")
@@ -90,7 +94,7 @@ def recorded_units(out: str, manifest: dict) -> list[Recorded] | None:
     uri = storage.join(base, rel)
     if not storage.exists(uri):
         return None
-    units = [Recorded(tuple(r["keys"]), r["row_offset"], r["num_rows"], r["uri"], r["k"], r["extra"])
+    units = [Recorded(tuple(r["keys"]), r["row_offset"], r["num_rows"], r["uri"], r["k"], r["search"], r["extra"])
              for r in json.loads(storage.read_bytes(uri))]
     return units if all(storage.exists(storage.join(base, u.uri)) for u in units) else None
 
@@ -111,7 +115,7 @@ def reusable(units: list[Recorded], kept: list[Shard], *, k: int, extra: bool) -
     where = {shard_key(s): i for i, s in enumerate(kept)}
     found = []
     for u in units:
-        if u.k != k or (extra and not u.extra):
+        if u.k != k or not u.search or (extra and not u.extra):
             continue
         at = [where.get(key) for key in u.keys]
         if None not in at and at == list(range(at[0], at[0] + len(at))) and \
