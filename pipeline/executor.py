@@ -55,8 +55,9 @@ def reporting_to(sink: Callable[[int, int], None] | None):
 
 class Progress:
     """Logs `desc: done/total` at most every `every` seconds, and once at the end; while
-    tasks run, at most every `every_running` seconds (RUNNING_SECONDS) with their reported share (update) and
-    the time left at the pace so far, so that a stage of few long tasks never goes quiet."""
+    tasks run, at most every `every_running` seconds (RUNNING_SECONDS) with their reported
+    share (update) and the time left at the pace so far, so that a stage of few long tasks
+    never goes quiet."""
 
     def __init__(self, desc: str, total: int, every: float = 2.0, every_running: float | None = None):
         self.desc, self.total, self.every = desc, total, every

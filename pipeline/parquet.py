@@ -278,13 +278,22 @@ def _rows_of_row_group(pf, rg: int, column: str, rows: np.ndarray) -> pa.Table:
 USE_PAGES = True
 
 
-def _rows_by_pages(f, metadata, piece: Piece, rg: int, column: str, rows: np.ndarray, dim: int) -> pa.Array | None:
-    """Rows `rows` of row group `rg` read from their pages alone (pages.py), or None where the
-    page reader does not handle the column chunk."""
+def _vector_leaf(metadata, column: str) -> int | None:
+    """The vector column's one leaf for the page reader, or None where it does not apply."""
     if not USE_PAGES:
         return None
     try:
-        leaf = pages.leaf_index(metadata, column)
+        return pages.leaf_index(metadata, column)
+    except pages.Unsupported:
+        return None
+
+
+def _rows_by_pages(f, metadata, piece: Piece, rg: int, leaf: int | None, rows: np.ndarray, dim: int) -> pa.Array | None:
+    """Rows `rows` of row group `rg` read from their pages alone (pages.py), or None where the
+    page reader does not handle the column chunk (`leaf` None: the column)."""
+    if leaf is None:
+        return None
+    try:
         chunk = pages.chunk_pages(f, metadata, rg, leaf, (piece.file_uri, piece.fingerprint))
         x = pages.read_rows(f, chunk, rows, dim)
     except pages.Unsupported:
@@ -297,10 +306,10 @@ def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *,
     page reader handles the column (pages.py), else only the row groups that hold them, each
     decoded only up to its last wanted row; validated as every read is (vectors_as_numpy,
     against the footer's statistics too)."""
-    parts = []
+    parts, done = [], 0
     for piece, _, rows in shard.locate(local_rows):
         f, metadata = _open_checked(piece)
-        pf = None
+        pf, leaf = None, _vector_leaf(metadata, column)
         row_groups = range(piece.row_group_start, piece.row_group_stop)
         starts = np.cumsum([0] + [metadata.row_group(i).num_rows for i in row_groups])
         bounds = value_bounds(metadata, column, row_groups)
@@ -309,7 +318,7 @@ def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *,
             if not sel.size:
                 continue
             try:
-                arr = _rows_by_pages(f, metadata, piece, rg, column, sel - starts[j], dim)
+                arr = _rows_by_pages(f, metadata, piece, rg, leaf, sel - starts[j], dim)
                 if arr is None:
                     pf = pf or pq.ParquetFile(f, metadata=metadata, pre_buffer=False)
                     arr = _rows_of_row_group(pf, rg, column, sel - starts[j]).column(0)
@@ -318,5 +327,6 @@ def read_vectors(shard: Shard, local_rows: np.ndarray, column: str, dim: int, *,
                                   f"{exc}") from exc
             parts.append(vectors_as_numpy(arr, dim, where=piece.file_uri, column=column,
                                           rows=piece.file_row_start + sel, bounds=bounds, nonzero=nonzero))
-            report_progress(sum(len(p) for p in parts), len(local_rows))
+            done += len(sel)
+            report_progress(done, len(local_rows))
     return np.concatenate(parts) if parts else np.zeros((0, dim), np.float32)

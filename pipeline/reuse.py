@@ -26,7 +26,7 @@ from vecpress.pipeline.buckets import open_batches
 from vecpress.pipeline.context import load_arrays, save_arrays
 from vecpress.pipeline.layout import Shard, SourcePlan
 from vecpress.pipeline.lists import ListsSpec, write_task_lists
-from vecpress.pipeline.sampling import file_rows
+from vecpress.pipeline.sampling import file_rows, positions_in
 from vecpress.pipeline.schema import codes_as_numpy
 
 
@@ -153,17 +153,7 @@ def query_positions_in(previous: SourcePlan, plan: SourcePlan, positions: np.nda
     rows = file_rows(previous, positions[order])
     before = {f.uri: f.fingerprint for f in previous.files}
     now = {f.uri: f.fingerprint for f in plan.files}
-    spans: dict[str, list[tuple[int, int, int]]] = {}
-    for shard in plan.shards:
-        for piece, start in zip(shard.pieces, shard.piece_starts):
-            spans.setdefault(piece.file_uri, []).append(
-                (piece.file_row_start, piece.num_rows, shard.row_offset + start))
-    for j, (f, row) in enumerate(zip(rows["file_index"].tolist(), rows["row"].tolist())):
-        uri = str(rows["uris"][f])
-        if now.get(uri) != before.get(uri):
-            continue
-        for lo, n, position in spans.get(uri, ()):
-            if lo <= row < lo + n:
-                out[order[j]] = position + row - lo
-                break
+    same = np.array([now.get(str(u)) == before.get(str(u)) for u in rows["uris"]], bool)
+    found = positions_in(plan, rows)
+    out[order] = np.where(same[rows["file_index"]], found, -1)
     return out

@@ -120,14 +120,14 @@ def file_rows(plan: SourcePlan, positions: np.ndarray) -> dict[str, np.ndarray]:
     return {"uris": np.array(uris, dtype=str), "file_index": file, "row": row}
 
 
-def layout_positions(plan: SourcePlan, rows: dict[str, np.ndarray]) -> np.ndarray:
-    """file_rows's rows -> their sorted global positions in `plan`'s layout (rows of files
-    it no longer has, or past a file's end, are left out)."""
+def positions_in(plan: SourcePlan, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """file_rows's rows -> their global positions in `plan`'s layout, in the same order (-1
+    for rows of files it no longer has, or past a file's end)."""
     index = {str(u): i for i, u in enumerate(rows["uris"])}
     file, row = np.asarray(rows["file_index"]), np.asarray(rows["row"])
     order = np.lexsort((row, file))
     file, row = file[order], row[order]
-    out = []
+    out = np.full(len(order), -1, np.int64)
     for shard in plan.shards:
         for piece, start in zip(shard.pieces, shard.piece_starts):
             f = index.get(piece.file_uri)
@@ -135,5 +135,12 @@ def layout_positions(plan: SourcePlan, rows: dict[str, np.ndarray]) -> np.ndarra
                 continue
             lo, hi = np.searchsorted(file, [f, f + 1])
             a, b = lo + np.searchsorted(row[lo:hi], [piece.file_row_start, piece.file_row_start + piece.num_rows])
-            out.append(shard.row_offset + start + row[a:b] - piece.file_row_start)
-    return np.sort(np.concatenate(out)) if out else np.empty(0, np.int64)
+            out[order[a:b]] = shard.row_offset + start + row[a:b] - piece.file_row_start
+    return out
+
+
+def layout_positions(plan: SourcePlan, rows: dict[str, np.ndarray]) -> np.ndarray:
+    """file_rows's rows -> their sorted global positions in `plan`'s layout (rows of files
+    it no longer has, or past a file's end, are left out)."""
+    found = positions_in(plan, rows)
+    return np.sort(found[found >= 0])

@@ -104,9 +104,8 @@ def previous_record(ctx: RunContext, prev: dict, opts: CompressOptions) -> tuple
     if units is None or not all(storage.exists(storage.join(base, prev["sample"][name]))
                                 for name in ("queries_uri", "query_positions_uri")):
         return None, None
-    lists = version_lists(ctx.out, prev) if prev.get("partitions") else None
-    if prev.get("partitions") and (lists is None or not all(
-            storage.exists(lists.spec.group_uri(g)) for g in range(lists.spec.num_groups))):
+    lists = version_lists(ctx.out, prev)  # (None without partitions)
+    if lists is not None and not all(storage.exists(lists.spec.group_uri(g)) for g in range(lists.spec.num_groups)):
         return None, None
     return units, lists and lists.spec
 
