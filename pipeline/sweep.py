@@ -27,7 +27,9 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.ivf import IvfModel, check_served_spec, is_served_spec, parse_served_spec, served_grid
 from vecpress.kernels.codecs.grid import default_grid
+from vecpress.kernels.codecs.nested import nesting, residual_prefix
 from vecpress.kernels.codecs.spec import CodecSpecError
+from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
 from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
@@ -51,6 +53,8 @@ class TrainedCodec:
     sha256: str
     code_size: int
     train_seconds: float
+    #: the longer residual quantizer whose first stages this one is (kernels.codecs.nested), or None
+    cut_from: str | None = None
 
 
 def codec_kind(spec: str):
@@ -150,20 +154,30 @@ class SweepResult:
 
 def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ngpu: int,
                      failed: list[dict]) -> list[TrainedCodec]:
-    out = []
-    for spec in specs:
+    """Each spec trained on xt, in the order given (those that fail noted in `failed`). A
+    residual quantizer that a longer one of its family holds (kernels.codecs.nested) is cut
+    from that one's training instead of trained again."""
+    nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
+    done: dict[str, TrainedCodec] = {}
+    for spec in sorted(specs, key=lambda s: s in nested):  # (the longest of each family first)
         start = time.perf_counter()
+        source = nested.get(spec) if nested.get(spec) in done else None
         try:
-            codec = train_logged(codec_kind(spec), xt, spec, metric, seed=seed, ngpu=ngpu, what="sweep: train ")
+            if source:
+                codec = residual_prefix(load_trained(done[source], metric), spec)
+            else:
+                codec = train_logged(codec_kind(spec), xt, spec, metric, seed=seed, ngpu=ngpu, what="sweep: train ")
         except (CodecSpecError, RuntimeError, ValueError) as exc:
             failed.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
             log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])
             continue
         blob = codec.to_bytes()
         size = codec.served.index_bytes(codec.dim) if isinstance(codec, IvfModel) else codec.code_size
-        out.append(TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), size, time.perf_counter() - start))
-        log.info("sweep: trained %s (%d B) in %.1fs", spec, size, out[-1].train_seconds)
-    return out
+        done[spec] = TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), size, time.perf_counter() - start,
+                                  source)
+        log.info("sweep: %s %s (%d B) in %.1fs", "trained" if source is None else f"cut from {source}:", spec,
+                 size, done[spec].train_seconds)
+    return [done[s] for s in specs if s in done]
 
 
 def candidate_specs(dim: int, metric: str, num_train: int, *, codecs: list[str] | None,
@@ -238,7 +252,7 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
         result.rows.append({
             "codec": tc.spec, "code_bytes": tc.code_size, **ev,
             "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
-            "train_seconds": round(tc.train_seconds, 3),
+            "train_seconds": round(tc.train_seconds, 3), "cut_from": tc.cut_from,
             "encode_rows_per_second": round(plan.num_rows / encode_s) if encode_s > 0 else None,
             "sha256": tc.sha256,
         })

@@ -1,0 +1,80 @@
+"""Residual quantizers that nest: trained greedily, the first m stages of `RQ<M>x<b>` are the
+codec `RQ<m>x<b>` (m < M), so one training serves every length of a family.
+
+A residual quantizer trains stage after stage, each stage's k-means on the residuals the
+earlier stages leave, and nothing of a stage depends on how many stages follow. With a beam
+of 1 in training (as `train_index` always trains on the CPU, and on the GPU for specs with
+`beam=1`) the trained codebooks of the shorter codec are the longer one's first ones, and
+greedy encoding with them gives the longer codes' first bytes. The sweep and the advisor train
+the longest of each family and cut the others from it (`nesting`, `residual_prefix`).
+tests/kernels/test_nested.py compares the cut codec with the codec trained on its own: the
+same codebooks, beam, codes and search, and the same serialised bytes but for the range of
+reconstruction norms faiss notes at the end of training (`norm_min`, `norm_max`: the longer
+codec's here), which codecs that store no norm, as these, never read.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+from vecpress.kernels._faiss import faiss
+from vecpress.kernels.codecs.build import _innermost, build_index
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
+
+_RQ = re.compile(r"(^|,)RQ(\d+)x(\d+)$")
+
+
+def _family(spec: str, dim: int) -> tuple[tuple, int, int | None] | None:
+    """(what the codec is apart from its length, its number of stages, its beam option) of an
+    RQ spec, or None for any other codec."""
+    try:
+        p = parse_spec(spec, dim)
+    except CodecSpecError:
+        return None
+    m = _RQ.search(p.factory)
+    if m is None or p.binary or p.sq_type:
+        return None
+    rest = tuple(sorted((k, v) for k, v in p.options.items() if k != "beam"))
+    return (p.mrl, p.factory[:m.start()] + m.group(1), int(m.group(3)), rest), int(m.group(2)), p.options.get("beam")
+
+
+def nesting(specs: list[str], dim: int, *, greedy: bool) -> dict[str, str]:
+    """{spec: the longest spec of `specs` whose trained codec holds it} for every RQ spec
+    that a longer one of the same family holds. `greedy`: training is greedy whatever the
+    specs' beams (the CPU); otherwise only specs with beam=1 train greedily."""
+    parts = {s: f for s in specs if (f := _family(s, dim)) is not None and (greedy or f[2] == 1)}
+    out = {}
+    for spec, (family, stages, _) in parts.items():
+        longer = [t for t, (fam, n, _) in parts.items() if fam == family and n > stages]
+        if longer:
+            out[spec] = max(longer, key=lambda t: (parts[t][1], t))
+    return out
+
+
+def residual_prefix(codec: Codec, spec: str) -> Codec:
+    """The codec `spec`, cut from the trained `codec` that nests it (`nesting`): its first
+    stages, with the beam `spec` encodes with."""
+    fam, stages = _family(spec, codec.dim), None
+    if fam is not None:
+        stages = fam[1]
+    long_fam = _family(codec.spec, codec.dim)
+    if fam is None or long_fam is None or fam[0] != long_fam[0] or stages >= long_fam[1]:
+        raise CodecSpecError(f"codec {spec!r} is not the first stages of {codec.spec!r}")
+    index = faiss.deserialize_index(faiss.serialize_index(codec.index))
+    _, inner = _innermost(index)
+    rq = inner.rq
+    ksub, d = 1 << int(rq.nbits.at(0)), int(rq.d)
+    codebooks = faiss.vector_to_array(rq.codebooks)[: stages * ksub * d]
+    rq.M = stages
+    rq.nbits.resize(stages)
+    faiss.copy_array_to_vector(np.ascontiguousarray(codebooks), rq.codebooks)
+    rq.set_derived_values()
+    fresh = build_index(spec, codec.dim, codec.metric)
+    rq.max_beam_size = int(_innermost(fresh)[1].rq.max_beam_size)
+    if rq.centroid_norms.size() or rq.codebook_cross_products.size():
+        rq.compute_codebook_tables()
+    inner.code_size = int(rq.code_size)
+    return Codec(spec=spec, metric=codec.metric, dim=codec.dim, index=index)

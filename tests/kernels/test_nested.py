@@ -1,0 +1,65 @@
+"""kernels.codecs.nested: a residual quantizer cut from a longer one of its family is the codec
+trained on its own (codebooks, beam, codes, search, and serialised form but for the norm range
+faiss notes in training, which a codec storing no norm never reads)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vecpress.kernels._faiss import faiss
+from vecpress.kernels.codecs.build import _innermost
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.nested import nesting, residual_prefix
+from vecpress.kernels.codecs.spec import CodecSpecError
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def xt():
+    return ClusteredEmbeddings(DIM, seed=11, num_clusters=40).batch(0, 3000)
+
+
+def without_norm_range(codec: Codec) -> bytes:
+    copy = Codec.from_bytes(codec.to_bytes(), spec=codec.spec, metric=codec.metric)
+    rq = _innermost(copy.index)[1].rq
+    assert rq.search_type in (faiss.AdditiveQuantizer.ST_decompress, faiss.AdditiveQuantizer.ST_LUT_nonorm)
+    rq.norm_min = rq.norm_max = 0.0
+    return copy.to_bytes()
+
+
+@pytest.mark.parametrize(("short", "long", "metric"), [
+    ("RQ3x6", "RQ6x6", "l2"),
+    ("RQ2x6,beam=1", "RQ5x6,beam=1", "cosine"),
+    ("RQ2x6,beam=3", "RQ4x6", "ip"),  # (trained greedily on the CPU whatever the beam: 3 kept to encode)
+    ("PCA32,RQ2x6", "PCA32,RQ4x6,beam=2", "l2"),
+    ("MRL32,RQ3x6", "MRL32,RQ4x6", "cosine"),
+])
+def test_a_cut_codec_is_the_codec_trained_alone(xt, short, long, metric):
+    alone = Codec.train(xt, short, metric, seed=3, ngpu=0)
+    cut = residual_prefix(Codec.train(xt, long, metric, seed=3, ngpu=0), short)
+    assert cut.spec == short and cut.code_size == alone.code_size
+    assert without_norm_range(cut) == without_norm_range(alone)
+    x = xt[:200]
+    codes = alone.encode(x)
+    assert np.array_equal(cut.encode(x), codes)
+    assert np.array_equal(cut.search_codes(x[:5], codes, 4)[1], alone.search_codes(x[:5], codes, 4)[1])
+
+
+def test_nesting_pairs_each_spec_with_the_longest_of_its_family():
+    specs = ["RQ8x8,beam=1", "RQ16x8,beam=1", "RQ32x8,beam=1", "PCA64,RQ8x8,beam=1", "RQ16x4", "RQ16x8",
+             "PQ16", "MRL128,RQ8x8,beam=1", "SQ8"]
+    assert nesting(specs, 384, greedy=True) == {
+        "RQ8x8,beam=1": "RQ32x8,beam=1", "RQ16x8,beam=1": "RQ32x8,beam=1", "RQ16x8": "RQ32x8,beam=1"}
+    # trained with their own beam (the GPU): only the beam=1 specs train greedily
+    assert nesting(specs, 384, greedy=False) == {"RQ8x8,beam=1": "RQ32x8,beam=1", "RQ16x8,beam=1": "RQ32x8,beam=1"}
+    assert nesting(["RQ8x8", "RQ8x8,beam=2"], 384, greedy=True) == {}
+
+
+def test_a_codec_outside_the_family_is_refused(xt):
+    long = Codec.train(xt, "RQ4x6", "l2", seed=3, ngpu=0)
+    for spec in ("RQ4x6", "RQ6x6", "RQ2x5", "PCA32,RQ2x6", "PQ4"):
+        with pytest.raises(CodecSpecError, match="not the first stages"):
+            residual_prefix(long, spec)
