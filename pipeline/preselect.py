@@ -20,6 +20,7 @@ import numpy as np
 
 from vecpress.kernels.knn import exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall
+from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.sweep import load_trained, train_candidates
 
 log = logging.getLogger("vecpress")
@@ -27,8 +28,12 @@ log = logging.getLogger("vecpress")
 STAGE1_TRAIN_ROWS = 10_000
 STAGE1_BASE_ROWS = 20_000
 STAGE1_QUERIES = 300
-#: candidates the second stage trains on the whole sample and sweeps over the corpus
+#: candidates the second stage trains on the whole sample and sweeps over the corpus, at most
 FRONT_RUNNERS = 4
+#: --max-bytes: first-stage candidates within this recall@10 of the first stage's best go on to
+#: the second stage. A leader further ahead than this is chosen in the first stage: the second
+#: would only train it on the whole sample, which the train stage does anyway
+LEAD_MARGIN = 0.05
 #: --min-recall: first-stage candidates within this of the target still run in the second
 MIN_RECALL_MARGIN = 0.05
 
@@ -50,8 +55,13 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         _, found = codec.search_codes(q, codec.encode(base), 10)
         rows.append({"codec": tc.spec, "code_bytes": tc.code_size,
                      "recall_at_10": round(knn_recall(exact, found, 10), 4),
-                     "seconds": round(tc.train_seconds + time.perf_counter() - began, 3)})
-    kept = front_runners([r for r in rows if "error" not in r], max_bytes=max_bytes, min_recall=min_recall)
+                     "seconds": round(tc.train_seconds + time.perf_counter() - began, 3),
+                     **({"cut_from": tc.cut_from} if tc.cut_from else {})})
+    judged = [r for r in rows if "error" not in r]
+    if not judged:
+        raise VecpressError("no candidate codec could be trained: " + "; ".join(
+            f"{r['codec']}: {r['error']}" for r in rows))
+    kept = front_runners(judged, max_bytes=max_bytes, min_recall=min_recall)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
               "seconds": round(time.perf_counter() - start, 3)}
     log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
@@ -61,13 +71,15 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
 
 def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,
                   keep: int = FRONT_RUNNERS) -> list[str]:
-    """With max_bytes: the `keep` best recalls within the budget. With min_recall: the
+    """With max_bytes: the `keep` best recalls within the budget, of those within LEAD_MARGIN
+    of the best (so one alone when it leads by more). With min_recall: the
     cheapest that come within MIN_RECALL_MARGIN of it, and the best recall of all (so that a
     target no candidate reaches still gets the closest)."""
     if max_bytes is not None:
         ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
                     key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
-        return [r["codec"] for r in ok[:keep]] or [r["codec"] for r in rows[:keep]]
+        close = [r for r in ok if r["recall_at_10"] >= ok[0]["recall_at_10"] - LEAD_MARGIN] if ok else rows
+        return [r["codec"] for r in close[:keep]]
     near = sorted((r for r in rows if r["recall_at_10"] >= (min_recall or 0) - MIN_RECALL_MARGIN),
                   key=lambda r: (r["code_bytes"], -r["recall_at_10"]))
     best = max(rows, key=lambda r: r["recall_at_10"])

@@ -258,12 +258,15 @@ def summary_table(info: dict) -> str:
     advisor = info.get("advisor")
     if advisor:
         crit = {k: v for k, v in advisor["criterion"].items() if v}
+        first = advisor.get("decided_in") == "first stage"
         lines.append(f"advisor         chose {advisor['chosen']} ({', '.join(f'{k} {v}' for k, v in crit.items())}; "
-                     f"recall@10 {advisor['chosen_recall_at_10']:.3f} on the sample)")
+                     f"recall@10 {advisor['chosen_recall_at_10']:.3f} "
+                     f"{'in the first stage' if first else 'on the sample'})")
         stage = advisor.get("first_stage")
         if stage:
             lines.append(f"                first stage: {len(stage['rows'])} candidates on {stage['train_rows']:,} vectors in "
-                         f"{stage['seconds']:.1f}s; swept over the corpus: {', '.join(stage['kept'])}")
+                         f"{stage['seconds']:.1f}s; " + (f"{advisor['chosen']} {advisor['reason']}" if first else
+                                                          f"swept over the corpus: {', '.join(stage['kept'])}"))
     if "run" not in info:  # (a run's report says these in its run line)
         if info.get("mode") == "incremental" and info.get("incremental"):
             inc = info["incremental"]

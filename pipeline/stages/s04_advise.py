@@ -13,7 +13,7 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.preselect import preselect
+from vecpress.pipeline.preselect import LEAD_MARGIN, preselect
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
@@ -49,6 +49,8 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     if not opts.advise_codecs and opts.serve == "codes":  # (a list given is swept as it is)
         specs, staged = preselect(specs, xt, xq, metric=opts.metric, seed=opts.seed, ngpu=opts.ngpu,
                                   max_bytes=opts.max_bytes, min_recall=opts.min_recall)
+    if staged is not None and opts.max_bytes and len(specs) == 1:
+        return _first_stage_leader(planned, staged, opts, ctx, time.perf_counter() - start)
     log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
     result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor)
     pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
@@ -63,8 +65,40 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         "code_bytes": pick["code_bytes"], "table": result.rows, "failed": result.failed,
         # the first stage (pipeline.preselect): every candidate on a small sample, and the kept
         "first_stage": staged,
+        "decided_in": "second stage" if staged else "sweep",
+        "reason": f"best recall@10 {_criterion(opts)} of {len(result.rows)} codecs swept over the corpus"
+                  + (f" (the first stage's {len(staged['kept'])} front-runners)" if staged else ""),
         "report_uri": ctx.relative(reports["md"]),
     }
     log.info("advise: chose %s (%d B, recall@10 %.3f%s)", pick["codec"], pick["code_bytes"],
              score(pick, opts.advise_rerank), f" after re-rank x{opts.advise_rerank}" if opts.advise_rerank > 1 else "")
     return Advised(chosen, advisor, pretrained, time.perf_counter() - start)
+
+
+def _criterion(opts: CompressOptions) -> str:
+    if opts.max_bytes:
+        return f"within {opts.max_bytes} B"
+    return f"the fewest bytes reaching {opts.min_recall}" + (f" after re-rank x{opts.advise_rerank}"
+                                                              if opts.advise_rerank > 1 else "")
+
+
+def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, ctx: RunContext,
+                        seconds: float) -> Advised:
+    """--max-bytes, and one first-stage candidate ahead of the others by more than
+    LEAD_MARGIN: chosen there. The train stage trains it on the whole sample as it trains a
+    codec named with --codec; the evaluate stage measures it over the corpus."""
+    rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
+    pick = rows[staged["kept"][0]]
+    others = sorted((r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes),
+                    key=lambda r: -r["recall_at_10"])
+    runner_up = f"{others[0]['codec']} ({others[0]['recall_at_10']:.3f})" if others else "no other candidate"
+    reason = (f"led the first stage within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f} against "
+              f"{runner_up}, more than {LEAD_MARGIN} ahead: chosen without a second stage")
+    log.info("advise: chose %s (%d B): %s", pick["codec"], pick["code_bytes"], reason)
+    advisor = {
+        "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
+        "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"], "code_bytes": pick["code_bytes"],
+        "table": [], "failed": [r for r in staged["rows"] if "error" in r], "first_stage": staged,
+        "decided_in": "first stage", "reason": reason, "report_uri": None,
+    }
+    return Advised(resolve_codec(ctx, planned, pick["codec"], opts), advisor, None, seconds)

@@ -216,7 +216,13 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
     stage = advisor["first_stage"]
     grid = default_grid(DIM, "cosine", min_bytes=8, max_bytes=criterion.get("max_bytes", 256))
     assert [r["codec"] for r in stage["rows"]] == grid and len(stage["kept"]) <= FRONT_RUNNERS
-    assert {r["codec"] for r in advisor["table"]} == set(stage["kept"]) and advisor["chosen"] in stage["kept"]
+    assert advisor["chosen"] in stage["kept"]
+    if advisor["decided_in"] == "first stage":  # a clear leader: no second stage, the train stage trains it
+        assert "max_bytes" in criterion and stage["kept"] == [advisor["chosen"]] and advisor["table"] == []
+        assert "more than" in advisor["reason"]
+        assert inspect_table(out, "t")["codec"] == advisor["chosen"]
+    else:
+        assert {r["codec"] for r in advisor["table"]} == set(stage["kept"])
     full, _ = sweep_corpus([str(root / "src")], str(tmp_path / "full"), CompressOptions(metric="cosine", **COMMON),
                            codecs=grid, executor=ray_executor)
     recall = {r["codec"]: r["recall_at_10"] for r in full.rows}
@@ -224,3 +230,33 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
         assert recall[advisor["chosen"]] >= choose(full.rows, **criterion)["recall_at_10"] - 0.01
     else:
         assert advisor["code_bytes"] <= choose(full.rows, **criterion)["code_bytes"]
+
+
+def test_front_runners_are_those_close_to_the_first_stages_best():
+    from vecpress.pipeline.preselect import LEAD_MARGIN, front_runners
+
+    def rows(*recalls):
+        return [{"codec": f"C{i}", "code_bytes": 8 * (1 + i % 2), "recall_at_10": r} for i, r in enumerate(recalls)]
+
+    assert front_runners(rows(0.70, 0.66, 0.60, 0.69), max_bytes=16, min_recall=None) == ["C0", "C3", "C1"]
+    assert front_runners(rows(0.70, 0.70 - LEAD_MARGIN - 0.01, 0.2), max_bytes=16, min_recall=None) == ["C0"]
+    assert front_runners(rows(*[0.5] * 6), max_bytes=16, min_recall=None, keep=4) == ["C0", "C2", "C4", "C1"]
+    # (over the budget: not judged; nothing within it: the first `keep` as they came)
+    assert front_runners(rows(0.5, 0.9), max_bytes=8, min_recall=None) == ["C0"]
+    assert front_runners(rows(0.5, 0.9), max_bytes=4, min_recall=None) == ["C0", "C1"]
+
+
+def test_a_sweep_cuts_shorter_residual_quantizers_from_the_longest(corpus, tmp_path, ray_executor):
+    """RQ2x8 swept beside RQ4x8 is cut from RQ4x8's training: the same codes, so the same
+    recall as RQ2x8 swept alone, without its own k-means."""
+    root, _ = corpus
+    opts = CompressOptions(metric="cosine", **COMMON)
+    both, _ = sweep_corpus([str(root / "src")], str(tmp_path / "both"), opts, codecs=["RQ2x8", "RQ4x8,beam=1"],
+                           executor=ray_executor)
+    alone, _ = sweep_corpus([str(root / "src")], str(tmp_path / "alone"), opts, codecs=["RQ2x8"],
+                            executor=ray_executor)
+    cut = next(r for r in both.rows if r["codec"] == "RQ2x8")
+    assert cut["cut_from"] == "RQ4x8,beam=1" and alone.rows[0]["cut_from"] is None
+    for key in ("recall_at_1", "recall_at_10", "recall_at_100", "relative_error"):
+        assert cut[key] == alone.rows[0][key], key
+    assert cut["train_seconds"] < alone.rows[0]["train_seconds"]
