@@ -27,7 +27,7 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.ivf import IvfModel, check_served_spec, is_served_spec, parse_served_spec, served_grid
 from vecpress.kernels.codecs.grid import default_grid
-from vecpress.kernels.codecs.nested import nesting, residual_prefix
+from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
@@ -112,10 +112,8 @@ class SweepCodecs:
 
     def observe(self, batch: ScanBatch) -> None:
         x = batch.prepared(self.metric)
-        for i, codec in enumerate(self.codecs):
-            start = time.perf_counter()
-            codes = codec.encode(batch.x)  # as compress encodes: raw vectors, prepared once by the codec
-            self.seconds[i] += time.perf_counter() - start
+        for i, (codec, (codes, seconds)) in enumerate(zip(self.codecs, encode_all(self.codecs, batch.x))):
+            self.seconds[i] += seconds or 0.0  # (None: sliced from a longer RQ's codes, encode rate not measured)
             D, I = codec.search_codes(self.queries, codes, min(self.num_candidates + 1, len(x)))
             self.found[i].add(D, I, candidate_distances(self.xq, x, I, self.metric), offset=batch.position)
 

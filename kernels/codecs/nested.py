@@ -6,7 +6,9 @@ earlier stages leave, and nothing of a stage depends on how many stages follow. 
 of 1 in training (as `train_index` always trains on the CPU, and on the GPU for specs with
 `beam=1`) the trained codebooks of the shorter codec are the longer one's first ones, and
 greedy encoding with them gives the longer codes' first bytes. The sweep and the advisor train
-the longest of each family and cut the others from it (`nesting`, `residual_prefix`).
+the longest of each family and cut the others from it (`nesting`, `residual_prefix`), and
+where both encode greedily (beam=1) slice the shorter codes from the longer (`cut_codes`,
+`encode_all`).
 tests/kernels/test_nested.py compares the cut codec with the codec trained on its own: the
 same codebooks, beam, codes and search, and the same serialised bytes but for the range of
 reconstruction norms faiss notes at the end of training (`norm_min`, `norm_max`: the longer
@@ -16,6 +18,7 @@ codec's here), which codecs that store no norm, as these, never read.
 from __future__ import annotations
 
 import re
+import time
 
 import numpy as np
 
@@ -78,3 +81,35 @@ def residual_prefix(codec: Codec, spec: str) -> Codec:
         rq.compute_codebook_tables()
     inner.code_size = int(rq.code_size)
     return Codec(spec=spec, metric=codec.metric, dim=codec.dim, index=index)
+
+
+def cut_codes(codes: np.ndarray, long: Codec, short: Codec) -> np.ndarray | None:
+    """`short`'s codes sliced from `long`'s codes of the same rows, where `short` is `long`'s
+    first stages (`nesting`), both encode greedily (beam 1) and the short codes end on a byte:
+    greedy encoding stage after stage writes the short codes' bits first. None where they
+    cannot be sliced (encode with `short` itself)."""
+    fam, long_fam = _family(short.spec, short.dim), _family(long.spec, long.dim)
+    if fam is None or long_fam is None or fam[0] != long_fam[0] or fam[1] >= long_fam[1]:
+        return None
+    rq, long_rq = _innermost(short.index)[1].rq, _innermost(long.index)[1].rq
+    if int(rq.max_beam_size) != 1 or int(long_rq.max_beam_size) != 1 or int(rq.tot_bits) % 8:
+        return None
+    return np.ascontiguousarray(codes[:, :short.code_size])
+
+
+def encode_all(codecs: list[Codec], x: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
+    """Each codec's codes of `x`, with the seconds its encoding took; None for codes sliced
+    from a longer codec's (`cut_codes`), which cost no encoding."""
+    index = {c.spec: i for i, c in enumerate(codecs)}
+    pairs = nesting([c.spec for c in codecs], x.shape[1], greedy=False)
+    out: list = [None] * len(codecs)
+    for i in sorted(range(len(codecs)), key=lambda i: codecs[i].spec in pairs):  # (the longest first)
+        codec, j = codecs[i], index.get(pairs.get(codecs[i].spec))
+        cut = cut_codes(out[j][0], codecs[j], codec) if j is not None and out[j] is not None else None
+        if cut is not None:
+            out[i] = (cut, None)
+            continue
+        start = time.perf_counter()
+        codes = codec.encode(x)  # (raw vectors: the codec prepares them, as compress encodes)
+        out[i] = (codes, time.perf_counter() - start)
+    return out

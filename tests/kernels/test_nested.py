@@ -63,3 +63,19 @@ def test_a_codec_outside_the_family_is_refused(xt):
     for spec in ("RQ4x6", "RQ6x6", "RQ2x5", "PCA32,RQ2x6", "PQ4"):
         with pytest.raises(CodecSpecError, match="not the first stages"):
             residual_prefix(long, spec)
+
+
+def test_greedy_codes_of_a_family_are_sliced_from_the_longest(xt):
+    from vecpress.kernels.codecs.nested import cut_codes, encode_all
+
+    long = Codec.train(xt, "RQ4x8,beam=1", "cosine", seed=3, ngpu=0)
+    short = residual_prefix(long, "RQ2x8,beam=1")
+    wide = residual_prefix(long, "RQ2x8")  # (beam 5: its codes are not the greedy ones)
+    x = xt[:300]
+    assert np.array_equal(cut_codes(long.encode(x), long, short), short.encode(x))
+    assert cut_codes(long.encode(x), long, wide) is None and cut_codes(short.encode(x), short, long) is None
+    pq = Codec.train(xt, "PQ4", "cosine", seed=3, ngpu=0)
+    got = encode_all([short, pq, long, wide], x)
+    assert [s is None for _, s in got] == [True, False, False, False]
+    for codec, (codes, _) in zip([short, pq, long, wide], got):
+        assert np.array_equal(codes, codec.encode(x)), codec.spec
