@@ -49,7 +49,7 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     if not opts.advise_codecs and opts.serve == "codes":  # (a list given is swept as it is)
         specs, staged = preselect(specs, xt, xq, metric=opts.metric, seed=opts.seed, ngpu=opts.ngpu,
                                   max_bytes=opts.max_bytes, min_recall=opts.min_recall)
-    if staged is not None and opts.max_bytes and len(specs) == 1:
+    if staged is not None and opts.max_bytes and opts.advise_rerank <= 1 and len(specs) == 1:
         return _first_stage_leader(planned, staged, opts, ctx, time.perf_counter() - start)
     log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
     result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor)
@@ -84,8 +84,8 @@ def _criterion(opts: CompressOptions) -> str:
 
 def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, ctx: RunContext,
                         seconds: float) -> Advised:
-    """--max-bytes, and one first-stage candidate ahead of the others by more than
-    LEAD_MARGIN: chosen there. The train stage trains it on the whole sample as it trains a
+    """--max-bytes (judged without re-ranking), and one first-stage candidate ahead of the
+    others by more than LEAD_MARGIN: chosen there. The train stage trains it on the whole sample as it trains a
     codec named with --codec; the evaluate stage measures it over the corpus."""
     rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
     pick = rows[staged["kept"][0]]
