@@ -58,11 +58,12 @@ def _residual_quantizers(inner) -> list:
 
 
 #: a CPU residual quantizer's per-stage k-means when it has at least faiss's minimum of points
-#: per centroid (39 x 2^nbits): progressive-dimension k-means in 2 steps of 5 iterations (faiss's
+#: per centroid (39 x 2^nbits): progressive-dimension k-means in 4 steps of 5 iterations (faiss's
 #: default: 10 steps of 10, kept with fewer rows). Measured (BENCHMARKS.md, "Residual quantizer
-#: training"): RQ16x8 on 65,536 x 768-d 1.9x faster, recall@10 0.821 against 0.817; on 25,000 x
-#: 384-d 2.9x faster, 0.667 against 0.656; on 4,800 SIFT rows (19 per centroid) 0.02 lower
-RQ_PROGRESSIVE = (2, 5)
+#: training"), RQ16x8: on 65,536 x 768-d 2.0x faster, recall@10 0.832 against 0.817; on 30,000 x
+#: 384-d 2.8x faster, 0.686 against 0.695 (2 steps: 0.679, 1 step and 10 iterations: lower
+#: again); on 4,800 SIFT rows (19 per centroid) 2 steps cost 0.02, hence the minimum
+RQ_PROGRESSIVE = (4, 5)
 
 
 def _cpu_residual_training(quantizers: list, xt: np.ndarray, seed: int) -> np.ndarray:
@@ -72,7 +73,7 @@ def _cpu_residual_training(quantizers: list, xt: np.ndarray, seed: int) -> np.nd
     per-stage k-means RQ_PROGRESSIVE where there are rows enough. Each stage encodes every
     training row, so rows past the cap only cost time, and a wider beam memory (rows x beam x
     dim floats). Measured (BENCHMARKS.md, "Residual quantizer training"): RQ16x8 on 300k x
-    768-d, 2 cores: 19x faster than faiss's default, recall@10 0.821 against 0.822, under 2 GB
+    768-d, 2 cores: 19x faster than faiss's default, recall@10 0.832 against 0.822, under 2 GB
     instead of 14.9 GB."""
     cap = 0
     for q in quantizers:
