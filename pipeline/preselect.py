@@ -7,8 +7,11 @@ searches its codes of the next STAGE1_BASE_ROWS rows (rows it did not train on) 
 held-out queries, against their exact neighbours among those rows. That costs seconds per
 candidate where training on the whole sample and a pass over the corpus cost minutes for
 the costly families (residual and additive quantizers), and it ranks candidates the way the
-full sweep does closely enough to keep the best among the FRONT_RUNNERS (tests compare the
-pick with a full sweep's).
+full sweep does closely enough to keep the best among the front-runners (tests compare the
+pick with a full sweep's): at most FRONT_RUNNERS, and with --max-bytes only those within
+LEAD_MARGIN of the best, so that a clear leader is chosen here (stages/s04_advise.py).
+Residual quantizers of one family are trained once and their codes sliced
+(kernels.codecs.nested).
 """
 
 from __future__ import annotations
