@@ -9,7 +9,10 @@ candidate where training on the whole sample and a pass over the corpus cost min
 the costly families (residual and additive quantizers), and it ranks candidates the way the
 full sweep does closely enough to keep the best among the front-runners (tests compare the
 pick with a full sweep's): at most FRONT_RUNNERS, and with --max-bytes only those within
-LEAD_MARGIN of the best, so that a clear leader is chosen here (stages/s04_advise.py).
+LEAD_MARGIN of the best, so that a clear leader is chosen here (stages/s04_advise.py). The
+margin needs the first stage's full STAGE1_TRAIN_ROWS (a sample of 20,000 or more): on fewer
+rows an 8-bit quantizer's k-means has under faiss's 39 points per centroid, residual
+quantizers come out well below their full-sample recall, and the best FRONT_RUNNERS go on.
 Residual quantizers of one family are trained once and their codes sliced
 (kernels.codecs.nested).
 """
@@ -66,24 +69,27 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     if not judged:
         raise VecpressError("no candidate codec could be trained: " + "; ".join(
             f"{r['codec']}: {r['error']}" for r in rows))
-    kept = front_runners(judged, max_bytes=max_bytes, min_recall=min_recall)
+    # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
+    margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
+    kept = front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
-              "seconds": round(time.perf_counter() - start, 3)}
+              "lead_margin": margin, "seconds": round(time.perf_counter() - start, 3)}
     log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
              "front-runners: %s", len(rows), n1, len(base), record["seconds"], ", ".join(kept))
     return kept, record
 
 
 def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,
-                  keep: int = FRONT_RUNNERS) -> list[str]:
-    """With max_bytes: the `keep` best recalls within the budget, of those within LEAD_MARGIN
-    of the best (so one alone when it leads by more). With min_recall: the
+                  keep: int = FRONT_RUNNERS, margin: float | None = LEAD_MARGIN) -> list[str]:
+    """With max_bytes: the `keep` best recalls within the budget, of those within `margin` of
+    the best (so one alone when it leads by more; None: no cut). With min_recall: the
     cheapest that come within MIN_RECALL_MARGIN of it, and the best recall of all (so that a
     target no candidate reaches still gets the closest)."""
     if max_bytes is not None:
         ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
                     key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
-        close = [r for r in ok if r["recall_at_10"] >= ok[0]["recall_at_10"] - LEAD_MARGIN] if ok else rows
+        close = [r for r in ok if margin is None or r["recall_at_10"] >= ok[0]["recall_at_10"] - margin] \
+            if ok else rows
         return [r["codec"] for r in close[:keep]]
     near = sorted((r for r in rows if r["recall_at_10"] >= (min_recall or 0) - MIN_RECALL_MARGIN),
                   key=lambda r: (r["code_bytes"], -r["recall_at_10"]))

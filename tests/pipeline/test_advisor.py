@@ -198,16 +198,24 @@ def test_mark_pareto():
     assert [r["pareto"] for r in rows] == [True, False, False, True]
 
 
-@pytest.mark.parametrize("criterion", [dict(max_bytes=16), dict(min_recall=0.6)])
+@pytest.mark.parametrize(("criterion", "decided_in"), [
+    (dict(max_bytes=16), "second stage"),  # (a small sample: the 4 best go on, whatever their lead)
+    (dict(max_bytes=16, full_first_stage=True), "first stage"),  # (SQ4 leads by more than the margin)
+    (dict(min_recall=0.6), "second stage"),
+])
 def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corpus, tmp_path, ray_executor,
-                                                                          criterion):
+                                                                          criterion, decided_in, monkeypatch):
     """Every candidate of the default grid is trained on a small part of the sample first;
-    only the front-runners are swept over the corpus, and the pick is within 0.01 recall@10
-    (with max_bytes) of the best codec of a full sweep of the same grid, or as cheap (with
-    min_recall) as the full sweep's."""
+    only the front-runners are swept over the corpus (or a clear leader chosen in the first
+    stage), and the pick is within 0.01 recall@10 (with max_bytes) of the best codec of a full
+    sweep of the same grid, or as cheap (with min_recall) as the full sweep's."""
     from vecpress.kernels.codecs.grid import default_grid
-    from vecpress.pipeline.preselect import FRONT_RUNNERS
+    from vecpress.pipeline import preselect
+    from vecpress.pipeline.preselect import FRONT_RUNNERS, LEAD_MARGIN
 
+    criterion = dict(criterion)
+    if criterion.pop("full_first_stage", False):  # (this sample's first stage taken as full-size: its margin applies)
+        monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
     root, _ = corpus
     out = str(tmp_path / "out")
     run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", **criterion, **COMMON),
@@ -216,7 +224,8 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
     stage = advisor["first_stage"]
     grid = default_grid(DIM, "cosine", min_bytes=8, max_bytes=criterion.get("max_bytes", 256))
     assert [r["codec"] for r in stage["rows"]] == grid and len(stage["kept"]) <= FRONT_RUNNERS
-    assert advisor["chosen"] in stage["kept"]
+    assert advisor["chosen"] in stage["kept"] and advisor["decided_in"] == decided_in
+    assert stage["lead_margin"] == (LEAD_MARGIN if decided_in == "first stage" else None)
     if advisor["decided_in"] == "first stage":  # a clear leader: no second stage, the train stage trains it
         assert "max_bytes" in criterion and stage["kept"] == [advisor["chosen"]] and advisor["table"] == []
         assert "more than" in advisor["reason"]
