@@ -27,7 +27,7 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.ivf import IvfModel, check_served_spec, is_served_spec, parse_served_spec, served_grid
 from vecpress.kernels.codecs.grid import default_grid
-from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix
+from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix, slice_sources
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
@@ -109,10 +109,12 @@ class SweepCodecs:
         self.num_candidates = num_candidates
         self.found = [TopK(len(xq), num_candidates, exclude=query_positions, with_extra=True) for _ in codecs]
         self.seconds = [0.0] * len(codecs)
+        self.sources = slice_sources(codecs)  # (which codes are sliced from which: once, not per batch)
 
     def observe(self, batch: ScanBatch) -> None:
         x = batch.prepared(self.metric)
-        for i, (codec, (codes, seconds)) in enumerate(zip(self.codecs, encode_all(self.codecs, batch.x))):
+        for i, (codec, (codes, seconds)) in enumerate(zip(self.codecs, encode_all(self.codecs, batch.x,
+                                                                                  self.sources))):
             self.seconds[i] += seconds or 0.0  # (None: sliced from a longer RQ's codes, encode rate not measured)
             D, I = codec.search_codes(self.queries, codes, min(self.num_candidates + 1, len(x)))
             self.found[i].add(D, I, candidate_distances(self.xq, x, I, self.metric), offset=batch.position)
@@ -152,9 +154,9 @@ class SweepResult:
 
 def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ngpu: int,
                      failed: list[dict]) -> list[TrainedCodec]:
-    """Each spec trained on xt, in the order given (those that fail noted in `failed`). A
-    residual quantizer that a longer one of its family holds (kernels.codecs.nested) is cut
-    from that one's training instead of trained again."""
+    """Each spec trained on xt, in the order given (those that fail noted in `failed`;
+    VecpressError when all do). A residual quantizer that a longer one of its family holds
+    (kernels.codecs.nested) is cut from that one's training instead of trained again."""
     nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
     done: dict[str, TrainedCodec] = {}
     for spec in sorted(specs, key=lambda s: s in nested):  # (the longest of each family first)
@@ -175,6 +177,9 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
                                   source)
         log.info("sweep: %s %s (%d B) in %.1fs", "trained" if source is None else f"cut from {source}:", spec,
                  size, done[spec].train_seconds)
+    if not done:
+        raise VecpressError("no candidate codec could be trained: " + "; ".join(
+            f"{f['codec']}: {f['error']}" for f in failed))
     return [done[s] for s in specs if s in done]
 
 
@@ -226,9 +231,6 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
     result = SweepResult(metric=metric, dim=plan.dim, num_rows=plan.num_rows, num_train=len(xt),
                          num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector)
     trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=opts.ngpu, failed=result.failed)
-    if not trained:
-        raise VecpressError("no candidate codec could be trained: " + "; ".join(
-            f"{f['codec']}: {f['error']}" for f in result.failed))
     job = SweepJob(columns=Columns.of(plan, metric), metric=metric, codecs=tuple(trained), eval_k=eval_k,
                    batch_size=opts.batch_size)
     truth = TopK(len(xq), eval_k, exclude=query_positions)

@@ -44,14 +44,20 @@ def _family(spec: str, dim: int) -> tuple[tuple, int, int | None] | None:
     return (p.mrl, p.factory[:m.start()] + m.group(1), int(m.group(3)), rest), int(m.group(2)), p.options.get("beam")
 
 
+def _holds(long: str, short: str, dim: int) -> bool:
+    """Whether `short` is the first stages of `long`: the same RQ family, fewer stages."""
+    fam, long_fam = _family(short, dim), _family(long, dim)
+    return fam is not None and long_fam is not None and fam[0] == long_fam[0] and fam[1] < long_fam[1]
+
+
 def nesting(specs: list[str], dim: int, *, greedy: bool) -> dict[str, str]:
     """{spec: the longest spec of `specs` whose trained codec holds it} for every RQ spec
     that a longer one of the same family holds. `greedy`: training is greedy whatever the
     specs' beams (the CPU); otherwise only specs with beam=1 train greedily."""
     parts = {s: f for s in specs if (f := _family(s, dim)) is not None and (greedy or f[2] == 1)}
     out = {}
-    for spec, (family, stages, _) in parts.items():
-        longer = [t for t, (fam, n, _) in parts.items() if fam == family and n > stages]
+    for spec in parts:
+        longer = [t for t in parts if _holds(t, spec, dim)]
         if longer:
             out[spec] = max(longer, key=lambda t: (parts[t][1], t))
     return out
@@ -60,12 +66,9 @@ def nesting(specs: list[str], dim: int, *, greedy: bool) -> dict[str, str]:
 def residual_prefix(codec: Codec, spec: str) -> Codec:
     """The codec `spec`, cut from the trained `codec` that nests it (`nesting`): its first
     stages, with the beam `spec` encodes with."""
-    fam, stages = _family(spec, codec.dim), None
-    if fam is not None:
-        stages = fam[1]
-    long_fam = _family(codec.spec, codec.dim)
-    if fam is None or long_fam is None or fam[0] != long_fam[0] or stages >= long_fam[1]:
+    if not _holds(codec.spec, spec, codec.dim):
         raise CodecSpecError(f"codec {spec!r} is not the first stages of {codec.spec!r}")
+    stages = _family(spec, codec.dim)[1]
     index = faiss.deserialize_index(faiss.serialize_index(codec.index))
     _, inner = _innermost(index)
     rq = inner.rq
@@ -83,33 +86,45 @@ def residual_prefix(codec: Codec, spec: str) -> Codec:
     return Codec(spec=spec, metric=codec.metric, dim=codec.dim, index=index)
 
 
-def cut_codes(codes: np.ndarray, long: Codec, short: Codec) -> np.ndarray | None:
-    """`short`'s codes sliced from `long`'s codes of the same rows, where `short` is `long`'s
-    first stages (`nesting`), both encode greedily (beam 1) and the short codes end on a byte:
-    greedy encoding stage after stage writes the short codes' bits first. None where they
-    cannot be sliced (encode with `short` itself)."""
-    fam, long_fam = _family(short.spec, short.dim), _family(long.spec, long.dim)
-    if fam is None or long_fam is None or fam[0] != long_fam[0] or fam[1] >= long_fam[1]:
-        return None
+def _sliceable(long: Codec, short: Codec) -> bool:
+    """Whether `short`'s codes are the first bytes of `long`'s: `short` is `long`'s first
+    stages, both encode greedily (beam 1), and the short codes end on a byte (greedy encoding
+    stage after stage writes the short codes' bits first)."""
+    if not _holds(long.spec, short.spec, short.dim):
+        return False
     rq, long_rq = _innermost(short.index)[1].rq, _innermost(long.index)[1].rq
-    if int(rq.max_beam_size) != 1 or int(long_rq.max_beam_size) != 1 or int(rq.tot_bits) % 8:
-        return None
-    return np.ascontiguousarray(codes[:, :short.code_size])
+    return int(rq.max_beam_size) == 1 and int(long_rq.max_beam_size) == 1 and int(rq.tot_bits) % 8 == 0
 
 
-def encode_all(codecs: list[Codec], x: np.ndarray) -> list[tuple[np.ndarray, float | None]]:
-    """Each codec's codes of `x`, with the seconds its encoding took; None for codes sliced
-    from a longer codec's (`cut_codes`), which cost no encoding."""
+def cut_codes(codes: np.ndarray, long: Codec, short: Codec) -> np.ndarray | None:
+    """`short`'s codes sliced from `long`'s codes of the same rows where they can be
+    (`_sliceable`), else None (encode with `short` itself)."""
+    return np.ascontiguousarray(codes[:, :short.code_size]) if _sliceable(long, short) else None
+
+
+def slice_sources(codecs: list[Codec]) -> list[int | None]:
+    """Per codec, the index of the codec in `codecs` whose codes hold its own (`_sliceable`),
+    or None: what encode_all slices, worked out once for a list of codecs."""
+    if not codecs:
+        return []
     index = {c.spec: i for i, c in enumerate(codecs)}
-    pairs = nesting([c.spec for c in codecs], x.shape[1], greedy=False)
+    pairs = nesting([c.spec for c in codecs], codecs[0].dim, greedy=False)
+    out: list[int | None] = [index.get(pairs.get(c.spec)) for c in codecs]
+    return [j if j is not None and _sliceable(codecs[j], c) else None for c, j in zip(codecs, out)]
+
+
+def encode_all(codecs: list[Codec], x: np.ndarray, sources: list[int | None] | None = None
+               ) -> list[tuple[np.ndarray, float | None]]:
+    """Each codec's codes of `x`, with the seconds its encoding took; None for codes sliced
+    from a longer codec's (`sources`: slice_sources(codecs), computed here when not given),
+    which cost no encoding."""
+    sources = slice_sources(codecs) if sources is None else sources
     out: list = [None] * len(codecs)
-    for i in sorted(range(len(codecs)), key=lambda i: codecs[i].spec in pairs):  # (the longest first)
-        codec, j = codecs[i], index.get(pairs.get(codecs[i].spec))
-        cut = cut_codes(out[j][0], codecs[j], codec) if j is not None and out[j] is not None else None
-        if cut is not None:
-            out[i] = (cut, None)
+    for i in sorted(range(len(codecs)), key=lambda i: sources[i] is not None):  # (the longest first)
+        if (j := sources[i]) is not None:
+            out[i] = (np.ascontiguousarray(out[j][0][:, :codecs[i].code_size]), None)
             continue
         start = time.perf_counter()
-        codes = codec.encode(x)  # (raw vectors: the codec prepares them, as compress encodes)
+        codes = codecs[i].encode(x)  # (raw vectors: the codec prepares them, as compress encodes)
         out[i] = (codes, time.perf_counter() - start)
     return out

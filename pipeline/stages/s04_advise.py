@@ -60,8 +60,8 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     pretrained = save_codec(codec_kind(tc.spec).from_bytes(tc.blob, spec=tc.spec, metric=opts.metric,
                                                            sha256=tc.sha256), ctx.sidecar)
     advisor = {
-        "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
-        "chosen": pick["codec"], "chosen_recall_at_10": score(pick, opts.advise_rerank),
+        "criterion": _criterion_of(opts), "chosen": pick["codec"],
+        "chosen_recall_at_10": score(pick, opts.advise_rerank),
         "code_bytes": pick["code_bytes"], "table": result.rows, "failed": result.failed,
         # the first stage (pipeline.preselect): every candidate on a small sample, and the kept
         "first_stage": staged,
@@ -75,6 +75,11 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
     return Advised(chosen, advisor, pretrained, time.perf_counter() - start)
 
 
+def _criterion_of(opts: CompressOptions) -> dict:
+    """The advisor's criterion as the manifest keeps it."""
+    return {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank}
+
+
 def _criterion(opts: CompressOptions) -> str:
     if opts.max_bytes:
         return f"within {opts.max_bytes} B"
@@ -85,8 +90,9 @@ def _criterion(opts: CompressOptions) -> str:
 def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, ctx: RunContext,
                         seconds: float) -> Advised:
     """--max-bytes (judged without re-ranking), and one first-stage candidate ahead of the
-    others by more than LEAD_MARGIN: chosen there. The train stage trains it on the whole sample as it trains a
-    codec named with --codec; the evaluate stage measures it over the corpus."""
+    others by more than LEAD_MARGIN: chosen there. The train stage trains it on the whole
+    sample as it trains a codec named with --codec; the evaluate stage measures it over the
+    corpus."""
     rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
     pick = rows[staged["kept"][0]]
     others = sorted((r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes),
@@ -96,8 +102,8 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
               f"{runner_up}, more than {LEAD_MARGIN} ahead: chosen without a second stage")
     log.info("advise: chose %s (%d B): %s", pick["codec"], pick["code_bytes"], reason)
     advisor = {
-        "criterion": {"max_bytes": opts.max_bytes, "min_recall": opts.min_recall, "rerank": opts.advise_rerank},
-        "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"], "code_bytes": pick["code_bytes"],
+        "criterion": _criterion_of(opts), "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"],
+        "code_bytes": pick["code_bytes"],
         "table": [], "failed": [r for r in staged["rows"] if "error" in r], "first_stage": staged,
         "decided_in": "first stage", "reason": reason, "report_uri": None,
     }
