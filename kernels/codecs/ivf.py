@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vecpress.kernels._faiss import faiss, num_gpus
+from vecpress.kernels.codecs.kmeans import iterates, kmeans_by_iteration
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import exact_knn, faiss_metric, prepare_vectors
 
@@ -163,7 +164,9 @@ class IvfModel:
               progress=None) -> "IvfModel":
         """Train on raw vectors (normalised here for cosine), deterministic for a seed; k-means
         assigns on a GPU where faiss sees one (`ngpu`: -1 all, 0 none). `progress`: as
-        Codec.train's; faiss trains this model in one step, so it hears of none."""
+        Codec.train's; on the CPU it hears of each k-means iteration of the partitions (and of
+        the PQ's training, one step more), the same model as faiss's one call
+        (kernels/codecs/kmeans.py)."""
         p = parse_served_spec(spec, xt.shape[1])
         xt = prepare_vectors(xt, metric)
         mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
@@ -184,7 +187,15 @@ class IvfModel:
             if pq is not None:
                 pq.assign_index = helpers[2]
         try:
-            index.train(xt)
+            if helpers is None and iterates(ivf.cp) and not ivf.quantizer.ntotal:  # iteration by iteration
+                steps = int(ivf.cp.niter) + (pq is not None)
+                step = None if progress is None else (lambda done, _: progress(done, steps))
+                ivf.quantizer.add(kmeans_by_iteration(xt, int(ivf.nlist), ivf.cp, ivf.quantizer.metric_type, step))
+                index.train(xt)  # (the partitions are trained: faiss trains the PQ alone)
+                if progress is not None and pq is not None:
+                    progress(steps, steps)
+            else:
+                index.train(xt)
         finally:
             if helpers is not None:  # released: the model serialises as a plain CPU index
                 ivf.clustering_index = None

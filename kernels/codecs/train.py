@@ -1,6 +1,7 @@
 """Training a codec's faiss index on a sample (`train_index`): seeded k-means, the binary
-codecs' thresholds and scales, PQ sub-quantizers trained side by side, and faiss's GPU
-k-means assignment where faiss sees a GPU (released afterwards: a plain CPU codec)."""
+codecs' thresholds and scales, PQ sub-quantizers trained side by side, residual quantizers
+stage by stage (`residual`), each step heard of, and faiss's GPU k-means assignment where faiss
+sees a GPU (released afterwards: a plain CPU codec)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss, num_gpus
 from vecpress.kernels.codecs.build import _innermost, _min_train, build_index
+from vecpress.kernels.codecs.residual import residual_quantizers, train_stagewise, trains_stagewise
 from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 from vecpress.kernels.knn import prepare_vectors
 
@@ -21,7 +23,7 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     dim = xt.shape[1]
     index = build_index(spec, dim, metric)
     chain, inner = _innermost(index)
-    residual = _residual_quantizers(inner) if num_gpus(ngpu) == 0 else []
+    residual = residual_quantizers(inner) if num_gpus(ngpu) == 0 else []
     beams = [int(q.max_beam_size) for q in residual]
     if residual:  # (before any copy of xt: its rows past the cap are never used)
         xt = _cpu_residual_training(residual, xt, seed)
@@ -37,6 +39,9 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
+    elif keep_alive is None and trains_stagewise(inner):  # each stage heard of (progress)
+        train_stagewise(inner, _train_chain(chain, xt), progress)
+        _mark_trained(index)
     else:
         index.train(xt)
     for q, beam in zip(residual, beams):  # the spec's beam again, for encoding
@@ -46,15 +51,6 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     if parse_spec(spec, dim).sq_type and parse_spec(spec, dim).sq_type.endswith("_eden"):
         _scale_eden(chain, inner, xt)
     return index
-
-
-def _residual_quantizers(inner) -> list:
-    """The residual quantizers a codec trains: an RQ's, or each of a PRQ's."""
-    if isinstance(inner, faiss.IndexResidualQuantizer):
-        return [inner.rq]
-    if isinstance(inner, faiss.IndexProductResidualQuantizer):
-        return [faiss.downcast_AdditiveQuantizer(inner.prq.subquantizer(i)) for i in range(inner.prq.nsplits)]
-    return []
 
 
 #: a CPU residual quantizer's per-stage k-means when it has at least faiss's minimum of points
@@ -109,6 +105,13 @@ def _pretransform_levels(index) -> list:
     return levels
 
 
+def _mark_trained(index) -> None:
+    """The pre-transform levels around a codec trained piece by piece marked trained, as
+    IndexPreTransform.train leaves them."""
+    for level in _pretransform_levels(index):
+        level.is_trained = True
+
+
 def _train_chain(chain, x: np.ndarray) -> np.ndarray:
     """Train the untrained transforms of `chain` in order, each on the previous one's output,
     as IndexPreTransform.train does; returns `x` through all of them."""
@@ -131,8 +134,7 @@ def _train_binary(index, chain, lsh, xt: np.ndarray, *, binary: str | None) -> N
     faiss.copy_array_to_vector(np.diag(1.0 / s).astype(np.float32).ravel(), scaling.A)
     faiss.copy_array_to_vector((-t / s).astype(np.float32), scaling.b)
     scaling.is_trained = True
-    for level in _pretransform_levels(index):
-        level.is_trained = True
+    _mark_trained(index)
 
 
 def _trains_pq_in_parallel(inner) -> bool:
@@ -171,8 +173,7 @@ def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray, progress=None) ->
         centroids = [f.result() for f in futures]
     faiss.copy_array_to_vector(np.concatenate(centroids).astype(np.float32), pq.centroids)
     inner.is_trained = True
-    for level in _pretransform_levels(index):
-        level.is_trained = True
+    _mark_trained(index)
 
 
 def _configure_training(chain, inner, *, seed: int, ngpu: int):

@@ -1,0 +1,108 @@
+"""Residual quantizers (RQ, and PRQ's sub-quantizers) trained stage by stage from Python, so
+that training reports each stage done (`progress(done, total)`, total = every stage of every
+sub-quantizer) and the caller can say how long is left.
+
+faiss's ResidualQuantizer.train runs every stage in one call with no way to hear from it. For
+the training `train_index` does on the CPU (greedy: beam 1; progressive-dimension k-means; no
+codebook refinement) this module does what that call does, step for step, with faiss's own
+pieces: per stage a ProgressiveDimClustering on the residuals with the quantizer's clustering
+parameters, the nearest new centroid of each residual (IndexFlatL2, as faiss's beam search of
+width 1 finds it) subtracted, then the range of reconstruction norms (the same distance kernel)
+and the codebook tables. The trained index is byte for byte the one faiss's train gives
+(tests/kernels/test_residual.py compares the serialised bytes), so no figure measured with
+faiss's train changes. Anything else (a wider training beam, codebook refinement, GPU k-means)
+trains through faiss (`trains_stagewise` says which).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vecpress.kernels._faiss import faiss
+
+#: rows per block when subtracting each stage's centroids from the residuals
+_BLOCK = 4096
+
+
+def residual_quantizers(inner) -> list:
+    """The residual quantizers a codec trains: an RQ's, or each of a PRQ's."""
+    if isinstance(inner, faiss.IndexResidualQuantizer):
+        return [inner.rq]
+    if isinstance(inner, faiss.IndexProductResidualQuantizer):
+        return [faiss.downcast_AdditiveQuantizer(inner.prq.subquantizer(i)) for i in range(inner.prq.nsplits)]
+    return []
+
+
+def trains_stagewise(inner) -> bool:
+    """Whether `inner` (an index's innermost quantizer) is an untrained RQ or PRQ whose
+    training `train_stagewise` reproduces: beam 1, progressive-dimension k-means only, no
+    assignment factory (GPU k-means)."""
+    qs = residual_quantizers(inner)
+    return bool(qs) and not inner.is_trained and all(
+        int(q.max_beam_size) == 1 and int(q.train_type) == faiss.ResidualQuantizer.Train_progressive_dim
+        and q.assign_index_factory is None for q in qs)
+
+
+def train_stagewise(inner, x: np.ndarray, progress=None) -> None:
+    """Train `inner` (trains_stagewise) on `x` (float32, already through any pre-transform),
+    calling `progress(done, total)` after each stage."""
+    qs = residual_quantizers(inner)
+    total, done = sum(int(q.M) for q in qs), 0
+
+    def step() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(done, total)
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if isinstance(inner, faiss.IndexResidualQuantizer):
+        _train_rq(inner.rq, x, step)
+    else:
+        _train_prq(inner.prq, qs, x, step)
+    inner.is_trained = True
+
+
+def _train_rq(rq, x: np.ndarray, step) -> None:
+    """ResidualQuantizer::train with a beam of 1, one stage at a time."""
+    n, d = x.shape
+    nbits = faiss.vector_to_array(rq.nbits)
+    residuals = x.copy()
+    books = []
+    for m in range(int(rq.M)):
+        k = 1 << int(nbits[m])
+        clustering = faiss.ProgressiveDimClustering(d, k, rq.cp)
+        clustering.train(n, faiss.swig_ptr(residuals), faiss.ProgressiveDimIndexFactory())
+        book = faiss.vector_to_array(clustering.centroids).reshape(k, d)
+        assign = faiss.IndexFlatL2(d)
+        assign.add(book)
+        nearest = assign.search(residuals, 1)[1][:, 0]
+        for i in range(0, n, _BLOCK):  # in blocks: one gather of every row is 30x slower here
+            residuals[i:i + _BLOCK] -= book[nearest[i:i + _BLOCK]]
+        books.append(book)
+        step()
+    faiss.copy_array_to_vector(np.concatenate(books).ravel(), rq.codebooks)
+    rq.is_trained = True
+    norms = np.empty(n, dtype=np.float32)  # |x - residual|^2, faiss's kernel (same rounding)
+    rows = np.arange(n, dtype=np.int64)  # (held: swig_ptr keeps no reference)
+    faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(norms), faiss.swig_ptr(x), faiss.swig_ptr(residuals),
+                            faiss.swig_ptr(rows), d, n, 1)
+    rq.train_norm(n, faiss.swig_ptr(norms))
+    rq.compute_codebook_tables()
+
+
+def _train_prq(prq, qs: list, x: np.ndarray, step) -> None:
+    """ProductAdditiveQuantizer::train: each sub-quantizer on its slice of dimensions, then
+    the whole codebook and the range of reconstruction norms."""
+    n, d = x.shape
+    recon, offset = np.empty_like(x), 0
+    for q in qs:
+        part = np.ascontiguousarray(x[:, offset:offset + int(q.d)])
+        _train_rq(q, part, step)
+        recon[:, offset:offset + int(q.d)] = q.decode(q.compute_codes(part))  # (no norm to pack)
+        offset += int(q.d)
+    faiss.copy_array_to_vector(np.concatenate([faiss.vector_to_array(q.codebooks) for q in qs]), prq.codebooks)
+    prq.is_trained = True
+    norms = np.empty(n, dtype=np.float32)
+    faiss.fvec_norms_L2sqr(faiss.swig_ptr(norms), faiss.swig_ptr(recon), d, n)
+    prq.train_norm(n, faiss.swig_ptr(norms))

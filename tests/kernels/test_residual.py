@@ -1,0 +1,69 @@
+"""kernels.codecs.residual: residual quantizers trained stage by stage report each stage, and
+train to the very bytes faiss's own ResidualQuantizer.train gives."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import vecpress.kernels.codecs.train as train_module
+from vecpress.kernels._faiss import faiss
+from vecpress.kernels.codecs.build import _innermost, build_index
+from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.residual import trains_stagewise
+from vecpress.kernels.synthetic import ClusteredEmbeddings
+
+DIM = 64
+
+
+@pytest.fixture(scope="module")
+def xt():
+    # 11,000 rows: over faiss's 39 per centroid for 8 bits, so the per-stage k-means is vecpress's
+    return ClusteredEmbeddings(DIM, seed=5, num_clusters=60).batch(0, 11_000)
+
+
+@pytest.mark.parametrize(("spec", "metric", "stages"), [
+    ("RQ4x8", "l2", 4),
+    ("RQ3x8,beam=4", "cosine", 3),  # (greedy in training on the CPU; the beam encodes)
+    ("PCA32,RQ3x8", "ip", 3),
+    ("RQ3x8_Nqint8", "l2", 3),  # a stored norm: its range is trained too
+    ("PRQ2x2x8", "cosine", 4),
+    ("PRQ4x2x6_Nqint8", "l2", 8),
+    ("MRL32,RQ2x8", "cosine", 2),
+])
+def test_stagewise_training_is_faiss_training_byte_for_byte(xt, monkeypatch, spec, metric, stages):
+    seen = []
+    stagewise = Codec.train(xt, spec, metric, seed=7, ngpu=0, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(i, stages) for i in range(1, stages + 1)]
+    monkeypatch.setattr(train_module, "trains_stagewise", lambda inner: False)  # faiss's own train
+    whole = Codec.train(xt, spec, metric, seed=7, ngpu=0, progress=lambda done, total: seen.append("faiss"))
+    assert seen[stages:] == []  # faiss's train tells of no stage
+    assert stagewise.to_bytes() == whole.to_bytes()
+    assert np.array_equal(stagewise.encode(xt[:300]), whole.encode(xt[:300]))
+
+
+def test_small_samples_keep_faiss_default_k_means_and_train_alike(monkeypatch):
+    x = ClusteredEmbeddings(32, seed=2, num_clusters=20).batch(0, 2_500)  # under 39 x 64 rows per stage
+    stagewise = Codec.train(x, "RQ3x6", "l2", seed=1, ngpu=0)
+    monkeypatch.setattr(train_module, "trains_stagewise", lambda inner: False)
+    assert stagewise.to_bytes() == Codec.train(x, "RQ3x6", "l2", seed=1, ngpu=0).to_bytes()
+
+
+def test_what_trains_stagewise():
+    kept = []  # (the indexes: an inner quantizer does not keep its index alive)
+
+    def inner(spec, **set_rq):
+        kept.append(build_index(spec, DIM, "l2"))
+        q = _innermost(kept[-1])[1]
+        for key, value in set_rq.items():
+            setattr(q.rq, key, value)
+        return q
+
+    assert trains_stagewise(inner("RQ4x8", max_beam_size=1))
+    assert not trains_stagewise(inner("RQ4x8"))  # faiss's default beam of 5
+    assert not trains_stagewise(inner("RQ4x8", max_beam_size=1,
+                                      train_type=faiss.ResidualQuantizer.Train_progressive_dim
+                                      | faiss.ResidualQuantizer.Train_refine_codebook))
+    assert not trains_stagewise(inner("LSQ4x8"))
+    assert not trains_stagewise(inner("PQ8"))
+    assert not trains_stagewise(inner("PRQ2x2x8"))  # its sub-quantizers' beam: faiss's 5
