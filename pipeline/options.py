@@ -120,8 +120,9 @@ class CompressOptions:
               "rows or more; 0 = none (every query scores every code)", group="codec and evaluation", metavar="N")
     residual: bool = option(True, "list a partitioned table's rows by the codes of their residuals to their "
                                   "partition's centroid (a second codec of the same spec, trained on residuals, "
-                                  "as IVF-PQ does: more recall for the same bytes) instead of the table's codes "
-                                  "(binary and MRL codecs always list their own codes)",
+                                  "as IVF-PQ does: more recall for the same bytes) instead of the table's codes, "
+                                  "where they rank the sample's neighbours better (binary and MRL codecs always "
+                                  "list their own codes)",
                             group="codec and evaluation", flag="--no-residual")
     eval_rerank: bool = option(True, "skip measuring recall after exact re-ranking (it reads the candidates' "
                                      "vectors back)", group="codec and evaluation", flag="--no-eval-rerank")

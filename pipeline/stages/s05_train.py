@@ -15,13 +15,16 @@ from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.heartbeat import train_logged
 from vecpress.pipeline.incremental import probe_quality
-from vecpress.pipeline.lists import auto_partitions, coarse_spec, residual_fits, residual_metric
+from vecpress.pipeline.lists import auto_partitions, coarse_spec, judge_residual, residual_fits, residual_metric
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.stages.s01_plan import Planned
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.stages.s04_advise import Advised
 
 log = logging.getLogger("vecpress")
+
+#: sample rows the train stage judges residual codes against the table's on (lists.judge_residual)
+JUDGE_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,9 @@ class Trained:
     #: the codec of the rows' residuals to their centroids, which the inverted lists hold (None:
     #: the lists hold the table's codes)
     residual: CodecRef | None = None
+    #: how residual codes and the table's ranked the sample's neighbours (lists.judge_residual),
+    #: where residual codes were trained: the manifest's partitions.residual_judged
+    residual_judged: dict | None = None
 
 
 def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOptions) -> Trained:
@@ -51,20 +57,27 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
     warm = None
     if opts.rerank_codec:
         warm = save_codec(_train(Codec, xt, opts.rerank_codec, opts.metric, opts, "the warm column's "), ctx.sidecar)
-    coarse = residual = None
+    coarse = residual = judged = None
+    xq = load_array(sampled.queries_uri)
     nlist = num_partitions(opts, advised.planned.plan.num_rows, len(xt))
     if nlist:  # trained with the codec, on the same sample
         model = _train(IvfModel, xt, coarse_spec(nlist), opts.metric, opts, "the partitions' ")
         coarse = save_codec(model, ctx.sidecar)
         if opts.residual and residual_fits(ref.spec, model.dim):
             r = model.residuals(xt, model.assign(xt)[0])
-            residual = save_codec(_train(Codec, r, ref.spec, residual_metric(opts.metric), opts, "the residuals' "),
-                                  ctx.sidecar)
-    baseline = probe_quality(load_codec(ref), load_array(sampled.queries_uri))  # held out: never trained on
+            codec = _train(Codec, r, ref.spec, residual_metric(opts.metric), opts, "the residuals' ")
+            judged = judge_residual(load_codec(ref), codec, model, xt[-JUDGE_ROWS:], xq, opts.metric)
+            if judged["residual_codes_recall_at_10"] > judged["table_codes_recall_at_10"]:
+                residual = save_codec(codec, ctx.sidecar)
+            else:
+                log.info("train: %s codes of residuals rank the sample's neighbours no better than the table's codes "
+                         "(recall@10 %.3f against %.3f): the lists hold the table's codes", ref.spec,
+                         judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"])
+    baseline = probe_quality(load_codec(ref), xq)  # held out: never trained on
     log.info("train: %s%s on %d vectors in %.1fs -> %s", ref.spec, f" with {nlist} partitions" +
              (" (residual codes)" if residual else "") if nlist else "", xt.shape[0], time.perf_counter() - start,
              ref.uri)
-    return Trained(ref, warm, time.perf_counter() - start, baseline, coarse, residual)
+    return Trained(ref, warm, time.perf_counter() - start, baseline, coarse, residual, judged)
 
 
 def _train(kind, xt, spec: str, metric: str, opts: CompressOptions, what: str = ""):

@@ -470,6 +470,8 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
     if job.lists is not None:  # (the search in the pass, where complete, is the exhaustive one to match)
         partitions = build_and_measure(ctx.relative, job.lists, list_files, executor, xq=xq, qpos=rows.rows_of(qpos), truth=truth,
                                     found=found_I if search_ids_uri else None, codec=trained.codec, rows=rows)
+        if trained.residual_judged:
+            partitions["residual_judged"] = trained.residual_judged
     new_fragments = [f for u in units[len(kept_units):] for f in u.fragments]
     kept_fragments = [f for u in units[:len(kept_units)] for f in u.fragments]
     index_buffers, at = [], 0

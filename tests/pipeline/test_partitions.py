@@ -303,6 +303,34 @@ def test_cosine_residual_search_gives_cosine_distances(corpus, tmp_path):
     assert (np.diff(d) >= -1e-6).all() and 0 <= d[0] < 0.05 and (d < 2.01).all()
 
 
+def test_residual_codes_are_listed_only_where_they_rank_the_sample_better(corpus, residual_table, tmp_path):
+    judged = vecpress.open(residual_table[0], "t").manifest["partitions"]["residual_judged"]
+    assert judged["residual_codes_recall_at_10"] > judged["table_codes_recall_at_10"]  # PQ8 here: residual codes
+    root, x = corpus
+    # a 1-bit EDEN code of a residual loses its scale against the centroid's: the table's codes rank better
+    _compress(root, "src", tmp_path / "eden", LocalExecutor(), codec="SQeden1", metric="cosine")
+    p = vecpress.open(str(tmp_path / "eden"), "t").manifest["partitions"]
+    assert p["residual"] is None
+    judged = p["residual_judged"]
+    assert judged["table_codes_recall_at_10"] >= judged["residual_codes_recall_at_10"]
+    assert judged["base_rows"] == 4000 and judged["queries"] == 200
+    assert max(g["recall_at_10"] for g in p["grid"]) == pytest.approx(p["exhaustive"]["recall_at_10"], abs=0.005)
+
+
+def test_the_nprobes_grid_stops_where_recall_stops_rising():
+    from vecpress.pipeline.lists import _grid_done
+
+    def done(recalls, target=0.6):
+        return _grid_done([{"recall_at_10": r} for r in recalls], target)
+
+    assert not done([0.4, 0.5])
+    assert done([0.5, 0.595, 0.596])  # reached the exhaustive search's, less 0.01, and flat
+    assert not done([0.4, 0.5, 0.501])  # flat once, below it: one doubling more
+    assert done([0.4, 0.5, 0.501, 0.5015])  # flat twice running: the lists cannot reach it
+    assert not done([0.4, 0.5, 0.501, 0.55])
+    assert done([0.4, None]) and done([0.4, 0.401], target=None)
+
+
 def test_binary_codecs_list_their_own_codes(corpus, tmp_path):
     root, _ = corpus
     _compress(root, "src", tmp_path / "bin", LocalExecutor(), codec="BIN")
