@@ -16,6 +16,7 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost
+from vecpress.kernels.codecs.residual import encode_greedy, greedy_codebooks
 from vecpress.kernels.codecs.search import search_codes as _search_codes, search_device as _search_device
 from vecpress.kernels.codecs.train import train_index
 from vecpress.kernels.pq_encode import encode_pq, pq_codebook
@@ -76,6 +77,11 @@ class Codec:
         cb = self.numpy_pq_codebook()
         if cb is not None:
             return encode_pq(cb.prepare(x), cb.centroids, cb.nbits)
+        if self._greedy_rq is not None:  # (a residual quantizer of beam 1: one flat search per stage)
+            chain, books = self._greedy_rq
+            for vt in chain:
+                x = vt.apply(x)
+            return encode_greedy(books, x)
         return self.index.sa_encode(x)
 
     def numpy_pq_codebook(self):
@@ -95,6 +101,12 @@ class Codec:
         cb = pq_codebook(self.index)
         dsub = cb.centroids.shape[2]
         return None if dsub <= 4 or dsub == 8 else cb
+
+    @functools.cached_property
+    def _greedy_rq(self):
+        chain, inner = _innermost(self.index)
+        books = greedy_codebooks(inner)
+        return None if books is None else (chain, books)
 
     def gpu_encoder(self, device: str = "cuda"):
         """The GpuEncoder of this codec on `device` ("cuda" = "cuda:0"), built once; None when

@@ -11,6 +11,7 @@ from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost, build_index
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.residual import trains_stagewise
+from vecpress.kernels.knn import prepare_vectors
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 DIM = 64
@@ -67,3 +68,26 @@ def test_what_trains_stagewise():
     assert not trains_stagewise(inner("LSQ4x8"))
     assert not trains_stagewise(inner("PQ8"))
     assert not trains_stagewise(inner("PRQ2x2x8"))  # its sub-quantizers' beam: faiss's 5
+
+
+@pytest.mark.parametrize(("spec", "metric", "greedy"), [
+    ("RQ6x8,beam=1", "cosine", True),
+    ("PCA32,RQ4x8,beam=1", "l2", True),
+    ("RQ4x8", "l2", False),  # faiss's default beam of 5 encodes: faiss's encoder
+    ("RQ4x8_Nqint8,beam=1", "l2", False),  # a stored norm: faiss packs it
+    ("RQ4x6,beam=1", "ip", False),  # 6 bits a stage: faiss packs them
+])
+def test_greedy_residual_codes_are_faiss_codes_near_ties_aside(xt, spec, metric, greedy):
+    codec = Codec.train(xt, spec, metric, seed=4, ngpu=0)
+    assert (codec._greedy_rq is not None) == greedy
+    x = xt[:3000] + 0.01
+    codes = codec.encode(x)
+    faiss_codes = codec.index.sa_encode(prepare_vectors(x, metric))
+    assert codes.shape == faiss_codes.shape and codes.dtype == np.uint8
+    same = (codes == faiss_codes).mean()
+    assert same == 1.0 if not greedy else same > 0.999
+    if greedy:  # where a near-tie went the other way, the reconstruction is as close
+        xp = prepare_vectors(x, metric)
+        err = ((codec.decode(codes) - xp) ** 2).sum(1)
+        err_faiss = ((codec.decode(faiss_codes) - xp) ** 2).sum(1)
+        np.testing.assert_allclose(err, err_faiss, rtol=1e-3, atol=1e-5)
