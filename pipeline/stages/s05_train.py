@@ -1,6 +1,8 @@
 """Stage 5, train: the codec (and the warm column's codec), or with `--serve lancedb` the
 index's model (IVF centroids, PQ codebook), on the sample, stored under its content hash; an
-incremental run carries the previous version's instead."""
+incremental run carries the previous version's instead. A partitioned codes table also gets
+its coarse partitions and, where they rank the sample's neighbours better than the table's
+codes (lists.judge_residual), a codec of the rows' residuals for its lists."""
 
 from __future__ import annotations
 
