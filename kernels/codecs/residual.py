@@ -79,9 +79,7 @@ def _train_rq(rq, x: np.ndarray, step) -> None:
         book = faiss.vector_to_array(clustering.centroids).reshape(k, d)
         assign = faiss.IndexFlatL2(d)
         assign.add(book)
-        nearest = assign.search(residuals, 1)[1][:, 0]
-        for i in range(0, n, _BLOCK):  # in blocks: one gather of every row is 30x slower here
-            residuals[i:i + _BLOCK] -= book[nearest[i:i + _BLOCK]]
+        _subtract_nearest(assign, book, residuals)
         books.append(book)
         step()
     faiss.copy_array_to_vector(np.concatenate(books).ravel(), rq.codebooks)
@@ -92,6 +90,16 @@ def _train_rq(rq, x: np.ndarray, step) -> None:
                             faiss.swig_ptr(rows), d, n, 1)
     rq.train_norm(n, faiss.swig_ptr(norms))
     rq.compute_codebook_tables()
+
+
+def _subtract_nearest(index, book: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """One greedy stage: the nearest centroid of `book` (held by flat `index`) of each row of
+    `residuals`, subtracted from it in place; returns their numbers. Subtracted _BLOCK rows at
+    a time: one gather of 65,536 x 768 floats took 1.25 s here, blocks 0.04 s."""
+    nearest = index.search(residuals, 1)[1][:, 0]
+    for i in range(0, len(residuals), _BLOCK):
+        residuals[i:i + _BLOCK] -= book[nearest[i:i + _BLOCK]]
+    return nearest
 
 
 def _train_prq(prq, qs: list, x: np.ndarray, step) -> None:
@@ -142,7 +150,5 @@ def encode_greedy(books: np.ndarray, x: np.ndarray) -> np.ndarray:
     for i in range(0, len(x), _BLOCK):
         residual = x[i:i + _BLOCK].copy()
         for m, (index, book) in enumerate(stages):
-            nearest = index.search(residual, 1)[1][:, 0]
-            codes[i:i + _BLOCK, m] = nearest
-            residual -= book[nearest]
+            codes[i:i + _BLOCK, m] = _subtract_nearest(index, book, residual)
     return codes

@@ -66,9 +66,11 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
         model = _train(IvfModel, xt, coarse_spec(nlist), opts.metric, opts, "the partitions' ")
         coarse = save_codec(model, ctx.sidecar)
         if opts.residual and residual_fits(ref.spec, model.dim):
-            r = model.residuals(xt, model.assign(xt)[0])
+            part = model.assign(xt)[0]
+            r = model.residuals(xt, part)
             codec = _train(Codec, r, ref.spec, residual_metric(opts.metric), opts, "the residuals' ")
-            judged = judge_residual(load_codec(ref), codec, model, xt[-JUDGE_ROWS:], xq, opts.metric)
+            judged = judge_residual(load_codec(ref), codec, model, xt[-JUDGE_ROWS:], part[-JUDGE_ROWS:],
+                                    r[-JUDGE_ROWS:], xq, opts.metric)
             if judged["residual_codes_recall_at_10"] > judged["table_codes_recall_at_10"]:
                 residual = save_codec(codec, ctx.sidecar)
             else:
