@@ -27,6 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from vecpress.kernels.codecs.ivf import POINTS_PER_CENTROID
+from vecpress.kernels.codecs.search import l2_as_cosine
 from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall, recall_table
@@ -88,10 +89,11 @@ def judge_residual(codec, residual, coarse, base: np.ndarray, partitions: np.nda
 
 
 def residual_metric(metric: str) -> str:
-    """The metric a residual codec is trained and searched with: L2 for L2; inner product for
-    ip and cosine (the query's product with a row is its product with the centroid plus that
-    with the residual; cosine's vectors are normalised before the residual is taken)."""
-    return "l2" if metric == "l2" else "ip"
+    """The metric a residual codec is trained and searched with: inner product for ip (the
+    query's product with a row is its product with the centroid plus that with the residual);
+    L2 for L2 and cosine (|q - c - r|^2; cosine's vectors are normalised before the residual is
+    taken, and its codes rank by L2 to their reconstruction as the table's do: codecs.search)."""
+    return "ip" if metric == "ip" else "l2"
 
 
 def coarse_spec(nlist: int) -> str:
@@ -238,11 +240,14 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
 def _residual_scorer(coarse, residual, k: int):
     """score(prepared query (1, d), partition, positions, codes) -> (D, I) of the query's top-k
     among a partition's residual codes, I positions: ADC of the query relative to the centroid
-    (L2: |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>)."""
+    (L2: |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>). A
+    cosine table's L2 distances are reported as the table's codes report theirs (d / 2 - 1)."""
     def score(xq: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray):
         centroid = coarse.centroids[p]
         if residual.metric == "l2":
             d, i = residual.search_codes(xq - centroid, codes, min(k, len(pos)))
+            if coarse.metric == "cosine":
+                d = l2_as_cosine(d)
         else:
             d, i = residual.search_codes(xq, codes, min(k, len(pos)))
             d = d - float(xq[0] @ centroid)

@@ -10,7 +10,8 @@ not read at all: its results are the recorded ones, shifted to its new place in 
 merged with the new shards' (deleted files' units are simply not merged), and its rows join
 the inverted lists from the previous version's lists. Its ids for the duplicate check come
 from its fragments, as before. So a run that adds one file to a hundred reads that file and
-the footers. A run whose queries or codec change (a full rebuild, a retrain) records afresh.
+the footers. A run whose queries or codec change (a full rebuild, a retrain) records afresh, and so does
+one whose search ranks codes otherwise than the recorded run's (`SCORING`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ from vecpress.pipeline.sampling import file_rows, positions_in
 from vecpress.pipeline.schema import codes_as_numpy
 
 
+#: how the search over codes ranks them, as recorded with a unit's results; a unit recorded under
+#: another is searched again. 2: cosine codes by L2 to their reconstruction (codecs.search);
+#: units without it (1) ranked cosine codes by the inner product
+SCORING = 2
+
+
 def shard_key(shard: Shard) -> str:
     """What a shard's rows are, whatever its place: its pieces' files, fingerprints, row groups."""
     return json.dumps([[p.file_uri, p.fingerprint, p.row_group_start, p.row_group_stop] for p in shard.pieces])
@@ -47,6 +54,7 @@ class Recorded:
     k: int  # results per query
     search: bool  # the search over the codes is recorded (search_D, search_I)
     extra: bool  # the search's candidates carry their exact distances (search_E)
+    scoring: int = 1  # how the search ranked the codes (SCORING)
 
     def arrays(self, out: str, shift: int) -> dict[str, np.ndarray]:
         """knn_D, knn_I, search_D, search_I (and search_E), I shifted by `shift` rows."""
@@ -76,7 +84,7 @@ class UnitRecorder:
         self.records.append({"keys": [shard_key(s) for s in shards], "row_offset": int(shards[0].row_offset),
                              "num_rows": int(sum(s.num_rows for s in shards)), "uri": self.ctx.relative(uri),
                              "k": int(knn[1].shape[1]), "search": "search_I" in arrays,
-                             "extra": "search_E" in arrays})
+                             "extra": "search_E" in arrays, "scoring": SCORING})
 
     def save(self) -> str:
         uri = self.ctx.run_file("units.json")
@@ -94,8 +102,8 @@ def recorded_units(out: str, manifest: dict) -> list[Recorded] | None:
     uri = storage.join(base, rel)
     if not storage.exists(uri):
         return None
-    units = [Recorded(tuple(r["keys"]), r["row_offset"], r["num_rows"], r["uri"], r["k"], r["search"], r["extra"])
-             for r in json.loads(storage.read_bytes(uri))]
+    units = [Recorded(tuple(r["keys"]), r["row_offset"], r["num_rows"], r["uri"], r["k"], r["search"], r["extra"],
+                      r.get("scoring", 1)) for r in json.loads(storage.read_bytes(uri))]
     return units if all(storage.exists(storage.join(base, u.uri)) for u in units) else None
 
 
@@ -111,11 +119,12 @@ class Reused:
 
 def reusable(units: list[Recorded], kept: list[Shard], *, k: int, extra: bool) -> list[Reused]:
     """The recorded units whose shards are all kept and consecutive in the new layout, with
-    `k` results per query (and the candidates' exact distances where `extra`)."""
+    `k` results per query (and the candidates' exact distances where `extra`), their codes
+    ranked as this run's search ranks them (SCORING)."""
     where = {shard_key(s): i for i, s in enumerate(kept)}
     found = []
     for u in units:
-        if u.k != k or not u.search or (extra and not u.extra):
+        if u.k != k or not u.search or (extra and not u.extra) or u.scoring != SCORING:
             continue
         at = [where.get(key) for key in u.keys]
         if None not in at and at == list(range(at[0], at[0] + len(at))) and \

@@ -17,7 +17,9 @@ import numpy as np
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost
 from vecpress.kernels.codecs.residual import encode_greedy, greedy_codebooks
-from vecpress.kernels.codecs.search import search_codes as _search_codes, search_device as _search_device
+from vecpress.kernels.codecs.search import (
+    search_codes as _search_codes, search_device as _search_device, searched_index,
+)
 from vecpress.kernels.codecs.train import train_index
 from vecpress.kernels.pq_encode import encode_pq, pq_codebook
 from vecpress.kernels.knn import prepare_vectors
@@ -164,14 +166,22 @@ class Codec:
         number of queries (and k up to knn.GPU_MAX_K); the others search on the CPU as above.
         `search_device(ngpu)` says which.
 
+        Under cosine, codes rank by the unit query's L2 distance d to their reconstruction
+        (not by the inner product with it, whose norm varies: codecs.search), and D is the
+        negated similarity that estimates, d / 2 - 1. RaBitQ keeps its own estimator.
+
         Returns (D, I): D smaller-is-better, I row indexes into `codes` (-1 when fewer than k).
         """
-        return _search_codes(self.index, self.metric, xq, codes, k, ngpu=ngpu, device=device)
+        return _search_codes(self._searched, self.metric, xq, codes, k, ngpu=ngpu, device=device)
 
     def search_device(self, ngpu: int = 0) -> str:
         """Where search_codes(..., ngpu=ngpu) searches: "faiss-gpu" (decoded codes, GPU brute
         force) or "faiss-cpu"."""
-        return _search_device(self.index, ngpu)
+        return _search_device(self._searched, ngpu)
+
+    @functools.cached_property
+    def _searched(self):
+        return searched_index(self.index, self.metric)  # (cosine: ranked by L2 to the reconstruction)
 
     # ---- persistence ----------------------------------------------------------------------
     def to_bytes(self) -> bytes:

@@ -13,7 +13,7 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.preselect import LEAD_MARGIN, preselect
+from vecpress.pipeline.preselect import preselect
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
@@ -99,7 +99,7 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
                     key=lambda r: -r["recall_at_10"])
     runner_up = f"{others[0]['codec']} ({others[0]['recall_at_10']:.3f})" if others else "no other candidate"
     reason = (f"led the first stage within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f} against "
-              f"{runner_up}, more than {LEAD_MARGIN} ahead: chosen without a second stage")
+              f"{runner_up}, more than {staged['lead_margin']} ahead: chosen without a second stage")
     log.info("advise: chose %s (%d B): %s", pick["codec"], pick["code_bytes"], reason)
     advisor = {
         "criterion": _criterion_of(opts), "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"],
