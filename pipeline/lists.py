@@ -77,7 +77,7 @@ def judge_residual(codec, residual, coarse, base: np.ndarray, partitions: np.nda
     as the coarse quantizer gives them): the train stage lists residual codes only
     where they rank better. Where residuals are much smaller than the rows they gain a lot
     (PQ8 under L2, 256 partitions: lists' recall@10 0.52 against 0.19), elsewhere little, and
-    a 1-bit EDEN code of a residual loses its scale against the centroid's (0.49 against 0.68,
+    a 1-bit EDEN code of a residual loses its scale against the centroid's (0.61 against 0.68,
     128-d cosine): BENCHMARKS.md, "Residual codes or the table's codes"."""
     qp, bp = prepare_vectors(xq, metric), prepare_vectors(base, metric)
     _, exact = exact_knn(qp, bp, 10, metric)
