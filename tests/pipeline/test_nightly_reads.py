@@ -117,3 +117,26 @@ def test_a_version_without_recorded_units_is_read_as_before(tmp_path, ray_execut
     units = json.loads((out / night.manifest["sample"]["units_uri"]).read_text())
     assert sum(u["num_rows"] for u in units) == 4000  # recorded again, for the next night
     assert_same_evaluation(night.eval, evaluate_version(str(out), "t", night.version, ray_executor, recompute=True))
+
+
+def test_units_recorded_under_another_ranking_are_searched_again(tmp_path, ray_executor):
+    """A version recorded before cosine codes ranked by L2 (units without `scoring`): the next
+    night reads its kept rows again rather than merge searches ranked otherwise, and records
+    them with this ranking."""
+    from vecpress.pipeline.reuse import SCORING
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    for i, name in enumerate("abc"):
+        part(src, f"{name}.parquet", i * 1000, (i + 1) * 1000)
+    opts = CompressOptions(**{**OPTS.__dict__, "metric": "cosine", "gate_max_drop": 1.0, "batch_size": 500})
+    first = run_compress([str(src)], str(out), "t", opts, executor=ray_executor)
+    uri = out / first.manifest["sample"]["units_uri"]
+    units = json.loads(uri.read_text())
+    assert units and all(u["scoring"] == SCORING for u in units)
+    uri.write_text(json.dumps([{k: v for k, v in u.items() if k != "scoring"} for u in units]))
+    part(src, "d.parquet", 3000, 4000)
+    night = run_compress([str(src)], str(out), "t", opts, executor=ray_executor)
+    assert night.mode == "incremental" and night.manifest["sample"]["kept_rows"] == {"read": 3000, "not_read": 0}
+    again = json.loads((out / night.manifest["sample"]["units_uri"]).read_text())
+    assert sum(u["num_rows"] for u in again) == 4000 and all(u["scoring"] == SCORING for u in again)
+    assert_same_evaluation(night.eval, evaluate_version(str(out), "t", night.version, ray_executor, recompute=True))
