@@ -60,7 +60,8 @@ def main() -> None:
             out = str(work / f"out-{budget}")
             run = run_compress([str(src)], out, "t", CompressOptions(codec="auto", max_bytes=budget, gate_max_drop=1.0,
                                                                      **common), executor=ex)
-            advisor = inspect_table(out, "t")["advisor"]
+            report = inspect_table(out, "t")
+            advisor, parts = report["advisor"], report.get("partitions") or {}
             advise_s = run.manifest["stage_seconds"]["advise"]
             train_s = run.manifest["stage_seconds"]["train"]
             grid = default_grid(args.dim, "cosine", min_bytes=8, max_bytes=budget)
@@ -88,6 +89,10 @@ def main() -> None:
                    # in the second, the advise stage less the pick's training there (the train stage
                    # reuses that codec)
                    "train_stage_seconds": round(train_s, 1), "pick_train_seconds": pick_train,
+                   "stage_seconds": run.manifest["stage_seconds"],
+                   # the run's lists: residual codes or the table's, and a single query's time
+                   "lists_residual": (parts.get("residual") or {}).get("spec"),
+                   "lists_p50_ms": {g["nprobes"]: g.get("p50_ms") for g in parts.get("grid", [])},
                    "overhead_seconds": round(advise_s - (0 if advisor.get("decided_in") == "first stage" else next(
                        r["train_seconds"] for r in advisor["table"] if r["codec"] == advisor["chosen"])), 1)}
             rows.append(row)

@@ -16,7 +16,7 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost
-from vecpress.kernels.codecs.residual import encode_greedy, greedy_codebooks
+from vecpress.kernels.codecs.residual import drop_cross_products, encode_greedy, greedy_codebooks
 from vecpress.kernels.codecs.search import (
     search_codes as _search_codes, search_device as _search_device, searched_index,
 )
@@ -34,6 +34,9 @@ class Codec:
     metric: str
     dim: int
     index: object
+
+    def __post_init__(self):
+        drop_cross_products(self.index)  # (tables no search or encoding of this codec reads)
 
     @property
     def code_size(self) -> int:

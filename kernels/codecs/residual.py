@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from vecpress.kernels._faiss import faiss
+from vecpress.kernels.codecs.build import _innermost
 
 #: rows per block when subtracting each stage's centroids from the residuals
 _BLOCK = 4096
@@ -34,6 +35,18 @@ def residual_quantizers(inner) -> list:
     if isinstance(inner, faiss.IndexProductResidualQuantizer):
         return [faiss.downcast_AdditiveQuantizer(inner.prq.subquantizer(i)) for i in range(inner.prq.nsplits)]
     return []
+
+
+def drop_cross_products(index) -> None:
+    """Free the codebook cross-product tables of `index`'s residual quantizers where nothing
+    reads them (faiss computes them in training and again on every deserialisation, but only
+    look-up-table beam search, `use_beam_LUT`, and the ST_norm_from_LUT search use them). They
+    grow with the square of the codebooks, not with the dimension: 130 MB for RQ32x8, 525 MB
+    for RQ64x8, held by every process that loads the codec and copied by every clone of it.
+    They are not serialised: the codec's bytes do not change."""
+    for rq in residual_quantizers(_innermost(index)[1]):
+        if not int(rq.use_beam_LUT) and int(rq.search_type) != faiss.AdditiveQuantizer.ST_norm_from_LUT:
+            rq.codebook_cross_products.swap(faiss.Float32Vector())  # (resize(0) keeps the memory)
 
 
 def trains_stagewise(inner) -> bool:

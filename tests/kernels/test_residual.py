@@ -10,7 +10,8 @@ import vecpress.kernels.codecs.train as train_module
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost, build_index
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.residual import trains_stagewise
+from vecpress.kernels.codecs.residual import drop_cross_products, residual_quantizers, trains_stagewise
+from vecpress.kernels.codecs.search import _code_searcher
 from vecpress.kernels.knn import prepare_vectors
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 
@@ -91,3 +92,36 @@ def test_greedy_residual_codes_are_faiss_codes_near_ties_aside(xt, spec, metric,
         err = ((codec.decode(codes) - xp) ** 2).sum(1)
         err_faiss = ((codec.decode(faiss_codes) - xp) ** 2).sum(1)
         np.testing.assert_allclose(err, err_faiss, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["RQ4x8,beam=1", "PRQ2x2x8", "RQ3x8_Nqint8", "PCA32,RQ3x8"])
+def test_codecs_drop_the_cross_product_tables_no_search_reads_and_search_as_faiss(xt, spec):
+    codec = Codec.train(xt, spec, "l2", seed=3, ngpu=0)
+    data = codec.to_bytes()
+    raw = faiss.deserialize_index(np.frombuffer(data, np.uint8))  # faiss's load computes the tables
+    raw_inner = _innermost(raw)[1]
+    assert all(q.codebook_cross_products.size() > 0 for q in residual_quantizers(raw_inner))
+    loaded = Codec.from_bytes(data, spec=spec, metric="l2")
+    assert all(q.codebook_cross_products.size() == 0 for q in residual_quantizers(_innermost(loaded.index)[1]))
+    assert loaded.to_bytes() == data  # (the tables are not serialised)
+    codes, xq = raw.sa_encode(xt[:2000]), xt[5000:5010]
+    raw_inner.add_sa_codes(codes)  # (faiss's own search, its quantizer holding the tables)
+    raw.ntotal = raw_inner.ntotal  # (behind a PCA)
+    D, I = raw.search(xq, 10)
+    got_D, got_I = loaded.search_codes(xq, codes, 10)
+    assert np.array_equal(got_I, I)
+    np.testing.assert_allclose(got_D, D, rtol=1e-5)
+    inner = _innermost(loaded.index)[1]  # the search's index holds the codes over the codec's own quantizer
+    assert int(_code_searcher(inner, codes).aq.this) == int(inner.aq.this)
+
+
+def test_the_tables_a_search_reads_are_kept():
+    index = build_index("RQ3x8", DIM, "l2")
+    rq = _innermost(index)[1].rq
+    rq.search_type = faiss.AdditiveQuantizer.ST_norm_from_LUT
+    x = ClusteredEmbeddings(DIM, seed=1, num_clusters=20).batch(0, 3000)
+    index.train(x)
+    size = rq.codebook_cross_products.size()
+    assert size > 0
+    drop_cross_products(index)
+    assert rq.codebook_cross_products.size() == size
