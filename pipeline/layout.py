@@ -192,18 +192,23 @@ def pack_shards(runs: Iterable[tuple[SourceFile, int, int]], shard_rows: int, *,
             n = f.row_group_rows[rg]
             if rows and rows + n > shard_rows:
                 close()
-            last = pieces[-1] if pieces else None
-            if last is not None and last.file_uri == f.uri and last.row_group_stop == rg:
-                pieces[-1] = Piece(f.uri, f.fingerprint, last.row_group_start, rg + 1, last.num_rows + n,
-                                   last.file_row_start)
-            else:
-                pieces.append(Piece(f.uri, f.fingerprint, rg, rg + 1, n, file_row))
+            _add_row_group(pieces, f, rg, n, file_row)
             rows += n
             file_row += n
         if alone:
             close()
     close()
     return shards
+
+
+def _add_row_group(pieces: list[Piece], f: SourceFile, rg: int, n: int, file_row: int) -> None:
+    """Row group `rg` of `f` (n rows from `file_row`) appended to `pieces`: the last piece
+    grown when it ends just before it, else a new piece."""
+    last = pieces[-1] if pieces else None
+    if last is not None and last.file_uri == f.uri and last.row_group_stop == rg:
+        pieces[-1] = Piece(f.uri, f.fingerprint, last.row_group_start, rg + 1, last.num_rows + n, last.file_row_start)
+    else:
+        pieces.append(Piece(f.uri, f.fingerprint, rg, rg + 1, n, file_row))
 
 
 def shared_shard(shard: Shard, files: dict[str, SourceFile], shard_rows: int) -> bool:
@@ -245,3 +250,36 @@ def merge_shards(group: tuple[Shard, ...]) -> Shard:
     assert all(a.row_offset + a.num_rows == b.row_offset for a, b in zip(group, group[1:])), "shards not consecutive"
     return Shard(first.index, tuple(p for s in group for p in s.pieces), sum(s.num_rows for s in group),
                  first.row_offset)
+
+
+def spread_rows(plan: SourcePlan, max_rows: int, runs: int = 8) -> tuple[Shard, ...]:
+    """About `max_rows` of the plan's rows, whole row groups, as up to `runs` shards of
+    consecutive rows spread evenly over the layout (the plan's own shards when it holds no
+    more). Each shard is the first row groups of its stretch of the layout, so files sorted by
+    time or topic are each sampled; a row group larger than a run's share is taken whole."""
+    if plan.num_rows <= max_rows:
+        return plan.shards
+    files = {f.uri: f for f in plan.files}
+    groups = []  # (file, row group, rows, row within file, global position), in position order
+    for s in plan.shards:
+        position = s.row_offset
+        for p in s.pieces:
+            file_row = p.file_row_start
+            for rg in range(p.row_group_start, p.row_group_stop):
+                n = files[p.file_uri].row_group_rows[rg]
+                groups.append((files[p.file_uri], rg, n, file_row, position))
+                file_row, position = file_row + n, position + n
+    runs = max(1, min(runs, len(groups)))
+    share = -(-max_rows // runs)
+    out: list[Shard] = []
+    for i in range(runs):
+        begin = groups[len(groups) * i // runs]
+        pieces: list[Piece] = []
+        rows = 0
+        for f, rg, n, file_row, position in groups[len(groups) * i // runs:len(groups) * (i + 1) // runs]:
+            if rows >= share:
+                break
+            _add_row_group(pieces, f, rg, n, file_row)
+            rows += n
+        out.append(Shard(i, tuple(pieces), rows, begin[4]))
+    return tuple(out)

@@ -1,6 +1,7 @@
 """The advisor's first stage: every candidate of the default grid trained on a small part of
 the sample and judged there, so that only the front-runners are trained on the whole sample
-and swept over the corpus (one round of successive halving).
+and swept over the corpus, or with --max-bytes over SECOND_STAGE_ROWS of it (one round of
+successive halving).
 
 The first stage trains each candidate on STAGE1_TRAIN_ROWS rows of the training sample and
 searches its codes of the next STAGE1_BASE_ROWS rows (rows it did not train on) for the
@@ -42,6 +43,12 @@ FRONT_RUNNERS = 4
 LEAD_MARGIN = 0.05
 #: --min-recall: first-stage candidates within this of the target still run in the second
 MIN_RECALL_MARGIN = 0.05
+#: --max-bytes: the second stage sweeps about this many rows of a larger corpus, in stretches
+#: spread over it (layout.spread_rows), not all of it: it ranks the front-runners, and the
+#: evaluate stage measures the pick over every row. A sweep of every row would cost
+#: `--codec auto` a pass over the corpus, encoding it once per front-runner. (--min-recall
+#: sweeps every row: its target is a recall over the whole corpus, which a part overstates.)
+SECOND_STAGE_ROWS = 100_000
 
 
 def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, seed: int, ngpu: int,
@@ -78,7 +85,8 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
 def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,
                   keep: int = FRONT_RUNNERS, margin: float | None = LEAD_MARGIN) -> list[str]:
     """With max_bytes: the `keep` best recalls within the budget, of those within `margin` of
-    the best (so one alone when it leads by more; None: no cut). With min_recall: the
+    the best (so one alone when it leads by more; None: no cut), less residual quantizers cut
+    from a longer one ranked ahead of them (`cut_from`). With min_recall: the
     cheapest that come within MIN_RECALL_MARGIN of it, and the best recall of all (so that a
     target no candidate reaches still gets the closest)."""
     if max_bytes is not None:
@@ -86,6 +94,9 @@ def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float 
                     key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
         close = [r for r in ok if margin is None or r["recall_at_10"] >= ok[0]["recall_at_10"] - margin] \
             if ok else rows
+        # a residual quantizer cut from a longer one ahead of it goes no further: the same
+        # codebooks, fewer stages (RQ16x8 behind RQ32x8 at 32 B)
+        close = [r for i, r in enumerate(close) if r.get("cut_from") not in {o["codec"] for o in close[:i]}]
         return [r["codec"] for r in close[:keep]]
     near = sorted((r for r in rows if r["recall_at_10"] >= (min_recall or 0) - MIN_RECALL_MARGIN),
                   key=lambda r: (r["code_bytes"], -r["recall_at_10"]))

@@ -37,7 +37,7 @@ from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.heartbeat import train_logged
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.layout import Shard, group_shards, merge_shards
+from vecpress.pipeline.layout import Shard, group_shards, merge_shards, spread_rows
 from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
 
 log = logging.getLogger("vecpress")
@@ -145,6 +145,8 @@ class SweepResult:
     source_bytes: int
     rows: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    #: the corpus's rows, of which the pass read num_rows (fewer with run_sweep's max_rows)
+    corpus_rows: int | None = None
     trained: list[TrainedCodec] = field(default_factory=list, repr=False)
 
     def to_dict(self) -> dict:
@@ -224,19 +226,25 @@ def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
 
 
 def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str],
-              opts: CompressOptions, *, executor: Executor) -> SweepResult:
+              opts: CompressOptions, *, executor: Executor, max_rows: int | None = None) -> SweepResult:
     """Train `specs` on xt, make the one streaming pass, and tabulate (opts: the metric, seed,
-    eval_k, batch_size and ngpu)."""
+    eval_k, batch_size and ngpu). `max_rows`: the pass reads about that many rows, in stretches
+    spread over the corpus (layout.spread_rows), and the queries' exact neighbours are theirs
+    among those rows; None: every row."""
     metric, seed, eval_k = opts.metric, opts.seed, opts.eval_k
-    result = SweepResult(metric=metric, dim=plan.dim, num_rows=plan.num_rows, num_train=len(xt),
-                         num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector)
+    shards = spread_rows(plan, max_rows) if max_rows else plan.shards
+    num_rows = sum(s.num_rows for s in shards)
+    result = SweepResult(metric=metric, dim=plan.dim, num_rows=num_rows, num_train=len(xt),
+                         num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector,
+                         corpus_rows=plan.num_rows)
     trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=opts.ngpu, failed=result.failed)
     job = SweepJob(columns=Columns.of(plan, metric), metric=metric, codecs=tuple(trained), eval_k=eval_k,
                    batch_size=opts.batch_size)
     truth = TopK(len(xq), eval_k, exclude=query_positions)
     found = [TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True) for _ in trained]
     encode_seconds = [0.0] * len(trained)
-    groups = [merge_shards(g) for g in group_shards(plan.shards, batch_rows(opts.batch_size, plan.dim, gpu=False))]
+    groups = list(shards) if shards is not plan.shards else \
+        [merge_shards(g) for g in group_shards(plan.shards, batch_rows(opts.batch_size, plan.dim, gpu=False))]
     for _, part in executor.imap(sweep_shard, groups, desc="sweep",
                                  shared={"job": job, "queries": xq, "query_positions": query_positions}):
         truth.add(part.truth_D, part.truth_I)
@@ -247,13 +255,13 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
     for i, tc in enumerate(trained):
         codec = load_trained(tc, metric)
         encode_s = encode_seconds[i]
-        ev = recall_table(truth.I, found[i].I[:, :eval_k], plan.num_rows, None)
-        ev["rerank"] = recall_table(truth.I, found[i].I, plan.num_rows, found[i].E)["rerank"]
+        ev = recall_table(truth.I, found[i].I[:, :eval_k], num_rows, None)
+        ev["rerank"] = recall_table(truth.I, found[i].I, num_rows, found[i].E)["rerank"]
         result.rows.append({
             "codec": tc.spec, "code_bytes": tc.code_size, **ev,
             "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
             "train_seconds": round(tc.train_seconds, 3), "cut_from": tc.cut_from,
-            "encode_rows_per_second": round(plan.num_rows / encode_s) if encode_s > 0 else None,
+            "encode_rows_per_second": round(num_rows / encode_s) if encode_s > 0 else None,
             "sha256": tc.sha256,
         })
     result.rows.sort(key=lambda r: (r["code_bytes"], -(r["recall_at_10"] or 0)))
@@ -321,7 +329,10 @@ def _f(v, digits=3):
 
 def markdown_table(result: SweepResult, budgets: list[int] | None = None) -> str:
     lines = [
-        f"Codec sweep: {result.num_rows:,} rows x {result.dim}-d ({result.source_bytes} B/vector), metric "
+        f"Codec sweep: {result.num_rows:,} rows"
+        + (f" (of {result.corpus_rows:,}, in stretches spread over the corpus)"
+           if result.corpus_rows and result.corpus_rows > result.num_rows else "")
+        + f" x {result.dim}-d ({result.source_bytes} B/vector), metric "
         f"{result.metric}, {result.num_train:,} training vectors, {result.num_queries} held-out queries, seed {result.seed}.",
         "",
         "| codec | bytes | ratio | R@1 | R@10 | R@100 | R@10 rerank x2 | x4 | x10 | rel. error | train s | encode rows/s | Pareto |",

@@ -13,7 +13,7 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.preselect import preselect
+from vecpress.pipeline.preselect import SECOND_STAGE_ROWS, preselect
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
@@ -51,8 +51,13 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
                                   max_bytes=opts.max_bytes, min_recall=opts.min_recall)
     if staged is not None and opts.max_bytes and opts.advise_rerank <= 1 and len(specs) == 1:
         return _first_stage_leader(planned, staged, opts, ctx, time.perf_counter() - start)
+    # the second stage, judging by rank within --max-bytes: a bounded part of a larger corpus
+    max_rows = SECOND_STAGE_ROWS if staged is not None and opts.max_bytes else None
     log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
-    result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor)
+    result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor,
+                       max_rows=max_rows)
+    swept = f"{result.num_rows:,} of {result.corpus_rows:,} rows" if result.num_rows < plan.num_rows \
+        else "the corpus"
     pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
     reports = write_reports(result, ctx.run_file("sweep"), budgets)
     chosen = resolve_codec(ctx, planned, pick["codec"], opts)
@@ -66,7 +71,8 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         # the first stage (pipeline.preselect): every candidate on a small sample, and the kept
         "first_stage": staged,
         "decided_in": "second stage" if staged else "sweep",
-        "reason": f"best recall@10 {_criterion(opts)} of {len(result.rows)} codecs swept over the corpus"
+        "swept_rows": result.num_rows,
+        "reason": f"best recall@10 {_criterion(opts)} of {len(result.rows)} codecs swept over {swept}"
                   + (f" (the first stage's {len(staged['kept'])} front-runners)" if staged else ""),
         "report_uri": ctx.relative(reports["md"]),
     }
@@ -95,11 +101,13 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
     corpus."""
     rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
     pick = rows[staged["kept"][0]]
-    others = sorted((r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes),
-                    key=lambda r: -r["recall_at_10"])
+    within = [r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes]
+    others = sorted((r for r in within if r.get("cut_from") != pick["codec"]), key=lambda r: -r["recall_at_10"])
     runner_up = f"{others[0]['codec']} ({others[0]['recall_at_10']:.3f})" if others else "no other candidate"
+    cut = [r["codec"] for r in within if r.get("cut_from") == pick["codec"]]
     reason = (f"led the first stage within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f} against "
-              f"{runner_up}, more than {staged['lead_margin']} ahead: chosen without a second stage")
+              f"{runner_up}, more than {staged['lead_margin']} ahead"
+              + (f" ({', '.join(cut)}: its first stages)" if cut else "") + ": chosen without a second stage")
     log.info("advise: chose %s (%d B): %s", pick["codec"], pick["code_bytes"], reason)
     advisor = {
         "criterion": _criterion_of(opts), "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"],

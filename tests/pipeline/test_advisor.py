@@ -200,6 +200,7 @@ def test_mark_pareto():
 
 @pytest.mark.parametrize(("criterion", "decided_in"), [
     (dict(max_bytes=16), "second stage"),  # (a small sample: the 4 best go on, whatever their lead)
+    (dict(max_bytes=16, second_stage_rows=2500), "second stage"),  # (swept over part of the corpus)
     # (SQ4 leads SQeden4 by 0.027 here: a clear leader with a margin of 0.015)
     (dict(max_bytes=16, full_first_stage=True, lead_margin=0.015), "first stage"),
     (dict(min_recall=0.6), "second stage"),
@@ -213,12 +214,16 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
     from vecpress.kernels.codecs.grid import default_grid
     from vecpress.pipeline import preselect
     from vecpress.pipeline.preselect import FRONT_RUNNERS
+    from vecpress.pipeline.stages import s04_advise
 
     criterion = dict(criterion)
     if criterion.pop("full_first_stage", False):  # (this sample's first stage taken as full-size: its margin applies)
         monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
     if "lead_margin" in criterion:
         monkeypatch.setattr(preselect, "LEAD_MARGIN", criterion.pop("lead_margin"))
+    part = criterion.pop("second_stage_rows", None)
+    if part:
+        monkeypatch.setattr(s04_advise, "SECOND_STAGE_ROWS", part)
     root, _ = corpus
     out = str(tmp_path / "out")
     run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", **criterion, **COMMON),
@@ -235,6 +240,10 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
         assert inspect_table(out, "t")["codec"] == advisor["chosen"]
     else:
         assert {r["codec"] for r in advisor["table"]} == set(stage["kept"])
+        # with --max-bytes, part of a corpus larger than SECOND_STAGE_ROWS (in 8 runs of whole
+        # row groups of 500: at most 8 x 500 over); --min-recall's target needs every row
+        assert advisor["swept_rows"] == N if not part else part <= advisor["swept_rows"] <= part + 8 * 500
+        assert (f"of {N:,} rows" in advisor["reason"]) == bool(part)
     full, _ = sweep_corpus([str(root / "src")], str(tmp_path / "full"), CompressOptions(metric="cosine", **COMMON),
                            codecs=grid, executor=ray_executor)
     recall = {r["codec"]: r["recall_at_10"] for r in full.rows}
@@ -253,6 +262,13 @@ def test_front_runners_are_those_close_to_the_first_stages_best():
     assert front_runners(rows(0.70, 0.66, 0.60, 0.69), max_bytes=16, min_recall=None) == ["C0", "C3", "C1"]
     assert front_runners(rows(0.70, 0.70 - LEAD_MARGIN - 0.01, 0.2), max_bytes=16, min_recall=None) == ["C0"]
     assert front_runners(rows(*[0.5] * 6), max_bytes=16, min_recall=None, keep=4) == ["C0", "C2", "C4", "C1"]
+    # a residual quantizer cut from a longer one ahead of it: no further (one ahead of the longer one goes on)
+    cut = [{"codec": "RQ4", "code_bytes": 4, "recall_at_10": 0.68, "cut_from": "RQ8"},
+           {"codec": "RQ8", "code_bytes": 8, "recall_at_10": 0.70}, {"codec": "PQ8", "code_bytes": 8, "recall_at_10": 0.6}]
+    assert front_runners(cut, max_bytes=8, min_recall=None) == ["RQ8"]
+    assert front_runners(cut, max_bytes=8, min_recall=None, margin=None) == ["RQ8", "PQ8"]
+    cut[0]["recall_at_10"] = 0.71
+    assert front_runners(cut, max_bytes=8, min_recall=None) == ["RQ4", "RQ8"]
     # (over the budget: not judged; nothing within it: the first `keep` as they came)
     assert front_runners(rows(0.5, 0.9), max_bytes=8, min_recall=None) == ["C0"]
     assert front_runners(rows(0.5, 0.9), max_bytes=4, min_recall=None) == ["C0", "C1"]

@@ -246,3 +246,29 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
     assert again.fragments == done.fragments and again.seconds == done.seconds
     # an untouched file reads as before
     assert next(iter_shard_batches(first, ["embedding"], 100))[3].num_rows == 100
+
+
+def test_a_part_of_the_corpus_is_stretches_spread_over_it_read_where_the_plan_puts_them(tmp_path):
+    """spread_rows: about max_rows rows as up to 8 runs of whole row groups, one in each
+    eighth of the layout (so every stretch of files sorted by time is sampled), each run's
+    rows at the global positions of the whole plan; the plan's own shards when it holds no
+    more."""
+    from vecpress.pipeline.layout import spread_rows
+    from vecpress.pipeline.scan import Columns, scan_shard
+
+    x = np.random.default_rng(2).standard_normal((9000, 8)).astype(np.float32)
+    for i in range(6):  # 6 files of 1,500 rows in row groups of 100
+        write_vectors(tmp_path / f"f{i}.parquet", x[i * 1500:(i + 1) * 1500], np.arange(i * 1500, (i + 1) * 1500),
+                      row_group_size=100)
+    plan = plan_sources(SourceSpec((str(tmp_path),)), shard_rows=4000)
+    assert spread_rows(plan, 9000) == plan.shards
+    part = spread_rows(plan, 2000)
+    assert len(part) == 8 and all(s.num_rows == 300 for s in part)  # (250 a run, in row groups of 100)
+    starts = [s.row_offset for s in part]
+    assert starts == [90 * i // 8 * 100 for i in range(8)]  # (the first row group of each eighth of 90)
+    assert {u for s in part for u in s.files} == {str(tmp_path / f"f{i}.parquet") for i in range(6)}
+    for shard in part:
+        batches = list(scan_shard(shard, Columns.of(plan), [], batch_size=128, extra=("id",)))
+        got = np.concatenate([b.x for b in batches])
+        assert np.array_equal(got, x[shard.row_offset:shard.row_offset + shard.num_rows])
+        assert [b.position for b in batches] == [shard.row_offset + i * 128 for i in range(len(batches))]
