@@ -253,10 +253,10 @@ def merge_shards(group: tuple[Shard, ...]) -> Shard:
 
 
 def spread_rows(plan: SourcePlan, max_rows: int, runs: int = 8) -> tuple[Shard, ...]:
-    """About `max_rows` of the plan's rows, whole row groups, as up to `runs` shards of
-    consecutive rows spread evenly over the layout (the plan's own shards when it holds no
-    more). Each shard is the first row groups of its stretch of the layout, so files sorted by
-    time or topic are each sampled; a row group larger than a run's share is taken whole."""
+    """About `max_rows` of the plan's rows as whole row groups: as many row groups as hold that
+    many rows on average, in up to `runs` shards of consecutive rows, each the first row groups
+    of its stretch of the layout, the stretches spread evenly over it (so files sorted by time
+    or topic are each sampled). The plan's own shards when it holds no more."""
     if plan.num_rows <= max_rows:
         return plan.shards
     files = {f.uri: f for f in plan.files}
@@ -269,17 +269,13 @@ def spread_rows(plan: SourcePlan, max_rows: int, runs: int = 8) -> tuple[Shard, 
                 n = files[p.file_uri].row_group_rows[rg]
                 groups.append((files[p.file_uri], rg, n, file_row, position))
                 file_row, position = file_row + n, position + n
-    runs = max(1, min(runs, len(groups)))
-    share = -(-max_rows // runs)
+    taken = max(1, round(max_rows * len(groups) / plan.num_rows))
+    runs = min(runs, taken)
     out: list[Shard] = []
     for i in range(runs):
-        begin = groups[len(groups) * i // runs]
+        begin = len(groups) * i // runs
         pieces: list[Piece] = []
-        rows = 0
-        for f, rg, n, file_row, position in groups[len(groups) * i // runs:len(groups) * (i + 1) // runs]:
-            if rows >= share:
-                break
+        for f, rg, n, file_row, _ in groups[begin:begin + taken * (i + 1) // runs - taken * i // runs]:
             _add_row_group(pieces, f, rg, n, file_row)
-            rows += n
-        out.append(Shard(i, tuple(pieces), rows, begin[4]))
+        out.append(Shard(i, tuple(pieces), sum(p.num_rows for p in pieces), groups[begin][4]))
     return tuple(out)

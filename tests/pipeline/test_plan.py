@@ -249,8 +249,8 @@ def test_a_file_rewritten_after_planning_is_refused_not_mixed(make_corpus, tmp_p
 
 
 def test_a_part_of_the_corpus_is_stretches_spread_over_it_read_where_the_plan_puts_them(tmp_path):
-    """spread_rows: about max_rows rows as up to 8 runs of whole row groups, one in each
-    eighth of the layout (so every stretch of files sorted by time is sampled), each run's
+    """spread_rows: about max_rows rows as whole row groups in up to 8 runs, one at the start
+    of each eighth of the layout (so every stretch of files sorted by time is sampled), each run's
     rows at the global positions of the whole plan; the plan's own shards when it holds no
     more."""
     from vecpress.pipeline.layout import spread_rows
@@ -263,10 +263,11 @@ def test_a_part_of_the_corpus_is_stretches_spread_over_it_read_where_the_plan_pu
     plan = plan_sources(SourceSpec((str(tmp_path),)), shard_rows=4000)
     assert spread_rows(plan, 9000) == plan.shards
     part = spread_rows(plan, 2000)
-    assert len(part) == 8 and all(s.num_rows == 300 for s in part)  # (250 a run, in row groups of 100)
+    assert [s.num_rows for s in part] == [200, 300] * 4  # (20 row groups of 100 in 8 runs)
     starts = [s.row_offset for s in part]
     assert starts == [90 * i // 8 * 100 for i in range(8)]  # (the first row group of each eighth of 90)
     assert {u for s in part for u in s.files} == {str(tmp_path / f"f{i}.parquet") for i in range(6)}
+    assert [s.num_rows for s in spread_rows(plan, 300)] == [100, 100, 100]  # (3 row groups: 3 runs)
     for shard in part:
         batches = list(scan_shard(shard, Columns.of(plan), [], batch_size=128, extra=("id",)))
         got = np.concatenate([b.x for b in batches])
