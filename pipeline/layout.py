@@ -275,7 +275,11 @@ def spread_rows(plan: SourcePlan, max_rows: int, runs: int = 8) -> tuple[Shard, 
     for i in range(runs):
         begin = len(groups) * i // runs
         pieces: list[Piece] = []
-        for f, rg, n, file_row, _ in groups[begin:begin + taken * (i + 1) // runs - taken * i // runs]:
+        at = groups[begin][4]
+        for f, rg, n, file_row, position in groups[begin:begin + taken * (i + 1) // runs - taken * i // runs]:
+            if position != at:  # (a run is consecutive rows: it ends where the layout's positions jump)
+                break
             _add_row_group(pieces, f, rg, n, file_row)
-        out.append(Shard(i, tuple(pieces), sum(p.num_rows for p in pieces), groups[begin][4]))
+            at += n
+        out.append(Shard(i, tuple(pieces), at - groups[begin][4], groups[begin][4]))
     return tuple(out)
