@@ -217,8 +217,9 @@ def shared_shard(shard: Shard, files: dict[str, SourceFile], shard_rows: int) ->
 
 
 def group_shards(shards: Iterable[Shard], min_rows: int) -> list[tuple[Shard, ...]]:
-    """Consecutive shards smaller than `min_rows` in groups of about that many rows; a shard
-    that large is a group of its own. A group is the work of one task: a scan's per-batch
+    """Consecutive shards smaller than `min_rows` in groups of about that many rows (shards
+    whose rows do not follow on, as spread_rows's, are not grouped); a shard that large is a
+    group of its own. A group is the work of one task: a scan's per-batch
     costs (the evaluation's top-k of every held-out query) do not depend on a batch's rows,
     so shards smaller than a batch (a small --shard-rows) are scanned together, not one by
     one (and a group of small shards can be held in memory)."""
@@ -226,6 +227,9 @@ def group_shards(shards: Iterable[Shard], min_rows: int) -> list[tuple[Shard, ..
     current: list[Shard] = []
     rows = 0
     for shard in shards:
+        if current and current[-1].row_offset + current[-1].num_rows != shard.row_offset:
+            groups.append(tuple(current))
+            current, rows = [], 0
         if shard.num_rows >= min_rows:
             if current:
                 groups.append(tuple(current))

@@ -243,8 +243,7 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
     truth = TopK(len(xq), eval_k, exclude=query_positions)
     found = [TopK(len(xq), max(NUM_CANDIDATES, eval_k), exclude=query_positions, with_extra=True) for _ in trained]
     encode_seconds = [0.0] * len(trained)
-    groups = list(shards) if shards is not plan.shards else \
-        [merge_shards(g) for g in group_shards(plan.shards, batch_rows(opts.batch_size, plan.dim, gpu=False))]
+    groups = [merge_shards(g) for g in group_shards(shards, batch_rows(opts.batch_size, plan.dim, gpu=False))]
     for _, part in executor.imap(sweep_shard, groups, desc="sweep",
                                  shared={"job": job, "queries": xq, "query_positions": query_positions}):
         truth.add(part.truth_D, part.truth_I)

@@ -16,7 +16,7 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost
-from vecpress.kernels.codecs.residual import drop_cross_products, encode_greedy, greedy_codebooks
+from vecpress.kernels.codecs.residual import drop_cross_products, encode_greedy, greedy_codebooks, load_index
 from vecpress.kernels.codecs.search import (
     search_codes as _search_codes, search_device as _search_device, searched_index,
 )
@@ -197,7 +197,7 @@ class Codec:
             got = hashlib.sha256(data).hexdigest()
             if got != sha256:
                 raise ValueError(f"codec bytes do not match their checksum: expected {sha256}, got {got}")
-        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        index = load_index(data)
         if not index.is_trained:
             raise ValueError("codec index is not trained")
         return cls(spec=spec, metric=metric, dim=int(index.d), index=index)

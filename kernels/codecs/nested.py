@@ -25,6 +25,7 @@ import numpy as np
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost, build_index
 from vecpress.kernels.codecs.codec import Codec
+from vecpress.kernels.codecs.residual import load_index
 from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 
 _RQ = re.compile(r"(^|,)RQ(\d+)x(\d+)$")
@@ -69,7 +70,7 @@ def residual_prefix(codec: Codec, spec: str) -> Codec:
     if not _holds(codec.spec, spec, codec.dim):
         raise CodecSpecError(f"codec {spec!r} is not the first stages of {codec.spec!r}")
     stages = _family(spec, codec.dim)[1]
-    index = faiss.deserialize_index(faiss.serialize_index(codec.index))
+    index = load_index(faiss.serialize_index(codec.index))  # (tables: as ST_norm_from_LUT needs them)
     _, inner = _innermost(index)
     rq = inner.rq
     ksub, d = 1 << int(rq.nbits.at(0)), int(rq.d)

@@ -15,7 +15,7 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss, num_gpus
 from vecpress.kernels.codecs.build import _innermost
-from vecpress.kernels.codecs.residual import drop_cross_products
+from vecpress.kernels.codecs.residual import load_index
 from vecpress.kernels.knn import (
     TopK, as_distances, candidate_distances, exact_knn, order_by_distance_then_id, prepare_vectors,
 )
@@ -26,12 +26,11 @@ def searched_index(index, metric: str):
     by L2 (the unit query's distance to each code's reconstruction). Additive codes without
     stored norms are then searched by decoding them (faiss's look-up tables for L2 need the
     norms); RaBitQ keeps its own estimator and binary codes their Hamming distance."""
-    chain, inner = _innermost(index)
+    inner = _innermost(index)[1]
     if metric != "cosine" or isinstance(inner, (faiss.IndexLSH, faiss.IndexRaBitQ, faiss.IndexRaBitQFastScan)) \
             or inner.metric_type == faiss.METRIC_L2:
         return index
-    view = faiss.deserialize_index(faiss.serialize_index(index))  # (a copy: clone_index lacks some transforms)
-    drop_cross_products(view)
+    view = load_index(faiss.serialize_index(index))  # (a copy: clone_index lacks some transforms)
     inner = _innermost(view)[1]
     inner.metric_type = faiss.METRIC_L2
     if isinstance(inner, faiss.IndexAdditiveQuantizer) and \
