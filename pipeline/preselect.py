@@ -15,20 +15,29 @@ margin needs the first stage's full STAGE1_TRAIN_ROWS (a sample of 20,000 or mor
 rows an 8-bit quantizer's k-means has under faiss's 39 points per centroid, residual
 quantizers come out well below their full-sample recall, and the best FRONT_RUNNERS go on.
 Residual quantizers of one family are trained once and their codes sliced
-(kernels.codecs.nested).
+(kernels.codecs.nested). With --max-bytes the longest of a family is judged by its first
+stages before the rest of it is trained: RQ16x8, what RQ32x8's first 16 stages are, is
+trained and judged with the others first; ahead of all but its own family by more than
+LEAD_MARGIN, RQ32x8 (which holds it and lowers its error further) leads as well and is chosen
+without its other 16 stages trained here (the train stage trains it whole); otherwise those
+stages are trained on from RQ16x8's (kernels.codecs.nested.train_on), to the codec trained
+whole. At 768-d that halves the first stage where RQ32x8 leads.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 
 import numpy as np
 
-from vecpress.kernels.codecs.nested import encode_all
+from vecpress.kernels._faiss import num_gpus
+from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
 from vecpress.kernels.metrics import knn_recall
-from vecpress.pipeline.sweep import load_trained, train_candidates
+from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.sweep import TrainedCodec, load_trained, spec_bytes, train_candidates
 
 log = logging.getLogger("vecpress")
 
@@ -61,25 +70,78 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     start = time.perf_counter()
     base, q = xt[n1:n1 + STAGE1_BASE_ROWS], xq[:STAGE1_QUERIES]
     _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
-    rows: list[dict] = []
-    trained = train_candidates(specs, xt[:n1], metric, seed=seed, ngpu=ngpu, failed=rows)
-    codecs = [load_trained(tc, metric) for tc in trained]
-    for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base)):
-        began = time.perf_counter()
-        _, found = codec.search_codes(q, codes, 10)
-        rows.append({"codec": tc.spec, "code_bytes": tc.code_size,
-                     "recall_at_10": round(knn_recall(exact, found, 10), 4),
-                     "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
-                     **({"cut_from": tc.cut_from} if tc.cut_from else {})})
-    judged = [r for r in rows if "error" not in r]  # (train_candidates raised if none trained)
+    judge = functools.partial(_judge, xt=xt[:n1], base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu)
     # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
     margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
-    kept = front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin)
+    nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
+    # --max-bytes: the longest residual quantizer of a family judged by its next-longest first
+    heads = _longest_and_next(nested, xt.shape[1]) if max_bytes is not None and margin is not None else {}
+    rows, trained = judge([s for s in specs if s not in heads])
+    leader = None
+    for i, (head, below) in enumerate(heads.items()):
+        family = {head} | {s for s, h in nested.items() if h == head}
+        if i == len(heads) - 1 and below in trained and _leads(rows[below], rows, family, max_bytes, margin):
+            # (more stages only lower the reconstruction error: the longest holds `below` and more)
+            rows[head] = {"codec": head, "code_bytes": spec_bytes(head, xt.shape[1], metric, n1),
+                          "recall_at_10": rows[below]["recall_at_10"], "seconds": 0.0, "judged_by": below}
+            leader = head
+            break
+        more, grown = judge([head], grown_from={head: trained[below]} if below in trained else None, failed=True)
+        rows.update(more)
+        trained.update(grown)
+        for spec in family & set(rows) - {head}:  # (what the second stage cuts from the longest)
+            rows[spec]["cut_from"] = head
+    rows = [rows[s] for s in specs if s in rows]
+    judged = [r for r in rows if "error" not in r]
+    kept = [leader] if leader else front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
               "lead_margin": margin, "seconds": round(time.perf_counter() - start, 3)}
     log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
              "front-runners: %s", len(rows), n1, len(base), record["seconds"], ", ".join(kept))
     return kept, record
+
+
+def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray, exact: np.ndarray, metric: str,
+           seed: int, ngpu: int, grown_from: dict | None = None, failed: bool = False
+           ) -> tuple[dict[str, dict], dict[str, TrainedCodec]]:
+    """({spec: its first-stage row}, {spec: trained}): each of `specs` trained on `xt` and its
+    codes of `base` searched for `q`, against their `exact` neighbours there. A spec that
+    fails to train gets a row saying why (`failed`: even when none trains)."""
+    out: list[dict] = []
+    try:
+        trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=out, grown_from=grown_from)
+    except VecpressError:
+        if not failed:
+            raise
+        trained = []
+    codecs = [load_trained(tc, metric) for tc in trained]
+    for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base)):
+        began = time.perf_counter()
+        _, found = codec.search_codes(q, codes, 10)
+        out.append({"codec": tc.spec, "code_bytes": tc.code_size,
+                    "recall_at_10": round(knn_recall(exact, found, 10), 4),
+                    "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
+                    **({"cut_from": tc.cut_from} if tc.cut_from else {}),
+                    **({"trained_on_from": grown_from[tc.spec].spec} if tc.spec in (grown_from or {}) else {})})
+    return {r["codec"]: r for r in out}, {tc.spec: tc for tc in trained}
+
+
+def _longest_and_next(nested: dict[str, str], dim: int) -> dict[str, str]:
+    """{the longest residual quantizer of a family: the longest other one of the family} (the
+    first stages judged before the rest are trained), from nesting()'s pairs."""
+    out: dict[str, str] = {}
+    for spec, head in nested.items():
+        if head not in out or stages(spec, dim) > stages(out[head], dim):
+            out[head] = spec
+    return out
+
+
+def _leads(row: dict, rows: dict[str, dict], family: set[str], max_bytes: int, margin: float) -> bool:
+    """Whether `row` is ahead, by more than `margin`, of every judged candidate within
+    `max_bytes` outside `family`."""
+    others = [r["recall_at_10"] for r in rows.values()
+              if "error" not in r and r["codec"] not in family and r["code_bytes"] <= max_bytes]
+    return "error" not in row and all(r < row["recall_at_10"] - margin for r in others)
 
 
 def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,

@@ -260,7 +260,8 @@ def summary_table(info: dict) -> str:
         crit = {k: v for k, v in advisor["criterion"].items() if v}
         first = advisor.get("decided_in") == "first stage"
         lines.append(f"advisor         chose {advisor['chosen']} ({', '.join(f'{k} {v}' for k, v in crit.items())}; "
-                     f"recall@10 {advisor['chosen_recall_at_10']:.3f} "
+                     f"recall@10 {'at least ' if advisor.get('recall_judged_by') else ''}"
+                     f"{advisor['chosen_recall_at_10']:.3f} "
                      f"{'in the first stage' if first else 'on the sample'})")
         stage = advisor.get("first_stage")
         if stage:

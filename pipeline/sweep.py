@@ -27,7 +27,7 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.ivf import IvfModel, check_served_spec, is_served_spec, parse_served_spec, served_grid
 from vecpress.kernels.codecs.grid import default_grid
-from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix, slice_sources
+from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix, slice_sources, train_on
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
@@ -35,7 +35,7 @@ from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
-from vecpress.pipeline.heartbeat import train_logged
+from vecpress.pipeline.heartbeat import Heartbeat, train_logged
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards, spread_rows
 from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
@@ -155,18 +155,24 @@ class SweepResult:
 
 
 def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ngpu: int,
-                     failed: list[dict]) -> list[TrainedCodec]:
+                     failed: list[dict], grown_from: dict[str, TrainedCodec] | None = None) -> list[TrainedCodec]:
     """Each spec trained on xt, in the order given (those that fail noted in `failed`;
     VecpressError when all do). A residual quantizer that a longer one of its family holds
-    (kernels.codecs.nested) is cut from that one's training instead of trained again."""
+    (kernels.codecs.nested) is cut from that one's training instead of trained again.
+    `grown_from`: {spec: a shorter residual quantizer of its family trained here on the same
+    xt}, whose stages the spec's training takes instead of training them again."""
     nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
     done: dict[str, TrainedCodec] = {}
     for spec in sorted(specs, key=lambda s: s in nested):  # (the longest of each family first)
         start = time.perf_counter()
         source = nested.get(spec) if nested.get(spec) in done else None
+        grown = (grown_from or {}).get(spec)
         try:
             if source:
                 codec = residual_prefix(load_trained(done[source], metric), spec)
+            elif grown:
+                with Heartbeat(f"sweep: train {spec} on {len(xt):,} vectors from {grown.spec}'s stages") as beat:
+                    codec = train_on(load_trained(grown, metric), spec, xt, seed=seed, ngpu=ngpu, progress=beat.step)
             else:
                 codec = train_logged(codec_kind(spec), xt, spec, metric, seed=seed, ngpu=ngpu, what="sweep: train ")
         except (CodecSpecError, RuntimeError, ValueError) as exc:
@@ -177,8 +183,8 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
         size = codec.served.index_bytes(codec.dim) if isinstance(codec, IvfModel) else codec.code_size
         done[spec] = TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), size, time.perf_counter() - start,
                                   source)
-        log.info("sweep: %s %s (%d B) in %.1fs", "trained" if source is None else f"cut from {source}:", spec,
-                 size, done[spec].train_seconds)
+        how = f"cut from {source}:" if source else f"trained on from {grown.spec}:" if grown else "trained"
+        log.info("sweep: %s %s (%d B) in %.1fs", how, spec, size, done[spec].train_seconds)
     if not done:
         raise VecpressError("no candidate codec could be trained: " + "; ".join(
             f"{f['codec']}: {f['error']}" for f in failed))

@@ -50,12 +50,15 @@ class Codec:
     # ---- training -------------------------------------------------------------------------
     @classmethod
     def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1,
-              progress=None) -> "Codec":
+              progress=None, start: "Codec | None" = None) -> "Codec":
         """Train on `xt` (raw vectors; normalised here for cosine). Deterministic for a given
         seed and sample. Uses faiss's GPU k-means assignment when faiss sees a GPU.
         `progress(done, total)`, if given, hears of each step finished where the training has
-        steps of its own (a PQ's sub-quantizers)."""
-        index = train_index(xt, spec, metric, seed=seed, ngpu=ngpu, progress=progress)
+        steps of its own (a PQ's sub-quantizers). `start`: a shorter residual quantizer of
+        this one's family trained on the same `xt` and seed, whose stages are taken instead of
+        trained again (kernels.codecs.nested.train_on)."""
+        index = train_index(xt, spec, metric, seed=seed, ngpu=ngpu, progress=progress,
+                            start=None if start is None else start.index)
         return cls(spec=spec, metric=metric, dim=int(index.d), index=index)
 
     # ---- coding ---------------------------------------------------------------------------

@@ -8,7 +8,8 @@ of 1 in training (as `train_index` always trains on the CPU, and on the GPU for 
 greedy encoding with them gives the longer codes' first bytes. The sweep and the advisor train
 the longest of each family and cut the others from it (`nesting`, `residual_prefix`), and
 where both encode greedily (beam=1) slice the shorter codes from the longer (`cut_codes`,
-`encode_all`).
+`encode_all`). The other way round, a longer codec trains on from a shorter one's stages
+(`train_on`): the advisor judges the shorter one before it pays for the rest.
 tests/kernels/test_nested.py compares the cut codec with the codec trained on its own: the
 same codebooks, beam, codes and search, and the same serialised bytes but for the range of
 reconstruction norms faiss notes at the end of training (`norm_min`, `norm_max`: the longer
@@ -43,6 +44,12 @@ def _family(spec: str, dim: int) -> tuple[tuple, int, int | None] | None:
         return None
     rest = tuple(sorted((k, v) for k, v in p.options.items() if k != "beam"))
     return (p.mrl, p.factory[:m.start()] + m.group(1), int(m.group(3)), rest), int(m.group(2)), p.options.get("beam")
+
+
+def stages(spec: str, dim: int) -> int:
+    """The number of stages of an RQ spec (0 for any other codec)."""
+    fam = _family(spec, dim)
+    return 0 if fam is None else fam[1]
 
 
 def _holds(long: str, short: str, dim: int) -> bool:
@@ -85,6 +92,16 @@ def residual_prefix(codec: Codec, spec: str) -> Codec:
         rq.compute_codebook_tables()
     inner.code_size = int(rq.code_size)
     return Codec(spec=spec, metric=codec.metric, dim=codec.dim, index=index)
+
+
+def train_on(codec: Codec, spec: str, xt: np.ndarray, *, seed: int, ngpu: int, progress=None) -> Codec:
+    """The codec `spec`, a longer residual quantizer of `codec`'s family, trained on `xt` (the
+    rows and seed `codec` was trained with) from `codec`'s stages: on the CPU only the stages
+    after them are trained, and the codec is the one training `spec` from nothing gives; where
+    training is not stage by stage (the GPU) it is trained from nothing."""
+    if not _holds(spec, codec.spec, codec.dim):
+        raise CodecSpecError(f"codec {spec!r} does not hold {codec.spec!r}'s stages")
+    return Codec.train(xt, spec, codec.metric, seed=seed, ngpu=ngpu, progress=progress, start=codec)
 
 
 def _sliceable(long: Codec, short: Codec) -> bool:

@@ -62,6 +62,18 @@ def drop_cross_products(index) -> None:
             rq.codebook_cross_products.swap(faiss.Float32Vector())  # (resize(0) keeps the memory)
 
 
+def first_stages(start, inner) -> np.ndarray:
+    """The (m, 2^nbits, d) codebooks of trained index `start`, a residual quantizer of fewer
+    stages than `inner` (an untrained RQ) of the same dimension, with the same pre-transforms:
+    what train_stagewise takes as `inner`'s first stages (kernels.codecs.nested)."""
+    chain, short = _innermost(start)
+    if not isinstance(short, faiss.IndexResidualQuantizer) or not isinstance(inner, faiss.IndexResidualQuantizer) \
+            or int(short.rq.M) >= int(inner.rq.M) or int(short.rq.d) != int(inner.rq.d):
+        raise ValueError("training on from a shorter codec needs a trained RQ of fewer stages and the same dimension")
+    rq = short.rq
+    return faiss.vector_to_array(rq.codebooks).reshape(int(rq.M), -1, int(rq.d))
+
+
 def trains_stagewise(inner) -> bool:
     """Whether `inner` (an index's innermost quantizer) is an untrained RQ or PRQ whose
     training `train_stagewise` reproduces: beam 1, progressive-dimension k-means only, no
@@ -72,11 +84,14 @@ def trains_stagewise(inner) -> bool:
         and q.assign_index_factory is None for q in qs)
 
 
-def train_stagewise(inner, x: np.ndarray, progress=None) -> None:
+def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | None = None) -> None:
     """Train `inner` (trains_stagewise) on `x` (float32, already through any pre-transform),
-    calling `progress(done, total)` after each stage."""
+    calling `progress(done, total)` after each stage it trains. `first` (an RQ only): the (m, 2^nbits, d)
+    codebooks of its first m stages as this training trains them on `x` (a shorter codec of
+    the family trained on the same rows, kernels.codecs.nested): those stages are taken, not
+    trained again, and the codec comes out as trained from nothing."""
     qs = residual_quantizers(inner)
-    total, done = sum(int(q.M) for q in qs), 0
+    total, done = sum(int(q.M) for q in qs) - (0 if first is None else len(first)), 0
 
     def step() -> None:
         nonlocal done
@@ -85,24 +100,32 @@ def train_stagewise(inner, x: np.ndarray, progress=None) -> None:
             progress(done, total)
 
     x = np.ascontiguousarray(x, dtype=np.float32)
+    if first is not None and not isinstance(inner, faiss.IndexResidualQuantizer):
+        raise ValueError("only a residual quantizer (RQ) trains on from the first stages of a shorter one")
     if isinstance(inner, faiss.IndexResidualQuantizer):
-        _train_rq(inner.rq, x, step)
+        _train_rq(inner.rq, x, step, first)
     else:
         _train_prq(inner.prq, qs, x, step)
     inner.is_trained = True
 
 
-def _train_rq(rq, x: np.ndarray, step) -> None:
-    """ResidualQuantizer::train with a beam of 1, one stage at a time."""
+def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
+    """ResidualQuantizer::train with a beam of 1, one stage at a time; the stages of `first`
+    (codebooks) taken as trained: the residuals they leave, as their training left them."""
     n, d = x.shape
     nbits = faiss.vector_to_array(rq.nbits)
     residuals = x.copy()
     books = []
-    for m in range(int(rq.M)):
-        k = 1 << int(nbits[m])
-        clustering = faiss.ProgressiveDimClustering(d, k, rq.cp)
-        clustering.train(n, faiss.swig_ptr(residuals), faiss.ProgressiveDimIndexFactory())
-        book = faiss.vector_to_array(clustering.centroids).reshape(k, d)
+    for book in [] if first is None else first:
+        if book.shape != (1 << int(nbits[len(books)]), d):
+            raise ValueError(f"stage {len(books)}'s codebook is {book.shape}, not ({1 << int(nbits[len(books)])}, {d})")
+        book = np.ascontiguousarray(book, dtype=np.float32)
+        assign = faiss.IndexFlatL2(d)
+        assign.add(book)
+        _subtract_nearest(assign, book, residuals)
+        books.append(book)
+    for m in range(len(books), int(rq.M)):
+        book = progressive_kmeans(residuals, 1 << int(nbits[m]), rq.cp)
         assign = faiss.IndexFlatL2(d)
         assign.add(book)
         _subtract_nearest(assign, book, residuals)
@@ -116,6 +139,40 @@ def _train_rq(rq, x: np.ndarray, step) -> None:
                             faiss.swig_ptr(rows), d, n, 1)
     rq.train_norm(n, faiss.swig_ptr(norms))
     rq.compute_codebook_tables()
+
+
+def progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
+    """faiss's ProgressiveDimClustering (`apply_pca`, flat L2 assignment): the rows rotated
+    onto their principal axes, k-means on the first d^(i/steps) of them for step i = 1..steps,
+    each step starting from the last one's centroids padded with zeros, and the centroids
+    rotated back; (k, d) centroids. The principal axes come from numpy's eigh: faiss's PCAMatrix
+    takes about 0.5 s at 768-d whatever the rows (its eigendecomposition; numpy's: 0.06 s), once
+    per stage, which was most of an RQ stage's training on 10,000 rows, and grows with d^3
+    (tests/kernels/test_residual.py compares the quantization error with faiss's)."""
+    n, d = x.shape
+    mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    cov = np.zeros((d, d), np.float64)
+    for i in range(0, n, _BLOCK):
+        centred = x[i:i + _BLOCK] - mean
+        cov += centred.T @ centred
+    _, vectors = np.linalg.eigh(cov)
+    axes = np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)  # (rows: the axes, largest first)
+    rotated = np.empty_like(x)
+    for i in range(0, n, _BLOCK):
+        rotated[i:i + _BLOCK] = (x[i:i + _BLOCK] - mean) @ axes.T
+    centroids, last = None, 0
+    for step in range(int(cp.progressive_dim_steps)):
+        di = int(d ** ((1.0 + step) / int(cp.progressive_dim_steps)))
+        clustering = faiss.Clustering(di, k, cp)
+        if centroids is not None:
+            padded = np.zeros((k, di), np.float32)
+            padded[:, :last] = centroids
+            faiss.copy_array_to_vector(padded.ravel(), clustering.centroids)
+        clustering.train(rotated if di == d else np.ascontiguousarray(rotated[:, :di]), faiss.IndexFlatL2(di))
+        centroids, last = faiss.vector_to_array(clustering.centroids).reshape(k, di), di
+    full = np.zeros((k, d), np.float32)
+    full[:, :last] = centroids
+    return np.ascontiguousarray(full @ axes + mean)
 
 
 def _subtract_nearest(index, book: np.ndarray, residuals: np.ndarray) -> np.ndarray:

@@ -11,15 +11,20 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss, num_gpus
 from vecpress.kernels.codecs.build import _innermost, _min_train, build_index
-from vecpress.kernels.codecs.residual import residual_quantizers, train_stagewise, trains_stagewise
+from vecpress.kernels.codecs.residual import first_stages, residual_quantizers, train_stagewise, trains_stagewise
 from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 from vecpress.kernels.knn import prepare_vectors
 
 
-def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None):
+def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None, start=None):
     """The faiss index of `spec` trained on `xt` (raw vectors; normalised here for cosine):
     what Codec.train wraps. Deterministic for a given seed and sample. Uses faiss's GPU
-    k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none)."""
+    k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none).
+
+    `start`: the trained index of a codec whose training is the first stages of this one's
+    (kernels.codecs.nested: a shorter RQ of the family, trained on the same `xt` and seed).
+    Where this one trains stage by stage (the CPU), those stages are taken from it and only
+    the others trained; the result is the same codec."""
     dim = xt.shape[1]
     index = build_index(spec, dim, metric)
     chain, inner = _innermost(index)
@@ -40,7 +45,8 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
     elif keep_alive is None and trains_stagewise(inner):  # each stage heard of (progress)
-        train_stagewise(inner, _train_chain(chain, xt), progress)
+        first = None if start is None else first_stages(start, inner)
+        train_stagewise(inner, _train_chain(chain, xt), progress, first)
         _mark_trained(index)
     else:
         index.train(xt)

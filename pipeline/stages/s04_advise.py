@@ -101,17 +101,22 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
     corpus."""
     rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
     pick = rows[staged["kept"][0]]
+    by = pick.get("judged_by")  # (its first stages led: the rest of it not trained here)
+    family = {pick["codec"], by} | {c for c, r in rows.items() if r.get("cut_from") in (pick["codec"], by)}
     within = [r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes]
-    others = sorted((r for r in within if r.get("cut_from") != pick["codec"]), key=lambda r: -r["recall_at_10"])
+    others = sorted((r for r in within if r["codec"] not in family), key=lambda r: -r["recall_at_10"])
     runner_up = f"{others[0]['codec']} ({others[0]['recall_at_10']:.3f})" if others else "no other candidate"
-    cut = [r["codec"] for r in within if r.get("cut_from") == pick["codec"]]
-    reason = (f"led the first stage within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f} against "
+    cut = [r["codec"] for r in within if r["codec"] in family and r["codec"] != by]
+    led = (f"its first stages, {by}, led the first stage" if by else "led the first stage")
+    reason = (f"{led} within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f} against "
               f"{runner_up}, more than {staged['lead_margin']} ahead"
-              + (f" ({', '.join(cut)}: its first stages)" if cut else "") + ": chosen without a second stage")
+              + (f" ({', '.join(cut)}: its first stages)" if cut else "")
+              + (": it holds them and more stages, so it is at least as good; chosen without training the rest of it "
+                 "or a second stage" if by else ": chosen without a second stage"))
     log.info("advise: chose %s (%d B): %s", pick["codec"], pick["code_bytes"], reason)
     advisor = {
         "criterion": _criterion_of(opts), "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"],
-        "code_bytes": pick["code_bytes"],
+        "code_bytes": pick["code_bytes"], **({"recall_judged_by": by} if by else {}),
         "table": [], "failed": [r for r in staged["rows"] if "error" in r], "first_stage": staged,
         "decided_in": "first stage", "reason": reason, "report_uri": None,
     }

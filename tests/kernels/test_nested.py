@@ -79,3 +79,33 @@ def test_greedy_codes_of_a_family_are_sliced_from_the_longest(xt):
     assert [s is None for _, s in got] == [True, False, False, False]
     for codec, (codes, _) in zip([short, pq, long, wide], got):
         assert np.array_equal(codes, codec.encode(x)), codec.spec
+
+
+@pytest.mark.parametrize(("short", "long", "metric"), [
+    ("RQ2x6,beam=1", "RQ5x6,beam=1", "cosine"),
+    ("RQ3x6", "RQ4x6,beam=2", "l2"),
+    ("PCA32,RQ2x6", "PCA32,RQ4x6", "ip"),
+    ("MRL32,RQ1x6", "MRL32,RQ3x6", "cosine"),
+])
+def test_a_longer_codec_trained_on_from_a_shorter_one_is_the_codec_trained_alone(xt, short, long, metric):
+    """train_on takes the shorter codec's stages and trains the rest: the same bytes as
+    training the longer codec from nothing (norm range included: it is noted over every
+    stage), and its progress counts only the stages it trains."""
+    from vecpress.kernels.codecs.nested import train_on
+
+    seen = []
+    started = Codec.train(xt, short, metric, seed=3, ngpu=0)
+    grown = train_on(started, long, xt, seed=3, ngpu=0, progress=lambda done, total: seen.append((done, total)))
+    alone = Codec.train(xt, long, metric, seed=3, ngpu=0)
+    assert grown.spec == long and grown.to_bytes() == alone.to_bytes()
+    todo = _innermost(alone.index)[1].rq.M - _innermost(started.index)[1].rq.M
+    assert seen == [(i, todo) for i in range(1, todo + 1)]
+
+
+def test_training_on_needs_a_shorter_codec_of_the_family(xt):
+    from vecpress.kernels.codecs.nested import train_on
+
+    short = Codec.train(xt, "RQ2x6", "l2", seed=3, ngpu=0)
+    for spec in ("RQ2x6", "RQ1x6", "RQ4x5", "PCA32,RQ4x6", "PQ4"):
+        with pytest.raises(CodecSpecError, match="does not hold"):
+            train_on(short, spec, xt, seed=3, ngpu=0)

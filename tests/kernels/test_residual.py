@@ -1,16 +1,20 @@
 """kernels.codecs.residual: residual quantizers trained stage by stage report each stage, and
-train to the very bytes faiss's own ResidualQuantizer.train gives."""
+train to the very bytes faiss's own ResidualQuantizer.train gives with the same per-stage
+k-means; that k-means (faiss's progressive-dimension k-means with numpy's principal axes)
+quantizes as faiss's does."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import vecpress.kernels.codecs.residual as residual_module
 import vecpress.kernels.codecs.train as train_module
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost, build_index
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.residual import drop_cross_products, residual_quantizers, trains_stagewise
+from vecpress.kernels.codecs.residual import drop_cross_products, progressive_kmeans, residual_quantizers, \
+    trains_stagewise
 from vecpress.kernels.codecs.search import _code_searcher
 from vecpress.kernels.knn import prepare_vectors
 from vecpress.kernels.synthetic import ClusteredEmbeddings
@@ -24,6 +28,19 @@ def xt():
     return ClusteredEmbeddings(DIM, seed=5, num_clusters=60).batch(0, 11_000)
 
 
+def faiss_progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
+    """faiss's own ProgressiveDimClustering (its PCAMatrix), what faiss's RQ training runs."""
+    clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
+    clustering.train(len(x), faiss.swig_ptr(np.ascontiguousarray(x)), faiss.ProgressiveDimIndexFactory())
+    return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
+
+
+@pytest.fixture
+def faiss_kmeans(monkeypatch):
+    """Stage-by-stage training with faiss's per-stage k-means: then it is faiss's training."""
+    monkeypatch.setattr(residual_module, "progressive_kmeans", faiss_progressive_kmeans)
+
+
 @pytest.mark.parametrize(("spec", "metric", "stages"), [
     ("RQ4x8", "l2", 4),
     ("RQ3x8,beam=4", "cosine", 3),  # (greedy in training on the CPU; the beam encodes)
@@ -33,7 +50,7 @@ def xt():
     ("PRQ4x2x6_Nqint8", "l2", 8),
     ("MRL32,RQ2x8", "cosine", 2),
 ])
-def test_stagewise_training_is_faiss_training_byte_for_byte(xt, monkeypatch, spec, metric, stages):
+def test_stagewise_training_is_faiss_training_byte_for_byte(xt, monkeypatch, faiss_kmeans, spec, metric, stages):
     seen = []
     stagewise = Codec.train(xt, spec, metric, seed=7, ngpu=0, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(i, stages) for i in range(1, stages + 1)]
@@ -44,11 +61,31 @@ def test_stagewise_training_is_faiss_training_byte_for_byte(xt, monkeypatch, spe
     assert np.array_equal(stagewise.encode(xt[:300]), whole.encode(xt[:300]))
 
 
-def test_small_samples_keep_faiss_default_k_means_and_train_alike(monkeypatch):
+def test_small_samples_keep_faiss_default_k_means_and_train_alike(monkeypatch, faiss_kmeans):
     x = ClusteredEmbeddings(32, seed=2, num_clusters=20).batch(0, 2_500)  # under 39 x 64 rows per stage
     stagewise = Codec.train(x, "RQ3x6", "l2", seed=1, ngpu=0)
     monkeypatch.setattr(train_module, "trains_stagewise", lambda inner: False)
     assert stagewise.to_bytes() == Codec.train(x, "RQ3x6", "l2", seed=1, ngpu=0).to_bytes()
+
+
+@pytest.mark.parametrize(("dim", "rows", "steps", "niter"), [(64, 11_000, 4, 5), (200, 6_000, 10, 10), (48, 3_000, 2, 5)])
+def test_progressive_kmeans_quantizes_as_faiss_does(dim, rows, steps, niter):
+    """numpy's principal axes instead of faiss's PCAMatrix: the k-means error within 1% of
+    faiss's ProgressiveDimClustering with the same parameters (and seeded: the same centroids
+    twice)."""
+    x = ClusteredEmbeddings(dim, seed=3, num_clusters=80).batch(0, rows)
+    cp = faiss.ProgressiveDimClusteringParameters()
+    cp.progressive_dim_steps, cp.niter, cp.seed = steps, niter, 5
+
+    def error(centroids):
+        index = faiss.IndexFlatL2(dim)
+        index.add(centroids)
+        return float(index.search(x, 1)[0].mean())
+
+    ours, theirs = progressive_kmeans(x, 64, cp), faiss_progressive_kmeans(x, 64, cp)
+    assert ours.shape == theirs.shape == (64, dim) and ours.dtype == np.float32
+    assert abs(error(ours) / error(theirs) - 1) < 0.01
+    assert np.array_equal(progressive_kmeans(x, 64, cp), ours)
 
 
 def test_what_trains_stagewise():

@@ -287,3 +287,62 @@ def test_a_sweep_cuts_shorter_residual_quantizers_from_the_longest(corpus, tmp_p
     assert cut["cut_from"] == "RQ4x8,beam=1" and alone.rows[0]["cut_from"] is None
     for key in ("recall_at_1", "recall_at_10", "recall_at_100", "relative_error"):
         assert cut[key] == alone.rows[0][key], key
+
+
+@pytest.fixture(scope="module")
+def stage_sample():
+    x = ClusteredEmbeddings(DIM, seed=8, num_clusters=40).batch(0, 6_200)
+    return x[:6_000], x[6_000:]
+
+
+@pytest.mark.parametrize("margin", [-1.0, 1.0])
+def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stage_sample, monkeypatch, margin):
+    """--max-bytes: the first stage judges RQ2x6 (RQ4x6's first stages) before it trains the
+    rest of RQ4x6. Ahead of every other candidate by more than the margin (-1: any lead),
+    RQ4x6 holds it and more, so it leads too and is chosen untrained there; otherwise it is
+    trained on from RQ2x6's stages, to the codec the first stage trained whole before."""
+    from vecpress.pipeline import preselect as ps
+
+    monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)  # (6-bit stages: 39 x 64 rows, and the margin applies)
+    monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
+    monkeypatch.setattr(ps, "LEAD_MARGIN", margin)
+    xt, xq = stage_sample
+    specs = ["PQ4", "RQ2x6", "PQ8x4fs", "BIN", "RQ4x6", "SQ4"]
+    kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
+    rows = {r["codec"]: r for r in record["rows"]}
+    assert [r["codec"] for r in record["rows"]] == specs
+    # min_recall: every candidate trained whole (the longest first, the shorter cut from it)
+    _, whole = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
+    whole = {r["codec"]: r for r in whole["rows"]}
+    assert rows["RQ2x6"]["recall_at_10"] == whole["RQ2x6"]["recall_at_10"]
+    if margin < 0:
+        assert kept == ["RQ4x6"]
+        assert rows["RQ4x6"] == {"codec": "RQ4x6", "code_bytes": 3, "recall_at_10": rows["RQ2x6"]["recall_at_10"],
+                                 "seconds": 0.0, "judged_by": "RQ2x6"}
+    else:
+        assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and rows["RQ2x6"]["cut_from"] == "RQ4x6"
+        assert rows["RQ4x6"]["recall_at_10"] == whole["RQ4x6"]["recall_at_10"] > rows["RQ2x6"]["recall_at_10"]
+        assert "RQ2x6" not in kept  # (the nesting rule: RQ4x6 ahead of it)
+
+
+def test_a_residual_quantizer_chosen_by_its_first_stages_is_trained_whole_by_the_run(corpus, tmp_path,
+                                                                                       ray_executor, monkeypatch):
+    """The first stage's pick judged by its first stages (not trained whole there): the run
+    trains it whole, the manifest and the report say its first-stage recall is a floor."""
+    from vecpress.pipeline import preselect, sweep
+    from vecpress.pipeline.report import summary_table
+
+    monkeypatch.setattr(sweep, "default_grid", lambda *a, **k: ["PQ4", "RQ2x6", "PQ8x4fs", "BIN", "RQ4x6", "SQ4"])
+    monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
+    monkeypatch.setattr(preselect, "LEAD_MARGIN", -1.0)  # (any lead: RQ2x6 ahead of the others)
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", max_bytes=16, **COMMON),
+                 executor=ray_executor)
+    info = inspect_table(out, "t")
+    advisor = info["advisor"]
+    assert advisor["chosen"] == info["codec"] == "RQ4x6" and advisor["decided_in"] == "first stage"
+    assert advisor["recall_judged_by"] == "RQ2x6" and advisor["reason"].startswith("its first stages, RQ2x6, led")
+    assert "at least as good" in advisor["reason"]
+    assert "recall@10 at least" in summary_table(info)
+    assert info["eval"]["recall_at_10"] >= advisor["chosen_recall_at_10"] - 0.1  # (the whole of it, over the corpus)
