@@ -102,7 +102,8 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
     rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
     pick = rows[staged["kept"][0]]
     by = pick.get("judged_by")  # (its first stages led: the rest of it not trained here)
-    family = {pick["codec"], by} | {c for c, r in rows.items() if r.get("cut_from") in (pick["codec"], by)}
+    heads = {pick["codec"], by} - {None}
+    family = heads | {c for c, r in rows.items() if r.get("cut_from") in heads}
     within = [r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes]
     others = sorted((r for r in within if r["codec"] not in family), key=lambda r: -r["recall_at_10"])
     runner_up = f"{others[0]['codec']} ({others[0]['recall_at_10']:.3f})" if others else "no other candidate"

@@ -253,6 +253,19 @@ def test_parallel_pq_training_gives_faiss_bytes(data, monkeypatch, spec, metric)
     assert other_seed.to_bytes() != parallel.to_bytes()  # the seed reaches the parallel k-means
 
 
+def test_opq_training_reports_each_rotation_iteration_and_trains_faiss_bytes(data, monkeypatch):
+    """An OPQ rotation trains one iteration per call of faiss's train (each heard of, before the
+    PQ's sub-quantizers, in one count), to the rotation faiss's one call gives."""
+    import vecpress.kernels.codecs.train as kt
+
+    xb, _ = data
+    seen = []
+    stepwise = Codec.train(xb[:2000], "OPQ8,PQ8", "l2", seed=3, ngpu=0, progress=lambda *step: seen.append(step))
+    assert seen == [(i, 50 + 8) for i in range(1, 59)]  # (faiss's 50 iterations, then 8 sub-quantizers)
+    monkeypatch.setattr(kt, "_trains_opq_stepwise", lambda vt: False)
+    assert stepwise.to_bytes() == Codec.train(xb[:2000], "OPQ8,PQ8", "l2", seed=3, ngpu=0).to_bytes()
+
+
 def test_decoded_search_only_where_it_pays():
     """Per-pair decoding codecs switch at GEMM_MIN_QUERIES, look-up tables only from
     TABLE_GEMM_MIN_QUERIES and with at least one table per 16 dimensions."""
