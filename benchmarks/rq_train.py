@@ -7,8 +7,10 @@ dimension k-means of 10 steps on every training row, beam 5), on the same data, 
         --variants vecpress,vecpress-10x10,faiss-default
 
 Variants: `vecpress` (as shipped: stage by stage, kernels/codecs/residual.py),
-`vecpress-onecall` (the same training in faiss's one ResidualQuantizer.train call, as shipped
-before: the same bytes), `vecpress-<steps>x<iterations>` (another per-stage k-means:
+`vecpress-faiss-pca` (stage by stage with faiss's ProgressiveDimClustering, whose PCAMatrix
+vecpress replaced with numpy's principal axes), `vecpress-onecall` (faiss's one
+ResidualQuantizer.train call, as shipped before: the same bytes as `vecpress-faiss-pca`),
+`vecpress-<steps>x<iterations>` (another per-stage k-means:
 `vecpress-10x10` is faiss's, as shipped before that), `faiss-default`.
 Each variant trains in a process of its own: train seconds, the process's peak RSS while it
 trains (the data held, 0.9 GB at 300k x 768-d, and what training adds) and what training
@@ -58,7 +60,17 @@ def variant(name: str, rows: int, dim: int, codec: str, seed: int) -> dict:
     reset_peak()
     before = status_mb("VmRSS")
     start = time.perf_counter()
-    if name == "vecpress-onecall":  # the same training in faiss's one call, no stage heard of
+    if name == "vecpress-faiss-pca":  # stage by stage with faiss's ProgressiveDimClustering (its PCAMatrix)
+        from vecpress.kernels.codecs import residual
+
+        def faiss_progressive_kmeans(x, k, cp):
+            clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
+            clustering.train(len(x), faiss.swig_ptr(x), faiss.ProgressiveDimIndexFactory())
+            return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
+
+        residual.progressive_kmeans = faiss_progressive_kmeans
+        index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=0)
+    elif name == "vecpress-onecall":  # the same training in faiss's one call, no stage heard of
         vtrain.trains_stagewise = lambda inner: False
         index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=0)
     elif name.startswith("vecpress"):  # vecpress-<steps>x<iterations>: another per-stage k-means
