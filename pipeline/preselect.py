@@ -80,10 +80,12 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     leader = None
     for i, (head, below) in enumerate(heads.items()):
         family = {head} | {s for s, h in nested.items() if h == head}
-        if i == len(heads) - 1 and below in trained and _leads(rows[below], rows, family, max_bytes, margin):
+        size = spec_bytes(head, xt.shape[1], metric, n1)
+        if i == len(heads) - 1 and below in trained and size <= max_bytes \
+                and _leads(rows[below], rows, family, max_bytes, margin):
             # (more stages only lower the reconstruction error: the longest holds `below` and more)
-            rows[head] = {"codec": head, "code_bytes": spec_bytes(head, xt.shape[1], metric, n1),
-                          "recall_at_10": rows[below]["recall_at_10"], "seconds": 0.0, "judged_by": below}
+            rows[head] = {"codec": head, "code_bytes": size, "recall_at_10": rows[below]["recall_at_10"],
+                          "seconds": 0.0, "judged_by": below}
             leader = head
             break
         more, grown = judge([head], grown_from={head: trained[below]} if below in trained else None, failed=True)
