@@ -5,13 +5,16 @@ sub-quantizer) and the caller can say how long is left.
 faiss's ResidualQuantizer.train runs every stage in one call with no way to hear from it. For
 the training `train_index` does on the CPU (greedy: beam 1; progressive-dimension k-means; no
 codebook refinement) this module does what that call does, step for step, with faiss's own
-pieces: per stage a ProgressiveDimClustering on the residuals with the quantizer's clustering
-parameters, the nearest new centroid of each residual (IndexFlatL2, as faiss's beam search of
-width 1 finds it) subtracted, then the range of reconstruction norms (the same distance kernel)
-and the codebook tables. The trained index is byte for byte the one faiss's train gives
-(tests/kernels/test_residual.py compares the serialised bytes), so no figure measured with
-faiss's train changes. Anything else (a wider training beam, codebook refinement, GPU k-means)
-trains through faiss (`trains_stagewise` says which).
+pieces: per stage a progressive-dimension k-means on the residuals with the quantizer's
+clustering parameters, the nearest new centroid of each residual (IndexFlatL2, as faiss's beam
+search of width 1 finds it) subtracted, then the range of reconstruction norms (the same
+distance kernel) and the codebook tables. With faiss's ProgressiveDimClustering per stage the
+trained index is byte for byte the one faiss's train gives (tests/kernels/test_residual.py
+compares the serialised bytes); vecpress's own `progressive_kmeans` differs from it only in
+the principal axes, numpy's instead of faiss's PCAMatrix (the same k-means error, at a
+fraction of the time at high dimensions). Anything else (a wider training beam, codebook
+refinement, GPU k-means) trains through faiss (`trains_stagewise` says which). A longer RQ can
+train on from a shorter one's stages (`first`, kernels.codecs.nested.train_on).
 
 Encoding with a beam of 1 (`encode_greedy`, what Codec.encode uses for `RQ<m>x8,beam=1`) is
 the same walk: the nearest centroid per stage by one flat search of a block of rows.
