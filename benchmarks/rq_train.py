@@ -63,12 +63,7 @@ def variant(name: str, rows: int, dim: int, codec: str, seed: int) -> dict:
     if name == "vecpress-faiss-pca":  # stage by stage with faiss's ProgressiveDimClustering (its PCAMatrix)
         from vecpress.kernels.codecs import residual
 
-        def faiss_progressive_kmeans(x, k, cp):
-            clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
-            clustering.train(len(x), faiss.swig_ptr(x), faiss.ProgressiveDimIndexFactory())
-            return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
-
-        residual.progressive_kmeans = faiss_progressive_kmeans
+        residual.progressive_kmeans = residual.faiss_progressive_kmeans
         index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=0)
     elif name == "vecpress-onecall":  # the same training in faiss's one call, no stage heard of
         vtrain.trains_stagewise = lambda inner: False

@@ -121,22 +121,19 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
     n, d = x.shape
     nbits = faiss.vector_to_array(rq.nbits)
     residuals = x.copy()
+    taken = 0 if first is None else len(first)
     books = []
-    for book in [] if first is None else first:
-        if book.shape != (1 << int(nbits[len(books)]), d):
-            raise ValueError(f"stage {len(books)}'s codebook is {book.shape}, not ({1 << int(nbits[len(books)])}, {d})")
-        book = np.ascontiguousarray(book, dtype=np.float32)
+    for m in range(int(rq.M)):
+        k = 1 << int(nbits[m])
+        if m < taken and first[m].shape != (k, d):
+            raise ValueError(f"stage {m}'s codebook is {first[m].shape}, not ({k}, {d})")
+        book = np.ascontiguousarray(first[m], dtype=np.float32) if m < taken else progressive_kmeans(residuals, k, rq.cp)
         assign = faiss.IndexFlatL2(d)
         assign.add(book)
         _subtract_nearest(assign, book, residuals)
         books.append(book)
-    for m in range(len(books), int(rq.M)):
-        book = progressive_kmeans(residuals, 1 << int(nbits[m]), rq.cp)
-        assign = faiss.IndexFlatL2(d)
-        assign.add(book)
-        _subtract_nearest(assign, book, residuals)
-        books.append(book)
-        step()
+        if m >= taken:
+            step()
     faiss.copy_array_to_vector(np.concatenate(books).ravel(), rq.codebooks)
     rq.is_trained = True
     norms = np.empty(n, dtype=np.float32)  # |x - residual|^2, faiss's kernel (same rounding)
@@ -181,6 +178,15 @@ def progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
     full[:, :last] = centroids
     with _one_blas_thread():
         return np.ascontiguousarray(full @ axes + mean)
+
+
+def faiss_progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
+    """faiss's own ProgressiveDimClustering (its PCAMatrix), what faiss's RQ training runs per
+    stage: the reference `progressive_kmeans` is measured against (tests, benchmarks/rq_train.py)."""
+    clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
+    clustering.train(len(x), faiss.swig_ptr(np.ascontiguousarray(x, dtype=np.float32)),
+                     faiss.ProgressiveDimIndexFactory())
+    return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
 
 
 @functools.cache

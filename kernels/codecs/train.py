@@ -152,9 +152,10 @@ def _train_opq(opq, x: np.ndarray, progress=None) -> None:
     niter, niter_pq_0 = int(opq.niter), int(opq.niter_pq_0)
     pq = faiss.ProductQuantizer(int(opq.d_out), int(opq.M), 8)  # (what faiss's train makes for itself)
     opq.pq, opq.niter = pq, 1
+    x = np.ascontiguousarray(x, dtype=np.float32)  # (once, not per call)
     try:
         for i in range(niter):
-            opq.train(np.ascontiguousarray(x, dtype=np.float32))
+            opq.train(x)
             opq.niter_pq_0 = opq.niter_pq  # (later iterations: hot-started PQ, niter_pq)
             if progress is not None:
                 progress(i + 1, niter)

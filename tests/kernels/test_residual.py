@@ -13,8 +13,8 @@ import vecpress.kernels.codecs.train as train_module
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost, build_index
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.residual import drop_cross_products, progressive_kmeans, residual_quantizers, \
-    trains_stagewise
+from vecpress.kernels.codecs.residual import drop_cross_products, faiss_progressive_kmeans, progressive_kmeans, \
+    residual_quantizers, trains_stagewise
 from vecpress.kernels.codecs.search import _code_searcher
 from vecpress.kernels.knn import prepare_vectors
 from vecpress.kernels.synthetic import ClusteredEmbeddings
@@ -26,13 +26,6 @@ DIM = 64
 def xt():
     # 11,000 rows: over faiss's 39 per centroid for 8 bits, so the per-stage k-means is vecpress's
     return ClusteredEmbeddings(DIM, seed=5, num_clusters=60).batch(0, 11_000)
-
-
-def faiss_progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
-    """faiss's own ProgressiveDimClustering (its PCAMatrix), what faiss's RQ training runs."""
-    clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
-    clustering.train(len(x), faiss.swig_ptr(np.ascontiguousarray(x)), faiss.ProgressiveDimIndexFactory())
-    return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
 
 
 @pytest.fixture
