@@ -13,17 +13,24 @@ RERANK_FACTORS = (1, 2, 4, 10)
 def knn_recall(I_true: np.ndarray, I_found: np.ndarray, k: int) -> float:
     """k-recall@k: the share of the true k nearest neighbours found among the k returned,
     averaged over queries. Ids < 0 (missing results) never match."""
+    hits, denom = knn_hits(I_true, I_found, k)
+    return float(hits.sum() / denom.sum()) if denom.sum() else 0.0
+
+
+def knn_hits(I_true: np.ndarray, I_found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: (how many of its true k nearest neighbours are among the k returned, how
+    many true neighbours it has: k unless ids < 0 pad them). knn_recall is their ratio of sums."""
     if I_true.shape[0] == 0:
         raise ValueError("knn_recall needs at least one query")
     t = I_true[:, :k]
     f = I_found[:, :k]
-    hits = 0
-    denom = 0
-    for row_t, row_f in zip(t, f):
+    hits = np.zeros(len(t), np.int64)
+    denom = np.zeros(len(t), np.int64)
+    for i, (row_t, row_f) in enumerate(zip(t, f)):
         row_t = row_t[row_t >= 0]
-        denom += len(row_t)
-        hits += np.intersect1d(row_t, row_f[row_f >= 0], assume_unique=False).size
-    return float(hits / denom) if denom else 0.0
+        denom[i] = len(row_t)
+        hits[i] = np.intersect1d(row_t, row_f[row_f >= 0], assume_unique=False).size
+    return hits, denom
 
 
 def relative_error(x: np.ndarray, x_rec: np.ndarray) -> float:

@@ -9,9 +9,15 @@ held-out queries, against their exact neighbours among those rows. That costs se
 candidate where training on the whole sample and a pass over the corpus cost minutes for
 the costly families (residual and additive quantizers), and it ranks candidates the way the
 full sweep does closely enough to keep the best among the front-runners (tests compare the
-pick with a full sweep's): at most FRONT_RUNNERS, and with --max-bytes only those within
-LEAD_MARGIN of the best, so that a clear leader is chosen here (stages/s04_advise.py). The
-margin needs the first stage's full STAGE1_TRAIN_ROWS (a sample of 20,000 or more): on fewer
+pick with a full sweep's): at most FRONT_RUNNERS, and with --max-bytes only those the best
+is not ahead of for good, so that a clear leader is chosen here (stages/s04_advise.py). Ahead
+for good (`_settled`) is by more than LEAD_MARGIN, or, where the leader fits more centroids per
+codebook than the rival, by more than ROUGH_LEAD_Z standard errors of the per-query
+difference: the first stage's training rows are fewest per centroid for it, so it is judged
+the more roughly of the two, and in every such pair measured at 128 to 768 dims
+(benchmarks/first_stage.py) a lead beyond its noise kept its sign at full size; with the
+rival the rougher, a lead of 3 standard errors came out 0.002 at full size. The rules
+need the first stage's full STAGE1_TRAIN_ROWS (a sample of 20,000 or more): on fewer
 rows an 8-bit quantizer's k-means has under faiss's 39 points per centroid, residual
 quantizers come out well below their full-sample recall, and the best FRONT_RUNNERS go on.
 Residual quantizers of one family are trained once and their codes sliced
@@ -22,6 +28,10 @@ LEAD_MARGIN, RQ32x8 (which holds it and lowers its error further) leads as well 
 without its other 16 stages trained here (the train stage trains it whole); otherwise those
 stages are trained on from RQ16x8's (kernels.codecs.nested.train_on), to the codec trained
 whole. At 768-d that halves the first stage where RQ32x8 leads.
+
+The first-stage record keeps each candidate's centroids per codebook and, when one is chosen
+there, its lead over the best of the rest (`lead`: by how much, in standard errors, and the
+training rows per centroid of each), which the advisor's reason states.
 """
 
 from __future__ import annotations
@@ -33,9 +43,10 @@ import time
 import numpy as np
 
 from vecpress.kernels._faiss import num_gpus
+from vecpress.kernels.codecs.build import centroids_per_codebook
 from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
-from vecpress.kernels.metrics import knn_recall
+from vecpress.kernels.metrics import knn_hits
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.sweep import TrainedCodec, load_trained, spec_bytes, train_candidates
 
@@ -50,6 +61,13 @@ FRONT_RUNNERS = 4
 #: the second stage. A leader further ahead than this is chosen in the first stage: the second
 #: would only train it on the whole sample, which the train stage does anyway
 LEAD_MARGIN = 0.05
+#: --max-bytes: a first-stage leader that fits more centroids per codebook than a rival (RQ's
+#: 256 against 4-bit PQ's 16, or k-means against none) trains on fewer rows per centroid, so
+#: the first stage judges it the more roughly of the two; ahead there by more than this many
+#: standard errors of the per-query difference (and MIN_LEAD) it stayed ahead at full size in
+#: every such pair measured (benchmarks/first_stage.py), however far within LEAD_MARGIN
+ROUGH_LEAD_Z = 3.0
+MIN_LEAD = 0.01
 #: --min-recall: first-stage candidates within this of the target still run in the second
 MIN_RECALL_MARGIN = 0.05
 #: --max-bytes: the second stage sweeps about this many rows of a larger corpus, in stretches
@@ -70,7 +88,9 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     start = time.perf_counter()
     base, q = xt[n1:n1 + STAGE1_BASE_ROWS], xq[:STAGE1_QUERIES]
     _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
-    judge = functools.partial(_judge, xt=xt[:n1], base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu)
+    hits: dict[str, np.ndarray] = {}  # (per query, for the standard error of a lead)
+    judge = functools.partial(_judge, xt=xt[:n1], base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu,
+                              hits=hits)
     # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
     margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
     nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
@@ -82,9 +102,10 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         family = {head} | {s for s, h in nested.items() if h == head}
         size = spec_bytes(head, xt.shape[1], metric, n1)
         if i == len(heads) - 1 and below in trained and size <= max_bytes \
-                and _leads(rows[below], rows, family, max_bytes, margin):
+                and all(_settled(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
             # (more stages only lower the reconstruction error: the longest holds `below` and more)
             rows[head] = {"codec": head, "code_bytes": size, "recall_at_10": rows[below]["recall_at_10"],
+                          "centroids_per_codebook": rows[below]["centroids_per_codebook"],
                           "seconds": 0.0, "judged_by": below}
             leader = head
             break
@@ -95,20 +116,26 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
             rows[spec]["cut_from"] = head
     rows = [rows[s] for s in specs if s in rows]
     judged = [r for r in rows if "error" not in r]
-    kept = [leader] if leader else front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin)
+    settled = functools.partial(_settled, hits=hits, margin=margin) if margin is not None else None
+    kept = [leader] if leader else front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin,
+                                                 settled=settled)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
-              "lead_margin": margin, "seconds": round(time.perf_counter() - start, 3)}
+              "lead_margin": margin, "rough_lead_z": ROUGH_LEAD_Z if margin is not None else None,
+              "seconds": round(time.perf_counter() - start, 3)}
+    if max_bytes is not None and margin is not None and len(kept) == 1:
+        record["lead"] = _lead(kept[0], {r["codec"]: r for r in judged}, hits, n1, max_bytes)
     log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
              "front-runners: %s", len(rows), n1, len(base), record["seconds"], ", ".join(kept))
     return kept, record
 
 
 def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray, exact: np.ndarray, metric: str,
-           seed: int, ngpu: int, grown_from: dict | None = None, failed: bool = False
+           seed: int, ngpu: int, hits: dict, grown_from: dict | None = None, failed: bool = False
            ) -> tuple[dict[str, dict], dict[str, TrainedCodec]]:
     """({spec: its first-stage row}, {spec: trained}): each of `specs` trained on `xt` and its
-    codes of `base` searched for `q`, against their `exact` neighbours there. A spec that
-    fails to train gets a row saying why (`failed`: even when none trains)."""
+    codes of `base` searched for `q`, against their `exact` neighbours there (each query's
+    recall@10 into `hits`). A spec that fails to train gets a row saying why (`failed`: even
+    when none trains)."""
     out: list[dict] = []
     try:
         trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=out, grown_from=grown_from)
@@ -120,8 +147,11 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
     for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base)):
         began = time.perf_counter()
         _, found = codec.search_codes(q, codes, 10)
+        found_, true = knn_hits(exact, found, 10)
+        hits[tc.spec] = found_ / np.maximum(true, 1)
         out.append({"codec": tc.spec, "code_bytes": tc.code_size,
-                    "recall_at_10": round(knn_recall(exact, found, 10), 4),
+                    "recall_at_10": round(float(found_.sum() / true.sum()), 4),
+                    "centroids_per_codebook": centroids_per_codebook(tc.spec, xt.shape[1], metric),
                     "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
                     **({"cut_from": tc.cut_from} if tc.cut_from else {}),
                     **({"trained_on_from": grown_from[tc.spec].spec} if tc.spec in (grown_from or {}) else {})})
@@ -138,26 +168,60 @@ def _longest_and_next(nested: dict[str, str], dim: int) -> dict[str, str]:
     return out
 
 
-def _leads(row: dict, rows: dict[str, dict], family: set[str], max_bytes: int, margin: float) -> bool:
-    """Whether `row` is ahead, by more than `margin`, of every judged candidate within
-    `max_bytes` outside `family`."""
-    others = [r["recall_at_10"] for r in rows.values()
-              if "error" not in r and r["codec"] not in family and r["code_bytes"] <= max_bytes]
-    return "error" not in row and all(r < row["recall_at_10"] - margin for r in others)
+def _rivals(rows: dict[str, dict], family: set[str], max_bytes: int) -> list[dict]:
+    """The judged rows within `max_bytes` outside `family`, best first."""
+    return sorted((r for r in rows.values() if "error" not in r and r["codec"] not in family
+                   and r["code_bytes"] <= max_bytes), key=lambda r: -r["recall_at_10"])
+
+
+def _settled(a: dict, b: dict, hits: dict, margin: float) -> bool:
+    """Whether first-stage row `a` is ahead of `b` for good: by more than `margin`, or, fitting
+    more centroids per codebook than `b` (judged the more roughly of the two), by more than
+    ROUGH_LEAD_Z standard errors of the per-query difference and MIN_LEAD."""
+    lead = a["recall_at_10"] - b["recall_at_10"]
+    if lead > margin:
+        return True
+    return a["centroids_per_codebook"] > b["centroids_per_codebook"] \
+        and lead > max(MIN_LEAD, ROUGH_LEAD_Z * _standard_error(hits[a["codec"]], hits[b["codec"]]))
+
+
+def _standard_error(a: np.ndarray, b: np.ndarray) -> float:
+    """The standard error of the mean per-query difference of two recalls."""
+    return float(np.std(a - b, ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("inf")
+
+
+def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int) -> dict | None:
+    """How the first stage's one front-runner `spec` leads the best of the others within the
+    budget outside its family (its reason): by how much, in standard errors, and the training
+    rows per centroid of each; None when there is no other."""
+    row = rows[spec]
+    by = row.get("judged_by")
+    heads = {spec, by} - {None}
+    family = heads | {c for c, r in rows.items() if r.get("cut_from") in heads}
+    rivals = _rivals(rows, family, max_bytes)
+    if not rivals:
+        return None
+    judged, rival = rows[by] if by else row, rivals[0]
+    lead = judged["recall_at_10"] - rival["recall_at_10"]
+    return {"over": rival["codec"], "recall_at_10": rival["recall_at_10"], "by": round(lead, 4),
+            "standard_errors": round(lead / max(_standard_error(hits[judged["codec"]], hits[rival["codec"]]), 1e-9), 1),
+            "rows_per_centroid": [n // r["centroids_per_codebook"] if r["centroids_per_codebook"] else None
+                                  for r in (judged, rival)]}
 
 
 def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,
-                  keep: int = FRONT_RUNNERS, margin: float | None = LEAD_MARGIN) -> list[str]:
-    """With max_bytes: the `keep` best recalls within the budget, of those within `margin` of
-    the best (so one alone when it leads by more; None: no cut), less residual quantizers cut
-    from a longer one ranked ahead of them (`cut_from`). With min_recall: the
+                  keep: int = FRONT_RUNNERS, margin: float | None = LEAD_MARGIN, settled=None) -> list[str]:
+    """With max_bytes: the `keep` best recalls within the budget, of those the best is not
+    ahead of for good (`settled(best, row)`; by default: by more than `margin`; so one alone
+    when it leads all; margin None: no cut), less residual quantizers cut from a longer one
+    ranked ahead of them (`cut_from`). With min_recall: the
     cheapest that come within MIN_RECALL_MARGIN of it, and the best recall of all (so that a
     target no candidate reaches still gets the closest)."""
     if max_bytes is not None:
         ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
                     key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
-        close = [r for r in ok if margin is None or r["recall_at_10"] >= ok[0]["recall_at_10"] - margin] \
-            if ok else rows
+        ahead = settled or (lambda a, b: a["recall_at_10"] - b["recall_at_10"] > margin)
+        close = [r for r in ok if margin is None or r is ok[0] or not ahead(ok[0], r)] if ok else rows
         # a residual quantizer cut from a longer one ahead of it goes no further: the same
         # codebooks, fewer stages (RQ16x8 behind RQ32x8 at 32 B)
         close = [r for i, r in enumerate(close) if r.get("cut_from") not in {o["codec"] for o in close[:i]}]

@@ -36,13 +36,26 @@ def _quantizer_nbits(inner) -> list[int]:
     return []
 
 
-def _min_train(chain, inner) -> int:
-    """The fewest training vectors the codec can be trained on at all."""
-    need = max([1 << b for b in _quantizer_nbits(inner)], default=1)
+def _centroids(chain, inner) -> int:
+    """The most centroids one k-means of the codec's training fits (0: trained without k-means)."""
+    need = max([1 << b for b in _quantizer_nbits(inner)], default=0)
     for vt in chain:
         if isinstance(vt, faiss.OPQMatrix):
             need = max(need, 256)  # OPQ trains an 8-bit PQ internally
     return need
+
+
+def _min_train(chain, inner) -> int:
+    """The fewest training vectors the codec can be trained on at all."""
+    return max(_centroids(chain, inner), 1)
+
+
+def centroids_per_codebook(spec: str, dim: int, metric: str) -> int:
+    """The most centroids one k-means of `spec`'s training fits: 2^nbits for product and
+    additive quantizers (PQ32: 256, PQ64x4fs: 16, RQ16x8: 256), 0 for codecs trained without
+    k-means (scalar, binary, RaBitQ). On n training rows each centroid gets n / that of them."""
+    index = build_index(spec, dim, metric)  # (held: the inner index is a view of it)
+    return _centroids(*_innermost(index))
 
 
 def _leading_m(factory: str) -> int | None:

@@ -96,22 +96,18 @@ def _criterion(opts: CompressOptions) -> str:
 def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, ctx: RunContext,
                         seconds: float) -> Advised:
     """--max-bytes (judged without re-ranking), and one first-stage candidate ahead of the
-    others by more than LEAD_MARGIN: chosen there. The train stage trains it on the whole
+    others for good (pipeline.preselect: by more than LEAD_MARGIN, or judged the more roughly
+    and ahead by more than its noise): chosen there. The train stage trains it on the whole
     sample as it trains a codec named with --codec; the evaluate stage measures it over the
     corpus."""
     rows = {r["codec"]: r for r in staged["rows"] if "error" not in r}
     pick = rows[staged["kept"][0]]
     by = pick.get("judged_by")  # (its first stages led: the rest of it not trained here)
     heads = {pick["codec"], by} - {None}
-    family = heads | {c for c, r in rows.items() if r.get("cut_from") in heads}
-    within = [r for r in rows.values() if r is not pick and r["code_bytes"] <= opts.max_bytes]
-    others = sorted((r for r in within if r["codec"] not in family), key=lambda r: -r["recall_at_10"])
-    runner_up = f"{others[0]['codec']} ({others[0]['recall_at_10']:.3f})" if others else "no other candidate"
-    cut = [r["codec"] for r in within if r["codec"] in family and r["codec"] != by]
+    cut = [c for c, r in rows.items() if r.get("cut_from") in heads and c != by and r["code_bytes"] <= opts.max_bytes]
     led = (f"its first stages, {by}, led the first stage" if by else "led the first stage")
-    reason = (f"{led} within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f} against "
-              f"{runner_up}, more than {staged['lead_margin']} ahead"
-              + (f" ({', '.join(cut)}: its first stages)" if cut else "")
+    reason = (f"{led} within {opts.max_bytes} B with recall@10 {pick['recall_at_10']:.3f}"
+              + (f" ({', '.join(cut)}: its first stages)" if cut else "") + f" against {_lead_text(staged)}"
               + (": it holds them and more stages, so it is at least as good; chosen without training the rest of it "
                  "or a second stage" if by else ": chosen without a second stage"))
     log.info("advise: chose %s (%d B): %s", pick["codec"], pick["code_bytes"], reason)
@@ -122,3 +118,18 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
         "decided_in": "first stage", "reason": reason, "report_uri": None,
     }
     return Advised(resolve_codec(ctx, planned, pick["codec"], opts), advisor, None, seconds)
+
+
+def _lead_text(staged: dict) -> str:
+    """The first-stage leader's lead over the best of the rest, as its reason says it."""
+    lead = staged.get("lead")
+    if lead is None:
+        return "no other candidate"
+    rival = f"{lead['over']} ({lead['recall_at_10']:.3f})"
+    if lead["by"] > staged["lead_margin"]:
+        return f"{rival}, more than {staged['lead_margin']} ahead"
+    ours, theirs = lead["rows_per_centroid"]
+    return (f"{rival}, {lead['by']:.3f} ahead, {lead['standard_errors']:.1f} standard errors of the per-query "
+            f"difference, on {ours} training rows per centroid against "
+            f"{f'its {theirs}' if theirs else 'none (it fits no centroids)'}, so judged the more roughly of the two "
+            "(leads so judged held at full size in every pair measured)")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from vecpress.kernels._faiss import faiss
-from vecpress.kernels.codecs.build import _innermost, build_index, check_codec_spec, code_size_of
+from vecpress.kernels.codecs.build import (_innermost, build_index, centroids_per_codebook, check_codec_spec,
+                                          code_size_of)
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.grid import default_grid
 from vecpress.kernels.codecs.spec import CodecSpecError
@@ -571,3 +572,17 @@ def test_cosine_codes_rank_by_l2_to_their_reconstruction(data, spec):
     exact = brute_force(qp, prepare_vectors(xb, "cosine"), 10, "ip")
     _, by_ip = search_codes(codec.index, "ip", qp, codes, 10)
     assert knn_recall(exact, I, 10) > knn_recall(exact, by_ip, 10)
+
+
+@pytest.mark.parametrize(("spec", "centroids"), [
+    ("PQ8", 256), ("PQ8x4fs", 16), ("PQ4x6", 64), ("RQ4x8,beam=1", 256), ("PCA16,RQ2x6", 64), ("LSQ2x5", 32),
+    ("PRQ2x2x7", 128), ("OPQ8,PQ8x4", 256), ("MRL16,PQ4", 256), ("SQ8", 0), ("SQeden2", 0), ("BIN", 0),
+    ("RaBitQ4", 0)])
+def test_centroids_per_codebook_are_what_the_most_centroids_k_means_fits(spec, centroids):
+    """The most centroids one k-means of the training fits (OPQ's rotation trains an 8-bit PQ
+    whatever the spec's nbits): what the advisor's first stage weighs rows per centroid by."""
+    assert centroids_per_codebook(spec, DIM, "l2") == centroids
+    assert check_codec_spec(spec, DIM, "l2", max(centroids, 1)) > 0  # (trainable on that many rows, no fewer)
+    if centroids > 1:
+        with pytest.raises(CodecSpecError, match="training vectors"):
+            check_codec_spec(spec, DIM, "l2", centroids - 1)

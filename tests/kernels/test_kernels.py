@@ -9,7 +9,7 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
-from vecpress.kernels.metrics import knn_recall, relative_error, reranked
+from vecpress.kernels.metrics import knn_hits, knn_recall, relative_error, reranked
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 SPECS = ["PQ8", "PQ8x4", "OPQ8,PQ8", "RQ4x8", "SQ8", "SQfp16"]
@@ -103,6 +103,11 @@ def test_knn_recall_counts_overlap():
     found = np.array([[4, 3, 9, 9], [5, -1, -1, -1]])
     assert knn_recall(truth, found, 4) == pytest.approx((2 + 1) / 8)
     assert knn_recall(truth, found, 1) == pytest.approx(0.5)
+    # per query (the first stage's standard errors); a truth padded with -1 counts its real ones
+    truth[1, 2:] = -1
+    hits, true = knn_hits(truth, found, 4)
+    assert hits.tolist() == [2, 1] and true.tolist() == [4, 2]
+    assert knn_recall(truth, found, 4) == pytest.approx(3 / 6)
 
 
 def test_rerank_orders_candidates_by_exact_distance(data):

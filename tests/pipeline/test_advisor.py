@@ -306,6 +306,7 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
     monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)  # (6-bit stages: 39 x 64 rows, and the margin applies)
     monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
     monkeypatch.setattr(ps, "LEAD_MARGIN", margin)
+    monkeypatch.setattr(ps, "ROUGH_LEAD_Z", margin * float("inf"))  # (1: no lead settles it, however rough)
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "PQ8x4fs", "BIN", "RQ4x6", "SQ4"]
     kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
@@ -318,11 +319,47 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
     if margin < 0:
         assert kept == ["RQ4x6"]
         assert rows["RQ4x6"] == {"codec": "RQ4x6", "code_bytes": 3, "recall_at_10": rows["RQ2x6"]["recall_at_10"],
-                                 "seconds": 0.0, "judged_by": "RQ2x6"}
+                                 "centroids_per_codebook": 64, "seconds": 0.0, "judged_by": "RQ2x6"}
     else:
         assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and rows["RQ2x6"]["cut_from"] == "RQ4x6"
         assert rows["RQ4x6"]["recall_at_10"] == whole["RQ4x6"]["recall_at_10"] > rows["RQ2x6"]["recall_at_10"]
         assert "RQ2x6" not in kept  # (the nesting rule: RQ4x6 ahead of it)
+
+
+def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(stage_sample, monkeypatch):
+    """Within LEAD_MARGIN (1 here: no lead is that far ahead), a first-stage leader that fits
+    more centroids per codebook than its rivals (PQ8's 256 against none for the scalar and
+    binary codecs, 64 for RQ4x6) trains on fewer rows per centroid, so it is judged the more
+    roughly: ahead of each by more than ROUGH_LEAD_Z standard errors of the per-query
+    difference, it is chosen there. A lead inside that noise, or a leader that fits fewer
+    centroids than a rival (SQ4: none, against PQ8), goes on to the second stage."""
+    from vecpress.pipeline import preselect as ps
+    from vecpress.pipeline.stages.s04_advise import _lead_text
+
+    monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)
+    monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
+    monkeypatch.setattr(ps, "LEAD_MARGIN", 1.0)
+    xt, xq = stage_sample
+    specs = ["PQ8", "SQeden2", "BIN", "BINt", "SQeden1", "RQ4x6"]
+    kw = dict(metric="cosine", seed=3, ngpu=0, min_recall=None)
+    kept, record = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
+    rows = {r["codec"]: r for r in record["rows"]}
+    second = max((r for r in record["rows"] if r["codec"] != "PQ8"), key=lambda r: r["recall_at_10"])
+    lead = record["lead"]
+    assert kept == ["PQ8"] and lead["over"] == second["codec"] and record["rough_lead_z"] == ps.ROUGH_LEAD_Z
+    assert 0 < lead["by"] == pytest.approx(rows["PQ8"]["recall_at_10"] - second["recall_at_10"], abs=1e-4)
+    assert lead["standard_errors"] > ps.ROUGH_LEAD_Z and lead["rows_per_centroid"][0] == 2_500 // 256
+    text = _lead_text(record)
+    assert "standard errors" in text and "judged the more roughly" in text and "more than 1.0" not in text
+    # the same lead inside its noise: the best go on
+    monkeypatch.setattr(ps, "ROUGH_LEAD_Z", lead["standard_errors"] + 0.5)
+    kept, record = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
+    assert kept[:2] == ["PQ8", second["codec"]] and "lead" not in record
+    # a leader fitting fewer centroids than a rival: however far ahead, not settled within the margin
+    monkeypatch.setattr(ps, "ROUGH_LEAD_Z", 0.0)
+    kept, record = ps.preselect(specs + ["SQ4"], xt, xq, max_bytes=16, **kw)
+    rows = {r["codec"]: r for r in record["rows"]}
+    assert kept[0] == "SQ4" and rows["SQ4"]["recall_at_10"] > rows["PQ8"]["recall_at_10"] and "PQ8" in kept
 
 
 def test_a_residual_quantizer_chosen_by_its_first_stages_is_trained_whole_by_the_run(corpus, tmp_path,
