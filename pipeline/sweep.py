@@ -172,7 +172,7 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
                 codec = residual_prefix(load_trained(done[source], metric), spec)
             elif grown:
                 with Heartbeat(f"sweep: train {spec} on {len(xt):,} vectors from {grown.spec}'s stages") as beat:
-                    codec = train_on(load_trained(grown, metric), spec, xt, seed=seed, ngpu=ngpu, progress=beat.step)
+                    codec = train_on(load_trained(grown, metric), spec, xt, seed=seed, ngpu=ngpu, progress=beat)
             else:
                 codec = train_logged(codec_kind(spec), xt, spec, metric, seed=seed, ngpu=ngpu, what="sweep: train ")
         except (CodecSpecError, RuntimeError, ValueError) as exc:

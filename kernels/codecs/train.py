@@ -5,6 +5,8 @@ sees a GPU (released afterwards: a plain CPU codec)."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import numpy as np
@@ -49,7 +51,8 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
         train_stagewise(inner, _train_chain(chain, xt), progress, first)
         _mark_trained(index)
     else:
-        index.train(xt)
+        with _faiss_progress(inner, progress):  # (LSQ; on a GPU, an RQ's stages and a PQ's sub-quantizers)
+            index.train(xt)
     for q, beam in zip(residual, beams):  # the spec's beam again, for encoding
         q.max_beam_size = beam
     _release_gpu(inner)
@@ -260,3 +263,49 @@ def _release_gpu(inner) -> None:
         inner.pq.assign_index = None
     if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(inner.rq, "assign_index_factory"):
         inner.rq.assign_index_factory = None
+
+
+#: the line faiss prints, when verbose, as each step of its own training loop ends: an LSQ's
+#: iterations, an RQ's stages, a PQ's sub-quantizers (the last two: when faiss trains them, on a GPU)
+_STEP_LINES = {"lsq": re.compile(r"^iter \d+:$"), "rq": re.compile(r"\] train stage \d+, "),
+               "pq": re.compile(r"^Training PQ slice \d+/\d+")}
+#: faiss's other verbose lines there (objectives, timings, its k-means's iterations)
+FAISS_CHATTER = re.compile(r"^(\r?\t|Training |Before training: obj|After training: obj|Time statistic:|"
+                           r"Clustering \d+ points|  Preprocessing in|  Iteration \d+|Sampling a subset)")
+
+
+def _faiss_steps(inner) -> tuple[list, re.Pattern, int] | None:
+    """(the quantizers to make verbose, their step line, how many steps) of a training faiss
+    runs in one call, or None where it prints no step lines."""
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        return [inner.pq], _STEP_LINES["pq"], int(inner.pq.M)
+    if rqs := residual_quantizers(inner):
+        return rqs, _STEP_LINES["rq"], sum(int(q.M) for q in rqs)
+    if isinstance(inner, faiss.IndexLocalSearchQuantizer):
+        lsqs = [inner.lsq]
+    elif isinstance(inner, faiss.IndexProductLocalSearchQuantizer):
+        lsqs = [faiss.downcast_AdditiveQuantizer(inner.plsq.subquantizer(i)) for i in range(inner.plsq.nsplits)]
+    else:
+        return None
+    return lsqs, _STEP_LINES["lsq"], sum(int(q.train_iters) for q in lsqs)
+
+
+@contextlib.contextmanager
+def _faiss_progress(inner, progress):
+    """A training faiss runs in one call heard of step by step where `progress` reads faiss's
+    verbose lines (`progress.faiss_lines(step, chatter, total)`, a context that yields whether
+    it does: pipeline.heartbeat): faiss's verbose output on for as long as it is read."""
+    found = _faiss_steps(inner)
+    lines = getattr(progress, "faiss_lines", None)
+    if found is None or lines is None:
+        yield
+        return
+    quantizers, step, total = found
+    with lines(step, FAISS_CHATTER, total) as reading:
+        for q in quantizers:
+            q.verbose = reading
+        try:
+            yield
+        finally:
+            for q in quantizers:
+                q.verbose = False
