@@ -54,7 +54,9 @@ class Codec:
         """Train on `xt` (raw vectors; normalised here for cosine). Deterministic for a given
         seed and sample. Uses faiss's GPU k-means assignment when faiss sees a GPU.
         `progress(done, total)`, if given, hears of each step finished where the training has
-        steps of its own (a PQ's sub-quantizers). `start`: a shorter residual quantizer of
+        steps of its own (a PQ's sub-quantizers); where faiss runs them in one call (LSQ, the
+        GPU), only if `progress` also reads faiss's verbose lines (`progress.faiss_lines`:
+        pipeline.heartbeat.Heartbeat). `start`: a shorter residual quantizer of
         this one's family trained on the same `xt` and seed, whose stages are taken instead of
         trained again (kernels.codecs.nested.train_on)."""
         index = train_index(xt, spec, metric, seed=seed, ngpu=ngpu, progress=progress,
