@@ -123,7 +123,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
               "lead_margin": margin, "rough_lead_z": ROUGH_LEAD_Z if margin is not None else None,
               "seconds": round(time.perf_counter() - start, 3)}
     if max_bytes is not None and margin is not None and len(kept) == 1:
-        record["lead"] = _lead(kept[0], {r["codec"]: r for r in judged}, hits, n1, max_bytes)
+        record["lead"] = _lead(kept[0], {r["codec"]: r for r in judged}, hits, n1, max_bytes, margin)
     log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
              "front-runners: %s", len(rows), n1, len(base), record["seconds"], ", ".join(kept))
     return kept, record
@@ -175,14 +175,22 @@ def _rivals(rows: dict[str, dict], family: set[str], max_bytes: int) -> list[dic
 
 
 def _settled(a: dict, b: dict, hits: dict, margin: float) -> bool:
-    """Whether first-stage row `a` is ahead of `b` for good: by more than `margin`, or, fitting
-    more centroids per codebook than `b` (judged the more roughly of the two), by more than
-    ROUGH_LEAD_Z standard errors of the per-query difference and MIN_LEAD."""
+    """Whether first-stage row `a` is ahead of `b` for good (`_settled_by`)."""
+    return _settled_by(a, b, hits, margin) is not None
+
+
+def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
+    """How first-stage row `a` is ahead of `b` for good: "margin" (by more than `margin`),
+    "rougher" (fitting more centroids per codebook than `b`, so judged the more roughly of the
+    two, by more than ROUGH_LEAD_Z standard errors of the per-query difference and MIN_LEAD),
+    or None (it is not)."""
     lead = a["recall_at_10"] - b["recall_at_10"]
     if lead > margin:
-        return True
-    return a["centroids_per_codebook"] > b["centroids_per_codebook"] \
-        and lead > max(MIN_LEAD, ROUGH_LEAD_Z * _standard_error(hits[a["codec"]], hits[b["codec"]]))
+        return "margin"
+    if a["centroids_per_codebook"] > b["centroids_per_codebook"] \
+            and lead > max(MIN_LEAD, ROUGH_LEAD_Z * _standard_error(hits[a["codec"]], hits[b["codec"]])):
+        return "rougher"
+    return None
 
 
 def _standard_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -190,10 +198,10 @@ def _standard_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.std(a - b, ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("inf")
 
 
-def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int) -> dict | None:
+def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int, margin: float) -> dict | None:
     """How the first stage's one front-runner `spec` leads the best of the others within the
-    budget outside its family (its reason): by how much, in standard errors, and the training
-    rows per centroid of each; None when there is no other."""
+    budget outside its family (its reason): by how much, in standard errors, the training rows
+    per centroid of each, and by which rule (`_settled_by`); None when there is no other."""
     row = rows[spec]
     by = row.get("judged_by")
     heads = {spec, by} - {None}
@@ -204,6 +212,7 @@ def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int) 
     judged, rival = rows[by] if by else row, rivals[0]
     lead = judged["recall_at_10"] - rival["recall_at_10"]
     return {"over": rival["codec"], "recall_at_10": rival["recall_at_10"], "by": round(lead, 4),
+            "rule": _settled_by(judged, rival, hits, margin),
             "standard_errors": round(lead / max(_standard_error(hits[judged["codec"]], hits[rival["codec"]]), 1e-9), 1),
             "rows_per_centroid": [n // r["centroids_per_codebook"] if r["centroids_per_codebook"] else None
                                   for r in (judged, rival)]}

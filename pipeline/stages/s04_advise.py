@@ -126,7 +126,7 @@ def _lead_text(staged: dict) -> str:
     if lead is None:
         return "no other candidate"
     rival = f"{lead['over']} ({lead['recall_at_10']:.3f})"
-    if lead["by"] > staged["lead_margin"]:
+    if lead["rule"] != "rougher":
         return f"{rival}, more than {staged['lead_margin']} ahead"
     ours, theirs = lead["rows_per_centroid"]
     return (f"{rival}, {lead['by']:.3f} ahead, {lead['standard_errors']:.1f} standard errors of the per-query "

@@ -349,6 +349,7 @@ def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(sta
     assert kept == ["PQ8"] and lead["over"] == second["codec"] and record["rough_lead_z"] == ps.ROUGH_LEAD_Z
     assert 0 < lead["by"] == pytest.approx(rows["PQ8"]["recall_at_10"] - second["recall_at_10"], abs=1e-4)
     assert lead["standard_errors"] > ps.ROUGH_LEAD_Z and lead["rows_per_centroid"][0] == 2_500 // 256
+    assert lead["rule"] == "rougher"
     text = _lead_text(record)
     assert "standard errors" in text and "judged the more roughly" in text and "more than 1.0" not in text
     # the same lead inside its noise: the best go on
