@@ -63,8 +63,8 @@ class Heartbeat:
         """While the block runs, faiss's lines on standard output matching `step` count as steps
         of `total`, those matching `chatter` are dropped, and any other line goes on to
         standard output. Yields whether it reads them (not where another training already
-        does, or where the C library cannot be reached): the caller turns faiss's verbose
-        output on only then."""
+        does, where the C library cannot be reached, or where there is no standard output to
+        take): the caller turns faiss's verbose output on only then."""
         libc = _libc()
         if libc is None or not _READING.acquire(blocking=False):
             yield False
@@ -81,8 +81,14 @@ class Heartbeat:
             return None if chatter.search(text) else line
 
         try:
-            with _stdout_lines(libc, on_line):
-                yield True
+            with contextlib.ExitStack() as stack:
+                try:
+                    stack.enter_context(_stdout_lines(libc, on_line))
+                except OSError:  # (file descriptor 1 closed: a daemon's)
+                    reading = False
+                else:
+                    reading = True
+                yield reading
         finally:
             _READING.release()
 
@@ -115,10 +121,10 @@ def _libc():
 def _stdout_lines(libc, on_line):
     """Standard output (file descriptor 1, where C code prints) through a pipe while the block
     runs: each line to `on_line`, and what it returns (not None) on to the real standard output."""
+    real = os.dup(1)  # (first: raises where there is none, before anything is changed)
     sys.stdout.flush()
     libc.fflush(None)
     read_end, write_end = os.pipe()
-    real = os.dup(1)
     os.dup2(write_end, 1)
     os.close(write_end)
     stop = threading.Event()

@@ -95,3 +95,20 @@ def test_faiss_lines_pass_other_output_through_and_read_one_training_at_a_time(c
     assert "someone else's line" in out and "a print meanwhile" in out and "noise" not in out
     with Heartbeat("v").faiss_lines(step, chatter, 1) as again:  # (given back)
         assert again
+
+
+def test_without_a_standard_output_faiss_lines_read_nothing_and_training_goes_on(caplog):
+    """File descriptor 1 closed (a daemon's): no lines to read, a heartbeat only, and the
+    training unharmed."""
+    x = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    saved = os.dup(1)
+    try:
+        os.close(1)
+        with Heartbeat("t") as beat:
+            with beat.faiss_lines(re.compile("x"), re.compile("y"), 1) as reading:
+                assert not reading
+            trained = Codec.train(x, "LSQ2x4", "l2", seed=1, progress=beat)
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+    assert trained.to_bytes() == Codec.train(x, "LSQ2x4", "l2", seed=1).to_bytes()
