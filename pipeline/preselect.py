@@ -223,9 +223,9 @@ def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float 
     """With max_bytes: the `keep` best recalls within the budget, of those the best is not
     ahead of for good (`settled(best, row)`; by default: by more than `margin`; so one alone
     when it leads all; margin None: no cut), less residual quantizers cut from a longer one
-    ranked ahead of them (`cut_from`). With min_recall: the
-    cheapest that come within MIN_RECALL_MARGIN of it, and the best recall of all (so that a
-    target no candidate reaches still gets the closest)."""
+    ranked ahead of them (`cut_from`). With min_recall: the cheapest that come within
+    MIN_RECALL_MARGIN of it, and the best recall of all (so that a target no candidate
+    reaches still gets the closest)."""
     if max_bytes is not None:
         ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
                     key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
