@@ -110,6 +110,11 @@ def _binary_query_codes(index, metric: str, xq: np.ndarray) -> np.ndarray:
 # faiss searches by decoding each pair, and from TABLE_GEMM_MIN_QUERIES for look-up tables
 GEMM_MIN_QUERIES = 32
 TABLE_GEMM_MIN_QUERIES = 256
+# additive codes faiss decodes once per (query, row) pair (RQ, LSQ, PRQ without stored norms:
+# the default, and cosine's L2 view) from this many queries on: decoding a row costs M x d, as
+# much as the GEMM's whole work for it, so decoding each row once wins from the second query
+# (RQ16x8, 50,000 rows of 384-d: 33 ms against 132 ms at 2 queries, 38 against 437 at 8)
+ADDITIVE_GEMM_MIN_QUERIES = 2
 DECODE_BLOCK_BYTES = 32 << 20  # decoded float32 rows per GEMM block
 
 
@@ -150,10 +155,13 @@ def _decoded_search_pays(inner, nq: int) -> bool:
 
     Measured on one core (benchmarks/search_codes.py, BENCHMARKS.md): faiss decodes scalar
     codes and ST_decompress additive codes once per (query, row) pair, which a GEMM beats by
-    1.5-3x and 30-190x from 32 queries on. Look-up-table search costs about 0.5 ns per table
-    per pair against the GEMM's 0.026 ns per dimension plus a decode per row, so tables win
-    below one table per 16 dimensions (RQ4x8 at 384-d) or below a few hundred queries."""
+    1.5-3x and 30-190x from 32 queries on, and additive codes' 4-11x from 2 queries on
+    (ADDITIVE_GEMM_MIN_QUERIES). Look-up-table search costs about 0.5 ns per table per pair
+    against the GEMM's 0.026 ns per dimension plus a decode per row, so tables win below one
+    table per 16 dimensions (RQ4x8 at 384-d) or below a few hundred queries."""
     how = _reconstruction_search(inner)
+    if how == "decode" and isinstance(inner, faiss.IndexAdditiveQuantizer):
+        return nq >= ADDITIVE_GEMM_MIN_QUERIES
     if how is None or nq < GEMM_MIN_QUERIES:
         return False
     if how == "decode":

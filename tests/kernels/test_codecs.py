@@ -136,6 +136,7 @@ def test_decoded_gemm_search_equals_faiss_search(data, monkeypatch, spec, metric
     assert codec.search_device(0) == "faiss-cpu"
     D, I = codec.search_codes(xq, codes, 10)
     monkeypatch.setattr(ks, "GEMM_MIN_QUERIES", len(xq) + 1)
+    monkeypatch.setattr(ks, "ADDITIVE_GEMM_MIN_QUERIES", len(xq) + 1)
     assert not ks._decoded_search_pays(inner, len(xq))
     D_ref, I_ref = codec.search_codes(xq, codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
@@ -231,6 +232,7 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
     assert codec.search_device(1) == ("faiss-gpu" if gpu else "faiss-cpu")
     D, I = codec.search_codes(xq[:8], codes, 10, ngpu=1)  # 8 queries: below every CPU GEMM threshold
     monkeypatch.setattr(ks, "GEMM_MIN_QUERIES", 10**9)
+    monkeypatch.setattr(ks, "ADDITIVE_GEMM_MIN_QUERIES", 10**9)
     D_ref, I_ref = codec.search_codes(xq[:8], codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
 
@@ -268,18 +270,22 @@ def test_opq_training_reports_each_rotation_iteration_and_trains_faiss_bytes(dat
 
 
 def test_decoded_search_only_where_it_pays():
-    """Per-pair decoding codecs switch at GEMM_MIN_QUERIES, look-up tables only from
-    TABLE_GEMM_MIN_QUERIES and with at least one table per 16 dimensions."""
+    """Per-pair decoding codecs switch at GEMM_MIN_QUERIES (additive ones at
+    ADDITIVE_GEMM_MIN_QUERIES), look-up tables only from TABLE_GEMM_MIN_QUERIES and with at
+    least one table per 16 dimensions."""
     import vecpress.kernels.codecs.search as ks
 
     gen = ClusteredEmbeddings(384, seed=2)
     xt = gen.batch(0, 2000)
-    codecs = {spec: Codec.train(xt, spec, "l2") for spec in ("SQ8", "PQ48", "PQ16x4", "PQ32x4fs")}
+    specs = ("SQ8", "PQ48", "PQ16x4", "PQ32x4fs", "RQ2x8", "LSQ2x4")
+    codecs = {spec: Codec.train(xt, spec, "l2") for spec in specs}
     pays = {spec: [ks._decoded_search_pays(_innermost(codec.index)[1], nq)
-                   for nq in (ks.GEMM_MIN_QUERIES - 1, ks.GEMM_MIN_QUERIES, ks.TABLE_GEMM_MIN_QUERIES)]
+                   for nq in (1, ks.ADDITIVE_GEMM_MIN_QUERIES, ks.GEMM_MIN_QUERIES - 1, ks.GEMM_MIN_QUERIES,
+                              ks.TABLE_GEMM_MIN_QUERIES)]
             for spec, codec in codecs.items()}
-    assert pays == {"SQ8": [False, True, True], "PQ48": [False, False, True],
-                    "PQ16x4": [False, False, False], "PQ32x4fs": [False, False, False]}
+    assert pays == {"SQ8": [False, False, False, True, True], "PQ48": [False, False, False, False, True],
+                    "PQ16x4": [False] * 5, "PQ32x4fs": [False] * 5,
+                    "RQ2x8": [False, True, True, True, True], "LSQ2x4": [False, True, True, True, True]}
 
 
 @pytest.mark.parametrize("spec,num_train", [
