@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import os
 import re
@@ -107,6 +108,7 @@ class Heartbeat:
         self._thread.join()
 
 
+@functools.cache
 def _libc():
     """The C library (its fflush), or None where ctypes cannot load it."""
     try:

@@ -11,7 +11,7 @@ the costly families (residual and additive quantizers), and it ranks candidates 
 full sweep does closely enough to keep the best among the front-runners (tests compare the
 pick with a full sweep's): at most FRONT_RUNNERS, and with --max-bytes only those the best
 is not ahead of for good, so that a clear leader is chosen here (stages/s04_advise.py). Ahead
-for good (`_settled`) is by more than LEAD_MARGIN, or, where the leader fits more centroids per
+for good (`_settled_by`) is by more than LEAD_MARGIN, or, where the leader fits more centroids per
 codebook than the rival, by more than ROUGH_LEAD_Z standard errors of the per-query
 difference: the first stage's training rows are fewest per centroid for it, so it is judged
 the more roughly of the two, and in every such pair measured at 128 to 768 dims
@@ -102,7 +102,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         family = {head} | {s for s, h in nested.items() if h == head}
         size = spec_bytes(head, xt.shape[1], metric, n1)
         if i == len(heads) - 1 and below in trained and size <= max_bytes \
-                and all(_settled(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
+                and all(_settled_by(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
             # (more stages only lower the reconstruction error: the longest holds `below` and more)
             rows[head] = {"codec": head, "code_bytes": size, "recall_at_10": rows[below]["recall_at_10"],
                           "centroids_per_codebook": rows[below]["centroids_per_codebook"],
@@ -116,7 +116,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
             rows[spec]["cut_from"] = head
     rows = [rows[s] for s in specs if s in rows]
     judged = [r for r in rows if "error" not in r]
-    settled = functools.partial(_settled, hits=hits, margin=margin) if margin is not None else None
+    settled = functools.partial(_settled_by, hits=hits, margin=margin) if margin is not None else None
     kept = [leader] if leader else front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin,
                                                  settled=settled)
     record = {"train_rows": n1, "base_rows": len(base), "queries": len(q), "rows": rows, "kept": kept,
@@ -174,16 +174,11 @@ def _rivals(rows: dict[str, dict], family: set[str], max_bytes: int) -> list[dic
                    and r["code_bytes"] <= max_bytes), key=lambda r: -r["recall_at_10"])
 
 
-def _settled(a: dict, b: dict, hits: dict, margin: float) -> bool:
-    """Whether first-stage row `a` is ahead of `b` for good (`_settled_by`)."""
-    return _settled_by(a, b, hits, margin) is not None
-
-
 def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
     """How first-stage row `a` is ahead of `b` for good: "margin" (by more than `margin`),
     "rougher" (fitting more centroids per codebook than `b`, so judged the more roughly of the
     two, by more than ROUGH_LEAD_Z standard errors of the per-query difference and MIN_LEAD),
-    or None (it is not)."""
+    or None (it is not): truthy where it is."""
     lead = a["recall_at_10"] - b["recall_at_10"]
     if lead > margin:
         return "margin"

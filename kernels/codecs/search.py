@@ -160,14 +160,13 @@ def _decoded_search_pays(inner, nq: int) -> bool:
     against the GEMM's 0.026 ns per dimension plus a decode per row, so tables win below one
     table per 16 dimensions (RQ4x8 at 384-d) or below a few hundred queries."""
     how = _reconstruction_search(inner)
-    if how == "decode" and isinstance(inner, faiss.IndexAdditiveQuantizer):
-        return nq >= ADDITIVE_GEMM_MIN_QUERIES
-    if how is None or nq < GEMM_MIN_QUERIES:
+    if how is None:
         return False
     if how == "decode":
-        return True
+        additive = isinstance(inner, faiss.IndexAdditiveQuantizer)
+        return nq >= (ADDITIVE_GEMM_MIN_QUERIES if additive else GEMM_MIN_QUERIES)
     tables = int(inner.pq.M) if isinstance(inner, faiss.IndexPQ) else int(inner.aq.M)
-    return nq >= TABLE_GEMM_MIN_QUERIES and 16 * tables >= int(inner.d)
+    return nq >= max(GEMM_MIN_QUERIES, TABLE_GEMM_MIN_QUERIES) and 16 * tables >= int(inner.d)
 
 
 def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0, device: int = -1):
