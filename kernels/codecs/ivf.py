@@ -164,9 +164,9 @@ class IvfModel:
               progress=None) -> "IvfModel":
         """Train on raw vectors (normalised here for cosine), deterministic for a seed; k-means
         assigns on a GPU where faiss sees one (`ngpu`: -1 all, 0 none). `progress`: as
-        Codec.train's; on the CPU it hears of each k-means iteration of the partitions (and of
+        Codec.train's; it hears of each k-means iteration of the partitions (and of
         the PQ's training, one step more), the same model as faiss's one call
-        (kernels/codecs/kmeans.py)."""
+        (kernels/codecs/kmeans.py), and so it does on a GPU (the GPU's index assigning)."""
         p = parse_served_spec(spec, xt.shape[1])
         xt = prepare_vectors(xt, metric)
         mt = faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
@@ -177,21 +177,22 @@ class IvfModel:
         pq = ivf.pq if p.num_sub_vectors else None
         if pq is not None:
             pq.cp.seed = seed
-        helpers = None
+        helpers, assign = None, None  # (assign: the partitions' k-means assignment, a GPU's flat index)
         if num_gpus(ngpu) > 0:  # k-means assignment (partitions, then sub-quantizers) on the GPU
             res = faiss.StandardGpuResources()
             helpers = (res, faiss.GpuIndexFlatL2(res, xt.shape[1]),
                        None if pq is None else faiss.GpuIndexFlatL2(res, int(pq.dsub)))
             if metric != "ip":  # (an inner-product IVF clusters with its own flat IP index)
-                ivf.clustering_index = helpers[1]
+                ivf.clustering_index = assign = helpers[1]
             if pq is not None:
                 pq.assign_index = helpers[2]
         try:
-            if helpers is None and iterates(ivf.cp) and not ivf.quantizer.ntotal:  # iteration by iteration
+            if iterates(ivf.cp) and not ivf.quantizer.ntotal:  # iteration by iteration
                 steps = int(ivf.cp.niter) + (pq is not None)
                 step = None if progress is None else (lambda done, _: progress(done, steps))
-                ivf.quantizer.add(kmeans_by_iteration(xt, int(ivf.nlist), ivf.cp, ivf.quantizer.metric_type, step))
-                index.train(xt)  # (the partitions are trained: faiss trains the PQ alone)
+                ivf.quantizer.add(kmeans_by_iteration(xt, int(ivf.nlist), ivf.cp, ivf.quantizer.metric_type, step,
+                                                      assign=assign))
+                index.train(xt)  # (the partitions are trained: faiss trains the PQ alone, on a GPU its assign_index)
                 if progress is not None and pq is not None:
                     progress(steps, steps)
             else:

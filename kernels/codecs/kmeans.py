@@ -22,10 +22,12 @@ def iterates(cp) -> bool:
     return int(cp.nredo) == 1 and float(getattr(cp, "early_stop_threshold", 0.0)) == 0.0 and int(cp.niter) >= 1
 
 
-def kmeans_by_iteration(x: np.ndarray, k: int, cp, metric_type: int, progress=None) -> np.ndarray:
+def kmeans_by_iteration(x: np.ndarray, k: int, cp, metric_type: int, progress=None, *, assign=None) -> np.ndarray:
     """The (k, d) centroids of faiss.Clustering(d, k, cp) trained on `x` with a flat index of
     `metric_type` assigning (`iterates(cp)` must hold), calling `progress(done, niter)` after
-    each iteration. `cp` is left as it was."""
+    each iteration. `assign`: the flat index to assign with, of `metric_type` (a GPU's, as
+    faiss's IVF training takes one as its clustering_index; faiss resets it in each
+    iteration); by default one on the CPU. `cp` is left as it was."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     d, niter = x.shape[1], int(cp.niter)
     centroids = None
@@ -35,7 +37,7 @@ def kmeans_by_iteration(x: np.ndarray, k: int, cp, metric_type: int, progress=No
             clustering = faiss.Clustering(d, k, cp)
             if centroids is not None:
                 faiss.copy_array_to_vector(centroids, clustering.centroids)
-            clustering.train(x, faiss.IndexFlat(d, metric_type))
+            clustering.train(x, faiss.IndexFlat(d, metric_type) if assign is None else assign)
             centroids = faiss.vector_to_array(clustering.centroids)
             if progress is not None:
                 progress(done, niter)

@@ -91,8 +91,9 @@ def test_gpu_route_of_training_gives_a_plain_cpu_codec(data, monkeypatch, spec):
 
 def test_gpu_route_of_the_served_model_gives_the_cpu_model(data, monkeypatch):
     """IvfModel.train where faiss sees a GPU clusters partitions and sub-quantizers through
-    GpuIndexFlatL2 (the stand-in assigns exactly as the CPU does) and releases it: the model
-    is byte for byte the CPU-trained one, and serialises as a plain CPU index."""
+    GpuIndexFlatL2 (the stand-in assigns exactly as the CPU does), one k-means iteration of
+    the partitions at a time, reported as on the CPU, and releases it: the model is byte for
+    byte the CPU-trained one, and serialises as a plain CPU index."""
     from vecpress.kernels.codecs.ivf import IvfModel
 
     xb, _ = data
@@ -100,9 +101,12 @@ def test_gpu_route_of_the_served_model_gives_the_cpu_model(data, monkeypatch):
     created = []
     fake_gpu.install(monkeypatch)
     make = fake_gpu.gpu_index_flat_l2
-    monkeypatch.setattr(fake_gpu.faiss, "GpuIndexFlatL2", lambda res, d: created.append(int(d)) or make(res, d))
-    gpu = IvfModel.train(xb, "IVF16,PQ8", "l2", seed=1, ngpu=1)
-    assert sorted(created) == sorted([xb.shape[1], xb.shape[1] // 8])  # partitions, and sub-quantizers
+    monkeypatch.setattr(fake_gpu.faiss, "GpuIndexFlatL2", lambda res, d: created.append(make(res, d)) or created[-1])
+    seen = []
+    gpu = IvfModel.train(xb, "IVF16,PQ8", "l2", seed=1, ngpu=1, progress=lambda done, total: seen.append((done, total)))
+    # partitions, and sub-quantizers: each assigned with (holding the centroids of its last iteration)
+    assert [(int(i.d), int(i.ntotal)) for i in created] == [(xb.shape[1], 16), (xb.shape[1] // 8, 256)]
+    assert seen == [(i, 11) for i in range(1, 12)]  # (faiss's 10 iterations, then the PQ)
     assert gpu.to_bytes() == cpu.to_bytes()
     assert IvfModel.from_bytes(gpu.to_bytes(), spec="IVF16,PQ8", metric="l2").num_sub_vectors == 8
 
