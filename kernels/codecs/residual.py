@@ -1,5 +1,5 @@
-"""Residual quantizers (RQ, and PRQ's sub-quantizers) trained stage by stage from Python, so
-that training reports each stage done (`progress(done, total)`, total = every stage of every
+"""Residual quantizers (RQ, and PRQ's sub-quantizers) trained stage by stage from Python, so that
+training reports each stage done (`progress(done, total)`, total = every stage of every
 sub-quantizer) and the caller can say how long is left.
 
 faiss's ResidualQuantizer.train runs every stage in one call with no way to hear from it. For
@@ -8,16 +8,19 @@ codebook refinement) this module does what that call does, step for step, with f
 pieces: per stage a progressive-dimension k-means on the residuals with the quantizer's
 clustering parameters, the nearest new centroid of each residual (IndexFlatL2, as faiss's beam
 search of width 1 finds it) subtracted, then the range of reconstruction norms (the same
-distance kernel) and the codebook tables. With faiss's ProgressiveDimClustering per stage the
-trained index is byte for byte the one faiss's train gives (tests/kernels/test_residual.py
-compares the serialised bytes); vecpress's own `progressive_kmeans` differs from it only in
-the principal axes, numpy's instead of faiss's PCAMatrix (the same k-means error, at a
-fraction of the time at high dimensions). Anything else (a wider training beam, codebook
-refinement, GPU k-means) trains through faiss (`trains_stagewise` says which). A longer RQ can
-train on from a shorter one's stages (`first`, kernels.codecs.nested.train_on).
+distance kernel) and, where something reads them (`_reads_tables`), the codebook tables: they
+are not serialised, and RQ64x8's cross products alone are 528 MB (0.75 s to compute at 384-d,
+1.1 s at 768-d), which faiss's training computes whatever the codec. With faiss's
+ProgressiveDimClustering per stage the trained index is byte for byte the one faiss's train
+gives (tests/kernels/test_residual.py compares the serialised bytes); vecpress's own
+`progressive_kmeans` differs from it only in the principal axes, numpy's instead of faiss's
+PCAMatrix (the same k-means error, at a fraction of the time at high dimensions). Anything else
+(a wider training beam, codebook refinement, GPU k-means) trains through faiss
+(`trains_stagewise` says which). A longer RQ can train on from a shorter one's stages (`first`,
+kernels.codecs.nested.train_on).
 
-Encoding with a beam of 1 (`encode_greedy`, what Codec.encode uses for `RQ<m>x8,beam=1`) is
-the same walk: the nearest centroid per stage by one flat search of a block of rows.
+Encoding with a beam of 1 (`encode_greedy`, what Codec.encode uses for `RQ<m>x8,beam=1`) is the
+same walk: the nearest centroid per stage by one flat search of a block of rows.
 """
 
 from __future__ import annotations
@@ -45,26 +48,32 @@ def residual_quantizers(inner) -> list:
 
 def load_index(data):
     """A faiss index read back from `serialize_index` bytes (bytes or a uint8 array), its
-    residual quantizers without the codebook tables unless their search reads them
-    (`ST_norm_from_LUT`). faiss computes the tables on every read unless told not to: 0.29 s
+    residual quantizers without the codebook tables unless something reads them
+    (`_reads_tables`). faiss computes the tables on every read unless told not to: 0.29 s
     and 130 MB for an RQ32x8 at 768-d, which nothing else here reads (drop_cross_products)."""
     array = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray)) else data
     index = faiss.deserialize_index(array, faiss.IO_FLAG_SKIP_PRECOMPUTE_TABLE)
     for rq in residual_quantizers(_innermost(index)[1]):
-        if int(rq.search_type) == faiss.AdditiveQuantizer.ST_norm_from_LUT:
+        if _reads_tables(rq):
             rq.compute_codebook_tables()
     return index
+
+
+def _reads_tables(rq) -> bool:
+    """Whether anything reads the codebook tables of residual quantizer `rq`: look-up-table
+    beam search (`use_beam_LUT`) or the ST_norm_from_LUT search."""
+    return bool(int(rq.use_beam_LUT)) or int(rq.search_type) == faiss.AdditiveQuantizer.ST_norm_from_LUT
 
 
 def drop_cross_products(index) -> None:
     """Free the codebook cross-product tables of `index`'s residual quantizers where nothing
     reads them (faiss computes them in training, and on reading but for load_index; only
     look-up-table beam search, `use_beam_LUT`, and the ST_norm_from_LUT search use them). They
-    grow with the square of the codebooks, not with the dimension: 130 MB for RQ32x8, 525 MB
+    grow with the square of the codebooks, not with the dimension: 130 MB for RQ32x8, 528 MB
     for RQ64x8, held by every process that loads the codec and copied by every clone of it.
     They are not serialised: the codec's bytes do not change."""
     for rq in residual_quantizers(_innermost(index)[1]):
-        if not int(rq.use_beam_LUT) and int(rq.search_type) != faiss.AdditiveQuantizer.ST_norm_from_LUT:
+        if not _reads_tables(rq):
             rq.codebook_cross_products.swap(faiss.Float32Vector())  # (resize(0) keeps the memory)
 
 
@@ -141,7 +150,8 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
     faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(norms), faiss.swig_ptr(x), faiss.swig_ptr(residuals),
                             faiss.swig_ptr(rows), d, n, 1)
     rq.train_norm(n, faiss.swig_ptr(norms))
-    rq.compute_codebook_tables()
+    if _reads_tables(rq):  # (faiss's training computes them anyway: RQ64x8's cross products are 528 MB)
+        rq.compute_codebook_tables()
 
 
 def progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:

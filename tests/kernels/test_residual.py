@@ -155,3 +155,22 @@ def test_the_tables_a_search_reads_are_kept():
     assert size > 0
     drop_cross_products(index)
     assert rq.codebook_cross_products.size() == size
+
+
+def test_stagewise_training_computes_the_tables_only_where_they_are_read(xt, faiss_kmeans):
+    """No cross-product tables where nothing reads them (RQ64x8's: 528 MB); where a search
+    does (ST_norm_from_LUT), the tables faiss's own training computes."""
+    plain = build_index("RQ3x8", DIM, "l2")
+    residual_module.train_stagewise(_innermost(plain)[1], xt)
+    assert _innermost(plain)[1].rq.codebook_cross_products.size() == 0
+    tables = []
+    for stagewise in (True, False):
+        index = build_index("RQ3x8", DIM, "l2")
+        rq = _innermost(index)[1].rq
+        rq.search_type, rq.max_beam_size = faiss.AdditiveQuantizer.ST_norm_from_LUT, 1
+        if stagewise:
+            residual_module.train_stagewise(_innermost(index)[1], xt)
+        else:
+            index.train(xt)
+        tables.append(faiss.vector_to_array(rq.codebook_cross_products))
+    assert tables[0].size > 0 and np.array_equal(tables[0], tables[1])
