@@ -21,13 +21,15 @@ need the first stage's full STAGE1_TRAIN_ROWS (a sample of 20,000 or more): on f
 rows an 8-bit quantizer's k-means has under faiss's 39 points per centroid, residual
 quantizers come out well below their full-sample recall, and the best FRONT_RUNNERS go on.
 Residual quantizers of one family are trained once and their codes sliced
-(kernels.codecs.nested). With --max-bytes the longest of a family is judged by its first
-stages before the rest of it is trained: RQ16x8, what RQ32x8's first 16 stages are, is
-trained and judged with the others first; ahead of all but its own family by more than
-LEAD_MARGIN, RQ32x8 (which holds it and lowers its error further) leads as well and is chosen
-without its other 16 stages trained here (the train stage trains it whole); otherwise those
-stages are trained on from RQ16x8's (kernels.codecs.nested.train_on), to the codec trained
-whole. At 768-d that halves the first stage where RQ32x8 leads.
+(kernels.codecs.nested). With --max-bytes the family is judged by its shortest before the
+rest of it is trained, then by lengths doubling (`_judging_order`): RQ16x8, what the first
+16 stages of RQ24x8 ... RQ64x8 are, is trained and judged with the others first; ahead of
+all but its own family for good (`_settled_by`), the longest within the budget (which holds
+it and lowers its error further) leads as well and is chosen without its other stages
+trained here (the train stage trains it whole); otherwise RQ32x8 is trained on from
+RQ16x8's stages (kernels.codecs.nested.train_on), to the codec trained whole, RQ24x8 cut
+from it, and judged the same way, then RQ64x8 from RQ32x8's. At 768-d and 32 B that halves
+the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it.
 
 The first-stage record keeps each candidate's centroids per codebook and, when one is chosen
 there, its lead over the best of the rest (`lead`: by how much, in standard errors, and the
@@ -93,27 +95,36 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
                               hits=hits)
     # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
     margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
-    nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
-    # --max-bytes: the longest residual quantizer of a family judged by its next-longest first
-    heads = _longest_and_next(nested, xt.shape[1]) if max_bytes is not None and margin is not None else {}
-    rows, trained = judge([s for s in specs if s not in heads])
+    dim = xt.shape[1]
+    nested = nesting(specs, dim, greedy=num_gpus(ngpu) == 0)
+    # --max-bytes: a residual quantizer family judged by its shortest first, then by lengths doubling
+    heads = _judging_order(nested, dim) if max_bytes is not None and margin is not None else {}
+    later = {s for s, h in nested.items() if h in heads and s != heads[h][0]} | set(heads)
+    rows, trained = judge([s for s in specs if s not in later])
     leader = None
-    for i, (head, below) in enumerate(heads.items()):
+    for i, (head, chain) in enumerate(heads.items()):
         family = {head} | {s for s, h in nested.items() if h == head}
-        size = spec_bytes(head, xt.shape[1], metric, n1)
-        if i == len(heads) - 1 and below in trained and size <= max_bytes \
-                and all(_settled_by(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
-            # (more stages only lower the reconstruction error: the longest holds `below` and more)
-            rows[head] = {"codec": head, "code_bytes": size, "recall_at_10": rows[below]["recall_at_10"],
-                          "centroids_per_codebook": rows[below]["centroids_per_codebook"],
-                          "seconds": 0.0, "judged_by": below}
-            leader = head
+        size, below = spec_bytes(head, dim, metric, n1), chain[0]
+        for longer in chain[1:]:
+            if i == len(heads) - 1 and below in trained and size <= max_bytes \
+                    and all(_settled_by(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
+                # (more stages only lower the reconstruction error: the longest holds `below` and more)
+                rows[head] = {"codec": head, "code_bytes": size, "recall_at_10": rows[below]["recall_at_10"],
+                              "centroids_per_codebook": rows[below]["centroids_per_codebook"],
+                              "seconds": 0.0, "judged_by": below}
+                leader = head
+                break
+            # `longer` trained on from the stages of `below`, the lengths between cut from it
+            between = [s for s in specs if s in family - set(rows) and stages(s, dim) < stages(longer, dim)]
+            more, grown = judge([longer] + between, grown_from={longer: trained[below]} if below in trained else None,
+                                failed=True)
+            rows.update(more)
+            trained.update(grown)
+            for spec in family & set(rows) - {longer}:  # (what the second stage cuts from the longest)
+                rows[spec]["cut_from"] = longer
+            below = longer
+        if leader:
             break
-        more, grown = judge([head], grown_from={head: trained[below]} if below in trained else None, failed=True)
-        rows.update(more)
-        trained.update(grown)
-        for spec in family & set(rows) - {head}:  # (what the second stage cuts from the longest)
-            rows[spec]["cut_from"] = head
     rows = [rows[s] for s in specs if s in rows]
     judged = [r for r in rows if "error" not in r]
     settled = functools.partial(_settled_by, hits=hits, margin=margin) if margin is not None else None
@@ -158,13 +169,20 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
     return {r["codec"]: r for r in out}, {tc.spec: tc for tc in trained}
 
 
-def _longest_and_next(nested: dict[str, str], dim: int) -> dict[str, str]:
-    """{the longest residual quantizer of a family: the longest other one of the family} (the
-    first stages judged before the rest are trained), from nesting()'s pairs."""
-    out: dict[str, str] = {}
+def _judging_order(nested: dict[str, str], dim: int) -> dict[str, list[str]]:
+    """{the longest residual quantizer of a family: the lengths it is judged by, in order}
+    from nesting()'s pairs: the shortest of the family, each next one of at least twice the
+    stages of the last (RQ16x8, RQ32x8 ...), and the longest."""
+    members: dict[str, list[str]] = {}
     for spec, head in nested.items():
-        if head not in out or stages(spec, dim) > stages(out[head], dim):
-            out[head] = spec
+        members.setdefault(head, []).append(spec)
+    out: dict[str, list[str]] = {}
+    for head, specs in members.items():
+        chain = []
+        for spec in sorted(specs, key=lambda s: stages(s, dim)):
+            if not chain or stages(spec, dim) >= 2 * stages(chain[-1], dim):
+                chain.append(spec)
+        out[head] = chain + [head]
     return out
 
 

@@ -484,7 +484,7 @@ def test_code_sizes_without_data(spec, dim, size):
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_default_grid_is_valid_and_covers_the_range(dim, metric):
     grid = default_grid(dim, metric)
-    assert len(grid) == len(set(grid)) and 8 <= len(grid) <= 28, grid
+    assert len(grid) == len(set(grid)) and 8 <= len(grid) <= 32, grid  # (RQ lengths: cut from the longest)
     sizes = [check_codec_spec(s, dim, metric, 20_000) for s in grid]
     assert sizes == sorted(sizes) and all(8 <= b <= 256 for b in sizes)
     assert min(sizes) == 8 and max(sizes) >= 64, "both ends of the budget range"
@@ -498,6 +498,8 @@ def test_default_grid_is_valid_and_covers_the_range(dim, metric):
     assert ("MRL" in families) == (dim >= 256)
     if dim >= 64:
         assert "BIN" in grid
+    if dim > 64:  # the residual family's best at every budget from 16 to 64 B
+        assert [s for s in grid if s.startswith("RQ")] == [f"RQ{m}x8,beam=1" for m in (16, 24, 32, 48, 64)]
 
 
 def test_default_grid_respects_a_narrow_budget():

@@ -297,10 +297,11 @@ def stage_sample():
 
 @pytest.mark.parametrize("margin", [-1.0, 1.0])
 def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stage_sample, monkeypatch, margin):
-    """--max-bytes: the first stage judges RQ2x6 (RQ4x6's first stages) before it trains the
-    rest of RQ4x6. Ahead of every other candidate by more than the margin (-1: any lead),
-    RQ4x6 holds it and more, so it leads too and is chosen untrained there; otherwise it is
-    trained on from RQ2x6's stages, to the codec the first stage trained whole before."""
+    """--max-bytes: the first stage judges RQ2x6 (the first stages of RQ3x6 and RQ4x6, the
+    shortest of the family) before it trains the rest of the family. Ahead of every other
+    candidate by more than the margin (-1: any lead), RQ4x6 holds it and more, so it leads
+    too and is chosen untrained there (RQ3x6 not judged); otherwise RQ4x6 is trained on from
+    RQ2x6's stages, to the codec the first stage trained whole before, and RQ3x6 cut from it."""
     from vecpress.pipeline import preselect as ps
 
     monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)  # (6-bit stages: 39 x 64 rows, and the margin applies)
@@ -308,22 +309,57 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
     monkeypatch.setattr(ps, "LEAD_MARGIN", margin)
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", margin * float("inf"))  # (1: no lead settles it, however rough)
     xt, xq = stage_sample
-    specs = ["PQ4", "RQ2x6", "PQ8x4fs", "BIN", "RQ4x6", "SQ4"]
+    specs = ["PQ4", "RQ2x6", "PQ8x4fs", "RQ3x6", "BIN", "RQ4x6", "SQ4"]
     kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
     rows = {r["codec"]: r for r in record["rows"]}
-    assert [r["codec"] for r in record["rows"]] == specs
+    assert [r["codec"] for r in record["rows"]] == [s for s in specs if margin > 0 or s != "RQ3x6"]
     # min_recall: every candidate trained whole (the longest first, the shorter cut from it)
     _, whole = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
     whole = {r["codec"]: r for r in whole["rows"]}
     assert rows["RQ2x6"]["recall_at_10"] == whole["RQ2x6"]["recall_at_10"]
     if margin < 0:
-        assert kept == ["RQ4x6"]
+        assert kept == ["RQ4x6"] and "cut_from" not in rows["RQ2x6"]  # (trained alone: not cut from RQ3x6)
         assert rows["RQ4x6"] == {"codec": "RQ4x6", "code_bytes": 3, "recall_at_10": rows["RQ2x6"]["recall_at_10"],
                                  "centroids_per_codebook": 64, "seconds": 0.0, "judged_by": "RQ2x6"}
     else:
         assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and rows["RQ2x6"]["cut_from"] == "RQ4x6"
-        assert rows["RQ4x6"]["recall_at_10"] == whole["RQ4x6"]["recall_at_10"] > rows["RQ2x6"]["recall_at_10"]
-        assert "RQ2x6" not in kept  # (the nesting rule: RQ4x6 ahead of it)
+        assert rows["RQ3x6"]["cut_from"] == "RQ4x6" and "trained_on_from" not in rows["RQ3x6"]
+        for spec in ("RQ3x6", "RQ4x6"):
+            assert rows[spec]["recall_at_10"] == whole[spec]["recall_at_10"]
+        assert rows["RQ4x6"]["recall_at_10"] > rows["RQ2x6"]["recall_at_10"]
+        assert "RQ2x6" not in kept and "RQ3x6" not in kept  # (the nesting rule: RQ4x6 ahead of them)
+
+
+@pytest.mark.parametrize("settles", [None, "RQ4x6"])
+def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample, monkeypatch, settles):
+    """--max-bytes: a family of five lengths is judged by RQ2x6, then RQ4x6 trained on from its
+    stages (RQ3x6 cut from it), then RQ8x6 from those (RQ6x6 cut from it): each the codec the
+    first stage trains whole. A length ahead of the rest for good (here: RQ4x6, or none)
+    ends it: RQ8x6, which holds it, is chosen untrained there, judged by it."""
+    from vecpress.pipeline import preselect as ps
+
+    monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)
+    monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
+    real = ps._settled_by
+    monkeypatch.setattr(ps, "_settled_by", lambda a, b, hits, margin: a["codec"] == settles and real(a, b, hits, -1.0))
+    xt, xq = stage_sample
+    specs = ["PQ4", "RQ2x6", "RQ3x6", "PQ8x4fs", "RQ4x6", "RQ6x6", "SQ4", "RQ8x6"]
+    assert ps._judging_order(ps.nesting(specs, DIM, greedy=True), DIM) == {"RQ8x6": ["RQ2x6", "RQ4x6", "RQ8x6"]}
+    kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
+    rows = {r["codec"]: r for r in record["rows"]}
+    _, whole = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
+    whole = {r["codec"]: r for r in whole["rows"]}
+    assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and "trained_on_from" not in rows["RQ3x6"]
+    if settles:
+        assert kept == ["RQ8x6"] and "RQ6x6" not in rows and rows["RQ8x6"]["judged_by"] == "RQ4x6"
+        assert rows["RQ2x6"]["cut_from"] == rows["RQ3x6"]["cut_from"] == "RQ4x6"
+        assert record["lead"]["rule"] == "margin"
+    else:
+        assert rows["RQ8x6"]["trained_on_from"] == "RQ4x6" and "trained_on_from" not in rows["RQ6x6"]
+        assert {rows[s]["cut_from"] for s in ("RQ2x6", "RQ3x6", "RQ4x6", "RQ6x6")} == {"RQ8x6"}
+        assert "RQ8x6" in kept and not {"RQ2x6", "RQ3x6", "RQ4x6", "RQ6x6"} & set(kept)  # (cut: behind it)
+    for spec in set(rows) - {"RQ8x6" if settles else None}:  # (trained here as on their own)
+        assert rows[spec]["recall_at_10"] == whole[spec]["recall_at_10"], spec
 
 
 def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(stage_sample, monkeypatch):
