@@ -39,7 +39,8 @@ SPECS = {
             "RR128,SQeden4;SQtq2;SQtq4;RaBitQ;RaBitQ2;RaBitQ4;BIN",
     "sift-cosine": "PQ8;PQ16;PQ32;PQ32x4fs;RQ8x8,beam=1;RQ16x8,beam=1;LSQ8x8,ils=4;SQ4;SQ8;SQeden2;SQeden4;"
                    "SQtqmse2;SQtqmse4;RaBitQ;RaBitQ4;BIN",
-    "text384": "PQ16;PQ48;PQ96x4fs;PCA64,RQ8x8,beam=1;RQ16x8,beam=1;SQ4;SQ8;SQeden1;SQeden2;SQeden4;SQtqmse1;"
+    "text384": "PQ16;PQ48;PQ64;PQ96x4fs;PQ128x4fs;PCA64,RQ8x8,beam=1;RQ16x8,beam=1;RQ32x8,beam=1;RQ48x8,beam=1;"
+               "RQ64x8,beam=1;SQ4;SQ8;SQeden1;SQeden2;SQeden4;SQtqmse1;"
                "SQtqmse2;SQtqmse4;RaBitQ;RaBitQ4;BIN;MRL192,SQ8",
 }
 

@@ -8,11 +8,11 @@ from vecpress.kernels.knn import faiss_metric
 
 #: the residual quantizers' lengths (8-bit stages: bytes) above dim 64, so that each budget from
 #: 16 to 64 B has the family's best within it: one family, trained once at its longest and cut
-#: (kernels.codecs.nested), and judged by its shortest first (pipeline.preselect). At 64 B,
-#: 384-d text-like embeddings: RQ64x8 recall@10 0.877 against RQ32x8's 0.825 and 0.716 for
-#: the best of the rest (SQeden1, 48 B). Longer ones are left out: training grows with the
-#: stages (RQ64x8 at 384-d: 28 s on 30,000 rows, 2 cores), and from 96 B on the 1-bit scalar
-#: and RaBitQ codes fit at up to 768 dims
+#: (kernels.codecs.nested), and judged by its shortest first (pipeline.preselect). At 64 B on
+#: 384-d text-like embeddings RQ64x8 reaches recall@10 0.923, RQ32x8 0.870, the best of the
+#: rest 0.765 (PQ64; BENCHMARKS.md, "Codec families"). Longer ones are left out: training
+#: grows with the stages (RQ64x8 at 384-d: 29 s on 30,000 rows, 2 cores), and from 96 B on
+#: the 1-bit scalar and RaBitQ codes fit at up to 768 dims
 RQ_STAGES = (16, 24, 32, 48, 64)
 
 
