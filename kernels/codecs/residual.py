@@ -150,7 +150,7 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
     faiss.fvec_L2sqr_by_idx(faiss.swig_ptr(norms), faiss.swig_ptr(x), faiss.swig_ptr(residuals),
                             faiss.swig_ptr(rows), d, n, 1)
     rq.train_norm(n, faiss.swig_ptr(norms))
-    if _reads_tables(rq):  # (faiss's training computes them anyway: RQ64x8's cross products are 528 MB)
+    if _reads_tables(rq):  # (faiss's own training computes them for any codec: RQ64x8's cross products, 528 MB)
         rq.compute_codebook_tables()
 
 
