@@ -39,6 +39,7 @@ training rows per centroid of each), which the advisor's reason states.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 
@@ -92,7 +93,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
     hits: dict[str, np.ndarray] = {}  # (per query, for the standard error of a lead)
     judge = functools.partial(_judge, xt=xt[:n1], base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu,
-                              hits=hits)
+                              hits=hits, seen={})
     # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
     margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
     dim = xt.shape[1]
@@ -126,7 +127,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         if leader:
             break
     rows = [rows[s] for s in specs if s in rows]
-    judged = [r for r in rows if "error" not in r]
+    judged = [r for r in rows if "error" not in r and "same_codes_as" not in r]
     settled = functools.partial(_settled_by, hits=hits, margin=margin) if margin is not None else None
     kept = [leader] if leader else front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin,
                                                  settled=settled)
@@ -141,12 +142,15 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
 
 
 def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray, exact: np.ndarray, metric: str,
-           seed: int, ngpu: int, hits: dict, grown_from: dict | None = None, failed: bool = False
+           seed: int, ngpu: int, hits: dict, seen: dict, grown_from: dict | None = None, failed: bool = False
            ) -> tuple[dict[str, dict], dict[str, TrainedCodec]]:
     """({spec: its first-stage row}, {spec: trained}): each of `specs` trained on `xt` and its
     codes of `base` searched for `q`, against their `exact` neighbours there (each query's
     recall@10 into `hits`). A spec that fails to train gets a row saying why (`failed`: even
-    when none trains)."""
+    when none trains). A spec whose codes and neighbours found are those of one judged before
+    (`seen`: their digests, over the calls of one first stage) is the same codec here, and its
+    row says which (`same_codes_as`): it takes no front-runner's place (under cosine EDEN's
+    scaled levels and TurboQuant-MSE's give the same codes at 1, 2 and 4 bits)."""
     out: list[dict] = []
     try:
         trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=out, grown_from=grown_from)
@@ -160,11 +164,13 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
         _, found = codec.search_codes(q, codes, 10)
         found_, true = knn_hits(exact, found, 10)
         hits[tc.spec] = found_ / np.maximum(true, 1)
+        same = seen.setdefault(hashlib.sha256(codes.tobytes() + found.tobytes()).digest(), tc.spec)
         out.append({"codec": tc.spec, "code_bytes": tc.code_size,
                     "recall_at_10": round(float(found_.sum() / true.sum()), 4),
                     "centroids_per_codebook": centroids_per_codebook(tc.spec, xt.shape[1], metric),
                     "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
                     **({"cut_from": tc.cut_from} if tc.cut_from else {}),
+                    **({"same_codes_as": same} if same != tc.spec else {}),
                     **({"trained_on_from": grown_from[tc.spec].spec} if tc.spec in (grown_from or {}) else {})})
     return {r["codec"]: r for r in out}, {tc.spec: tc for tc in trained}
 
@@ -188,8 +194,8 @@ def _judging_order(nested: dict[str, str], dim: int) -> dict[str, list[str]]:
 
 def _rivals(rows: dict[str, dict], family: set[str], max_bytes: int) -> list[dict]:
     """The judged rows within `max_bytes` outside `family`, best first."""
-    return sorted((r for r in rows.values() if "error" not in r and r["codec"] not in family
-                   and r["code_bytes"] <= max_bytes), key=lambda r: -r["recall_at_10"])
+    return sorted((r for r in rows.values() if "error" not in r and "same_codes_as" not in r
+                   and r["codec"] not in family and r["code_bytes"] <= max_bytes), key=lambda r: -r["recall_at_10"])
 
 
 def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:

@@ -362,6 +362,25 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
         assert rows[spec]["recall_at_10"] == whole[spec]["recall_at_10"], spec
 
 
+def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stage_sample, monkeypatch):
+    """Under cosine EDEN's scaled levels and TurboQuant-MSE's give the same codes: the second
+    one judged is marked the same codec and does not go on, where with four places and no
+    margin (a small first stage) it would have taken one."""
+    from vecpress.pipeline import preselect as ps
+
+    monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
+    xt, xq = stage_sample
+    specs = ["SQeden2", "SQtqmse2", "SQeden1", "SQtqmse1", "PQ4", "BIN"]
+    kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=8, min_recall=None)
+    rows = {r["codec"]: r for r in record["rows"]}
+    assert record["lead_margin"] is None and len(kept) == ps.FRONT_RUNNERS  # (the 4 best go on)
+    for a, b in (("SQeden2", "SQtqmse2"), ("SQeden1", "SQtqmse1")):
+        assert rows[b]["same_codes_as"] == a and rows[b]["recall_at_10"] == rows[a]["recall_at_10"]
+        assert "same_codes_as" not in rows[a] and b not in kept
+    assert set(kept) == {"SQeden2", "SQeden1", "PQ4", "BIN"}
+    assert not any("same_codes_as" in r for c, r in rows.items() if c in ("PQ4", "BIN"))
+
+
 def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(stage_sample, monkeypatch):
     """Within LEAD_MARGIN (1 here: no lead is that far ahead), a first-stage leader that fits
     more centroids per codebook than its rivals (PQ8's 256 against none for the scalar and
