@@ -67,7 +67,7 @@ def main() -> None:
             defaults = ks.GEMM_MIN_QUERIES, ks.TABLE_GEMM_MIN_QUERIES, ks.ADDITIVE_GEMM_MIN_QUERIES
             inner = _innermost(codec._searched)[1]  # (what search_codes searches: cosine's L2 view)
             chosen = "vecpress" if ks._decoded_search_pays(inner, nq) else "faiss"
-            ks.GEMM_MIN_QUERIES = ks.ADDITIVE_GEMM_MIN_QUERIES = 10**9
+            ks.GEMM_MIN_QUERIES = ks.TABLE_GEMM_MIN_QUERIES = ks.ADDITIVE_GEMM_MIN_QUERIES = 10**9
             t_faiss, (_, I_ref) = timed(lambda: codec.search_codes(xq[:nq], codes, args.k))
             # the decode + GEMM path, where exact
             ks.GEMM_MIN_QUERIES = ks.TABLE_GEMM_MIN_QUERIES = ks.ADDITIVE_GEMM_MIN_QUERIES = 1

@@ -127,7 +127,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         if leader:
             break
     rows = [rows[s] for s in specs if s in rows]
-    judged = [r for r in rows if "error" not in r and "same_codes_as" not in r]
+    judged = [r for r in rows if _contends(r)]
     settled = functools.partial(_settled_by, hits=hits, margin=margin) if margin is not None else None
     kept = [leader] if leader else front_runners(judged, max_bytes=max_bytes, min_recall=min_recall, margin=margin,
                                                  settled=settled)
@@ -164,7 +164,9 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
         _, found = codec.search_codes(q, codes, 10)
         found_, true = knn_hits(exact, found, 10)
         hits[tc.spec] = found_ / np.maximum(true, 1)
-        same = seen.setdefault(hashlib.sha256(codes.tobytes() + found.tobytes()).digest(), tc.spec)
+        digest = hashlib.sha256(np.ascontiguousarray(codes))
+        digest.update(np.ascontiguousarray(found))
+        same = seen.setdefault(digest.digest(), tc.spec)
         out.append({"codec": tc.spec, "code_bytes": tc.code_size,
                     "recall_at_10": round(float(found_.sum() / true.sum()), 4),
                     "centroids_per_codebook": centroids_per_codebook(tc.spec, xt.shape[1], metric),
@@ -194,8 +196,13 @@ def _judging_order(nested: dict[str, str], dim: int) -> dict[str, list[str]]:
 
 def _rivals(rows: dict[str, dict], family: set[str], max_bytes: int) -> list[dict]:
     """The judged rows within `max_bytes` outside `family`, best first."""
-    return sorted((r for r in rows.values() if "error" not in r and "same_codes_as" not in r
-                   and r["codec"] not in family and r["code_bytes"] <= max_bytes), key=lambda r: -r["recall_at_10"])
+    return sorted((r for r in rows.values() if _contends(r) and r["codec"] not in family
+                   and r["code_bytes"] <= max_bytes), key=lambda r: -r["recall_at_10"])
+
+
+def _contends(row: dict) -> bool:
+    """Whether a first-stage row is a candidate in its own right: trained, and not another's codes."""
+    return "error" not in row and "same_codes_as" not in row
 
 
 def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:

@@ -106,8 +106,9 @@ def _binary_query_codes(index, metric: str, xq: np.ndarray) -> np.ndarray:
     return index.sa_encode(x)
 
 
-# search_codes decodes codes and runs a GEMM from this many queries on: always for codecs that
-# faiss searches by decoding each pair, and from TABLE_GEMM_MIN_QUERIES for look-up tables
+# search_codes decodes codes and runs a GEMM from this many queries on: for scalar codes, which
+# faiss decodes per (query, row) pair; look-up tables from TABLE_GEMM_MIN_QUERIES, additive
+# codes decoded per pair from ADDITIVE_GEMM_MIN_QUERIES
 GEMM_MIN_QUERIES = 32
 TABLE_GEMM_MIN_QUERIES = 256
 # additive codes faiss decodes once per (query, row) pair (RQ, LSQ, PRQ without stored norms:
@@ -166,7 +167,7 @@ def _decoded_search_pays(inner, nq: int) -> bool:
         additive = isinstance(inner, faiss.IndexAdditiveQuantizer)
         return nq >= (ADDITIVE_GEMM_MIN_QUERIES if additive else GEMM_MIN_QUERIES)
     tables = int(inner.pq.M) if isinstance(inner, faiss.IndexPQ) else int(inner.aq.M)
-    return nq >= max(GEMM_MIN_QUERIES, TABLE_GEMM_MIN_QUERIES) and 16 * tables >= int(inner.d)
+    return nq >= TABLE_GEMM_MIN_QUERIES and 16 * tables >= int(inner.d)
 
 
 def _search_decoded(inner, xq: np.ndarray, codes: np.ndarray, k: int, *, ngpu: int = 0, device: int = -1):

@@ -135,8 +135,8 @@ def test_decoded_gemm_search_equals_faiss_search(data, monkeypatch, spec, metric
     assert (ks._reconstruction_search(inner) is None) == ((spec, metric) in ESTIMATED_SEARCH)
     assert codec.search_device(0) == "faiss-cpu"
     D, I = codec.search_codes(xq, codes, 10)
-    monkeypatch.setattr(ks, "GEMM_MIN_QUERIES", len(xq) + 1)
-    monkeypatch.setattr(ks, "ADDITIVE_GEMM_MIN_QUERIES", len(xq) + 1)
+    for threshold in ("GEMM_MIN_QUERIES", "ADDITIVE_GEMM_MIN_QUERIES", "TABLE_GEMM_MIN_QUERIES"):
+        monkeypatch.setattr(ks, threshold, len(xq) + 1)
     assert not ks._decoded_search_pays(inner, len(xq))
     D_ref, I_ref = codec.search_codes(xq, codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
@@ -231,8 +231,8 @@ def test_gpu_search_over_codes_equals_faiss_search(data, monkeypatch, spec, metr
     gpu = (spec, metric) not in ESTIMATED_SEARCH
     assert codec.search_device(1) == ("faiss-gpu" if gpu else "faiss-cpu")
     D, I = codec.search_codes(xq[:8], codes, 10, ngpu=1)  # 8 queries: below every CPU GEMM threshold
-    monkeypatch.setattr(ks, "GEMM_MIN_QUERIES", 10**9)
-    monkeypatch.setattr(ks, "ADDITIVE_GEMM_MIN_QUERIES", 10**9)
+    for threshold in ("GEMM_MIN_QUERIES", "ADDITIVE_GEMM_MIN_QUERIES", "TABLE_GEMM_MIN_QUERIES"):
+        monkeypatch.setattr(ks, threshold, 10**9)
     D_ref, I_ref = codec.search_codes(xq[:8], codes, 10)
     assert_same_search(D, I, D_ref, I_ref, spec)
 
