@@ -9,13 +9,14 @@
 #   bash benchmarks/gpu_suite.sh e2e      # pipeline_throughput.py on the GPU and CPU-only
 #   bash benchmarks/gpu_suite.sh scaling  # scaling.py 1/2/4/8 CPU workers + memory.py
 #   bash benchmarks/gpu_suite.sh train    # train.py: faiss's PQ training, vecpress's parallel one, GPU k-means
+#   bash benchmarks/gpu_suite.sh additive # rq_train.py: RQ16x8, RQ64x8 and LSQ8x8 trained on the CPU and the GPU
 #   bash benchmarks/gpu_suite.sh served   # served.py: vecpress's LanceDB index build against create_index
 #                                         # (accelerator="cuda"), and with 1/2/4/8/16 tasks at once
 #
 # Results go to ${RESULTS:-benchmarks/results}; logs beside them. Needs faiss-gpu, CuPy, Ray,
 # pylance and lancedb importable (see ../shared/gpu/README.md for an offline machine).
 set -uo pipefail
-phase=${1:?phase: tests | suite | kernel | e2e | scaling | train | served}
+phase=${1:?phase: tests | suite | kernel | e2e | scaling | train | additive | served}
 results=${RESULTS:-benchmarks/results}
 mkdir -p "$results"
 export PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0 LANCE_LOG=error
@@ -51,6 +52,14 @@ case "$phase" in
   train)
     $py benchmarks/train.py --dims 384,768 --specs "PQ48;PQ64;PQ96" --results "$results/train.json" 2>&1 \
       | tee "$results/train.log" | grep -v "^WARNING"
+    ;;
+  additive)
+    for run in "RQ16x8 300000 768 50000 vecpress,vecpress-gpu,faiss-gpu" "RQ64x8 100000 768 20000 vecpress,vecpress-gpu" \
+               "LSQ8x8 20000 384 5000 vecpress,vecpress-gpu"; do
+      set -- $run
+      $py benchmarks/rq_train.py --codec $1 --rows $2 --dim $3 --base-rows $4 --variants $5 --timeout ${TIMEOUT:-150} \
+        --results "$results/train_$1_gpu.json" 2>&1 | tee "$results/train_$1_gpu.log" | grep -v "^WARNING"
+    done
     ;;
   served)
     $py benchmarks/served.py --rows ${ROWS:-1000000} --dim 768 --partitions 1024 --sub-vectors 96 --files 16 \

@@ -1,12 +1,16 @@
 """Residual quantizer training on the CPU: vecpress's (greedy, on at most the rows one stage's
 k-means samples, progressive-dimension k-means in few steps: kernels/codecs/train.py
-`_cpu_residual_training`) against faiss's default as vecpress ran it before (progressive-
+`_residual_training`) against faiss's default as vecpress ran it before (progressive-
 dimension k-means of 10 steps on every training row, beam 5), on the same data, one run.
 
     python benchmarks/rq_train.py --rows 300000 --dim 768 --codec RQ16x8 \
         --variants vecpress,vecpress-10x10,faiss-default
 
-Variants: `vecpress` (as shipped: stage by stage, kernels/codecs/residual.py),
+Variants: `vecpress` (as shipped: stage by stage, kernels/codecs/residual.py, on the CPU),
+`vecpress-gpu` (as shipped on a machine with a GPU: the same stage by stage, GPU flat indexes
+assigning in each k-means and stage; an LSQ with faiss's GPU ICM encoder), `faiss-gpu` (how
+vecpress trained a residual quantizer on a GPU before: faiss's one call, every training row,
+the spec's beam, faiss's GPU index factory for the k-means),
 `vecpress-faiss-pca` (stage by stage with faiss's ProgressiveDimClustering, whose PCAMatrix
 vecpress replaced with numpy's principal axes), `vecpress-onecall` (faiss's one
 ResidualQuantizer.train call, as shipped before: the same bytes as `vecpress-faiss-pca`),
@@ -31,7 +35,7 @@ import time
 
 import numpy as np
 
-BASE_ROWS, QUERIES = 50_000, 500
+QUERIES = 500
 
 
 def status_mb(field: str) -> float:
@@ -45,7 +49,7 @@ def reset_peak() -> None:
         f.write("5")
 
 
-def variant(name: str, rows: int, dim: int, codec: str, seed: int) -> dict:
+def variant(name: str, rows: int, dim: int, codec: str, seed: int, base_rows: int) -> dict:
     from vecpress.kernels._faiss import faiss
     from vecpress.kernels.codecs import train as vtrain
     from vecpress.kernels.codecs.build import _innermost, build_index
@@ -56,11 +60,20 @@ def variant(name: str, rows: int, dim: int, codec: str, seed: int) -> dict:
     def unit(x):
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    xt, xb, xq = unit(gen.batch(0, rows)), unit(gen.batch(10 * rows, BASE_ROWS)), unit(gen.batch(20 * rows, QUERIES))
+    xt, xb, xq = unit(gen.batch(0, rows)), unit(gen.batch(10 * rows, base_rows)), unit(gen.batch(20 * rows, QUERIES))
     reset_peak()
     before = status_mb("VmRSS")
     start = time.perf_counter()
-    if name == "vecpress-faiss-pca":  # stage by stage with faiss's ProgressiveDimClustering (its PCAMatrix)
+    if name == "vecpress-gpu":
+        index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=-1)
+    elif name == "faiss-gpu":  # as before on a GPU: faiss's one call, every row, faiss's GPU factory
+        index = build_index(codec, dim, "l2")
+        chain, inner = _innermost(index)
+        keep_alive = vtrain._configure_training(chain, inner, seed=seed, ngpu=-1)
+        assert keep_alive is not None and not vtrain.trains_stagewise(inner), "needs a GPU and a beam over 1"
+        index.train(xt)
+        vtrain._release_gpu(inner)
+    elif name == "vecpress-faiss-pca":  # stage by stage with faiss's ProgressiveDimClustering (its PCAMatrix)
         from vecpress.kernels.codecs import residual
 
         residual.progressive_kmeans = residual.faiss_progressive_kmeans
@@ -94,23 +107,32 @@ def main() -> None:
     ap.add_argument("--codec", default="RQ16x8")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variants", default="vecpress,faiss-default")
+    ap.add_argument("--base-rows", type=int, default=50_000)
+    ap.add_argument("--timeout", type=float, default=None)
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # (a variant, in its own process)
     ap.add_argument("--results", default="benchmarks/results/rq_train.json")
     args = ap.parse_args()
     if args.one:
-        print(json.dumps(variant(args.one, args.rows, args.dim, args.codec, args.seed)))
+        print(json.dumps(variant(args.one, args.rows, args.dim, args.codec, args.seed, args.base_rows)))
         return
     rows = []
     for name in args.variants.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--rows", str(args.rows), "--dim", str(args.dim),
-                              "--codec", args.codec, "--seed", str(args.seed)], capture_output=True, text=True,
-                             check=True).stdout
-        rows.append(json.loads(out.strip().splitlines()[-1]))
+        try:
+            out = subprocess.run([sys.executable, __file__, "--one", name, "--rows", str(args.rows), "--dim",
+                                  str(args.dim), "--codec", args.codec, "--seed", str(args.seed), "--base-rows",
+                                  str(args.base_rows)], capture_output=True, text=True, check=True,
+                                 timeout=args.timeout).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": name, "timed_out_after_s": args.timeout})
         print(rows[-1], flush=True)
     print(f"\n{args.codec} on {args.rows:,} x {args.dim}-d (unit vectors), {os.cpu_count()} CPUs\n")
     print("| training | train s | peak RSS while training, MB (added by training) | recall@10 |")
     print("| --- | ---: | ---: | ---: |")
     for r in rows:
+        if "timed_out_after_s" in r:
+            print(f"| {r['variant']} | over {r['timed_out_after_s']:.0f} (the whole process) | - | - |")
+            continue
         print(f"| {r['variant']} | {r['train_seconds']:.1f} | {r['peak_rss_mb']} ({r['rss_growth_mb']}) "
               f"| {r['recall_at_10']:.3f} |")
     from _results import write_results

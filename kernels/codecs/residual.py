@@ -15,8 +15,9 @@ ProgressiveDimClustering per stage the trained index is byte for byte the one fa
 gives (tests/kernels/test_residual.py compares the serialised bytes); vecpress's own
 `progressive_kmeans` differs from it only in the principal axes, numpy's instead of faiss's
 PCAMatrix (the same k-means error, at a fraction of the time at high dimensions). Anything else
-(a wider training beam, codebook refinement, GPU k-means) trains through faiss
-(`trains_stagewise` says which). A longer RQ can train on from a shorter one's stages (`first`,
+(a wider training beam, codebook refinement) trains through faiss (`trains_stagewise` says
+which). On a GPU the same training runs with GPU flat indexes assigning (`gpu_flat`): each
+k-means iteration's assignment and each stage's nearest centroids. A longer RQ can train on from a shorter one's stages (`first`,
 kernels.codecs.nested.train_on).
 
 Encoding with a beam of 1 (`encode_greedy`, what Codec.encode uses for `RQ<m>x8,beam=1`) is the
@@ -26,6 +27,7 @@ same walk: the nearest centroid per stage by one flat search of a block of rows.
 from __future__ import annotations
 
 import functools
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from threadpoolctl import ThreadpoolController
@@ -92,19 +94,21 @@ def first_stages(start, inner) -> np.ndarray:
 def trains_stagewise(inner) -> bool:
     """Whether `inner` (an index's innermost quantizer) is an untrained RQ or PRQ whose
     training `train_stagewise` reproduces: beam 1, progressive-dimension k-means only, no
-    assignment factory (GPU k-means)."""
+    assignment factory of faiss's own."""
     qs = residual_quantizers(inner)
     return bool(qs) and not inner.is_trained and all(
         int(q.max_beam_size) == 1 and int(q.train_type) == faiss.ResidualQuantizer.Train_progressive_dim
         and q.assign_index_factory is None for q in qs)
 
 
-def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | None = None) -> None:
+def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | None = None, gpu_flat=None) -> None:
     """Train `inner` (trains_stagewise) on `x` (float32, already through any pre-transform),
     calling `progress(done, total)` after each stage it trains. `first` (an RQ only): the (m, 2^nbits, d)
     codebooks of its first m stages as this training trains them on `x` (a shorter codec of
     the family trained on the same rows, kernels.codecs.nested): those stages are taken, not
-    trained again, and the codec comes out as trained from nothing."""
+    trained again, and the codec comes out as trained from nothing. `gpu_flat(d)`: a GPU flat
+    L2 index of dimension d (faiss.GpuIndexFlatL2 on resources the caller holds) to assign
+    with, in the k-means and the stages; None: the CPU's."""
     qs = residual_quantizers(inner)
     total, done = sum(int(q.M) for q in qs) - (0 if first is None else len(first)), 0
 
@@ -118,13 +122,13 @@ def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | Non
     if first is not None and not isinstance(inner, faiss.IndexResidualQuantizer):
         raise ValueError("only a residual quantizer (RQ) trains on from the first stages of a shorter one")
     if isinstance(inner, faiss.IndexResidualQuantizer):
-        _train_rq(inner.rq, x, step, first)
+        _train_rq(inner.rq, x, step, first, gpu_flat)
     else:
-        _train_prq(inner.prq, qs, x, step)
+        _train_prq(inner.prq, qs, x, step, gpu_flat)
     inner.is_trained = True
 
 
-def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
+def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None, gpu_flat=None) -> None:
     """ResidualQuantizer::train with a beam of 1, one stage at a time; the stages of `first`
     (codebooks) taken as trained: the residuals they leave, as their training left them."""
     n, d = x.shape
@@ -136,8 +140,9 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
         k = 1 << int(nbits[m])
         if m < taken and first[m].shape != (k, d):
             raise ValueError(f"stage {m}'s codebook is {first[m].shape}, not ({k}, {d})")
-        book = np.ascontiguousarray(first[m], dtype=np.float32) if m < taken else progressive_kmeans(residuals, k, rq.cp)
-        assign = faiss.IndexFlatL2(d)
+        book = np.ascontiguousarray(first[m], dtype=np.float32) if m < taken else \
+            progressive_kmeans(residuals, k, rq.cp, gpu_flat)
+        assign = (gpu_flat or faiss.IndexFlatL2)(d)
         assign.add(book)
         _subtract_nearest(assign, book, residuals)
         books.append(book)
@@ -154,26 +159,37 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None) -> None:
         rq.compute_codebook_tables()
 
 
-def progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
+def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
     """faiss's ProgressiveDimClustering (`apply_pca`, flat L2 assignment): the rows rotated
     onto their principal axes, k-means on the first d^(i/steps) of them for step i = 1..steps,
     each step starting from the last one's centroids padded with zeros, and the centroids
     rotated back; (k, d) centroids. The principal axes come from numpy's eigh: faiss's PCAMatrix
     takes about 0.5 s at 768-d whatever the rows (its eigendecomposition; numpy's: 0.06 s), once
     per stage, which was most of an RQ stage's training on 10,000 rows, and grows with d^3
-    (tests/kernels/test_residual.py compares the quantization error with faiss's)."""
+    (tests/kernels/test_residual.py compares the quantization error with faiss's). The
+    covariance and the rotation go _BLOCK rows a task on every core (`_by_blocks`). `gpu_flat`:
+    as train_stagewise's."""
     n, d = x.shape
     with _one_blas_thread():
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
-        cov = np.zeros((d, d), np.float64)
-        for i in range(0, n, _BLOCK):
-            centred = x[i:i + _BLOCK] - mean
-            cov += centred.T @ centred
+
+    def products(i: int) -> np.ndarray:
+        centred = x[i:i + _BLOCK] - mean
+        return centred.T @ centred
+
+    cov = np.zeros((d, d), np.float64)
+    for product in _by_blocks(products, n):  # (summed in the rows' order: the same bytes on any cores)
+        cov += product
+    with _one_blas_thread():
         _, vectors = np.linalg.eigh(cov)
-        axes = np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)  # (rows: the axes, largest first)
-        rotated = np.empty_like(x)
-        for i in range(0, n, _BLOCK):
-            rotated[i:i + _BLOCK] = (x[i:i + _BLOCK] - mean) @ axes.T
+    axes = np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)  # (rows: the axes, largest first)
+    rotated = np.empty_like(x)
+
+    def rotate(i: int) -> None:
+        rotated[i:i + _BLOCK] = (x[i:i + _BLOCK] - mean) @ axes.T
+
+    for _ in _by_blocks(rotate, n):
+        pass
     centroids, last = None, 0
     for step in range(int(cp.progressive_dim_steps)):
         di = int(d ** ((1.0 + step) / int(cp.progressive_dim_steps)))
@@ -182,7 +198,8 @@ def progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
             padded = np.zeros((k, di), np.float32)
             padded[:, :last] = centroids
             faiss.copy_array_to_vector(padded.ravel(), clustering.centroids)
-        clustering.train(rotated if di == d else np.ascontiguousarray(rotated[:, :di]), faiss.IndexFlatL2(di))
+        clustering.train(rotated if di == d else np.ascontiguousarray(rotated[:, :di]),
+                         (gpu_flat or faiss.IndexFlatL2)(di))
         centroids, last = faiss.vector_to_array(clustering.centroids).reshape(k, di), di
     full = np.zeros((k, d), np.float32)
     full[:, :last] = centroids
@@ -190,18 +207,31 @@ def progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
         return np.ascontiguousarray(full @ axes + mean)
 
 
-def faiss_progressive_kmeans(x: np.ndarray, k: int, cp) -> np.ndarray:
+def faiss_progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
     """faiss's own ProgressiveDimClustering (its PCAMatrix), what faiss's RQ training runs per
-    stage: the reference `progressive_kmeans` is measured against (tests, benchmarks/rq_train.py)."""
+    stage: the reference `progressive_kmeans` is measured against (tests, benchmarks/rq_train.py).
+    Given `gpu_flat`, with faiss's GPU index factory assigning."""
+    factory = faiss.ProgressiveDimIndexFactory() if gpu_flat is None else faiss.GpuProgressiveDimIndexFactory(1)
     clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
-    clustering.train(len(x), faiss.swig_ptr(np.ascontiguousarray(x, dtype=np.float32)),
-                     faiss.ProgressiveDimIndexFactory())
+    clustering.train(len(x), faiss.swig_ptr(np.ascontiguousarray(x, dtype=np.float32)), factory)
     return faiss.vector_to_array(clustering.centroids).reshape(k, x.shape[1])
 
 
 @functools.cache
 def _blas():
     return ThreadpoolController()
+
+
+def _by_blocks(task, n: int):
+    """`task(i)` for the blocks of _BLOCK rows of n rows (i: each block's first row), on as
+    many threads as faiss's OpenMP uses, numpy's BLAS on one thread in each: a block's product
+    is then the same bytes whatever the cores, and the cores are busy where numpy's own threads
+    split one small product (and spin after it, _one_blas_thread). Yields the results in the
+    blocks' order, holding at most one round of them (a thread's each)."""
+    starts, width = range(0, n, _BLOCK), max(1, faiss.omp_get_max_threads())
+    with _one_blas_thread(), ThreadPoolExecutor(width) as pool:
+        for j in range(0, len(starts), width):
+            yield from pool.map(task, starts[j:j + width])
 
 
 def _one_blas_thread():
@@ -221,14 +251,14 @@ def _subtract_nearest(index, book: np.ndarray, residuals: np.ndarray) -> np.ndar
     return nearest
 
 
-def _train_prq(prq, qs: list, x: np.ndarray, step) -> None:
+def _train_prq(prq, qs: list, x: np.ndarray, step, gpu_flat=None) -> None:
     """ProductAdditiveQuantizer::train: each sub-quantizer on its slice of dimensions, then
     the whole codebook and the range of reconstruction norms."""
     n, d = x.shape
     recon, offset = np.empty_like(x), 0
     for q in qs:
         part = np.ascontiguousarray(x[:, offset:offset + int(q.d)])
-        _train_rq(q, part, step)
+        _train_rq(q, part, step, gpu_flat=gpu_flat)
         recon[:, offset:offset + int(q.d)] = q.decode(q.compute_codes(part))  # (no norm to pack)
         offset += int(q.d)
     faiss.copy_array_to_vector(np.concatenate([faiss.vector_to_array(q.codebooks) for q in qs]), prq.codebooks)

@@ -7,6 +7,7 @@ on a GPU, an RQ or a PQ) is heard of through faiss's verbose lines (`_faiss_prog
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
@@ -22,19 +23,20 @@ from vecpress.kernels.knn import prepare_vectors
 def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None, start=None):
     """The faiss index of `spec` trained on `xt` (raw vectors; normalised here for cosine):
     what Codec.train wraps. Deterministic for a given seed and sample. Uses faiss's GPU
-    k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none).
+    k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none), and the
+    GPU's flat search for a residual quantizer's stages and an LSQ's encoding in training.
 
     `start`: the trained index of a codec whose training is the first stages of this one's
     (kernels.codecs.nested: a shorter RQ of the family, trained on the same `xt` and seed).
-    Where this one trains stage by stage (the CPU), those stages are taken from it and only
-    the others trained; the result is the same codec."""
+    Where this one trains stage by stage, those stages are taken from it and only the others
+    trained; the result is the same codec."""
     dim = xt.shape[1]
     index = build_index(spec, dim, metric)
     chain, inner = _innermost(index)
-    residual = residual_quantizers(inner) if num_gpus(ngpu) == 0 else []
+    residual = residual_quantizers(inner)
     beams = [int(q.max_beam_size) for q in residual]
     if residual:  # (before any copy of xt: its rows past the cap are never used)
-        xt = _cpu_residual_training(residual, xt, seed)
+        xt = _residual_training(residual, xt, seed)
     xt = prepare_vectors(xt, metric)
     if not np.isfinite(xt).all():
         raise ValueError("training vectors contain NaN or Inf")
@@ -47,12 +49,13 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
-    elif keep_alive is None and trains_stagewise(inner):  # each stage heard of (progress)
+    elif trains_stagewise(inner):  # each stage heard of (progress)
         first = None if start is None else first_stages(start, inner)
-        train_stagewise(inner, _train_chain(chain, xt), progress, first)
+        gpu_flat = None if keep_alive is None else functools.partial(faiss.GpuIndexFlatL2, keep_alive[0])
+        train_stagewise(inner, _train_chain(chain, xt), progress, first, gpu_flat)
         _mark_trained(index)
     else:
-        with _faiss_progress(inner, progress):  # (LSQ; on a GPU, an RQ's stages and a PQ's sub-quantizers)
+        with _faiss_progress(inner, progress):  # (LSQ; on a GPU, a PQ's sub-quantizers)
             index.train(xt)
     for q, beam in zip(residual, beams):  # the spec's beam again, for encoding
         q.max_beam_size = beam
@@ -72,8 +75,8 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
 RQ_PROGRESSIVE = (4, 5)
 
 
-def _cpu_residual_training(quantizers: list, xt: np.ndarray, seed: int) -> np.ndarray:
-    """Residual quantizers trained on the CPU: greedily (beam 1; the caller restores the spec's
+def _residual_training(quantizers: list, xt: np.ndarray, seed: int) -> np.ndarray:
+    """Residual quantizers trained greedily (beam 1; the caller restores the spec's
     beam for encoding), on at most the rows one stage's k-means samples anyway (faiss's
     max_points_per_centroid x 2^nbits: 65,536 for 8 bits; a seeded subsample), with the
     per-stage k-means RQ_PROGRESSIVE where there are rows enough. Each stage encodes every
@@ -247,23 +250,41 @@ def _configure_training(chain, inner, *, seed: int, ngpu: int):
     # OPQ's rotation and inner k-means use faiss's fixed internal seeds: deterministic as is
     if num_gpus(ngpu) == 0:
         return None
-    res = faiss.StandardGpuResources()
+    res = faiss.StandardGpuResources()  # (first: the caller's GPU flat indexes are made on it)
     if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
         inner.pq.assign_index = faiss.GpuIndexFlatL2(res, inner.pq.dsub)
         return res, inner.pq.assign_index
-    if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(faiss, "GpuProgressiveDimIndexFactory"):
+    if isinstance(inner, faiss.IndexResidualQuantizer) and not trains_stagewise(inner) and \
+            hasattr(faiss, "GpuProgressiveDimIndexFactory"):  # (e.g. codebook refinement: faiss trains it)
         factory = faiss.GpuProgressiveDimIndexFactory(num_gpus(ngpu))
         inner.rq.assign_index_factory = factory
         return res, factory
-    return res
+    lsqs = _local_search_quantizers(inner)
+    if lsqs and hasattr(faiss, "GpuIcmEncoderFactory"):
+        factory = faiss.GpuIcmEncoderFactory(num_gpus(ngpu))  # (an LSQ's encoding in training: ICM)
+        for lsq in lsqs:
+            lsq.icm_encoder_factory = factory
+        return res, factory
+    return (res,)
+
+
+def _local_search_quantizers(inner) -> list:
+    """The local search quantizers a codec trains: an LSQ's, or each of a PLSQ's."""
+    if isinstance(inner, faiss.IndexLocalSearchQuantizer):
+        return [inner.lsq]
+    if isinstance(inner, faiss.IndexProductLocalSearchQuantizer):
+        return [faiss.downcast_AdditiveQuantizer(inner.plsq.subquantizer(i)) for i in range(inner.plsq.nsplits)]
+    return []
 
 
 def _release_gpu(inner) -> None:
-    """Drop GPU helpers so the trained index serialises as a plain CPU codec."""
+    """Drop GPU helpers so the trained index serialises and encodes as a plain CPU codec."""
     if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
         inner.pq.assign_index = None
     if isinstance(inner, faiss.IndexResidualQuantizer) and hasattr(inner.rq, "assign_index_factory"):
         inner.rq.assign_index_factory = None
+    for lsq in _local_search_quantizers(inner):
+        lsq.icm_encoder_factory = None
 
 
 #: the line faiss prints, when verbose, as each step of its own training loop ends: an LSQ's
@@ -282,13 +303,9 @@ def _faiss_steps(inner) -> tuple[list, re.Pattern, int] | None:
         return [inner.pq], _STEP_LINES["pq"], int(inner.pq.M)
     if rqs := residual_quantizers(inner):
         return rqs, _STEP_LINES["rq"], sum(int(q.M) for q in rqs)
-    if isinstance(inner, faiss.IndexLocalSearchQuantizer):
-        lsqs = [inner.lsq]
-    elif isinstance(inner, faiss.IndexProductLocalSearchQuantizer):
-        lsqs = [faiss.downcast_AdditiveQuantizer(inner.plsq.subquantizer(i)) for i in range(inner.plsq.nsplits)]
-    else:
-        return None
-    return lsqs, _STEP_LINES["lsq"], sum(int(q.train_iters) for q in lsqs)
+    if lsqs := _local_search_quantizers(inner):
+        return lsqs, _STEP_LINES["lsq"], sum(int(q.train_iters) for q in lsqs)
+    return None
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.knn import GPU_MAX_K, exact_knn
 from vecpress.kernels.synthetic import ClusteredEmbeddings
@@ -109,6 +110,47 @@ def test_gpu_route_of_the_served_model_gives_the_cpu_model(data, monkeypatch):
     assert seen == [(i, 11) for i in range(1, 12)]  # (faiss's 10 iterations, then the PQ)
     assert gpu.to_bytes() == cpu.to_bytes()
     assert IvfModel.from_bytes(gpu.to_bytes(), spec="IVF16,PQ8", metric="l2").num_sub_vectors == 8
+
+
+def test_gpu_route_of_residual_training_assigns_on_the_gpu_stage_by_stage(data, monkeypatch):
+    """On a GPU a residual quantizer trains stage by stage as on the CPU (a subsample, beam 1,
+    each stage reported), with GPU flat indexes assigning: each step of each stage's
+    progressive-dimension k-means, and each stage's nearest centroids. The codec is byte for
+    byte the CPU-trained one; PRQ's sub-quantizers take the same route."""
+    xb, _ = data
+    for spec, metric, stages, d in [("RQ3x6", "cosine", 3, DIM), ("PRQ2x2x6", "l2", 4, DIM // 2)]:
+        cpu = Codec.train(xb, spec, metric, seed=1, ngpu=0)
+        created = []
+        fake_gpu.install(monkeypatch)
+        make = fake_gpu.gpu_index_flat_l2
+        monkeypatch.setattr(fake_gpu.faiss, "GpuIndexFlatL2", lambda res, d: created.append(make(res, d)) or created[-1])
+        seen = []
+        gpu = Codec.train(xb, spec, metric, seed=1, ngpu=1, progress=lambda done, total: seen.append((done, total)))
+        monkeypatch.undo()
+        assert seen == [(i, stages) for i in range(1, stages + 1)]
+        steps = [int(d ** (i / 4)) for i in range(1, 5)]  # (4 steps of 5 iterations: 39+ rows a centroid)
+        assert [(int(i.d), int(i.ntotal)) for i in created] == [(di, 64) for di in steps + [d]] * stages
+        assert gpu.to_bytes() == cpu.to_bytes()
+
+
+def test_gpu_route_of_lsq_training_encodes_on_the_gpu_and_releases_it(data, monkeypatch):
+    """An LSQ trains with faiss's GPU ICM encoder where faiss has one (the stand-in: the CPU's
+    encoder factory, so the codec is the CPU's), and the trained codec holds no GPU helper."""
+    import vecpress.kernels.codecs.train as train_module
+
+    xb, _ = data
+    cpu = Codec.train(xb[:1000], "LSQ2x4", "l2", seed=1, ngpu=0)
+    fake_gpu.install(monkeypatch)
+    made, kept = [], []
+    monkeypatch.setattr(fake_gpu.faiss, "GpuIcmEncoderFactory", lambda n: made.append(n) or faiss.IcmEncoderFactory(),
+                        raising=False)
+    release = train_module._release_gpu
+    monkeypatch.setattr(train_module, "_release_gpu", lambda inner: kept.append(inner.lsq.icm_encoder_factory)
+                        or release(inner))
+    gpu = Codec.train(xb[:1000], "LSQ2x4", "l2", seed=1, ngpu=1)
+    assert made == [1] and kept[0] is not None
+    assert gpu.to_bytes() == cpu.to_bytes()
+    assert train_module._innermost(gpu.index)[1].lsq.icm_encoder_factory is None
 
 
 @pytest.mark.parametrize("spec,metric", [("IVF16,PQ8", "l2"), ("IVF16,SQ", "cosine"), ("IVF16,PQ4", "ip")])
