@@ -45,7 +45,6 @@ import time
 
 import numpy as np
 
-from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.codecs.build import centroids_per_codebook
 from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
@@ -97,7 +96,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
     margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
     dim = xt.shape[1]
-    nested = nesting(specs, dim, greedy=num_gpus(ngpu) == 0)
+    nested = nesting(specs, dim, greedy=True)  # (training is greedy, on a GPU too)
     # --max-bytes: a residual quantizer family judged by its shortest first, then by lengths doubling
     heads = _judging_order(nested, dim) if max_bytes is not None and margin is not None else {}
     later = {s for s, h in nested.items() if h in heads and s != heads[h][0]} | set(heads)

@@ -29,7 +29,6 @@ from vecpress.kernels.codecs.ivf import IvfModel, check_served_spec, is_served_s
 from vecpress.kernels.codecs.grid import default_grid
 from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix, slice_sources, train_on
 from vecpress.kernels.codecs.spec import CodecSpecError
-from vecpress.kernels._faiss import num_gpus
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
 from vecpress.kernels.metrics import recall_table, relative_error
 from vecpress.pipeline import storage
@@ -161,7 +160,7 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
     (kernels.codecs.nested) is cut from that one's training instead of trained again.
     `grown_from`: {spec: a shorter residual quantizer of its family trained here on the same
     xt}, whose stages the spec's training takes instead of training them again."""
-    nested = nesting(specs, xt.shape[1], greedy=num_gpus(ngpu) == 0)
+    nested = nesting(specs, xt.shape[1], greedy=True)  # (training is greedy, on a GPU too)
     done: dict[str, TrainedCodec] = {}
     for spec in sorted(specs, key=lambda s: s in nested):  # (the longest of each family first)
         start = time.perf_counter()

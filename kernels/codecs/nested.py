@@ -3,8 +3,8 @@ codec `RQ<m>x<b>` (m < M), so one training serves every length of a family.
 
 A residual quantizer trains stage after stage, each stage's k-means on the residuals the
 earlier stages leave, and nothing of a stage depends on how many stages follow. With a beam
-of 1 in training (as `train_index` always trains on the CPU, and on the GPU for specs with
-`beam=1`) the trained codebooks of the shorter codec are the longer one's first ones, and
+of 1 in training (as `train_index` always trains a residual quantizer, on a GPU too) the
+trained codebooks of the shorter codec are the longer one's first ones, and
 greedy encoding with them gives the longer codes' first bytes. The sweep and the advisor train
 the longest of each family and cut the others from it (`nesting`, `residual_prefix`), and
 where both encode greedily (beam=1) slice the shorter codes from the longer (`cut_codes`,
@@ -61,7 +61,8 @@ def _holds(long: str, short: str, dim: int) -> bool:
 def nesting(specs: list[str], dim: int, *, greedy: bool) -> dict[str, str]:
     """{spec: the longest spec of `specs` whose trained codec holds it} for every RQ spec
     that a longer one of the same family holds. `greedy`: training is greedy whatever the
-    specs' beams (the CPU); otherwise only specs with beam=1 train greedily."""
+    specs' beams (train_index's); otherwise only specs with beam=1 count (as encoding: greedy
+    with beam=1 alone)."""
     parts = {s: f for s in specs if (f := _family(s, dim)) is not None and (greedy or f[2] == 1)}
     out = {}
     for spec in parts:
@@ -96,9 +97,8 @@ def residual_prefix(codec: Codec, spec: str) -> Codec:
 
 def train_on(codec: Codec, spec: str, xt: np.ndarray, *, seed: int, ngpu: int, progress=None) -> Codec:
     """The codec `spec`, a longer residual quantizer of `codec`'s family, trained on `xt` (the
-    rows and seed `codec` was trained with) from `codec`'s stages: on the CPU only the stages
-    after them are trained, and the codec is the one training `spec` from nothing gives; where
-    training is not stage by stage (the GPU) it is trained from nothing."""
+    rows and seed `codec` was trained with) from `codec`'s stages: only the stages after them
+    are trained, and the codec is the one training `spec` from nothing gives."""
     if not _holds(spec, codec.spec, codec.dim):
         raise CodecSpecError(f"codec {spec!r} does not hold {codec.spec!r}'s stages")
     return Codec.train(xt, spec, codec.metric, seed=seed, ngpu=ngpu, progress=progress, start=codec)

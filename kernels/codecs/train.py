@@ -1,8 +1,9 @@
 """Training a codec's faiss index on a sample (`train_index`): seeded k-means, the binary
 codecs' thresholds and scales, PQ sub-quantizers trained side by side, residual quantizers
-stage by stage (`residual`), each step heard of, and faiss's GPU k-means assignment where faiss
-sees a GPU (released afterwards: a plain CPU codec). A training faiss runs in one call (LSQ;
-on a GPU, an RQ or a PQ) is heard of through faiss's verbose lines (`_faiss_progress`)."""
+stage by stage (`residual`; on a GPU with its flat indexes assigning), each step heard of,
+and faiss's GPU k-means assignment and ICM encoder where faiss sees a GPU (released afterwards:
+a plain CPU codec). A training faiss runs in one call (LSQ; on a GPU, a PQ) is heard of
+through faiss's verbose lines (`_faiss_progress`)."""
 
 from __future__ import annotations
 
