@@ -30,10 +30,11 @@ _READING = threading.Lock()
 FLUSH_EVERY = 0.5
 
 
-def train_logged(kind, xt, spec: str, metric: str, *, seed: int, ngpu: int, what: str):
-    """`kind.train` (a Codec or an IvfModel) with its progress in the log: `what` names it."""
+def train_logged(kind, xt, spec: str, metric: str, *, seed: int, ngpu: int, what: str, **train):
+    """`kind.train` (a Codec or an IvfModel) with its progress in the log: `what` names it;
+    `train`: the rest of kind.train's arguments (Codec's `start`)."""
     with Heartbeat(f"{what}{spec} on {len(xt):,} vectors") as beat:
-        return kind.train(xt, spec, metric, seed=seed, ngpu=ngpu, progress=beat)
+        return kind.train(xt, spec, metric, seed=seed, ngpu=ngpu, progress=beat, **train)
 
 
 class Heartbeat:

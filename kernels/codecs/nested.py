@@ -30,6 +30,8 @@ from vecpress.kernels.codecs.residual import load_index
 from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 
 _RQ = re.compile(r"(^|,)RQ(\d+)x(\d+)$")
+#: the same in a spec, options after it (`RQ16x8,beam=1`)
+_RQ_IN_SPEC = re.compile(r"(^|,)RQ(\d+)x(\d+)(?=,|$)")
 
 
 def _family(spec: str, dim: int) -> tuple[tuple, int, int | None] | None:
@@ -50,6 +52,16 @@ def stages(spec: str, dim: int) -> int:
     """The number of stages of an RQ spec (0 for any other codec)."""
     fam = _family(spec, dim)
     return 0 if fam is None else fam[1]
+
+
+def first_half(spec: str, dim: int) -> str | None:
+    """The spec of the first half of RQ spec `spec`'s stages (RQ32x8,beam=1 -> RQ16x8,beam=1),
+    or None for any other codec and one of a single stage."""
+    m = stages(spec, dim)
+    if m < 2:
+        return None
+    short = _RQ_IN_SPEC.sub(lambda g: f"{g.group(1)}RQ{m // 2}x{g.group(3)}", spec, count=1)
+    return short if _holds(spec, short, dim) else None
 
 
 def _holds(long: str, short: str, dim: int) -> bool:

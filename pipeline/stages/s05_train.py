@@ -6,18 +6,21 @@ codes (lists.judge_residual), a codec of the rows' residuals for its lists."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
 
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.ivf import IvfModel
+from vecpress.kernels.codecs.nested import first_half, residual_prefix
 from vecpress.pipeline.codec_store import CodecRef, load_codec, save_codec
 from vecpress.pipeline.errors import ConfigError
 from vecpress.pipeline.context import RunContext, load_array, manifest_codec
 from vecpress.pipeline.heartbeat import train_logged
 from vecpress.pipeline.incremental import probe_quality
-from vecpress.pipeline.lists import auto_partitions, coarse_spec, judge_residual, residual_fits, residual_metric
+from vecpress.pipeline.lists import auto_partitions, coarse_spec, judge_residual, residual_fits, residual_leads, \
+    residual_metric
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.stages.s01_plan import Planned
 from vecpress.pipeline.stages.s03_sample import Sampled
@@ -27,6 +30,9 @@ log = logging.getLogger("vecpress")
 
 #: sample rows the train stage judges residual codes against the table's on (lists.judge_residual)
 JUDGE_ROWS = 20_000
+#: standard errors of the per-query difference by which a residual quantizer's first half of
+#: residual codes must lead the table codec's first half for the rest to be trained
+HALF_LEAD_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -66,17 +72,8 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
         model = _train(IvfModel, xt, coarse_spec(nlist), opts.metric, opts, "the partitions' ")
         coarse = save_codec(model, ctx.sidecar)
         if opts.residual and residual_fits(ref.spec, model.dim):
-            part = model.assign(xt)[0]
-            r = model.residuals(xt, part)
-            codec = _train(Codec, r, ref.spec, residual_metric(opts.metric), opts, "the residuals' ")
-            judged = judge_residual(load_codec(ref), codec, model, xt[-JUDGE_ROWS:], part[-JUDGE_ROWS:],
-                                    r[-JUDGE_ROWS:], xq, opts.metric)
-            if judged["residual_codes_recall_at_10"] > judged["table_codes_recall_at_10"]:
-                residual = save_codec(codec, ctx.sidecar)
-            else:
-                log.info("train: %s codes of residuals rank the sample's neighbours no better than the table's codes "
-                         "(recall@10 %.3f against %.3f): the lists hold the table's codes", ref.spec,
-                         judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"])
+            codec, judged = _residual_codec(load_codec(ref), model, xt, xq, opts)
+            residual = None if codec is None else save_codec(codec, ctx.sidecar)
     baseline = probe_quality(load_codec(ref), xq)  # held out: never trained on
     log.info("train: %s%s on %d vectors in %.1fs -> %s", ref.spec, f" with {nlist} partitions" +
              (" (residual codes)" if residual else "") if nlist else "", xt.shape[0], time.perf_counter() - start,
@@ -84,8 +81,41 @@ def train(ctx: RunContext, advised: Advised, sampled: Sampled, opts: CompressOpt
     return Trained(ref, warm, time.perf_counter() - start, baseline, coarse, residual, judged)
 
 
-def _train(kind, xt, spec: str, metric: str, opts: CompressOptions, what: str = ""):
-    return train_logged(kind, xt, spec, metric, seed=opts.seed, ngpu=opts.ngpu, what=f"train: {what}")
+def _residual_codec(table: Codec, model: IvfModel, xt, xq, opts: CompressOptions) -> tuple[Codec | None, dict]:
+    """The codec of the sample's residuals to their partitions' centroids that the lists hold,
+    or None where it ranks the sample's neighbours no better than the table's codes
+    (lists.judge_residual); and that judgement. A residual quantizer is judged by its first
+    half first (nested.first_half: trained on the residuals, the table codec's cut): residual
+    codes gain the most at few stages and less with each stage (BENCHMARKS.md, "Residual
+    quantizers' lists: judged by their first half"), so where that half leads by no more than
+    HALF_LEAD_Z standard errors, the rest is not trained; where it leads, the rest trains on
+    from it."""
+    part = model.assign(xt)[0]
+    r = model.residuals(xt, part)
+    judge = functools.partial(judge_residual, coarse=model, base=xt[-JUDGE_ROWS:], partitions=part[-JUDGE_ROWS:],
+                              residuals=r[-JUDGE_ROWS:], xq=xq, metric=opts.metric)
+    metric, half, start = residual_metric(opts.metric), first_half(table.spec, table.dim), None
+    if half is not None:
+        start = _train(Codec, r, half, metric, opts, "the residuals' ")
+        judged = judge(residual_prefix(table, half), start)
+        if not residual_leads(judged, HALF_LEAD_Z):
+            log.info("train: the first half of %s, %s, codes residuals no better than the table's codes beyond "
+                     "noise (recall@10 %.3f against %.3f, standard error %.3f): the lists hold the table's codes",
+                     table.spec, half, judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"],
+                     judged["gain_standard_error"])
+            return None, {**judged, "judged_by": half}
+    codec = _train(Codec, r, table.spec, metric, opts, "the residuals' ", start=start)
+    judged = judge(table, codec)
+    if residual_leads(judged):
+        return codec, judged
+    log.info("train: %s codes of residuals rank the sample's neighbours no better than the table's codes "
+             "(recall@10 %.3f against %.3f): the lists hold the table's codes", table.spec,
+             judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"])
+    return None, judged
+
+
+def _train(kind, xt, spec: str, metric: str, opts: CompressOptions, what: str = "", **train):
+    return train_logged(kind, xt, spec, metric, seed=opts.seed, ngpu=opts.ngpu, what=f"train: {what}", **train)
 
 
 def num_partitions(opts: CompressOptions, num_rows: int, num_train: int) -> int:

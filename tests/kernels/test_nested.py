@@ -10,7 +10,7 @@ import pytest
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost
 from vecpress.kernels.codecs.codec import Codec
-from vecpress.kernels.codecs.nested import nesting, residual_prefix
+from vecpress.kernels.codecs.nested import first_half, nesting, residual_prefix
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 
@@ -53,7 +53,7 @@ def test_nesting_pairs_each_spec_with_the_longest_of_its_family():
              "PQ16", "MRL128,RQ8x8,beam=1", "SQ8"]
     assert nesting(specs, 384, greedy=True) == {
         "RQ8x8,beam=1": "RQ32x8,beam=1", "RQ16x8,beam=1": "RQ32x8,beam=1", "RQ16x8": "RQ32x8,beam=1"}
-    # trained with their own beam (the GPU): only the beam=1 specs train greedily
+    # as encoding counts them: only the beam=1 specs encode greedily
     assert nesting(specs, 384, greedy=False) == {"RQ8x8,beam=1": "RQ32x8,beam=1", "RQ16x8,beam=1": "RQ32x8,beam=1"}
     assert nesting(["RQ8x8", "RQ8x8,beam=2"], 384, greedy=True) == {}
 
@@ -109,3 +109,11 @@ def test_training_on_needs_a_shorter_codec_of_the_family(xt):
     for spec in ("RQ2x6", "RQ1x6", "RQ4x5", "PCA32,RQ4x6", "PQ4"):
         with pytest.raises(CodecSpecError, match="does not hold"):
             train_on(short, spec, xt, seed=3, ngpu=0)
+
+
+def test_the_first_half_of_a_residual_quantizer_is_its_family_s():
+    assert first_half("RQ64x8,beam=1", 384) == "RQ32x8,beam=1"
+    assert first_half("PCA64,RQ9x8", 384) == "PCA64,RQ4x8"
+    assert first_half("MRL128,RQ16x8,beam=1", 384) == "MRL128,RQ8x8,beam=1"
+    for other in ("RQ1x8", "PRQ2x2x8", "PQ16", "SQ8", "LSQ8x8", "RQ8x8_Nqint8"):
+        assert first_half(other, 384) is None, other

@@ -317,6 +317,39 @@ def test_residual_codes_are_listed_only_where_they_rank_the_sample_better(corpus
     assert max(g["recall_at_10"] for g in p["grid"]) == pytest.approx(p["exhaustive"]["recall_at_10"], abs=0.005)
 
 
+@pytest.mark.parametrize(("z", "leads"), [(0.0, True), (1e9, False)])
+def test_a_residual_quantizer_s_lists_are_judged_by_its_first_half(corpus, monkeypatch, z, leads):
+    """A residual quantizer's residual codes are judged by their first half first (against
+    the table codec's first half): where it leads by no more than HALF_LEAD_Z standard errors
+    the rest is never trained and the lists hold the table's codes; where it leads, the rest
+    trains on from that half, and is judged as the codec trained whole is."""
+    from vecpress.kernels.codecs.codec import Codec
+    from vecpress.kernels.codecs.ivf import IvfModel
+    from vecpress.pipeline.lists import coarse_spec, judge_residual
+    from vecpress.pipeline.options import CompressOptions
+    from vecpress.pipeline.stages import s05_train
+
+    _, x = corpus
+    xt, xq = x[:4000], x[-200:]
+    table = Codec.train(xt, "RQ4x6", "l2", seed=0, ngpu=0)
+    model = IvfModel.train(xt, coarse_spec(NLIST), "l2", seed=0, ngpu=0)
+    trained, real = [], s05_train.train_logged
+    monkeypatch.setattr(s05_train, "train_logged", lambda kind, xs, spec, metric, **kw: trained.append(
+        (spec, kw["start"].spec if kw.get("start") else None)) or real(kind, xs, spec, metric, **kw))
+    monkeypatch.setattr(s05_train, "HALF_LEAD_Z", z)
+    codec, judged = s05_train._residual_codec(table, model, xt, xq, CompressOptions(metric="l2", ngpu=0, seed=0))
+    part = model.assign(xt)[0]
+    r = model.residuals(xt, part)
+    whole = judge_residual(table, Codec.train(r, "RQ4x6", "l2", seed=0, ngpu=0), model, xt, part, r, xq, "l2")
+    if leads:
+        assert trained == [("RQ2x6", None), ("RQ4x6", "RQ2x6")]
+        assert judged == whole and "judged_by" not in judged
+        assert (codec is not None) == (whole["residual_codes_recall_at_10"] > whole["table_codes_recall_at_10"])
+    else:
+        assert trained == [("RQ2x6", None)] and codec is None and judged["judged_by"] == "RQ2x6"
+        assert judged["gain_standard_error"] > 0
+
+
 def test_the_nprobes_grid_stops_where_recall_stops_rising():
     from vecpress.pipeline.lists import _grid_done
 
