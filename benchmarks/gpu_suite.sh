@@ -54,8 +54,8 @@ case "$phase" in
       | tee "$results/train.log" | grep -v "^WARNING"
     ;;
   additive)
-    for run in "RQ16x8 300000 768 50000 vecpress,vecpress-gpu,faiss-gpu" "RQ64x8 100000 768 20000 vecpress,vecpress-gpu" \
-               "LSQ8x8 20000 384 5000 vecpress,vecpress-gpu"; do
+    for run in "RQ16x8 300000 768 50000 vecpress,vecpress-gpu,faiss-gpu" \
+               "RQ64x8 100000 768 20000 vecpress,vecpress-gpu" "LSQ8x8 20000 384 5000 vecpress,vecpress-gpu"; do
       set -- $run
       $py benchmarks/rq_train.py --codec $1 --rows $2 --dim $3 --base-rows $4 --variants $5 --timeout ${TIMEOUT:-150} \
         --results "$results/train_$1_gpu.json" 2>&1 | tee "$results/train_$1_gpu.log" | grep -v "^WARNING"

@@ -3,8 +3,9 @@ left where it reports them, else a line every `every` seconds saying it is still
 that a run's log (the CLI's, Prefect's) never goes quiet for minutes.
 
 Trainings that run inside one faiss call (LSQ's iterations; on a GPU, a PQ's
-sub-quantizers; an RQ's stages where faiss trains it, e.g. with codebook refinement) report their steps only as faiss's own verbose lines, which its C code
-prints to the process's standard output. `Heartbeat.faiss_lines` reads them there while the
+sub-quantizers; an RQ's stages where faiss trains it, e.g. with codebook refinement) report
+their steps only as faiss's own verbose lines, which its C code prints to the process's
+standard output. `Heartbeat.faiss_lines` reads them there while the
 call runs (file descriptor 1 through a pipe, kernels.codecs.train saying which lines are
 steps): each step line is a step with the time left, faiss's other lines are dropped, and
 anything else written to standard output meanwhile goes on to it."""

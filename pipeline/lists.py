@@ -91,11 +91,9 @@ def judge_residual(codec, residual, coarse, base: np.ndarray, partitions: np.nda
             "gain_standard_error": round(float(np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0, 4)}
 
 
-def residual_leads(judged: dict, z: float = 0.0) -> bool:
-    """Whether residual codes ranked the sample's neighbours better than the table's
-    (judge_residual), by more than `z` standard errors of the per-query difference."""
-    lead = judged["residual_codes_recall_at_10"] - judged["table_codes_recall_at_10"]
-    return lead > 0 and lead > z * judged["gain_standard_error"]
+def residual_leads(judged: dict) -> bool:
+    """Whether residual codes ranked the sample's neighbours better than the table's (judge_residual)."""
+    return judged["residual_codes_recall_at_10"] > judged["table_codes_recall_at_10"]
 
 
 def residual_metric(metric: str) -> str:

@@ -17,8 +17,8 @@ gives (tests/kernels/test_residual.py compares the serialised bytes); vecpress's
 PCAMatrix (the same k-means error, at a fraction of the time at high dimensions). Anything else
 (a wider training beam, codebook refinement) trains through faiss (`trains_stagewise` says
 which). On a GPU the same training runs with GPU flat indexes assigning (`gpu_flat`): each
-k-means iteration's assignment and each stage's nearest centroids. A longer RQ can train on from a shorter one's stages (`first`,
-kernels.codecs.nested.train_on).
+k-means iteration's assignment and each stage's nearest centroids. A longer RQ can train on
+from a shorter one's stages (`first`, kernels.codecs.nested.train_on).
 
 Encoding with a beam of 1 (`encode_greedy`, what Codec.encode uses for `RQ<m>x8,beam=1`) is the
 same walk: the nearest centroid per stage by one flat search of a block of rows.

@@ -30,9 +30,6 @@ log = logging.getLogger("vecpress")
 
 #: sample rows the train stage judges residual codes against the table's on (lists.judge_residual)
 JUDGE_ROWS = 20_000
-#: standard errors of the per-query difference by which a residual quantizer's first half of
-#: residual codes must lead the table codec's first half for the rest to be trained
-HALF_LEAD_Z = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,9 +84,8 @@ def _residual_codec(table: Codec, model: IvfModel, xt, xq, opts: CompressOptions
     (lists.judge_residual); and that judgement. A residual quantizer is judged by its first
     half first (nested.first_half: trained on the residuals, the table codec's cut): residual
     codes gain the most at few stages and less with each stage (BENCHMARKS.md, "Residual
-    quantizers' lists: judged by their first half"), so where that half leads by no more than
-    HALF_LEAD_Z standard errors, the rest is not trained; where it leads, the rest trains on
-    from it."""
+    quantizers' lists: judged by their first half"), so where that half does not lead, the
+    rest is not trained; where it leads, the rest trains on from it."""
     part = model.assign(xt)[0]
     r = model.residuals(xt, part)
     judge = functools.partial(judge_residual, coarse=model, base=xt[-JUDGE_ROWS:], partitions=part[-JUDGE_ROWS:],
@@ -98,11 +94,11 @@ def _residual_codec(table: Codec, model: IvfModel, xt, xq, opts: CompressOptions
     if half is not None:
         start = _train(Codec, r, half, metric, opts, "the residuals' ")
         judged = judge(residual_prefix(table, half), start)
-        if not residual_leads(judged, HALF_LEAD_Z):
-            log.info("train: the first half of %s, %s, codes residuals no better than the table's codes beyond "
-                     "noise (recall@10 %.3f against %.3f, standard error %.3f): the lists hold the table's codes",
-                     table.spec, half, judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"],
-                     judged["gain_standard_error"])
+        if not residual_leads(judged):
+            log.info("train: residual codes of %s's first half (%s) rank the sample's neighbours no better than its "
+                     "table codes (recall@10 %.3f against %.3f): the rest is not trained and the lists hold the "
+                     "table's codes", table.spec, half, judged["residual_codes_recall_at_10"],
+                     judged["table_codes_recall_at_10"])
             return None, {**judged, "judged_by": half}
     codec = _train(Codec, r, table.spec, metric, opts, "the residuals' ", start=start)
     judged = judge(table, codec)

@@ -123,7 +123,8 @@ def test_gpu_route_of_residual_training_assigns_on_the_gpu_stage_by_stage(data, 
         created = []
         fake_gpu.install(monkeypatch)
         make = fake_gpu.gpu_index_flat_l2
-        monkeypatch.setattr(fake_gpu.faiss, "GpuIndexFlatL2", lambda res, d: created.append(make(res, d)) or created[-1])
+        monkeypatch.setattr(fake_gpu.faiss, "GpuIndexFlatL2",
+                            lambda res, d: created.append(make(res, d)) or created[-1])
         seen = []
         gpu = Codec.train(xb, spec, metric, seed=1, ngpu=1, progress=lambda done, total: seen.append((done, total)))
         monkeypatch.undo()
