@@ -174,3 +174,33 @@ def test_stagewise_training_computes_the_tables_only_where_they_are_read(xt, fai
             index.train(xt)
         tables.append(faiss.vector_to_array(rq.codebook_cross_products))
     assert tables[0].size > 0 and np.array_equal(tables[0], tables[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("spec", "metric", "rows", "stages"), [
+    ("RQ4x8", "cosine", 11_000, 4),
+    ("PRQ2x2x8", "l2", 11_000, 4),
+    ("LSQ4x6", "l2", 3_000, None),
+])
+def test_gpu_training_of_additive_quantizers_codes_as_the_cpu_s(xt, spec, metric, rows, stages):
+    """On a GPU a residual quantizer trains stage by stage (each stage heard of) with GPU flat
+    indexes assigning, and an LSQ with faiss's GPU ICM encoder: the codec's reconstruction
+    error within 2% of the CPU-trained one's, and it is a plain CPU codec after (no GPU helper
+    left; its bytes load back)."""
+    x = xt[:rows]
+    seen = []
+    gpu = Codec.train(x, spec, metric, seed=7, ngpu=1, progress=lambda done, total: seen.append((done, total)))
+    cpu = Codec.train(x, spec, metric, seed=7, ngpu=0)
+    if stages:
+        assert seen == [(i, stages) for i in range(1, stages + 1)]
+
+    def error(codec):
+        v = prepare_vectors(x[:2000], metric)
+        return float(np.mean(np.square(codec.decode(codec.encode(x[:2000])) - v)))
+
+    assert error(gpu) <= 1.02 * error(cpu)
+    inner = _innermost(gpu.index)[1]
+    if isinstance(inner, faiss.IndexLocalSearchQuantizer):
+        assert inner.lsq.icm_encoder_factory is None
+    again = Codec.from_bytes(gpu.to_bytes(), spec=spec, metric=metric)
+    assert np.array_equal(again.encode(x[:300]), gpu.encode(x[:300]))
