@@ -37,6 +37,8 @@ from vecpress.kernels.codecs.build import _innermost
 
 #: rows per block when subtracting each stage's centroids from the residuals
 _BLOCK = 4096
+#: bytes of the blocks' covariance products held at once (each d x d floats)
+_PRODUCTS_HELD = 256 << 20
 
 
 def residual_quantizers(inner) -> list:
@@ -178,7 +180,8 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
         return centred.T @ centred
 
     cov = np.zeros((d, d), np.float64)
-    for product in _by_blocks(products, n):  # (summed in the rows' order: the same bytes on any cores)
+    held = max(1, _PRODUCTS_HELD // (4 * d * d))  # (3072-d: 7 of 38 MB each)
+    for product in _by_blocks(products, n, held):  # (summed in the rows' order: the same bytes on any cores)
         cov += product
     with _one_blas_thread():
         _, vectors = np.linalg.eigh(cov)
@@ -222,13 +225,13 @@ def _blas():
     return ThreadpoolController()
 
 
-def _by_blocks(task, n: int):
+def _by_blocks(task, n: int, most: int | None = None):
     """`task(i)` for the blocks of _BLOCK rows of n rows (i: each block's first row), on as
-    many threads as faiss's OpenMP uses, numpy's BLAS on one thread in each: a block's product
-    is then the same bytes whatever the cores, and the cores are busy where numpy's own threads
-    split one small product (and spin after it, _one_blas_thread). Yields the results in the
-    blocks' order, holding at most one round of them (a thread's each)."""
-    starts, width = range(0, n, _BLOCK), max(1, faiss.omp_get_max_threads())
+    many threads as faiss's OpenMP uses (at most `most`), numpy's BLAS on one thread in each:
+    a block's product is then the same bytes whatever the cores, and the cores are busy where
+    numpy's own threads split one small product (and spin after it, _one_blas_thread). Yields
+    the results in the blocks' order, holding at most one round of them (a thread's each)."""
+    starts, width = range(0, n, _BLOCK), max(1, min(faiss.omp_get_max_threads(), most or n))
     with _one_blas_thread(), ThreadPoolExecutor(width) as pool:
         for j in range(0, len(starts), width):
             yield from pool.map(task, starts[j:j + width])
