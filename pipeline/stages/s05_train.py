@@ -95,19 +95,20 @@ def _residual_codec(table: Codec, model: IvfModel, xt, xq, opts: CompressOptions
         start = _train(Codec, r, half, metric, opts, "the residuals' ")
         judged = judge(residual_prefix(table, half), start)
         if not residual_leads(judged):
-            log.info("train: residual codes of %s's first half (%s) rank the sample's neighbours no better than its "
-                     "table codes (recall@10 %.3f against %.3f): the rest is not trained and the lists hold the "
-                     "table's codes", table.spec, half, judged["residual_codes_recall_at_10"],
-                     judged["table_codes_recall_at_10"])
+            _log_table_codes(f"{half}, the first half of {table.spec} (the rest not trained)", judged)
             return None, {**judged, "judged_by": half}
     codec = _train(Codec, r, table.spec, metric, opts, "the residuals' ", start=start)
     judged = judge(table, codec)
     if residual_leads(judged):
         return codec, judged
-    log.info("train: %s codes of residuals rank the sample's neighbours no better than the table's codes "
-             "(recall@10 %.3f against %.3f): the lists hold the table's codes", table.spec,
-             judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"])
+    _log_table_codes(table.spec, judged)
     return None, judged
+
+
+def _log_table_codes(what: str, judged: dict) -> None:
+    log.info("train: %s codes of residuals rank the sample's neighbours no better than the table's codes "
+             "(recall@10 %.3f against %.3f): the lists hold the table's codes", what,
+             judged["residual_codes_recall_at_10"], judged["table_codes_recall_at_10"])
 
 
 def _train(kind, xt, spec: str, metric: str, opts: CompressOptions, what: str = "", **train):
