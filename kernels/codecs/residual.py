@@ -164,16 +164,49 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None, gpu_flat
 def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
     """faiss's ProgressiveDimClustering (`apply_pca`, flat L2 assignment): the rows rotated
     onto their principal axes, k-means on the first d^(i/steps) of them for step i = 1..steps,
-    each step starting from the last one's centroids padded with zeros, and the centroids
-    rotated back; (k, d) centroids. The principal axes come from numpy's eigh: faiss's PCAMatrix
-    takes about 0.5 s at 768-d whatever the rows (its eigendecomposition; numpy's: 0.06 s), once
-    per stage, which was most of an RQ stage's training on 10,000 rows, and grows with d^3
-    (tests/kernels/test_residual.py compares the quantization error with faiss's). The
-    covariance and the rotation go _BLOCK rows a task on every core (`_by_blocks`). `gpu_flat`:
-    as train_stagewise's."""
+    each step starting from the last one's centroids padded with zeros; (k, d) centroids. The
+    last step, on all d axes, clusters the rows as they are from its start rotated back (the
+    distances and means are the rotated ones, to rounding), so only the axes the steps before it
+    read are computed for every row (768-d in 4 steps: 145 of 768). The principal axes come from
+    numpy's eigh: faiss's PCAMatrix takes about 0.5 s at 768-d whatever the rows (its
+    eigendecomposition; numpy's: 0.06 s), once per stage, which was most of an RQ stage's
+    training on 10,000 rows, and grows with d^3 (tests/kernels/test_residual.py compares the
+    quantization error with faiss's). The covariance and the rotation go _BLOCK rows a task on
+    every core (`_by_blocks`). `gpu_flat`: as train_stagewise's."""
     n, d = x.shape
+    steps = int(cp.progressive_dim_steps)
+    dims = [int(d ** ((1.0 + step) / steps)) for step in range(steps)]  # (the last: d)
+    partial = max([di for di in dims if di < d], default=0)  # (the axes the steps before the last read)
     with _one_blas_thread():
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    axes = _principal_axes(x, mean) if partial else None
+    head = None if axes is None else np.ascontiguousarray(axes[:partial])
+    rotated = np.empty((n, partial), np.float32)
+
+    def rotate(i: int) -> None:
+        rotated[i:i + _BLOCK] = (x[i:i + _BLOCK] - mean) @ head.T
+
+    for _ in _by_blocks(rotate, n) if partial else ():
+        pass
+    centroids, last = None, 0
+    for di in dims:
+        clustering = faiss.Clustering(di, k, cp)
+        if centroids is not None:
+            padded = np.zeros((k, di), np.float32)
+            padded[:, :last] = centroids
+            if di == d:  # (the last step clusters the rows as they are: its start rotated back)
+                with _one_blas_thread():
+                    padded = np.ascontiguousarray(padded @ axes + mean)
+            faiss.copy_array_to_vector(padded.ravel(), clustering.centroids)
+        clustering.train(x if di == d else np.ascontiguousarray(rotated[:, :di]), (gpu_flat or faiss.IndexFlatL2)(di))
+        centroids, last = faiss.vector_to_array(clustering.centroids).reshape(k, di), di
+    return np.ascontiguousarray(centroids)
+
+
+def _principal_axes(x: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """The (d, d) principal axes of rows `x` about `mean`, one per row, largest first: numpy's
+    eigh of their covariance, summed from _BLOCK rows a task on every core (`_by_blocks`)."""
+    d = x.shape[1]
 
     def products(i: int) -> np.ndarray:
         centred = x[i:i + _BLOCK] - mean
@@ -181,33 +214,11 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
 
     cov = np.zeros((d, d), np.float64)
     held = max(1, _PRODUCTS_HELD // (4 * d * d))  # (3072-d: 7 of 38 MB each)
-    for product in _by_blocks(products, n, held):  # (summed in the rows' order: the same bytes on any cores)
+    for product in _by_blocks(products, len(x), held):  # (summed in the rows' order: the same bytes on any cores)
         cov += product
     with _one_blas_thread():
         _, vectors = np.linalg.eigh(cov)
-    axes = np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)  # (rows: the axes, largest first)
-    rotated = np.empty_like(x)
-
-    def rotate(i: int) -> None:
-        rotated[i:i + _BLOCK] = (x[i:i + _BLOCK] - mean) @ axes.T
-
-    for _ in _by_blocks(rotate, n):
-        pass
-    centroids, last = None, 0
-    for step in range(int(cp.progressive_dim_steps)):
-        di = int(d ** ((1.0 + step) / int(cp.progressive_dim_steps)))
-        clustering = faiss.Clustering(di, k, cp)
-        if centroids is not None:
-            padded = np.zeros((k, di), np.float32)
-            padded[:, :last] = centroids
-            faiss.copy_array_to_vector(padded.ravel(), clustering.centroids)
-        clustering.train(rotated if di == d else np.ascontiguousarray(rotated[:, :di]),
-                         (gpu_flat or faiss.IndexFlatL2)(di))
-        centroids, last = faiss.vector_to_array(clustering.centroids).reshape(k, di), di
-    full = np.zeros((k, d), np.float32)
-    full[:, :last] = centroids
-    with _one_blas_thread():
-        return np.ascontiguousarray(full @ axes + mean)
+    return np.ascontiguousarray(vectors[:, ::-1].T, dtype=np.float32)
 
 
 def faiss_progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
