@@ -13,8 +13,9 @@ are not serialised, and RQ64x8's cross products alone are 528 MB (0.75 s to comp
 1.1 s at 768-d), which faiss's training computes whatever the codec. With faiss's
 ProgressiveDimClustering per stage the trained index is byte for byte the one faiss's train
 gives (tests/kernels/test_residual.py compares the serialised bytes); vecpress's own
-`progressive_kmeans` differs from it only in the principal axes, numpy's instead of faiss's
-PCAMatrix (the same k-means error, at a fraction of the time at high dimensions). Anything else
+`progressive_kmeans` differs from it in the principal axes, numpy's instead of faiss's
+PCAMatrix, and in clustering the rows unrotated in the last step (the same k-means error, at a
+fraction of the time at high dimensions). Anything else
 (a wider training beam, codebook refinement) trains through faiss (`trains_stagewise` says
 which). On a GPU the same training runs with GPU flat indexes assigning (`gpu_flat`): each
 k-means iteration's assignment and each stage's nearest centroids. A longer RQ can train on

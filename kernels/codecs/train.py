@@ -84,7 +84,7 @@ def _residual_training(quantizers: list, xt: np.ndarray, seed: int) -> np.ndarra
     training row, so rows past the cap only cost time, and a wider beam memory (rows x beam x
     dim floats). Measured (BENCHMARKS.md, "Residual quantizer training"): RQ16x8 on 300k x
     768-d, 2 cores: 19x faster than faiss's default, recall@10 0.832 against 0.822, under 2 GB
-    instead of 14.9 GB."""
+    instead of 14.9 GB (45x, 0.826 and 1.6 GB since, with residual.progressive_kmeans)."""
     ksubs = [1 << int(faiss.vector_to_array(q.nbits).max()) for q in quantizers]
     cap = max(int(q.cp.max_points_per_centroid) * k for q, k in zip(quantizers, ksubs))
     for q, k in zip(quantizers, ksubs):
