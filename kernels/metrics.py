@@ -17,6 +17,18 @@ def knn_recall(I_true: np.ndarray, I_found: np.ndarray, k: int) -> float:
     return float(hits.sum() / denom.sum()) if denom.sum() else 0.0
 
 
+def query_recalls(I_true: np.ndarray, I_found: np.ndarray, k: int) -> np.ndarray:
+    """Per query, the share of its true k nearest neighbours among the k returned."""
+    hits, denom = knn_hits(I_true, I_found, k)
+    return hits / np.maximum(denom, 1)
+
+
+def difference_standard_error(a: np.ndarray, b: np.ndarray) -> float:
+    """The standard error of the mean per-query difference of two recalls (query_recalls of
+    the same queries); inf for fewer than two queries."""
+    return float(np.std(a - b, ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("inf")
+
+
 def knn_hits(I_true: np.ndarray, I_found: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per query: (how many of its true k nearest neighbours are among the k returned, how
     many true neighbours it has: k unless ids < 0 pad them). knn_recall is their ratio of sums."""

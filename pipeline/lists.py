@@ -30,7 +30,7 @@ from vecpress.kernels.codecs.ivf import POINTS_PER_CENTROID
 from vecpress.kernels.codecs.search import l2_as_cosine
 from vecpress.kernels.codecs.spec import is_binary_spec
 from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
-from vecpress.kernels.metrics import knn_hits, knn_recall, recall_table
+from vecpress.kernels.metrics import difference_standard_error, knn_recall, query_recalls, recall_table
 from vecpress.pipeline import storage
 from vecpress.pipeline.buckets import open_batches, read_bucket_of_all, write_buckets
 from vecpress.pipeline.codec_store import CodecRef, load_codec
@@ -84,11 +84,11 @@ def judge_residual(codec, residual, coarse, base: np.ndarray, partitions: np.nda
     _, own = codec.search_codes(xq, codec.encode(base), 10)
     recon = coarse.centroids[partitions] + residual.decode(residual.encode(residuals))
     _, listed = exact_knn(qp, np.ascontiguousarray(recon, dtype=np.float32), 10, residual_metric(metric))
-    (table, n), (lists, _) = knn_hits(exact, own, 10), knn_hits(exact, listed, 10)
-    gain = (lists - table) / np.maximum(n, 1)  # (per query)
-    return {"base_rows": len(base), "queries": len(xq), "table_codes_recall_at_10": round(knn_recall(exact, own, 10), 4),
+    se = difference_standard_error(query_recalls(exact, listed, 10), query_recalls(exact, own, 10))
+    return {"base_rows": len(base), "queries": len(xq),
+            "table_codes_recall_at_10": round(knn_recall(exact, own, 10), 4),
             "residual_codes_recall_at_10": round(knn_recall(exact, listed, 10), 4),
-            "gain_standard_error": round(float(np.std(gain, ddof=1) / np.sqrt(len(gain))) if len(gain) > 1 else 0.0, 4)}
+            "gain_standard_error": round(se, 4) if np.isfinite(se) else None}
 
 
 def residual_leads(judged: dict) -> bool:

@@ -48,7 +48,7 @@ import numpy as np
 from vecpress.kernels.codecs.build import centroids_per_codebook
 from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
-from vecpress.kernels.metrics import knn_hits
+from vecpress.kernels.metrics import difference_standard_error, knn_recall, query_recalls
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.sweep import TrainedCodec, load_trained, spec_bytes, train_candidates
 
@@ -161,13 +161,12 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
     for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base)):
         began = time.perf_counter()
         _, found = codec.search_codes(q, codes, 10)
-        found_, true = knn_hits(exact, found, 10)
-        hits[tc.spec] = found_ / np.maximum(true, 1)
+        hits[tc.spec] = query_recalls(exact, found, 10)
         digest = hashlib.sha256(np.ascontiguousarray(codes))
         digest.update(np.ascontiguousarray(found))
         same = seen.setdefault(digest.digest(), tc.spec)
         out.append({"codec": tc.spec, "code_bytes": tc.code_size,
-                    "recall_at_10": round(float(found_.sum() / true.sum()), 4),
+                    "recall_at_10": round(knn_recall(exact, found, 10), 4),
                     "centroids_per_codebook": centroids_per_codebook(tc.spec, xt.shape[1], metric),
                     "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
                     **({"cut_from": tc.cut_from} if tc.cut_from else {}),
@@ -213,14 +212,9 @@ def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
     if lead > margin:
         return "margin"
     if a["centroids_per_codebook"] > b["centroids_per_codebook"] \
-            and lead > max(MIN_LEAD, ROUGH_LEAD_Z * _standard_error(hits[a["codec"]], hits[b["codec"]])):
+            and lead > max(MIN_LEAD, ROUGH_LEAD_Z * difference_standard_error(hits[a["codec"]], hits[b["codec"]])):
         return "rougher"
     return None
-
-
-def _standard_error(a: np.ndarray, b: np.ndarray) -> float:
-    """The standard error of the mean per-query difference of two recalls."""
-    return float(np.std(a - b, ddof=1) / np.sqrt(len(a))) if len(a) > 1 else float("inf")
 
 
 def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int, margin: float) -> dict | None:
@@ -236,9 +230,9 @@ def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int, 
         return None
     judged, rival = rows[by] if by else row, rivals[0]
     lead = judged["recall_at_10"] - rival["recall_at_10"]
+    se = difference_standard_error(hits[judged["codec"]], hits[rival["codec"]])
     return {"over": rival["codec"], "recall_at_10": rival["recall_at_10"], "by": round(lead, 4),
-            "rule": _settled_by(judged, rival, hits, margin),
-            "standard_errors": round(lead / max(_standard_error(hits[judged["codec"]], hits[rival["codec"]]), 1e-9), 1),
+            "rule": _settled_by(judged, rival, hits, margin), "standard_errors": round(lead / max(se, 1e-9), 1),
             "rows_per_centroid": [n // r["centroids_per_codebook"] if r["centroids_per_codebook"] else None
                                   for r in (judged, rival)]}
 

@@ -9,7 +9,8 @@ from vecpress.kernels.codecs.build import check_codec_spec
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
-from vecpress.kernels.metrics import knn_hits, knn_recall, relative_error, reranked
+from vecpress.kernels.metrics import difference_standard_error, knn_hits, knn_recall, query_recalls, relative_error, \
+    reranked
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 
 SPECS = ["PQ8", "PQ8x4", "OPQ8,PQ8", "RQ4x8", "SQ8", "SQfp16"]
@@ -108,6 +109,10 @@ def test_knn_recall_counts_overlap():
     hits, true = knn_hits(truth, found, 4)
     assert hits.tolist() == [2, 1] and true.tolist() == [4, 2]
     assert knn_recall(truth, found, 4) == pytest.approx(3 / 6)
+    assert query_recalls(truth, found, 4).tolist() == [0.5, 0.5]
+    a, b = np.array([1.0, 0.5, 0.5, 1.0]), np.array([0.5, 0.5, 0.0, 0.5])  # differences 0.5, 0, 0.5, 0.5
+    assert difference_standard_error(a, b) == pytest.approx(np.std([0.5, 0, 0.5, 0.5], ddof=1) / 2)
+    assert difference_standard_error(a[:1], b[:1]) == float("inf")
 
 
 def test_rerank_orders_candidates_by_exact_distance(data):
