@@ -66,13 +66,6 @@ def variant(name: str, rows: int, dim: int, codec: str, seed: int, base_rows: in
     start = time.perf_counter()
     if name == "vecpress-gpu":
         index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=-1)
-    elif name == "faiss-gpu":  # as before on a GPU: faiss's one call, every row, faiss's GPU factory
-        index = build_index(codec, dim, "l2")
-        chain, inner = _innermost(index)
-        keep_alive = vtrain._configure_training(chain, inner, seed=seed, ngpu=-1)
-        assert keep_alive is not None and not vtrain.trains_stagewise(inner), "needs a GPU and a beam over 1"
-        index.train(xt)
-        vtrain._release_gpu(inner)
     elif name == "vecpress-faiss-pca":  # stage by stage with faiss's ProgressiveDimClustering (its PCAMatrix)
         from vecpress.kernels.codecs import residual
 
@@ -85,11 +78,15 @@ def variant(name: str, rows: int, dim: int, codec: str, seed: int, base_rows: in
         if name != "vecpress":
             vtrain.RQ_PROGRESSIVE = tuple(int(v) for v in name.split("-")[1].split("x"))
         index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=0)
-    else:  # as before: the factory's defaults, every training row
+    else:  # as before: the factory's defaults, every training row (faiss-gpu: faiss's GPU factory assigning)
+        ngpu = -1 if name == "faiss-gpu" else 0
         index = build_index(codec, dim, "l2")
         chain, inner = _innermost(index)
-        vtrain._configure_training(chain, inner, seed=seed, ngpu=0)
+        keep_alive = vtrain._configure_training(chain, inner, seed=seed, ngpu=ngpu)
+        assert ngpu == 0 or (keep_alive is not None and not vtrain.trains_stagewise(inner)), \
+            "faiss-gpu needs a GPU and a beam over 1"
         index.train(xt)
+        vtrain._release_gpu(inner)
     seconds = time.perf_counter() - start
     peak = status_mb("VmHWM")  # (the peak while training: the data held, and what training adds)
     index.add(xb)

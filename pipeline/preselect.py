@@ -48,7 +48,7 @@ import numpy as np
 from vecpress.kernels.codecs.build import centroids_per_codebook
 from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
-from vecpress.kernels.metrics import difference_standard_error, knn_recall, query_recalls
+from vecpress.kernels.metrics import difference_standard_error, knn_hits
 from vecpress.pipeline.errors import VecpressError
 from vecpress.pipeline.sweep import TrainedCodec, load_trained, spec_bytes, train_candidates
 
@@ -161,12 +161,13 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
     for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base)):
         began = time.perf_counter()
         _, found = codec.search_codes(q, codes, 10)
-        hits[tc.spec] = query_recalls(exact, found, 10)
+        found_, true = knn_hits(exact, found, 10)
+        hits[tc.spec] = found_ / np.maximum(true, 1)
         digest = hashlib.sha256(np.ascontiguousarray(codes))
         digest.update(np.ascontiguousarray(found))
         same = seen.setdefault(digest.digest(), tc.spec)
         out.append({"codec": tc.spec, "code_bytes": tc.code_size,
-                    "recall_at_10": round(knn_recall(exact, found, 10), 4),
+                    "recall_at_10": round(float(found_.sum() / true.sum()), 4),
                     "centroids_per_codebook": centroids_per_codebook(tc.spec, xt.shape[1], metric),
                     "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
                     **({"cut_from": tc.cut_from} if tc.cut_from else {}),
