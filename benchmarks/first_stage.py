@@ -29,6 +29,7 @@ from _results import write_results  # noqa: E402
 
 from vecpress.kernels.codecs.grid import default_grid  # noqa: E402
 from vecpress.kernels.knn import exact_knn, prepare_vectors  # noqa: E402
+from vecpress.kernels.metrics import difference_standard_error  # noqa: E402
 from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 from vecpress.pipeline import preselect as ps  # noqa: E402
 
@@ -84,7 +85,7 @@ def main() -> None:
         lead = ra["recall_at_10"] - rb["recall_at_10"]
         if lead <= 0 or "error" in ra or "error" in rb:
             continue
-        se = ps._standard_error(small_hits[a], small_hits[b])
+        se = difference_standard_error(small_hits[a], small_hits[b])
         pairs.append({"leader": a, "rival": b, "rougher_leader": ra["centroids_per_codebook"] > rb["centroids_per_codebook"],
                       "centroids": [ra["centroids_per_codebook"], rb["centroids_per_codebook"]],
                       "first_stage_lead": round(lead, 4), "standard_errors": round(lead / max(se, 1e-9), 1),

@@ -75,17 +75,22 @@ MIN_RECALL_MARGIN = 0.05
 #: --max-bytes: the second stage sweeps about this many rows of a larger corpus, in stretches
 #: spread over it (layout.spread_rows), not all of it: it ranks the front-runners, and the
 #: evaluate stage measures the pick over every row. A sweep of every row would cost
-#: `--codec auto` a pass over the corpus, encoding it once per front-runner. (--min-recall
+#: `--codec auto` a pass over the corpus, encoding it once per front-runner. Trained on the
+#: whole sample, the default grid's candidates ranked first the same over 12,500 rows as over
+#: 200,000 at 128 to 768 dims (benchmarks/second_stage.py; a lead grew with the rows); this
+#: many halves the encoding of RQ64x8 against 100,000 (3.4 s at 128-d on 2 cores). (--min-recall
 #: sweeps every row: its target is a recall over the whole corpus, which a part overstates.)
-SECOND_STAGE_ROWS = 100_000
+SECOND_STAGE_ROWS = 50_000
 
 
 def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, seed: int, ngpu: int,
               max_bytes: int | None, min_recall: float | None) -> tuple[list[str], dict | None]:
     """(the front-runners among `specs`, the first stage's record), or (specs, None) when
-    there are no more than FRONT_RUNNERS of them or the sample is too small to split."""
+    the sample is too small to split, or there are no more than FRONT_RUNNERS of them and no
+    leader can be chosen here (without --max-bytes, or on fewer than STAGE1_TRAIN_ROWS rows)."""
     n1 = min(STAGE1_TRAIN_ROWS, len(xt) // 2)
-    if len(specs) <= FRONT_RUNNERS or n1 < 1000:
+    chooses = max_bytes is not None and n1 >= STAGE1_TRAIN_ROWS and len(specs) > 1
+    if (len(specs) <= FRONT_RUNNERS and not chooses) or n1 < 1000:
         return specs, None
     start = time.perf_counter()
     base, q = xt[n1:n1 + STAGE1_BASE_ROWS], xq[:STAGE1_QUERIES]

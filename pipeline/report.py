@@ -268,6 +268,9 @@ def summary_table(info: dict) -> str:
             lines.append(f"                first stage: {len(stage['rows'])} candidates on {stage['train_rows']:,} vectors in "
                          f"{stage['seconds']:.1f}s; " + (f"{advisor['chosen']} {advisor['reason']}" if first else
                                                           f"swept over the corpus: {', '.join(stage['kept'])}"))
+        if advisor.get("held_by_finer"):
+            lines.append("                not tried, a finer one of the family fits the budget: "
+                         + ", ".join(f"{s} ({by})" for s, by in advisor["held_by_finer"].items()))
     if "run" not in info:  # (a run's report says these in its run line)
         if info.get("mode") == "incremental" and info.get("incremental"):
             inc = info["incremental"]

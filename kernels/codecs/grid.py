@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from vecpress.kernels.codecs.build import code_size_of
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import faiss_metric
@@ -63,3 +65,28 @@ def default_grid(dim: int, metric: str, *, min_bytes: int = 8, max_bytes: int = 
         if min_bytes <= size <= max_bytes:
             sized[spec] = size
     return sorted(sized, key=lambda s: (sized[s], s))
+
+
+#: the last part of a spec that sets how finely its family quantizes: the sub-quantizers of a
+#: PQ (the same bits each), the bits per dim of a scalar or RaBitQ code (RaBitQ: 1)
+_FINENESS = re.compile(r"(PQ|SQeden|SQtqmse|SQtq|SQ|RaBitQ)(\d*)((?:x\d+)?(?:fs)?)")
+
+
+def held_by_finer(specs: list[str]) -> dict[str, str]:
+    """{spec: the finest of its family among `specs`} for each spec with a finer one of its
+    family there: the same prefix (PCA, OPQ, MRL ...), method, bits per sub-quantizer and
+    options, with more sub-quantizers (PQ8 under PQ16, PQ16x4fs under PQ32x4fs) or more bits
+    per dim (SQ4 under SQ8, SQeden1 under SQeden4, RaBitQ under RaBitQ4). The finer quantizes
+    the same vectors more closely, in more bytes: within a --max-bytes budget that fits both,
+    the coarser is not the best (every family pair of the full sweeps measured, BENCHMARKS.md
+    "The advisor's second stage"). Residual quantizers are judged as one family instead
+    (kernels.codecs.nested); specs of other forms (SQfp16, BIN ...) are held by none."""
+    families: dict[tuple, list[tuple[int, str]]] = {}
+    for spec in specs:
+        parts = spec.split(",")
+        body = [p for p in parts if "=" not in p]
+        if m := _FINENESS.fullmatch(body[-1]):
+            key = (tuple(body[:-1]), m.group(1), m.group(3), tuple(sorted(p for p in parts if "=" in p)))
+            families.setdefault(key, []).append((int(m.group(2) or 1), spec))
+    finest = {spec: max(members)[1] for members in families.values() for _, spec in members}
+    return {spec: by for spec, by in finest.items() if by != spec}

@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass
 
+from vecpress.kernels.codecs.grid import held_by_finer
 from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
@@ -45,12 +46,18 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
                             codecs=list(opts.advise_codecs or []) or None, budgets=budgets,
                             served_rows=plan.num_rows if opts.serve == "lancedb" else None)
     xt, xq = load_array(sampled.train_uri), load_array(sampled.queries_uri)
-    staged = None
+    staged, held = None, {}
     if not opts.advise_codecs and opts.serve == "codes":  # (a list given is swept as it is)
+        if opts.max_bytes:  # (the best within the budget: a finer one of the same family that fits is better)
+            held = held_by_finer(specs)
+            specs = [s for s in specs if s not in held]
+            if held:
+                log.info("advise: %d candidates within %d B; not tried, a finer one of the family fits: %s",
+                         len(specs), opts.max_bytes, ", ".join(f"{s} ({by})" for s, by in held.items()))
         specs, staged = preselect(specs, xt, xq, metric=opts.metric, seed=opts.seed, ngpu=opts.ngpu,
                                   max_bytes=opts.max_bytes, min_recall=opts.min_recall)
     if staged is not None and opts.max_bytes and opts.advise_rerank <= 1 and len(specs) == 1:
-        return _first_stage_leader(planned, staged, opts, ctx, time.perf_counter() - start)
+        return _first_stage_leader(planned, staged, held, opts, ctx, time.perf_counter() - start)
     # the second stage, judging by rank within --max-bytes: a bounded part of a larger corpus
     max_rows = SECOND_STAGE_ROWS if staged is not None and opts.max_bytes else None
     log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
@@ -69,7 +76,7 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         "chosen_recall_at_10": score(pick, opts.advise_rerank),
         "code_bytes": pick["code_bytes"], "table": result.rows, "failed": result.failed,
         # the first stage (pipeline.preselect): every candidate on a small sample, and the kept
-        "first_stage": staged,
+        "first_stage": staged, "held_by_finer": held,
         "decided_in": "second stage" if staged else "sweep",
         "swept_rows": result.num_rows,
         "reason": f"best recall@10 {_criterion(opts)} of {len(result.rows)} codecs swept over {swept}"
@@ -93,8 +100,8 @@ def _criterion(opts: CompressOptions) -> str:
                                                               if opts.advise_rerank > 1 else "")
 
 
-def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, ctx: RunContext,
-                        seconds: float) -> Advised:
+def _first_stage_leader(planned: Planned, staged: dict, held: dict[str, str], opts: CompressOptions,
+                        ctx: RunContext, seconds: float) -> Advised:
     """--max-bytes (judged without re-ranking), and one first-stage candidate ahead of the
     others for good (pipeline.preselect: by more than LEAD_MARGIN, or judged the more roughly
     and ahead by more than its noise): chosen there. The train stage trains it on the whole
@@ -115,7 +122,7 @@ def _first_stage_leader(planned: Planned, staged: dict, opts: CompressOptions, c
         "criterion": _criterion_of(opts), "chosen": pick["codec"], "chosen_recall_at_10": pick["recall_at_10"],
         "code_bytes": pick["code_bytes"], **({"recall_judged_by": by} if by else {}),
         "table": [], "failed": [r for r in staged["rows"] if "error" in r], "first_stage": staged,
-        "decided_in": "first stage", "reason": reason, "report_uri": None,
+        "held_by_finer": held, "decided_in": "first stage", "reason": reason, "report_uri": None,
     }
     return Advised(resolve_codec(ctx, planned, pick["codec"], opts), advisor, None, seconds)
 

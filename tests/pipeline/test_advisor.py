@@ -211,7 +211,7 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
     only the front-runners are swept over the corpus (or a clear leader chosen in the first
     stage), and the pick is within 0.01 recall@10 (with max_bytes) of the best codec of a full
     sweep of the same grid, or as cheap (with min_recall) as the full sweep's."""
-    from vecpress.kernels.codecs.grid import default_grid
+    from vecpress.kernels.codecs.grid import default_grid, held_by_finer
     from vecpress.pipeline import preselect
     from vecpress.pipeline.preselect import FRONT_RUNNERS
     from vecpress.pipeline.stages import s04_advise
@@ -231,7 +231,11 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
     advisor = inspect_table(out, "t")["advisor"]
     stage = advisor["first_stage"]
     grid = default_grid(DIM, "cosine", min_bytes=8, max_bytes=criterion.get("max_bytes", 256))
-    assert [r["codec"] for r in stage["rows"]] == grid and len(stage["kept"]) <= FRONT_RUNNERS
+    # (with --max-bytes, those a finer one of their family holds are not tried: the full sweep below has them)
+    held = advisor["held_by_finer"]
+    assert held == (held_by_finer(grid) if "max_bytes" in criterion else {}) and ("max_bytes" not in criterion or held)
+    assert [r["codec"] for r in stage["rows"]] == [s for s in grid if s not in held]
+    assert len(stage["kept"]) <= FRONT_RUNNERS
     assert advisor["chosen"] in stage["kept"] and advisor["decided_in"] == decided_in
     assert stage["lead_margin"] == (preselect.LEAD_MARGIN if decided_in == "first stage" else None)
     if advisor["decided_in"] == "first stage":  # a clear leader: no second stage, the train stage trains it
@@ -379,6 +383,27 @@ def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stag
         assert "same_codes_as" not in rows[a] and b not in kept
     assert set(kept) == {"SQeden2", "SQeden1", "PQ4", "BIN"}
     assert not any("same_codes_as" in r for c, r in rows.items() if c in ("PQ4", "BIN"))
+
+
+def test_few_candidates_go_through_a_first_stage_only_where_it_can_choose(stage_sample, monkeypatch):
+    """No more candidates than FRONT_RUNNERS: with --max-bytes and a full-size first stage, a
+    clear leader is still chosen there (no second stage); without --max-bytes, or on fewer
+    than STAGE1_TRAIN_ROWS rows (no margin applies), they all go on untried."""
+    from vecpress.pipeline import preselect as ps
+
+    monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)
+    monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
+    monkeypatch.setattr(ps, "LEAD_MARGIN", 0.05)
+    xt, xq = stage_sample
+    specs = ["PQ8", "BIN", "SQeden1"]
+    kw = dict(metric="cosine", seed=3, ngpu=0)
+    kept, record = ps.preselect(specs, xt, xq, max_bytes=8, min_recall=None, **kw)
+    rows = {r["codec"]: r for r in record["rows"]}
+    assert kept == ["PQ8"] and record["lead"]["over"] in ("BIN", "SQeden1")
+    assert rows["PQ8"]["recall_at_10"] > max(rows["BIN"]["recall_at_10"], rows["SQeden1"]["recall_at_10"]) + 0.05
+    assert ps.preselect(specs, xt, xq, max_bytes=None, min_recall=0.5, **kw) == (specs, None)
+    monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 10_000)  # (a sample of 6,000: a first stage of 3,000 rows)
+    assert ps.preselect(specs, xt, xq, max_bytes=8, min_recall=None, **kw) == (specs, None)
 
 
 def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(stage_sample, monkeypatch):
