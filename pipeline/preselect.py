@@ -76,9 +76,10 @@ MIN_RECALL_MARGIN = 0.05
 #: spread over it (layout.spread_rows), not all of it: it ranks the front-runners, and the
 #: evaluate stage measures the pick over every row. A sweep of every row would cost
 #: `--codec auto` a pass over the corpus, encoding it once per front-runner. Trained on the
-#: whole sample, the default grid's candidates ranked first the same over 12,500 rows as over
-#: 200,000 at 128 to 768 dims (benchmarks/second_stage.py; a lead grew with the rows); this
-#: many halves the encoding of RQ64x8 against 100,000 (3.4 s at 128-d on 2 cores). (--min-recall
+#: whole sample, the default grid's best over this many rows was the best over 200,000 in 7 of
+#: 8 grids at 128 to 768 dims, and 0.003 recall@10 below it in a near tie (benchmarks/
+#: second_stage.py; leads grew with the rows); this many halves the encoding of RQ64x8 against
+#: 100,000 (3.4 s at 128-d on 2 cores). (--min-recall
 #: sweeps every row: its target is a recall over the whole corpus, which a part overstates.)
 SECOND_STAGE_ROWS = 50_000
 
