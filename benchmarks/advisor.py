@@ -83,6 +83,10 @@ def main() -> None:
                    "pq_spec": f"PQ{m}", "pq_seconds": round(pq_s, 1),
                    "first_stage_seconds": (advisor.get("first_stage") or {}).get("seconds"),
                    "front_runners": (advisor.get("first_stage") or {}).get("kept"),
+                   # what the first stage tried and what each cost (seconds), and what it did not try
+                   "first_stage_costs": {r["codec"]: r.get("seconds") for r in
+                                         (advisor.get("first_stage") or {}).get("rows", [])},
+                   "held_by_finer": advisor.get("held_by_finer"),
                    "decided_in": advisor.get("decided_in"), "reason": advisor.get("reason"),
                    # what --codec auto adds to a run naming its pick: decided in the first stage, the
                    # advise stage (the train stage then trains the pick as for a named codec); decided
