@@ -90,7 +90,9 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     the sample is too small to split, or there are no more than FRONT_RUNNERS of them and no
     leader can be chosen here (without --max-bytes, or on fewer than STAGE1_TRAIN_ROWS rows)."""
     n1 = min(STAGE1_TRAIN_ROWS, len(xt) // 2)
-    chooses = max_bytes is not None and n1 >= STAGE1_TRAIN_ROWS and len(specs) > 1
+    # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
+    margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
+    chooses = max_bytes is not None and margin is not None and len(specs) > 1
     if (len(specs) <= FRONT_RUNNERS and not chooses) or n1 < 1000:
         return specs, None
     start = time.perf_counter()
@@ -99,8 +101,6 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     hits: dict[str, np.ndarray] = {}  # (per query, for the standard error of a lead)
     judge = functools.partial(_judge, xt=xt[:n1], base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu,
                               hits=hits, seen={})
-    # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
-    margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
     dim = xt.shape[1]
     nested = nesting(specs, dim, greedy=True)  # (training is greedy, on a GPU too)
     # --max-bytes: a residual quantizer family judged by its shortest first, then by lengths doubling
