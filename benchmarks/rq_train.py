@@ -122,6 +122,8 @@ def main() -> None:
             rows.append(json.loads(out.strip().splitlines()[-1]))
         except subprocess.TimeoutExpired:
             rows.append({"variant": name, "timed_out_after_s": args.timeout})
+        except subprocess.CalledProcessError as e:  # one variant failing (no GPU, say) leaves the others
+            rows.append({"variant": name, "failed": (e.stderr or "").strip().splitlines()[-1:]})
         print(rows[-1], flush=True)
     print(f"\n{args.codec} on {args.rows:,} x {args.dim}-d (unit vectors), {os.cpu_count()} CPUs\n")
     print("| training | train s | peak RSS while training, MB (added by training) | recall@10 |")
@@ -129,6 +131,9 @@ def main() -> None:
     for r in rows:
         if "timed_out_after_s" in r:
             print(f"| {r['variant']} | over {r['timed_out_after_s']:.0f} (the whole process) | - | - |")
+            continue
+        if "failed" in r:
+            print(f"| {r['variant']} | failed: {' '.join(r['failed'])} | - | - |")
             continue
         print(f"| {r['variant']} | {r['train_seconds']:.1f} | {r['peak_rss_mb']} ({r['rss_growth_mb']}) "
               f"| {r['recall_at_10']:.3f} |")
