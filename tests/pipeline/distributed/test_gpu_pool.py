@@ -182,3 +182,25 @@ def test_gpu_wait_seconds(monkeypatch):
     monkeypatch.setenv("VECPRESS_GPU_WAIT_S", "ten minutes")
     with pytest.raises(ClusterError, match="VECPRESS_GPU_WAIT_S must be a number of seconds, got 'ten minutes'"):
         gpu_wait_seconds()
+
+
+@pytest.mark.gpu
+def test_compress_on_the_gpu_reports_it(make_corpus, tmp_path):
+    """A compress run with device="cuda" encodes on the GPU and says so in its manifest, at the
+    recall of the same run on the CPU."""
+    if gpu_count() == 0:
+        pytest.skip("CuPy sees no GPU")
+    from vecpress.pipeline.options import CompressOptions
+    from vecpress.pipeline.run import run_compress
+
+    src, _ = make_corpus(num_rows=8000, dim=64)
+    runs = {}
+    for device in ("cpu", "cuda"):
+        opts = CompressOptions(codec="PQ16", num_train=3000, num_queries=100, eval_k=10, shard_rows=2000,
+                               batch_size=700, device=device, eval_rerank=False)
+        runs[device] = run_compress([str(src)], str(tmp_path / device), "t", opts)
+    compute = runs["cuda"].manifest["devices"]["compute"]
+    assert compute and all(c["encode"] == "cuda:0" and c["exact_knn"] == "faiss-gpu" for c in compute)
+    assert all(c["encode"] == "cpu" for c in runs["cpu"].manifest["devices"]["compute"])
+    for k in ("recall_at_1", "recall_at_10"):
+        assert abs(runs["cuda"].eval[k] - runs["cpu"].eval[k]) <= 0.01
