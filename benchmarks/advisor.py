@@ -3,8 +3,10 @@ sweep's table against the best there, and the time each takes, beside the time t
 PQ at the budget (the issue's yardstick: the advisor in at most ~3x that).
 
     python benchmarks/advisor.py --rows 50000 --dim 384 --budgets 16,32
+    python benchmarks/advisor.py --rows 200000 --num-train 100000 --dim 384 --budgets 16,32,64 --data powerlaw
 
-A clustered corpus (cosine) as Parquet, then per budget: `compress --codec auto --max-bytes B`
+A generated corpus (cosine; `--data`: clustered near a low-dimensional surface, or with a
+power-law spectrum) as Parquet, then per budget: `compress --codec auto --max-bytes B`
 (the two-stage advisor, timed as its advise stage), a full sweep of the default grid within B
 (`vecpress sweep`'s code), and PQ training at B bytes. The advisor's overhead is what
 `--codec auto` adds to a run naming its pick: its advise stage, less the pick's training
@@ -26,11 +28,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from _data import add_data_option, generator  # noqa: E402
 from _results import write_results  # noqa: E402
 
 from vecpress.kernels.codecs.codec import Codec  # noqa: E402
 from vecpress.kernels.codecs.grid import default_grid  # noqa: E402
-from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
 from vecpress.pipeline.options import CompressOptions  # noqa: E402
 from vecpress.pipeline.report import inspect_table  # noqa: E402
@@ -44,10 +46,11 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--budgets", default="16,32")
     ap.add_argument("--num-train", type=int, default=50_000)
+    add_data_option(ap)
     ap.add_argument("--results", default="benchmarks/results/advisor.json")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="vecpress-advisor-"))
-    x = ClusteredEmbeddings(args.dim, seed=5, num_clusters=300).batch(0, args.rows)
+    x = generator(args.data, args.dim, seed=5).batch(0, args.rows)
     src = work / "src"
     src.mkdir()
     for i, part in enumerate(np.array_split(np.arange(args.rows), 4)):
@@ -101,7 +104,8 @@ def main() -> None:
                        r["train_seconds"] for r in advisor["table"] if r["codec"] == advisor["chosen"])), 1)}
             rows.append(row)
             print(row, flush=True)
-    print(f"\n{args.rows:,} x {args.dim}-d (cosine), {common['num_train']:,} training vectors, {os.cpu_count()} CPUs\n")
+    print(f"\n{args.rows:,} x {args.dim}-d ({args.data}, cosine), {common['num_train']:,} training vectors, "
+          f"{os.cpu_count()} CPUs\n")
     print("| budget | candidates | advisor's pick (full-sweep R@10) | full sweep's best (R@10) | decided in | "
           "advise s | train stage s | overhead s | full sweep s | one PQ's training s |")
     print("| ---: | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")

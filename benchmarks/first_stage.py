@@ -25,12 +25,12 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+from _data import add_data_option, generator  # noqa: E402
 from _results import write_results  # noqa: E402
 
 from vecpress.kernels.codecs.grid import default_grid  # noqa: E402
 from vecpress.kernels.knn import exact_knn, prepare_vectors  # noqa: E402
 from vecpress.kernels.metrics import difference_standard_error  # noqa: E402
-from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 from vecpress.pipeline import preselect as ps  # noqa: E402
 
 
@@ -66,10 +66,11 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=200_000, help="rows the full-size codes are searched over")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--seed", type=int, default=5, help="the corpus's seed")
+    add_data_option(ap)
     ap.add_argument("--results", default="benchmarks/results/first_stage.json")
     args = ap.parse_args()
     n = args.num_train + args.base + args.queries
-    x = ClusteredEmbeddings(args.dim, seed=args.seed, num_clusters=300).batch(0, n)
+    x = generator(args.data, args.dim, args.seed).batch(0, n)
     xt, base, q = x[:args.num_train], x[args.num_train:-args.queries], x[-args.queries:]
     specs = default_grid(args.dim, "cosine", max_bytes=args.budget)
     timed = {}

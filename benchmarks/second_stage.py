@@ -29,13 +29,13 @@ import time
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+from _data import add_data_option, generator  # noqa: E402
 from _results import write_results  # noqa: E402
 
 from vecpress.kernels.codecs.grid import default_grid  # noqa: E402
 from vecpress.kernels.codecs.nested import encode_all, nesting  # noqa: E402
 from vecpress.kernels.knn import exact_knn, prepare_vectors  # noqa: E402
 from vecpress.kernels.metrics import knn_hits  # noqa: E402
-from vecpress.kernels.synthetic import ClusteredEmbeddings  # noqa: E402
 from vecpress.pipeline.sweep import load_trained, train_candidates  # noqa: E402
 
 
@@ -59,10 +59,11 @@ def main() -> None:
     ap.add_argument("--rows", default="12500,25000,50000,100000", help="the parts of the base ranked over")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--seed", type=int, default=5, help="the corpus's seed")
+    add_data_option(ap)
     ap.add_argument("--clusters", type=int, default=300, help="the corpus's clusters (more: families closer)")
     ap.add_argument("--results", default="benchmarks/results/second_stage.json")
     args = ap.parse_args()
-    x = ClusteredEmbeddings(args.dim, seed=args.seed, num_clusters=args.clusters).batch(
+    x = generator(args.data, args.dim, args.seed, args.clusters).batch(
         0, args.num_train + args.base + args.queries)
     xt, base, q = x[:args.num_train], x[args.num_train:-args.queries], x[-args.queries:]
     specs = default_grid(args.dim, "cosine", min_bytes=8, max_bytes=args.budget)

@@ -38,3 +38,34 @@ class ClusteredEmbeddings:
         z = self.centroids[labels] + rs.normal(size=(n, self.intrinsic_dim)) * self.spread[labels, None]
         x = np.tanh(z @ self.lift + self.bias) + self.noise * rs.normal(size=(n, self.dim))
         return x.astype(np.float32)
+
+
+class PowerLawEmbeddings:
+    """Gaussian clusters whose spread falls off as a power of the axis: the variance along the
+    i-th of `dim` axes goes as i^-decay, in a fixed random rotation. Text embeddings' spectra
+    fall off slowly like this, where ClusteredEmbeddings' rows sit near a 24-dimensional
+    surface plus isotropic noise; a codec's training can win on one and lose on the other
+    (BENCHMARKS.md: a residual stage's last k-means step). The same (dim, seed) and
+    `batch(start, n)` always give the same rows."""
+
+    def __init__(self, dim: int, *, seed: int = 0, num_clusters: int = 2000, decay: float = 0.9,
+                 spread: float = 0.7):
+        if dim < 2:
+            raise ValueError("dim must be at least 2")
+        self.dim = dim
+        self.seed = seed
+        self.spread = spread
+        rs = np.random.default_rng(seed)
+        self.scale = (np.arange(1, dim + 1) ** (-decay / 2)).astype(np.float32)
+        rotation, _ = np.linalg.qr(rs.normal(size=(dim, dim)))
+        self.rotation = rotation.astype(np.float32)
+        self.means = (rs.normal(size=(num_clusters, dim)) * self.scale).astype(np.float32)
+
+    def batch(self, start: int, n: int) -> np.ndarray:
+        """The chunk of n rows starting at `start`, float32 of shape (n, dim), seeded by
+        (seed, start)."""
+        rs = np.random.default_rng([self.seed, 2, start])
+        labels = rs.integers(0, len(self.means), size=n)
+        noise = rs.standard_normal(size=(n, self.dim), dtype=np.float32)
+        z = self.means[labels] + self.spread * noise * self.scale
+        return np.ascontiguousarray(z @ self.rotation, dtype=np.float32)

@@ -11,7 +11,7 @@ from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, exact_knn, prepare_vectors
 from vecpress.kernels.metrics import difference_standard_error, knn_hits, knn_recall, query_recalls, relative_error, \
     reranked
-from vecpress.kernels.synthetic import ClusteredEmbeddings
+from vecpress.kernels.synthetic import ClusteredEmbeddings, PowerLawEmbeddings
 
 SPECS = ["PQ8", "PQ8x4", "OPQ8,PQ8", "RQ4x8", "SQ8", "SQfp16"]
 
@@ -134,6 +134,23 @@ def test_synthetic_data_is_reproducible_and_structured():
     d_nn = np.sort(((a[:50, None] - a[None]) ** 2).sum(-1), axis=1)[:, 1].mean()
     d_rand = ((a[:50] - a[50:100]) ** 2).sum(-1).mean()
     assert d_nn < 0.5 * d_rand
+
+
+def test_power_law_embeddings_are_reproducible_and_their_spectrum_falls_off_as_asked():
+    a = PowerLawEmbeddings(96, seed=2, decay=0.9).batch(10, 4000)
+    assert a.dtype == np.float32 and a.shape == (4000, 96)
+    assert np.array_equal(a, PowerLawEmbeddings(96, seed=2, decay=0.9).batch(10, 4000))
+    assert not np.array_equal(a, PowerLawEmbeddings(96, seed=2, decay=0.9).batch(11, 4000))
+    variances = np.sort(np.linalg.eigvalsh(np.cov(a.T.astype(np.float64))))[::-1]
+    # the slope of log variance against log rank, over the axes well inside the spectrum
+    ranks = np.arange(4, 64)
+
+    def slope(v):
+        return np.polyfit(np.log(ranks + 1), np.log(v[ranks]), 1)[0]
+
+    assert -1.1 < slope(variances) < -0.7
+    flat = np.sort(np.linalg.eigvalsh(np.cov(PowerLawEmbeddings(96, seed=2, decay=0.0).batch(0, 4000).T)))[::-1]
+    assert -0.3 < slope(flat) <= 0
 
 
 @pytest.mark.gpu
