@@ -5,6 +5,7 @@ larger, then compares, for every pair the first stage ranks, its lead there with
 full size.
 
     python benchmarks/first_stage.py --dim 128 --budget 32
+    python benchmarks/first_stage.py --dim 768 --budget 32 --data powerlaw --stages 10000x20000,10000x200000
 
 Pairs are split by which of the two fits more centroids per codebook
 (kernels.codecs.build.centroids_per_codebook): the first stage judges that one on fewer
@@ -67,25 +68,56 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=200_000, help="rows the full-size codes are searched over")
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--seed", type=int, default=5, help="the corpus's seed")
+    ap.add_argument("--stages", default=f"{ps.STAGE1_TRAIN_ROWS}x{ps.STAGE1_BASE_ROWS}",
+                    help="first stages to compare, TRAINxBASE rows, comma-separated (default: the advisor's own); "
+                         "e.g. 10000x20000,10000x200000,100000x20000 tells the training rows' effect from the base's")
     add_data_option(ap)
     ap.add_argument("--results", default="benchmarks/results/first_stage.json")
     args = ap.parse_args()
+    stages = [tuple(map(int, s.split("x"))) for s in args.stages.split(",")]
+    stages = [(min(t, args.num_train), min(b, args.base)) for t, b in stages]  # (a toy run's smaller sets)
     n = args.num_train + args.base + args.queries
     x = generator(args.data, args.dim, args.seed).batch(0, n)
     xt, base, q = x[:args.num_train], x[args.num_train:-args.queries], x[-args.queries:]
     specs = default_grid(args.dim, "cosine", max_bytes=args.budget)
-    timed = {}
-    start = time.perf_counter()
-    small, small_hits = judge(specs, xt[:ps.STAGE1_TRAIN_ROWS], base[:ps.STAGE1_BASE_ROWS], q[:ps.STAGE1_QUERIES], 0)
-    timed["first_stage_seconds"] = round(time.perf_counter() - start, 1)
     start = time.perf_counter()
     full, _ = judge(specs, xt, base, q, 0)
-    timed["full_size_seconds"] = round(time.perf_counter() - start, 1)
+    timed = {"full_size_seconds": round(time.perf_counter() - start, 1)}
+    results = []
+    for train_rows, base_rows in stages:
+        start = time.perf_counter()
+        small, small_hits = judge(specs, xt[:train_rows], base[:base_rows], q[:ps.STAGE1_QUERIES], 0)
+        seconds = round(time.perf_counter() - start, 1)
+        pairs = compare(small, small_hits, full)
+        print(f"\n{args.dim}-d (cosine), candidates within {args.budget} B: first stage {train_rows:,} training "
+              f"rows, {base_rows:,} base rows, {ps.STAGE1_QUERIES} queries; full size {args.num_train:,}, "
+              f"{args.base:,}, {args.queries}; {os.cpu_count()} CPUs\n")
+        print("| leader | rival | leader rougher | centroids | first-stage lead | standard errors | full-size lead |")
+        print("| --- | --- | --- | --- | ---: | ---: | ---: |")
+        for p in pairs:
+            if p["first_stage_lead"] <= ps.LEAD_MARGIN:
+                print(f"| {p['leader']} | {p['rival']} | {'yes' if p['rougher_leader'] else 'no'} | "
+                      f"{p['centroids'][0]} vs {p['centroids'][1]} | {p['first_stage_lead']:.4f} | "
+                      f"{p['standard_errors']} | {p['full_size_lead']:+.4f} |")
+        summary = summarise(pairs)
+        print(f"\nleads beyond {ps.ROUGH_LEAD_Z} standard errors, all and those within LEAD_MARGIN: {summary}")
+        print(f"first stage {seconds} s; {timed}")
+        results.append({"train_rows": train_rows, "base_rows": base_rows, "seconds": seconds, "summary": summary,
+                        "first_stage": list(small.values()), "pairs": pairs})
+    write_results(args.results, {"args": vars(args), "machine": platform.platform(), **timed,
+                                 "full_size": list(full.values()), "stages": results})
+
+
+def compare(small: dict, small_hits: dict, full: dict) -> list[dict]:
+    """Every pair the first stage ranks (leader first): its lead there, in standard errors of
+    the per-query difference, and the same pair's lead at full size."""
     pairs = []
     for a, b in itertools.permutations(sorted(set(small) & set(full)), 2):
         ra, rb = small[a], small[b]
+        if "error" in ra or "error" in rb or "error" in full[a] or "error" in full[b]:
+            continue
         lead = ra["recall_at_10"] - rb["recall_at_10"]
-        if lead <= 0 or "error" in ra or "error" in rb:
+        if lead <= 0:
             continue
         se = difference_standard_error(small_hits[a], small_hits[b])
         pairs.append({"leader": a, "rival": b, "rougher_leader": ra["centroids_per_codebook"] > rb["centroids_per_codebook"],
@@ -93,22 +125,7 @@ def main() -> None:
                       "first_stage_lead": round(lead, 4), "standard_errors": round(lead / max(se, 1e-9), 1),
                       "full_size_lead": round(full[a]["recall_at_10"] - full[b]["recall_at_10"], 4)})
     pairs.sort(key=lambda p: (not p["rougher_leader"], p["first_stage_lead"]))
-    print(f"\n{args.dim}-d (cosine), candidates within {args.budget} B: first stage {ps.STAGE1_TRAIN_ROWS:,} training "
-          f"rows, {ps.STAGE1_BASE_ROWS:,} base rows, {ps.STAGE1_QUERIES} queries; full size {args.num_train:,}, "
-          f"{args.base:,}, {args.queries}; {os.cpu_count()} CPUs\n")
-    print("| leader | rival | leader rougher | centroids | first-stage lead | standard errors | full-size lead |")
-    print("| --- | --- | --- | --- | ---: | ---: | ---: |")
-    for p in pairs:
-        if p["first_stage_lead"] <= ps.LEAD_MARGIN:
-            print(f"| {p['leader']} | {p['rival']} | {'yes' if p['rougher_leader'] else 'no'} | "
-                  f"{p['centroids'][0]} vs {p['centroids'][1]} | {p['first_stage_lead']:.4f} | "
-                  f"{p['standard_errors']} | {p['full_size_lead']:+.4f} |")
-    summary = summarise(pairs)
-    print(f"\nleads beyond {ps.ROUGH_LEAD_Z} standard errors, all and those within LEAD_MARGIN: {summary}")
-    print(timed)
-    write_results(args.results, {"args": vars(args), "machine": platform.platform(), **timed, "summary": summary,
-                                 "first_stage": list(small.values()), "full_size": list(full.values()),
-                                 "pairs": pairs})
+    return pairs
 
 
 if __name__ == "__main__":

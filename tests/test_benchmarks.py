@@ -14,7 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 RUNS = {
-    "first_stage": ["--dim", "32", "--budget", "8", "--num-train", "11000", "--base", "3000", "--queries", "60"],
+    "first_stage": ["--dim", "32", "--budget", "8", "--num-train", "11000", "--base", "3000", "--queries", "60",
+                    "--stages", "10000x20000,11000x2000"],
     "second_stage": ["--dim", "32", "--budget", "8", "--num-train", "11000", "--base", "4000", "--rows", "2000,4000",
                      "--queries", "60"],
     "rq_train": ["--codec", "RQ4x8", "--rows", "12000", "--dim", "32", "--base-rows", "2000",
@@ -34,7 +35,9 @@ def test_benchmark_runs_and_writes_its_results(tmp_path, name, data):
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(out.read_text())
     if name == "first_stage":
-        assert results["first_stage"] and results["full_size"] and results["args"]["data"] == data
+        assert results["full_size"] and results["args"]["data"] == data
+        assert [(s["train_rows"], s["base_rows"]) for s in results["stages"]] == [(10_000, 3_000), (11_000, 2_000)]
+        assert all(s["first_stage"] for s in results["stages"])
     elif name == "second_stage":
         assert results["args"]["data"] == data and "train_seconds" in results
     else:
