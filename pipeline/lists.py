@@ -213,14 +213,19 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     """Top-k of raw queries over the codes of their `nprobes` nearest partitions: (D, I), I
     global positions (-1 where fewer than k rows were probed). `exclude[q]`: a position never
     returned for query q (its own row); `allowed`: sorted positions, the only ones returned.
-    Each query scores its partitions' codes in one search (ADC's cost is per query and code
-    either way; one call per query beats one per partition of a batch, which pays faiss's
-    per-call overhead for every partition); a batch reads a partition once
-    (`READ_CACHE_BYTES` of them kept at a time)."""
+    Table codes: each query scores its partitions' codes in one search (ADC's cost is per
+    query and code either way; one call per query beats one per partition of a batch, which
+    pays faiss's per-call overhead for every partition); a batch reads a partition once
+    (`READ_CACHE_BYTES` of them kept at a time). Residual codes (relative to each partition's
+    centroid) are searched a partition at a time, for all the batch's queries that probe it
+    together (`_search_residual_lists`)."""
     coarse = load_codec(lists.spec.coarse)
     probes = coarse.probe(queries, nprobes)
     kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
-    score = _residual_scorer(coarse, load_codec(lists.spec.residual), kk) if lists.spec.residual else None
+    if lists.spec.residual:
+        score = _residual_scorer(coarse, load_codec(lists.spec.residual), kk)
+        return _search_residual_lists(lists, score, prepare_vectors(queries, coarse.metric), probes, k,
+                                      exclude=exclude, allowed=allowed)
     D = np.full((len(queries), k), np.inf, np.float32)
     I = np.full((len(queries), k), -1, np.int64)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -233,23 +238,45 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
                 cache[p] = lists.read(p)
                 held += cache[p][0].nbytes + cache[p][1].nbytes
         top = TopK(1, k, exclude=None if exclude is None else exclude[q:q + 1])
-        if score is not None:  # residual codes: each partition's, relative to its own centroid
-            xq = prepare_vectors(queries[q:q + 1], coarse.metric)
-            for p in partitions[partitions >= 0]:
-                top.add(*score(xq, p, *_rows([cache[p]], lists.spec.code_size, allowed)))
-        else:
-            pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
-            d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
-            top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
+        pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
+        d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
+        top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
         D[q], I[q] = top.D[0], top.I[0]
     return D, I
 
 
+def _search_residual_lists(lists: InvertedLists, score, xq: np.ndarray, probes: np.ndarray, k: int, *,
+                           exclude: np.ndarray | None, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """search_lists over residual codes: each probed partition read once and its codes scored
+    for every query of the batch that probes it, in one search (prepared queries `xq`).
+
+    A query's codes relative to a partition's centroid are its own there, so a query-major
+    search makes one call per (query, partition) pair, and faiss decodes a residual
+    quantizer's codes once per pair (RQ64x8 at 768-d: 0.93 s a query at nprobes 64). Two or
+    more queries at once are searched over the partition's codes decoded once
+    (kernels.codecs.search), with each found code's distance computed again a pair at a time
+    as in a one-query search, so the merge ranks the same distances."""
+    probed: dict[int, list[int]] = {}
+    for q, partitions in enumerate(probes):
+        for p in partitions[partitions >= 0]:
+            probed.setdefault(int(p), []).append(q)
+    top = TopK(len(xq), k, exclude=exclude)
+    for p in sorted(probed):
+        qs = np.asarray(probed[p], np.int64)
+        d, i = score(xq[qs], p, *_rows([lists.read(p)], lists.spec.code_size, allowed))
+        D = np.full((len(xq), d.shape[1]), np.inf, np.float32)
+        I = np.full((len(xq), d.shape[1]), -1, np.int64)
+        D[qs], I[qs] = d, i
+        top.add(D, I)
+    return top.D, top.I
+
+
 def _residual_scorer(coarse, residual, k: int):
-    """score(prepared query (1, d), partition, positions, codes) -> (D, I) of the query's top-k
-    among a partition's residual codes, I positions: ADC of the query relative to the centroid
-    (L2: |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>). A
-    cosine table's L2 distances are reported as the table's codes report theirs (d / 2 - 1)."""
+    """score(prepared queries (m, d), partition, positions, codes) -> (D, I) of each query's
+    top-k among a partition's residual codes, I positions: ADC of the queries relative to the
+    centroid (L2: |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> -
+    <q, r>). A cosine table's L2 distances are reported as the table's codes report theirs
+    (d / 2 - 1)."""
     def score(xq: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray):
         centroid = coarse.centroids[p]
         if residual.metric == "l2":
@@ -258,7 +285,8 @@ def _residual_scorer(coarse, residual, k: int):
                 d = l2_as_cosine(d)
         else:
             d, i = residual.search_codes(xq, codes, min(k, len(pos)))
-            d = d - float(xq[0] @ centroid)
+            # (a dot product per query, as a one-query search takes it: the same rounding)
+            d = d - np.array([[float(x @ centroid)] for x in xq], np.float32)
         return d, np.where(i >= 0, pos[np.maximum(i, 0)], -1)
 
     return score

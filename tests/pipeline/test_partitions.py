@@ -281,6 +281,36 @@ def test_residual_search_ranks_by_the_distance_to_centroid_plus_residual(residua
     assert (I == np.argsort(exact, axis=1, kind="stable")[:, :10]).mean() > 0.98
 
 
+@pytest.mark.parametrize("codec", ["PQ8", "RQ4x8"])
+def test_a_batch_over_residual_lists_finds_what_each_query_alone_finds(corpus, residual_table, tmp_path, codec):
+    """A batch is searched a partition at a time for all the queries probing it (a residual
+    quantizer's codes decoded once, not once per query): the same neighbours and distances
+    as one query at a time, with each query's own row excluded and an allow-list."""
+    root, x = corpus
+    out = residual_table[0]
+    if codec != "PQ8":
+        out = str(tmp_path / "rq")
+        _compress(root, "src", out, LocalExecutor(), codec=codec, metric="cosine")
+    lists, m = _lists(out)
+    assert m["partitions"]["residual"]["spec"] == codec
+    tbl = vecpress.open(out, "t")
+    own = np.arange(200, 240)
+    xq = x[own] + 0.01
+    allowed = np.sort(np.random.default_rng(0).choice(N, N // 2, replace=False))
+    for kw in ({"exclude": own}, {"allowed": allowed}):
+        D, I = search_lists(lists, tbl.codec, xq, 10, 6, **kw)
+        for q in range(len(xq)):
+            one = {key: v[q:q + 1] for key, v in kw.items() if key == "exclude"} or kw
+            d, i = search_lists(lists, tbl.codec, xq[q:q + 1], 10, 6, **one)
+            np.testing.assert_array_equal(I[q], i[0])
+            np.testing.assert_array_equal(D[q], d[0])
+        assert (I >= 0).all()
+        if "exclude" in kw:
+            assert not (I == own[:, None]).any()
+        else:
+            assert np.isin(I, allowed).all()
+
+
 def test_residual_lists_reach_at_least_the_recall_of_the_table_codes(residual_table, table):
     res = vecpress.open(residual_table[0], "t").manifest["partitions"]
     plain = vecpress.open(table[0], "t").manifest["partitions"]
