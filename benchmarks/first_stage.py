@@ -120,8 +120,8 @@ def compare(small: dict, small_hits: dict, full: dict) -> list[dict]:
         if lead <= 0:
             continue
         se = difference_standard_error(small_hits[a], small_hits[b])
-        pairs.append({"leader": a, "rival": b, "rougher_leader": ra["centroids_per_codebook"] > rb["centroids_per_codebook"],
-                      "centroids": [ra["centroids_per_codebook"], rb["centroids_per_codebook"]],
+        centroids = [ra["centroids_per_codebook"], rb["centroids_per_codebook"]]
+        pairs.append({"leader": a, "rival": b, "rougher_leader": centroids[0] > centroids[1], "centroids": centroids,
                       "first_stage_lead": round(lead, 4), "standard_errors": round(lead / max(se, 1e-9), 1),
                       "full_size_lead": round(full[a]["recall_at_10"] - full[b]["recall_at_10"], 4)})
     pairs.sort(key=lambda p: (not p["rougher_leader"], p["first_stage_lead"]))
