@@ -60,7 +60,7 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=500)
     ap.add_argument("--seed", type=int, default=5, help="the corpus's seed")
     add_data_option(ap)
-    ap.add_argument("--clusters", type=int, default=300, help="the corpus's clusters (more: families closer)")
+    ap.add_argument("--clusters", type=int, default=300, help="the corpus's clusters, with --data clustered (more: families closer)")
     ap.add_argument("--results", default="benchmarks/results/second_stage.json")
     args = ap.parse_args()
     x = generator(args.data, args.dim, args.seed, args.clusters).batch(

@@ -300,7 +300,7 @@ def test_a_batch_over_residual_lists_finds_what_each_query_alone_finds(corpus, r
     for kw in ({"exclude": own}, {"allowed": allowed}):
         D, I = search_lists(lists, tbl.codec, xq, 10, 6, **kw)
         for q in range(len(xq)):
-            one = {key: v[q:q + 1] for key, v in kw.items() if key == "exclude"} or kw
+            one = {"exclude": own[q:q + 1]} if "exclude" in kw else kw
             d, i = search_lists(lists, tbl.codec, xq[q:q + 1], 10, 6, **one)
             np.testing.assert_array_equal(I[q], i[0])
             np.testing.assert_array_equal(D[q], d[0])
