@@ -7,8 +7,10 @@ from its raw vector (scan.Partitions) and each encode task writes the (partition
 code) of its rows to one file, by group of partitions (`write_task_lists`, pipeline.buckets).
 Then one task per group (`build_group`) reads that group from every task's file and writes
 the group's lists: one Arrow IPC file with one record batch per partition (positions and
-codes, in position order). A query reads only the record batches of the partitions it
-probes (`InvertedLists.read`). No process holds more than one group (about
+codes, in position order; for residual codes of an RQ or LSQ under L2, also each row's code
+term |r|^2 + 2 <c, r>, so that a query scores a code by M look-ups in its tables:
+kernels.codecs.tables). A query reads only the record batches of the partitions it probes
+(`InvertedLists.read`). No process holds more than one group (about
 LIST_GROUP_ROWS rows).
 
 The lists live in the run's folder beside its codec and are named by the version's manifest
@@ -29,7 +31,8 @@ import pyarrow as pa
 from vecpress.kernels.codecs.ivf import POINTS_PER_CENTROID
 from vecpress.kernels.codecs.search import l2_as_cosine
 from vecpress.kernels.codecs.spec import is_binary_spec
-from vecpress.kernels.knn import TopK, exact_knn, prepare_vectors
+from vecpress.kernels.codecs.tables import code_terms, l2_by_tables, query_tables, table_codebooks, table_sums
+from vecpress.kernels.knn import TopK, exact_knn, order_by_distance_then_id, prepare_vectors
 from vecpress.kernels.metrics import difference_standard_error, knn_recall, query_recalls, recall_table
 from vecpress.pipeline import storage
 from vecpress.pipeline.buckets import open_batches, read_bucket_of_all, write_buckets
@@ -50,6 +53,9 @@ NPROBES_TOLERANCE = 0.01
 PLATEAU = 0.002
 #: a batch search keeps the partitions it read, up to about this many bytes, for its next queries
 READ_CACHE_BYTES = 256 << 20
+#: a residual search holds its queries' look-up tables (kernels.codecs.tables) for about this
+#: many bytes of queries at a time (RQ64x8: 64 KB a query)
+TABLES_BYTES = 256 << 20
 
 
 def auto_partitions(num_rows: int, num_train: int) -> int:
@@ -150,6 +156,23 @@ class ListsSpec:
         return pa.schema([pa.field("partition", pa.int32()), pa.field("position", pa.int64()),
                           pa.field("code", pa.binary(self.code_size))])
 
+    @property
+    def books(self) -> np.ndarray | None:
+        """The residual codec's codebooks where its codes are scored by look-up tables
+        (kernels.codecs.tables: an RQ or LSQ of 8-bit codebooks), else None."""
+        return None if self.residual is None else _table_codebooks(self.residual)
+
+    @property
+    def has_terms(self) -> bool:
+        """Whether the lists store each row's code term (|r|^2 + 2 <c, r>, kernels.codecs.tables):
+        residual codes scored by look-up tables under L2."""
+        return self.books is not None and self.residual.metric == "l2"
+
+
+@functools.lru_cache(maxsize=16)
+def _table_codebooks(residual: CodecRef) -> np.ndarray | None:
+    return table_codebooks(load_codec(residual).index)
+
 
 def write_task_lists(spec: ListsSpec, name: str, partitions: list[np.ndarray], positions: list[np.ndarray],
                      codes: list[np.ndarray]) -> str:
@@ -177,6 +200,10 @@ def build_group(group: int, *, spec: ListsSpec, files: tuple[str, ...], dropped:
     order = np.lexsort((rows_of, part))
     rows = table.select(["position", "code"]).take(pa.array(order))
     batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in rows.columns], schema=rows.schema)
+    if spec.has_terms:  # (each row's code term, for the search by look-up tables)
+        centroids = load_codec(spec.coarse).centroids[part[order] + parts.start]
+        terms = code_terms(load_codec(spec.residual).decode, codes_as_numpy(batch.column(1)), centroids)
+        batch = batch.append_column("term", pa.array(terms))
     write_buckets(spec.group_uri(group), batch, part[order], len(parts))
     return np.bincount(part, minlength=len(parts)).astype(np.int64)
 
@@ -201,11 +228,17 @@ class InvertedLists:
 
     def read(self, partition: int) -> tuple[np.ndarray, np.ndarray]:
         """(global positions, codes (n, code_size) uint8) of one partition's rows."""
+        return self.read_listed(partition)[:2]
+
+    def read_listed(self, partition: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """read's (positions, codes) and the rows' code terms (ListsSpec.has_terms), or None
+        where the lists hold none (lists built before they were stored)."""
         group = int(partition) // self.spec.partitions_per_group
         if group not in self._files:
             self._files[group] = open_batches(self.spec.group_uri(group))
         batch = self._files[group].get_batch(int(partition) - group * self.spec.partitions_per_group)
-        return batch.column(0).to_numpy(), codes_as_numpy(batch.column(1))
+        terms = batch.column(2).to_numpy() if batch.num_columns > 2 else None
+        return batch.column(0).to_numpy(), codes_as_numpy(batch.column(1)), terms
 
 
 def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprobes: int, *,
@@ -218,14 +251,19 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     pays faiss's per-call overhead for every partition); a batch reads a partition once
     (`READ_CACHE_BYTES` of them kept at a time). Residual codes (relative to each partition's
     centroid) are searched a partition at a time, for all the batch's queries that probe it
-    together (`_search_residual_lists`)."""
+    together (`_search_residual_lists`), an RQ's or LSQ's by look-up tables (`_residual_scorer`)."""
     coarse = load_codec(lists.spec.coarse)
     probes = coarse.probe(queries, nprobes)
     kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
     if lists.spec.residual:
-        score = _residual_scorer(coarse, load_codec(lists.spec.residual), kk)
-        return _search_residual_lists(lists, score, prepare_vectors(queries, coarse.metric), probes, k,
-                                      exclude=exclude, allowed=allowed)
+        xq = prepare_vectors(queries, coarse.metric)
+        books = lists.spec.books
+        step = len(xq) if books is None else max(1, TABLES_BYTES // (books.shape[0] * books.shape[1] * 4))
+        found = [_search_residual_lists(lists, _residual_scorer(lists.spec, coarse, xq[i:i + step], kk),
+                                        probes[i:i + step], k, allowed=allowed,
+                                        exclude=None if exclude is None else exclude[i:i + step])
+                 for i in range(0, len(xq), step)] or [(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))]
+        return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     D = np.full((len(queries), k), np.inf, np.float32)
     I = np.full((len(queries), k), -1, np.int64)
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -245,63 +283,80 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     return D, I
 
 
-def _search_residual_lists(lists: InvertedLists, score, xq: np.ndarray, probes: np.ndarray, k: int, *,
+def _search_residual_lists(lists: InvertedLists, score, probes: np.ndarray, k: int, *,
                            exclude: np.ndarray | None, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """search_lists over residual codes: each probed partition read once and its codes scored
-    for every query of the batch that probes it, in one search (prepared queries `xq`).
+    for every query of the batch that probes it together (`score`: _residual_scorer's).
 
     A query's codes relative to a partition's centroid are its own there, so a query-major
-    search makes one call per (query, partition) pair, and faiss decodes a residual
-    quantizer's codes once per pair (RQ64x8 at 768-d: 0.93 s a query at nprobes 64). Two or
-    more queries at once are searched over the partition's codes decoded once
-    (kernels.codecs.search), with each found code's distance computed again a pair at a time
-    as in a one-query search, so the merge ranks the same distances."""
+    search would score a partition's codes once per (query, partition) pair, and faiss decodes
+    a residual quantizer's codes for each (RQ64x8 at 768-d: 0.93 s a query at nprobes 64)."""
     probed: dict[int, list[int]] = {}
     for q, partitions in enumerate(probes):
         for p in partitions[partitions >= 0]:
             probed.setdefault(int(p), []).append(q)
-    top = TopK(len(xq), k, exclude=exclude)
+    top = TopK(len(probes), k, exclude=exclude)
     for p in sorted(probed):
         qs = np.asarray(probed[p], np.int64)
-        d, i = score(xq[qs], p, *_rows([lists.read(p)], lists.spec.code_size, allowed))
-        D = np.full((len(xq), d.shape[1]), np.inf, np.float32)
-        I = np.full((len(xq), d.shape[1]), -1, np.int64)
+        d, i = score(qs, p, *_rows([lists.read_listed(p)], lists.spec.code_size, allowed))
+        D = np.full((len(probes), d.shape[1]), np.inf, np.float32)
+        I = np.full((len(probes), d.shape[1]), -1, np.int64)
         D[qs], I[qs] = d, i
         top.add(D, I)
     return top.D, top.I
 
 
-def _residual_scorer(coarse, residual, k: int):
-    """score(prepared queries (m, d), partition, positions, codes) -> (D, I) of each query's
-    top-k among a partition's residual codes, I positions: ADC of the queries relative to the
-    centroid (L2: |q - c - r|^2 = |(q - c) - r|^2; inner product: -<q, c + r> = -<q, c> -
-    <q, r>). A cosine table's L2 distances are reported as the table's codes report theirs
-    (d / 2 - 1)."""
-    def score(xq: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray):
+def _residual_scorer(spec: ListsSpec, coarse, xq: np.ndarray, k: int):
+    """score(query numbers, partition, positions, codes, code terms) -> (D, I) of those of the
+    prepared queries `xq` in a partition: their top-k among its residual codes, I positions.
+    L2: |q - c - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>. A cosine table's L2
+    distances are reported as the table's codes report theirs (d / 2 - 1).
+
+    An RQ or LSQ (ListsSpec.books) scores by look-up tables (kernels.codecs.tables: each
+    query's once, then M look-ups a code; under L2 with the code terms the lists store). Other
+    codecs, or lists built without terms, by faiss's ADC of the codes (a query relative to
+    the centroid under L2), two or more queries over the codes decoded once
+    (kernels.codecs.search) with each found code's distance computed again a pair at a time,
+    as in a one-query search: either way a query's distances are the same searched alone or
+    in a batch, and the merge ranks the same."""
+    residual, books = load_codec(spec.residual), spec.books
+    tables = None if books is None else query_tables(books, xq)
+
+    def top(d: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        order = order_by_distance_then_id(d, np.broadcast_to(pos, d.shape), k)
+        return np.take_along_axis(d, order, axis=1), pos[order]
+
+    def score(qs: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray, terms: np.ndarray | None):
         centroid = coarse.centroids[p]
         if residual.metric == "l2":
-            d, i = residual.search_codes(xq - centroid, codes, min(k, len(pos)))
-            if coarse.metric == "cosine":
-                d = l2_as_cosine(d)
-        else:
-            d, i = residual.search_codes(xq, codes, min(k, len(pos)))
-            # (a dot product per query, as a one-query search takes it: the same rounding)
-            d = d - np.array([[float(x @ centroid)] for x in xq], np.float32)
-        return d, np.where(i >= 0, pos[np.maximum(i, 0)], -1)
+            if tables is not None and terms is not None:
+                d, i = top(l2_by_tables(tables[qs], codes, terms, xq[qs], centroid), pos)
+            else:
+                d, i = residual.search_codes(xq[qs] - centroid, codes, min(k, len(pos)))
+                i = np.where(i >= 0, pos[np.maximum(i, 0)], -1)
+            return (l2_as_cosine(d) if coarse.metric == "cosine" else d), i
+        # (a dot product per query, as a one-query search takes it: the same rounding)
+        dots = np.array([[float(x @ centroid)] for x in xq[qs]], np.float32)
+        if tables is not None:
+            return top(-table_sums(tables[qs], codes) - dots, pos)
+        d, i = residual.search_codes(xq[qs], codes, min(k, len(pos)))
+        return d - dots, np.where(i >= 0, pos[np.maximum(i, 0)], -1)
 
     return score
 
 
-def _rows(read: list[tuple[np.ndarray, np.ndarray]], code_size: int,
-          allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """The (positions, codes) read of some partitions, together; only those `allowed` lists."""
+def _rows(read: list[tuple], code_size: int, allowed: np.ndarray | None) -> tuple:
+    """The (positions, codes) read of some partitions, together, and with read_listed's a
+    third item, their code terms or None; only those `allowed` lists."""
     pos = np.concatenate([r[0] for r in read]) if read else np.zeros(0, np.int64)
     codes = np.concatenate([r[1] for r in read]) if read else np.zeros((0, code_size), np.uint8)
+    terms = [r[2] for r in read if len(r) > 2]
+    terms = np.concatenate(terms) if terms and all(t is not None for t in terms) else None
     if allowed is not None:
         at = np.minimum(np.searchsorted(allowed, pos), max(len(allowed) - 1, 0))
         keep = allowed[at] == pos if len(allowed) else np.zeros(len(pos), bool)
-        pos, codes = pos[keep], codes[keep]
-    return pos, codes
+        pos, codes, terms = pos[keep], codes[keep], None if terms is None else terms[keep]
+    return (pos, codes) if not read or len(read[0]) < 3 else (pos, codes, terms)
 
 
 def nprobes_grid(nlist: int) -> list[int]:

@@ -1,6 +1,7 @@
-"""The advisor's and the training benchmarks run end to end at toy sizes and write their JSON:
-they call into pipeline.preselect and kernels.codecs.train below the public API, so a change
-there that breaks them shows here, not in the next session that needs their figures."""
+"""The advisor's, the training and the list-search benchmarks run end to end at toy sizes and
+write their JSON: they call into pipeline.preselect, pipeline.lists and kernels.codecs.train
+below the public API, so a change there that breaks them shows here, not in the next session
+that needs their figures."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ RUNS = {
                     "--stages", "10000x20000,11000x2000"],
     "second_stage": ["--dim", "32", "--budget", "8", "--num-train", "11000", "--base", "4000", "--rows", "2000,4000",
                      "--queries", "60"],
+    "list_search": ["--rows", "20000", "--dim", "32", "--codec", "RQ4x8", "--partitions", "32", "--num-train",
+                    "10000", "--queries", "40", "--single", "2", "--nprobes", "2,8"],
     "rq_train": ["--codec", "RQ4x8", "--rows", "12000", "--dim", "32", "--base-rows", "2000",
                  "--variants", "vecpress,vecpress-faiss-pca"],
 }
@@ -38,6 +41,9 @@ def test_benchmark_runs_and_writes_its_results(tmp_path, name, data):
         assert results["full_size"] and results["args"]["data"] == data
         assert [(s["train_rows"], s["base_rows"]) for s in results["stages"]] == [(10_000, 3_000), (11_000, 2_000)]
         assert all(s["first_stage"] for s in results["stages"])
+    elif name == "list_search":
+        assert [r["nprobes"] for r in results["rows"]] == [2, 8]
+        assert all(r["same_neighbours"] > 0.99 and r["max_distance_difference"] < 1e-4 for r in results["rows"])
     elif name == "second_stage":
         assert results["args"]["data"] == data and "train_seconds" in results
     else:

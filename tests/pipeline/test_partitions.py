@@ -5,6 +5,7 @@ chosen by measured recall, incremental runs, filters and errors."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -15,6 +16,7 @@ import vecpress
 from vecpress.kernels.metrics import knn_recall
 from vecpress.kernels.synthetic import ClusteredEmbeddings
 from vecpress.pipeline import storage
+from vecpress.pipeline.buckets import open_batches
 from vecpress.pipeline.codec_store import load_codec
 from vecpress.pipeline.context import load_array
 from vecpress.pipeline.errors import ConfigError, VecpressError
@@ -57,6 +59,15 @@ def residual_table(corpus, ray_executor):
     out = root / "residual"
     report = _compress(root, "src", out, ray_executor)
     return str(out), x, report
+
+
+@pytest.fixture(scope="module")
+def rq_table(corpus):
+    """Lists of a residual quantizer's residual codes, cosine: scored by look-up tables."""
+    root, x = corpus
+    out = root / "rq"
+    _compress(root, "src", out, LocalExecutor(), codec="RQ4x8", metric="cosine")
+    return str(out), x
 
 
 def _lists(out):
@@ -282,15 +293,12 @@ def test_residual_search_ranks_by_the_distance_to_centroid_plus_residual(residua
 
 
 @pytest.mark.parametrize("codec", ["PQ8", "RQ4x8"])
-def test_a_batch_over_residual_lists_finds_what_each_query_alone_finds(corpus, residual_table, tmp_path, codec):
+def test_a_batch_over_residual_lists_finds_what_each_query_alone_finds(corpus, residual_table, request, codec):
     """A batch is searched a partition at a time for all the queries probing it (a residual
     quantizer's codes decoded once, not once per query): the same neighbours and distances
     as one query at a time, with each query's own row excluded and an allow-list."""
     root, x = corpus
-    out = residual_table[0]
-    if codec != "PQ8":
-        out = str(tmp_path / "rq")
-        _compress(root, "src", out, LocalExecutor(), codec=codec, metric="cosine")
+    out = residual_table[0] if codec == "PQ8" else request.getfixturevalue("rq_table")[0]
     lists, m = _lists(out)
     assert m["partitions"]["residual"]["spec"] == codec
     tbl = vecpress.open(out, "t")
@@ -309,6 +317,78 @@ def test_a_batch_over_residual_lists_finds_what_each_query_alone_finds(corpus, r
             assert not (I == own[:, None]).any()
         else:
             assert np.isin(I, allowed).all()
+
+
+def test_rq_lists_store_each_row_s_code_term_and_rank_by_centroid_plus_residual(rq_table):
+    """A residual quantizer's lists hold |r|^2 + 2<c, r> per row, and its look-up-table search
+    ranks by the distance to centroid plus decoded residual, reported as cosine distances."""
+    out, x = rq_table
+    lists, m = _lists(out)
+    assert m["partitions"]["residual"]["spec"] == "RQ4x8" and lists.spec.has_terms
+    coarse, residual = load_codec(lists.spec.coarse), load_codec(lists.spec.residual)
+    recon = np.zeros(x.shape, np.float64)
+    for p in range(NLIST):
+        pos, codes, terms = lists.read_listed(p)
+        r, c = residual.decode(codes).astype(np.float64), coarse.centroids[p].astype(np.float64)
+        np.testing.assert_allclose(terms, (r * r).sum(1) + 2 * r @ c, rtol=1e-4, atol=1e-5)
+        recon[pos] = c + r
+    xq = x[100:120] + 0.02
+    D, I = search_lists(lists, vecpress.open(out, "t").codec, xq, 10, NLIST)
+    qn = xq / np.linalg.norm(xq, axis=1, keepdims=True)
+    exact = ((qn[:, None, :] - recon[None]) ** 2).sum(-1) / 2 - 1
+    np.testing.assert_allclose(D, np.sort(exact, axis=1)[:, :10], atol=1e-4)
+    assert (I == np.argsort(exact, axis=1, kind="stable")[:, :10]).mean() > 0.98
+
+
+def test_rq_lists_under_inner_product_rank_by_the_product_with_centroid_plus_residual(corpus, tmp_path,
+                                                                                     monkeypatch):
+    """Under inner product a residual quantizer's codes are scored by look-up tables with no
+    term: -<q, c + r>, the same alone as in a batch."""
+    from vecpress.pipeline.stages import s05_train
+
+    root, x = corpus
+    monkeypatch.setattr(s05_train, "residual_leads", lambda judged: True)  # (residual codes, whatever they rank)
+    _compress(root, "src", tmp_path / "ip", LocalExecutor(), codec="RQ4x8", metric="ip")
+    lists, m = _lists(str(tmp_path / "ip"))
+    assert m["partitions"]["residual"]["spec"] == "RQ4x8" and lists.spec.books is not None and not lists.spec.has_terms
+    coarse, residual = load_codec(lists.spec.coarse), load_codec(lists.spec.residual)
+    recon = np.zeros(x.shape, np.float64)
+    for p in range(NLIST):
+        pos, codes = lists.read(p)
+        recon[pos] = coarse.centroids[p] + residual.decode(codes)
+    xq, codec = x[100:130] + 0.02, vecpress.open(str(tmp_path / "ip"), "t").codec
+    D, I = search_lists(lists, codec, xq, 10, NLIST)
+    exact = -(xq @ recon.T)
+    np.testing.assert_allclose(D, np.sort(exact, axis=1)[:, :10], rtol=1e-5, atol=1e-4)
+    assert (I == np.argsort(exact, axis=1, kind="stable")[:, :10]).mean() > 0.98
+    for q in (0, 17):
+        d, i = search_lists(lists, codec, xq[q:q + 1], 10, 5)
+        np.testing.assert_array_equal((d[0], i[0]), [a[q] for a in search_lists(lists, codec, xq, 10, 5)])
+
+
+def test_lists_built_without_code_terms_are_searched_by_decoding_with_the_same_results(rq_table, tmp_path):
+    """Lists written before they stored code terms (only positions and codes): searched by
+    faiss's decoding, to the same neighbours and distances up to rounding."""
+    out, x = rq_table
+    lists, _ = _lists(out)
+    old = dataclasses.replace(lists.spec, uri=str(tmp_path / "lists"))
+    (tmp_path / "lists").mkdir()
+    for g in range(lists.spec.num_groups):
+        reader = open_batches(lists.spec.group_uri(g))
+        batches = [reader.get_batch(i) for i in range(reader.num_record_batches)]
+        assert batches[0].schema.names == ["position", "code", "term"]
+        schema = pa.schema([batches[0].schema.field(i) for i in range(2)])
+        with pa.ipc.new_file(old.group_uri(g), schema) as writer:
+            for b in batches:
+                writer.write_batch(pa.RecordBatch.from_arrays(b.columns[:2], schema=schema))
+    before = InvertedLists(old)
+    assert before.read_listed(0)[2] is None
+    codec, xq = vecpress.open(out, "t").codec, x[300:340] + 0.01
+    for nprobes in (4, NLIST):
+        D0, I0 = search_lists(before, codec, xq, 10, nprobes)
+        D1, I1 = search_lists(lists, codec, xq, 10, nprobes)
+        np.testing.assert_allclose(D0, D1, atol=1e-5)
+        assert (I0 == I1).mean() > 0.98 and (I1 >= 0).all()
 
 
 def test_residual_lists_reach_at_least_the_recall_of_the_table_codes(residual_table, table):
