@@ -1,11 +1,12 @@
-"""Searching residual lists by look-up tables against decoding each code (pipeline/lists.py,
-kernels/codecs/tables.py): one query's latency and a batch's time, per nprobes, on the same
-lists in one run.
+"""Searching an RQ's or LSQ's lists by look-up tables against decoding each code
+(pipeline/lists.py, kernels/codecs/tables.py): one query's latency and a batch's time, per
+nprobes, on the same lists in one run; lists of residual codes, or of the table's codes
+(`--lists table`).
 
     python benchmarks/list_search.py --rows 100000 --dim 768 --codec RQ32x8,beam=1 --data powerlaw
 
-The table is compressed once (cosine, residual lists whatever the train stage's judgement of
-them: `lists.residual_leads`). Its lists are copied without their code
+The table is compressed once (cosine; residual lists whatever the train stage's judgement of
+them, `lists.residual_leads`, or with --no-residual). Its lists are copied without their code
 terms, as lists built before the terms were stored are read: those are searched by faiss
 decoding each code for every query that probes it. The two are timed alternating, and their
 neighbours compared. Prints a table, writes JSON.
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=200, help="the batch's queries")
     ap.add_argument("--single", type=int, default=10, help="queries timed one at a time")
     ap.add_argument("--nprobes", default="4,16,64")
+    ap.add_argument("--lists", choices=("residual", "table"), default="residual",
+                    help="the lists hold residual codes, or the table's codes (--no-residual)")
     add_data_option(ap)
     ap.add_argument("--results", default="benchmarks/results/list_search.json")
     args = ap.parse_args()
@@ -82,7 +85,7 @@ def main() -> None:
     start = time.perf_counter()
     vecpress.compress([str(work / "src")], str(work / "out"), "t", executor=LocalExecutor(), codec=args.codec,
                       partitions=args.partitions, num_train=args.num_train, num_queries=200, gate_max_drop=1.0,
-                      metric="cosine")
+                      metric="cosine", residual=args.lists == "residual")
     compress_seconds = time.perf_counter() - start
     m = version_manifest(require_dataset(str(work / "out"), "t"))
     now = version_lists(str(work / "out"), m)
@@ -104,7 +107,7 @@ def main() -> None:
         row["max_distance_difference"] = float(np.abs(D0 - D1).max())
         rows.append(row)
         print(row, flush=True)
-    print(f"\n{args.rows:,} x {args.dim}-d {args.data} rows, cosine, {args.codec} residual lists, "
+    print(f"\n{args.rows:,} x {args.dim}-d {args.data} rows, cosine, {args.codec} lists of {args.lists} codes, "
           f"{args.partitions} partitions, {os.cpu_count()} CPUs; compressed in {compress_seconds:.0f} s\n")
     print("| nprobes | one query: decoding | tables | ratio | batch of "
           f"{args.queries}: decoding | tables | ratio | same neighbours |")

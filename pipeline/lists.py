@@ -56,6 +56,8 @@ READ_CACHE_BYTES = 256 << 20
 #: a residual search holds its queries' look-up tables (kernels.codecs.tables) for about this
 #: many bytes of queries at a time (RQ64x8: 64 KB a query)
 TABLES_BYTES = 256 << 20
+#: ... and scores a partition's codes for about this many (query, row) pairs at a time
+SCORED_PAIRS = 4 << 20
 
 
 def auto_partitions(num_rows: int, num_train: int) -> int:
@@ -128,13 +130,20 @@ class ListsSpec:
     #: the codec of the rows' residuals to their centroids, which the lists hold; None: the
     #: lists hold the table's own codes
     residual: CodecRef | None = None
+    #: the table's codec (None: not known, as for lists read before it was recorded here)
+    table: CodecRef | None = None
 
     @classmethod
-    def for_rows(cls, uri: str, coarse: CodecRef, num_rows: int, code_size: int,
+    def for_rows(cls, uri: str, coarse: CodecRef, num_rows: int, table: CodecRef,
                  residual: CodecRef | None = None) -> "ListsSpec":
         nlist = load_codec(coarse).num_partitions
         return cls(uri, coarse, nlist, max(1, min(nlist, -(-num_rows // LIST_GROUP_ROWS))),
-                   residual.code_size if residual else code_size, residual)
+                   (residual or table).code_size, residual, table)
+
+    @property
+    def listed(self) -> CodecRef | None:
+        """The codec of the codes the lists hold: the residual codec, else the table's."""
+        return self.residual or self.table
 
     @property
     def partitions_per_group(self) -> int:
@@ -158,20 +167,21 @@ class ListsSpec:
 
     @property
     def books(self) -> np.ndarray | None:
-        """The residual codec's codebooks where its codes are scored by look-up tables
+        """The listed codec's codebooks where its codes are scored by look-up tables
         (kernels.codecs.tables: an RQ or LSQ of 8-bit codebooks), else None."""
-        return None if self.residual is None else _table_codebooks(self.residual)
+        return None if self.listed is None else _table_codebooks(self.listed)
 
     @property
     def has_terms(self) -> bool:
-        """Whether the lists store each row's code term (|r|^2 + 2 <c, r>, kernels.codecs.tables):
-        residual codes scored by look-up tables under L2."""
-        return self.books is not None and self.residual.metric == "l2"
+        """Whether the lists store each row's code term (kernels.codecs.tables): codes scored
+        by look-up tables by L2 (cosine's too), |r|^2 + 2 <c, r> of a residual code r and
+        its centroid c, |r|^2 of a table's code."""
+        return self.books is not None and self.listed.metric != "ip"
 
 
 @functools.lru_cache(maxsize=16)
-def _table_codebooks(residual: CodecRef) -> np.ndarray | None:
-    return table_codebooks(load_codec(residual).index)
+def _table_codebooks(listed: CodecRef) -> np.ndarray | None:
+    return table_codebooks(load_codec(listed).index)
 
 
 def write_task_lists(spec: ListsSpec, name: str, partitions: list[np.ndarray], positions: list[np.ndarray],
@@ -201,8 +211,10 @@ def build_group(group: int, *, spec: ListsSpec, files: tuple[str, ...], dropped:
     rows = table.select(["position", "code"]).take(pa.array(order))
     batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in rows.columns], schema=rows.schema)
     if spec.has_terms:  # (each row's code term, for the search by look-up tables)
-        centroids = load_codec(spec.coarse).centroids[part[order] + parts.start]
-        terms = code_terms(load_codec(spec.residual).decode, codes_as_numpy(batch.column(1)), centroids)
+        centroids = load_codec(spec.coarse).centroids
+        centroids = centroids[part[order] + parts.start] if spec.residual else \
+            np.broadcast_to(np.zeros(centroids.shape[1], np.float32), (len(order), centroids.shape[1]))
+        terms = code_terms(load_codec(spec.listed).decode, codes_as_numpy(batch.column(1)), centroids)
         batch = batch.append_column("term", pa.array(terms))
     write_buckets(spec.group_uri(group), batch, part[order], len(parts))
     return np.bincount(part, minlength=len(parts)).astype(np.int64)
@@ -251,18 +263,18 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     pays faiss's per-call overhead for every partition); a batch reads a partition once
     (`READ_CACHE_BYTES` of them kept at a time). Residual codes (relative to each partition's
     centroid) are searched a partition at a time, for all the batch's queries that probe it
-    together (`_search_residual_lists`), an RQ's or LSQ's by look-up tables (`_residual_scorer`)."""
+    together (`_search_by_partition`), and so are an RQ's or LSQ's table codes; those two by
+    look-up tables (`_list_scorer`)."""
     coarse = load_codec(lists.spec.coarse)
     probes = coarse.probe(queries, nprobes)
     kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
-    if lists.spec.residual:
-        xq = prepare_vectors(queries, coarse.metric)
-        books = lists.spec.books
-        step = len(xq) if books is None else max(1, TABLES_BYTES // (books.shape[0] * books.shape[1] * 4))
-        found = [_search_residual_lists(lists, _residual_scorer(lists.spec, coarse, xq[i:i + step], kk),
-                                        probes[i:i + step], k, allowed=allowed,
-                                        exclude=None if exclude is None else exclude[i:i + step])
-                 for i in range(0, len(xq), step)] or [(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))]
+    books = lists.spec.books
+    if lists.spec.residual or books is not None:
+        step = len(queries) if books is None else max(1, TABLES_BYTES // (books.shape[0] * books.shape[1] * 4))
+        found = [_search_by_partition(lists, _list_scorer(lists.spec, coarse, codec, queries[i:i + step], kk),
+                                      probes[i:i + step], k, allowed=allowed,
+                                      exclude=None if exclude is None else exclude[i:i + step])
+                 for i in range(0, len(queries), step)] or [(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))]
         return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
     D = np.full((len(queries), k), np.inf, np.float32)
     I = np.full((len(queries), k), -1, np.int64)
@@ -283,10 +295,11 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     return D, I
 
 
-def _search_residual_lists(lists: InvertedLists, score, probes: np.ndarray, k: int, *,
+def _search_by_partition(lists: InvertedLists, score, probes: np.ndarray, k: int, *,
                            exclude: np.ndarray | None, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """search_lists over residual codes: each probed partition read once and its codes scored
-    for every query of the batch that probes it together (`score`: _residual_scorer's).
+    """search_lists over residual codes, or codes scored by look-up tables: each probed
+    partition read once and its codes scored for every query of the batch that probes it
+    together (`score`: _list_scorer's).
 
     A query's codes relative to a partition's centroid are its own there, so a query-major
     search would score a partition's codes once per (query, partition) pair, and faiss decodes
@@ -306,41 +319,62 @@ def _search_residual_lists(lists: InvertedLists, score, probes: np.ndarray, k: i
     return top.D, top.I
 
 
-def _residual_scorer(spec: ListsSpec, coarse, xq: np.ndarray, k: int):
+def _list_scorer(spec: ListsSpec, coarse, codec, queries: np.ndarray, k: int):
     """score(query numbers, partition, positions, codes, code terms) -> (D, I) of those of the
-    prepared queries `xq` in a partition: their top-k among its residual codes, I positions.
-    L2: |q - c - r|^2; inner product: -<q, c + r> = -<q, c> - <q, r>. A cosine table's L2
-    distances are reported as the table's codes report theirs (d / 2 - 1).
+    raw `queries` in a partition: their top-k among its codes, I positions, as the table's codes
+    report distances (`codec`: the table's). Residual codes r relative to the centroid c: L2
+    |q - c - r|^2, inner product -<q, c + r> = -<q, c> - <q, r>; under cosine the L2 distance
+    reported as d / 2 - 1.
 
-    An RQ or LSQ (ListsSpec.books) scores by look-up tables (kernels.codecs.tables: each
-    query's once, then M look-ups a code; under L2 with the code terms the lists store). Other
-    codecs, or lists built without terms, by faiss's ADC of the codes (a query relative to
-    the centroid under L2), two or more queries over the codes decoded once
-    (kernels.codecs.search) with each found code's distance computed again a pair at a time,
-    as in a one-query search: either way a query's distances are the same searched alone or
-    in a batch, and the merge ranks the same."""
-    residual, books = load_codec(spec.residual), spec.books
+    An RQ's or LSQ's codes (ListsSpec.books), residual or the table's, score by look-up tables
+    (kernels.codecs.tables: each query's once, then M look-ups a code; by L2 with the code
+    terms the lists store). Other residual codes, or lists built without terms, by faiss's
+    ADC of the codes (a query relative to the centroid by L2), two or more queries over the
+    codes decoded once (kernels.codecs.search) with each found code's distance computed again
+    a pair at a time, as in a one-query search: either way a query's distances are the same
+    searched alone or in a batch, and the merge ranks the same."""
+    residual = None if spec.residual is None else load_codec(spec.residual)
+    space = "ip" if (residual or codec).metric == "ip" else "l2"
+    books, xq = spec.books, prepare_vectors(queries, coarse.metric)
     tables = None if books is None else query_tables(books, xq)
+    origin = np.zeros(xq.shape[1], np.float32)
 
     def top(d: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         order = order_by_distance_then_id(d, np.broadcast_to(pos, d.shape), k)
-        return np.take_along_axis(d, order, axis=1), pos[order]
+        return np.take_along_axis(d, order, axis=1), np.take_along_axis(np.broadcast_to(pos, d.shape), order, axis=1)
+
+    def by_blocks(qs: np.ndarray, pos: np.ndarray, distances) -> tuple[np.ndarray, np.ndarray]:
+        """The top-k of `distances(lo, hi)` (the queries' to rows lo:hi) over the partition's
+        rows, SCORED_PAIRS (query, row) pairs at a time: the same result, bounded memory."""
+        step = max(1, SCORED_PAIRS // max(len(qs), 1))
+        found = [top(distances(lo, lo + step), pos[lo:lo + step]) for lo in range(0, len(pos), step)]
+        if len(found) <= 1:
+            return found[0] if found else top(np.zeros((len(qs), 0), np.float32), pos)
+        return top(np.hstack([f[0] for f in found]), np.hstack([f[1] for f in found]))
+
+    def positions(i: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        return np.where(i >= 0, pos[np.maximum(i, 0)], -1)
 
     def score(qs: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray, terms: np.ndarray | None):
-        centroid = coarse.centroids[p]
-        if residual.metric == "l2":
+        centroid = origin if residual is None else coarse.centroids[p]
+        if residual is None and (tables is None or (space == "l2" and terms is None)):
+            d, i = codec.search_codes(queries[qs], codes, min(k, len(pos)))  # (the table's codes, as they report)
+            return d, positions(i, pos)
+        if space == "l2":
             if tables is not None and terms is not None:
-                d, i = top(l2_by_tables(tables[qs], codes, terms, xq[qs], centroid), pos)
+                t, x = tables[qs], xq[qs]
+                d, i = by_blocks(qs, pos, lambda lo, hi: l2_by_tables(t, codes[lo:hi], terms[lo:hi], x, centroid))
             else:
                 d, i = residual.search_codes(xq[qs] - centroid, codes, min(k, len(pos)))
-                i = np.where(i >= 0, pos[np.maximum(i, 0)], -1)
+                i = positions(i, pos)
             return (l2_as_cosine(d) if coarse.metric == "cosine" else d), i
         # (a dot product per query, as a one-query search takes it: the same rounding)
         dots = np.array([[float(x @ centroid)] for x in xq[qs]], np.float32)
         if tables is not None:
-            return top(-table_sums(tables[qs], codes) - dots, pos)
+            t = tables[qs]
+            return by_blocks(qs, pos, lambda lo, hi: -table_sums(t, codes[lo:hi]) - dots)
         d, i = residual.search_codes(xq[qs], codes, min(k, len(pos)))
-        return d - dots, np.where(i >= 0, pos[np.maximum(i, 0)], -1)
+        return d - dots, positions(i, pos)
 
     return score
 
@@ -448,8 +482,7 @@ def version_lists(out: str, manifest: dict) -> InvertedLists | None:
     entry = manifest.get("partitions")
     if not entry:
         return None
-    coarse = manifest_codec(out, entry["coarse"])
-    code_size = manifest_codec(out, manifest["codec"]).code_size
+    coarse, table = manifest_codec(out, entry["coarse"]), manifest_codec(out, manifest["codec"])
     residual = manifest_codec(out, entry.get("residual"))
     return open_lists(ListsSpec(storage.join(storage.normalize(out), entry["uri"]), coarse, entry["nlist"],
-                                entry["num_groups"], residual.code_size if residual else code_size, residual))
+                                entry["num_groups"], (residual or table).code_size, residual, table))

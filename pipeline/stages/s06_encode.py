@@ -363,7 +363,7 @@ def encode(ctx: RunContext, planned: Planned, sampled: Sampled, trained: Trained
                     index_buffers_uri=ctx.run_file("index-buffers") if served else None,
                     ids_uri=ctx.run_file("ids"), id_buckets=num_id_buckets(plan.num_rows),
                     lists=None if served or trained.coarse is None else
-                    ListsSpec.for_rows(ctx.run_file("lists"), trained.coarse, plan.num_rows, trained.codec.code_size,
+                    ListsSpec.for_rows(ctx.run_file("lists"), trained.coarse, plan.num_rows, trained.codec,
                                        trained.residual))
     xq, qpos = load_array(sampled.queries_uri), load_array(sampled.query_positions_uri)
     num_kept = len(diff.kept_shards) if diff else 0

@@ -70,6 +70,15 @@ def rq_table(corpus):
     return str(out), x
 
 
+@pytest.fixture(scope="module")
+def rq_table_codes(corpus):
+    """Lists of a residual quantizer's table codes (--no-residual), cosine: scored by look-up tables."""
+    root, x = corpus
+    out = root / "rq-table"
+    _compress(root, "src", out, LocalExecutor(), codec="RQ4x8", metric="cosine", residual=False)
+    return str(out), x
+
+
 def _lists(out):
     m = version_manifest(require_dataset(out, "t"))
     return version_lists(out, m), m
@@ -193,22 +202,36 @@ def test_auto_partitions():
     assert auto_partitions(100_000, 100_000) == 256
 
 
-def test_incremental_run_lists_kept_and_new_rows_with_the_same_centroids(corpus, tmp_path):
+@pytest.mark.parametrize("codec", ["PQ8", "RQ4x8"])
+def test_incremental_run_lists_kept_and_new_rows_with_the_same_centroids(corpus, tmp_path, codec, monkeypatch):
+    """Kept rows are listed from the previous version's lists, new ones from their encoding;
+    a residual quantizer's code terms are those of every listed row's code (kept or new)."""
+    from vecpress.pipeline.stages import s05_train
+
+    monkeypatch.setattr(s05_train, "residual_leads", lambda judged: True)  # (residual codes, whatever they rank)
     root, x = corpus
     src = tmp_path / "src"
     write_split(src, x[:8000], [0, 4000, 8000], "part-{}", row_group_size=1000)
     out = tmp_path / "out"
-    first = _compress(tmp_path, "src", out, LocalExecutor())
+    options = {"codec": codec} if codec == "PQ8" else {"codec": codec, "metric": "cosine"}
+    first = _compress(tmp_path, "src", out, LocalExecutor(), **options)
     extra = ClusteredEmbeddings(DIM, seed=5, num_clusters=40).batch(8000, 3000)
     write_vectors(src / "part-9.parquet", extra, np.arange(8000, 11000, dtype=np.int64),
                   extra={"text": pa.array([f"doc {j}" for j in range(8000, 11000)])})
-    second = _compress(tmp_path, "src", out, LocalExecutor())
+    second = _compress(tmp_path, "src", out, LocalExecutor(), **options)
     assert second["mode"] == "incremental" and first["version"] < second["version"]
     lists, m = _lists(str(out))
     assert m["partitions"]["coarse"]["sha256"] == vecpress.open(str(out), "t", version=first["version"]) \
         .manifest["partitions"]["coarse"]["sha256"]
     positions = np.concatenate([lists.read(p)[0] for p in range(NLIST)])
     np.testing.assert_array_equal(np.sort(positions), np.arange(11_000))
+    assert lists.spec.has_terms == (codec == "RQ4x8")
+    if lists.spec.has_terms:
+        coarse, residual = load_codec(lists.spec.coarse), load_codec(lists.spec.residual)
+        for p in range(NLIST):
+            _, codes, terms = lists.read_listed(p)
+            r = residual.decode(codes).astype(np.float64)
+            np.testing.assert_allclose(terms, (r * r).sum(1) + 2 * r @ coarse.centroids[p], rtol=1e-4, atol=1e-5)
     res = vecpress.open(str(out), "t").search(extra[5]).limit(1).to_list()
     assert res[0]["id"] == 8005
 
@@ -292,15 +315,16 @@ def test_residual_search_ranks_by_the_distance_to_centroid_plus_residual(residua
     assert (I == np.argsort(exact, axis=1, kind="stable")[:, :10]).mean() > 0.98
 
 
-@pytest.mark.parametrize("codec", ["PQ8", "RQ4x8"])
+@pytest.mark.parametrize("codec", ["PQ8", "RQ4x8", "RQ4x8 table codes"])
 def test_a_batch_over_residual_lists_finds_what_each_query_alone_finds(corpus, residual_table, request, codec):
     """A batch is searched a partition at a time for all the queries probing it (a residual
-    quantizer's codes decoded once, not once per query): the same neighbours and distances
-    as one query at a time, with each query's own row excluded and an allow-list."""
+    quantizer's codes scored by each query's look-up tables): the same neighbours and
+    distances as one query at a time, with each query's own row excluded and an allow-list."""
     root, x = corpus
-    out = residual_table[0] if codec == "PQ8" else request.getfixturevalue("rq_table")[0]
+    fixture = {"PQ8": "residual_table", "RQ4x8": "rq_table", "RQ4x8 table codes": "rq_table_codes"}[codec]
+    out = request.getfixturevalue(fixture)[0]
     lists, m = _lists(out)
-    assert m["partitions"]["residual"]["spec"] == codec
+    assert (m["partitions"]["residual"] or {}).get("spec") == (None if "table" in codec else codec)
     tbl = vecpress.open(out, "t")
     own = np.arange(200, 240)
     xq = x[own] + 0.01
@@ -340,6 +364,26 @@ def test_rq_lists_store_each_row_s_code_term_and_rank_by_centroid_plus_residual(
     assert (I == np.argsort(exact, axis=1, kind="stable")[:, :10]).mean() > 0.98
 
 
+def test_rq_table_code_lists_store_each_code_s_norm_and_search_as_the_table_s_codes(rq_table_codes):
+    """Lists of an RQ's table codes hold |r|^2 per row, and probing every partition finds what
+    the search over all the table's codes finds, at the same distances (cosine)."""
+    out, x = rq_table_codes
+    lists, m = _lists(out)
+    assert m["partitions"]["residual"] is None and lists.spec.has_terms
+    codec = vecpress.open(out, "t").codec
+    stored = codes_as_numpy(require_dataset(out, "t").to_table(columns=[CODE_COLUMN]).column(0))
+    for p in range(0, NLIST, 3):
+        pos, codes, terms = lists.read_listed(p)
+        r = codec.decode(codes).astype(np.float64)
+        np.testing.assert_array_equal(codes, stored[pos])
+        np.testing.assert_allclose(terms, (r * r).sum(1), rtol=1e-5, atol=1e-6)
+    xq = x[500:530] + 0.02
+    D, I = search_lists(lists, codec, xq, 10, NLIST)
+    D0, I0 = codec.search_codes(xq, stored, 10)
+    np.testing.assert_allclose(D, D0, atol=1e-5)
+    assert (I == I0).mean() > 0.98
+
+
 def test_rq_lists_under_inner_product_rank_by_the_product_with_centroid_plus_residual(corpus, tmp_path,
                                                                                      monkeypatch):
     """Under inner product a residual quantizer's codes are scored by look-up tables with no
@@ -366,10 +410,11 @@ def test_rq_lists_under_inner_product_rank_by_the_product_with_centroid_plus_res
         np.testing.assert_array_equal((d[0], i[0]), [a[q] for a in search_lists(lists, codec, xq, 10, 5)])
 
 
-def test_lists_built_without_code_terms_are_searched_by_decoding_with_the_same_results(rq_table, tmp_path):
+@pytest.mark.parametrize("fixture", ["rq_table", "rq_table_codes"])
+def test_lists_built_without_code_terms_are_searched_by_decoding_with_the_same_results(request, fixture, tmp_path):
     """Lists written before they stored code terms (only positions and codes): searched by
     faiss's decoding, to the same neighbours and distances up to rounding."""
-    out, x = rq_table
+    out, x = request.getfixturevalue(fixture)
     lists, _ = _lists(out)
     old = dataclasses.replace(lists.spec, uri=str(tmp_path / "lists"))
     (tmp_path / "lists").mkdir()
