@@ -7,9 +7,9 @@ from its raw vector (scan.Partitions) and each encode task writes the (partition
 code) of its rows to one file, by group of partitions (`write_task_lists`, pipeline.buckets).
 Then one task per group (`build_group`) reads that group from every task's file and writes
 the group's lists: one Arrow IPC file with one record batch per partition (positions and
-codes, in position order; for residual codes of an RQ or LSQ under L2, also each row's code
-term |r|^2 + 2 <c, r>, so that a query scores a code by M look-ups in its tables:
-kernels.codecs.tables). A query reads only the record batches of the partitions it probes
+codes, in position order; for an RQ's or LSQ's codes ranked by L2, also each row's code
+term, |r|^2 + 2 <c, r> of a residual code or |r|^2 of a table code, so that a query scores a
+code by M look-ups in its tables: kernels.codecs.tables). A query reads only the record batches of the partitions it probes
 (`InvertedLists.read`). No process holds more than one group (about
 LIST_GROUP_ROWS rows).
 
@@ -296,7 +296,7 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
 
 
 def _search_by_partition(lists: InvertedLists, score, probes: np.ndarray, k: int, *,
-                           exclude: np.ndarray | None, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+                         exclude: np.ndarray | None, allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """search_lists over residual codes, or codes scored by look-up tables: each probed
     partition read once and its codes scored for every query of the batch that probes it
     together (`score`: _list_scorer's).
