@@ -9,9 +9,9 @@ Then one task per group (`build_group`) reads that group from every task's file 
 the group's lists: one Arrow IPC file with one record batch per partition (positions and
 codes, in position order; for an RQ's or LSQ's codes ranked by L2, also each row's code
 term, |r|^2 + 2 <c, r> of a residual code or |r|^2 of a table code, so that a query scores a
-code by M look-ups in its tables: kernels.codecs.tables). A query reads only the record batches of the partitions it probes
-(`InvertedLists.read`). No process holds more than one group (about
-LIST_GROUP_ROWS rows).
+code by M look-ups in its tables: kernels.codecs.tables). A query reads only the record
+batches of the partitions it probes (`InvertedLists.read`). No process holds more than one
+group (about LIST_GROUP_ROWS rows).
 
 The lists live in the run's folder beside its codec and are named by the version's manifest
 (`partitions`). The table's rows keep their order (row i is the source's position i): LanceDB
@@ -211,9 +211,7 @@ def build_group(group: int, *, spec: ListsSpec, files: tuple[str, ...], dropped:
     rows = table.select(["position", "code"]).take(pa.array(order))
     batch = pa.RecordBatch.from_arrays([c.combine_chunks() for c in rows.columns], schema=rows.schema)
     if spec.has_terms:  # (each row's code term, for the search by look-up tables)
-        centroids = load_codec(spec.coarse).centroids
-        centroids = centroids[part[order] + parts.start] if spec.residual else \
-            np.broadcast_to(np.zeros(centroids.shape[1], np.float32), (len(order), centroids.shape[1]))
+        centroids = load_codec(spec.coarse).centroids[part[order] + parts.start] if spec.residual else None
         terms = code_terms(load_codec(spec.listed).decode, codes_as_numpy(batch.column(1)), centroids)
         batch = batch.append_column("term", pa.array(terms))
     write_buckets(spec.group_uri(group), batch, part[order], len(parts))
@@ -270,7 +268,7 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
     kk = k + (exclude is not None)  # (one more, so that excluding a query's own row leaves k)
     books = lists.spec.books
     if lists.spec.residual or books is not None:
-        step = len(queries) if books is None else max(1, TABLES_BYTES // (books.shape[0] * books.shape[1] * 4))
+        step = max(1, len(queries) if books is None else TABLES_BYTES // (books.shape[0] * books.shape[1] * 4))
         found = [_search_by_partition(lists, _list_scorer(lists.spec, coarse, codec, queries[i:i + step], kk),
                                       probes[i:i + step], k, allowed=allowed,
                                       exclude=None if exclude is None else exclude[i:i + step])
@@ -288,7 +286,7 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
                 cache[p] = lists.read(p)
                 held += cache[p][0].nbytes + cache[p][1].nbytes
         top = TopK(1, k, exclude=None if exclude is None else exclude[q:q + 1])
-        pos, codes = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
+        pos, codes, _ = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
         d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
         top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
         D[q], I[q] = top.D[0], top.I[0]
@@ -340,8 +338,9 @@ def _list_scorer(spec: ListsSpec, coarse, codec, queries: np.ndarray, k: int):
     origin = np.zeros(xq.shape[1], np.float32)
 
     def top(d: np.ndarray, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        order = order_by_distance_then_id(d, np.broadcast_to(pos, d.shape), k)
-        return np.take_along_axis(d, order, axis=1), np.take_along_axis(np.broadcast_to(pos, d.shape), order, axis=1)
+        ids = np.broadcast_to(pos, d.shape)
+        order = order_by_distance_then_id(d, ids, k)
+        return np.take_along_axis(d, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
     def by_blocks(qs: np.ndarray, pos: np.ndarray, distances) -> tuple[np.ndarray, np.ndarray]:
         """The top-k of `distances(lo, hi)` (the queries' to rows lo:hi) over the partition's
@@ -379,18 +378,19 @@ def _list_scorer(spec: ListsSpec, coarse, codec, queries: np.ndarray, k: int):
     return score
 
 
-def _rows(read: list[tuple], code_size: int, allowed: np.ndarray | None) -> tuple:
-    """The (positions, codes) read of some partitions, together, and with read_listed's a
-    third item, their code terms or None; only those `allowed` lists."""
+def _rows(read: list[tuple], code_size: int,
+          allowed: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The (positions, codes) read of some partitions (read's or read_listed's), together, and
+    their code terms (None unless every partition's were read); only those `allowed` lists."""
     pos = np.concatenate([r[0] for r in read]) if read else np.zeros(0, np.int64)
     codes = np.concatenate([r[1] for r in read]) if read else np.zeros((0, code_size), np.uint8)
-    terms = [r[2] for r in read if len(r) > 2]
+    terms = [r[2] if len(r) > 2 else None for r in read]
     terms = np.concatenate(terms) if terms and all(t is not None for t in terms) else None
     if allowed is not None:
         at = np.minimum(np.searchsorted(allowed, pos), max(len(allowed) - 1, 0))
         keep = allowed[at] == pos if len(allowed) else np.zeros(len(pos), bool)
         pos, codes, terms = pos[keep], codes[keep], None if terms is None else terms[keep]
-    return (pos, codes) if not read or len(read[0]) < 3 else (pos, codes, terms)
+    return pos, codes, terms
 
 
 def nprobes_grid(nlist: int) -> list[int]:

@@ -10,7 +10,7 @@ package re-exports nothing, so no import cycle can run through it):
 - `codec`: the trained `Codec`: encode, decode, search over its codes, (de)serialise.
 - `search`: the search over stored codes (search_codes, search_device): faiss's ADC or
   Hamming search, or a GEMM over the decoded codes where that pays, ties ranked by row.
-- `tables`: look-up-table distances to additive codes stored relative to a centroid (the
-  inverted lists of residual codes).
+- `tables`: look-up-table distances to additive codes, stored relative to a centroid or as
+  they are (the inverted lists' codes).
 - `grid`: the advisor's default candidate specs (default_grid).
 """

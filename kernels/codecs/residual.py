@@ -245,7 +245,7 @@ def _top_axes(cov: np.ndarray, count: int, seed: int) -> np.ndarray:
     span = np.linalg.qr(cov @ block)[0]
     for _ in range(AXES_ITERATIONS):
         span = np.linalg.qr(cov @ span)[0]
-    values, vectors = np.linalg.eigh(span.T @ cov @ span)
+    _, vectors = np.linalg.eigh(span.T @ cov @ span)
     return (span @ vectors[:, ::-1])[:, :count]
 
 

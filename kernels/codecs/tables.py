@@ -1,5 +1,5 @@
 """Distances from queries to additive codes (RQ, LSQ) by look-up tables, for codes stored
-relative to a centroid (inverted lists of residual codes: pipeline.lists).
+relative to a centroid, or as they are (the inverted lists' codes: pipeline.lists).
 
 A code's reconstruction is the sum of one entry of each of its M codebooks, r = sum_m B_m[j_m],
 so a query's inner product with it is a sum of M table entries, <q, r> = sum_m T_q[m, j_m]
@@ -66,14 +66,14 @@ def table_sums(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
     return out
 
 
-def code_terms(codec_decode, codes: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+def code_terms(codec_decode, codes: np.ndarray, centroids: np.ndarray | None) -> np.ndarray:
     """(n,) float32 |r|^2 + 2 <c, r> of each row: r its code decoded (`codec_decode(codes)`:
-    the reconstructions), c its centroid (`centroids`: one row per code)."""
+    the reconstructions), c its centroid (`centroids`: one row per code; None: codes stored
+    as they are, |r|^2)."""
     out = np.empty(len(codes), np.float32)
     for i in range(0, len(codes), _BLOCK):
         r = codec_decode(codes[i:i + _BLOCK])
-        c = centroids[i:i + _BLOCK]
-        out[i:i + _BLOCK] = np.einsum("ij,ij->i", r, r + 2 * c)
+        out[i:i + _BLOCK] = np.einsum("ij,ij->i", r, r if centroids is None else r + 2 * centroids[i:i + _BLOCK])
     return out
 
 
