@@ -29,7 +29,12 @@ it and lowers its error further) leads as well and is chosen without its other s
 trained here (the train stage trains it whole); otherwise RQ32x8 is trained on from
 RQ16x8's stages (kernels.codecs.nested.train_on), to the codec trained whole, RQ24x8 cut
 from it, and judged the same way, then RQ64x8 from RQ32x8's. At 768-d and 32 B that halves
-the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it.
+the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it. A length that
+trails instead, not for good and with a front-runner's place whatever its further stages add,
+ends the chain too where the next length could not lead for good by gaining what this one
+gained over the last (`_goes_on_as_it_is`): the longest goes on to the second stage, judged by
+it, and the second stage trains it whole (at 768-d and 64 B on power-law rows, RQ64x8 is not
+trained on from RQ32x8 here).
 
 The first-stage record keeps each candidate's centroids per codebook and, when one is chosen
 there, its lead over the best of the rest (`lead`: by how much, in standard errors, and the
@@ -110,15 +115,21 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     leader = None
     for i, (head, chain) in enumerate(heads.items()):
         family = {head} | {s for s, h in nested.items() if h == head}
-        size, below = spec_bytes(head, dim, metric, n1), chain[0]
+        size, below, before = spec_bytes(head, dim, metric, n1), chain[0], None
         for longer in chain[1:]:
-            if i == len(heads) - 1 and below in trained and size <= max_bytes \
-                    and all(_settled_by(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
+            last = i == len(heads) - 1 and below in trained and size <= max_bytes
+            if last and all(_settled_by(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
                 # (more stages only lower the reconstruction error: the longest holds `below` and more)
-                rows[head] = {"codec": head, "code_bytes": size, "recall_at_10": rows[below]["recall_at_10"],
-                              "centroids_per_codebook": rows[below]["centroids_per_codebook"],
-                              "seconds": 0.0, "judged_by": below}
+                rows[head] = _judged_by(rows[below], head, size)
                 leader = head
+                break
+            if last and before in trained and _goes_on_as_it_is(rows, below, before, family, hits, margin, max_bytes):
+                rows[head] = _judged_by(rows[below], head, size)
+                for spec in family & set(rows) - {head}:  # (what the second stage cuts from it)
+                    rows[spec]["cut_from"] = head
+                log.info("advise: first stage: %s goes on judged by its first stages, %s (recall@10 %.3f, behind "
+                         "but not for good); no longer one could lead for good, so the rest of it is not trained "
+                         "here", head, below, rows[below]["recall_at_10"])
                 break
             # `longer` trained on from the stages of `below`, the lengths between cut from it
             between = [s for s in specs if s in family - set(rows) and stages(s, dim) < stages(longer, dim)]
@@ -128,7 +139,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
             trained.update(grown)
             for spec in family & set(rows) - {longer}:  # (what the second stage cuts from the longest)
                 rows[spec]["cut_from"] = longer
-            below = longer
+            before, below = below, longer
         if leader:
             break
     rows = [rows[s] for s in specs if s in rows]
@@ -180,6 +191,48 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
                     **({"same_codes_as": same} if same != tc.spec else {}),
                     **({"trained_on_from": grown_from[tc.spec].spec} if tc.spec in (grown_from or {}) else {})})
     return {r["codec"]: r for r in out}, {tc.spec: tc for tc in trained}
+
+
+def _judged_by(row: dict, head: str, size: int) -> dict:
+    """The first-stage row of the longest of a residual family `head` (of `size` bytes) not
+    trained there, judged by `row`, its first stages': its recall@10 there is a floor."""
+    return {"codec": head, "code_bytes": size, "recall_at_10": row["recall_at_10"],
+            "centroids_per_codebook": row["centroids_per_codebook"], "seconds": 0.0, "judged_by": row["codec"]}
+
+
+def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, family: set[str], hits: dict,
+                      margin: float, max_bytes: int) -> bool:
+    """Whether the longest of a residual family goes on to the second stage judged by `below`,
+    its first stages, without the next length trained here: `below` trails the best of the
+    rest within the budget, but not for good, with fewer than FRONT_RUNNERS others at or above
+    its recall (so the longest, which holds it and more, is a front-runner whatever its other
+    stages add), and the next length could not lead them all for good. That would take more
+    recall@10 over `below` than `below` gained over `before`, the length before it (half its
+    stages): the family's gains shrink as its stages double (on 10,000 rows, 16 to 32 stages
+    then 32 to 64 gained 0.098 then 0.045 at 128-d, 0.040 then 0.028 at 768-d; BENCHMARKS.md).
+    Were they not to, the cost is a second stage, not the pick: the second stage judges the
+    whole codec."""
+    row, rivals = rows[below], _rivals(rows, family, max_bytes)
+    recall = row["recall_at_10"]
+    if not rivals or rivals[0]["recall_at_10"] <= recall or _settled_by(rivals[0], row, hits, margin):
+        return False
+    # (what front_runners would rank at or above it: the rivals the best does not settle, and any
+    # shorter one of the family ahead of it)
+    close = [r for r in rivals if r is rivals[0] or not _settled_by(rivals[0], r, hits, margin)]
+    shorter = [r for c, r in rows.items() if c in family - {below} and _contends(r) and r["code_bytes"] <= max_bytes]
+    if sum(r["recall_at_10"] >= recall for r in close + shorter) >= FRONT_RUNNERS:
+        return False
+    needed = max(r["recall_at_10"] - recall + _lead_to_settle(row, r, hits, margin) for r in rivals)
+    return needed > recall - rows[before]["recall_at_10"]
+
+
+def _lead_to_settle(a: dict, b: dict, hits: dict, margin: float) -> float:
+    """The least lead over `b` that settles it (`_settled_by`) for a codec judged as `a` is:
+    LEAD_MARGIN, or where `a` fits more centroids per codebook, ROUGH_LEAD_Z standard errors of
+    the per-query difference (`a`'s) and MIN_LEAD, if less."""
+    if a["centroids_per_codebook"] <= b["centroids_per_codebook"]:
+        return margin
+    return min(margin, max(MIN_LEAD, ROUGH_LEAD_Z * difference_standard_error(hits[a["codec"]], hits[b["codec"]])))
 
 
 def _judging_order(nested: dict[str, str], dim: int) -> dict[str, list[str]]:
@@ -253,8 +306,9 @@ def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float 
     MIN_RECALL_MARGIN of it, and the best recall of all (so that a target no candidate
     reaches still gets the closest)."""
     if max_bytes is not None:
+        # (a tie: the longest of a family judged by its first stages ahead of them: it holds them)
         ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
-                    key=lambda r: (-r["recall_at_10"], r["code_bytes"]))
+                    key=lambda r: (-r["recall_at_10"], "judged_by" not in r, r["code_bytes"]))
         ahead = settled or (lambda a, b: a["recall_at_10"] - b["recall_at_10"] > margin)
         close = [r for r in ok if margin is None or r is ok[0] or not ahead(ok[0], r)] if ok else rows
         # a residual quantizer cut from a longer one ahead of it goes no further: the same

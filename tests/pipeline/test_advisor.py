@@ -334,18 +334,23 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
         assert "RQ2x6" not in kept and "RQ3x6" not in kept  # (the nesting rule: RQ4x6 ahead of them)
 
 
-@pytest.mark.parametrize("settles", [None, "RQ4x6"])
+@pytest.mark.parametrize("settles", [None, "RQ4x6", "goes on"])
 def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample, monkeypatch, settles):
     """--max-bytes: a family of five lengths is judged by RQ2x6, then RQ4x6 trained on from its
     stages (RQ3x6 cut from it), then RQ8x6 from those (RQ6x6 cut from it): each the codec the
     first stage trains whole. A length ahead of the rest for good (here: RQ4x6, or none)
-    ends it: RQ8x6, which holds it, is chosen untrained there, judged by it."""
+    ends it: RQ8x6, which holds it, is chosen untrained there, judged by it. So does a length
+    behind, where RQ8x6 goes on whatever the rest adds and could not lead for good
+    (`_goes_on_as_it_is`): RQ8x6 goes on to the second stage untrained here, judged by RQ4x6."""
     from vecpress.pipeline import preselect as ps
 
     monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)
     monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
     real = ps._settled_by
     monkeypatch.setattr(ps, "_settled_by", lambda a, b, hits, margin: a["codec"] == settles and real(a, b, hits, -1.0))
+    asked = []
+    monkeypatch.setattr(ps, "_goes_on_as_it_is", lambda rows, below, before, *a: asked.append((below, before))
+                        or settles == "goes on")
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "RQ3x6", "PQ8x4fs", "RQ4x6", "RQ6x6", "SQ4", "RQ8x6"]
     assert ps._judging_order(ps.nesting(specs, DIM, greedy=True), DIM) == {"RQ8x6": ["RQ2x6", "RQ4x6", "RQ8x6"]}
@@ -354,7 +359,14 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     _, whole = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
     whole = {r["codec"]: r for r in whole["rows"]}
     assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and "trained_on_from" not in rows["RQ3x6"]
-    if settles:
+    # (asked from the second length on: the first has no length before it to gain over)
+    assert asked == ([] if settles == "RQ4x6" else [("RQ4x6", "RQ2x6")])
+    if settles == "goes on":
+        assert "RQ8x6" in kept and "RQ6x6" not in rows and rows["RQ8x6"]["judged_by"] == "RQ4x6"
+        assert rows["RQ8x6"]["recall_at_10"] == rows["RQ4x6"]["recall_at_10"] and rows["RQ8x6"]["seconds"] == 0.0
+        assert {rows[s]["cut_from"] for s in ("RQ2x6", "RQ3x6", "RQ4x6")} == {"RQ8x6"}
+        assert not {"RQ2x6", "RQ3x6", "RQ4x6"} & set(kept)  # (RQ8x6 holds them: ahead of them on a tie)
+    elif settles:
         assert kept == ["RQ8x6"] and "RQ6x6" not in rows and rows["RQ8x6"]["judged_by"] == "RQ4x6"
         assert rows["RQ2x6"]["cut_from"] == rows["RQ3x6"]["cut_from"] == "RQ4x6"
         assert record["lead"]["rule"] == "margin"
@@ -364,6 +376,35 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
         assert "RQ8x6" in kept and not {"RQ2x6", "RQ3x6", "RQ4x6", "RQ6x6"} & set(kept)  # (cut: behind it)
     for spec in set(rows) - {"RQ8x6" if settles else None}:  # (trained here as on their own)
         assert rows[spec]["recall_at_10"] == whole[spec]["recall_at_10"], spec
+
+
+def test_a_family_goes_on_judged_by_its_first_stages_only_where_more_could_not_lead_for_good():
+    """`_goes_on_as_it_is`: RQ4 (the first stages of the family's longest, RQ8) trails the best
+    of the rest but not for good, with fewer than FRONT_RUNNERS at or above it; the next length
+    would need a lead over them all (LEAD_MARGIN over a rival with as many centroids, MIN_LEAD
+    and ROUGH_LEAD_Z standard errors over one with fewer) beyond what RQ4 gained over RQ2."""
+    from vecpress.pipeline import preselect as ps
+
+    def row(codec, recall, centroids=256):
+        return {"codec": codec, "code_bytes": 8, "recall_at_10": recall, "centroids_per_codebook": centroids}
+
+    def asks(*rivals, before=0.76, below=0.80):
+        rows = {r["codec"]: r for r in (row("RQ2", before), row("RQ4", below), *rivals)}
+        hits = {c: np.full(300, r["recall_at_10"]) for c, r in rows.items()}  # (no noise: a standard error of 0)
+        return ps._goes_on_as_it_is(rows, "RQ4", "RQ2", {"RQ2", "RQ4", "RQ8"}, hits, 0.05, 8)
+
+    # PQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2
+    assert asks(row("PQ", 0.82), row("SQ", 0.6, 0))
+    assert not asks(row("PQ", 0.82), before=0.72)  # (it gained 0.08: RQ8 might)
+    assert not asks(row("PQ", 0.79))  # (RQ4 leads: RQ8 might lead for good)
+    assert not asks(row("PQ", 0.86))  # (behind for good: the rest of it must show it catches up)
+    assert not asks(row("PQ", 0.82), *[row(f"PQ{i}", 0.81) for i in range(3)])  # (4 ahead: RQ8 might not go on)
+    assert asks(row("PQ", 0.82), *[row(f"PQ{i}", 0.81) for i in range(2)], row("BIN", 0.76, 0))
+    # a rival with fewer centroids: settled by MIN_LEAD (no noise) over it, 0.02 above RQ4 here
+    assert not asks(row("FS", 0.81, 16), before=0.775)
+    assert asks(row("FS", 0.81, 16), before=0.79)
+    # a shorter one of the family ahead of RQ4 takes a place too
+    assert not asks(row("PQ", 0.82), *[row(f"PQ{i}", 0.81) for i in range(2)], row("RQ3", 0.805) | {"cut_from": "RQ4"})
 
 
 def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stage_sample, monkeypatch):
