@@ -1,7 +1,7 @@
-"""The advisor's, the training and the list-search benchmarks run end to end at toy sizes and
-write their JSON: they call into pipeline.preselect, pipeline.lists and kernels.codecs.train
-below the public API, so a change there that breaks them shows here, not in the next session
-that needs their figures."""
+"""The advisor's benchmarks (both stages, the first stage's residual chain), the training and
+the list-search benchmarks run end to end at toy sizes and write their JSON: they call into
+pipeline.preselect, pipeline.lists and kernels.codecs.train below the public API, so a change
+there that breaks them shows here, not in the next session that needs their figures."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "first_stage": ["--dim", "32", "--budget", "8", "--num-train", "11000", "--base", "3000", "--queries", "60",
                     "--stages", "10000x20000,11000x2000"],
+    "first_stage_chain": ["--dims", "32", "--budgets", "8,16"],
     "second_stage": ["--dim", "32", "--budget", "8", "--num-train", "11000", "--base", "4000", "--rows", "2000,4000",
                      "--queries", "60"],
     "list_search": ["--rows", "20000", "--dim", "32", "--codec", "RQ4x8", "--partitions", "32", "--num-train",
@@ -41,6 +42,10 @@ def test_benchmark_runs_and_writes_its_results(tmp_path, name, data):
         assert results["full_size"] and results["args"]["data"] == data
         assert [(s["train_rows"], s["base_rows"]) for s in results["stages"]] == [(10_000, 3_000), (11_000, 2_000)]
         assert all(s["first_stage"] for s in results["stages"])
+    elif name == "first_stage_chain":
+        (row,) = results["rows"]
+        assert list(row["family_recall_at_10"]) == ["RQ4x8", "RQ8x8", "RQ16x8", "RQ32x8", "RQ64x8"]
+        assert [s["budget"] for s in row["budgets"]] == [8, 16] and all(s["front_runners"] for s in row["budgets"])
     elif name == "list_search":
         assert [r["nprobes"] for r in results["rows"]] == [2, 8]
         assert all(r["same_neighbours"] > 0.99 and r["max_distance_difference"] < 1e-4 for r in results["rows"])
