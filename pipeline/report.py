@@ -265,9 +265,14 @@ def summary_table(info: dict) -> str:
                      f"{'in the first stage' if first else 'on the sample'})")
         stage = advisor.get("first_stage")
         if stage:
+            # (a residual quantizer that went on judged by its first stages, not trained whole there)
+            by = {r["codec"]: r["judged_by"] for r in stage["rows"] if r.get("judged_by")}
+            kept = ", ".join(f"{c} (judged there by {by[c]})" if c in by else c for c in stage["kept"])
+            swept = advisor.get("swept_rows")
             lines.append(f"                first stage: {len(stage['rows'])} candidates on {stage['train_rows']:,} vectors in "
                          f"{stage['seconds']:.1f}s; " + (f"{advisor['chosen']} {advisor['reason']}" if first else
-                                                          f"swept over the corpus: {', '.join(stage['kept'])}"))
+                                                          f"swept over {f'{swept:,} rows' if swept else 'the corpus'}: "
+                                                          f"{kept}"))
         if advisor.get("held_by_finer"):
             lines.append("                not tried, a finer one of the family fits the budget: "
                          + ", ".join(f"{s} ({by})" for s, by in advisor["held_by_finer"].items()))

@@ -505,3 +505,33 @@ def test_a_residual_quantizer_chosen_by_its_first_stages_is_trained_whole_by_the
     assert "at least as good" in advisor["reason"]
     assert "recall@10 at least" in summary_table(info)
     assert info["eval"]["recall_at_10"] >= advisor["chosen_recall_at_10"] - 0.1  # (the whole of it, over the corpus)
+
+
+def test_a_residual_quantizer_that_goes_on_judged_by_its_first_stages_is_trained_whole_in_the_second(
+        corpus, tmp_path, ray_executor, monkeypatch):
+    """RQ8x6 goes on from the first stage judged by RQ4x6, its first stages (`_goes_on_as_it_is`,
+    forced here), not trained whole there: the second stage trains and sweeps it whole, and the
+    report says how the first stage judged it."""
+    from vecpress.pipeline import preselect, sweep
+    from vecpress.pipeline.report import summary_table
+
+    monkeypatch.setattr(sweep, "default_grid", lambda *a, **k: ["PQ4", "RQ2x6", "RQ4x6", "RQ8x6", "SQ4"])
+    monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
+    monkeypatch.setattr(preselect, "LEAD_MARGIN", 1.0)  # (no lead settles: a second stage)
+    monkeypatch.setattr(preselect, "ROUGH_LEAD_Z", float("inf"))
+    monkeypatch.setattr(preselect, "_goes_on_as_it_is", lambda *a: True)
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", max_bytes=16, **COMMON),
+                 executor=ray_executor)
+    info = inspect_table(out, "t")
+    advisor = info["advisor"]
+    first = {r["codec"]: r for r in advisor["first_stage"]["rows"]}
+    assert first["RQ8x6"]["judged_by"] == "RQ4x6" and "trained_on_from" not in first["RQ8x6"]
+    assert first["RQ8x6"]["recall_at_10"] == first["RQ4x6"]["recall_at_10"]
+    assert advisor["decided_in"] == "second stage" and "RQ8x6" in advisor["first_stage"]["kept"]
+    assert not {"RQ2x6", "RQ4x6"} & set(advisor["first_stage"]["kept"])
+    swept = {r["codec"]: r for r in advisor["table"]}
+    assert swept["RQ8x6"]["train_seconds"] > 0 and swept["RQ8x6"]["code_bytes"] == 6
+    assert "RQ8x6 (judged there by RQ4x6)" in summary_table(info)
+    assert f"swept over {advisor['swept_rows']:,} rows" in summary_table(info)
