@@ -208,10 +208,10 @@ def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, family: se
     its recall (so the longest, which holds it and more, is a front-runner whatever its other
     stages add), and the next length could not lead them all for good. That would take more
     recall@10 over `below` than `below` gained over `before`, the length before it (half its
-    stages): the family's gains shrink as its stages double (on 10,000 rows, 16 to 32 stages
-    then 32 to 64 gained 0.098 then 0.045 at 128-d, 0.040 then 0.028 at 768-d; BENCHMARKS.md).
-    Were they not to, the cost is a second stage, not the pick: the second stage judges the
-    whole codec."""
+    stages): the family's gains shrink as its stages double (in the first stage on power-law
+    rows, 16 to 32 stages then 32 to 64 gained 0.094 then 0.051 at 128-d, 0.042 then 0.027 at
+    768-d; benchmarks/first_stage_chain.py). Were they not to, the cost is a second stage, not
+    the pick: the second stage judges the whole codec."""
     row, rivals = rows[below], _rivals(rows, family, max_bytes)
     recall = row["recall_at_10"]
     if not rivals or rivals[0]["recall_at_10"] <= recall or _settled_by(rivals[0], row, hits, margin):
