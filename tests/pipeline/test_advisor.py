@@ -488,17 +488,10 @@ def test_a_residual_quantizer_chosen_by_its_first_stages_is_trained_whole_by_the
                                                                                        ray_executor, monkeypatch):
     """The first stage's pick judged by its first stages (not trained whole there): the run
     trains it whole, the manifest and the report say its first-stage recall is a floor."""
-    from vecpress.pipeline import preselect, sweep
     from vecpress.pipeline.report import summary_table
 
-    monkeypatch.setattr(sweep, "default_grid", lambda *a, **k: ["PQ4", "RQ2x6", "PQ8x4fs", "BIN", "RQ4x6", "SQ4"])
-    monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
-    monkeypatch.setattr(preselect, "LEAD_MARGIN", -1.0)  # (any lead: RQ2x6 ahead of the others)
-    root, _ = corpus
-    out = str(tmp_path / "out")
-    run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", max_bytes=16, **COMMON),
-                 executor=ray_executor)
-    info = inspect_table(out, "t")
+    info = _run_auto(corpus, tmp_path, ray_executor, monkeypatch, ["PQ4", "RQ2x6", "PQ8x4fs", "BIN", "RQ4x6", "SQ4"],
+                     LEAD_MARGIN=-1.0)  # (any lead: RQ2x6 ahead of the others)
     advisor = info["advisor"]
     assert advisor["chosen"] == info["codec"] == "RQ4x6" and advisor["decided_in"] == "first stage"
     assert advisor["recall_judged_by"] == "RQ2x6" and advisor["reason"].startswith("its first stages, RQ2x6, led")
@@ -512,19 +505,11 @@ def test_a_residual_quantizer_that_goes_on_judged_by_its_first_stages_is_trained
     """RQ8x6 goes on from the first stage judged by RQ4x6, its first stages (`_goes_on_as_it_is`,
     forced here), not trained whole there: the second stage trains and sweeps it whole, and the
     report says how the first stage judged it."""
-    from vecpress.pipeline import preselect, sweep
     from vecpress.pipeline.report import summary_table
 
-    monkeypatch.setattr(sweep, "default_grid", lambda *a, **k: ["PQ4", "RQ2x6", "RQ4x6", "RQ8x6", "SQ4"])
-    monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
-    monkeypatch.setattr(preselect, "LEAD_MARGIN", 1.0)  # (no lead settles: a second stage)
-    monkeypatch.setattr(preselect, "ROUGH_LEAD_Z", float("inf"))
-    monkeypatch.setattr(preselect, "_goes_on_as_it_is", lambda *a: True)
-    root, _ = corpus
-    out = str(tmp_path / "out")
-    run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", max_bytes=16, **COMMON),
-                 executor=ray_executor)
-    info = inspect_table(out, "t")
+    info = _run_auto(corpus, tmp_path, ray_executor, monkeypatch, ["PQ4", "RQ2x6", "RQ4x6", "RQ8x6", "SQ4"],
+                     LEAD_MARGIN=1.0, ROUGH_LEAD_Z=float("inf"),  # (no lead settles: a second stage)
+                     _goes_on_as_it_is=lambda *a: True)
     advisor = info["advisor"]
     first = {r["codec"]: r for r in advisor["first_stage"]["rows"]}
     assert first["RQ8x6"]["judged_by"] == "RQ4x6" and "trained_on_from" not in first["RQ8x6"]
@@ -535,3 +520,19 @@ def test_a_residual_quantizer_that_goes_on_judged_by_its_first_stages_is_trained
     assert swept["RQ8x6"]["train_seconds"] > 0 and swept["RQ8x6"]["code_bytes"] == 6
     assert "RQ8x6 (judged there by RQ4x6)" in summary_table(info)
     assert f"swept over {advisor['swept_rows']:,} rows" in summary_table(info)
+
+
+def _run_auto(corpus, tmp_path, ray_executor, monkeypatch, grid: list[str], **preselect_names) -> dict:
+    """`inspect_table` of a `--codec auto --max-bytes 16` run whose default grid is `grid`,
+    its first stage on half the sample, with pipeline.preselect's names set as given."""
+    from vecpress.pipeline import preselect, sweep
+
+    monkeypatch.setattr(sweep, "default_grid", lambda *a, **k: grid)
+    monkeypatch.setattr(preselect, "STAGE1_TRAIN_ROWS", COMMON["num_train"] // 2)
+    for name, value in preselect_names.items():
+        monkeypatch.setattr(preselect, name, value)
+    root, _ = corpus
+    out = str(tmp_path / "out")
+    run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", max_bytes=16, **COMMON),
+                 executor=ray_executor)
+    return inspect_table(out, "t")
