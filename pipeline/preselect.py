@@ -123,13 +123,17 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
                 rows[head] = _judged_by(rows[below], head, size)
                 leader = head
                 break
-            if last and before in trained and _goes_on_as_it_is(rows, below, before, family, hits, margin, max_bytes):
-                rows[head] = _judged_by(rows[below], head, size)
+            stop = _goes_on_as_it_is(rows, below, before, family, hits, margin, max_bytes) \
+                if last and before in trained else None
+            if stop:
+                rows[head] = {**_judged_by(rows[below], head, size), "chain_stopped": stop}
                 for spec in family & set(rows) - {head}:  # (what the second stage cuts from it)
                     rows[spec]["cut_from"] = head
-                log.info("advise: first stage: %s goes on judged by its first stages, %s (recall@10 %.3f, behind "
-                         "but not for good); no longer one could lead for good, so the rest of it is not trained "
-                         "here", head, below, rows[below]["recall_at_10"])
+                log.info("advise: first stage: %s goes on judged by its first stages, %s (recall@10 %.3f, %.3f "
+                         "behind %s, not for good): to lead every other for good it would need %.3f more, where "
+                         "%s gained %.3f over %s; the rest of it is not trained here", head, below,
+                         rows[below]["recall_at_10"], stop["by"], stop["behind"], stop["needs"], below,
+                         stop["gained"], before)
                 break
             # `longer` trained on from the stages of `below`, the lengths between cut from it
             between = [s for s in specs if s in family - set(rows) and stages(s, dim) < stages(longer, dim)]
@@ -201,8 +205,10 @@ def _judged_by(row: dict, head: str, size: int) -> dict:
 
 
 def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, family: set[str], hits: dict,
-                      margin: float, max_bytes: int) -> bool:
-    """Whether the longest of a residual family goes on to the second stage judged by `below`,
+                      margin: float, max_bytes: int) -> dict | None:
+    """Why the longest of a residual family goes on to the second stage judged by `below`
+    (`behind` the best of the rest `by` so much; it `needs` more than it `gained`), or None
+    where it does not. It goes on judged by `below`,
     its first stages, without the next length trained here: `below` trails the best of the
     rest within the budget, but not for good, with fewer than FRONT_RUNNERS others at or above
     its recall (so the longest, which holds it and more, is a front-runner whatever its other
@@ -215,15 +221,19 @@ def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, family: se
     row, rivals = rows[below], _rivals(rows, family, max_bytes)
     recall = row["recall_at_10"]
     if not rivals or rivals[0]["recall_at_10"] <= recall or _settled_by(rivals[0], row, hits, margin):
-        return False
+        return None
     # (what front_runners would rank at or above it: the rivals the best does not settle, and any
     # shorter one of the family ahead of it)
     close = [r for r in rivals if r is rivals[0] or not _settled_by(rivals[0], r, hits, margin)]
     shorter = [r for c, r in rows.items() if c in family - {below} and _contends(r) and r["code_bytes"] <= max_bytes]
     if sum(r["recall_at_10"] >= recall for r in close + shorter) >= FRONT_RUNNERS:
-        return False
-    needed = max(r["recall_at_10"] - recall + _lead_to_settle(row, r, hits, margin) for r in rivals)
-    return needed > recall - rows[before]["recall_at_10"]
+        return None
+    needs = max(r["recall_at_10"] - recall + _lead_to_settle(row, r, hits, margin) for r in rivals)
+    gained = recall - rows[before]["recall_at_10"]
+    if needs <= gained:
+        return None
+    return {"behind": rivals[0]["codec"], "by": round(rivals[0]["recall_at_10"] - recall, 4),
+            "needs": round(needs, 4), "gained": round(gained, 4)}
 
 
 def _lead_to_settle(a: dict, b: dict, hits: dict, margin: float) -> float:

@@ -349,8 +349,9 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     real = ps._settled_by
     monkeypatch.setattr(ps, "_settled_by", lambda a, b, hits, margin: a["codec"] == settles and real(a, b, hits, -1.0))
     asked = []
+    stop = {"behind": "PQ4", "by": 0.01, "needs": 0.06, "gained": 0.02}
     monkeypatch.setattr(ps, "_goes_on_as_it_is", lambda rows, below, before, *a: asked.append((below, before))
-                        or settles == "goes on")
+                        or (stop if settles == "goes on" else None))
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "RQ3x6", "PQ8x4fs", "RQ4x6", "RQ6x6", "SQ4", "RQ8x6"]
     assert ps._judging_order(ps.nesting(specs, DIM, greedy=True), DIM) == {"RQ8x6": ["RQ2x6", "RQ4x6", "RQ8x6"]}
@@ -364,6 +365,7 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     if settles == "goes on":
         assert "RQ8x6" in kept and "RQ6x6" not in rows and rows["RQ8x6"]["judged_by"] == "RQ4x6"
         assert rows["RQ8x6"]["recall_at_10"] == rows["RQ4x6"]["recall_at_10"] and rows["RQ8x6"]["seconds"] == 0.0
+        assert rows["RQ8x6"]["chain_stopped"] == stop  # (why, in the manifest's first stage)
         assert {rows[s]["cut_from"] for s in ("RQ2x6", "RQ3x6", "RQ4x6")} == {"RQ8x6"}
         assert not {"RQ2x6", "RQ3x6", "RQ4x6"} & set(kept)  # (RQ8x6 holds them: ahead of them on a tie)
     elif settles:
@@ -394,7 +396,7 @@ def test_a_family_goes_on_judged_by_its_first_stages_only_where_more_could_not_l
         return ps._goes_on_as_it_is(rows, "RQ4", "RQ2", {"RQ2", "RQ4", "RQ8"}, hits, 0.05, 8)
 
     # PQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2
-    assert asks(row("PQ", 0.82), row("SQ", 0.6, 0))
+    assert asks(row("PQ", 0.82), row("SQ", 0.6, 0)) == {"behind": "PQ", "by": 0.02, "needs": 0.07, "gained": 0.04}
     assert not asks(row("PQ", 0.82), before=0.72)  # (it gained 0.08: RQ8 might)
     assert not asks(row("PQ", 0.79))  # (RQ4 leads: RQ8 might lead for good)
     assert not asks(row("PQ", 0.86))  # (behind for good: the rest of it must show it catches up)
@@ -509,7 +511,7 @@ def test_a_residual_quantizer_that_goes_on_judged_by_its_first_stages_is_trained
 
     info = _run_auto(corpus, tmp_path, ray_executor, monkeypatch, ["PQ4", "RQ2x6", "RQ4x6", "RQ8x6", "SQ4"],
                      LEAD_MARGIN=1.0, ROUGH_LEAD_Z=float("inf"),  # (no lead settles: a second stage)
-                     _goes_on_as_it_is=lambda *a: True)
+                     _goes_on_as_it_is=lambda *a: {"behind": "PQ4", "by": 0.01, "needs": 0.06, "gained": 0.02})
     advisor = info["advisor"]
     first = {r["codec"]: r for r in advisor["first_stage"]["rows"]}
     assert first["RQ8x6"]["judged_by"] == "RQ4x6" and "trained_on_from" not in first["RQ8x6"]
