@@ -288,7 +288,7 @@ def search_lists(lists: InvertedLists, codec, queries: np.ndarray, k: int, nprob
         top = TopK(1, k, exclude=None if exclude is None else exclude[q:q + 1])
         pos, codes, _ = _rows([cache[p] for p in partitions[partitions >= 0]], lists.spec.code_size, allowed)
         d, i = codec.search_codes(queries[q:q + 1], codes, min(kk, len(pos)))
-        top.add(d, np.where(i >= 0, pos[np.maximum(i, 0)], -1))
+        top.add(d, _positions(i, pos))
         D[q], I[q] = top.D[0], top.I[0]
     return D, I
 
@@ -351,21 +351,18 @@ def _list_scorer(spec: ListsSpec, coarse, codec, queries: np.ndarray, k: int):
             return found[0] if found else top(np.zeros((len(qs), 0), np.float32), pos)
         return top(np.hstack([f[0] for f in found]), np.hstack([f[1] for f in found]))
 
-    def positions(i: np.ndarray, pos: np.ndarray) -> np.ndarray:
-        return np.where(i >= 0, pos[np.maximum(i, 0)], -1)
-
     def score(qs: np.ndarray, p: int, pos: np.ndarray, codes: np.ndarray, terms: np.ndarray | None):
         centroid = origin if residual is None else coarse.centroids[p]
         if residual is None and (tables is None or (space == "l2" and terms is None)):
             d, i = codec.search_codes(queries[qs], codes, min(k, len(pos)))  # (the table's codes, as they report)
-            return d, positions(i, pos)
+            return d, _positions(i, pos)
         if space == "l2":
             if tables is not None and terms is not None:
                 t, x = tables[qs], xq[qs]
                 d, i = by_blocks(qs, pos, lambda lo, hi: l2_by_tables(t, codes[lo:hi], terms[lo:hi], x, centroid))
             else:
                 d, i = residual.search_codes(xq[qs] - centroid, codes, min(k, len(pos)))
-                i = positions(i, pos)
+                i = _positions(i, pos)
             return (l2_as_cosine(d) if coarse.metric == "cosine" else d), i
         # (a dot product per query, as a one-query search takes it: the same rounding)
         dots = np.array([[float(x @ centroid)] for x in xq[qs]], np.float32)
@@ -373,9 +370,14 @@ def _list_scorer(spec: ListsSpec, coarse, codec, queries: np.ndarray, k: int):
             t = tables[qs]
             return by_blocks(qs, pos, lambda lo, hi: -table_sums(t, codes[lo:hi]) - dots)
         d, i = residual.search_codes(xq[qs], codes, min(k, len(pos)))
-        return d - dots, positions(i, pos)
+        return d - dots, _positions(i, pos)
 
     return score
+
+
+def _positions(i: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """The positions of found row numbers `i` (into `pos`), -1 where none was found."""
+    return np.where(i >= 0, pos[np.maximum(i, 0)], -1)
 
 
 def _rows(read: list[tuple], code_size: int,

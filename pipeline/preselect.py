@@ -118,12 +118,13 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         size, below, before = spec_bytes(head, dim, metric, n1), chain[0], None
         for longer in chain[1:]:
             last = i == len(heads) - 1 and below in trained and size <= max_bytes
-            if last and all(_settled_by(rows[below], r, hits, margin) for r in _rivals(rows, family, max_bytes)):
+            rivals = _rivals(rows, family, max_bytes) if last else []
+            if last and all(_settled_by(rows[below], r, hits, margin) for r in rivals):
                 # (more stages only lower the reconstruction error: the longest holds `below` and more)
                 rows[head] = _judged_by(rows[below], head, size)
                 leader = head
                 break
-            stop = _goes_on_as_it_is(rows, below, before, family, hits, margin, max_bytes) \
+            stop = _goes_on_as_it_is(rows, below, before, rivals, family, hits, margin, max_bytes) \
                 if last and before in trained else None
             if stop:
                 rows[head] = {**_judged_by(rows[below], head, size), "chain_stopped": stop}
@@ -204,13 +205,13 @@ def _judged_by(row: dict, head: str, size: int) -> dict:
             "centroids_per_codebook": row["centroids_per_codebook"], "seconds": 0.0, "judged_by": row["codec"]}
 
 
-def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, family: set[str], hits: dict,
-                      margin: float, max_bytes: int) -> dict | None:
+def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, rivals: list[dict], family: set[str],
+                      hits: dict, margin: float, max_bytes: int) -> dict | None:
     """Why the longest of a residual family goes on to the second stage judged by `below`
-    (`behind` the best of the rest `by` so much; it `needs` more than it `gained`), or None
-    where it does not. It goes on judged by `below`,
-    its first stages, without the next length trained here: `below` trails the best of the
-    rest within the budget, but not for good, with fewer than FRONT_RUNNERS others at or above
+    (`behind` the best of `rivals`, _rivals' rows, `by` so much; it `needs` more than it
+    `gained`), or None where it does not. It goes on judged by `below`, its first stages,
+    without the next length trained here, where `below` trails the best of the rest within the
+    budget, but not for good, with fewer than FRONT_RUNNERS others at or above
     its recall (so the longest, which holds it and more, is a front-runner whatever its other
     stages add), and the next length could not lead them all for good. That would take more
     recall@10 over `below` than `below` gained over `before`, the length before it (half its
@@ -218,8 +219,7 @@ def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, family: se
     rows, 16 to 32 stages then 32 to 64 gained 0.094 then 0.051 at 128-d, 0.042 then 0.027 at
     768-d; benchmarks/first_stage_chain.py). Were they not to, the cost is a second stage, not
     the pick: the second stage judges the whole codec."""
-    row, rivals = rows[below], _rivals(rows, family, max_bytes)
-    recall = row["recall_at_10"]
+    row, recall = rows[below], rows[below]["recall_at_10"]
     if not rivals or rivals[0]["recall_at_10"] <= recall or _settled_by(rivals[0], row, hits, margin):
         return None
     # (what front_runners would rank at or above it: the rivals the best does not settle, and any
@@ -281,10 +281,7 @@ def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
     lead = a["recall_at_10"] - b["recall_at_10"]
     if lead > margin:
         return "margin"
-    if a["centroids_per_codebook"] > b["centroids_per_codebook"] \
-            and lead > max(MIN_LEAD, ROUGH_LEAD_Z * difference_standard_error(hits[a["codec"]], hits[b["codec"]])):
-        return "rougher"
-    return None
+    return "rougher" if lead > _lead_to_settle(a, b, hits, margin) else None
 
 
 def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int, margin: float) -> dict | None:

@@ -393,7 +393,8 @@ def test_a_family_goes_on_judged_by_its_first_stages_only_where_more_could_not_l
     def asks(*rivals, before=0.76, below=0.80):
         rows = {r["codec"]: r for r in (row("RQ2", before), row("RQ4", below), *rivals)}
         hits = {c: np.full(300, r["recall_at_10"]) for c, r in rows.items()}  # (no noise: a standard error of 0)
-        return ps._goes_on_as_it_is(rows, "RQ4", "RQ2", {"RQ2", "RQ4", "RQ8"}, hits, 0.05, 8)
+        family = {"RQ2", "RQ4", "RQ8"}
+        return ps._goes_on_as_it_is(rows, "RQ4", "RQ2", ps._rivals(rows, family, 8), family, hits, 0.05, 8)
 
     # PQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2
     assert asks(row("PQ", 0.82), row("SQ", 0.6, 0)) == {"behind": "PQ", "by": 0.02, "needs": 0.07, "gained": 0.04}
