@@ -44,7 +44,7 @@ def first_stage(dim: int, budget: int, xt, xq) -> dict:
     specs = candidate_specs(dim, "cosine", len(xt), codecs=None, budgets=[budget])
     held = held_by_finer(specs)
     start = time.perf_counter()
-    kept, record = ps.preselect([s for s in specs if s not in held], xt, xq, metric="cosine", seed=0, ngpu=0,
+    kept, record, _ = ps.preselect([s for s in specs if s not in held], xt, xq, metric="cosine", seed=0, ngpu=0,
                                 max_bytes=budget, min_recall=None)
     rq = {r["codec"]: r for r in record["rows"] if r["codec"].startswith("RQ")}
     return {"budget": budget, "seconds": round(time.perf_counter() - start, 1), "front_runners": kept,

@@ -50,11 +50,12 @@ import time
 
 import numpy as np
 
-from vecpress.kernels.codecs.build import centroids_per_codebook
+from vecpress.kernels.codecs.build import centroids_per_codebook, rows_to_train
 from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
 from vecpress.kernels.metrics import difference_standard_error, knn_hits
 from vecpress.pipeline.errors import VecpressError
+from vecpress.pipeline.sampling import sample_subset
 from vecpress.pipeline.sweep import TrainedCodec, load_trained, spec_bytes, train_candidates
 
 log = logging.getLogger("vecpress")
@@ -90,21 +91,29 @@ SECOND_STAGE_ROWS = 50_000
 
 
 def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, seed: int, ngpu: int,
-              max_bytes: int | None, min_recall: float | None) -> tuple[list[str], dict | None]:
-    """(the front-runners among `specs`, the first stage's record), or (specs, None) when
-    the sample is too small to split, or there are no more than FRONT_RUNNERS of them and no
-    leader can be chosen here (without --max-bytes, or on fewer than STAGE1_TRAIN_ROWS rows)."""
+              max_bytes: int | None, min_recall: float | None
+              ) -> tuple[list[str], dict | None, dict[str, TrainedCodec]]:
+    """(the front-runners among `specs`, the first stage's record, {front-runner: as the first
+    stage trained it}), or (specs, None, {}) when the sample is too small to split, or there
+    are no more than FRONT_RUNNERS of them and no leader can be chosen here (without
+    --max-bytes, or on fewer than STAGE1_TRAIN_ROWS rows). The first stage's training and
+    base rows are a seeded subset of the sample (sampling.sample_subset: its first n1 rows in
+    one seeded order, then the next STAGE1_BASE_ROWS), as are its queries."""
     n1 = min(STAGE1_TRAIN_ROWS, len(xt) // 2)
     # (on fewer rows an 8-bit quantizer gets under faiss's 39 per centroid: judged too roughly to cut by margin)
     margin = LEAD_MARGIN if n1 >= STAGE1_TRAIN_ROWS else None
     chooses = max_bytes is not None and margin is not None and len(specs) > 1
     if (len(specs) <= FRONT_RUNNERS and not chooses) or n1 < 1000:
-        return specs, None
+        return specs, None, {}
     start = time.perf_counter()
-    base, q = xt[n1:n1 + STAGE1_BASE_ROWS], xq[:STAGE1_QUERIES]
+    nb = min(STAGE1_BASE_ROWS, len(xt) - n1)
+    ours = sample_subset(len(xt), n1 + nb, seed)  # (the training rows: the first n1 of that order)
+    train_at = sample_subset(len(xt), n1, seed)
+    xt, base = xt[train_at], xt[np.setdiff1d(ours, train_at, assume_unique=True)]
+    q = xq[sample_subset(len(xq), min(STAGE1_QUERIES, len(xq)), seed, stream=1)]
     _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
     hits: dict[str, np.ndarray] = {}  # (per query, for the standard error of a lead)
-    judge = functools.partial(_judge, xt=xt[:n1], base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu,
+    judge = functools.partial(_judge, xt=xt, base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu,
                               hits=hits, seen={})
     dim = xt.shape[1]
     nested = nesting(specs, dim, greedy=True)  # (training is greedy, on a GPU too)
@@ -159,7 +168,19 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
         record["lead"] = _lead(kept[0], {r["codec"]: r for r in judged}, hits, n1, max_bytes, margin)
     log.info("advise: first stage: %d candidates trained on %d vectors and judged on %d others in %.1fs; "
              "front-runners: %s", len(rows), n1, len(base), record["seconds"], ", ".join(kept))
-    return kept, record
+    return kept, record, {s: trained[s] for s in kept if s in trained}
+
+
+def second_stage_rows(spec: str, dim: int, metric: str, first_rows: int, sample_rows: int) -> int:
+    """The sample rows the second stage trains front-runner `spec` on: the rows past which its
+    codec comes out no better (kernels.codecs.build.rows_to_train: every row for residual and
+    additive quantizers, PQ64 at 768-d 12,288), at least the first stage's `first_rows` (where
+    that many do, the first stage's training serves as it is) and at most the sample's. Trained
+    on all 100,000 rows of a sample instead, the front-runners so judged came out within
+    training noise of these (benchmarks/train_rows.py), at a fraction of the time: PQ64 at
+    768-d trains in ~1.4 s on its 12,288 rows against ~9 s on the sample's 65,536 faiss takes."""
+    need = rows_to_train(spec, dim, metric)
+    return sample_rows if need is None else min(sample_rows, max(need, first_rows))
 
 
 def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray, exact: np.ndarray, metric: str,

@@ -19,6 +19,16 @@ log = logging.getLogger("vecpress")
 
 
 
+def sample_subset(num: int, rows: int, seed: int, stream: int = 0) -> np.ndarray:
+    """Sorted positions of `rows` of a sample's `num` rows, seeded: the first `rows` of one
+    seeded order of them all, so that a larger subset holds every smaller one (the advisor
+    trains on a subset its first stage's rows are part of). The sample is in corpus order, so
+    its first rows are the first files' (whatever those hold), never a subset by themselves.
+    `stream`: another order from the same seed (the queries', against the training rows')."""
+    order = np.random.default_rng([seed, stream]).permutation(num)
+    return np.sort(order[:rows])
+
+
 def sample_sizes(num_rows: int, num_train: int, num_queries: int) -> tuple[int, int]:
     """(num_train, num_queries) for a corpus: queries capped at 10% of rows, training at the rest."""
     if num_rows < 3:

@@ -37,6 +37,7 @@ from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.heartbeat import Heartbeat, train_logged
 from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.layout import Shard, group_shards, merge_shards, spread_rows
+from vecpress.pipeline.sampling import sample_subset
 from vecpress.pipeline.scan import Columns, Exact, Gather, ScanBatch, batch_rows, run_scan
 
 log = logging.getLogger("vecpress")
@@ -54,6 +55,8 @@ class TrainedCodec:
     train_seconds: float
     #: the longer residual quantizer whose first stages this one is (kernels.codecs.nested), or None
     cut_from: str | None = None
+    #: the training rows it was trained on (None: not said)
+    train_rows: int | None = None
 
 
 def codec_kind(spec: str):
@@ -181,7 +184,7 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
         blob = codec.to_bytes()
         size = codec.served.index_bytes(codec.dim) if isinstance(codec, IvfModel) else codec.code_size
         done[spec] = TrainedCodec(spec, blob, hashlib.sha256(blob).hexdigest(), size, time.perf_counter() - start,
-                                  source)
+                                  source, len(xt))
         how = f"cut from {source}:" if source else f"trained on from {grown.spec}:" if grown else "trained"
         log.info("sweep: %s %s (%d B) in %.1fs", how, spec, size, done[spec].train_seconds)
     if not done:
@@ -231,18 +234,23 @@ def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
 
 
 def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str],
-              opts: CompressOptions, *, executor: Executor, max_rows: int | None = None) -> SweepResult:
+              opts: CompressOptions, *, executor: Executor, max_rows: int | None = None,
+              train_rows: dict[str, int] | None = None, trained: dict[str, TrainedCodec] | None = None
+              ) -> SweepResult:
     """Train `specs` on xt, make the one streaming pass, and tabulate (opts: the metric, seed,
     eval_k, batch_size and ngpu). `max_rows`: the pass reads about that many rows, in stretches
     spread over the corpus (layout.spread_rows), and the queries' exact neighbours are theirs
-    among those rows; None: every row."""
+    among those rows; None: every row. `train_rows`: {spec: rows}, trained on that many of
+    xt's rows (sampling.sample_subset) instead; `trained`: {spec: as trained already}, swept as
+    it is (the advisor's first stage's training where that is as good)."""
     metric, seed, eval_k = opts.metric, opts.seed, opts.eval_k
     shards = spread_rows(plan, max_rows) if max_rows else plan.shards
     num_rows = sum(s.num_rows for s in shards)
     result = SweepResult(metric=metric, dim=plan.dim, num_rows=num_rows, num_train=len(xt),
                          num_queries=len(xq), seed=seed, source_bytes=plan.source_bytes_per_vector,
                          corpus_rows=plan.num_rows)
-    trained = result.trained = train_candidates(specs, xt, metric, seed=seed, ngpu=opts.ngpu, failed=result.failed)
+    trained = result.trained = _train_sweep(specs, xt, metric, seed=seed, ngpu=opts.ngpu, failed=result.failed,
+                                            train_rows=train_rows or {}, trained=trained or {})
     job = SweepJob(columns=Columns.of(plan, metric), metric=metric, codecs=tuple(trained), eval_k=eval_k,
                    batch_size=opts.batch_size)
     truth = TopK(len(xq), eval_k, exclude=query_positions)
@@ -264,13 +272,36 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
         result.rows.append({
             "codec": tc.spec, "code_bytes": tc.code_size, **ev,
             "relative_error": relative_error(xp, codec.decode(codec.encode(xq))),
-            "train_seconds": round(tc.train_seconds, 3), "cut_from": tc.cut_from,
+            "train_seconds": round(tc.train_seconds, 3), "train_rows": tc.train_rows, "cut_from": tc.cut_from,
             "encode_rows_per_second": round(num_rows / encode_s) if encode_s > 0 else None,
             "sha256": tc.sha256,
         })
     result.rows.sort(key=lambda r: (r["code_bytes"], -(r["recall_at_10"] or 0)))
     mark_pareto(result.rows)
     return result
+
+
+def _train_sweep(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ngpu: int, failed: list[dict],
+                 train_rows: dict[str, int], trained: dict[str, TrainedCodec]) -> list[TrainedCodec]:
+    """train_candidates over `specs`, but those in `trained` (taken as they are) and those in
+    `train_rows` (each trained on that many of xt's rows, sampling.sample_subset); in the
+    order given (VecpressError when none is trained)."""
+    done = {s: trained[s] for s in specs if s in trained}
+    by_rows: dict[int, list[str]] = {}
+    for spec in specs:
+        if spec not in done:
+            by_rows.setdefault(min(train_rows.get(spec, len(xt)), len(xt)), []).append(spec)
+    for rows, group in sorted(by_rows.items()):
+        part = xt if rows == len(xt) else xt[sample_subset(len(xt), rows, seed)]
+        try:
+            done.update((tc.spec, tc) for tc in train_candidates(group, part, metric, seed=seed, ngpu=ngpu,
+                                                                   failed=failed))
+        except VecpressError:
+            continue  # (each failure noted in `failed`)
+    if not done:
+        raise VecpressError("no candidate codec could be trained: " + "; ".join(
+            f"{f['codec']}: {f['error']}" for f in failed))
+    return [done[s] for s in specs if s in done]
 
 
 def mark_pareto(rows: list[dict], key: str = "recall_at_10") -> None:

@@ -58,6 +58,34 @@ def centroids_per_codebook(spec: str, dim: int, metric: str) -> int:
     return _centroids(*_innermost(index))
 
 
+#: a product quantizer's k-means (2^nbits centroids of dsub dims each) trained on more rows than this
+#: many per parameter it fits (centroids x dsub) came out no better: recall@10 within the training
+#: noise of the whole sample's (benchmarks/train_rows.py; the drop below starts near 1 per parameter:
+#: PQ8 at 384-d on 0.8 per parameter, 0.048 under the whole sample's)
+PQ_ROWS_PER_PARAMETER = 4
+
+
+def rows_to_train(spec: str, dim: int, metric: str) -> int | None:
+    """The training rows past which `spec`'s codec comes out no better, or None where every row
+    given counts. A product quantizer: PQ_ROWS_PER_PARAMETER per parameter of its k-means, or
+    the rows faiss's k-means samples at most (max_points_per_centroid each) where fewer, and at
+    least faiss's minimum (PQ64 at 768-d: 12,288; 4-bit: at most 4,096). 0 where training fits
+    no centroids (scalar, binary, RaBitQ: per-dimension statistics, the same on any few
+    thousand rows). None for codebooks trained on what earlier ones leave (residual and
+    additive quantizers) and trained rotations or projections (OPQ, PCA, ITQ)."""
+    index = build_index(spec, dim, metric)  # (held: the inner index is a view of it)
+    chain, inner = _innermost(index)
+    if any(isinstance(vt, (faiss.OPQMatrix, faiss.PCAMatrix, faiss.ITQTransform, faiss.ITQMatrix)) for vt in chain):
+        return None
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        pq = inner.pq
+        k, cp = int(pq.ksub), pq.cp
+        return max(int(cp.min_points_per_centroid) * k,
+                   min(int(cp.max_points_per_centroid) * k, PQ_ROWS_PER_PARAMETER * k * int(pq.dsub)))
+    statistics = (faiss.IndexScalarQuantizer, faiss.IndexLSH, faiss.IndexRaBitQ, faiss.IndexRaBitQFastScan)
+    return 0 if isinstance(inner, statistics) else None
+
+
 def _leading_m(factory: str) -> int | None:
     match = re.search(r"(?:^|,)(?:PQ|RQ|LSQ|PRQ|PLSQ)(\d+)", factory)
     return int(match.group(1)) if match else None

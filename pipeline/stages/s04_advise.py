@@ -14,7 +14,7 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.preselect import SECOND_STAGE_ROWS, preselect
+from vecpress.pipeline.preselect import SECOND_STAGE_ROWS, preselect, second_stage_rows
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
 from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
@@ -46,7 +46,7 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
                             codecs=list(opts.advise_codecs or []) or None, budgets=budgets,
                             served_rows=plan.num_rows if opts.serve == "lancedb" else None)
     xt, xq = load_array(sampled.train_uri), load_array(sampled.queries_uri)
-    staged, held = None, {}
+    staged, held, first = None, {}, {}
     if not opts.advise_codecs and opts.serve == "codes":  # (a list given is swept as it is)
         if opts.max_bytes:  # (the best within the budget: a finer one of the same family that fits is better)
             held = held_by_finer(specs)
@@ -54,23 +54,30 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
             if held:
                 log.info("advise: %d candidates within %d B; not tried, a finer one of the family fits: %s",
                          len(specs), opts.max_bytes, ", ".join(f"{s} ({by})" for s, by in held.items()))
-        specs, staged = preselect(specs, xt, xq, metric=opts.metric, seed=opts.seed, ngpu=opts.ngpu,
-                                  max_bytes=opts.max_bytes, min_recall=opts.min_recall)
+        specs, staged, first = preselect(specs, xt, xq, metric=opts.metric, seed=opts.seed, ngpu=opts.ngpu,
+                                         max_bytes=opts.max_bytes, min_recall=opts.min_recall)
     if staged is not None and opts.max_bytes and opts.advise_rerank <= 1 and len(specs) == 1:
         return _first_stage_leader(planned, staged, held, opts, ctx, time.perf_counter() - start)
     # the second stage, judging by rank within --max-bytes: a bounded part of a larger corpus
     max_rows = SECOND_STAGE_ROWS if staged is not None and opts.max_bytes else None
-    log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(specs))
+    train_rows, as_trained = _second_stage_training(specs, staged, first, plan.dim, opts.metric, len(xt))
+    log.info("advise: sweeping %d candidate codecs: %s", len(specs), ", ".join(
+        s + (f" (trained on {train_rows[s]:,} of the sample's {len(xt):,} rows: no better on more)" if s in train_rows
+             else f" (as the first stage trained it on {as_trained[s].train_rows:,} rows: no better on more)"
+             if s in as_trained else "") for s in specs))
     result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor,
-                       max_rows=max_rows)
+                       max_rows=max_rows, train_rows=train_rows, trained=as_trained)
     swept = f"{result.num_rows:,} of {result.corpus_rows:,} rows" if result.num_rows < plan.num_rows \
         else "the corpus"
     pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
     reports = write_reports(result, ctx.run_file("sweep"), budgets)
     chosen = resolve_codec(ctx, planned, pick["codec"], opts)
     tc = next(c for c in result.trained if c.spec == pick["codec"])
+    # (trained here on fewer rows than the sample's: the train stage trains it on them all, as for a named codec)
     pretrained = save_codec(codec_kind(tc.spec).from_bytes(tc.blob, spec=tc.spec, metric=opts.metric,
-                                                           sha256=tc.sha256), ctx.sidecar)
+                                                           sha256=tc.sha256), ctx.sidecar) \
+        if tc.train_rows in (None, len(xt)) else None
+    fewer = {c.spec: c.train_rows for c in result.trained if c.train_rows not in (None, len(xt))}
     advisor = {
         "criterion": _criterion_of(opts), "chosen": pick["codec"],
         "chosen_recall_at_10": score(pick, opts.advise_rerank),
@@ -79,13 +86,40 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         "first_stage": staged, "held_by_finer": held,
         "decided_in": "second stage" if staged else "sweep",
         "swept_rows": result.num_rows,
+        # front-runners trained on fewer of the sample's rows (second_stage_rows), and whether the train stage
+        # takes the pick as trained here (else it trains it on the whole sample)
+        "trained_on_fewer_rows": fewer, "pick_trained_here": pretrained is not None,
         "reason": f"best recall@10 {_criterion(opts)} of {len(result.rows)} codecs swept over {swept}"
-                  + (f" (the first stage's {len(staged['kept'])} front-runners)" if staged else ""),
+                  + (f" (the first stage's {len(staged['kept'])} front-runners" + (
+                      f"; {_fewer_text(fewer, len(xt))}" if fewer else "") + ")" if staged else "")
+                  + ("" if pretrained is not None else
+                     f"; trained here on {tc.train_rows:,} rows, it is trained on the whole sample next"),
         "report_uri": ctx.relative(reports["md"]),
     }
     log.info("advise: chose %s (%d B, recall@10 %.3f%s)", pick["codec"], pick["code_bytes"],
              score(pick, opts.advise_rerank), f" after re-rank x{opts.advise_rerank}" if opts.advise_rerank > 1 else "")
     return Advised(chosen, advisor, pretrained, time.perf_counter() - start)
+
+
+def _second_stage_training(specs: list[str], staged: dict | None, first: dict, dim: int, metric: str,
+                           sample_rows: int) -> tuple[dict[str, int], dict]:
+    """({front-runner: the rows the second stage trains it on, where fewer than the sample's},
+    {front-runner: as the first stage trained it, where that serves}): preselect.second_stage_rows.
+    Nothing without a first stage."""
+    train_rows, as_trained = {}, {}
+    for spec in specs if staged is not None else []:
+        rows = second_stage_rows(spec, dim, metric, staged["train_rows"], sample_rows)
+        if spec in first and rows == first[spec].train_rows:
+            as_trained[spec] = first[spec]
+        elif rows < sample_rows:
+            train_rows[spec] = rows
+    return train_rows, as_trained
+
+
+def _fewer_text(fewer: dict[str, int], sample_rows: int) -> str:
+    """Which front-runners the second stage trained on fewer rows than the sample's, as the reason says it."""
+    return (", ".join(f"{s} on {n:,}" for s, n in fewer.items()) + f" of the sample's {sample_rows:,} rows: "
+            "codecs of their kinds came out no better on more")
 
 
 def _criterion_of(opts: CompressOptions) -> dict:

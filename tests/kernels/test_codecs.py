@@ -12,7 +12,7 @@ import pytest
 
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import (_innermost, build_index, centroids_per_codebook, check_codec_spec,
-                                          code_size_of)
+                                          code_size_of, rows_to_train)
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.grid import default_grid, held_by_finer
 from vecpress.kernels.codecs.spec import CodecSpecError
@@ -606,6 +606,26 @@ def test_cosine_codes_rank_by_l2_to_their_reconstruction(data, spec):
     exact = brute_force(qp, prepare_vectors(xb, "cosine"), 10, "ip")
     _, by_ip = search_codes(codec.index, "ip", qp, codes, 10)
     assert knn_recall(exact, I, 10) > knn_recall(exact, by_ip, 10)
+
+
+@pytest.mark.parametrize(("spec", "dim", "rows"), [
+    ("PQ64", 768, 4 * 256 * 12),  # (4 rows per parameter of each k-means: 256 centroids of 12 dims)
+    ("PQ8", 768, 256 * 256),  # (fewer than 4 per parameter: what faiss's k-means samples at most)
+    ("PQ8", 32, 39 * 256),  # (faiss's least: 39 per centroid)
+    ("MRL384,PQ48", 768, 39 * 256), ("PQ128x4fs", 768, 39 * 16), ("PQ16x4fs", 768, 4 * 16 * 48),
+    ("PQ4x6", 32, 39 * 64), ("PQ4x6", 128, 4 * 64 * 32),
+    ("SQ8", 32, 0), ("SQeden2", 32, 0), ("BIN", 32, 0), ("MRL16,BIN", 32, 0), ("RaBitQ4", 32, 0), ("SQfp16", 32, 0),
+    ("RQ4x8,beam=1", 32, None), ("PCA16,RQ2x6", 32, None), ("LSQ2x5", 32, None), ("PRQ2x2x7", 32, None),
+    ("OPQ8,PQ8x4", 32, None), ("PCA16,PQ4", 32, None)])
+def test_rows_to_train_is_where_more_rows_stop_paying(spec, dim, rows):
+    """The training rows past which a codec comes out no better: a product quantizer's by its
+    k-means' parameters (within faiss's sampling cap and minimum), none needed past a few for
+    per-dimension statistics (0), every row for codebooks fit on what earlier ones leave and
+    for trained rotations and projections (None)."""
+    from vecpress.kernels.codecs import build
+
+    assert build.PQ_ROWS_PER_PARAMETER == 4
+    assert rows_to_train(spec, dim, "cosine") == rows
 
 
 @pytest.mark.parametrize(("spec", "centroids"), [

@@ -314,11 +314,11 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", margin * float("inf"))  # (1: no lead settles it, however rough)
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "PQ8x4fs", "RQ3x6", "BIN", "RQ4x6", "SQ4"]
-    kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
+    kept, record, _ = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
     rows = {r["codec"]: r for r in record["rows"]}
     assert [r["codec"] for r in record["rows"]] == [s for s in specs if margin > 0 or s != "RQ3x6"]
     # min_recall: every candidate trained whole (the longest first, the shorter cut from it)
-    _, whole = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
+    _, whole, _ = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
     whole = {r["codec"]: r for r in whole["rows"]}
     assert rows["RQ2x6"]["recall_at_10"] == whole["RQ2x6"]["recall_at_10"]
     if margin < 0:
@@ -355,9 +355,9 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "RQ3x6", "PQ8x4fs", "RQ4x6", "RQ6x6", "SQ4", "RQ8x6"]
     assert ps._judging_order(ps.nesting(specs, DIM, greedy=True), DIM) == {"RQ8x6": ["RQ2x6", "RQ4x6", "RQ8x6"]}
-    kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
+    kept, record, _ = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=16, min_recall=None)
     rows = {r["codec"]: r for r in record["rows"]}
-    _, whole = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
+    _, whole, _ = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
     whole = {r["codec"]: r for r in whole["rows"]}
     assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and "trained_on_from" not in rows["RQ3x6"]
     # (asked from the second length on: the first has no length before it to gain over)
@@ -419,7 +419,7 @@ def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stag
     monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
     xt, xq = stage_sample
     specs = ["SQeden2", "SQtqmse2", "SQeden1", "SQtqmse1", "PQ4", "BIN"]
-    kept, record = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=8, min_recall=None)
+    kept, record, _ = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=8, min_recall=None)
     rows = {r["codec"]: r for r in record["rows"]}
     assert record["lead_margin"] is None and len(kept) == ps.FRONT_RUNNERS  # (the 4 best go on)
     for a, b in (("SQeden2", "SQtqmse2"), ("SQeden1", "SQtqmse1")):
@@ -441,13 +441,13 @@ def test_few_candidates_go_through_a_first_stage_only_where_it_can_choose(stage_
     xt, xq = stage_sample
     specs = ["PQ8", "BIN", "SQeden1"]
     kw = dict(metric="cosine", seed=3, ngpu=0)
-    kept, record = ps.preselect(specs, xt, xq, max_bytes=8, min_recall=None, **kw)
+    kept, record, _ = ps.preselect(specs, xt, xq, max_bytes=8, min_recall=None, **kw)
     rows = {r["codec"]: r for r in record["rows"]}
     assert kept == ["PQ8"] and record["lead"]["over"] in ("BIN", "SQeden1")
     assert rows["PQ8"]["recall_at_10"] > max(rows["BIN"]["recall_at_10"], rows["SQeden1"]["recall_at_10"]) + 0.05
-    assert ps.preselect(specs, xt, xq, max_bytes=None, min_recall=0.5, **kw) == (specs, None)
+    assert ps.preselect(specs, xt, xq, max_bytes=None, min_recall=0.5, **kw) == (specs, None, {})
     monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 10_000)  # (a sample of 6,000: a first stage of 3,000 rows)
-    assert ps.preselect(specs, xt, xq, max_bytes=8, min_recall=None, **kw) == (specs, None)
+    assert ps.preselect(specs, xt, xq, max_bytes=8, min_recall=None, **kw) == (specs, None, {})
 
 
 def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(stage_sample, monkeypatch):
@@ -466,7 +466,7 @@ def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(sta
     xt, xq = stage_sample
     specs = ["PQ8", "SQeden2", "BIN", "BINt", "SQeden1", "RQ4x6"]
     kw = dict(metric="cosine", seed=3, ngpu=0, min_recall=None)
-    kept, record = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
+    kept, record, _ = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
     rows = {r["codec"]: r for r in record["rows"]}
     second = max((r for r in record["rows"] if r["codec"] != "PQ8"), key=lambda r: r["recall_at_10"])
     lead = record["lead"]
@@ -478,11 +478,11 @@ def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(sta
     assert "standard errors" in text and "judged the more roughly" in text and "more than 1.0" not in text
     # the same lead inside its noise: the best go on
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", lead["standard_errors"] + 0.5)
-    kept, record = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
+    kept, record, _ = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
     assert kept[:2] == ["PQ8", second["codec"]] and "lead" not in record
     # a leader fitting fewer centroids than a rival: however far ahead, not settled within the margin
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", 0.0)
-    kept, record = ps.preselect(specs + ["SQ4"], xt, xq, max_bytes=16, **kw)
+    kept, record, _ = ps.preselect(specs + ["SQ4"], xt, xq, max_bytes=16, **kw)
     rows = {r["codec"]: r for r in record["rows"]}
     assert kept[0] == "SQ4" and rows["SQ4"]["recall_at_10"] > rows["PQ8"]["recall_at_10"] and "PQ8" in kept
 
@@ -539,3 +539,36 @@ def _run_auto(corpus, tmp_path, ray_executor, monkeypatch, grid: list[str], **pr
     run_compress([str(root / "src")], out, "t", CompressOptions(codec="auto", metric="cosine", max_bytes=16, **COMMON),
                  executor=ray_executor)
     return inspect_table(out, "t")
+
+
+def test_the_second_stage_trains_a_front_runner_on_the_rows_its_kind_of_codec_needs(corpus, tmp_path, ray_executor,
+                                                                                   monkeypatch):
+    """The second stage trains each front-runner on the rows past which its kind of codec
+    comes out no better (preselect.second_stage_rows): residual quantizers on the whole sample,
+    a product quantizer on PQ_ROWS_PER_PARAMETER rows per parameter of its k-means (raised
+    here so that one falls between the first stage's rows and the sample's), and where the
+    first stage's rows are as many, as the first stage trained it. A pick trained on fewer
+    rows than the sample's is trained on them all by the train stage: the codec a run naming
+    it commits, byte for byte."""
+    from vecpress.kernels.codecs import build
+    from vecpress.pipeline.report import summary_table
+
+    monkeypatch.setattr(build, "PQ_ROWS_PER_PARAMETER", 16)  # (PQ4x4 at 32-d: 16 x 16 centroids x 8 dims)
+    info = _run_auto(corpus, tmp_path, ray_executor, monkeypatch, ["PQ4x4", "PQ8x4fs", "SQ4", "RQ4x6"],
+                     LEAD_MARGIN=1.0, ROUGH_LEAD_Z=float("inf"))  # (no lead settles: a second stage for all four)
+    advisor, n, n1 = info["advisor"], COMMON["num_train"], COMMON["num_train"] // 2
+    assert advisor["decided_in"] == "second stage" and len(advisor["table"]) == 4
+    rows = {r["codec"]: r["train_rows"] for r in advisor["table"]}
+    assert rows == {"PQ4x4": 2048, "PQ8x4fs": n1, "SQ4": n1, "RQ4x6": n}
+    assert advisor["trained_on_fewer_rows"] == {s: r for s, r in rows.items() if r < n}
+    assert f"PQ4x4 on 2,048 of the sample's {n:,} rows" in advisor["reason"]
+    pick = advisor["chosen"]
+    assert pick == "SQ4"  # (16 B against 2 to 4 here: the path where the train stage trains the pick again)
+    assert advisor["pick_trained_here"] == (rows[pick] == n)
+    assert info["codec"] == pick and (f"trained here on {rows[pick]:,} rows" in advisor["reason"]) == (rows[pick] < n)
+    named = run_compress([str(corpus[0] / "src")], str(tmp_path / "named"), "t",
+                         CompressOptions(codec=pick, metric="cosine", **COMMON), executor=ray_executor)
+    assert info["codec_sha256"] == named.manifest["codec"]["sha256"]  # (the sample's every row, as a named run)
+    swept = next(r for r in advisor["table"] if r["codec"] == pick)
+    assert (swept["sha256"] == info["codec_sha256"]) == (rows[pick] == n)
+    assert advisor["chosen"] in summary_table(info)

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from vecpress.pipeline.sampling import choose_positions
+from vecpress.pipeline.sampling import choose_positions, sample_subset
 from vecpress.pipeline.source import SourceSpec, plan_sources
 from tests.conftest import write_vectors
 
@@ -101,6 +101,19 @@ def test_sample_is_uniform_seeded_and_disjoint():
     counts = np.bincount(train // 100_000, minlength=10)
     assert counts.min() > 1700 and counts.max() < 2300
     assert not np.array_equal(train, choose_positions(1_000_000, 20_000, 1_000, seed=4)[0])
+
+
+def test_a_subset_of_the_sample_is_spread_over_it_seeded_and_nested():
+    """The advisor's subsets of the sample (its first stage's rows, the second stage's fewer
+    rows): seeded, spread over the whole sample (which is in corpus order: its first rows are
+    the first files'), a larger one holding every smaller one; another stream another order."""
+    small, large = sample_subset(100_000, 10_000, seed=3), sample_subset(100_000, 12_288, seed=3)
+    assert np.array_equal(small, sample_subset(100_000, 10_000, seed=3)) and np.all(np.diff(small) > 0)
+    assert np.isin(small, large).all() and len(large) == 12_288
+    counts = np.bincount(small // 10_000, minlength=10)  # (every tenth of the sample holds about a tenth)
+    assert counts.min() > 850 and counts.max() < 1150
+    assert not np.array_equal(small, sample_subset(100_000, 10_000, seed=4))
+    assert not np.array_equal(sample_subset(100_000, 300, seed=3), sample_subset(100_000, 300, seed=3, stream=1))
 
 
 def test_sample_within_a_row_group_budget_reads_at_most_that_many():
