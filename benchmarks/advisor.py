@@ -10,7 +10,7 @@ power-law spectrum) as Parquet, then per budget: `compress --codec auto --max-by
 (the two-stage advisor, timed as its advise stage), a full sweep of the default grid within B
 (`vecpress sweep`'s code), and PQ training at B bytes. The advisor's overhead is what
 `--codec auto` adds to a run naming its pick: its advise stage, less the pick's training
-there when it was chosen in the second stage (the train stage reuses that codec). Prints a
+there when the train stage takes that codec (trained on the whole sample in the second stage). Prints a
 table, writes JSON.
 """
 
@@ -91,17 +91,20 @@ def main() -> None:
                                          (advisor.get("first_stage") or {}).get("rows", [])},
                    "held_by_finer": advisor.get("held_by_finer"),
                    "decided_in": advisor.get("decided_in"), "reason": advisor.get("reason"),
-                   # what --codec auto adds to a run naming its pick: decided in the first stage, the
-                   # advise stage (the train stage then trains the pick as for a named codec); decided
-                   # in the second, the advise stage less the pick's training there (the train stage
-                   # reuses that codec)
+                   # what --codec auto adds to a run naming its pick: the advise stage, less the pick's
+                   # training there where the train stage takes that codec (trained on the whole sample in
+                   # the second stage); otherwise (decided in the first stage, or trained on fewer rows)
+                   # the train stage trains the pick as for a named codec
                    "train_stage_seconds": round(train_s, 1), "pick_train_seconds": pick_train,
                    "stage_seconds": run.manifest["stage_seconds"],
                    # the run's lists: residual codes or the table's, and a single query's time
                    "lists_residual": (parts.get("residual") or {}).get("spec"),
                    "lists_p50_ms": {g["nprobes"]: g.get("p50_ms") for g in parts.get("grid", [])},
-                   "overhead_seconds": round(advise_s - (0 if advisor.get("decided_in") == "first stage" else next(
-                       r["train_seconds"] for r in advisor["table"] if r["codec"] == advisor["chosen"])), 1)}
+                   "pick_trained_here": advisor.get("pick_trained_here"),
+                   "trained_on_fewer_rows": advisor.get("trained_on_fewer_rows"),
+                   "overhead_seconds": round(advise_s - (next(
+                       r["train_seconds"] for r in advisor["table"] if r["codec"] == advisor["chosen"])
+                       if advisor.get("pick_trained_here") else 0), 1)}
             rows.append(row)
             print(row, flush=True)
     print(f"\n{args.rows:,} x {args.dim}-d ({args.data}, cosine), {common['num_train']:,} training vectors, "

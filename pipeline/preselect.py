@@ -1,11 +1,12 @@
 """The advisor's first stage: every candidate of the default grid trained on a small part of
-the sample and judged there, so that only the front-runners are trained on the whole sample
-and swept over the corpus, or with --max-bytes over SECOND_STAGE_ROWS of it (one round of
+the sample and judged there, so that only the front-runners are trained further (on the rows
+their kind of codec needs, `second_stage_rows`) and swept over the corpus, or with --max-bytes over SECOND_STAGE_ROWS of it (one round of
 successive halving).
 
 The first stage trains each candidate on STAGE1_TRAIN_ROWS rows of the training sample and
-searches its codes of the next STAGE1_BASE_ROWS rows (rows it did not train on) for the
-held-out queries, against their exact neighbours among those rows. That costs seconds per
+searches its codes of STAGE1_BASE_ROWS other rows for STAGE1_QUERIES of the held-out queries,
+against their exact neighbours among those rows (each a seeded subset spread over the
+sample, sampling.sample_subset: the sample is in corpus order). That costs seconds per
 candidate where training on the whole sample and a pass over the corpus cost minutes for
 the costly families (residual and additive quantizers), and it ranks candidates the way the
 full sweep does closely enough to keep the best among the front-runners (tests compare the
@@ -35,6 +36,12 @@ ends the chain too where the next length could not lead for good by gaining what
 gained over the last (`_goes_on_as_it_is`): the longest goes on to the second stage, judged by
 it, and the second stage trains it whole (at 768-d and 64 B on power-law rows, RQ64x8 is not
 trained on from RQ32x8 here).
+
+The second stage trains each front-runner on the rows past which its kind of codec comes out
+no better (`second_stage_rows`): the whole sample for residual and additive quantizers,
+4 rows per parameter of a product quantizer's k-means, and as the first stage trained it
+where that is as many (4-bit PQ, scalar and binary codes); a pick trained on fewer rows than
+the sample's is trained on them all by the train stage, as a named codec is.
 
 The first-stage record keeps each candidate's centroids per codebook and, when one is chosen
 there, its lead over the best of the rest (`lead`: by how much, in standard errors, and the
