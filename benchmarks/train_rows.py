@@ -1,7 +1,7 @@
 """Does the advisor's second stage need the whole sample to judge a front-runner? It trains each
 on the rows past which its kind of codec comes out no better (pipeline.preselect.
 second_stage_rows, kernels.codecs.build.rows_to_train): PQ_ROWS_PER_PARAMETER rows per
-parameter of a product quantizer's k-means (PQ64 at 768-d: 12,288), the first stage's own
+parameter of a product quantizer's k-means (PQ64 at 768-d: 24,576), the first stage's own
 training (STAGE1_TRAIN_ROWS rows) where that is as many, and the whole sample only for
 residual and additive quantizers.
 

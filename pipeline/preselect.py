@@ -39,7 +39,7 @@ trained on from RQ32x8 here).
 
 The second stage trains each front-runner on the rows past which its kind of codec comes out
 no better (`second_stage_rows`): the whole sample for residual and additive quantizers,
-4 rows per parameter of a product quantizer's k-means, and as the first stage trained it
+8 rows per parameter of a product quantizer's k-means, and as the first stage trained it
 where that is as many (4-bit PQ, scalar and binary codes); a pick trained on fewer rows than
 the sample's is trained on them all by the train stage, as a named codec is.
 
@@ -181,11 +181,11 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
 def second_stage_rows(spec: str, dim: int, metric: str, first_rows: int, sample_rows: int) -> int:
     """The sample rows the second stage trains front-runner `spec` on: the rows past which its
     codec comes out no better (kernels.codecs.build.rows_to_train: every row for residual and
-    additive quantizers, PQ64 at 768-d 12,288), at least the first stage's `first_rows` (where
+    additive quantizers, PQ64 at 768-d 24,576), at least the first stage's `first_rows` (where
     that many do, the first stage's training serves as it is) and at most the sample's. Trained
     on all 100,000 rows of a sample instead, the front-runners so judged came out within
     training noise of these (benchmarks/train_rows.py), at a fraction of the time: PQ64 at
-    768-d trains in ~1.4 s on its 12,288 rows against ~9 s on the sample's 65,536 faiss takes."""
+    768-d trains in ~2.5 s on its 24,576 rows against ~9 s on the sample's 65,536 faiss takes."""
     need = rows_to_train(spec, dim, metric)
     return sample_rows if need is None else min(sample_rows, max(need, first_rows))
 

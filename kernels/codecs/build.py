@@ -60,16 +60,16 @@ def centroids_per_codebook(spec: str, dim: int, metric: str) -> int:
 
 #: a product quantizer's k-means (2^nbits centroids of dsub dims each) trained on more rows than this
 #: many per parameter it fits (centroids x dsub) came out no better: recall@10 within the training
-#: noise of the whole sample's (benchmarks/train_rows.py; the drop below starts near 1 per parameter:
-#: PQ8 at 384-d on 0.8 per parameter, 0.048 under the whole sample's)
-PQ_ROWS_PER_PARAMETER = 4
+#: noise of the whole sample's (benchmarks/train_rows.py). Fewer fell short: PQ8 at 128-d on
+#: power-law rows 0.013 below on 4 per parameter (0.004 on 8), PQ8 at 384-d 0.048 on 0.8
+PQ_ROWS_PER_PARAMETER = 8
 
 
 def rows_to_train(spec: str, dim: int, metric: str) -> int | None:
     """The training rows past which `spec`'s codec comes out no better, or None where every row
     given counts. A product quantizer: PQ_ROWS_PER_PARAMETER per parameter of its k-means, or
     the rows faiss's k-means samples at most (max_points_per_centroid each) where fewer, and at
-    least faiss's minimum (PQ64 at 768-d: 12,288; 4-bit: at most 4,096). 0 where training fits
+    least faiss's minimum (PQ64 at 768-d: 24,576; 4-bit: at most 4,096). 0 where training fits
     no centroids (scalar, binary, RaBitQ: per-dimension statistics, the same on any few
     thousand rows). None for codebooks trained on what earlier ones leave (residual and
     additive quantizers) and trained rotations or projections (OPQ, PCA, ITQ)."""

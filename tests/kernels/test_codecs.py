@@ -609,11 +609,12 @@ def test_cosine_codes_rank_by_l2_to_their_reconstruction(data, spec):
 
 
 @pytest.mark.parametrize(("spec", "dim", "rows"), [
-    ("PQ64", 768, 4 * 256 * 12),  # (4 rows per parameter of each k-means: 256 centroids of 12 dims)
-    ("PQ8", 768, 256 * 256),  # (fewer than 4 per parameter: what faiss's k-means samples at most)
+    ("PQ64", 768, 8 * 256 * 12),  # (8 rows per parameter of each k-means: 256 centroids of 12 dims)
+    ("PQ16", 768, 256 * 256),  # (fewer than 8 per parameter: what faiss's k-means samples at most)
+    ("PQ32", 768, 8 * 256 * 24),
     ("PQ8", 32, 39 * 256),  # (faiss's least: 39 per centroid)
-    ("MRL384,PQ48", 768, 39 * 256), ("PQ128x4fs", 768, 39 * 16), ("PQ16x4fs", 768, 4 * 16 * 48),
-    ("PQ4x6", 32, 39 * 64), ("PQ4x6", 128, 4 * 64 * 32),
+    ("MRL384,PQ48", 768, 8 * 256 * 8), ("PQ128x4fs", 768, 8 * 16 * 6), ("PQ128x4fs", 256, 39 * 16), ("PQ32x4fs", 768, 8 * 16 * 24),
+    ("PQ16x4fs", 768, 256 * 16), ("PQ4x6", 32, 8 * 64 * 8), ("PQ4x6", 128, 256 * 64),
     ("SQ8", 32, 0), ("SQeden2", 32, 0), ("BIN", 32, 0), ("MRL16,BIN", 32, 0), ("RaBitQ4", 32, 0), ("SQfp16", 32, 0),
     ("RQ4x8,beam=1", 32, None), ("PCA16,RQ2x6", 32, None), ("LSQ2x5", 32, None), ("PRQ2x2x7", 32, None),
     ("OPQ8,PQ8x4", 32, None), ("PCA16,PQ4", 32, None)])
@@ -624,7 +625,7 @@ def test_rows_to_train_is_where_more_rows_stop_paying(spec, dim, rows):
     for trained rotations and projections (None)."""
     from vecpress.kernels.codecs import build
 
-    assert build.PQ_ROWS_PER_PARAMETER == 4
+    assert build.PQ_ROWS_PER_PARAMETER == 8
     assert rows_to_train(spec, dim, "cosine") == rows
 
 
