@@ -1,7 +1,7 @@
 """The advisor's first stage: every candidate of the default grid trained on a small part of
 the sample and judged there, so that only the front-runners are trained further (on the rows
-their kind of codec needs, `second_stage_rows`) and swept over the corpus, or with --max-bytes over SECOND_STAGE_ROWS of it (one round of
-successive halving).
+their kind of codec needs, `second_stage_rows`) and swept over the corpus, or with --max-bytes
+over SECOND_STAGE_ROWS of it (one round of successive halving).
 
 The first stage trains each candidate on STAGE1_TRAIN_ROWS rows of the training sample and
 searches its codes of STAGE1_BASE_ROWS other rows for STAGE1_QUERIES of the held-out queries,

@@ -267,7 +267,9 @@ def summary_table(info: dict) -> str:
         if stage:
             # (a residual quantizer that went on judged by its first stages, not trained whole there)
             by = {r["codec"]: r["judged_by"] for r in stage["rows"] if r.get("judged_by")}
-            kept = ", ".join(f"{c} (judged there by {by[c]})" if c in by else c for c in stage["kept"])
+            fewer = advisor.get("trained_on_fewer_rows") or {}  # (the second stage's rows for its kind of codec)
+            kept = ", ".join(f"{c} (judged there by {by[c]})" if c in by else f"{c} (trained on {fewer[c]:,} rows)"
+                             if c in fewer else c for c in stage["kept"])
             swept = advisor.get("swept_rows")
             lines.append(f"                first stage: {len(stage['rows'])} candidates on {stage['train_rows']:,} vectors in "
                          f"{stage['seconds']:.1f}s; " + (f"{advisor['chosen']} {advisor['reason']}" if first else

@@ -14,6 +14,7 @@ numbers for a codec are those a full run with that codec reports.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -188,9 +189,13 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
         how = f"cut from {source}:" if source else f"trained on from {grown.spec}:" if grown else "trained"
         log.info("sweep: %s %s (%d B) in %.1fs", how, spec, size, done[spec].train_seconds)
     if not done:
-        raise VecpressError("no candidate codec could be trained: " + "; ".join(
-            f"{f['codec']}: {f['error']}" for f in failed))
+        raise _none_trained(failed)
     return [done[s] for s in specs if s in done]
+
+
+def _none_trained(failed: list[dict]) -> VecpressError:
+    return VecpressError("no candidate codec could be trained: " + "; ".join(f"{f['codec']}: {f['error']}"
+                                                                            for f in failed))
 
 
 def candidate_specs(dim: int, metric: str, num_train: int, *, codecs: list[str] | None,
@@ -288,19 +293,14 @@ def _train_sweep(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ng
     order given (VecpressError when none is trained)."""
     done = {s: trained[s] for s in specs if s in trained}
     by_rows: dict[int, list[str]] = {}
-    for spec in specs:
-        if spec not in done:
-            by_rows.setdefault(min(train_rows.get(spec, len(xt)), len(xt)), []).append(spec)
+    for spec in (s for s in specs if s not in done):
+        by_rows.setdefault(min(train_rows.get(spec, len(xt)), len(xt)), []).append(spec)
     for rows, group in sorted(by_rows.items()):
         part = xt if rows == len(xt) else xt[sample_subset(len(xt), rows, seed)]
-        try:
-            done.update((tc.spec, tc) for tc in train_candidates(group, part, metric, seed=seed, ngpu=ngpu,
-                                                                   failed=failed))
-        except VecpressError:
-            continue  # (each failure noted in `failed`)
+        with contextlib.suppress(VecpressError):  # (each failure noted in `failed`)
+            done.update((c.spec, c) for c in train_candidates(group, part, metric, seed=seed, ngpu=ngpu, failed=failed))
     if not done:
-        raise VecpressError("no candidate codec could be trained: " + "; ".join(
-            f"{f['codec']}: {f['error']}" for f in failed))
+        raise _none_trained(failed)
     return [done[s] for s in specs if s in done]
 
 

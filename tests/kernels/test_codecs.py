@@ -613,7 +613,8 @@ def test_cosine_codes_rank_by_l2_to_their_reconstruction(data, spec):
     ("PQ16", 768, 256 * 256),  # (fewer than 8 per parameter: what faiss's k-means samples at most)
     ("PQ32", 768, 8 * 256 * 24),
     ("PQ8", 32, 39 * 256),  # (faiss's least: 39 per centroid)
-    ("MRL384,PQ48", 768, 8 * 256 * 8), ("PQ128x4fs", 768, 8 * 16 * 6), ("PQ128x4fs", 256, 39 * 16), ("PQ32x4fs", 768, 8 * 16 * 24),
+    ("MRL384,PQ48", 768, 8 * 256 * 8), ("PQ128x4fs", 768, 8 * 16 * 6),
+    ("PQ128x4fs", 256, 39 * 16), ("PQ32x4fs", 768, 8 * 16 * 24),
     ("PQ16x4fs", 768, 256 * 16), ("PQ4x6", 32, 8 * 64 * 8), ("PQ4x6", 128, 256 * 64),
     ("SQ8", 32, 0), ("SQeden2", 32, 0), ("BIN", 32, 0), ("MRL16,BIN", 32, 0), ("RaBitQ4", 32, 0), ("SQfp16", 32, 0),
     ("RQ4x8,beam=1", 32, None), ("PCA16,RQ2x6", 32, None), ("LSQ2x5", 32, None), ("PRQ2x2x7", 32, None),

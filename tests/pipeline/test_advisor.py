@@ -571,4 +571,5 @@ def test_the_second_stage_trains_a_front_runner_on_the_rows_its_kind_of_codec_ne
     assert info["codec_sha256"] == named.manifest["codec"]["sha256"]  # (the sample's every row, as a named run)
     swept = next(r for r in advisor["table"] if r["codec"] == pick)
     assert (swept["sha256"] == info["codec_sha256"]) == (rows[pick] == n)
-    assert advisor["chosen"] in summary_table(info)
+    report = summary_table(info)
+    assert "PQ4x4 (trained on 2,048 rows)" in report and "SQ4 (trained on 1,500 rows)" in report
