@@ -86,6 +86,13 @@ def rows_to_train(spec: str, dim: int, metric: str) -> int | None:
     return 0 if isinstance(inner, statistics) else None
 
 
+def kmeans_sample_cap(spec: str, dim: int, metric: str) -> int | None:
+    """The most rows one k-means of `spec`'s training takes of any larger sample (faiss's
+    max_points_per_centroid per centroid: 65,536 for 8 bits), or None where it fits none."""
+    centroids = centroids_per_codebook(spec, dim, metric)
+    return int(faiss.ClusteringParameters().max_points_per_centroid) * centroids if centroids else None
+
+
 def _leading_m(factory: str) -> int | None:
     match = re.search(r"(?:^|,)(?:PQ|RQ|LSQ|PRQ|PLSQ)(\d+)", factory)
     return int(match.group(1)) if match else None

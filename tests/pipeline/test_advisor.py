@@ -573,3 +573,18 @@ def test_the_second_stage_trains_a_front_runner_on_the_rows_its_kind_of_codec_ne
     assert (swept["sha256"] == info["codec_sha256"]) == (rows[pick] == n)
     report = summary_table(info)
     assert "PQ4x4 (trained on 2,048 rows)" in report and "SQ4 (trained on 1,500 rows)" in report
+
+
+@pytest.mark.parametrize(("spec", "dim", "sample", "rows"), [
+    ("PQ64", 768, 100_000, 24_576),  # (8 per parameter of its k-means)
+    ("PQ16x4fs", 768, 100_000, 10_000),  # (4,096 is all a 4-bit k-means takes: the first stage's training)
+    ("SQ4", 768, 100_000, 10_000), ("BIN", 384, 100_000, 10_000),  # (per-dimension statistics)
+    ("PQ8", 384, 100_000, 100_000),  # (65,536, all faiss's k-means takes of the whole sample: the same cost)
+    ("RQ16x8,beam=1", 768, 100_000, 100_000), ("PCA64,RQ8x8,beam=1", 384, 30_000, 30_000),
+    ("PQ64", 768, 20_000, 20_000),  # (at most the sample)
+    ("PQ8", 128, 100_000, 32_768)])
+def test_the_second_stage_trains_each_kind_of_codec_on_the_rows_past_which_it_comes_out_no_better(
+        spec, dim, sample, rows):
+    from vecpress.pipeline.preselect import second_stage_rows
+
+    assert second_stage_rows(spec, dim, "cosine", 10_000, sample) == rows
