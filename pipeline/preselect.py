@@ -185,10 +185,10 @@ def second_stage_rows(spec: str, dim: int, metric: str, first_rows: int, sample_
     that many do, the first stage's training serves as it is) and at most the sample's; the
     whole sample where those rows are all faiss's k-means takes of it anyway (8-bit PQ with
     sub-vectors of 32 dims or more: 65,536), which costs no more and gives the train stage the
-    codec it would train. Trained
-    on all 100,000 rows of a sample instead, the front-runners so judged came out within
-    training noise of these (benchmarks/train_rows.py), at a fraction of the time: PQ64 at
-    768-d trains in ~2.5 s on its 24,576 rows against ~9 s on the sample's 65,536 faiss takes."""
+    codec it would train. Trained on all 100,000 rows of a sample instead, the codecs so
+    judged came out within training noise of these (benchmarks/train_rows.py), at a fraction
+    of the time: PQ64 at 768-d trains in 2.5-3.6 s on its 24,576 rows against 9.5-11.3 s on
+    the sample (of which faiss's k-means takes 65,536)."""
     need = rows_to_train(spec, dim, metric)
     if need is None or need > first_rows and need == kmeans_sample_cap(spec, dim, metric):
         return sample_rows  # (every row counts, or faiss's k-means takes as many of the whole sample at the same cost)
