@@ -22,6 +22,7 @@ RUNS = {
                      "--queries", "60"],
     "list_search": ["--rows", "20000", "--dim", "32", "--codec", "RQ4x8", "--partitions", "32", "--num-train",
                     "10000", "--queries", "40", "--single", "2", "--nprobes", "2,8"],
+    "train_rows": ["--dims", "32", "--num-train", "12000", "--base", "2000", "--queries", "50", "--max-bytes", "16"],
     "rq_train": ["--codec", "RQ4x8", "--rows", "12000", "--dim", "32", "--base-rows", "2000",
                  "--variants", "vecpress,vecpress-faiss-pca"],
 }
@@ -49,6 +50,11 @@ def test_benchmark_runs_and_writes_its_results(tmp_path, name, data):
     elif name == "list_search":
         assert [r["nprobes"] for r in results["rows"]] == [2, 8]
         assert all(r["same_neighbours"] > 0.99 and r["max_distance_difference"] < 1e-4 for r in results["rows"])
+    elif name == "train_rows":  # (every codec trained on fewer rows than the sample, and judged against it)
+        rows = {r["codec"]: r for r in results["rows"]}
+        assert rows["PQ8"]["train_rows"] == 39 * 256 and rows["SQ4"]["train_rows"] == 6_000
+        assert all(r["train_rows"] < 12_000 and 0 < r["recall_at_10"] <= 1 for r in rows.values())
+        assert all(r["behind_whole"] == round(r["whole_recall_at_10"] - r["recall_at_10"], 4) for r in rows.values())
     elif name == "second_stage":
         assert results["args"]["data"] == data and "train_seconds" in results
     else:
