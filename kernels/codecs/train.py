@@ -171,13 +171,22 @@ def _train_opq(opq, x: np.ndarray, progress=None) -> None:
         opq.pq, opq.niter, opq.niter_pq_0 = None, niter, niter_pq_0
 
 
+#: rows a block when summing a binary codec's scales (float64 sums of float32 rows)
+_BINARY_BLOCK = 8192
+
+
 def _train_binary(index, chain, lsh, xt: np.ndarray, *, binary: str | None) -> None:
     """Train the transforms before the sign step, then set thresholds t (0 for BIN, the
     per-dimension median for BINt) and scales s = mean |x - t| (the best reconstruction
-    t + s * sign(x - t) in the least-squares sense)."""
-    x = _train_chain(chain[:-1], xt).astype(np.float64)
-    t = np.median(x, axis=0) if binary == "BINt" else np.zeros(x.shape[1])
-    s = np.abs(x - t).mean(axis=0)
+    t + s * sign(x - t) in the least-squares sense), summed in float64 a block of rows at a
+    time: no float64 copy of the sample (at 100,000 x 384-d two such copies were 600 MB and
+    most of the 7.6 s BIN took to train here, against 0.04 s on 10,000 rows)."""
+    x = np.ascontiguousarray(_train_chain(chain[:-1], xt), dtype=np.float32)
+    t = np.median(x, axis=0).astype(np.float64) if binary == "BINt" else np.zeros(x.shape[1])
+    s = np.zeros(x.shape[1])
+    for i in range(0, len(x), _BINARY_BLOCK):
+        s += np.abs(x[i:i + _BINARY_BLOCK] - t).sum(axis=0)
+    s /= max(len(x), 1)
     s = np.where(s > 1e-12, s, 1.0)
     scaling = chain[-1]
     faiss.copy_array_to_vector(np.diag(1.0 / s).astype(np.float32).ravel(), scaling.A)

@@ -356,6 +356,21 @@ def test_binary_thresholds_are_training_medians(data):
     assert abs(bits.mean() - 0.5) < 0.01, "median thresholds balance the bits"
 
 
+@pytest.mark.parametrize("spec", ["BIN", "BINt"])
+def test_binary_scales_are_the_mean_distance_to_the_threshold_over_every_block(spec):
+    """The scales are summed a block of rows at a time (no float64 copy of the sample): over
+    more rows than a block they are the float64 mean |x - t| over all of them."""
+    from vecpress.kernels.codecs import train
+
+    x = ClusteredEmbeddings(16, seed=4, num_clusters=8).batch(0, 2 * train._BINARY_BLOCK + 123)
+    codec = Codec.train(x, spec, "l2")
+    x64 = x.astype(np.float64)
+    t = np.median(x64, axis=0) if spec == "BINt" else np.zeros(16)
+    scale = np.abs(x64 - t).mean(axis=0)
+    decoded = codec.decode(codec.encode(x[:50]))
+    assert np.allclose(decoded, t + scale * np.sign(x[:50] - t), rtol=1e-5, atol=1e-6)
+
+
 def test_binary_pads_dims_not_divisible_by_8():
     x = ClusteredEmbeddings(36, seed=2, num_clusters=16).batch(0, 800)
     codec = Codec.train(x, "BIN", "l2")
