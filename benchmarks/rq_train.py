@@ -14,6 +14,8 @@ the spec's beam, faiss's GPU index factory for the k-means),
 `vecpress-faiss-pca` (stage by stage with faiss's ProgressiveDimClustering, whose PCAMatrix
 vecpress replaced with numpy's principal axes), `vecpress-onecall` (faiss's one
 ResidualQuantizer.train call, as shipped before: the same bytes as `vecpress-faiss-pca`),
+`vecpress-axes-all` (each stage's principal axes from every training row's covariance, as
+shipped before they came from AXES_ROWS of them),
 `vecpress-<steps>x<iterations>` (another per-stage k-means:
 `vecpress-10x10` is faiss's, as shipped before that), `faiss-default`.
 Each variant trains in a process of its own: train seconds, the process's peak RSS while it
@@ -70,6 +72,11 @@ def variant(name: str, rows: int, dim: int, codec: str, seed: int, base_rows: in
         from vecpress.kernels.codecs import residual
 
         residual.progressive_kmeans = residual.faiss_progressive_kmeans
+        index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=0)
+    elif name == "vecpress-axes-all":  # each stage's principal axes from every row's covariance, as before AXES_ROWS
+        from vecpress.kernels.codecs import residual
+
+        residual.AXES_ROWS = len(xt)
         index = vtrain.train_index(xt, codec, "l2", seed=seed, ngpu=0)
     elif name == "vecpress-onecall":  # the same training in faiss's one call, no stage heard of
         vtrain.trains_stagewise = lambda inner: False

@@ -45,6 +45,12 @@ _PRODUCTS_HELD = 256 << 20
 EXACT_AXES_DIM = 512
 AXES_OVERSAMPLE = 16
 AXES_ITERATIONS = 2
+#: progressive_kmeans's principal axes come from the covariance of at most this many rows (or
+#: twice the dims, if more), evenly spaced: they only start its k-means. Their covariance was a
+#: fifth of an RQ stage's training on 10,000 x 384-d rows and a third at 768-d; from 4,096 rows
+#: the trained codecs' error came out the same (RQ16x8 on 10,000 x 384- and 768-d, RQ8x8 on
+#: 65,536 x 768-d: within 0.3%, either way; BENCHMARKS.md)
+AXES_ROWS = 4096
 
 
 def residual_quantizers(inner) -> list:
@@ -212,11 +218,14 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
 
 def _principal_axes(x: np.ndarray, mean: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """The (count, d) first principal axes of rows `x` about `mean`, one per row, largest
-    first, from their covariance (summed from _BLOCK rows a task on every core, `_by_blocks`):
-    numpy's eigh of it, or where that costs much (`count` <= d / 3 above EXACT_AXES_DIM dims) a
+    first, from the covariance of at most AXES_ROWS of them (or twice the dims, if more; evenly
+    spaced), summed from _BLOCK rows a task on every core (`_by_blocks`): numpy's eigh of it, or where that costs much (`count` <= d / 3 above EXACT_AXES_DIM dims) a
     seeded randomized subspace iteration (`_top_axes`), since eigh grows with d^3: 0.08 s at
     768-d, 4.6 s at 3072-d, once per stage."""
     d = x.shape[1]
+    most = max(AXES_ROWS, 2 * d)
+    if len(x) > most:  # (evenly spaced rows: the same ones on any machine)
+        x = x[::len(x) // most][:most]
 
     def products(i: int) -> np.ndarray:
         centred = x[i:i + _BLOCK] - mean

@@ -65,21 +65,25 @@ def test_small_samples_keep_faiss_default_k_means_and_train_alike(monkeypatch, f
                          [(64, 11_000, 4, 5), (200, 6_000, 10, 10), (48, 3_000, 2, 5), (640, 4_000, 4, 5)])
 def test_progressive_kmeans_quantizes_as_faiss_does(dim, rows, steps, niter):
     """numpy's principal axes instead of faiss's PCAMatrix (above 512 dims, a randomized
-    subspace iteration's): the k-means error within 1% of faiss's ProgressiveDimClustering
-    with the same parameters (and seeded: the same centroids twice)."""
+    subspace iteration's; from AXES_ROWS of the rows where more): the k-means error over four
+    seeds within 2% of faiss's ProgressiveDimClustering with the same parameters (one seed's
+    varies by 6% either way here), and seeded: the same centroids twice."""
     x = ClusteredEmbeddings(dim, seed=3, num_clusters=80).batch(0, rows)
-    cp = faiss.ProgressiveDimClusteringParameters()
-    cp.progressive_dim_steps, cp.niter, cp.seed = steps, niter, 5
 
     def error(centroids):
         index = faiss.IndexFlatL2(dim)
         index.add(centroids)
         return float(index.search(x, 1)[0].mean())
 
-    ours, theirs = progressive_kmeans(x, 64, cp), faiss_progressive_kmeans(x, 64, cp)
-    assert ours.shape == theirs.shape == (64, dim) and ours.dtype == np.float32
-    assert abs(error(ours) / error(theirs) - 1) < 0.01
-    assert np.array_equal(progressive_kmeans(x, 64, cp), ours)
+    ours, theirs = [], []
+    for seed in range(1, 5):
+        cp = faiss.ProgressiveDimClusteringParameters()
+        cp.progressive_dim_steps, cp.niter, cp.seed = steps, niter, seed
+        ours.append(progressive_kmeans(x, 64, cp))
+        theirs.append(faiss_progressive_kmeans(x, 64, cp))
+    assert ours[0].shape == theirs[0].shape == (64, dim) and ours[0].dtype == np.float32
+    assert np.mean([error(c) for c in ours]) / np.mean([error(c) for c in theirs]) < 1.02
+    assert np.array_equal(progressive_kmeans(x, 64, cp), ours[-1])
 
 
 def test_the_randomized_first_axes_capture_about_the_exact_ones_variance():
