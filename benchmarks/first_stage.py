@@ -40,7 +40,7 @@ def judge(specs: list[str], xt: np.ndarray, base: np.ndarray, q: np.ndarray, see
     _, exact = exact_knn(prepare_vectors(q, "cosine"), prepare_vectors(base, "cosine"), 10, "cosine")
     hits: dict = {}
     rows, _ = ps._judge(specs, xt=xt, base=base, q=q, exact=exact, metric="cosine", seed=seed, ngpu=0, hits=hits,
-                        seen={})
+                        seen={}, encoded={})
     return rows, hits
 
 

@@ -35,7 +35,8 @@ def family_recalls(xt, base, q) -> dict[str, float]:
     """{RQ<m>x8: its first-stage recall@10} for each of LENGTHS (one training, the rest cut)."""
     _, exact = exact_knn(prepare_vectors(q, "cosine"), prepare_vectors(base, "cosine"), 10, "cosine")
     specs = [f"RQ{m}x8,beam=1" for m in reversed(LENGTHS)]
-    rows, _ = ps._judge(specs, xt=xt, base=base, q=q, exact=exact, metric="cosine", seed=0, ngpu=0, hits={}, seen={})
+    rows, _ = ps._judge(specs, xt=xt, base=base, q=q, exact=exact, metric="cosine", seed=0, ngpu=0, hits={}, seen={},
+                        encoded={})
     return {s.split(",")[0]: rows[s]["recall_at_10"] for s in reversed(specs)}
 
 

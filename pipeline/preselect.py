@@ -121,7 +121,7 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     _, exact = exact_knn(prepare_vectors(q, metric), prepare_vectors(base, metric), 10, metric)
     hits: dict[str, np.ndarray] = {}  # (per query, for the standard error of a lead)
     judge = functools.partial(_judge, xt=xt, base=base, q=q, exact=exact, metric=metric, seed=seed, ngpu=ngpu,
-                              hits=hits, seen={})
+                              hits=hits, seen={}, encoded={})
     dim = xt.shape[1]
     nested = nesting(specs, dim, greedy=True)  # (training is greedy, on a GPU too)
     # --max-bytes: a residual quantizer family judged by its shortest first, then by lengths doubling
@@ -196,15 +196,18 @@ def second_stage_rows(spec: str, dim: int, metric: str, first_rows: int, sample_
 
 
 def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray, exact: np.ndarray, metric: str,
-           seed: int, ngpu: int, hits: dict, seen: dict, grown_from: dict | None = None, failed: bool = False
-           ) -> tuple[dict[str, dict], dict[str, TrainedCodec]]:
+           seed: int, ngpu: int, hits: dict, seen: dict, encoded: dict, grown_from: dict | None = None,
+           failed: bool = False) -> tuple[dict[str, dict], dict[str, TrainedCodec]]:
     """({spec: its first-stage row}, {spec: trained}): each of `specs` trained on `xt` and its
     codes of `base` searched for `q`, against their `exact` neighbours there (each query's
     recall@10 into `hits`). A spec that fails to train gets a row saying why (`failed`: even
     when none trains). A spec whose codes and neighbours found are those of one judged before
     (`seen`: their digests, over the calls of one first stage) is the same codec here, and its
     row says which (`same_codes_as`): it takes no front-runner's place (under cosine EDEN's
-    scaled levels and TurboQuant-MSE's give the same codes at 1, 2 and 4 bits)."""
+    scaled levels and TurboQuant-MSE's give the same codes at 1, 2 and 4 bits). A residual
+    quantizer trained on from a shorter one (`grown_from`) encodes `base` on from the shorter
+    one's codes (`encoded`: {spec: (codec, codes of `base`)} of the residual quantizers judged
+    before): RQ64x8 searches 32 stages, not 64, after RQ32x8."""
     out: list[dict] = []
     try:
         trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=out, grown_from=grown_from)
@@ -213,7 +216,11 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
             raise
         trained = []
     codecs = [load_trained(tc, metric) for tc in trained]
-    for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base)):
+    shorter = {i: encoded[grown_from[tc.spec].spec] for i, tc in enumerate(trained)
+               if tc.spec in (grown_from or {}) and grown_from[tc.spec].spec in encoded}
+    for tc, codec, (codes, encode_s) in zip(trained, codecs, encode_all(codecs, base, shorter=shorter)):
+        if stages(tc.spec, xt.shape[1]):
+            encoded[tc.spec] = (codec, codes)
         began = time.perf_counter()
         _, found = codec.search_codes(q, codes, 10)
         found_, true = knn_hits(exact, found, 10)

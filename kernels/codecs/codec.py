@@ -69,15 +69,21 @@ class Codec:
         """Plain or fast-scan PQ (behind any pre-transforms): encodable by kernels.pq_encode."""
         return isinstance(_innermost(self.index)[1], (faiss.IndexPQ, faiss.IndexPQFastScan))
 
-    def encode(self, x: np.ndarray, *, device: str = "cpu") -> np.ndarray:
+    def encode(self, x: np.ndarray, *, device: str = "cpu", first: np.ndarray | None = None) -> np.ndarray:
         """(n, dim) float -> (n, code_size) uint8.
 
         device="cuda" (or "cuda:N"): PQ, scalar (8/4-bit, fp16) and binary codecs encode on
         that GPU through kernels.gpu_encode, pre-transforms included (faiss's codes for >= 99.9%
         of PQ sub-vectors, the same bytes for the others). Codecs without a GPU path, or a
         machine where CuPy sees no GPU, use faiss on the CPU: `encode_device` says which ran.
+
+        `first` (a residual quantizer of beam 1 only): this codec's first bytes of the codes of
+        `x`, as a shorter codec of its family encodes them (kernels.codecs.nested): only the
+        stages after them are searched, and the codes are the same bytes.
         """
-        if device != "cpu":
+        if first is not None and self._greedy_rq is None:
+            raise ValueError(f"{self.spec} does not encode greedily stage by stage: it takes no first stages' codes")
+        if device != "cpu" and first is None:
             encoder = self.gpu_encoder(device)
             if encoder is not None:
                 return encoder.encode(np.asarray(x, dtype=np.float32))
@@ -91,7 +97,7 @@ class Codec:
             chain, books = self._greedy_rq
             for vt in chain:
                 x = vt.apply(x)
-            return encode_greedy(books, x)
+            return encode_greedy(books, x, first=first)
         return self.index.sa_encode(x)
 
     def numpy_pq_codebook(self):

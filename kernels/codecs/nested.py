@@ -143,18 +143,24 @@ def slice_sources(codecs: list[Codec]) -> list[int | None]:
     return [j if j is not None and _sliceable(codecs[j], c) else None for c, j in zip(codecs, out)]
 
 
-def encode_all(codecs: list[Codec], x: np.ndarray, sources: list[int | None] | None = None
-               ) -> list[tuple[np.ndarray, float | None]]:
+def encode_all(codecs: list[Codec], x: np.ndarray, sources: list[int | None] | None = None,
+               shorter: dict[int, tuple[Codec, np.ndarray]] | None = None) -> list[tuple[np.ndarray, float | None]]:
     """Each codec's codes of `x`, with the seconds its encoding took; None for codes sliced
     from a longer codec's (`sources`: slice_sources(codecs), computed here when not given),
-    which cost no encoding."""
+    which cost no encoding. `shorter`: {i: (a shorter codec of codecs[i]'s family, its codes of
+    `x`)}: where those codes are codecs[i]'s first bytes (`_sliceable`), only its stages after
+    them are encoded (Codec.encode's `first`; the same codes): a codec trained on from a
+    shorter one (`train_on`), as the advisor's first stage judges the family."""
     sources = slice_sources(codecs) if sources is None else sources
     out: list = [None] * len(codecs)
     for i in sorted(range(len(codecs)), key=lambda i: sources[i] is not None):  # (the longest first)
         if (j := sources[i]) is not None:
             out[i] = (np.ascontiguousarray(out[j][0][:, :codecs[i].code_size]), None)
             continue
+        short, first = (shorter or {}).get(i, (None, None))
         start = time.perf_counter()
-        codes = codecs[i].encode(x)  # (raw vectors: the codec prepares them, as compress encodes)
+        # (raw vectors: the codec prepares them, as compress encodes)
+        codes = codecs[i].encode(x, first=first) if short is not None and _sliceable(codecs[i], short) \
+            else codecs[i].encode(x)
         out[i] = (codes, time.perf_counter() - start)
     return out

@@ -332,23 +332,36 @@ def greedy_codebooks(inner) -> np.ndarray | None:
     return faiss.vector_to_array(rq.codebooks).reshape(int(rq.M), 256, int(rq.d))
 
 
-def encode_greedy(books: np.ndarray, x: np.ndarray) -> np.ndarray:
+def encode_greedy(books: np.ndarray, x: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
     """(n, M) uint8 codes of `x` (prepared, through any pre-transform) by a residual quantizer
     of beam 1: at each stage the nearest centroid of the residual (one flat search per stage),
     subtracted. faiss's encoder finds the same centroids, near-ties aside (1e-5 of the bytes
     here, tests/kernels/test_residual.py) by a beam search of width 1, slower on 2 cores:
     RQ16x8 on 100k x 128-d 2.5-2.8 s against 1.0-1.5 s here, on 50k x 768-d 4.8-5.5 s against
     4.0-4.1 s (where the flat search's products are most of the work). Rows go in blocks of
-    _BLOCK, so the residuals held stay small."""
+    _BLOCK, so the residuals held stay small. `first`: (n, m) codes of the same `x` by the
+    first m stages (a shorter codec of the family, kernels.codecs.nested): their centroids are
+    subtracted as encoding subtracts them, not searched, so the codes are those encoding from
+    nothing gives, byte for byte, at the search of the other stages only."""
     x = np.ascontiguousarray(x, dtype=np.float32)
+    taken = 0 if first is None else first.shape[1]
+    if first is not None and (first.shape[0] != len(x) or taken > len(books)):
+        raise ValueError(f"first stages' codes {first.shape} do not fit {len(x)} rows of {len(books)} stages")
     stages = []
-    for book in books:
-        index = faiss.IndexFlatL2(books.shape[2])
-        index.add(np.ascontiguousarray(book))
+    for m, book in enumerate(books):
+        index = None
+        if m >= taken:
+            index = faiss.IndexFlatL2(books.shape[2])
+            index.add(np.ascontiguousarray(book))
         stages.append((index, book))
     codes = np.empty((len(x), len(books)), np.uint8)
+    if taken:
+        codes[:, :taken] = first
     for i in range(0, len(x), _BLOCK):
         residual = x[i:i + _BLOCK].copy()
         for m, (index, book) in enumerate(stages):
-            codes[i:i + _BLOCK, m] = _subtract_nearest(index, book, residual)
+            if m < taken:
+                residual -= book[codes[i:i + _BLOCK, m]]
+            else:
+                codes[i:i + _BLOCK, m] = _subtract_nearest(index, book, residual)
     return codes

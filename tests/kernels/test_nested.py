@@ -82,6 +82,37 @@ def test_greedy_codes_of_a_family_are_sliced_from_the_longest(xt):
 
 
 @pytest.mark.parametrize(("short", "long", "metric"), [
+    ("RQ2x8,beam=1", "RQ5x8,beam=1", "cosine"),
+    ("PCA32,RQ1x8,beam=1", "PCA32,RQ3x8,beam=1", "l2"),
+    ("MRL32,RQ2x8,beam=1", "MRL32,RQ4x8,beam=1", "ip"),
+])
+def test_a_longer_greedy_codec_encodes_on_from_a_shorter_one_s_codes(xt, short, long, metric):
+    """Given a shorter codec's codes of the same rows (its first stages), a greedy residual
+    quantizer searches only its other stages: the same bytes as encoding from nothing.
+    encode_all does so where the shorter codes are the longer one's first bytes, and encodes
+    from nothing otherwise (a beam wider than 1)."""
+    from vecpress.kernels.codecs.nested import encode_all, train_on
+
+    started = Codec.train(xt, short, metric, seed=3, ngpu=0)
+    grown = train_on(started, long, xt, seed=3, ngpu=0)
+    x = xt[:5000:3]  # (rows past one block of encoding)
+    first = started.encode(x)
+    whole = grown.encode(x)
+    assert np.array_equal(grown.encode(x, first=first), whole)
+    other = xt[1:5000:3]  # (other rows' codes: other codes, so the first stages are taken, not searched)
+    assert not np.array_equal(grown.encode(x, first=started.encode(other))[:, :first.shape[1]], first)
+    (codes, _), = encode_all([grown], x, shorter={0: (started, first)})
+    assert np.array_equal(codes, whole)
+    wide = Codec.train(xt, long.split(",beam")[0] + ",beam=2", metric, seed=3, ngpu=0)
+    (codes, _), = encode_all([wide], x, shorter={0: (started, first)})  # (not greedy: encoded from nothing)
+    assert np.array_equal(codes, wide.encode(x))
+    with pytest.raises(ValueError, match="takes no first stages"):
+        wide.encode(x, first=first)
+    with pytest.raises(ValueError, match="do not fit"):
+        grown.encode(x[:10], first=first)
+
+
+@pytest.mark.parametrize(("short", "long", "metric"), [
     ("RQ2x6,beam=1", "RQ5x6,beam=1", "cosine"),
     ("RQ3x6", "RQ4x6,beam=2", "l2"),
     ("PCA32,RQ2x6", "PCA32,RQ4x6", "ip"),
