@@ -7,9 +7,9 @@ full size.
     python benchmarks/first_stage.py --dim 128 --budget 32
     python benchmarks/first_stage.py --dim 768 --budget 32 --data powerlaw --stages 10000x20000,10000x200000
 
-Pairs are split by which of the two fits more centroids per codebook
-(kernels.codecs.build.centroids_per_codebook): the first stage judges that one on fewer
-training rows per centroid, the more roughly. The question is whether such a "rougher"
+Pairs are split by which of the two has the k-means that fits more parameters
+(kernels.codecs.build.codebook_parameters: centroids times the dims each spans): the first
+stage judges that one on fewer training rows per parameter, the more roughly. The question is whether such a "rougher"
 leader's lead keeps its sign at full size once it is ROUGH_LEAD_Z standard errors of the
 per-query difference or more (the rule preselect applies inside LEAD_MARGIN), and whether the
 other way round it does not. Prints a table, writes JSON.
@@ -92,12 +92,14 @@ def main() -> None:
         print(f"\n{args.dim}-d (cosine), candidates within {args.budget} B: first stage {train_rows:,} training "
               f"rows, {base_rows:,} base rows, {ps.STAGE1_QUERIES} queries; full size {args.num_train:,}, "
               f"{args.base:,}, {args.queries}; {os.cpu_count()} CPUs\n")
-        print("| leader | rival | leader rougher | centroids | first-stage lead | standard errors | full-size lead |")
-        print("| --- | --- | --- | --- | ---: | ---: | ---: |")
+        print("| leader | rival | leader rougher | centroids | parameters | first-stage lead | standard errors "
+              "| full-size lead |")
+        print("| --- | --- | --- | --- | --- | ---: | ---: | ---: |")
         for p in pairs:
             if p["first_stage_lead"] <= ps.LEAD_MARGIN:
                 print(f"| {p['leader']} | {p['rival']} | {'yes' if p['rougher_leader'] else 'no'} | "
-                      f"{p['centroids'][0]} vs {p['centroids'][1]} | {p['first_stage_lead']:.4f} | "
+                      f"{p['centroids'][0]} vs {p['centroids'][1]} | {p['parameters'][0]} vs {p['parameters'][1]} | "
+                      f"{p['first_stage_lead']:.4f} | "
                       f"{p['standard_errors']} | {p['full_size_lead']:+.4f} |")
         summary = summarise(pairs)
         print(f"\nleads beyond {ps.ROUGH_LEAD_Z} standard errors, all and those within LEAD_MARGIN: {summary}")
@@ -121,7 +123,9 @@ def compare(small: dict, small_hits: dict, full: dict) -> list[dict]:
             continue
         se = difference_standard_error(small_hits[a], small_hits[b])
         centroids = [ra["centroids_per_codebook"], rb["centroids_per_codebook"]]
-        pairs.append({"leader": a, "rival": b, "rougher_leader": centroids[0] > centroids[1], "centroids": centroids,
+        parameters = [ra["codebook_parameters"], rb["codebook_parameters"]]
+        pairs.append({"leader": a, "rival": b, "rougher_leader": parameters[0] > parameters[1], "centroids": centroids,
+                      "parameters": parameters,
                       "first_stage_lead": round(lead, 4), "standard_errors": round(lead / max(se, 1e-9), 1),
                       "full_size_lead": round(full[a]["recall_at_10"] - full[b]["recall_at_10"], 4)})
     pairs.sort(key=lambda p: (not p["rougher_leader"], p["first_stage_lead"]))

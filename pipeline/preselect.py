@@ -12,12 +12,17 @@ the costly families (residual and additive quantizers), and it ranks candidates 
 full sweep does closely enough to keep the best among the front-runners (tests compare the
 pick with a full sweep's): at most FRONT_RUNNERS, and with --max-bytes only those the best
 is not ahead of for good, so that a clear leader is chosen here (stages/s04_advise.py). Ahead
-for good (`_settled_by`) is by more than LEAD_MARGIN, or, where the leader fits more centroids per
-codebook than the rival, by more than ROUGH_LEAD_Z standard errors of the per-query
-difference: the first stage's training rows are fewest per centroid for it, so it is judged
-the more roughly of the two, and in every such pair measured at 128 to 768 dims
-(benchmarks/first_stage.py) a lead beyond its noise kept its sign at full size; with the
-rival the rougher, a lead of 3 standard errors came out 0.002 at full size. The rules
+for good (`_settled_by`) is by more than LEAD_MARGIN, or, where the leader's k-means fits more
+parameters than the rival's (kernels.codecs.build.codebook_parameters: centroids times the
+dims each spans; RQ16x8 at 384-d 98,304, PQ48 2,048, PQ128x4fs 48, a scalar code none), by
+more than ROUGH_LEAD_Z standard errors of the per-query difference: the first stage's
+training rows are fewest per parameter for it, so it is judged the more roughly of the two.
+Beyond 3 standard errors such leads kept their sign at full size in 383 of 391 pairs, 42 of
+43 within LEAD_MARGIN (benchmarks/first_stage.py, every pair within 64 B at 128 to 768 dims,
+clustered and power-law rows; the one, RQ16x8 over PQ64x4fs at 768-d on power-law rows, 0.038
+ahead, 0.027 behind at full size: over the first stage's 20,000 rows recall@10 rewards finding
+a query's cluster more than ranking within it); with the rival the rougher, a lead of 3
+standard errors came out 0.002 at full size. The rules
 need the first stage's full STAGE1_TRAIN_ROWS (a sample of 20,000 or more): on fewer
 rows an 8-bit quantizer's k-means has under faiss's 39 points per centroid, residual
 quantizers come out well below their full-sample recall, and the best FRONT_RUNNERS go on.
@@ -43,9 +48,10 @@ no better (`second_stage_rows`): the whole sample for residual and additive quan
 where that is as many (4-bit PQ, scalar and binary codes); a pick trained on fewer rows than
 the sample's is trained on them all by the train stage, as a named codec is.
 
-The first-stage record keeps each candidate's centroids per codebook and, when one is chosen
-there, its lead over the best of the rest (`lead`: by how much, in standard errors, and the
-training rows per centroid of each), which the advisor's reason states.
+The first-stage record keeps each candidate's centroids per codebook and parameters and, when
+one is chosen there, its lead over the best of the rest (`lead`: by how much, in standard
+errors, and the training rows per centroid and per parameter of each), which the advisor's
+reason states.
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ import time
 
 import numpy as np
 
-from vecpress.kernels.codecs.build import centroids_per_codebook, kmeans_sample_cap, rows_to_train
+from vecpress.kernels.codecs.build import centroids_per_codebook, codebook_parameters, kmeans_sample_cap, rows_to_train
 from vecpress.kernels.codecs.nested import encode_all, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
 from vecpress.kernels.metrics import difference_standard_error, knn_hits
@@ -76,11 +82,12 @@ FRONT_RUNNERS = 4
 #: the second stage. A leader further ahead than this is chosen in the first stage: the second
 #: would only train it on the whole sample, which the train stage does anyway
 LEAD_MARGIN = 0.05
-#: --max-bytes: a first-stage leader that fits more centroids per codebook than a rival (RQ's
-#: 256 against 4-bit PQ's 16, or k-means against none) trains on fewer rows per centroid, so
-#: the first stage judges it the more roughly of the two; ahead there by more than this many
-#: standard errors of the per-query difference (and MIN_LEAD) it stayed ahead at full size in
-#: every such pair measured (benchmarks/first_stage.py), however far within LEAD_MARGIN
+#: --max-bytes: a first-stage leader whose k-means fits more parameters than a rival's (RQ's
+#: 256 centroids of every dim against PQ's 256 of a sub-vector's or 4-bit PQ's 16, or k-means
+#: against none) trains on fewer rows per parameter, so the first stage judges it the more
+#: roughly of the two; ahead there by more than this many standard errors of the per-query
+#: difference (and MIN_LEAD), however far within LEAD_MARGIN, it stayed ahead at full size in
+#: 42 of 43 such pairs measured within LEAD_MARGIN (benchmarks/first_stage.py, 128 to 768 dims)
 ROUGH_LEAD_Z = 3.0
 MIN_LEAD = 0.01
 #: --min-recall: first-stage candidates within this of the target still run in the second
@@ -231,6 +238,7 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
         out.append({"codec": tc.spec, "code_bytes": tc.code_size,
                     "recall_at_10": round(float(found_.sum() / true.sum()), 4),
                     "centroids_per_codebook": centroids_per_codebook(tc.spec, xt.shape[1], metric),
+                    "codebook_parameters": codebook_parameters(tc.spec, xt.shape[1], metric),
                     "seconds": round(tc.train_seconds + (encode_s or 0.0) + time.perf_counter() - began, 3),
                     **({"cut_from": tc.cut_from} if tc.cut_from else {}),
                     **({"same_codes_as": same} if same != tc.spec else {}),
@@ -242,7 +250,8 @@ def _judged_by(row: dict, head: str, size: int) -> dict:
     """The first-stage row of the longest of a residual family `head` (of `size` bytes) not
     trained there, judged by `row`, its first stages': its recall@10 there is a floor."""
     return {"codec": head, "code_bytes": size, "recall_at_10": row["recall_at_10"],
-            "centroids_per_codebook": row["centroids_per_codebook"], "seconds": 0.0, "judged_by": row["codec"]}
+            "centroids_per_codebook": row["centroids_per_codebook"], "codebook_parameters": row["codebook_parameters"],
+            "seconds": 0.0, "judged_by": row["codec"]}
 
 
 def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, rivals: list[dict], family: set[str],
@@ -278,9 +287,10 @@ def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, rivals: li
 
 def _lead_to_settle(a: dict, b: dict, hits: dict, margin: float) -> float:
     """The least lead over `b` that settles it (`_settled_by`) for a codec judged as `a` is:
-    LEAD_MARGIN, or where `a` fits more centroids per codebook, ROUGH_LEAD_Z standard errors of
-    the per-query difference (`a`'s) and MIN_LEAD, if less."""
-    if a["centroids_per_codebook"] <= b["centroids_per_codebook"]:
+    LEAD_MARGIN, or where `a`'s k-means fits more parameters (codebook_parameters: centroids
+    times the dims each spans), ROUGH_LEAD_Z standard errors of the per-query difference
+    (`a`'s) and MIN_LEAD, if less."""
+    if a["codebook_parameters"] <= b["codebook_parameters"]:
         return margin
     return min(margin, max(MIN_LEAD, ROUGH_LEAD_Z * difference_standard_error(hits[a["codec"]], hits[b["codec"]])))
 
@@ -315,7 +325,7 @@ def _contends(row: dict) -> bool:
 
 def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
     """How first-stage row `a` is ahead of `b` for good: "margin" (by more than `margin`),
-    "rougher" (fitting more centroids per codebook than `b`, so judged the more roughly of the
+    "rougher" (its k-means fitting more parameters than `b`'s, so judged the more roughly of the
     two, by more than ROUGH_LEAD_Z standard errors of the per-query difference and MIN_LEAD),
     or None (it is not): truthy where it is."""
     lead = a["recall_at_10"] - b["recall_at_10"]
@@ -327,7 +337,8 @@ def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
 def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int, margin: float) -> dict | None:
     """How the first stage's one front-runner `spec` leads the best of the others within the
     budget outside its family (its reason): by how much, in standard errors, the training rows
-    per centroid of each, and by which rule (`_settled_by`); None when there is no other."""
+    per centroid and per parameter of the k-means of each, and by which rule (`_settled_by`);
+    None when there is no other."""
     row = rows[spec]
     by = row.get("judged_by")
     heads = {spec, by} - {None}
@@ -341,7 +352,9 @@ def _lead(spec: str, rows: dict[str, dict], hits: dict, n: int, max_bytes: int, 
     return {"over": rival["codec"], "recall_at_10": rival["recall_at_10"], "by": round(lead, 4),
             "rule": _settled_by(judged, rival, hits, margin), "standard_errors": round(lead / max(se, 1e-9), 1),
             "rows_per_centroid": [n // r["centroids_per_codebook"] if r["centroids_per_codebook"] else None
-                                  for r in (judged, rival)]}
+                                  for r in (judged, rival)],
+            "rows_per_parameter": [float(f"{n / r['codebook_parameters']:.3g}") if r["codebook_parameters"] else None
+                                   for r in (judged, rival)]}
 
 
 def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float | None,

@@ -45,6 +45,21 @@ def _centroids(chain, inner) -> int:
     return need
 
 
+def _parameters(chain, inner) -> int:
+    """The most parameters one k-means of the codec's training fits: its centroids times the
+    dims each spans (0: trained without k-means)."""
+    most = 0
+    if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        most = int(inner.pq.ksub) * int(inner.pq.dsub)
+    elif isinstance(inner, faiss.IndexAdditiveQuantizer) and getattr(inner, "aq", None) is not None:
+        split = getattr(inner, "prq", None) or getattr(inner, "plsq", None)  # (product forms: each over d / nsplits)
+        most = _centroids(chain, inner) * int(inner.aq.d) // (int(split.nsplits) if split is not None else 1)
+    for vt in chain:
+        if isinstance(vt, faiss.OPQMatrix):  # (its 8-bit PQ over the rotated dims)
+            most = max(most, 256 * int(vt.d_out) // int(vt.M))
+    return most
+
+
 def _min_train(chain, inner) -> int:
     """The fewest training vectors the codec can be trained on at all."""
     return max(_centroids(chain, inner), 1)
@@ -56,6 +71,16 @@ def centroids_per_codebook(spec: str, dim: int, metric: str) -> int:
     k-means (scalar, binary, RaBitQ). On n training rows each centroid gets n / that of them."""
     index = build_index(spec, dim, metric)  # (held: the inner index is a view of it)
     return _centroids(*_innermost(index))
+
+
+def codebook_parameters(spec: str, dim: int, metric: str) -> int:
+    """The most parameters one k-means of `spec`'s training fits, centroids times the dims
+    each spans: PQ48 at 384-d 2,048 (256 x 8), PQ128x4fs 48, RQ16x8 98,304 (256 x 384),
+    PCA64,RQ8x8 16,384; 0 without k-means (scalar, binary, RaBitQ). On n training rows the
+    more of them, the more roughly a codec is trained: residual quantizers gain from every
+    row, a product quantizer from none past PQ_ROWS_PER_PARAMETER per parameter."""
+    index = build_index(spec, dim, metric)  # (held: the inner index is a view of it)
+    return _parameters(*_innermost(index))
 
 
 #: a product quantizer's k-means (2^nbits centroids of dsub dims each) trained on more rows than this

@@ -169,8 +169,8 @@ def _lead_text(staged: dict) -> str:
     rival = f"{lead['over']} ({lead['recall_at_10']:.3f})"
     if lead["rule"] != "rougher":
         return f"{rival}, more than {staged['lead_margin']} ahead"
-    ours, theirs = lead["rows_per_centroid"]
+    ours, theirs = lead["rows_per_parameter"]
     return (f"{rival}, {lead['by']:.3f} ahead, {lead['standard_errors']:.1f} standard errors of the per-query "
-            f"difference, on {ours} training rows per centroid against "
-            f"{f'its {theirs}' if theirs else 'none (it fits no centroids)'}, so judged the more roughly of the two "
-            "(leads so judged held at full size in every pair measured)")
+            f"difference, trained on {ours:g} rows per parameter of its k-means (centroids x the dims each spans) "
+            f"against {f'its {theirs:g}' if theirs else 'none (it fits no centroids)'}, so judged the more roughly "
+            "of the two (leads so judged held at full size in every pair measured)")

@@ -12,6 +12,7 @@ import pytest
 
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import (_innermost, build_index, centroids_per_codebook, check_codec_spec,
+                                           codebook_parameters,
                                           code_size_of, rows_to_train)
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.grid import default_grid, held_by_finer
@@ -643,6 +644,17 @@ def test_rows_to_train_is_where_more_rows_stop_paying(spec, dim, rows):
 
     assert build.PQ_ROWS_PER_PARAMETER == 8
     assert rows_to_train(spec, dim, "cosine") == rows
+
+
+@pytest.mark.parametrize(("spec", "parameters"), [
+    ("PQ8", 256 * 8), ("PQ8x4fs", 16 * 8), ("PQ4x6", 64 * 16), ("RQ4x8,beam=1", 256 * 64), ("PCA16,RQ2x6", 64 * 16),
+    ("LSQ2x5", 32 * 64), ("PRQ2x2x7", 128 * 32), ("OPQ8,PQ16x4", 256 * 8), ("OPQ16,PQ4", 256 * 16),
+    ("MRL16,PQ4", 256 * 4), ("SQ8", 0), ("BIN", 0), ("RaBitQ4", 0)])
+def test_codebook_parameters_are_centroids_times_the_dims_each_spans(spec, parameters):
+    """What the advisor's first stage weighs how roughly a codec is trained by: a residual
+    quantizer's centroids span every dim, a product quantizer's a sub-vector's (OPQ's
+    rotation trains an 8-bit PQ of its own sub-vectors)."""
+    assert codebook_parameters(spec, DIM, "l2") == parameters
 
 
 @pytest.mark.parametrize(("spec", "centroids"), [

@@ -324,7 +324,8 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
     if margin < 0:
         assert kept == ["RQ4x6"] and "cut_from" not in rows["RQ2x6"]  # (trained alone: not cut from RQ3x6)
         assert rows["RQ4x6"] == {"codec": "RQ4x6", "code_bytes": 3, "recall_at_10": rows["RQ2x6"]["recall_at_10"],
-                                 "centroids_per_codebook": 64, "seconds": 0.0, "judged_by": "RQ2x6"}
+                                 "centroids_per_codebook": 64, "codebook_parameters": 64 * DIM, "seconds": 0.0,
+                                 "judged_by": "RQ2x6"}
     else:
         assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and rows["RQ2x6"]["cut_from"] == "RQ4x6"
         assert rows["RQ3x6"]["cut_from"] == "RQ4x6" and "trained_on_from" not in rows["RQ3x6"]
@@ -383,12 +384,14 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
 def test_a_family_goes_on_judged_by_its_first_stages_only_where_more_could_not_lead_for_good():
     """`_goes_on_as_it_is`: RQ4 (the first stages of the family's longest, RQ8) trails the best
     of the rest but not for good, with fewer than FRONT_RUNNERS at or above it; the next length
-    would need a lead over them all (LEAD_MARGIN over a rival with as many centroids, MIN_LEAD
-    and ROUGH_LEAD_Z standard errors over one with fewer) beyond what RQ4 gained over RQ2."""
+    would need a lead over them all (LEAD_MARGIN over a rival whose k-means fits as many
+    parameters, an additive quantizer's here; MIN_LEAD and ROUGH_LEAD_Z standard errors over
+    one with fewer) beyond what RQ4 gained over RQ2."""
     from vecpress.pipeline import preselect as ps
 
-    def row(codec, recall, centroids=256):
-        return {"codec": codec, "code_bytes": 8, "recall_at_10": recall, "centroids_per_codebook": centroids}
+    def row(codec, recall, centroids=256, dims=384):
+        return {"codec": codec, "code_bytes": 8, "recall_at_10": recall, "centroids_per_codebook": centroids,
+                "codebook_parameters": centroids * dims}
 
     def asks(*rivals, before=0.76, below=0.80):
         rows = {r["codec"]: r for r in (row("RQ2", before), row("RQ4", below), *rivals)}
@@ -396,18 +399,20 @@ def test_a_family_goes_on_judged_by_its_first_stages_only_where_more_could_not_l
         family = {"RQ2", "RQ4", "RQ8"}
         return ps._goes_on_as_it_is(rows, "RQ4", "RQ2", ps._rivals(rows, family, 8), family, hits, 0.05, 8)
 
-    # PQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2
-    assert asks(row("PQ", 0.82), row("SQ", 0.6, 0)) == {"behind": "PQ", "by": 0.02, "needs": 0.07, "gained": 0.04}
-    assert not asks(row("PQ", 0.82), before=0.72)  # (it gained 0.08: RQ8 might)
-    assert not asks(row("PQ", 0.79))  # (RQ4 leads: RQ8 might lead for good)
-    assert not asks(row("PQ", 0.86))  # (behind for good: the rest of it must show it catches up)
-    assert not asks(row("PQ", 0.82), *[row(f"PQ{i}", 0.81) for i in range(3)])  # (4 ahead: RQ8 might not go on)
-    assert asks(row("PQ", 0.82), *[row(f"PQ{i}", 0.81) for i in range(2)], row("BIN", 0.76, 0))
-    # a rival with fewer centroids: settled by MIN_LEAD (no noise) over it, 0.02 above RQ4 here
-    assert not asks(row("FS", 0.81, 16), before=0.775)
-    assert asks(row("FS", 0.81, 16), before=0.79)
+    # LSQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2
+    assert asks(row("LSQ", 0.82), row("SQ", 0.6, 0)) == {"behind": "LSQ", "by": 0.02, "needs": 0.07, "gained": 0.04}
+    assert not asks(row("LSQ", 0.82), before=0.72)  # (it gained 0.08: RQ8 might)
+    assert not asks(row("LSQ", 0.79))  # (RQ4 leads: RQ8 might lead for good)
+    assert not asks(row("LSQ", 0.86))  # (behind for good: the rest of it must show it catches up)
+    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(3)])  # (4 ahead: RQ8 might not go on)
+    assert asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(2)], row("BIN", 0.76, 0))
+    # a rival with fewer parameters: settled by MIN_LEAD (no noise) over it, 0.02 above RQ4 here (4-bit PQ, and
+    # 8-bit PQ: its centroids span a sub-vector's dims)
+    for fewer in (row("FS", 0.81, 16, 3), row("PQ", 0.81, 256, 8)):
+        assert not asks(fewer, before=0.775)
+        assert asks(fewer, before=0.79)
     # a shorter one of the family ahead of RQ4 takes a place too
-    assert not asks(row("PQ", 0.82), *[row(f"PQ{i}", 0.81) for i in range(2)], row("RQ3", 0.805) | {"cut_from": "RQ4"})
+    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(2)], row("RQ3", 0.805) | {"cut_from": "RQ4"})
 
 
 def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stage_sample, monkeypatch):
@@ -451,12 +456,13 @@ def test_few_candidates_go_through_a_first_stage_only_where_it_can_choose(stage_
 
 
 def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(stage_sample, monkeypatch):
-    """Within LEAD_MARGIN (1 here: no lead is that far ahead), a first-stage leader that fits
-    more centroids per codebook than its rivals (PQ8's 256 against none for the scalar and
-    binary codecs, 64 for RQ4x6) trains on fewer rows per centroid, so it is judged the more
-    roughly: ahead of each by more than ROUGH_LEAD_Z standard errors of the per-query
-    difference, it is chosen there. A lead inside that noise, or a leader that fits fewer
-    centroids than a rival (SQ4: none, against PQ8), goes on to the second stage."""
+    """Within LEAD_MARGIN (1 here: no lead is that far ahead), a first-stage leader whose
+    k-means fits more parameters than its rivals' (PQ8's 256 centroids of 4 dims against none
+    for the scalar and binary codecs, 16 of 32 dims for RQ2x4) trains on fewer rows per
+    parameter, so it is judged the more roughly: ahead of each by more than ROUGH_LEAD_Z
+    standard errors of the per-query difference, it is chosen there. A lead inside that noise,
+    or a leader that fits fewer parameters than a rival (SQ4: none, against PQ8; PQ8 against
+    RQ4x6's 64 centroids of 32 dims), goes on to the second stage."""
     from vecpress.pipeline import preselect as ps
     from vecpress.pipeline.stages.s04_advise import _lead_text
 
@@ -464,7 +470,7 @@ def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(sta
     monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
     monkeypatch.setattr(ps, "LEAD_MARGIN", 1.0)
     xt, xq = stage_sample
-    specs = ["PQ8", "SQeden2", "BIN", "BINt", "SQeden1", "RQ4x6"]
+    specs = ["PQ8", "SQeden2", "BIN", "BINt", "SQeden1", "RQ2x4"]
     kw = dict(metric="cosine", seed=3, ngpu=0, min_recall=None)
     kept, record, _ = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
     rows = {r["codec"]: r for r in record["rows"]}
@@ -473,6 +479,7 @@ def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(sta
     assert kept == ["PQ8"] and lead["over"] == second["codec"] and record["rough_lead_z"] == ps.ROUGH_LEAD_Z
     assert 0 < lead["by"] == pytest.approx(rows["PQ8"]["recall_at_10"] - second["recall_at_10"], abs=1e-4)
     assert lead["standard_errors"] > ps.ROUGH_LEAD_Z and lead["rows_per_centroid"][0] == 2_500 // 256
+    assert lead["rows_per_parameter"][0] == 2.44  # (2,500 / (256 x 4))
     assert lead["rule"] == "rougher"
     text = _lead_text(record)
     assert "standard errors" in text and "judged the more roughly" in text and "more than 1.0" not in text
@@ -480,11 +487,14 @@ def test_a_leader_judged_the_more_roughly_needs_only_a_lead_beyond_its_noise(sta
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", lead["standard_errors"] + 0.5)
     kept, record, _ = ps.preselect(specs, xt, xq, max_bytes=8, **kw)
     assert kept[:2] == ["PQ8", second["codec"]] and "lead" not in record
-    # a leader fitting fewer centroids than a rival: however far ahead, not settled within the margin
+    # a leader fitting fewer parameters than a rival: however far ahead, not settled within the margin
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", 0.0)
     kept, record, _ = ps.preselect(specs + ["SQ4"], xt, xq, max_bytes=16, **kw)
     rows = {r["codec"]: r for r in record["rows"]}
     assert kept[0] == "SQ4" and rows["SQ4"]["recall_at_10"] > rows["PQ8"]["recall_at_10"] and "PQ8" in kept
+    kept, record, _ = ps.preselect(specs + ["RQ4x6"], xt, xq, max_bytes=8, **kw)
+    rows = {r["codec"]: r for r in record["rows"]}
+    assert rows["PQ8"]["recall_at_10"] > rows["RQ4x6"]["recall_at_10"] and kept[:2] == ["PQ8", "RQ4x6"]
 
 
 def test_a_residual_quantizer_chosen_by_its_first_stages_is_trained_whole_by_the_run(corpus, tmp_path,
