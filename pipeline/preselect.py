@@ -35,12 +35,12 @@ it and lowers its error further) leads as well and is chosen without its other s
 trained here (the train stage trains it whole); otherwise RQ32x8 is trained on from
 RQ16x8's stages (kernels.codecs.nested.train_on), to the codec trained whole, RQ24x8 cut
 from it, and judged the same way, then RQ64x8 from RQ32x8's. At 768-d and 32 B that halves
-the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it. A length that
-trails instead, not for good and with a front-runner's place whatever its further stages add,
-ends the chain too where the next length could not lead for good by gaining what this one
-gained over the last (`_goes_on_as_it_is`): the longest goes on to the second stage, judged by
-it, and the second stage trains it whole (at 768-d and 64 B on power-law rows, RQ64x8 is not
-trained on from RQ32x8 here).
+the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it. A length not
+behind for good, with a front-runner's place whatever its further stages add, ends the chain
+too where the next length is not expected to lead for good: that would take more than
+CHAIN_GAIN_SHARE of what this one gained over the last (`_goes_on_as_it_is`). The longest goes
+on to the second stage, judged by it, and the second stage trains it whole (at 768-d and 64 B
+on power-law rows, RQ64x8 is not trained on from RQ32x8 here).
 
 The second stage trains each front-runner on the rows past which its kind of codec comes out
 no better (`second_stage_rows`): the whole sample for residual and additive quantizers,
@@ -90,6 +90,14 @@ LEAD_MARGIN = 0.05
 #: 42 of 43 such pairs measured within LEAD_MARGIN (benchmarks/first_stage.py, 128 to 768 dims)
 ROUGH_LEAD_Z = 3.0
 MIN_LEAD = 0.01
+#: --max-bytes: the first stage trains a residual family's next length (twice the stages) only
+#: where it is expected to lead every other candidate for good: where that takes at most this
+#: share of what the last length gained over the one before it. A doubling gained 0.54-1.0 of
+#: the one before it in every family measured (benchmarks/first_stage_chain.py: 0.54, 0.62 and
+#: 0.64 at 128, 384 and 768 dims on power-law rows, 0.59-1.0 on clustered rows); the next length
+#: trained on 10,000 rows costs about what the second stage does (at 768-d and 64 B, RQ64x8 on
+#: from RQ32x8 10 s, against 14 s)
+CHAIN_GAIN_SHARE = 0.5
 #: --min-recall: first-stage candidates within this of the target still run in the second
 MIN_RECALL_MARGIN = 0.05
 #: --max-bytes: the second stage sweeps about this many rows of a larger corpus, in stretches
@@ -154,10 +162,11 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
                 for spec in family & set(rows) - {head}:  # (what the second stage cuts from it)
                     rows[spec]["cut_from"] = head
                 log.info("advise: first stage: %s goes on judged by its first stages, %s (recall@10 %.3f, %.3f "
-                         "behind %s, not for good): to lead every other for good it would need %.3f more, where "
-                         "%s gained %.3f over %s; the rest of it is not trained here", head, below,
-                         rows[below]["recall_at_10"], stop["by"], stop["behind"], stop["needs"], below,
-                         stop["gained"], before)
+                         "%s %s, not for good): to lead every other for good it would need %.3f more, over %.0f%% of "
+                         "the %.3f %s gained over %s; the rest of it is not trained here", head, below,
+                         rows[below]["recall_at_10"], stop["by"], "behind" if "behind" in stop else "ahead of",
+                         stop.get("behind") or stop["ahead_of"], stop["needs"], 100 * CHAIN_GAIN_SHARE,
+                         stop["gained"], below, before)
                 break
             # `longer` trained on from the stages of `below`, the lengths between cut from it
             between = [s for s in specs if s in family - set(rows) and stages(s, dim) < stages(longer, dim)]
@@ -257,19 +266,19 @@ def _judged_by(row: dict, head: str, size: int) -> dict:
 def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, rivals: list[dict], family: set[str],
                       hits: dict, margin: float, max_bytes: int) -> dict | None:
     """Why the longest of a residual family goes on to the second stage judged by `below`
-    (`behind` the best of `rivals`, _rivals' rows, `by` so much; it `needs` more than it
-    `gained`), or None where it does not. It goes on judged by `below`, its first stages,
-    without the next length trained here, where `below` trails the best of the rest within the
-    budget, but not for good, with fewer than FRONT_RUNNERS others at or above
-    its recall (so the longest, which holds it and more, is a front-runner whatever its other
-    stages add), and the next length could not lead them all for good. That would take more
-    recall@10 over `below` than `below` gained over `before`, the length before it (half its
-    stages): the family's gains shrink as its stages double (in the first stage on power-law
-    rows, 16 to 32 stages then 32 to 64 gained 0.094 then 0.051 at 128-d, 0.042 then 0.027 at
-    768-d; benchmarks/first_stage_chain.py). Were they not to, the cost is a second stage, not
-    the pick: the second stage judges the whole codec."""
+    (`behind` or `ahead_of` the best of `rivals`, _rivals' rows, `by` so much; it `needs` more
+    than CHAIN_GAIN_SHARE of what it `gained`), or None where it does not. It goes on judged by
+    `below`, its first stages, without the next length trained here, where `below` is not
+    behind the best of the rest within the budget for good, has fewer than FRONT_RUNNERS
+    others at or above its recall (so the longest, which holds it and more, is a front-runner
+    whatever its other stages add), and the next length is not expected to lead them all for
+    good: that would take more recall@10 over `below` than CHAIN_GAIN_SHARE of what `below`
+    gained over `before`, the length before it (half its stages). Training the next length
+    here is a bet that it settles the rest, which would spare the second stage; where it is
+    not expected to, the second stage judges the whole codec instead, and the pick is the same
+    either way."""
     row, recall = rows[below], rows[below]["recall_at_10"]
-    if not rivals or rivals[0]["recall_at_10"] <= recall or _settled_by(rivals[0], row, hits, margin):
+    if not rivals or _settled_by(rivals[0], row, hits, margin):
         return None
     # (what front_runners would rank at or above it: the rivals the best does not settle, and any
     # shorter one of the family ahead of it)
@@ -279,10 +288,11 @@ def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, rivals: li
         return None
     needs = max(r["recall_at_10"] - recall + _lead_to_settle(row, r, hits, margin) for r in rivals)
     gained = recall - rows[before]["recall_at_10"]
-    if needs <= gained:
+    if needs <= CHAIN_GAIN_SHARE * gained:
         return None
-    return {"behind": rivals[0]["codec"], "by": round(rivals[0]["recall_at_10"] - recall, 4),
-            "needs": round(needs, 4), "gained": round(gained, 4)}
+    best = rivals[0]
+    return {"ahead_of" if recall > best["recall_at_10"] else "behind": best["codec"],
+            "by": round(abs(best["recall_at_10"] - recall), 4), "needs": round(needs, 4), "gained": round(gained, 4)}
 
 
 def _lead_to_settle(a: dict, b: dict, hits: dict, margin: float) -> float:
