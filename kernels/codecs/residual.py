@@ -219,9 +219,10 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
 def _principal_axes(x: np.ndarray, mean: np.ndarray, count: int, seed: int = 0) -> np.ndarray:
     """The (count, d) first principal axes of rows `x` about `mean`, one per row, largest
     first, from the covariance of at most AXES_ROWS of them (or twice the dims, if more; evenly
-    spaced), summed from _BLOCK rows a task on every core (`_by_blocks`): numpy's eigh of it, or where that costs much (`count` <= d / 3 above EXACT_AXES_DIM dims) a
-    seeded randomized subspace iteration (`_top_axes`), since eigh grows with d^3: 0.08 s at
-    768-d, 4.6 s at 3072-d, once per stage."""
+    spaced), summed from _BLOCK rows a task on every core (`_by_blocks`): numpy's eigh of it,
+    or where that costs much (`count` <= d / 3 above EXACT_AXES_DIM dims) a seeded randomized
+    subspace iteration (`_top_axes`), since eigh grows with d^3: 0.08 s at 768-d, 4.6 s at
+    3072-d, once per stage."""
     d = x.shape[1]
     most = max(AXES_ROWS, 2 * d)
     if len(x) > most:  # (evenly spaced rows: the same ones on any machine)

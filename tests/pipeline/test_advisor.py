@@ -417,7 +417,8 @@ def test_a_family_goes_on_judged_by_its_first_stages_where_more_is_not_expected_
         assert not asks(fewer, before=0.75)
         assert asks(fewer, before=0.77)
     # a shorter one of the family ahead of RQ4 takes a place too
-    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(2)], row("RQ3", 0.805) | {"cut_from": "RQ4"})
+    shorter = row("RQ3", 0.805) | {"cut_from": "RQ4"}
+    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(2)], shorter)
 
 
 def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stage_sample, monkeypatch):
