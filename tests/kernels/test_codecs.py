@@ -300,6 +300,30 @@ def test_training_is_deterministic(data, spec, num_train):
     assert np.array_equal(a, b)
 
 
+@pytest.mark.parametrize("spec", ["SQ8", "PQ16", "PQ24", "RQ4x8,beam=1", "RQ4x8", "BINt", "MRL256,PQ16"])
+def test_encoding_in_blocks_gives_the_codes_of_all_rows_at_once(monkeypatch, spec):
+    """Codec.encode prepares and encodes encode_block_rows at a time on the CPU: the codes are
+    those of faiss's encoder over every prepared row at once, blocks' edges included (3 blocks
+    and a part of 1,024 rows at 768-d), and a greedy RQ's codes go on from first stages' codes
+    block by block."""
+    from vecpress.kernels.codecs import codec as codec_module
+
+    x = np.random.default_rng(5).standard_normal((3 * 1024 + 300, 768)).astype(np.float32)
+    monkeypatch.setattr(codec_module, "ENCODE_BLOCK_BYTES", 1024 * 768 * 4)
+    assert codec_module.encode_block_rows(768) == 1024
+    codec = Codec.train(x[:2500], spec, "cosine", seed=1)
+    codes = codec.encode(x)
+    assert codes.shape == (len(x), codec.code_size)
+    want = np.concatenate([codec.encode(x[i:i + 700]) for i in range(0, len(x), 700)])
+    assert np.array_equal(codes, want)
+    if codec.numpy_pq_codebook() is None and codec._greedy_rq is None:
+        assert np.array_equal(codes, codec.index.sa_encode(prepare_vectors(x, "cosine")))
+    if spec == "RQ4x8,beam=1":  # (its own first two stages' codes: the rest searched, block by block)
+        assert np.array_equal(codec.encode(x, first=codes[:, :2]), codes)
+        with pytest.raises(ValueError, match="do not fit"):
+            codec.encode(x, first=codes[:100, :2])
+
+
 @pytest.mark.parametrize("spec", ["PQ8", "PQ16x4fs", "RQ4x8"])
 def test_seed_changes_kmeans(data, spec):
     xb, _ = data
