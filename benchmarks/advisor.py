@@ -37,7 +37,8 @@ from vecpress.pipeline.distributed import RayExecutor  # noqa: E402
 from vecpress.pipeline.options import CompressOptions  # noqa: E402
 from vecpress.pipeline.report import inspect_table  # noqa: E402
 from vecpress.pipeline.run import run_compress  # noqa: E402
-from vecpress.pipeline.sweep import choose, sweep_corpus  # noqa: E402
+from vecpress.pipeline.sweep import choose  # noqa: E402
+from vecpress.pipeline.sweep_report import sweep_corpus  # noqa: E402
 
 
 def main() -> None:

@@ -238,7 +238,7 @@ def _binary_codes(out: str, m: dict) -> bool:
 
 def cmd_sweep(args) -> None:
     from vecpress.pipeline.distributed import RayExecutor
-    from vecpress.pipeline.sweep import markdown_table, sweep_corpus
+    from vecpress.pipeline.sweep_report import markdown_table, sweep_corpus
 
     try:
         budgets = [int(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None

@@ -1,7 +1,8 @@
 """The advisor's first stage: every candidate of the default grid trained on a small part of
 the sample and judged there, so that only the front-runners are trained further (on the rows
 their kind of codec needs, `second_stage_rows`) and swept over the corpus, or with --max-bytes
-over SECOND_STAGE_ROWS of it (one round of successive halving).
+over SECOND_STAGE_ROWS of it (successive halving: a round more where the first half of those
+rows settles it).
 
 The first stage trains each candidate on STAGE1_TRAIN_ROWS rows of the training sample and
 searches its codes of STAGE1_BASE_ROWS other rows for STAGE1_QUERIES of the held-out queries,
@@ -46,7 +47,12 @@ The second stage trains each front-runner on the rows past which its kind of cod
 no better (`second_stage_rows`): the whole sample for residual and additive quantizers,
 8 rows per parameter of a product quantizer's k-means, and as the first stage trained it
 where that is as many (4-bit PQ, scalar and binary codes); a pick trained on fewer rows than
-the sample's is trained on them all by the train stage, as a named codec is.
+the sample's is trained on them all by the train stage, as a named codec is. Its pass over
+SECOND_STAGE_ROWS rows of the corpus reads them in two halves, each spread over the corpus,
+and ends after the first where one front-runner is ahead of every other there by more than
+HALF_PASS_LEAD_Z standard errors and MIN_LEAD (`settled_at_half`): the second half would
+only measure a settled lead more finely, and a pass over the corpus is most of the second
+stage's cost (at 768-d and 64 B, RQ64x8's encoding alone 6-8 s of 50,000 rows).
 
 The first-stage record keeps each candidate's centroids per codebook and parameters and, when
 one is chosen there, its lead over the best of the rest (`lead`: by how much, in standard
@@ -110,6 +116,10 @@ MIN_RECALL_MARGIN = 0.05
 #: 100,000 (3.4 s at 128-d on 2 cores). (--min-recall
 #: sweeps every row: its target is a recall over the whole corpus, which a part overstates.)
 SECOND_STAGE_ROWS = 50_000
+#: --max-bytes: the second stage's pass reads the second half of its rows only where, over the
+#: first half, no front-runner is ahead of every other by more than this many standard errors of
+#: the per-query difference of recall@10 (and MIN_LEAD): `settled_at_half`
+HALF_PASS_LEAD_Z = 3.0
 
 
 def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, seed: int, ngpu: int,
@@ -209,6 +219,31 @@ def second_stage_rows(spec: str, dim: int, metric: str, first_rows: int, sample_
     if need is None or need > first_rows and need == kmeans_sample_cap(spec, dim, metric):
         return sample_rows  # (every row counts, or faiss's k-means takes as many of the whole sample at the same cost)
     return min(sample_rows, max(need, first_rows))
+
+
+def settled_at_half(recalls: dict[str, np.ndarray]) -> dict | None:
+    """run_sweep's `enough` for the second stage (one round more of successive halving): where,
+    over the first half of the pass, one front-runner's recall@10 is ahead of every other's by
+    more than HALF_PASS_LEAD_Z standard errors of the per-query difference and MIN_LEAD, the
+    rest of the pass would only measure the lead more finely: why (the leader, the nearest
+    other, by how much, in standard errors); else None. `recalls`: {front-runner: each query's
+    recall@10 over the rows read}. Each half is spread over the corpus as the whole pass is
+    (every other batch of its stretches), and the evaluate stage measures the pick over every
+    row."""
+    if len(recalls) < 2:
+        return None
+    means = {spec: float(r.mean()) for spec, r in recalls.items()}
+    best = max(means, key=means.get)
+    leads = []
+    for spec in (s for s in recalls if s != best):
+        lead, se = means[best] - means[spec], difference_standard_error(recalls[best], recalls[spec])
+        if lead <= max(MIN_LEAD, HALF_PASS_LEAD_Z * se):
+            return None
+        leads.append((lead, se, spec))
+    lead, se, over = min(leads)
+    z = lead / max(se, 1e-9)
+    return {"leader": best, "over": over, "by": round(lead, 4), "standard_errors": round(z, 1),
+            "reason": f"{best} ahead of {over}, the nearest, by {lead:.3f} recall@10 ({z:.1f} standard errors)"}
 
 
 def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray, exact: np.ndarray, metric: str,

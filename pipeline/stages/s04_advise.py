@@ -14,10 +14,11 @@ from vecpress.pipeline.codec_store import CodecRef, save_codec
 from vecpress.pipeline.context import RunContext, load_array
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.options import CompressOptions
-from vecpress.pipeline.preselect import SECOND_STAGE_ROWS, preselect, second_stage_rows
+from vecpress.pipeline.preselect import SECOND_STAGE_ROWS, preselect, second_stage_rows, settled_at_half
 from vecpress.pipeline.stages.s01_plan import Planned, resolve_codec
 from vecpress.pipeline.stages.s03_sample import Sampled
-from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score, write_reports
+from vecpress.pipeline.sweep import candidate_specs, choose, codec_kind, run_sweep, score
+from vecpress.pipeline.sweep_report import write_reports
 
 log = logging.getLogger("vecpress")
 
@@ -65,8 +66,10 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         s + (f" (trained on {train_rows[s]:,} of the sample's {len(xt):,} rows: no better on more)" if s in train_rows
              else f" (as the first stage trained it on {as_trained[s].train_rows:,} rows: no better on more)"
              if s in as_trained else "") for s in specs))
+    # (--max-bytes judged without re-ranking: a front-runner ahead for good over the first half of the rows is the pick)
+    enough = settled_at_half if max_rows and opts.advise_rerank <= 1 else None
     result = run_sweep(plan, xt, xq, load_array(sampled.query_positions_uri), specs, opts, executor=executor,
-                       max_rows=max_rows, train_rows=train_rows, trained=as_trained)
+                       max_rows=max_rows, train_rows=train_rows, trained=as_trained, enough=enough)
     swept = f"{result.num_rows:,} of {result.corpus_rows:,} rows" if result.num_rows < plan.num_rows \
         else "the corpus"
     pick = choose(result.rows, max_bytes=opts.max_bytes, min_recall=opts.min_recall, rerank=opts.advise_rerank)
@@ -86,12 +89,16 @@ def advise(ctx: RunContext, planned: Planned, sampled: Sampled, opts: CompressOp
         "first_stage": staged, "held_by_finer": held,
         "decided_in": "second stage" if staged else "sweep",
         "swept_rows": result.num_rows,
+        # why the second stage's pass read only the first half of its rows (pipeline.preselect.settled_at_half)
+        "stopped_at_half": result.stopped_at_half,
         # front-runners trained on fewer of the sample's rows (second_stage_rows), and whether the train stage
         # takes the pick as trained here (else it trains it on the whole sample)
         "trained_on_fewer_rows": fewer, "pick_trained_here": pretrained is not None,
         "reason": f"best recall@10 {_criterion(opts)} of {len(result.rows)} codecs swept over {swept}"
                   + (f" (the first stage's {len(staged['kept'])} front-runners" + (
                       f"; {_fewer_text(fewer, len(xt))}" if fewer else "") + ")" if staged else "")
+                  + (f"; the pass ended at half its rows, settled: {result.stopped_at_half['reason']}"
+                     if result.stopped_at_half else "")
                   + ("" if pretrained is not None else
                      f"; trained here on {tc.train_rows:,} rows, it is trained on the whole sample next"),
         "report_uri": ctx.relative(reports["md"]),

@@ -18,7 +18,8 @@ from vecpress.pipeline.options import CompressOptions
 from vecpress.pipeline.run import run_compress
 from vecpress.pipeline.report import inspect_table
 from vecpress.pipeline.search import search
-from vecpress.pipeline.sweep import choose, mark_pareto, sweep_corpus
+from vecpress.pipeline.sweep import choose, mark_pareto
+from vecpress.pipeline.sweep_report import sweep_corpus
 from tests.conftest import write_split
 
 N, DIM = 6000, 32
@@ -245,9 +246,16 @@ def test_the_default_grid_is_judged_in_two_stages_and_picks_as_a_full_sweep(corp
     else:
         assert {r["codec"] for r in advisor["table"]} == set(stage["kept"])
         # with --max-bytes, part of a corpus larger than SECOND_STAGE_ROWS (whole row groups of
-        # 500: within half of one); --min-recall's target needs every row
-        assert advisor["swept_rows"] == N if not part else abs(advisor["swept_rows"] - part) <= 250
-        assert (f"of {N:,} rows" in advisor["reason"]) == bool(part)
+        # 500: within half of one), or the first half of it where a front-runner led for good
+        # there; --min-recall's target needs every row
+        stopped = advisor["stopped_at_half"]
+        assert not stopped or ("max_bytes" in criterion and stopped["leader"] == advisor["chosen"]
+                               and "ended at half" in advisor["reason"])
+        if stopped:
+            assert 0 < advisor["swept_rows"] < (part or N)
+        else:
+            assert advisor["swept_rows"] == N if not part else abs(advisor["swept_rows"] - part) <= 250
+        assert (f"of {N:,} rows" in advisor["reason"]) == (bool(part) or bool(stopped))
     full, _ = sweep_corpus([str(root / "src")], str(tmp_path / "full"), CompressOptions(metric="cosine", **COMMON),
                            codecs=grid, executor=ray_executor)
     recall = {r["codec"]: r["recall_at_10"] for r in full.rows}

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 
-from vecpress.pipeline.sweep import SweepResult, plot_png, sweep_figure
+from vecpress.pipeline.sweep import SweepResult
+from vecpress.pipeline.sweep_report import plot_png, sweep_figure
 
 
 def crowded_result() -> SweepResult:
