@@ -28,15 +28,18 @@ def markdown_table(result: SweepResult, budgets: list[int] | None = None) -> str
         + (f" (of {result.corpus_rows:,}, in stretches spread over the corpus)"
            if result.corpus_rows and result.corpus_rows > result.num_rows else "")
         + f" x {result.dim}-d ({result.source_bytes} B/vector), metric "
-        f"{result.metric}, {result.num_train:,} training vectors, {result.num_queries} held-out queries, seed {result.seed}.",
+        f"{result.metric}, {result.num_train:,} training vectors, {result.num_queries} held-out queries, "
+        f"seed {result.seed}.",
         "",
-        "| codec | bytes | ratio | R@1 | R@10 | R@100 | R@10 rerank x2 | x4 | x10 | rel. error | train s | encode rows/s | Pareto |",
+        "| codec | bytes | ratio | R@1 | R@10 | R@100 | R@10 rerank x2 | x4 | x10 | rel. error | train s "
+        "| encode rows/s | Pareto |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :---: |",
     ]
     for r in result.rows:
         rr = r.get("rerank") or {}
         lines.append(
-            f"| `{r['codec']}` | {r['code_bytes']} | {result.source_bytes / r['code_bytes']:.0f}x | {_f(r['recall_at_1'])} "
+            f"| `{r['codec']}` | {r['code_bytes']} | {result.source_bytes / r['code_bytes']:.0f}x "
+            f"| {_f(r['recall_at_1'])} "
             f"| {_f(r['recall_at_10'])} | {_f(r['recall_at_100'])} | {_f(rr.get('2', {}).get('recall_at_10'))} "
             f"| {_f(rr.get('4', {}).get('recall_at_10'))} | {_f(rr.get('10', {}).get('recall_at_10'))} "
             f"| {r['relative_error']:.4f} | {r['train_seconds']:.1f} | {r['encode_rows_per_second'] or 0:,} "

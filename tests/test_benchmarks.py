@@ -23,6 +23,7 @@ RUNS = {
     "list_search": ["--rows", "20000", "--dim", "32", "--codec", "RQ4x8", "--partitions", "32", "--num-train",
                     "10000", "--queries", "40", "--single", "2", "--nprobes", "2,8"],
     "train_rows": ["--dims", "32", "--num-train", "12000", "--base", "2000", "--queries", "50", "--max-bytes", "16"],
+    "greedy_encode": ["--rows", "3000", "--dims", "32", "--stages", "4", "--repeats", "1"],
     "rq_train": ["--codec", "RQ4x8", "--rows", "12000", "--dim", "32", "--base-rows", "2000",
                  "--variants", "vecpress,vecpress-faiss-pca"],
 }
@@ -55,6 +56,9 @@ def test_benchmark_runs_and_writes_its_results(tmp_path, name, data):
         assert rows["PQ8"]["train_rows"] == 39 * 256 and rows["SQ4"]["train_rows"] == 6_000
         assert all(r["train_rows"] < 12_000 and 0 < r["recall_at_10"] <= 1 for r in rows.values())
         assert all(r["behind_whole"] == round(r["whole_recall_at_10"] - r["recall_at_10"], 4) for r in rows.values())
+    elif name == "greedy_encode":  # (each way at each thread count; the same codes but near-ties)
+        assert {(r["threads"], r["way"]) for r in results["results"]} >= {(1, "encode_greedy (now)")}
+        assert all(r["bytes_differing"] < 0.01 and r["seconds"] > 0 for r in results["results"])
     elif name == "second_stage":
         assert results["args"]["data"] == data and "train_seconds" in results
     else:

@@ -344,11 +344,11 @@ def encode_greedy(books: np.ndarray, x: np.ndarray, first: np.ndarray | None = N
     stage of a block of _ENCODE_BLOCK rows, the blocks on every core (`_by_blocks`, numpy's
     BLAS on one thread in each: the same bytes whatever the cores). faiss's encoder (a beam
     search of width 1), and a flat index's search per stage as this did before, find the same
-    centroids, near-ties aside (4e-5 of the bytes at 768-d; tests/kernels/test_residual.py),
-    slower on 2 cores: RQ32x8 over 50,000 rows at 768-d 3.3-3.4 s by the flat index against
-    2.7 s here, at 384-d 1.7 s against 1.4 s, at 128-d 0.8 s against 0.55 s (a flat index
-    splits each block's small product over the cores, and computes ||r||^2 as well). The
-    residuals held are a block's per core. `first`: (n, m) codes of the same `x` by the first
+    centroids, near-ties aside (under 4e-5 of the bytes; tests/kernels/test_residual.py),
+    slower on 2 cores (benchmarks/greedy_encode.py): RQ32x8 over 50,000 rows at 768-d 3.6 s by
+    the flat index against 3.0 s here, at 384-d 1.8 s against 1.5 s, at 128-d 0.85 s against
+    0.63 s (a flat index splits each block's small product over the cores); on one core (a Ray
+    task's) the same time. The residuals held are a block's per core. `first`: (n, m) codes of the same `x` by the first
     m stages (a shorter codec of the family, kernels.codecs.nested): their centroids are
     subtracted as encoding subtracts them, not searched, so the codes are those encoding from
     nothing gives, byte for byte, at the search of the other stages only."""
