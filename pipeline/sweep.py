@@ -248,8 +248,8 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
     among those rows; None: every row. `train_rows`: {spec: rows}, trained on that many of
     xt's rows (sampling.sample_subset) instead; `trained`: {spec: as trained already}, swept as
     it is (the advisor's first stage's training where that is as good). `enough`: asked once
-    the pass has read the first half of its rows (`_halves`: batches spread over the corpus
-    as the whole is) with {spec: each query's recall@10 among those rows}; where it
+    the pass has read the first half of its rows (`_halves`: every other batch, spread over
+    the corpus as the whole is) with {spec: each query's recall@10 among those rows}; where it
     answers (a dict saying why: `stopped_at_half`), the pass ends there and the table is over
     the rows read (the advisor's second stage: a front-runner ahead of the others for good)."""
     metric, seed, eval_k = opts.metric, opts.seed, opts.eval_k
@@ -303,14 +303,11 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
 
 
 def _halves(groups: list[Shard]) -> list[list[Shard]]:
-    """The pass's batches of rows in two halves of about as many rows each, each spread over
-    the corpus as the whole is: in order, each batch to the half with fewer rows so far."""
-    halves, rows = ([], []), [0, 0]
-    for group in groups:
-        i = int(rows[1] < rows[0])
-        halves[i].append(group)
-        rows[i] += group.num_rows
-    return list(halves)
+    """The pass's batches of rows in two halves, each spread over the corpus as the whole is:
+    every other batch, the first half the larger by one where they are odd. By batches, not
+    rows: the tasks run in waves of as many as there are workers, and at 768-d and 64 B on 2
+    cores 4 batches of 8,192 rows (2 waves) took 6.7 s where 3 of a balanced split took 6.9 s."""
+    return [groups[0::2], groups[1::2]]
 
 
 def _query_recalls(truth: np.ndarray, found: np.ndarray) -> np.ndarray:
