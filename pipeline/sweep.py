@@ -19,6 +19,7 @@ import functools
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -241,7 +242,7 @@ def _fits(spec: str, dim: int, metric: str, num_train: int) -> bool:
 def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray, specs: list[str],
               opts: CompressOptions, *, executor: Executor, max_rows: int | None = None,
               train_rows: dict[str, int] | None = None, trained: dict[str, TrainedCodec] | None = None,
-              enough=None) -> SweepResult:
+              enough: Callable[[dict[str, np.ndarray]], dict | None] | None = None) -> SweepResult:
     """Train `specs` on xt, make the one streaming pass, and tabulate (opts: the metric, seed,
     eval_k, batch_size and ngpu). `max_rows`: the pass reads about that many rows, in stretches
     spread over the corpus (layout.spread_rows), and the queries' exact neighbours are theirs
