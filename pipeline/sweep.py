@@ -31,7 +31,7 @@ from vecpress.kernels.codecs.grid import default_grid
 from vecpress.kernels.codecs.nested import encode_all, nesting, residual_prefix, slice_sources, train_on
 from vecpress.kernels.codecs.spec import CodecSpecError
 from vecpress.kernels.knn import TopK, candidate_distances, prepare_vectors
-from vecpress.kernels.metrics import knn_hits, recall_table, relative_error
+from vecpress.kernels.metrics import query_recalls, recall_table, relative_error
 from vecpress.pipeline.errors import ConfigError, VecpressError
 from vecpress.pipeline.executor import Executor
 from vecpress.pipeline.heartbeat import Heartbeat, train_logged
@@ -278,7 +278,7 @@ def run_sweep(plan, xt: np.ndarray, xq: np.ndarray, query_positions: np.ndarray,
                 encode_seconds[i] += part.encode_seconds[i]
         if half == 0 and len(halves) > 1:
             read = sum(g.num_rows for g in part_groups)
-            recalls = {tc.spec: _query_recalls(truth.I, found[i].I) for i, tc in enumerate(trained)}
+            recalls = {tc.spec: query_recalls(truth.I, found[i].I, 10) for i, tc in enumerate(trained)}
             result.stopped_at_half = enough(recalls) or None
             if result.stopped_at_half:
                 log.info("sweep: the first half of the pass (%d of %d rows) settles it: %s; the rest is not read",
@@ -309,12 +309,6 @@ def _halves(groups: list[Shard]) -> list[list[Shard]]:
     rows: the tasks run in waves of as many as there are workers, and at 768-d and 64 B on 2
     cores 4 batches of 8,192 rows (2 waves) took 6.7 s where 3 of a balanced split took 6.9 s."""
     return [groups[0::2], groups[1::2]]
-
-
-def _query_recalls(truth: np.ndarray, found: np.ndarray) -> np.ndarray:
-    """Each query's recall@10: of its true 10 nearest (`truth`'s ids), the share in `found`'s first 10."""
-    hits, true = knn_hits(truth, found, 10)
-    return hits / np.maximum(true, 1)
 
 
 def _train_sweep(specs: list[str], xt: np.ndarray, metric: str, *, seed: int, ngpu: int, failed: list[dict],

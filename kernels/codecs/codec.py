@@ -16,7 +16,9 @@ import numpy as np
 
 from vecpress.kernels._faiss import faiss
 from vecpress.kernels.codecs.build import _innermost
-from vecpress.kernels.codecs.residual import drop_cross_products, encode_greedy, greedy_codebooks, load_index
+from vecpress.kernels.codecs.residual import (
+    codebook_norms, drop_cross_products, encode_greedy, greedy_codebooks, load_index,
+)
 from vecpress.kernels.codecs.search import (
     search_codes as _search_codes, search_device as _search_device, searched_index,
 )
@@ -32,8 +34,8 @@ ENCODE_BLOCK_BYTES = 16 << 20
 def encode_block_rows(dim: int) -> int:
     """Rows Codec.encode takes at a time on the CPU: at most ENCODE_BLOCK_BYTES of float32
     rows, a power of two (16,384 at 256-d, 4,096 at 768-d, 1,024 from 3,072-d), so that the
-    greedy residual encoder's blocks of 4,096 stay whole. Every codec
-    encodes each row on its own, so the codes are those of one call over all the rows; its
+    greedy residual encoder's blocks of 1,024 stay whole. Every codec encodes each row on its
+    own, so the codes are those of one call over all the rows; its
     temporaries (the normalised rows, a pre-transform's output, the residuals) stay this size
     whatever the batch, instead of a copy of the batch or more each: under cosine a 65,536-row
     batch at 3,072-d was 805 MB of normalised rows alone. Arrays that size come back from the
@@ -128,10 +130,10 @@ class Codec:
         if cb is not None:
             return encode_pq(cb.prepare(x), cb.centroids, cb.nbits)
         if self._greedy_rq is not None:  # (a residual quantizer of beam 1: one flat search per stage)
-            chain, books = self._greedy_rq
+            chain, books, norms = self._greedy_rq
             for vt in chain:
                 x = vt.apply(x)
-            return encode_greedy(books, x, first=first)
+            return encode_greedy(books, x, first=first, norms=norms)
         return self.index.sa_encode(x)
 
     def numpy_pq_codebook(self):
@@ -155,8 +157,8 @@ class Codec:
     @functools.cached_property
     def _greedy_rq(self):
         chain, inner = _innermost(self.index)
-        books = greedy_codebooks(inner)
-        return None if books is None else (chain, books)
+        books = greedy_codebooks(inner)  # (with their norms: computed once, not per block of rows encoded)
+        return None if books is None else (chain, books, codebook_norms(books))
 
     def gpu_encoder(self, device: str = "cuda"):
         """The GpuEncoder of this codec on `device` ("cuda" = "cuda:0"), built once; None when

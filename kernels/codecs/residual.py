@@ -337,7 +337,13 @@ def greedy_codebooks(inner) -> np.ndarray | None:
     return faiss.vector_to_array(rq.codebooks).reshape(int(rq.M), 256, int(rq.d))
 
 
-def encode_greedy(books: np.ndarray, x: np.ndarray, first: np.ndarray | None = None) -> np.ndarray:
+def codebook_norms(books: np.ndarray) -> np.ndarray:
+    """The (M, K) squared norms of (M, K, d) codebooks' centroids, as encode_greedy uses them."""
+    return np.einsum("mkd,mkd->mk", books, books)
+
+
+def encode_greedy(books: np.ndarray, x: np.ndarray, first: np.ndarray | None = None,
+                  norms: np.ndarray | None = None) -> np.ndarray:
     """(n, M) uint8 codes of `x` (prepared, through any pre-transform) by a residual quantizer
     of beam 1: at each stage the nearest centroid of the residual, subtracted. The nearest is
     the least ||c||^2 - 2 r.c (||r||^2 is the same for every c), by one matrix product per
@@ -348,17 +354,18 @@ def encode_greedy(books: np.ndarray, x: np.ndarray, first: np.ndarray | None = N
     slower on 2 cores (benchmarks/greedy_encode.py): RQ32x8 over 50,000 rows at 768-d 3.6 s by
     the flat index against 3.0 s here, at 384-d 1.8 s against 1.5 s, at 128-d 0.85 s against
     0.63 s (a flat index splits each block's small product over the cores); on one core (a Ray
-    task's) the same time. The residuals held are a block's per core. `first`: (n, m) codes of the same `x` by the first
-    m stages (a shorter codec of the family, kernels.codecs.nested): their centroids are
-    subtracted as encoding subtracts them, not searched, so the codes are those encoding from
-    nothing gives, byte for byte, at the search of the other stages only."""
+    task's) the same time. The residuals held are a block's per core. `first`: (n, m) codes of
+    the same `x` by the first m stages (a shorter codec of the family, kernels.codecs.nested):
+    their centroids are subtracted as encoding subtracts them, not searched, so the codes are
+    those encoding from nothing gives, byte for byte, at the search of the other stages only.
+    `norms`: the (M, 256) squared norms of the centroids (`codebook_norms`), where the caller
+    keeps them for every call (Codec.encode calls this once per block of rows)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     taken = 0 if first is None else first.shape[1]
     if first is not None and (first.shape[0] != len(x) or taken > len(books)):
         raise ValueError(f"first stages' codes {first.shape} do not fit {len(x)} rows of {len(books)} stages")
     books = np.ascontiguousarray(books, dtype=np.float32)
-    with _one_blas_thread():
-        norms = np.einsum("mkd,mkd->mk", books, books)
+    norms = codebook_norms(books) if norms is None else norms
     codes = np.empty((len(x), len(books)), np.uint8)
     if taken:
         codes[:, :taken] = first
