@@ -69,7 +69,8 @@ def save_array(uri: str, a: np.ndarray) -> str:
 
 
 def load_array(uri: str) -> np.ndarray:
-    return np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False)
+    with storage.open_input(uri) as f:
+        return np.load(f, allow_pickle=False)
 
 
 def save_arrays(uri: str, arrays: dict[str, np.ndarray]) -> str:
@@ -80,5 +81,5 @@ def save_arrays(uri: str, arrays: dict[str, np.ndarray]) -> str:
 
 
 def load_arrays(uri: str) -> dict[str, np.ndarray]:
-    with np.load(io.BytesIO(storage.read_bytes(uri)), allow_pickle=False) as z:
+    with storage.open_input(uri) as f, np.load(f, allow_pickle=False) as z:
         return {name: z[name] for name in z.files}

