@@ -104,7 +104,8 @@ MIN_LEAD = 0.01
 #: where it is expected to lead every other candidate for good: where that takes at most this
 #: share of what the last length gained over the one before it. A doubling gained 0.54-1.0 of
 #: the one before it in every family measured (benchmarks/first_stage_chain.py: 0.54, 0.62 and
-#: 0.64 at 128, 384 and 768 dims on power-law rows, 0.59-1.0 on clustered rows); the next length
+#: 0.64 at 128, 384 and 768 dims on power-law rows, 0.59-1.0 on clustered rows; RQ16x8 to RQ32x8
+#: against RQ8x8 to RQ16x8 0.35-0.93, about a half in the middle); the next length
 #: trained on 10,000 rows costs about what the second stage does (at 768-d and 64 B, RQ64x8 on
 #: from RQ32x8 10 s, against 14 s)
 CHAIN_GAIN_SHARE = 0.5
