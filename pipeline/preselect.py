@@ -280,7 +280,8 @@ def _judge(specs: list[str], *, xt: np.ndarray, base: np.ndarray, q: np.ndarray,
     before): RQ64x8 searches 32 stages, not 64, after RQ32x8."""
     out: list[dict] = []
     try:
-        trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=out, grown_from=grown_from)
+        trained = train_candidates(specs, xt, metric, seed=seed, ngpu=ngpu, failed=out, grown_from=grown_from,
+                                   judging=True)
     except VecpressError:
         if not failed:
             raise

@@ -21,7 +21,8 @@ from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 from vecpress.kernels.knn import prepare_vectors
 
 
-def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None, start=None):
+def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None, start=None,
+                pq_iterations: int | None = None):
     """The faiss index of `spec` trained on `xt` (raw vectors; normalised here for cosine):
     what Codec.train wraps. Deterministic for a given seed and sample. Uses faiss's GPU
     k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none), and the
@@ -30,7 +31,10 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     `start`: the trained index of a codec whose training is the first stages of this one's
     (kernels.codecs.nested: a shorter RQ of the family, trained on the same `xt` and seed).
     Where this one trains stage by stage, those stages are taken from it and only the others
-    trained; the result is the same codec."""
+    trained; the result is the same codec.
+
+    `pq_iterations`: a PQ's (plain or fast-scan) sub-quantizers' k-means iterations, instead
+    of faiss's 25: for a codec trained to be judged, not kept (the advisor's)."""
     dim = xt.shape[1]
     index = build_index(spec, dim, metric)
     chain, inner = _innermost(index)
@@ -48,6 +52,8 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
         _train_binary(index, chain, inner, xt, binary=parse_spec(spec, dim).binary)
         return index
     keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
+    if pq_iterations is not None and isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
+        inner.pq.cp.niter = pq_iterations
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
     elif trains_stagewise(inner):  # each stage heard of (progress)
