@@ -46,9 +46,9 @@ log = logging.getLogger("vecpress")
 NUM_CANDIDATES = 100
 #: a PQ's k-means iterations where it is trained only to be judged (train_candidates' `judging`),
 #: not faiss's 25: recall@10 came out within seed noise at 2.2-2.4x less training (PQ48 on 32,768
-#: and PQ64 on 24,576 rows at 768-d, power-law; PQ48 on 16,384 at 384-d, clustered; 3 seeds each:
-#: means 0.7876 against 0.7896, 0.8060 against 0.8041, 0.6619 against 0.6612, the seeds' spread
-#: 0.005-0.008)
+#: and PQ64 on 24,576 rows at 768-d, power-law; PQ48 on 16,384 at 384-d, clustered; 2-3 seeds
+#: each: means 0.7876 against 0.7896, 0.8060 against 0.8041, 0.6619 against 0.6612, the seeds'
+#: spread 0.001-0.013; BENCHMARKS.md)
 JUDGING_PQ_ITERATIONS = 10
 
 
