@@ -130,7 +130,7 @@ class Codec:
         cb = self.numpy_pq_codebook()
         if cb is not None:
             return encode_pq(cb.prepare(x), cb.centroids, cb.nbits)
-        if self._greedy_rq is not None:  # (a residual quantizer of beam 1: one flat search per stage)
+        if self._greedy_rq is not None:  # (a residual quantizer of beam 1: one matrix product per stage)
             chain, books, norms = self._greedy_rq
             for vt in chain:
                 x = vt.apply(x)

@@ -51,9 +51,7 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     if isinstance(inner, faiss.IndexLSH):
         _train_binary(index, chain, inner, xt, binary=parse_spec(spec, dim).binary)
         return index
-    keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu)
-    if pq_iterations is not None and isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
-        inner.pq.cp.niter = pq_iterations
+    keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu, pq_iterations=pq_iterations)
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
     elif trains_stagewise(inner):  # each stage heard of (progress)
@@ -242,12 +240,15 @@ def _train_pq_in_parallel(index, chain, inner, xt: np.ndarray, progress=None) ->
     _mark_trained(index)
 
 
-def _configure_training(chain, inner, *, seed: int, ngpu: int):
-    """Seed every k-means the codec runs; route k-means assignment to the GPU if present."""
+def _configure_training(chain, inner, *, seed: int, ngpu: int, pq_iterations: int | None = None):
+    """Seed every k-means the codec runs (and set a PQ's iterations, where given); route
+    k-means assignment to the GPU if present."""
     if isinstance(inner, faiss.IndexPQ):
         inner.do_polysemous_training = False  # 6-8x slower training, no benefit for codes
     if isinstance(inner, (faiss.IndexPQ, faiss.IndexPQFastScan)):
         inner.pq.cp.seed = seed
+        if pq_iterations is not None:
+            inner.pq.cp.niter = pq_iterations
     for q in (getattr(inner, "rq", None), getattr(inner, "lsq", None)):
         if q is not None and hasattr(q, "cp"):
             q.cp.seed = seed
