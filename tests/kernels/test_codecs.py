@@ -557,13 +557,19 @@ def test_default_grid_specs_all_train(data):
 
 def test_a_finer_one_of_the_family_holds_the_coarser():
     """Within a budget, a spec is held by the finest of its family there (the same prefix,
-    method and options; more sub-quantizers or bits per dim); other forms by none."""
+    method and options; more sub-quantizers or bits per dim), a residual quantizer on a PCA
+    projection by the shortest of its family at the full dim with as many stages or more;
+    other forms by none."""
     specs = ["PQ8", "PQ16", "PQ16x4fs", "PQ32x4fs", "PQ8x4", "SQ4", "SQ8", "SQ8,calibrate=0.001", "SQfp16", "SQeden1",
              "SQeden2", "SQeden4", "SQtqmse2", "SQtq2", "RaBitQ", "RaBitQ4", "RaBitQ2,qb=4", "PCA64,PQ8", "MRL192,SQ8",
              "MRL96,SQ8", "RQ16x8,beam=1", "RQ32x8,beam=1", "PCA64,RQ8x8,beam=1", "BIN", "BINt"]
     assert held_by_finer(specs) == {"PQ8": "PQ16", "PQ16x4fs": "PQ32x4fs", "SQ4": "SQ8", "SQeden1": "SQeden4",
-                                    "SQeden2": "SQeden4", "RaBitQ": "RaBitQ4"}
+                                    "SQeden2": "SQeden4", "RaBitQ": "RaBitQ4", "PCA64,RQ8x8,beam=1": "RQ16x8,beam=1"}
     assert held_by_finer(["PQ8"]) == {} and held_by_finer(["PQ16", "PQ8"]) == {"PQ8": "PQ16"}
+    # (fewer stages at the full dim, other bits or options, or another prefix: not held)
+    for others in (["RQ4x8,beam=1"], ["RQ16x4,beam=1"], ["RQ16x8,beam=4"], ["RR64,RQ16x8,beam=1"]):
+        assert held_by_finer(["PCA64,RQ8x8,beam=1", *others]) == {}, others
+    assert held_by_finer(["PCAR32,RQ8x8", "RQ8x8", "RQ32x8"]) == {"PCAR32,RQ8x8": "RQ8x8"}
 
 
 def test_on_real_sift_data_no_coarser_one_of_a_family_beats_the_finer(sift5k):
