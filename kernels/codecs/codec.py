@@ -22,7 +22,7 @@ from vecpress.kernels.codecs.residual import (
 from vecpress.kernels.codecs.search import (
     search_codes as _search_codes, search_device as _search_device, searched_index,
 )
-from vecpress.kernels.codecs.train import train_index
+from vecpress.kernels.codecs.train import Iterations, train_index
 from vecpress.kernels.pq_encode import encode_pq, pq_codebook
 from vecpress.kernels.knn import prepare_vectors
 
@@ -70,7 +70,7 @@ class Codec:
     # ---- training -------------------------------------------------------------------------
     @classmethod
     def train(cls, xt: np.ndarray, spec: str, metric: str, *, seed: int = 0, ngpu: int = -1,
-              progress=None, start: "Codec | None" = None, pq_iterations: int | None = None) -> "Codec":
+              progress=None, start: "Codec | None" = None, iterations: Iterations | None = None) -> "Codec":
         """Train on `xt` (raw vectors; normalised here for cosine). Deterministic for a given
         seed and sample. Uses faiss's GPU k-means assignment when faiss sees a GPU.
         `progress(done, total)`, if given, hears of each step finished where the training has
@@ -78,10 +78,10 @@ class Codec:
         GPU), only if `progress` also reads faiss's verbose lines (`progress.faiss_lines`:
         pipeline.heartbeat.Heartbeat). `start`: a shorter residual quantizer of
         this one's family trained on the same `xt` and seed, whose stages are taken instead of
-        trained again (kernels.codecs.nested.train_on). `pq_iterations`: a PQ's k-means
-        iterations instead of faiss's (train_index)."""
+        trained again (kernels.codecs.nested.train_on). `iterations`: k-means iterations for a
+        codec trained to be judged, not kept (train_index)."""
         index = train_index(xt, spec, metric, seed=seed, ngpu=ngpu, progress=progress,
-                            start=None if start is None else start.index, pq_iterations=pq_iterations)
+                            start=None if start is None else start.index, iterations=iterations)
         return cls(spec=spec, metric=metric, dim=int(index.d), index=index)
 
     # ---- coding ---------------------------------------------------------------------------

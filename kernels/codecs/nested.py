@@ -28,6 +28,7 @@ from vecpress.kernels.codecs.build import _innermost, build_index
 from vecpress.kernels.codecs.codec import Codec
 from vecpress.kernels.codecs.residual import load_index
 from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
+from vecpress.kernels.codecs.train import Iterations
 
 _RQ = re.compile(r"(^|,)RQ(\d+)x(\d+)$")
 #: the same in a spec, options after it (`RQ16x8,beam=1`)
@@ -107,13 +108,15 @@ def residual_prefix(codec: Codec, spec: str) -> Codec:
     return Codec(spec=spec, metric=codec.metric, dim=codec.dim, index=index)
 
 
-def train_on(codec: Codec, spec: str, xt: np.ndarray, *, seed: int, ngpu: int, progress=None) -> Codec:
+def train_on(codec: Codec, spec: str, xt: np.ndarray, *, seed: int, ngpu: int, progress=None,
+             iterations: Iterations | None = None) -> Codec:
     """The codec `spec`, a longer residual quantizer of `codec`'s family, trained on `xt` (the
-    rows and seed `codec` was trained with) from `codec`'s stages: only the stages after them
-    are trained, and the codec is the one training `spec` from nothing gives."""
+    rows, seed and `iterations` `codec` was trained with) from `codec`'s stages: only the
+    stages after them are trained, and the codec is the one training `spec` from nothing gives."""
     if not _holds(spec, codec.spec, codec.dim):
         raise CodecSpecError(f"codec {spec!r} does not hold {codec.spec!r}'s stages")
-    return Codec.train(xt, spec, codec.metric, seed=seed, ngpu=ngpu, progress=progress, start=codec)
+    return Codec.train(xt, spec, codec.metric, seed=seed, ngpu=ngpu, progress=progress, start=codec,
+                       iterations=iterations)
 
 
 def _sliceable(long: Codec, short: Codec) -> bool:

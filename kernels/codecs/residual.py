@@ -118,14 +118,16 @@ def trains_stagewise(inner) -> bool:
         and q.assign_index_factory is None for q in qs)
 
 
-def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | None = None, gpu_flat=None) -> None:
+def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | None = None, gpu_flat=None,
+                    last_iterations: int | None = None) -> None:
     """Train `inner` (trains_stagewise) on `x` (float32, already through any pre-transform),
     calling `progress(done, total)` after each stage it trains. `first` (an RQ only): the (m, 2^nbits, d)
     codebooks of its first m stages as this training trains them on `x` (a shorter codec of
     the family trained on the same rows, kernels.codecs.nested): those stages are taken, not
     trained again, and the codec comes out as trained from nothing. `gpu_flat(d)`: a GPU flat
     L2 index of dimension d (faiss.GpuIndexFlatL2 on resources the caller holds) to assign
-    with, in the k-means and the stages; None: the CPU's."""
+    with, in the k-means and the stages; None: the CPU's. `last_iterations`: the iterations of
+    each stage's last k-means step (progressive_kmeans), if not the quantizer's."""
     qs = residual_quantizers(inner)
     total, done = sum(int(q.M) for q in qs) - (0 if first is None else len(first)), 0
 
@@ -139,13 +141,14 @@ def train_stagewise(inner, x: np.ndarray, progress=None, first: np.ndarray | Non
     if first is not None and not isinstance(inner, faiss.IndexResidualQuantizer):
         raise ValueError("only a residual quantizer (RQ) trains on from the first stages of a shorter one")
     if isinstance(inner, faiss.IndexResidualQuantizer):
-        _train_rq(inner.rq, x, step, first, gpu_flat)
+        _train_rq(inner.rq, x, step, first, gpu_flat, last_iterations)
     else:
-        _train_prq(inner.prq, qs, x, step, gpu_flat)
+        _train_prq(inner.prq, qs, x, step, gpu_flat, last_iterations)
     inner.is_trained = True
 
 
-def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None, gpu_flat=None) -> None:
+def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None, gpu_flat=None,
+              last_iterations: int | None = None) -> None:
     """ResidualQuantizer::train with a beam of 1, one stage at a time; the stages of `first`
     (codebooks) taken as trained: the residuals they leave, as their training left them."""
     n, d = x.shape
@@ -158,7 +161,7 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None, gpu_flat
         if m < taken and first[m].shape != (k, d):
             raise ValueError(f"stage {m}'s codebook is {first[m].shape}, not ({k}, {d})")
         book = np.ascontiguousarray(first[m], dtype=np.float32) if m < taken else \
-            progressive_kmeans(residuals, k, rq.cp, gpu_flat)
+            progressive_kmeans(residuals, k, rq.cp, gpu_flat, last_iterations)
         assign = (gpu_flat or faiss.IndexFlatL2)(d)
         assign.add(book)
         _subtract_nearest(assign, book, residuals)
@@ -176,7 +179,7 @@ def _train_rq(rq, x: np.ndarray, step, first: np.ndarray | None = None, gpu_flat
         rq.compute_codebook_tables()
 
 
-def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
+def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None, last_iterations: int | None = None) -> np.ndarray:
     """faiss's ProgressiveDimClustering (`apply_pca`, flat L2 assignment): the rows rotated
     onto their principal axes, k-means on the first d^(i/steps) of them for step i = 1..steps,
     each step starting from the last one's centroids padded with zeros; (k, d) centroids. The
@@ -189,7 +192,8 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
     most of an RQ stage's training on 10,000 rows, and grows with d^3 (3072-d: 4.6 s, 0.9 s
     randomized; tests/kernels/test_residual.py compares the quantization error with faiss's).
     The covariance and the rotation go _BLOCK rows a task on every core (`_by_blocks`).
-    `gpu_flat`: as train_stagewise's."""
+    `gpu_flat`: as train_stagewise's. `last_iterations`: the last step's iterations, if not
+    cp.niter."""
     n, d = x.shape
     steps = int(cp.progressive_dim_steps)
     dims = [int(d ** ((1.0 + step) / steps)) for step in range(steps)]  # (the last: d)
@@ -207,6 +211,8 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
     centroids, last = None, 0
     for di in dims:
         clustering = faiss.Clustering(di, k, cp)
+        if di == d and last_iterations is not None:
+            clustering.niter = last_iterations
         if centroids is not None:
             padded = np.zeros((k, di), np.float32)
             padded[:, :last] = centroids
@@ -262,10 +268,14 @@ def _top_axes(cov: np.ndarray, count: int, seed: int) -> np.ndarray:
     return (span @ vectors[:, ::-1])[:, :count]
 
 
-def faiss_progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None) -> np.ndarray:
+def faiss_progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None,
+                             last_iterations: int | None = None) -> np.ndarray:
     """faiss's own ProgressiveDimClustering (its PCAMatrix), what faiss's RQ training runs per
     stage: the reference `progressive_kmeans` is measured against (tests, benchmarks/rq_train.py).
-    Given `gpu_flat`, with faiss's GPU index factory assigning."""
+    Given `gpu_flat`, with faiss's GPU index factory assigning. Every step runs cp.niter
+    iterations (`last_iterations` given: ValueError)."""
+    if last_iterations is not None:
+        raise ValueError("faiss's progressive k-means runs cp.niter iterations in every step")
     factory = faiss.ProgressiveDimIndexFactory() if gpu_flat is None else faiss.GpuProgressiveDimIndexFactory(1)
     clustering = faiss.ProgressiveDimClustering(x.shape[1], k, cp)
     clustering.train(len(x), faiss.swig_ptr(np.ascontiguousarray(x, dtype=np.float32)), factory)
@@ -307,14 +317,14 @@ def _subtract_nearest(index, book: np.ndarray, residuals: np.ndarray) -> np.ndar
     return nearest
 
 
-def _train_prq(prq, qs: list, x: np.ndarray, step, gpu_flat=None) -> None:
+def _train_prq(prq, qs: list, x: np.ndarray, step, gpu_flat=None, last_iterations: int | None = None) -> None:
     """ProductAdditiveQuantizer::train: each sub-quantizer on its slice of dimensions, then
     the whole codebook and the range of reconstruction norms."""
     n, d = x.shape
     recon, offset = np.empty_like(x), 0
     for q in qs:
         part = np.ascontiguousarray(x[:, offset:offset + int(q.d)])
-        _train_rq(q, part, step, gpu_flat=gpu_flat)
+        _train_rq(q, part, step, gpu_flat=gpu_flat, last_iterations=last_iterations)
         recon[:, offset:offset + int(q.d)] = q.decode(q.compute_codes(part))  # (no norm to pack)
         offset += int(q.d)
     faiss.copy_array_to_vector(np.concatenate([faiss.vector_to_array(q.codebooks) for q in qs]), prq.codebooks)

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import re
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -21,8 +22,19 @@ from vecpress.kernels.codecs.spec import CodecSpecError, parse_spec
 from vecpress.kernels.knn import prepare_vectors
 
 
+@dataclass(frozen=True)
+class Iterations:
+    """k-means iterations other than the usual ones, for a codec trained to be judged, not
+    kept (the advisor's: pipeline.sweep.JUDGING). `pq`: a PQ's (plain or fast-scan)
+    sub-quantizers', instead of faiss's 25. `rq_last`: the last step of a residual quantizer's
+    per-stage progressive k-means (all the dims), instead of RQ_PROGRESSIVE's 5, where that
+    schedule is the one used (the rows enough for it)."""
+    pq: int | None = None
+    rq_last: int | None = None
+
+
 def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None, start=None,
-                pq_iterations: int | None = None):
+                iterations: Iterations | None = None):
     """The faiss index of `spec` trained on `xt` (raw vectors; normalised here for cosine):
     what Codec.train wraps. Deterministic for a given seed and sample. Uses faiss's GPU
     k-means assignment when faiss sees a GPU (`ngpu`: -1 = all it sees, 0 = none), and the
@@ -33,15 +45,18 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     Where this one trains stage by stage, those stages are taken from it and only the others
     trained; the result is the same codec.
 
-    `pq_iterations`: a PQ's (plain or fast-scan) sub-quantizers' k-means iterations, instead
-    of faiss's 25: for a codec trained to be judged, not kept (the advisor's)."""
+    `iterations`: k-means iterations for a codec trained to be judged, not kept."""
+    iterations = iterations or Iterations()
     dim = xt.shape[1]
     index = build_index(spec, dim, metric)
     chain, inner = _innermost(index)
     residual = residual_quantizers(inner)
     beams = [int(q.max_beam_size) for q in residual]
+    rq_last = None
     if residual:  # (before any copy of xt: its rows past the cap are never used)
         xt = _residual_training(residual, xt, seed)
+        if all((int(q.cp.progressive_dim_steps), int(q.cp.niter)) == RQ_PROGRESSIVE for q in residual):
+            rq_last = iterations.rq_last  # (measured with that schedule only)
     xt = prepare_vectors(xt, metric)
     if not np.isfinite(xt).all():
         raise ValueError("training vectors contain NaN or Inf")
@@ -51,13 +66,13 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     if isinstance(inner, faiss.IndexLSH):
         _train_binary(index, chain, inner, xt, binary=parse_spec(spec, dim).binary)
         return index
-    keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu, pq_iterations=pq_iterations)
+    keep_alive = _configure_training(chain, inner, seed=seed, ngpu=ngpu, pq_iterations=iterations.pq)
     if keep_alive is None and _trains_pq_in_parallel(inner):
         _train_pq_in_parallel(index, chain, inner, xt, progress)
     elif trains_stagewise(inner):  # each stage heard of (progress)
         first = None if start is None else first_stages(start, inner)
         gpu_flat = None if keep_alive is None else functools.partial(faiss.GpuIndexFlatL2, keep_alive[0])
-        train_stagewise(inner, _train_chain(chain, xt), progress, first, gpu_flat)
+        train_stagewise(inner, _train_chain(chain, xt), progress, first, gpu_flat, last_iterations=rq_last)
         _mark_trained(index)
     else:
         with _faiss_progress(inner, progress):  # (LSQ; on a GPU, a PQ's sub-quantizers)

@@ -133,6 +133,24 @@ def test_a_longer_codec_trained_on_from_a_shorter_one_is_the_codec_trained_alone
     assert seen == [(i, todo) for i in range(1, todo + 1)]
 
 
+def test_a_codec_trained_to_be_judged_grows_into_the_judged_longer_one(xt):
+    """With fewer k-means iterations in each stage's last step (Iterations.rq_last, the
+    advisor's judging), the codec differs from the usual one, a longer one trained on from it is
+    the longer one judged alike from nothing, and where the rows are too few for
+    RQ_PROGRESSIVE's schedule (under 39 per centroid) the iterations are faiss's as ever."""
+    from vecpress.kernels.codecs.nested import train_on
+    from vecpress.kernels.codecs.train import Iterations
+
+    rough = Iterations(rq_last=1)
+    short = Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0, iterations=rough)
+    assert short.to_bytes() != Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0).to_bytes()
+    grown = train_on(short, "RQ4x6,beam=1", xt, seed=3, ngpu=0, iterations=rough)
+    assert grown.to_bytes() == Codec.train(xt, "RQ4x6,beam=1", "cosine", seed=3, ngpu=0, iterations=rough).to_bytes()
+    few = xt[:2000]  # (39 x 64 = 2,496 rows needed for the schedule)
+    assert Codec.train(few, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0, iterations=rough).to_bytes() == \
+        Codec.train(few, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0).to_bytes()
+
+
 def test_training_on_needs_a_shorter_codec_of_the_family(xt):
     from vecpress.kernels.codecs.nested import train_on
 

@@ -75,22 +75,28 @@ def test_the_pass_ends_at_half_its_rows_where_told_and_reads_every_row_where_not
     assert {r["codec"]: r["recall_at_10"] for r in half.rows} != {r["codec"]: r["recall_at_10"] for r in whole.rows}
 
 
-def test_a_pq_trained_to_be_judged_runs_fewer_k_means_iterations_and_nothing_else_changes():
+def test_a_codec_trained_to_be_judged_runs_fewer_k_means_iterations_and_nothing_else_changes():
     """train_candidates(judging=True) (the advisor's first stage, and its second stage's codecs on
     fewer rows than the sample's, which are never kept) trains a PQ's sub-quantizers with
-    JUDGING_PQ_ITERATIONS k-means iterations, not faiss's 25: the codec Codec.train gives with
-    them, not the one it gives by default; other codecs are trained as ever."""
+    JUDGING_PQ_ITERATIONS k-means iterations, not faiss's 25, and a residual quantizer's stages'
+    last k-means steps with JUDGING_RQ_LAST_ITERATIONS, a longer one grown from a shorter one
+    alike: the codecs Codec.train gives with JUDGING, not the ones it gives by default; other
+    codecs are trained as ever."""
     from vecpress.kernels.codecs.codec import Codec
-    from vecpress.pipeline.sweep import JUDGING_PQ_ITERATIONS, train_candidates
+    from vecpress.kernels.codecs.train import RQ_PROGRESSIVE
+    from vecpress.pipeline.sweep import JUDGING, JUDGING_PQ_ITERATIONS, JUDGING_RQ_LAST_ITERATIONS, train_candidates
 
     xt = ClusteredEmbeddings(DIM, seed=4, num_clusters=20).batch(0, 3_000)
-    specs = ["PQ4", "PQ8x4fs", "SQ4"]
+    specs = ["PQ4", "PQ8x4fs", "SQ4", "RQ2x5,beam=1"]
     judged = {tc.spec: tc for tc in train_candidates(specs, xt, "cosine", seed=1, ngpu=0, failed=[], judging=True)}
     kept = {tc.spec: tc for tc in train_candidates(specs, xt, "cosine", seed=1, ngpu=0, failed=[])}
-    for spec in ("PQ4", "PQ8x4fs"):
-        fewer = Codec.train(xt, spec, "cosine", seed=1, ngpu=0, pq_iterations=JUDGING_PQ_ITERATIONS)
+    grown = train_candidates(["RQ3x5,beam=1"], xt, "cosine", seed=1, ngpu=0, failed=[], judging=True,
+                             grown_from={"RQ3x5,beam=1": judged["RQ2x5,beam=1"]})[0]
+    assert grown.blob == Codec.train(xt, "RQ3x5,beam=1", "cosine", seed=1, ngpu=0, iterations=JUDGING).to_bytes()
+    for spec in ("PQ4", "PQ8x4fs", "RQ2x5,beam=1"):
+        fewer = Codec.train(xt, spec, "cosine", seed=1, ngpu=0, iterations=JUDGING)
         assert judged[spec].blob == fewer.to_bytes(), spec
         assert kept[spec].blob == Codec.train(xt, spec, "cosine", seed=1, ngpu=0).to_bytes(), spec
         assert judged[spec].blob != kept[spec].blob, spec  # (fewer iterations: other centroids)
     assert judged["SQ4"].blob == kept["SQ4"].blob
-    assert JUDGING_PQ_ITERATIONS < 25
+    assert JUDGING_PQ_ITERATIONS < 25 and JUDGING_RQ_LAST_ITERATIONS < RQ_PROGRESSIVE[1]
