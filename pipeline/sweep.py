@@ -54,8 +54,8 @@ JUDGING_PQ_ITERATIONS = 10
 #: the iterations of the last step (all the dims) of a residual quantizer's per-stage k-means
 #: where it is trained only to be judged, not RQ_PROGRESSIVE's 5: the steps before it start it
 #: close. RQ16x8 on 10,000 rows judged as the first stage does (20,000 base rows, 300 queries):
-#: mean recall@10 within 0.002 of 5 iterations' on each of 5 corpora (128- to 768-d, power-law
-#: and clustered; 3 to 9 seeds each, the seeds' spread 0.005-0.012), its training 20-29% faster;
+#: mean recall@10 from 0.0014 below to 0.0034 above 5 iterations' on 5 corpora (128- to 768-d,
+#: power-law and clustered; 3 to 9 seeds each, the seeds' spread 0.005-0.012), training 20-29% faster;
 #: RQ32x8, 3 seeds: -0.002 at 384-d (power-law), +0.006 at 768-d (clustered) (BENCHMARKS.md)
 JUDGING_RQ_LAST_ITERATIONS = 2
 #: the k-means iterations of a codec trained only to be judged (train_candidates' `judging`)
