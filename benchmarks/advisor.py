@@ -46,17 +46,16 @@ from vecpress.pipeline.sweep_report import sweep_corpus  # noqa: E402
 
 
 def _advised(src: Path, out: Path, budget: int, common: dict, ex) -> dict:
-    """One `compress --codec auto --max-bytes budget` run: its report, advisor record, advise and
-    train stages' seconds, and overhead (the advise stage less the pick's training there where
-    the train stage takes that codec)."""
+    """One `compress --codec auto --max-bytes budget` run: its report, advisor record, stages'
+    seconds, and overhead (the advise stage less the pick's training there where the train
+    stage takes that codec)."""
     run = run_compress([str(src)], str(out), "t", CompressOptions(codec="auto", max_bytes=budget, gate_max_drop=1.0,
                                                                   **common), executor=ex)
     report = inspect_table(str(out), "t")
     advisor, seconds = report["advisor"], run.manifest["stage_seconds"]
     taken = next(r["train_seconds"] for r in advisor["table"] if r["codec"] == advisor["chosen"]) \
         if advisor.get("pick_trained_here") else 0
-    return {"report": report, "advisor": advisor, "advise_s": seconds["advise"], "train_s": seconds["train"],
-            "stage_seconds": seconds, "overhead": seconds["advise"] - taken}
+    return {"report": report, "advisor": advisor, "stage_seconds": seconds, "overhead": seconds["advise"] - taken}
 
 
 def main() -> None:
@@ -85,7 +84,7 @@ def main() -> None:
             first = runs[0]
             report, advisor = first["report"], first["advisor"]
             parts = report.get("partitions") or {}
-            advise_s, train_s = first["advise_s"], first["train_s"]
+            advise_s, train_s = first["stage_seconds"]["advise"], first["stage_seconds"]["train"]
             grid = default_grid(args.dim, "cosine", min_bytes=8, max_bytes=budget)
             start = time.perf_counter()
             full, _ = sweep_corpus([str(src)], str(work / f"sweep-{budget}"), CompressOptions(**common), codecs=grid,
@@ -119,7 +118,7 @@ def main() -> None:
                    # the train stage trains the pick as for a named codec
                    "train_stage_seconds": round(train_s, 1), "pick_train_seconds": pick_train,
                    "stage_seconds": first["stage_seconds"],
-                   "advise_runs_seconds": [round(r["advise_s"], 1) for r in runs],
+                   "advise_runs_seconds": [round(r["stage_seconds"]["advise"], 1) for r in runs],
                    "overhead_runs_seconds": [round(r["overhead"], 1) for r in runs],
                    # the run's lists: residual codes or the table's, and a single query's time
                    "lists_residual": (parts.get("residual") or {}).get("spec"),

@@ -185,6 +185,7 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
     trained to be judged, never kept (on fewer rows than the sample's: the train stage trains
     a pick anew), with the k-means iterations JUDGING (fewer)."""
     nested = nesting(specs, xt.shape[1], greedy=True)  # (training is greedy, on a GPU too)
+    iterations = JUDGING if judging else None
     done: dict[str, TrainedCodec] = {}
     for spec in sorted(specs, key=lambda s: s in nested):  # (the longest of each family first)
         start = time.perf_counter()
@@ -196,11 +197,11 @@ def train_candidates(specs: list[str], xt: np.ndarray, metric: str, *, seed: int
             elif grown:
                 with Heartbeat(f"sweep: train {spec} on {len(xt):,} vectors from {grown.spec}'s stages") as beat:
                     codec = train_on(load_trained(grown, metric), spec, xt, seed=seed, ngpu=ngpu, progress=beat,
-                                     iterations=JUDGING if judging else None)
+                                     iterations=iterations)
             else:
                 kind = codec_kind(spec)
                 codec = train_logged(kind, xt, spec, metric, seed=seed, ngpu=ngpu, what="sweep: train ",
-                                     **({"iterations": JUDGING} if judging and kind is Codec else {}))
+                                     **({"iterations": iterations} if kind is Codec else {}))
         except (CodecSpecError, RuntimeError, ValueError) as exc:
             failed.append({"codec": spec, "error": str(exc).strip().splitlines()[-1]})
             log.warning("sweep: %s failed to train: %s", spec, failed[-1]["error"])

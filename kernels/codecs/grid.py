@@ -85,16 +85,21 @@ def held_by_finer(specs: list[str]) -> dict[str, str]:
     specs of other forms (SQfp16, BIN ...) are held by none."""
     families: dict[tuple, list[tuple[int, str]]] = {}
     for spec in specs:
-        parts = spec.split(",")
-        body = [p for p in parts if "=" not in p]
+        body, options = _split(spec)
         if m := _FINENESS.fullmatch(body[-1]):
-            key = (tuple(body[:-1]), m.group(1), m.group(3), tuple(sorted(p for p in parts if "=" in p)))
+            key = (tuple(body[:-1]), m.group(1), m.group(3), options)
             families.setdefault(key, []).append((int(m.group(2) or 1), spec))
     finest = {spec: max(members)[1] for members in families.values() for _, spec in members}
     return {spec: by for spec, by in finest.items() if by != spec} | _projected_residuals(specs)
 
 
 _RESIDUAL = re.compile(r"RQ(\d+)x(\d+)")
+
+
+def _split(spec: str) -> tuple[list[str], tuple[str, ...]]:
+    """(a spec's parts but its options, its options sorted)."""
+    parts = spec.split(",")
+    return [p for p in parts if "=" not in p], tuple(sorted(p for p in parts if "=" in p))
 
 
 def _projected_residuals(specs: list[str]) -> dict[str, str]:
@@ -108,9 +113,7 @@ def _projected_residuals(specs: list[str]) -> dict[str, str]:
     full: dict[tuple, list[tuple[int, str]]] = {}
     projected = []
     for spec in specs:
-        parts = spec.split(",")
-        body = [p for p in parts if "=" not in p]
-        options = tuple(sorted(p for p in parts if "=" in p))
+        body, options = _split(spec)
         if not (m := _RESIDUAL.fullmatch(body[-1])):
             continue
         if len(body) == 1:
