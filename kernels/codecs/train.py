@@ -27,10 +27,12 @@ class Iterations:
     """k-means iterations other than the usual ones, for a codec trained to be judged, not
     kept (the advisor's: pipeline.sweep.JUDGING). `pq`: a PQ's (plain or fast-scan)
     sub-quantizers', instead of faiss's 25. `rq_last`: the last step of a residual quantizer's
-    per-stage progressive k-means (all the dims), instead of RQ_PROGRESSIVE's 5, where that
-    schedule is the one used (the rows enough for it)."""
+    per-stage progressive k-means (all the dims), instead of RQ_PROGRESSIVE's 5; `rq_steps`:
+    that k-means' steps (on the first d^(i/steps) principal axes, step i), instead of
+    RQ_PROGRESSIVE's 4; both where that schedule is the one used (the rows enough for it)."""
     pq: int | None = None
     rq_last: int | None = None
+    rq_steps: int | None = None
 
 
 def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int, progress=None, start=None,
@@ -57,6 +59,8 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
         xt = _residual_training(residual, xt, seed)
         if all((int(q.cp.progressive_dim_steps), int(q.cp.niter)) == RQ_PROGRESSIVE for q in residual):
             rq_last = iterations.rq_last  # (measured with that schedule only)
+            for q in residual if iterations.rq_steps is not None else ():  # (cp is not in the codec's bytes)
+                q.cp.progressive_dim_steps = iterations.rq_steps
     xt = prepare_vectors(xt, metric)
     if not np.isfinite(xt).all():
         raise ValueError("training vectors contain NaN or Inf")

@@ -133,15 +133,17 @@ def test_a_longer_codec_trained_on_from_a_shorter_one_is_the_codec_trained_alone
     assert seen == [(i, todo) for i in range(1, todo + 1)]
 
 
-def test_a_codec_trained_to_be_judged_grows_into_the_judged_longer_one(xt):
-    """With fewer k-means iterations in each stage's last step (Iterations.rq_last, the
-    advisor's judging), the codec differs from the usual one, a longer one trained on from it is
-    the longer one judged alike from nothing, and where the rows are too few for
-    RQ_PROGRESSIVE's schedule (under 39 per centroid) the iterations are faiss's as ever."""
+@pytest.mark.parametrize("rough", [{"rq_last": 1}, {"rq_steps": 2}, {"rq_last": 2, "rq_steps": 2}])
+def test_a_codec_trained_to_be_judged_grows_into_the_judged_longer_one(xt, rough):
+    """With fewer k-means iterations in each stage's last step (Iterations.rq_last) or fewer
+    progressive steps (Iterations.rq_steps), the advisor's judging, the codec differs from the
+    usual one, a longer one trained on from it is the longer one judged alike from nothing, and
+    where the rows are too few for RQ_PROGRESSIVE's schedule (under 39 per centroid) the
+    training is faiss's as ever."""
     from vecpress.kernels.codecs.nested import train_on
     from vecpress.kernels.codecs.train import Iterations
 
-    rough = Iterations(rq_last=1)
+    rough = Iterations(**rough)
     short = Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0, iterations=rough)
     assert short.to_bytes() != Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0).to_bytes()
     grown = train_on(short, "RQ4x6,beam=1", xt, seed=3, ngpu=0, iterations=rough)
@@ -149,6 +151,21 @@ def test_a_codec_trained_to_be_judged_grows_into_the_judged_longer_one(xt):
     few = xt[:2000]  # (39 x 64 = 2,496 rows needed for the schedule)
     assert Codec.train(few, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0, iterations=rough).to_bytes() == \
         Codec.train(few, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0).to_bytes()
+
+
+def test_fewer_progressive_steps_are_the_schedule_of_that_many_steps(xt, monkeypatch):
+    """Iterations(rq_steps=s) trains the codec that RQ_PROGRESSIVE's schedule with s steps (and
+    its iterations) trains, the last step's iterations (rq_last) still applied to the last step."""
+    from vecpress.kernels.codecs import train
+    from vecpress.kernels.codecs.train import Iterations
+
+    steps = [Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0, iterations=Iterations(rq_steps=2, rq_last=r))
+             for r in (None, 1)]
+    assert steps[0].to_bytes() != steps[1].to_bytes()
+    monkeypatch.setattr(train, "RQ_PROGRESSIVE", (2, train.RQ_PROGRESSIVE[1]))
+    assert steps[0].to_bytes() == Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0).to_bytes()
+    assert steps[1].to_bytes() == Codec.train(xt, "RQ2x6,beam=1", "cosine", seed=3, ngpu=0,
+                                              iterations=Iterations(rq_last=1)).to_bytes()
 
 
 def test_training_on_needs_a_shorter_codec_of_the_family(xt):

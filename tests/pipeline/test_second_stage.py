@@ -79,12 +79,14 @@ def test_a_codec_trained_to_be_judged_runs_fewer_k_means_iterations_and_nothing_
     """train_candidates(judging=True) (the advisor's first stage, and its second stage's codecs on
     fewer rows than the sample's, which are never kept) trains a PQ's sub-quantizers with
     JUDGING_PQ_ITERATIONS k-means iterations, not faiss's 25, and a residual quantizer's stages'
-    last k-means steps with JUDGING_RQ_LAST_ITERATIONS, a longer one grown from a shorter one
+    k-means in JUDGING_RQ_STEPS progressive steps, the last with JUDGING_RQ_LAST_ITERATIONS
+    iterations, a longer one grown from a shorter one
     alike: the codecs Codec.train gives with JUDGING, not the ones it gives by default; other
     codecs are trained as ever."""
     from vecpress.kernels.codecs.codec import Codec
     from vecpress.kernels.codecs.train import RQ_PROGRESSIVE
-    from vecpress.pipeline.sweep import JUDGING, JUDGING_PQ_ITERATIONS, JUDGING_RQ_LAST_ITERATIONS, train_candidates
+    from vecpress.pipeline.sweep import (JUDGING, JUDGING_PQ_ITERATIONS, JUDGING_RQ_LAST_ITERATIONS, JUDGING_RQ_STEPS,
+                                         train_candidates)
 
     xt = ClusteredEmbeddings(DIM, seed=4, num_clusters=20).batch(0, 3_000)
     specs = ["PQ4", "PQ8x4fs", "SQ4", "RQ2x5,beam=1"]
@@ -100,3 +102,4 @@ def test_a_codec_trained_to_be_judged_runs_fewer_k_means_iterations_and_nothing_
         assert judged[spec].blob != kept[spec].blob, spec  # (fewer iterations: other centroids)
     assert judged["SQ4"].blob == kept["SQ4"].blob
     assert JUDGING_PQ_ITERATIONS < 25 and JUDGING_RQ_LAST_ITERATIONS < RQ_PROGRESSIVE[1]
+    assert JUDGING_RQ_STEPS < RQ_PROGRESSIVE[0]
