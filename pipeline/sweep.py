@@ -63,7 +63,7 @@ JUDGING_RQ_LAST_ITERATIONS = 2
 #: and d^(3/4), 86 of 384, whose 5 iterations cost more than the last step's 2). Judged as the
 #: first stage does, with JUDGING_RQ_LAST_ITERATIONS: RQ16x8 on 6 corpora (128- to 768-d,
 #: power-law and clustered, 3 seeds each) mean recall@10 from 0.002 below to 0.007 above 4
-#: steps', training 29-44% faster; RQ32x8 on 3, +0.001 to +0.005, 33-35% faster (BENCHMARKS.md).
+#: steps', training 29-44% faster; RQ32x8 on 3, +0.002 to +0.005, 34% faster (BENCHMARKS.md).
 #: (The kept codec keeps 4: trained on the whole sample, 2 steps came out 0.007 lower at 384-d)
 JUDGING_RQ_STEPS = 2
 #: the k-means schedule of a codec trained only to be judged (train_candidates' `judging`)

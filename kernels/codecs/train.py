@@ -24,7 +24,7 @@ from vecpress.kernels.knn import prepare_vectors
 
 @dataclass(frozen=True)
 class Iterations:
-    """k-means iterations other than the usual ones, for a codec trained to be judged, not
+    """A k-means schedule shorter than the usual one, for a codec trained to be judged, not
     kept (the advisor's: pipeline.sweep.JUDGING). `pq`: a PQ's (plain or fast-scan)
     sub-quantizers', instead of faiss's 25. `rq_last`: the last step of a residual quantizer's
     per-stage progressive k-means (all the dims), instead of RQ_PROGRESSIVE's 5; `rq_steps`:
@@ -47,7 +47,7 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
     Where this one trains stage by stage, those stages are taken from it and only the others
     trained; the result is the same codec.
 
-    `iterations`: k-means iterations for a codec trained to be judged, not kept."""
+    `iterations`: a shorter k-means schedule, for a codec trained to be judged, not kept."""
     iterations = iterations or Iterations()
     dim = xt.shape[1]
     index = build_index(spec, dim, metric)
