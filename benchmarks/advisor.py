@@ -49,10 +49,10 @@ def _advised(src: Path, out: Path, budget: int, common: dict) -> dict:
     """One `vecpress compress --codec auto --max-bytes budget` run in a fresh process (with
     its own local Ray): its report, advisor record, stages' seconds, and overhead (the advise
     stage less the pick's training there where the train stage takes that codec)."""
-    cli = [sys.executable, "-m", "vecpress.flows.cli", "compress", "--table", "t", "--codec", "auto",
-           "--max-bytes", str(budget), "--gate-max-drop", "1.0", "--no-prefect", "--metric", common["metric"],
-           "--num-train", str(common["num_train"]), "--num-queries", str(common["num_queries"]),
-           "--eval-k", str(common["eval_k"]), str(src), str(out)]
+    flags = [a for k, v in {**common, "max_bytes": budget, "gate_max_drop": 1.0}.items()
+             for a in (f"--{k.replace('_', '-')}", str(v))]  # (the options' CLI names: theirs with dashes)
+    cli = [sys.executable, "-m", "vecpress.flows.cli", "compress", "--table", "t", "--codec", "auto", "--no-prefect",
+           *flags, str(src), str(out)]
     done = subprocess.run(cli, capture_output=True, text=True)
     if done.returncode:
         raise SystemExit(f"{budget} B: vecpress compress failed ({done.returncode}):\n{done.stderr[-3000:]}")

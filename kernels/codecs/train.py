@@ -59,8 +59,9 @@ def train_index(xt: np.ndarray, spec: str, metric: str, *, seed: int, ngpu: int,
         xt = _residual_training(residual, xt, seed)
         if all((int(q.cp.progressive_dim_steps), int(q.cp.niter)) == RQ_PROGRESSIVE for q in residual):
             rq_last = iterations.rq_last  # (measured with that schedule only)
-            for q in residual if iterations.rq_steps is not None else ():  # (cp is not in the codec's bytes)
-                q.cp.progressive_dim_steps = iterations.rq_steps
+            if iterations.rq_steps is not None:  # (cp is not in the codec's bytes)
+                for q in residual:
+                    q.cp.progressive_dim_steps = iterations.rq_steps
     xt = prepare_vectors(xt, metric)
     if not np.isfinite(xt).all():
         raise ValueError("training vectors contain NaN or Inf")

@@ -80,9 +80,8 @@ def test_a_codec_trained_to_be_judged_runs_fewer_k_means_iterations_and_nothing_
     fewer rows than the sample's, which are never kept) trains a PQ's sub-quantizers with
     JUDGING_PQ_ITERATIONS k-means iterations, not faiss's 25, and a residual quantizer's stages'
     k-means in JUDGING_RQ_STEPS progressive steps, the last with JUDGING_RQ_LAST_ITERATIONS
-    iterations, a longer one grown from a shorter one
-    alike: the codecs Codec.train gives with JUDGING, not the ones it gives by default; other
-    codecs are trained as ever."""
+    iterations, a longer one grown from a shorter one alike: the codecs Codec.train gives with
+    JUDGING, not the ones it gives by default; other codecs are trained as ever."""
     from vecpress.kernels.codecs.codec import Codec
     from vecpress.kernels.codecs.train import RQ_PROGRESSIVE
     from vecpress.pipeline.sweep import (JUDGING, JUDGING_PQ_ITERATIONS, JUDGING_RQ_LAST_ITERATIONS, JUDGING_RQ_STEPS,
