@@ -46,6 +46,10 @@ _PRODUCTS_HELD = 256 << 20
 #: progressive_kmeans's principal axes come from numpy's full eigh up to this many dims (and
 #: where a third of the axes or more are read); above, from a randomized subspace iteration
 EXACT_AXES_DIM = 512
+#: ... and at any dims where at most 1/FEW_AXES of them are read (a judged residual quantizer's
+#: 2 steps, pipeline.sweep.JUDGING_RQ_STEPS: d^(1/2), 19 of 384), from the randomized iteration
+#: too: at 384-d eigh took 13 ms of a stage's 22 ms for its axes, the iteration 3 ms (BENCHMARKS.md)
+FEW_AXES = 8
 AXES_OVERSAMPLE = 16
 AXES_ITERATIONS = 2
 #: progressive_kmeans's principal axes come from the covariance of at most this many rows (or
@@ -229,9 +233,9 @@ def _principal_axes(x: np.ndarray, mean: np.ndarray, count: int, seed: int = 0) 
     """The (count, d) first principal axes of rows `x` about `mean`, one per row, largest
     first, from the covariance of at most AXES_ROWS of them (or twice the dims, if more; evenly
     spaced), summed from _BLOCK rows a task on every core (`_by_blocks`): numpy's eigh of it,
-    or where that costs much (`count` <= d / 3 above EXACT_AXES_DIM dims) a seeded randomized
-    subspace iteration (`_top_axes`), since eigh grows with d^3: 0.08 s at 768-d, 4.6 s at
-    3072-d, once per stage."""
+    or where that costs much (`count` <= d / 3 above EXACT_AXES_DIM dims, or <= d / FEW_AXES)
+    a seeded randomized subspace iteration (`_top_axes`), since eigh grows with d^3: 0.08 s
+    at 768-d, 4.6 s at 3072-d, once per stage."""
     d = x.shape[1]
     most = max(AXES_ROWS, 2 * d)
     if len(x) > most:  # (evenly spaced rows: the same ones on any machine)
@@ -246,7 +250,7 @@ def _principal_axes(x: np.ndarray, mean: np.ndarray, count: int, seed: int = 0) 
     for product in _by_blocks(products, len(x), held):  # (summed in the rows' order: the same bytes on any cores)
         cov += product
     with _one_blas_thread():
-        if d <= EXACT_AXES_DIM or 3 * count > d:
+        if 3 * count > d or (d <= EXACT_AXES_DIM and FEW_AXES * count > d):
             vectors = np.linalg.eigh(cov)[1][:, ::-1][:, :count]
         else:
             vectors = _top_axes(cov, count, seed)

@@ -86,24 +86,32 @@ def test_progressive_kmeans_quantizes_as_faiss_does(dim, rows, steps, niter):
     assert np.array_equal(progressive_kmeans(x, 64, cp), ours[-1])
 
 
-def test_the_randomized_first_axes_capture_about_the_exact_ones_variance():
-    """Above EXACT_AXES_DIM dims progressive_kmeans takes its first axes from a randomized
-    subspace iteration: orthonormal, seeded (the same bytes twice), and on a power-law
-    spectrum they capture over 98% of the variance the exact first axes do."""
-    from vecpress.kernels.codecs.residual import EXACT_AXES_DIM, _principal_axes
+@pytest.mark.parametrize(("dim", "count"), [(768, 145), (384, 19)])
+def test_the_randomized_first_axes_capture_about_the_exact_ones_variance(dim, count, monkeypatch):
+    """Above EXACT_AXES_DIM dims (768-d: RQ_PROGRESSIVE's 4 steps read 145 axes), and at any
+    dims where at most 1/FEW_AXES of them are read (384-d: a judged RQ's 2 steps read 19),
+    progressive_kmeans takes its first axes from a randomized subspace iteration: orthonormal,
+    seeded (the same bytes twice), and on a power-law spectrum they capture over 98% of the
+    variance the exact first axes do. A kept RQ's 4 steps at 384-d (86 axes) take eigh's."""
     from vecpress.kernels.synthetic import PowerLawEmbeddings
 
-    dim, count = 768, 145
-    assert dim > EXACT_AXES_DIM and 3 * count <= dim
+    residual, top_axes = residual_module, residual_module._top_axes
+    assert dim > residual.EXACT_AXES_DIM and 3 * count <= dim or residual.FEW_AXES * count <= dim
+    randomized = []
+    monkeypatch.setattr(residual, "_top_axes", lambda *a: randomized.append(a) or top_axes(*a))
     x = PowerLawEmbeddings(dim, seed=4).batch(0, 6_000)
     mean = x.mean(axis=0)
-    axes = _principal_axes(x, mean, count, seed=3)
-    assert axes.shape == (count, dim) and np.array_equal(axes, _principal_axes(x, mean, count, seed=3))
+    axes = residual._principal_axes(x, mean, count, seed=3)
+    assert len(randomized) == 1
+    assert axes.shape == (count, dim) and np.array_equal(axes, residual._principal_axes(x, mean, count, seed=3))
     np.testing.assert_allclose(axes @ axes.T, np.eye(count), atol=1e-4)
     cov = np.cov(x.T.astype(np.float64))
     exact = np.linalg.eigh(cov)[0][::-1][:count].sum()
     captured = np.trace(axes.astype(np.float64) @ cov @ axes.T.astype(np.float64))
     assert 0.98 < captured / exact <= 1 + 1e-6
+    kept = int(384 ** 0.75)  # (RQ_PROGRESSIVE's 4 steps at 384-d: their axes from eigh)
+    residual._principal_axes(x[:, :384], mean[:384], kept)
+    assert len(randomized) == 2  # (the two calls above)
 
 
 def test_what_trains_stagewise():
