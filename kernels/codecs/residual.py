@@ -46,9 +46,10 @@ _PRODUCTS_HELD = 256 << 20
 #: progressive_kmeans's principal axes come from numpy's full eigh up to this many dims (and
 #: where a third of the axes or more are read); above, from a randomized subspace iteration
 EXACT_AXES_DIM = 512
-#: ... and at any dims where at most 1/FEW_AXES of them are read (a judged residual quantizer's
-#: 2 steps, pipeline.sweep.JUDGING_RQ_STEPS: d^(1/2), 19 of 384), from the randomized iteration
-#: too: at 384-d eigh took 13 ms of a stage's 22 ms for its axes, the iteration 3 ms (BENCHMARKS.md)
+#: progressive_kmeans's principal axes come from the randomized iteration at any dims where at
+#: most 1/FEW_AXES of them are read (a judged residual quantizer's 2 steps, pipeline.sweep.
+#: JUDGING_RQ_STEPS: d^(1/2), 19 of 384; a kept one's 4 read d^(3/4), 86 of 384): at 384-d eigh
+#: took 13 ms of a stage's 22 ms for its axes, the iteration 3 ms (BENCHMARKS.md)
 FEW_AXES = 8
 AXES_OVERSAMPLE = 16
 AXES_ITERATIONS = 2
