@@ -200,8 +200,7 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None, last_iterations
     `gpu_flat`: as train_stagewise's. `last_iterations`: the last step's iterations, if not
     cp.niter."""
     n, d = x.shape
-    steps = int(cp.progressive_dim_steps)
-    dims = [int(d ** ((1.0 + step) / steps)) for step in range(steps)]  # (the last: d)
+    dims = step_dims(d, int(cp.progressive_dim_steps))
     partial = max([di for di in dims if di < d], default=0)  # (the axes the steps before the last read)
     with _one_blas_thread():
         mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)
@@ -228,6 +227,12 @@ def progressive_kmeans(x: np.ndarray, k: int, cp, gpu_flat=None, last_iterations
         clustering.train(x if di == d else np.ascontiguousarray(rotated[:, :di]), (gpu_flat or faiss.IndexFlatL2)(di))
         centroids, last = faiss.vector_to_array(clustering.centroids).reshape(k, di), di
     return np.ascontiguousarray(centroids)
+
+
+def step_dims(d: int, steps: int) -> list[int]:
+    """The dims progressive_kmeans's steps cluster on: d^(i/steps) for step i = 1..steps (the
+    last: d)."""
+    return [int(d ** ((1.0 + step) / steps)) for step in range(steps)]
 
 
 def _principal_axes(x: np.ndarray, mean: np.ndarray, count: int, seed: int = 0) -> np.ndarray:

@@ -109,8 +109,7 @@ def test_the_randomized_first_axes_capture_about_the_exact_ones_variance(dim, co
     exact = np.linalg.eigh(cov)[0][::-1][:count].sum()
     captured = np.trace(axes.astype(np.float64) @ cov @ axes.T.astype(np.float64))
     assert 0.98 < captured / exact <= 1 + 1e-6
-    steps = train_module.RQ_PROGRESSIVE[0]
-    kept = int(384 ** ((steps - 1) / steps))  # (a kept RQ's steps at 384-d, but the last: their axes from eigh)
+    kept = residual_module.step_dims(384, train_module.RQ_PROGRESSIVE[0])[-2]  # (a kept RQ's axes at 384-d: eigh's)
     residual_module._principal_axes(x[:, :384], mean[:384], kept)
     assert len(randomized) == 2  # (the two calls above)
 
